@@ -1,0 +1,191 @@
+//! The CA as one object: where its material comes from (generated state directory or `cacerts`),
+//! the TTL rules, the signer in force and the trust bundle, safe to share between threads.
+//!
+//! It signs whatever identity it is handed; deciding who may have which identity is the
+//! server's job (`server::authz`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::authority::{IssueError, IssuedSvid, Signer, TtlPolicy};
+use crate::bundle::TrustBundle;
+use crate::csr::Csr;
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::store::{self, Maintenance, RootPolicy, RootStore, StoreError};
+
+/// Where the CA's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// Generated on first start and kept in this directory; roots rotate automatically.
+    StateDir(PathBuf),
+    /// Istio-style `cacerts` files, managed by the operator.
+    Cacerts(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSettings {
+    pub trust_domain: TrustDomain,
+    pub source: CaSource,
+    pub ttl: TtlPolicy,
+    pub root_ttl: Duration,
+    pub rotation_overlap: Duration,
+    /// How often bundle consumers should refresh (`spiffe_refresh_hint`).
+    pub refresh_hint: Duration,
+}
+
+impl CaSettings {
+    pub fn new(trust_domain: TrustDomain, source: CaSource) -> Self {
+        Self {
+            trust_domain,
+            source,
+            ttl: TtlPolicy::default(),
+            root_ttl: Duration::from_secs(365 * 86_400),
+            rotation_overlap: Duration::from_secs(7 * 86_400),
+            refresh_hint: Duration::from_secs(300),
+        }
+    }
+
+    pub fn root_policy(&self) -> RootPolicy {
+        RootPolicy {
+            root_ttl: self.root_ttl,
+            overlap: self.rotation_overlap,
+            max_svid_ttl: self.ttl.max_ttl,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.ttl.validate()?;
+        self.root_policy().validate()
+    }
+}
+
+#[derive(Debug)]
+enum Material {
+    Generated(Mutex<RootStore>),
+    Cacerts {
+        roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    },
+}
+
+/// The certificate authority: thread-safe, cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct CertificateAuthority {
+    settings: CaSettings,
+    material: Material,
+    /// The signer in force; swapped when a rotation promotes a new root.
+    current: RwLock<Arc<Signer>>,
+}
+
+impl CertificateAuthority {
+    pub fn open(settings: CaSettings) -> Result<Self, StoreError> {
+        Self::open_at(settings, OffsetDateTime::now_utc())
+    }
+
+    pub fn open_at(settings: CaSettings, now: OffsetDateTime) -> Result<Self, StoreError> {
+        let (material, signer) = match &settings.source {
+            CaSource::StateDir(dir) => {
+                let mut store = RootStore::open_or_create(
+                    dir,
+                    &settings.trust_domain,
+                    settings.root_policy(),
+                    now,
+                )?;
+                store.maintain(now)?;
+                let signer = store.active_signer(now);
+                (Material::Generated(Mutex::new(store)), signer)
+            }
+            CaSource::Cacerts(dir) => {
+                let c = store::load_cacerts(dir)?;
+                let signer = Arc::new(c.signer);
+                (Material::Cacerts { roots: c.roots }, signer)
+            }
+        };
+        Ok(Self {
+            settings,
+            material,
+            current: RwLock::new(signer),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.settings.trust_domain
+    }
+
+    pub fn ttl_policy(&self) -> &TtlPolicy {
+        &self.settings.ttl
+    }
+
+    pub fn signer(&self) -> Arc<Signer> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Issues an SVID for `id` with the CSR's key. `requested_ttl` zero means the default.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        csr: &Csr,
+        requested_ttl: Duration,
+    ) -> Result<IssuedSvid, IssueError> {
+        let ttl = self.settings.ttl.resolve(requested_ttl)?;
+        self.signer().issue(
+            &self.settings.trust_domain,
+            id,
+            csr,
+            ttl,
+            self.settings.ttl.backdate,
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        let (roots, sequence) = match &self.material {
+            Material::Generated(store) => {
+                let store = store.lock().unwrap_or_else(|p| p.into_inner());
+                (store.roots(), store.sequence())
+            }
+            Material::Cacerts { roots, .. } => (roots.clone(), 1),
+        };
+        TrustBundle {
+            trust_domain: self.settings.trust_domain.clone(),
+            roots,
+            sequence,
+            refresh_hint: self.settings.refresh_hint,
+        }
+    }
+
+    /// Starts a root rotation now (generated material only).
+    pub fn rotate_root(&self) -> Result<u32, StoreError> {
+        match &self.material {
+            Material::Generated(store) => store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .rotate(OffsetDateTime::now_utc()),
+            Material::Cacerts { .. } => {
+                Err(StoreError::ExternallyManaged(match &self.settings.source {
+                    CaSource::Cacerts(d) | CaSource::StateDir(d) => d.clone(),
+                }))
+            }
+        }
+    }
+
+    /// Advances root rotation to `now` and switches the signer when a new root takes over.
+    pub fn maintain(&self, now: OffsetDateTime) -> Result<Maintenance, StoreError> {
+        let Material::Generated(store) = &self.material else {
+            return Ok(Maintenance::default());
+        };
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let m = store.maintain(now)?;
+        let active = store.active_signer(now);
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&current, &active) {
+            *current = active;
+        }
+        Ok(m)
+    }
+}
