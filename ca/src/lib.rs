@@ -13,6 +13,20 @@ pub mod issuer;
 pub mod spiffe;
 pub mod store;
 pub mod svid;
+pub mod verify;
+
+pub mod client;
+pub mod server;
+
+/// Generated from `proto/` by `build.rs` (tonic-prost-build).
+pub mod proto {
+    pub mod istio {
+        tonic::include_proto!("istio.v1.auth");
+    }
+    pub mod signet {
+        tonic::include_proto!("signet.ca.v1");
+    }
+}
 
 pub use authority::{IssueError, IssuedSvid, Signer, TtlPolicy};
 pub use bundle::TrustBundle;

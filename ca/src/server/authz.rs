@@ -1,0 +1,428 @@
+//! Which identities a node may obtain: its own agent identity, and the service accounts of pods
+//! scheduled on it. Nothing else, so a compromised node cannot mint identities for workloads
+//! that run elsewhere.
+//!
+//! Pods come from the cluster-state directory of ordinary Kubernetes manifests (DESIGN.md,
+//! "Cluster state"), parsed with k8s-openapi's `Pod` and re-read when the files change. A
+//! directory that fails to parse is reported and the previous state stays in force.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+
+use crate::server::auth::NodeName;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthzError {
+    #[error("ImpersonatedIdentity `{value}` is not a SPIFFE ID: {reason}")]
+    InvalidIdentity { value: String, reason: String },
+    #[error("{id} is outside trust domain {trust_domain}; this CA signs only its own trust domain")]
+    ForeignTrustDomain {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
+    #[error("{id} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>)")]
+    NotWorkload { id: SpiffeId },
+    #[error(
+        "node {node} may not obtain {id}: no pod with service account {namespace}/{service_account} is scheduled on {node}"
+    )]
+    NotOnNode {
+        id: SpiffeId,
+        node: NodeName,
+        namespace: String,
+        service_account: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct StateError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// One scheduled pod, reduced to what authorisation needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScheduledPod {
+    pub node: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub name: String,
+}
+
+/// Reads every `*.yaml`/`*.yml` file under `dir` (recursively, in name order) and returns the
+/// pods scheduled on a node that are not finished. Other kinds are skipped.
+pub fn load_pods(dir: &Path) -> Result<Vec<ScheduledPod>, StateError> {
+    let mut pods = Vec::new();
+    for file in manifest_files(dir)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| StateError {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        pods_in_file(&file, &text, &mut pods)?;
+    }
+    pods.sort();
+    Ok(pods)
+}
+
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| StateError {
+            path: d.clone(),
+            reason: e.to_string(),
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn pods_in_file(file: &Path, text: &str, pods: &mut Vec<ScheduledPod>) -> Result<(), StateError> {
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |reason: String| StateError {
+            path: file.to_owned(),
+            reason: format!("document {}: {reason}", index + 1),
+        };
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| err(e.to_string()))?;
+        collect(value, pods).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn collect(value: serde_yaml::Value, pods: &mut Vec<ScheduledPod>) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(());
+    }
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("Pod") => {
+            let pod: Pod = serde_yaml::from_value(value).map_err(|e| format!("Pod: {e}"))?;
+            if let Some(p) = scheduled(pod) {
+                pods.push(p);
+            }
+            Ok(())
+        }
+        Some("List") => {
+            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+                for item in items.clone() {
+                    collect(item, pods)?;
+                }
+            }
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => Err("manifest has no `kind`".into()),
+    }
+}
+
+fn scheduled(pod: Pod) -> Option<ScheduledPod> {
+    let spec = pod.spec?;
+    let node = spec.node_name?;
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    );
+    if finished {
+        return None;
+    }
+    Some(ScheduledPod {
+        node,
+        namespace: pod.metadata.namespace.unwrap_or_else(|| "default".into()),
+        service_account: spec
+            .service_account_name
+            .unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.unwrap_or_default(),
+    })
+}
+
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn fingerprint(dir: &Path) -> Fingerprint {
+    manifest_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map(|m| m.len()).unwrap_or(0);
+            (p, mtime, len)
+        })
+        .collect()
+}
+
+/// `(node, namespace, service account)` triples that may be issued.
+type Index = HashSet<(String, String, String)>;
+
+/// Decides which identity a node may obtain.
+#[derive(Debug)]
+pub struct NodeAuthorizer {
+    trust_domain: TrustDomain,
+    agent_identity: SpiffeId,
+    dir: PathBuf,
+    index: RwLock<Arc<Index>>,
+    seen: Mutex<Fingerprint>,
+}
+
+impl NodeAuthorizer {
+    /// Loads the directory once; a broken directory at start-up is an error (nothing in force).
+    pub fn new(
+        trust_domain: TrustDomain,
+        agent_identity: SpiffeId,
+        dir: &Path,
+    ) -> Result<Self, StateError> {
+        let seen = fingerprint(dir);
+        let pods = load_pods(dir)?;
+        Ok(Self {
+            trust_domain,
+            agent_identity,
+            dir: dir.to_owned(),
+            index: RwLock::new(Arc::new(index(&pods))),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// Re-reads the directory if any file changed. On a parse error the previous pods stay in
+    /// force and the error is returned for logging. `Ok(true)` means new state was loaded.
+    pub fn refresh(&self) -> Result<bool, StateError> {
+        let now = fingerprint(&self.dir);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == now {
+            return Ok(false);
+        }
+        // Remember the fingerprint even on failure, so a broken file is reported once per change.
+        *seen = now;
+        let pods = load_pods(&self.dir)?;
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(&pods));
+        Ok(true)
+    }
+
+    /// The identity `node` gets for a request naming `requested` (ztunnel's
+    /// `ImpersonatedIdentity`), or its own agent identity when it names none.
+    pub fn authorize(
+        &self,
+        node: &NodeName,
+        requested: Option<&str>,
+    ) -> Result<SpiffeId, AuthzError> {
+        let Some(value) = requested else {
+            return Ok(self.agent_identity.clone());
+        };
+        let id = SpiffeId::parse(value).map_err(|e| AuthzError::InvalidIdentity {
+            value: value.chars().take(256).collect(),
+            reason: e.to_string(),
+        })?;
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(AuthzError::ForeignTrustDomain {
+                id,
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        if id == self.agent_identity {
+            return Ok(id);
+        }
+        let Some((ns, sa)) = id.namespace_and_service_account() else {
+            return Err(AuthzError::NotWorkload { id });
+        };
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if index.contains(&(node.0.clone(), ns.to_owned(), sa.to_owned())) {
+            Ok(id)
+        } else {
+            Err(AuthzError::NotOnNode {
+                node: node.clone(),
+                namespace: ns.to_owned(),
+                service_account: sa.to_owned(),
+                id,
+            })
+        }
+    }
+}
+
+fn index(pods: &[ScheduledPod]) -> Index {
+    pods.iter()
+        .map(|p| {
+            (
+                p.node.clone(),
+                p.namespace.clone(),
+                p.service_account.clone(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: web, image: web}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: shop}
+spec:
+  nodeName: node-b
+  serviceAccountName: db
+  containers: [{name: db, image: db}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: job-1, namespace: shop}
+spec:
+  nodeName: node-a
+  serviceAccountName: batch
+  containers: [{name: job, image: job}]
+status: {phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop}
+spec:
+  serviceAccountName: unscheduled
+  containers: [{name: p, image: p}]
+"#;
+
+    fn authorizer(dir: &Path) -> NodeAuthorizer {
+        let td = TrustDomain::parse("cluster.local").expect("td");
+        let agent = SpiffeId::workload(&td, "signet-system", "signet-agent").expect("id");
+        NodeAuthorizer::new(td, agent, dir).expect("load")
+    }
+
+    fn node(n: &str) -> NodeName {
+        NodeName(n.into())
+    }
+
+    #[test]
+    fn loads_only_scheduled_running_pods() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("pods.yaml"), PODS).expect("write");
+        let pods = load_pods(dir.path()).expect("load");
+        let names: Vec<_> = pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["web-1", "db-1"]);
+    }
+
+    #[test]
+    fn a_node_gets_only_its_own_pods_and_the_agent_identity() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("pods.yaml"), PODS).expect("write");
+        let a = authorizer(dir.path());
+        assert_eq!(
+            a.authorize(
+                &node("node-a"),
+                Some("spiffe://cluster.local/ns/shop/sa/web")
+            )
+            .expect("own pod")
+            .as_str(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            a.authorize(&node("node-a"), None).expect("itself").as_str(),
+            "spiffe://cluster.local/ns/signet-system/sa/signet-agent"
+        );
+        let e = a
+            .authorize(
+                &node("node-a"),
+                Some("spiffe://cluster.local/ns/shop/sa/db"),
+            )
+            .expect_err("other node");
+        assert!(matches!(e, AuthzError::NotOnNode { .. }));
+        assert!(
+            e.to_string().contains("node-a") && e.to_string().contains("shop/sa/db"),
+            "{e}"
+        );
+        let e = a
+            .authorize(
+                &node("node-a"),
+                Some("spiffe://cluster.local/ns/shop/sa/batch"),
+            )
+            .expect_err("finished pod");
+        assert!(matches!(e, AuthzError::NotOnNode { .. }));
+        let e = a
+            .authorize(&node("node-a"), Some("spiffe://evil.org/ns/shop/sa/web"))
+            .expect_err("foreign");
+        assert!(matches!(e, AuthzError::ForeignTrustDomain { .. }));
+        let e = a
+            .authorize(&node("node-a"), Some("spiffe://cluster.local/admin"))
+            .expect_err("not workload");
+        assert!(matches!(e, AuthzError::NotWorkload { .. }));
+        let e = a
+            .authorize(&node("node-a"), Some("https://x"))
+            .expect_err("garbage");
+        assert!(matches!(e, AuthzError::InvalidIdentity { .. }));
+    }
+
+    #[test]
+    fn changes_are_picked_up_and_broken_files_keep_the_old_state() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("pods.yaml");
+        std::fs::write(&file, PODS).expect("write");
+        let a = authorizer(dir.path());
+        let db = Some("spiffe://cluster.local/ns/shop/sa/db");
+        assert!(a.authorize(&node("node-a"), db).is_err());
+        assert!(!a.refresh().expect("unchanged"));
+
+        // The db pod moves to node-a.
+        std::fs::write(&file, PODS.replace("nodeName: node-b", "nodeName: node-a")).expect("write");
+        assert!(a.refresh().expect("reloaded"));
+        assert!(a.authorize(&node("node-a"), db).is_ok());
+
+        // A broken edit is reported with the file and document, and changes nothing.
+        std::fs::write(
+            dir.path().join("zz-broken.yaml"),
+            "kind: Pod\nmetadata: [\n",
+        )
+        .expect("write");
+        let e = a.refresh().expect_err("broken");
+        assert!(
+            e.path.ends_with("zz-broken.yaml") && e.reason.contains("document 1"),
+            "{e}"
+        );
+        assert!(
+            a.authorize(&node("node-a"), db).is_ok(),
+            "previous state stays in force"
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_reported() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("p.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: 5}\n",
+        )
+        .expect("write");
+        let e = load_pods(dir.path()).expect_err("bad type");
+        assert!(e.reason.contains("Pod"), "{e}");
+        std::fs::write(dir.path().join("p.yaml"), "metadata: {name: x}\n").expect("write");
+        assert!(
+            load_pods(dir.path())
+                .expect_err("no kind")
+                .reason
+                .contains("kind")
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The CA's gRPC server: TLS listener, authentication, node authorisation, issuance, background
+//! upkeep (cluster-state reloads, root rotation, serving-certificate renewal) and drain.
+//!
+//! The only part of `signet-ca` that opens sockets.
+
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod grpc;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::issuer::CertificateAuthority;
+use crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::proto::signet::trust_bundle_service_server::TrustBundleServiceServer;
+use crate::store::StoreError;
+use auth::{Authenticator, StaticTokens};
+use authz::{NodeAuthorizer, StateError};
+use config::ServerConfig;
+use grpc::CaService;
+use tls::{ServingCert, ServingCertError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("CA material: {0}")]
+    Store(#[from] StoreError),
+    #[error("cluster state: {0}")]
+    State(#[from] StateError),
+    #[error("serving certificate: {0}")]
+    ServingCert(#[from] ServingCertError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source} (is another signet-ca running?)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A bound, ready-to-run CA server.
+#[derive(Debug)]
+pub struct CaServer {
+    config: ServerConfig,
+    listener: TcpListener,
+    ca: Arc<CertificateAuthority>,
+    authz: Arc<NodeAuthorizer>,
+    auth: Arc<dyn Authenticator>,
+    serving: Arc<ServingCert>,
+}
+
+impl CaServer {
+    /// Opens the CA material, loads the cluster state and binds the listener, with the
+    /// per-node tokens from the configuration.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let auth: Arc<dyn Authenticator> = Arc::new(StaticTokens::new(&config.nodes));
+        Self::bind_with(config, auth).await
+    }
+
+    /// As [`bind`](Self::bind), with another authenticator (TokenReview in Kubernetes).
+    pub async fn bind_with(
+        config: ServerConfig,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Self, ServerError> {
+        let ca = Arc::new(CertificateAuthority::open(config.ca.clone())?);
+        let authz = Arc::new(NodeAuthorizer::new(
+            config.ca.trust_domain.clone(),
+            config.agent_identity.clone(),
+            &config.cluster_state_dir,
+        )?);
+        let serving = ServingCert::new(
+            ca.clone(),
+            config.server_identity.clone(),
+            config.serving_names.clone(),
+        )?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Self {
+            config,
+            listener,
+            ca,
+            authz,
+            auth,
+            serving,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn authority(&self) -> Arc<CertificateAuthority> {
+        self.ca.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting and lets in-flight requests
+    /// finish. Callers bound the drain with their own grace timeout.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let limits = self.config.limits;
+        let tls = TlsAcceptor::from(Arc::new(tls::server_config(self.serving.clone())?));
+        let (tx, rx) = mpsc::channel(64);
+        let accept = tokio::spawn(accept_loop(
+            self.listener,
+            tls,
+            tx,
+            Duration::from_secs(limits.handshake_timeout_seconds),
+            shutdown.clone(),
+        ));
+        let upkeep = tokio::spawn(upkeep(
+            self.ca.clone(),
+            self.authz.clone(),
+            self.serving.clone(),
+            shutdown.clone(),
+        ));
+        let service = CaService {
+            ca: self.ca,
+            auth: self.auth,
+            authz: self.authz,
+            slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            queue_timeout: Duration::from_secs(limits.queue_timeout_seconds),
+        };
+        let istio = IstioCertificateServiceServer::new(service.clone())
+            .max_decoding_message_size(limits.max_request_bytes);
+        let bundle = TrustBundleServiceServer::new(service)
+            .max_decoding_message_size(limits.max_request_bytes);
+        let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(Duration::from_secs(limits.request_timeout_seconds))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(istio)
+            .add_service(bundle)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                shutdown.clone().cancelled_owned(),
+            )
+            .await;
+        shutdown.cancel();
+        accept.abort();
+        upkeep.abort();
+        result.map_err(ServerError::from)
+    }
+}
+
+type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    tx: mpsc::Sender<Result<TlsConn, std::io::Error>>,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    // Handshakes run concurrently, but not without bound: a flood of half-open connections
+    // must not exhaust memory.
+    let handshakes = Arc::new(Semaphore::new(256));
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many TLS handshakes in progress; dropping connection");
+            continue;
+        };
+        let (tls, tx) = (tls.clone(), tx.clone());
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(conn)) => {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn upkeep(
+    ca: Arc<CertificateAuthority>,
+    authz: Arc<NodeAuthorizer>,
+    serving: Arc<ServingCert>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match authz.refresh() {
+            Ok(true) => tracing::info!("cluster state reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cluster state change refused; previous state stays in force")
+            }
+        }
+        n += 1;
+        if n % 30 != 0 {
+            continue;
+        }
+        let now = time::OffsetDateTime::now_utc();
+        match ca.maintain(now) {
+            Ok(m) if m.changed() => {
+                tracing::info!(promoted = ?m.promoted, retired = ?m.retired, started = ?m.started_rotation, "root rotation advanced")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "root rotation step failed; will retry"),
+        }
+        match serving.renew_if_due(now) {
+            Ok(true) => tracing::info!("serving certificate renewed"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "serving certificate renewal failed; will retry"),
+        }
+    }
+}
