@@ -219,7 +219,7 @@ async fn upkeep(
             }
         }
         n += 1;
-        if n % 30 != 0 {
+        if !n.is_multiple_of(30) {
             continue;
         }
         let now = time::OffsetDateTime::now_utc();
