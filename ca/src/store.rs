@@ -199,6 +199,8 @@ pub struct RootStore {
     policy: RootPolicy,
     sequence: u64,
     roots: Vec<LoadedRoot>,
+    /// The state file as this process last read or wrote it.
+    last_state: Vec<u8>,
 }
 
 const STATE_FILE: &str = "ca-state.json";
@@ -213,9 +215,28 @@ impl RootStore {
     ) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-        // Serialise creation and rotation between processes sharing the directory (the server
-        // and `signet-ca issue`, say).
-        let lock_path = dir.join(".lock");
+        let mut store = Self {
+            dir: dir.to_owned(),
+            trust_domain: trust_domain.clone(),
+            policy,
+            sequence: 0,
+            roots: Vec::new(),
+            last_state: Vec::new(),
+        };
+        let _lock = store.lock()?;
+        if store.dir.join(STATE_FILE).exists() {
+            store.sync_from_disk()?;
+        } else {
+            store.add_root(now.unix_timestamp(), now)?;
+            store.save()?;
+        }
+        Ok(store)
+    }
+
+    /// Serialises changes between processes sharing the directory (the server and
+    /// `signet-ca rotate-root`, say). Released when the returned file is dropped.
+    fn lock(&self) -> Result<fs::File, StoreError> {
+        let lock_path = self.dir.join(".lock");
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -224,26 +245,22 @@ impl RootStore {
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         lock.lock().map_err(io_err(&lock_path))?;
-        let state_path = dir.join(STATE_FILE);
-        let mut store = Self {
-            dir: dir.to_owned(),
-            trust_domain: trust_domain.clone(),
-            policy,
-            sequence: 0,
-            roots: Vec::new(),
-        };
-        if state_path.exists() {
-            store.load(&state_path)?;
-        } else {
-            store.add_root(now.unix_timestamp(), now)?;
-            store.save()?;
-        }
-        Ok(store)
+        Ok(lock)
     }
 
-    fn load(&mut self, state_path: &Path) -> Result<(), StoreError> {
-        let text = fs::read_to_string(state_path).map_err(io_err(state_path))?;
-        let state: StateFile = serde_json::from_str(&text).map_err(|e| StoreError::Parse {
+    /// Re-reads the state file if another process changed it since this one last read or
+    /// wrote it. Called under the lock before every change, so no process overwrites another's.
+    fn sync_from_disk(&mut self) -> Result<(), StoreError> {
+        let state_path = self.dir.join(STATE_FILE);
+        let bytes = fs::read(&state_path).map_err(io_err(&state_path))?;
+        if bytes != self.last_state {
+            self.load(&state_path, &bytes)?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, state_path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let state: StateFile = serde_json::from_slice(bytes).map_err(|e| StoreError::Parse {
             path: state_path.to_owned(),
             reason: e.to_string(),
         })?;
@@ -254,24 +271,40 @@ impl RootStore {
                 expected: self.trust_domain.to_string(),
             });
         }
-        self.sequence = state.sequence;
+        let mut roots = Vec::with_capacity(state.roots.len());
         for record in state.roots {
             let dir = self.root_dir(record.id);
             let key = read_key_file(&dir.join("root-key.pem"))?;
             let cert = read_certs(&dir.join("root-cert.pem"))?.remove(0);
-            let signer = Signer::new(&format!("root {}", record.id), key, vec![cert.clone()])?;
-            self.roots.push(LoadedRoot {
+            // Keep the signer already in use for an unchanged root, so `Arc::ptr_eq` on the
+            // active signer still means "same root".
+            let signer = match self
+                .roots
+                .iter()
+                .find(|r| r.record.id == record.id && r.cert == cert)
+            {
+                Some(known) => known.signer.clone(),
+                None => std::sync::Arc::new(Signer::new(
+                    &format!("root {}", record.id),
+                    key,
+                    vec![cert.clone()],
+                )?),
+            };
+            roots.push(LoadedRoot {
                 record,
                 cert,
-                signer: std::sync::Arc::new(signer),
+                signer,
             });
         }
-        if self.roots.is_empty() {
+        if roots.is_empty() {
             return Err(StoreError::NoRoot {
                 path: self.dir.clone(),
                 reason: format!("{STATE_FILE} lists no roots"),
             });
         }
+        self.roots = roots;
+        self.sequence = state.sequence;
+        self.last_state = bytes.to_vec();
         Ok(())
     }
 
@@ -308,7 +341,7 @@ impl RootStore {
         Ok(id)
     }
 
-    fn save(&self) -> Result<(), StoreError> {
+    fn save(&mut self) -> Result<(), StoreError> {
         let state = StateFile {
             version: 1,
             trust_domain: self.trust_domain.to_string(),
@@ -316,7 +349,9 @@ impl RootStore {
             roots: self.roots.iter().map(|r| r.record.clone()).collect(),
         };
         let json = serde_json::to_vec_pretty(&state).expect("state always serialises");
-        write_atomic(&self.dir.join(STATE_FILE), &json, 0o600)
+        write_atomic(&self.dir.join(STATE_FILE), &json, 0o600)?;
+        self.last_state = json;
+        Ok(())
     }
 
     /// The root that signs at `now`: the newest whose `signing_from` has come.
@@ -346,6 +381,8 @@ impl RootStore {
 
     /// Starts a root rotation: a new root joins the bundle now and signs after the overlap.
     pub fn rotate(&mut self, now: OffsetDateTime) -> Result<u32, StoreError> {
+        let _lock = self.lock()?;
+        self.sync_from_disk()?;
         let t = now.unix_timestamp();
         if let Some(p) = self.roots.iter().find(|r| r.record.signing_from > t) {
             return Err(StoreError::RotationInProgress {
@@ -362,6 +399,8 @@ impl RootStore {
     /// Advances rotation to `now`: marks superseded roots for retirement, drops retired ones,
     /// and starts a rotation when the active root is in the last quarter of its life.
     pub fn maintain(&mut self, now: OffsetDateTime) -> Result<Maintenance, StoreError> {
+        let _lock = self.lock()?;
+        self.sync_from_disk()?;
         let t = now.unix_timestamp();
         let mut m = Maintenance::default();
         let active = self.active_signer(now);
@@ -636,6 +675,28 @@ pub(crate) mod tests {
             !dir.path().join("roots/1").exists(),
             "the retired key is deleted"
         );
+    }
+
+    #[test]
+    fn two_processes_sharing_a_directory_see_each_others_changes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t0 = OffsetDateTime::now_utc();
+        let mut server =
+            RootStore::open_or_create(dir.path(), &td(), policy(), t0).expect("create");
+        let mut cli = RootStore::open_or_create(dir.path(), &td(), policy(), t0).expect("open");
+        cli.rotate(t0).expect("rotate from the CLI");
+        // The server's next step picks the new root up instead of overwriting the state.
+        server.maintain(t0).expect("maintain");
+        assert_eq!(server.roots().len(), 2);
+        assert_eq!(server.sequence(), 2);
+        assert!(matches!(
+            server.rotate(t0),
+            Err(StoreError::RotationInProgress { id: 2, .. })
+        ));
+        let t1 = t0 + Duration::from_secs(DAY + 1);
+        server.maintain(t1).expect("maintain");
+        let reread = RootStore::open_or_create(dir.path(), &td(), policy(), t1).expect("open");
+        assert_eq!(reread.records(), server.records());
     }
 
     #[test]
