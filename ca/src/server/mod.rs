@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::issuer::CertificateAuthority;
 use crate::proto::istio::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -185,16 +186,20 @@ async fn accept_loop(
         };
         let (tls, tx) = (tls.clone(), tx.clone());
         let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(conn)) => {
-                    let _ = tx.send(Ok(conn)).await;
+        let span = tracing::info_span!("ca_conn", %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::info!("TLS handshake timed out"),
                 }
-                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
