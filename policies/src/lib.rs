@@ -1,6 +1,13 @@
 //! Signet's identity policy language: the `IdentityPolicy` resource, parsing with precise errors,
 //! numeric identities, compilation to datapath entries and the reference evaluator.
 //!
-//! Not built yet: issue 3 fills this crate. It holds no code until then, so nothing can depend
-//! on a policy engine that does not exist.
+//! Pure library: no sockets, no kernel. The agent feeds it cluster state and loads what it
+//! compiles; the `signet policy` commands print what it decides.
 #![forbid(unsafe_code)]
+
+pub mod model;
+pub mod parse;
+pub mod resource;
+pub mod yaml;
+
+pub use resource::{IdentityPolicy, IdentityPolicySpec};

@@ -1,0 +1,658 @@
+//! Validated policies: what an `IdentityPolicy` means once every field has been checked.
+//! Converting a resource reports every problem with its field path (`spec.ingress[0].from[1]`);
+//! the YAML parser maps paths to `line:col`, the Kubernetes source to status conditions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use signet_ca::SpiffeId;
+
+use crate::resource::{Entity, HttpRule, IdentityPolicy, Labels, Mode, Peer, PortSpec, Protocol};
+
+/// Regexes are compiled with this size limit; the engine is linear-time (no backtracking).
+pub const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+
+/// A problem with one field of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// A validated IdentityPolicy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub namespace: String,
+    pub name: String,
+    pub mode: Mode,
+    pub selector: Selector,
+    /// `Some` (even empty) makes ingress default-deny for the selected workloads.
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+    pub ingress_deny: Vec<Rule>,
+    pub egress_deny: Vec<Rule>,
+}
+
+/// One rule: who (peers), where (ports; empty means every port and protocol) and, for allow
+/// rules, which HTTP requests (`None`: not L7).
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub peers: Vec<PeerMatch>,
+    pub ports: Vec<PortSpec>,
+    pub http: Option<Vec<HttpMatch>>,
+}
+
+impl Rule {
+    pub fn covers_port(&self, port: u16, protocol: Protocol) -> bool {
+        self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == protocol)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum PeerMatch {
+    Identity(SpiffePattern),
+    Namespaces(Selector),
+    Entity(Entity),
+}
+
+/// An exact SPIFFE ID, or a prefix ending in one wildcard segment (`spiffe://td/ns/ops/sa/*`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SpiffePattern {
+    Exact(SpiffeId),
+    /// Everything after `prefix` (which ends in `/`) must be exactly one segment.
+    OneSegment {
+        prefix: String,
+    },
+}
+
+impl SpiffePattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(base) = s.strip_suffix("/*") {
+            if base.contains('*') {
+                return Err("`*` is allowed only as the whole last segment".into());
+            }
+            SpiffeId::parse(base).map_err(|e| format!("`{s}` is not a SPIFFE ID pattern: {e}"))?;
+            return Ok(Self::OneSegment {
+                prefix: format!("{base}/"),
+            });
+        }
+        if s.contains('*') {
+            return Err(format!(
+                "`{s}`: `*` is allowed only as the whole last segment (`.../sa/*`)"
+            ));
+        }
+        SpiffeId::parse(s)
+            .map(Self::Exact)
+            .map_err(|e| format!("`{s}` is not a SPIFFE ID: {e}"))
+    }
+
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(x) => x == id,
+            Self::OneSegment { prefix } => id
+                .as_str()
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/')),
+        }
+    }
+}
+
+impl std::fmt::Display for SpiffePattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::OneSegment { prefix } => write!(f, "{prefix}*"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// A Kubernetes label selector. The empty selector matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+    pub expressions: Vec<(String, Operator, BTreeSet<String>)>,
+}
+
+impl Selector {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.expressions.iter().all(|(k, op, values)| match op {
+                Operator::In => labels.get(k).is_some_and(|v| values.contains(v)),
+                Operator::NotIn => labels.get(k).is_none_or(|v| !values.contains(v)),
+                Operator::Exists => labels.contains_key(k),
+                Operator::DoesNotExist => !labels.contains_key(k),
+            })
+    }
+
+    pub fn from_k8s(sel: &LabelSelector, path: &str, errs: &mut Vec<FieldError>) -> Self {
+        let mut out = Selector::default();
+        for (k, v) in sel.match_labels.iter().flatten() {
+            if let Err(m) = check_label_key(k) {
+                errs.push(err(&format!("{path}.matchLabels"), m));
+            }
+            if let Err(m) = check_label_value(v) {
+                errs.push(err(
+                    &format!("{path}.matchLabels"),
+                    format!("label `{k}`: {m}"),
+                ));
+            }
+            out.match_labels.insert(k.clone(), v.clone());
+        }
+        for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
+            let p = format!("{path}.matchExpressions[{i}]");
+            if let Err(m) = check_label_key(&req.key) {
+                errs.push(err(&format!("{p}.key"), m));
+            }
+            let values: BTreeSet<String> = req.values.iter().flatten().cloned().collect();
+            let op = match req.operator.as_str() {
+                "In" => Operator::In,
+                "NotIn" => Operator::NotIn,
+                "Exists" => Operator::Exists,
+                "DoesNotExist" => Operator::DoesNotExist,
+                other => {
+                    errs.push(err(
+                        &format!("{p}.operator"),
+                        format!(
+                            "unknown operator `{other}`; expected In, NotIn, Exists or DoesNotExist"
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            match op {
+                Operator::In | Operator::NotIn if values.is_empty() => errs.push(err(
+                    &format!("{p}.values"),
+                    format!("operator {} needs at least one value", req.operator),
+                )),
+                Operator::Exists | Operator::DoesNotExist if !values.is_empty() => errs.push(err(
+                    &format!("{p}.values"),
+                    format!("operator {} takes no values", req.operator),
+                )),
+                _ => {}
+            }
+            for v in &values {
+                if let Err(m) = check_label_value(v) {
+                    errs.push(err(&format!("{p}.values"), m));
+                }
+            }
+            out.expressions.push((req.key.clone(), op, values));
+        }
+        out
+    }
+}
+
+/// A matcher for HTTP requests.
+#[derive(Debug, Clone)]
+pub struct HttpMatch {
+    /// Uppercase; empty means any.
+    pub methods: Vec<String>,
+    /// Empty means any.
+    pub paths: Vec<PathMatcher>,
+    /// Lowercase names, exact values.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatcher {
+    Exact(String),
+    Prefix(String),
+    /// Anchored: the whole path must match.
+    Regex(regex::Regex),
+}
+
+/// An HTTP request as the proxy sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Names in any case.
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpMatch {
+    pub fn matches(&self, req: &Request) -> bool {
+        let path = req.path.split('?').next().unwrap_or_default();
+        (self.methods.is_empty() || self.methods.iter().any(|m| *m == req.method))
+            && (self.paths.is_empty()
+                || self.paths.iter().any(|p| match p {
+                    PathMatcher::Exact(e) => path == e,
+                    PathMatcher::Prefix(pre) => path_has_prefix(path, pre),
+                    PathMatcher::Regex(r) => r.is_match(path),
+                }))
+            && self.headers.iter().all(|(name, value)| {
+                req.headers
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
+            })
+    }
+}
+
+/// `/v1/charges` is a prefix of `/v1/charges` and `/v1/charges/7`, not of `/v1/chargesX`
+/// (Gateway API PathPrefix semantics); a prefix ending in `/` matches anything below it.
+fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" || prefix.ends_with('/') {
+        return path.starts_with(prefix);
+    }
+    path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn err(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_label_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric()
+}
+
+fn check_label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix
+        && (p.is_empty() || p.len() > 253 || !p.split('.').all(is_dns_label))
+    {
+        return Err(format!(
+            "label key `{k}`: prefix `{p}` must be a DNS subdomain"
+        ));
+    }
+    if !is_label_name(name) {
+        return Err(format!(
+            "label key `{k}`: name must be 1-63 characters of a-z, A-Z, 0-9, `-`, `_`, `.`, starting and ending alphanumeric"
+        ));
+    }
+    Ok(())
+}
+
+fn check_label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() || is_label_name(v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "label value `{v}` must be empty or 1-63 characters of a-z, A-Z, 0-9, `-`, `_`, `.`, starting and ending alphanumeric"
+        ))
+    }
+}
+
+fn is_http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl Policy {
+    /// Validates a resource, reporting every problem with its field path.
+    pub fn from_resource(r: &IdentityPolicy) -> Result<Self, Vec<FieldError>> {
+        let mut errs = Vec::new();
+        let name = r.metadata.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            errs.push(err("metadata.name", "missing `metadata.name`"));
+        }
+        let namespace = r
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let spec = &r.spec;
+        let selector = Selector::from_k8s(&spec.selector, "spec.selector", &mut errs);
+        let ingress = spec.ingress.as_ref().map(|rules| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    rule(
+                        &r.from,
+                        &r.ports,
+                        r.http.as_deref(),
+                        &format!("spec.ingress[{i}]"),
+                        "from",
+                        &mut errs,
+                    )
+                })
+                .collect()
+        });
+        let egress = spec.egress.as_ref().map(|rules| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    rule(
+                        &r.to,
+                        &r.ports,
+                        r.http.as_deref(),
+                        &format!("spec.egress[{i}]"),
+                        "to",
+                        &mut errs,
+                    )
+                })
+                .collect()
+        });
+        let ingress_deny = spec
+            .ingress_deny
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                rule(
+                    &r.from,
+                    &r.ports,
+                    None,
+                    &format!("spec.ingressDeny[{i}]"),
+                    "from",
+                    &mut errs,
+                )
+            })
+            .collect();
+        let egress_deny = spec
+            .egress_deny
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                rule(
+                    &r.to,
+                    &r.ports,
+                    None,
+                    &format!("spec.egressDeny[{i}]"),
+                    "to",
+                    &mut errs,
+                )
+            })
+            .collect();
+        if errs.is_empty() {
+            Ok(Self {
+                namespace,
+                name,
+                mode: spec.mode,
+                selector,
+                ingress,
+                egress,
+                ingress_deny,
+                egress_deny,
+            })
+        } else {
+            Err(errs)
+        }
+    }
+
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn rule(
+    peers: &[Peer],
+    ports: &[PortSpec],
+    http: Option<&[HttpRule]>,
+    path: &str,
+    peers_field: &str,
+    errs: &mut Vec<FieldError>,
+) -> Rule {
+    if peers.is_empty() {
+        errs.push(err(
+            path,
+            format!("a rule needs `{peers_field}`; it matches no one without it (use `entity: any` for everyone)"),
+        ));
+    }
+    let peers = peers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| peer(p, &format!("{path}.{peers_field}[{i}]"), errs))
+        .collect();
+    for (i, p) in ports.iter().enumerate() {
+        if p.port == 0 {
+            errs.push(err(
+                &format!("{path}.ports[{i}].port"),
+                "port 0 is out of range 1-65535",
+            ));
+        }
+    }
+    let http = http.map(|rules| {
+        if ports.is_empty() {
+            errs.push(err(
+                &format!("{path}.http"),
+                "`http` rules need explicit TCP `ports` to inspect",
+            ));
+        }
+        for (i, p) in ports.iter().enumerate() {
+            if p.protocol == Protocol::Udp {
+                errs.push(err(
+                    &format!("{path}.ports[{i}]"),
+                    format!(
+                        "port {}/UDP cannot carry `http` rules; they apply only to TCP ports",
+                        p.port
+                    ),
+                ));
+            }
+        }
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, h)| http_match(h, &format!("{path}.http[{i}]"), errs))
+            .collect()
+    });
+    Rule {
+        peers,
+        ports: ports.to_vec(),
+        http,
+    }
+}
+
+fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
+    let set = usize::from(p.identity.is_some())
+        + usize::from(p.namespace_selector.is_some())
+        + usize::from(p.entity.is_some());
+    if set != 1 {
+        errs.push(err(
+            path,
+            format!("a peer needs exactly one of `identity`, `namespaceSelector` or `entity`; found {set}"),
+        ));
+        return None;
+    }
+    if let Some(id) = &p.identity {
+        return match SpiffePattern::parse(id) {
+            Ok(pat) => Some(PeerMatch::Identity(pat)),
+            Err(m) => {
+                errs.push(err(&format!("{path}.identity"), m));
+                None
+            }
+        };
+    }
+    if let Some(sel) = &p.namespace_selector {
+        return Some(PeerMatch::Namespaces(Selector::from_k8s(
+            sel,
+            &format!("{path}.namespaceSelector"),
+            errs,
+        )));
+    }
+    p.entity.map(PeerMatch::Entity)
+}
+
+fn http_match(h: &HttpRule, path: &str, errs: &mut Vec<FieldError>) -> HttpMatch {
+    let mut methods = Vec::new();
+    for (i, m) in h.methods.iter().enumerate() {
+        if is_http_token(m) {
+            methods.push(m.to_ascii_uppercase());
+        } else {
+            errs.push(err(
+                &format!("{path}.methods[{i}]"),
+                format!("`{m}` is not an HTTP method"),
+            ));
+        }
+    }
+    let mut paths = Vec::new();
+    for (i, p) in h.paths.iter().enumerate() {
+        let at = format!("{path}.paths[{i}]");
+        let set = [&p.exact, &p.prefix, &p.regex]
+            .iter()
+            .filter(|x| x.is_some())
+            .count();
+        if set != 1 {
+            errs.push(err(
+                &at,
+                format!("a path needs exactly one of `exact`, `prefix` or `regex`; found {set}"),
+            ));
+            continue;
+        }
+        if let Some(e) = &p.exact {
+            check_path(e, &format!("{at}.exact"), errs);
+            paths.push(PathMatcher::Exact(e.clone()));
+        } else if let Some(pre) = &p.prefix {
+            check_path(pre, &format!("{at}.prefix"), errs);
+            paths.push(PathMatcher::Prefix(pre.clone()));
+        } else if let Some(re) = &p.regex {
+            match regex::RegexBuilder::new(&format!("^(?:{re})$"))
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+            {
+                Ok(r) => paths.push(PathMatcher::Regex(r)),
+                Err(e) => errs.push(err(
+                    &format!("{at}.regex"),
+                    format!("regex does not compile: {}", first_line(&e.to_string())),
+                )),
+            }
+        }
+    }
+    let mut headers = Vec::new();
+    for (i, hm) in h.headers.iter().enumerate() {
+        if is_http_token(&hm.name) {
+            headers.push((hm.name.to_ascii_lowercase(), hm.value.clone()));
+        } else {
+            errs.push(err(
+                &format!("{path}.headers[{i}].name"),
+                format!("`{}` is not a valid header name", hm.name),
+            ));
+        }
+    }
+    HttpMatch {
+        methods,
+        paths,
+        headers,
+    }
+}
+
+fn check_path(p: &str, path: &str, errs: &mut Vec<FieldError>) {
+    if !p.starts_with('/') {
+        errs.push(err(path, format!("path `{p}` must start with `/`")));
+    }
+}
+
+/// The regex crate's message ends with `error: <reason>` after a caret diagram.
+fn first_line(s: &str) -> String {
+    s.rsplit("error: ").next().unwrap_or(s).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).expect("id")
+    }
+
+    #[test]
+    fn spiffe_patterns() {
+        let p = SpiffePattern::parse("spiffe://cluster.local/ns/ops/sa/*").expect("pattern");
+        assert!(p.matches(&id("spiffe://cluster.local/ns/ops/sa/deployer")));
+        assert!(
+            !p.matches(&id("spiffe://cluster.local/ns/ops/sa/a/b")),
+            "exactly one segment"
+        );
+        assert!(!p.matches(&id("spiffe://cluster.local/ns/ops/sa")));
+        assert!(
+            !p.matches(&id("spiffe://other.org/ns/ops/sa/deployer")),
+            "other trust domain"
+        );
+        assert!(SpiffePattern::parse("spiffe://cluster.local/ns/*/sa/x").is_err());
+        assert!(SpiffePattern::parse("spiffe://cluster.local/ns/ops/sa/d*").is_err());
+        assert!(SpiffePattern::parse("spiffe://Cluster.local/ns/a").is_err());
+        let exact = SpiffePattern::parse("spiffe://cluster.local/ns/a/sa/b").expect("exact");
+        assert!(exact.matches(&id("spiffe://cluster.local/ns/a/sa/b")));
+        assert!(!exact.matches(&id("spiffe://cluster.local/ns/a/sa/bb")));
+    }
+
+    #[test]
+    fn selectors() {
+        let labels: Labels = [
+            ("app".into(), "web".into()),
+            ("tier".into(), "front".into()),
+        ]
+        .into();
+        let sel = Selector {
+            match_labels: [("app".into(), "web".into())].into(),
+            expressions: vec![
+                (
+                    "tier".into(),
+                    Operator::In,
+                    ["front".into(), "edge".into()].into(),
+                ),
+                ("legacy".into(), Operator::DoesNotExist, BTreeSet::new()),
+                ("env".into(), Operator::NotIn, ["prod".into()].into()),
+            ],
+        };
+        assert!(sel.matches(&labels));
+        assert!(
+            Selector::default().matches(&Labels::new()),
+            "empty selects all"
+        );
+        let mut other = labels.clone();
+        other.insert("legacy".into(), "yes".into());
+        assert!(!sel.matches(&other));
+    }
+
+    #[test]
+    fn http_matching() {
+        let m = HttpMatch {
+            methods: vec!["GET".into()],
+            paths: vec![
+                PathMatcher::Prefix("/v1/charges".into()),
+                PathMatcher::Regex(regex::Regex::new("^(?:/v1/refunds/[0-9]+)$").expect("re")),
+            ],
+            headers: vec![("x-tenant".into(), "acme".into())],
+        };
+        let req = |method: &str, path: &str, tenant: &str| Request {
+            method: method.into(),
+            path: path.into(),
+            headers: vec![("X-Tenant".into(), tenant.into())],
+        };
+        assert!(m.matches(&req("GET", "/v1/charges", "acme")));
+        assert!(m.matches(&req("GET", "/v1/charges/9?x=1", "acme")));
+        assert!(!m.matches(&req("GET", "/v1/chargesX", "acme")));
+        assert!(m.matches(&req("GET", "/v1/refunds/42", "acme")));
+        assert!(!m.matches(&req("GET", "/v1/refunds/42/x", "acme")));
+        assert!(!m.matches(&req("POST", "/v1/charges", "acme")));
+        assert!(!m.matches(&req("GET", "/v1/charges", "evil")));
+    }
+}

@@ -1,0 +1,242 @@
+//! The `IdentityPolicy` custom resource (`signet.dev/v1alpha1`, namespaced) exactly as users
+//! write it. These types are the CRD's source of truth (`deploy/crds/` is generated from them)
+//! and what the Kubernetes source deserialises; the standalone YAML parser (`parse`) produces
+//! the same types with a position for every error.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Who may talk to the selected workloads, and whom they may talk to.
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "signet.dev",
+    version = "v1alpha1",
+    kind = "IdentityPolicy",
+    plural = "identitypolicies",
+    shortname = "idp",
+    namespaced,
+    doc = "Identity-based L3-L7 policy for the workloads selected in this namespace."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityPolicySpec {
+    /// The workloads (pods of this namespace) the policy protects. `{}` selects all of them.
+    pub selector: LabelSelector,
+    /// `enforce` (default) denies; `audit` denies nothing and reports what it would deny.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: Mode,
+    /// Allowed sources. Present (even empty) makes ingress default-deny for selected workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<IngressRule>>,
+    /// Allowed destinations. Present (even empty) makes egress default-deny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<EgressRule>>,
+    /// Denied sources; deny beats allow. Deny rules alone do not make a direction default-deny.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_deny: Vec<IngressDenyRule>,
+    /// Denied destinations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_deny: Vec<EgressDenyRule>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+/// An allow rule for traffic into the selected workloads.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngressRule {
+    /// Sources; a rule without `from` matches no one.
+    #[serde(default)]
+    pub from: Vec<Peer>,
+    /// Destination ports; none means every port and protocol.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    /// HTTP requests allowed on these ports; present makes the ports L7-inspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<HttpRule>>,
+}
+
+/// An allow rule for traffic from the selected workloads.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressRule {
+    #[serde(default)]
+    pub to: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<HttpRule>>,
+}
+
+/// A deny rule for traffic into the selected workloads (L3/L4 only).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngressDenyRule {
+    #[serde(default)]
+    pub from: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+/// A deny rule for traffic from the selected workloads (L3/L4 only).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressDenyRule {
+    #[serde(default)]
+    pub to: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+/// One peer: exactly one of `identity`, `namespaceSelector` or `entity`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peer {
+    /// A SPIFFE ID, or one with a trailing `*` segment (`spiffe://td/ns/ops/sa/*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Workloads in namespaces whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<Entity>,
+}
+
+/// Peers that are not named by identity.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Entity {
+    /// The node itself.
+    Host,
+    /// Anything outside the mesh.
+    World,
+    /// Signet's Gateway API listeners.
+    Gateway,
+    /// Every workload of the cluster, the host and remote nodes.
+    Cluster,
+    /// Everything.
+    Any,
+}
+
+impl Entity {
+    pub const ALL: [Entity; 5] = [
+        Entity::Host,
+        Entity::World,
+        Entity::Gateway,
+        Entity::Cluster,
+        Entity::Any,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::Host => "host",
+            Entity::World => "world",
+            Entity::Gateway => "gateway",
+            Entity::Cluster => "cluster",
+            Entity::Any => "any",
+        }
+    }
+}
+
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    /// The IP protocol number, as the datapath keys it.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    /// 1-65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// Requests that pass on an L7-inspected port: every listed field must match.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRule {
+    /// Allowed methods; none means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Allowed paths; none means any. A request matches if any entry matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathMatch>,
+    /// Required headers; all must be present with these values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// Exactly one of `exact`, `prefix` or `regex` (RE2 syntax, whole path).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// Exact value.
+    pub value: String,
+}
+
+/// Labels as Kubernetes stores them.
+pub type Labels = BTreeMap<String, String>;
