@@ -5,6 +5,10 @@
 //! compiles; the `signet policy` commands print what it decides.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+pub mod compile;
+pub mod eval;
+pub mod identity;
 pub mod model;
 pub mod parse;
 pub mod resource;

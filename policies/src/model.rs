@@ -226,7 +226,7 @@ pub struct Request {
 impl HttpMatch {
     pub fn matches(&self, req: &Request) -> bool {
         let path = req.path.split('?').next().unwrap_or_default();
-        (self.methods.is_empty() || self.methods.iter().any(|m| *m == req.method))
+        (self.methods.is_empty() || self.methods.contains(&req.method))
             && (self.paths.is_empty()
                 || self.paths.iter().any(|p| match p {
                     PathMatcher::Exact(e) => path == e,

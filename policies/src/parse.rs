@@ -349,13 +349,11 @@ fn check_schema(node: &Node, schema: &Json, path: &str, errs: &mut Vec<(Pos, Str
             }
             (other, _) => errs.push((node.pos, format!("{at} must be an integer, found {other}"))),
         },
-        Some("boolean") => {
-            if node.kind_name() != "a boolean" {
-                errs.push((
-                    node.pos,
-                    format!("{at} must be true or false, found {}", node.kind_name()),
-                ));
-            }
+        Some("boolean") if node.kind_name() != "a boolean" => {
+            errs.push((
+                node.pos,
+                format!("{at} must be true or false, found {}", node.kind_name()),
+            ));
         }
         _ => {}
     }
@@ -427,7 +425,7 @@ fn is_open(path: &str) -> bool {
 }
 
 /// Converts a node to JSON the way a YAML 1.2 core-schema reader would.
-fn to_json(node: &Node) -> Json {
+pub(crate) fn to_json(node: &Node) -> Json {
     match &node.value {
         Value::Null => Json::Null,
         Value::Scalar { text, plain: false } => Json::String(text.clone()),

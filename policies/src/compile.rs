@@ -1,0 +1,566 @@
+//! Compiles policies into the datapath's policy entries and the proxy's L7 tables, and diffs two
+//! compilations so an update touches only what changed.
+//!
+//! Key `{endpoint, peer identity (0 = any), port (0 = any), protocol, direction}`. The datapath
+//! looks up `(peer, port)`, then `(peer, 0)`, then `(0, port)`, then `(0, 0)`; no entry at all for
+//! an endpoint and direction means no policy selects it (default allow). Every rule's peers are
+//! resolved to the numeric identities they match, so a peer not named by any rule is exactly a
+//! peer that only wildcard rules match: that is what the `0` rows hold. Each cell's verdict is
+//! computed from the resolved rules, then rows equal to what the lookup would find without them
+//! are dropped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use signet_ca::SpiffeId;
+
+use crate::cluster::{Cluster, Workload};
+use crate::eval::{Direction, PeerInfo, RuleRef, peer_matches, selects};
+use crate::identity::{ANY, HEALTH, HOST, INGRESS, REMOTE_NODE, UNMANAGED, WORLD};
+use crate::model::{PeerMatch, Policy, Rule};
+use crate::resource::{Mode, Protocol};
+
+/// What the datapath does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Allowed to the proxy, which checks every request against the L7 table.
+    L7,
+    /// Allowed, and reported: an audit-mode policy would deny it.
+    Audit,
+}
+
+impl Action {
+    /// The value the eBPF program stores.
+    pub fn code(self) -> u8 {
+        match self {
+            Action::Allow => 1,
+            Action::Deny => 2,
+            Action::L7 => 3,
+            Action::Audit => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::L7 => "l7",
+            Action::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub endpoint: u32,
+    pub direction: Direction,
+    pub proto: Protocol,
+    pub peer: u32,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Entry {
+    pub action: Action,
+    /// Key of `Compiled::rules`; 0 means a default decided.
+    pub rule: u32,
+}
+
+/// One compiled policy set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub entries: BTreeMap<Key, Entry>,
+    /// For `L7` entries: the rules (ids) whose `http` lists requests must match.
+    pub l7: BTreeMap<Key, Vec<u32>>,
+    /// Rule id → rule. Ids are kept across compilations (see `Input::previous`), so editing one
+    /// policy does not renumber, and so rewrite, the entries of every other.
+    pub rules: BTreeMap<u32, RuleRef>,
+    /// Endpoint id → `namespace/name`.
+    pub endpoints: BTreeMap<u32, String>,
+}
+
+impl Compiled {
+    /// What the datapath finds for a connection, following its lookup order.
+    pub fn lookup(
+        &self,
+        endpoint: u32,
+        direction: Direction,
+        peer: u32,
+        port: u16,
+        proto: Protocol,
+    ) -> Option<(Key, Entry)> {
+        for (p, q) in [(peer, port), (peer, 0), (ANY, port), (ANY, 0)] {
+            let key = Key {
+                endpoint,
+                direction,
+                proto,
+                peer: p,
+                port: q,
+            };
+            if let Some(e) = self.entries.get(&key) {
+                return Some((key, *e));
+            }
+        }
+        None
+    }
+
+    pub fn rule(&self, id: u32) -> Option<&RuleRef> {
+        self.rules.get(&id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "policy needs {needed} datapath entries but the map holds {capacity}; largest endpoints: {}. Nothing was applied.",
+        .largest.iter().map(|(n, c)| format!("{n} ({c})")).collect::<Vec<_>>().join(", ")
+    )]
+    Capacity {
+        needed: usize,
+        capacity: usize,
+        largest: Vec<(String, usize)>,
+    },
+}
+
+/// Everything the compiler needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub cluster: &'a Cluster,
+    /// Sorted by namespace and name (`sorted_policies`).
+    pub policies: &'a [&'a Policy],
+    /// Allocated identities (reserved ones are implied).
+    pub identities: &'a BTreeMap<SpiffeId, u32>,
+    /// The endpoints to compile for, with their datapath ids.
+    pub endpoints: &'a [(u32, &'a Workload)],
+    /// The policy map's size.
+    pub capacity: usize,
+    /// The compilation in force, whose rule ids are kept.
+    pub previous: Option<&'a Compiled>,
+}
+
+/// Policies in rule-id order.
+pub fn sorted_policies(policies: &[Policy]) -> Vec<&Policy> {
+    let mut v: Vec<&Policy> = policies.iter().collect();
+    v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    v
+}
+
+/// Numbers a rule's peers resolve to; `None` means every peer (a wildcard).
+type PeerSet = Option<BTreeSet<u32>>;
+
+struct Resolved<'a> {
+    /// Position in policy order: when several rules match, the first in this order is named.
+    order: usize,
+    id: u32,
+    audit: bool,
+    peers: PeerSet,
+    rule: &'a Rule,
+}
+
+impl Resolved<'_> {
+    /// Whether this rule applies to the cell `(peer, port)`, where 0 stands for "any peer / port
+    /// no rule names".
+    fn hits(&self, peer: u32, port: u16, proto: Protocol) -> bool {
+        let peer_ok = match &self.peers {
+            None => true,
+            Some(set) => peer != ANY && set.contains(&peer),
+        };
+        let port_ok = self.rule.ports.is_empty()
+            || (port != 0
+                && self
+                    .rule
+                    .ports
+                    .iter()
+                    .any(|p| p.port == port && p.protocol == proto));
+        peer_ok && port_ok
+    }
+}
+
+/// The identity universe: reserved numbers and every allocated SPIFFE ID.
+struct Universe {
+    peers: Vec<PeerInfo>,
+    cache: HashMap<String, PeerSet>,
+}
+
+impl Universe {
+    fn new(identities: &BTreeMap<SpiffeId, u32>) -> Self {
+        let mut peers: Vec<PeerInfo> = [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
+            .into_iter()
+            .map(|number| PeerInfo { number, id: None })
+            .collect();
+        peers.extend(identities.iter().map(|(id, n)| PeerInfo {
+            number: *n,
+            id: Some(id.clone()),
+        }));
+        Self {
+            peers,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn resolve(&mut self, rule: &Rule, cluster: &Cluster) -> PeerSet {
+        let mut set = BTreeSet::new();
+        for m in &rule.peers {
+            if matches!(m, PeerMatch::Entity(crate::resource::Entity::Any)) {
+                return None;
+            }
+            let cache_key = format!("{m:?}");
+            let numbers = match self.cache.get(&cache_key) {
+                Some(n) => n.clone(),
+                None => {
+                    let n: BTreeSet<u32> = self
+                        .peers
+                        .iter()
+                        .filter(|p| peer_matches(m, p, cluster))
+                        .map(|p| p.number)
+                        .collect();
+                    self.cache.insert(cache_key, Some(n.clone()));
+                    Some(n)
+                }
+            };
+            set.extend(numbers.into_iter().flatten());
+        }
+        Some(set)
+    }
+}
+
+/// Rule order: policies in order; per policy ingress, ingressDeny, egress, egressDeny, rules in
+/// order. Ids come from `previous` where the rule existed; new rules get fresh ids.
+struct RuleTable {
+    by_rule: HashMap<RuleRef, (usize, u32)>,
+    ids: BTreeMap<u32, RuleRef>,
+}
+
+impl RuleTable {
+    fn lookup(&self, p: &Policy, direction: Direction, deny: bool, index: usize) -> (usize, u32) {
+        let r = RuleRef {
+            policy: p.id(),
+            direction,
+            deny,
+            index,
+        };
+        *self
+            .by_rule
+            .get(&r)
+            .expect("every rule of every input policy is in the table")
+    }
+}
+
+fn rule_table(policies: &[&Policy], previous: Option<&Compiled>) -> RuleTable {
+    let known: HashMap<&RuleRef, u32> = previous
+        .map(|c| c.rules.iter().map(|(id, r)| (r, *id)).collect())
+        .unwrap_or_default();
+    let mut next = previous
+        .and_then(|c| c.rules.keys().next_back().copied())
+        .unwrap_or(0)
+        + 1;
+    let mut table = RuleTable {
+        by_rule: HashMap::new(),
+        ids: BTreeMap::new(),
+    };
+    let mut order = 0;
+    for p in policies {
+        let groups = [
+            (
+                Direction::Ingress,
+                false,
+                p.ingress.as_ref().map_or(0, Vec::len),
+            ),
+            (Direction::Ingress, true, p.ingress_deny.len()),
+            (
+                Direction::Egress,
+                false,
+                p.egress.as_ref().map_or(0, Vec::len),
+            ),
+            (Direction::Egress, true, p.egress_deny.len()),
+        ];
+        for (direction, deny, n) in groups {
+            for index in 0..n {
+                let r = RuleRef {
+                    policy: p.id(),
+                    direction,
+                    deny,
+                    index,
+                };
+                let id = match known.get(&r) {
+                    Some(id) => *id,
+                    None => {
+                        next += 1;
+                        next - 1
+                    }
+                };
+                table.ids.insert(id, r.clone());
+                table.by_rule.insert(r, (order, id));
+                order += 1;
+            }
+        }
+    }
+    table
+}
+
+/// Compiles `input` into entries and L7 tables, or fails whole when they exceed the capacity.
+pub fn compile(input: &Input<'_>) -> Result<Compiled, CompileError> {
+    let table = rule_table(input.policies, input.previous);
+    let mut universe = Universe::new(input.identities);
+    let mut out = Compiled::default();
+    for (endpoint, w) in input.endpoints {
+        out.endpoints.insert(*endpoint, w.key());
+        for dir in [Direction::Ingress, Direction::Egress] {
+            compile_direction(input, &table, &mut universe, *endpoint, w, dir, &mut out);
+        }
+    }
+    out.rules = table.ids;
+    if out.entries.len() > input.capacity {
+        let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+        for k in out.entries.keys() {
+            *per.entry(k.endpoint).or_default() += 1;
+        }
+        let mut largest: Vec<(String, usize)> = per
+            .into_iter()
+            .map(|(e, c)| (out.endpoints.get(&e).cloned().unwrap_or_default(), c))
+            .collect();
+        largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        largest.truncate(5);
+        return Err(CompileError::Capacity {
+            needed: out.entries.len(),
+            capacity: input.capacity,
+            largest,
+        });
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_direction(
+    input: &Input<'_>,
+    table: &RuleTable,
+    universe: &mut Universe,
+    endpoint: u32,
+    w: &Workload,
+    dir: Direction,
+    out: &mut Compiled,
+) {
+    let mut allows = Vec::new();
+    let mut denies = Vec::new();
+    let (mut enforced, mut enforced_with_audit) = (false, false);
+    for p in input.policies.iter().filter(|p| selects(p, w)) {
+        let audit = p.mode == Mode::Audit;
+        let (allow_rules, deny_rules) = match dir {
+            Direction::Ingress => (p.ingress.as_ref(), &p.ingress_deny),
+            Direction::Egress => (p.egress.as_ref(), &p.egress_deny),
+        };
+        if let Some(list) = allow_rules {
+            enforced_with_audit = true;
+            enforced |= !audit;
+            for (i, rule) in list.iter().enumerate() {
+                let (order, id) = table.lookup(p, dir, false, i);
+                allows.push(Resolved {
+                    order,
+                    id,
+                    audit,
+                    peers: universe.resolve(rule, input.cluster),
+                    rule,
+                });
+            }
+        }
+        for (i, rule) in deny_rules.iter().enumerate() {
+            let (order, id) = table.lookup(p, dir, true, i);
+            denies.push(Resolved {
+                order,
+                id,
+                audit,
+                peers: universe.resolve(rule, input.cluster),
+                rule,
+            });
+        }
+    }
+    if !enforced_with_audit && denies.is_empty() {
+        return;
+    }
+    let mut peers: BTreeSet<u32> = BTreeSet::from([ANY]);
+    for r in allows.iter().chain(&denies) {
+        peers.extend(r.peers.iter().flatten());
+    }
+    for proto in [Protocol::Tcp, Protocol::Udp] {
+        let mut ports: BTreeSet<u16> = BTreeSet::from([0]);
+        for r in allows.iter().chain(&denies) {
+            ports.extend(
+                r.rule
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol == proto)
+                    .map(|p| p.port),
+            );
+        }
+        let mut cells = BTreeMap::new();
+        for &peer in &peers {
+            for &port in &ports {
+                let cell = Cell { peer, port, proto };
+                let e = cell.decide(&allows, &denies, enforced, false);
+                let a = cell.decide(&allows, &denies, enforced_with_audit, true);
+                let entry = match (e, a) {
+                    (Outcome::Deny(id), _) => Entry {
+                        action: Action::Deny,
+                        rule: id,
+                    },
+                    (Outcome::L7(ids), _) => Entry {
+                        action: Action::L7,
+                        rule: ids[0],
+                    },
+                    (Outcome::Allow(_), Outcome::Deny(aid)) => Entry {
+                        action: Action::Audit,
+                        rule: aid,
+                    },
+                    (Outcome::Allow(id), _) => Entry {
+                        action: Action::Allow,
+                        rule: id,
+                    },
+                };
+                let l7 = match cell.decide(&allows, &denies, enforced, false) {
+                    Outcome::L7(ids) => Some(ids),
+                    _ => None,
+                };
+                cells.insert((peer, port), (entry, l7));
+            }
+        }
+        prune_into(endpoint, dir, proto, cells, out);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    peer: u32,
+    port: u16,
+    proto: Protocol,
+}
+
+enum Outcome {
+    Allow(u32),
+    Deny(u32),
+    L7(Vec<u32>),
+}
+
+impl Cell {
+    fn decide(
+        &self,
+        allows: &[Resolved<'_>],
+        denies: &[Resolved<'_>],
+        enforced: bool,
+        with_audit: bool,
+    ) -> Outcome {
+        let counted = |r: &&Resolved<'_>| {
+            (with_audit || !r.audit) && r.hits(self.peer, self.port, self.proto)
+        };
+        if let Some(d) = denies.iter().filter(counted).min_by_key(|r| r.order) {
+            return Outcome::Deny(d.id);
+        }
+        if !enforced {
+            return Outcome::Allow(0);
+        }
+        let mut matching: Vec<&Resolved<'_>> = allows.iter().filter(counted).collect();
+        matching.sort_by_key(|r| r.order);
+        if let Some(r) = matching.iter().find(|r| r.rule.http.is_none()) {
+            return Outcome::Allow(r.id);
+        }
+        let l7: Vec<u32> = matching.iter().map(|r| r.id).collect();
+        if l7.is_empty() {
+            Outcome::Deny(0)
+        } else {
+            Outcome::L7(l7)
+        }
+    }
+}
+
+type CellMap = BTreeMap<(u32, u16), (Entry, Option<Vec<u32>>)>;
+
+/// Keeps `(0,0)` and every row that differs from what the lookup would find without it.
+fn prune_into(
+    endpoint: u32,
+    direction: Direction,
+    proto: Protocol,
+    cells: CellMap,
+    out: &mut Compiled,
+) {
+    let base = cells[&(ANY, 0)].clone();
+    let mut kept = CellMap::new();
+    kept.insert((ANY, 0), base.clone());
+    // Rows with one wildcard fall back to (0, 0).
+    for (&(peer, port), v) in &cells {
+        if (peer == ANY) != (port == 0) && *v != base {
+            kept.insert((peer, port), v.clone());
+        }
+    }
+    for (&(peer, port), v) in &cells {
+        if peer == ANY || port == 0 {
+            continue;
+        }
+        let fallback = kept
+            .get(&(peer, 0))
+            .or_else(|| kept.get(&(ANY, port)))
+            .unwrap_or(&base);
+        if v != fallback {
+            kept.insert((peer, port), v.clone());
+        }
+    }
+    for ((peer, port), (entry, l7)) in kept {
+        let key = Key {
+            endpoint,
+            direction,
+            proto,
+            peer,
+            port,
+        };
+        out.entries.insert(key, entry);
+        if let Some(ids) = l7 {
+            out.l7.insert(key, ids);
+        }
+    }
+}
+
+/// What changed between two compilations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<(Key, Entry)>,
+    pub changed: Vec<(Key, Entry)>,
+    pub removed: Vec<Key>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.added.len() + self.changed.len() + self.removed.len()
+    }
+
+    /// Endpoints the diff touches.
+    pub fn endpoints(&self) -> BTreeSet<u32> {
+        self.added
+            .iter()
+            .chain(&self.changed)
+            .map(|(k, _)| k.endpoint)
+            .chain(self.removed.iter().map(|k| k.endpoint))
+            .collect()
+    }
+}
+
+/// Entries to add, change and remove to turn `old` into `new`.
+pub fn diff(old: &Compiled, new: &Compiled) -> Diff {
+    let mut d = Diff::default();
+    for (k, v) in &new.entries {
+        match old.entries.get(k) {
+            None => d.added.push((*k, *v)),
+            Some(o) if o != v => d.changed.push((*k, *v)),
+            Some(_) => {}
+        }
+    }
+    d.removed = old
+        .entries
+        .keys()
+        .filter(|k| !new.entries.contains_key(k))
+        .copied()
+        .collect();
+    d
+}

@@ -1,0 +1,328 @@
+//! The compiled entries, looked up the way the datapath does, must give the same action and the
+//! same rule as the reference evaluator, for every endpoint, peer, port, protocol and direction
+//! of randomly generated clusters and policy sets.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
+use proptest::prelude::*;
+use signet_ca::{SpiffeId, TrustDomain};
+use signet_policy::cluster::Cluster;
+use signet_policy::compile::{self, Action, Compiled, Input};
+use signet_policy::eval::{
+    Decision, Direction, PeerInfo, Query, Reason, RuleRef, evaluate_direction,
+};
+use signet_policy::identity::{
+    HEALTH, HOST, INGRESS, IdentityAllocator, MemoryAllocator, REMOTE_NODE, UNMANAGED, WORLD,
+};
+use signet_policy::model::Policy;
+use signet_policy::resource::{
+    EgressDenyRule, EgressRule, Entity, HttpRule, IdentityPolicy, IdentityPolicySpec,
+    IngressDenyRule, IngressRule, Mode, PathMatch, Peer, PortSpec, Protocol,
+};
+
+const NAMESPACES: [&str; 3] = ["a", "b", "c"];
+const APPS: [&str; 3] = ["web", "db", "api"];
+const SAS: [&str; 2] = ["sa1", "sa2"];
+const PORTS: [(u16, Protocol); 3] = [
+    (80, Protocol::Tcp),
+    (443, Protocol::Tcp),
+    (53, Protocol::Udp),
+];
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn selector() -> impl Strategy<Value = LabelSelector> {
+    prop_oneof![
+        Just(LabelSelector::default()),
+        prop::sample::select(APPS.to_vec()).prop_map(|app| LabelSelector {
+            match_labels: Some(labels(&[("app", app)])),
+            ..Default::default()
+        }),
+        (
+            prop::sample::select(vec!["In", "NotIn"]),
+            prop::sample::subsequence(APPS.to_vec(), 1..=2)
+        )
+            .prop_map(|(op, values)| LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "app".into(),
+                    operator: op.into(),
+                    values: Some(values.into_iter().map(str::to_owned).collect()),
+                }]),
+                ..Default::default()
+            }),
+    ]
+}
+
+fn peer() -> impl Strategy<Value = Peer> {
+    let ns = prop::sample::select(NAMESPACES.to_vec());
+    let sa = prop::sample::select(SAS.to_vec());
+    prop_oneof![
+        (ns.clone(), sa).prop_map(|(ns, sa)| Peer {
+            identity: Some(format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")),
+            ..Default::default()
+        }),
+        ns.clone().prop_map(|ns| Peer {
+            identity: Some(format!("spiffe://cluster.local/ns/{ns}/sa/*")),
+            ..Default::default()
+        }),
+        Just(Peer {
+            identity: Some("spiffe://partner.org/ns/a/sa/sa1".into()),
+            ..Default::default()
+        }),
+        prop::sample::select(vec!["x", "y"]).prop_map(|team| Peer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(labels(&[("team", team)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        Just(Peer {
+            namespace_selector: Some(LabelSelector::default()),
+            ..Default::default()
+        }),
+        prop::sample::select(Entity::ALL.to_vec()).prop_map(|e| Peer {
+            entity: Some(e),
+            ..Default::default()
+        }),
+    ]
+}
+
+fn ports() -> impl Strategy<Value = Vec<PortSpec>> {
+    prop::sample::subsequence(PORTS.to_vec(), 0..=2).prop_map(|v| {
+        v.into_iter()
+            .map(|(port, protocol)| PortSpec { port, protocol })
+            .collect()
+    })
+}
+
+/// An allow rule: peers, ports, and `http` only where every port is TCP.
+fn allow_rule() -> impl Strategy<Value = (Vec<Peer>, Vec<PortSpec>, Option<Vec<HttpRule>>)> {
+    (prop::collection::vec(peer(), 1..=3), ports(), any::<bool>()).prop_map(|(peers, ports, l7)| {
+        let http_ok = !ports.is_empty() && ports.iter().all(|p| p.protocol == Protocol::Tcp);
+        let http = (l7 && http_ok).then(|| {
+            vec![HttpRule {
+                methods: vec!["GET".into()],
+                paths: vec![PathMatch {
+                    prefix: Some("/v1".into()),
+                    ..Default::default()
+                }],
+                headers: vec![],
+            }]
+        });
+        (peers, ports, http)
+    })
+}
+
+fn deny_rule() -> impl Strategy<Value = (Vec<Peer>, Vec<PortSpec>)> {
+    (prop::collection::vec(peer(), 1..=2), ports())
+}
+
+fn policy(i: usize) -> impl Strategy<Value = IdentityPolicy> {
+    (
+        prop::sample::select(NAMESPACES.to_vec()),
+        selector(),
+        prop::bool::weighted(0.25),
+        prop::option::of(prop::collection::vec(allow_rule(), 0..=3)),
+        prop::option::of(prop::collection::vec(allow_rule(), 0..=2)),
+        prop::collection::vec(deny_rule(), 0..=1),
+        prop::collection::vec(deny_rule(), 0..=1),
+    )
+        .prop_map(
+            move |(ns, selector, audit, ingress, egress, ingress_deny, egress_deny)| {
+                IdentityPolicy {
+                    metadata: ObjectMeta {
+                        name: Some(format!("p{i}")),
+                        namespace: Some(ns.into()),
+                        ..Default::default()
+                    },
+                    spec: IdentityPolicySpec {
+                        selector,
+                        mode: if audit { Mode::Audit } else { Mode::Enforce },
+                        ingress: ingress.map(|rules| {
+                            rules
+                                .into_iter()
+                                .map(|(from, ports, http)| IngressRule { from, ports, http })
+                                .collect()
+                        }),
+                        egress: egress.map(|rules| {
+                            rules
+                                .into_iter()
+                                .map(|(to, ports, http)| EgressRule { to, ports, http })
+                                .collect()
+                        }),
+                        ingress_deny: ingress_deny
+                            .into_iter()
+                            .map(|(from, ports)| IngressDenyRule { from, ports })
+                            .collect(),
+                        egress_deny: egress_deny
+                            .into_iter()
+                            .map(|(to, ports)| EgressDenyRule { to, ports })
+                            .collect(),
+                    },
+                }
+            },
+        )
+}
+
+fn policies() -> impl Strategy<Value = Vec<IdentityPolicy>> {
+    (0usize..=5).prop_flat_map(|n| (0..n).map(policy).collect::<Vec<_>>())
+}
+
+fn workloads() -> impl Strategy<Value = Vec<(&'static str, &'static str, &'static str)>> {
+    prop::collection::vec(
+        (
+            prop::sample::select(NAMESPACES.to_vec()),
+            prop::sample::select(APPS.to_vec()),
+            prop::sample::select(SAS.to_vec()),
+        ),
+        1..=6,
+    )
+}
+
+fn expected(d: &Decision, ids: &BTreeMap<RuleRef, u32>) -> (Action, u32, Vec<u32>) {
+    let id = |r: &Reason| match r {
+        Reason::Rule(r) => ids[r],
+        _ => 0,
+    };
+    match d {
+        Decision::Allow(r) => (Action::Allow, id(r), vec![]),
+        Decision::Deny(r) => (Action::Deny, id(r), vec![]),
+        Decision::Audit(r) => (Action::Audit, id(r), vec![]),
+        Decision::L7(rules) => (
+            Action::L7,
+            ids[&rules[0]],
+            rules.iter().map(|r| ids[r]).collect(),
+        ),
+    }
+}
+
+fn check(
+    resources: &[IdentityPolicy],
+    pods: &[(&str, &str, &str)],
+    team_b: &str,
+) -> Result<usize, TestCaseError> {
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let mut cluster = Cluster::new(td);
+    cluster.add_namespace("a", labels(&[("team", "x")]));
+    cluster.add_namespace("b", labels(&[("team", team_b)]));
+    for (i, (ns, app, sa)) in pods.iter().enumerate() {
+        cluster
+            .add_workload(
+                ns,
+                &format!("pod{i}"),
+                labels(&[("app", app)]),
+                sa,
+                Some("node-a"),
+                vec![],
+            )
+            .expect("workload");
+    }
+    let alloc = MemoryAllocator::default();
+    for w in &cluster.workloads {
+        alloc.allocate(&w.identity).expect("alloc");
+    }
+    for extra in [
+        "spiffe://partner.org/ns/a/sa/sa1",
+        "spiffe://cluster.local/ns/c/gateway/edge",
+        "spiffe://cluster.local/ns/b/sa/remote-only",
+    ] {
+        alloc
+            .allocate(&SpiffeId::parse(extra).expect("id"))
+            .expect("alloc");
+    }
+    let identities = alloc.snapshot().expect("snapshot");
+    let models: Vec<Policy> = resources
+        .iter()
+        .map(|r| Policy::from_resource(r).map_err(|e| TestCaseError::fail(format!("{e:?}"))))
+        .collect::<Result<_, _>>()?;
+    let sorted = compile::sorted_policies(&models);
+    let endpoints: Vec<(u32, &signet_policy::cluster::Workload)> = cluster
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as u32 + 1, w))
+        .collect();
+    let compiled: Compiled = compile::compile(&Input {
+        cluster: &cluster,
+        policies: &sorted,
+        identities: &identities,
+        endpoints: &endpoints,
+        capacity: usize::MAX,
+        previous: None,
+    })
+    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let ids: BTreeMap<RuleRef, u32> = compiled
+        .rules
+        .iter()
+        .map(|(id, r)| (r.clone(), *id))
+        .collect();
+
+    let mut peers: Vec<PeerInfo> = [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
+        .into_iter()
+        .map(|number| PeerInfo { number, id: None })
+        .collect();
+    peers.extend(identities.iter().map(|(id, n)| PeerInfo {
+        number: *n,
+        id: Some(id.clone()),
+    }));
+    let mut flows = 0;
+    for (endpoint, w) in &endpoints {
+        for peer in &peers {
+            for port in [80u16, 443, 53, 8080] {
+                for proto in [Protocol::Tcp, Protocol::Udp] {
+                    for dir in [Direction::Ingress, Direction::Egress] {
+                        let q = Query {
+                            peer,
+                            port,
+                            proto,
+                            dir,
+                        };
+                        let want = expected(&evaluate_direction(&sorted, w, &q, &cluster), &ids);
+                        let got = match compiled.lookup(*endpoint, dir, peer.number, port, proto) {
+                            Some((key, e)) => (
+                                e.action,
+                                e.rule,
+                                compiled.l7.get(&key).cloned().unwrap_or_default(),
+                            ),
+                            None => (Action::Allow, 0, vec![]),
+                        };
+                        prop_assert_eq!(
+                            &got,
+                            &want,
+                            "{} {} peer {} ({:?}) port {}/{}",
+                            w.key(),
+                            dir.name(),
+                            peer.number,
+                            peer.id,
+                            port,
+                            proto.name()
+                        );
+                        flows += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(flows)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn compiled_lookups_agree_with_the_evaluator(
+        resources in policies(),
+        pods in workloads(),
+        team_b in prop::sample::select(vec!["x", "y"]),
+    ) {
+        check(&resources, &pods, team_b)?;
+    }
+}
