@@ -1,5 +1,8 @@
-//! Signet's node agent: workload registry, certificate manager, datapath loader, proxy, gateway
-//! and admin API, and the `signet` CLI.
+//! Signet's node agent and the `signet` CLI.
 //!
-//! Not built yet: issue 5 fills this crate (with the datapath from issue 4 and the gateway from
-//! issue 6). Until then it has no binaries, so nothing can start an agent that does not exist.
+//! Today this crate holds the `signet` command line (`cli/`): `signet policy validate`,
+//! `explain` and `compile`. The daemon (workload registry, certificate manager, datapath
+//! loader, proxy, gateway, admin API) arrives with issues 4–6; until then there is no
+//! `signet-agent` binary, so nothing can start an agent that does not exist.
+
+pub mod cli;

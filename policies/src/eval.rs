@@ -82,9 +82,10 @@ pub enum Reason {
     DefaultAllow {
         deny_rules_from: Vec<String>,
     },
-    /// Selected by these policies, and no allow rule matches.
+    /// Selected by these policies, and no allow rule of this direction matches.
     DefaultDeny {
         selected_by: Vec<String>,
+        direction: Direction,
     },
     Rule(RuleRef),
 }
@@ -100,10 +101,14 @@ impl fmt::Display for Reason {
                 "default allow: only deny rules ({}) select it, and none matches",
                 deny_rules_from.join(", ")
             ),
-            Reason::DefaultDeny { selected_by } => write!(
+            Reason::DefaultDeny {
+                selected_by,
+                direction,
+            } => write!(
                 f,
-                "default deny: selected by {}, no rule allows",
-                selected_by.join(", ")
+                "default deny: selected by {}, no {} rule allows",
+                selected_by.join(", "),
+                direction.name()
             ),
             Reason::Rule(r) => write!(f, "{r}"),
         }
@@ -230,6 +235,7 @@ fn decide(
     if l7.is_empty() {
         Decision::Deny(Reason::DefaultDeny {
             selected_by: with_allow_rules.iter().map(|p| p.id()).collect(),
+            direction: dir,
         })
     } else {
         Decision::L7(l7)

@@ -1,0 +1,33 @@
+//! The `signet` command line. Each subcommand returns its exit code; errors that are the user's
+//! input go to stderr with a message that names the input.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod policy;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "signet",
+    version,
+    about = "Signet: identity, policy and mTLS for Kubernetes workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate, explain and compile identity policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Policy(cmd) => ExitCode::from(policy::run(cmd)),
+    }
+}
