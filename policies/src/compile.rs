@@ -10,6 +10,7 @@
 //! are dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use signet_ca::SpiffeId;
 
@@ -154,7 +155,7 @@ struct Resolved<'a> {
     order: usize,
     id: u32,
     audit: bool,
-    peers: PeerSet,
+    peers: Arc<PeerSet>,
     rule: &'a Rule,
 }
 
@@ -162,7 +163,7 @@ impl Resolved<'_> {
     /// Whether this rule applies to the cell `(peer, port)`, where 0 stands for "any peer / port
     /// no rule names".
     fn hits(&self, peer: u32, port: u16, proto: Protocol) -> bool {
-        let peer_ok = match &self.peers {
+        let peer_ok = match self.peers.as_ref() {
             None => true,
             Some(set) => peer != ANY && set.contains(&peer),
         };
@@ -177,74 +178,92 @@ impl Resolved<'_> {
     }
 }
 
-/// The identity universe: reserved numbers and every allocated SPIFFE ID.
+/// The identity universe: reserved numbers and every allocated SPIFFE ID, each with its
+/// namespace's labels worked out once.
 struct Universe {
-    peers: Vec<PeerInfo>,
-    cache: HashMap<String, PeerSet>,
+    peers: Vec<(PeerInfo, Option<crate::resource::Labels>)>,
 }
 
 impl Universe {
-    fn new(identities: &BTreeMap<SpiffeId, u32>) -> Self {
-        let mut peers: Vec<PeerInfo> = [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
-            .into_iter()
-            .map(|number| PeerInfo { number, id: None })
-            .collect();
-        peers.extend(identities.iter().map(|(id, n)| PeerInfo {
-            number: *n,
-            id: Some(id.clone()),
+    fn new(identities: &BTreeMap<SpiffeId, u32>, cluster: &Cluster) -> Self {
+        let mut peers: Vec<(PeerInfo, Option<crate::resource::Labels>)> =
+            [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
+                .into_iter()
+                .map(|number| (PeerInfo { number, id: None }, None))
+                .collect();
+        peers.extend(identities.iter().map(|(id, n)| {
+            let labels = cluster
+                .namespace_of(id)
+                .map(|ns| cluster.namespace_labels(ns));
+            (
+                PeerInfo {
+                    number: *n,
+                    id: Some(id.clone()),
+                },
+                labels,
+            )
         }));
-        Self {
-            peers,
-            cache: HashMap::new(),
+        Self { peers }
+    }
+
+    fn resolve(&self, rule: &Rule, cluster: &Cluster) -> PeerSet {
+        let mut set = BTreeSet::new();
+        for m in &rule.peers {
+            match m {
+                PeerMatch::Entity(crate::resource::Entity::Any) => return None,
+                PeerMatch::Namespaces(sel) => set.extend(
+                    self.peers
+                        .iter()
+                        .filter(|(_, labels)| labels.as_ref().is_some_and(|l| sel.matches(l)))
+                        .map(|(p, _)| p.number),
+                ),
+                _ => set.extend(
+                    self.peers
+                        .iter()
+                        .filter(|(p, _)| peer_matches(m, p, cluster))
+                        .map(|(p, _)| p.number),
+                ),
+            }
+        }
+        Some(set)
+    }
+}
+
+/// Rule ids and order for one policy's rules, by list.
+#[derive(Default)]
+struct PolicyRules {
+    ingress: Vec<(usize, u32)>,
+    ingress_deny: Vec<(usize, u32)>,
+    egress: Vec<(usize, u32)>,
+    egress_deny: Vec<(usize, u32)>,
+}
+
+impl PolicyRules {
+    fn get(&self, dir: Direction, deny: bool) -> &[(usize, u32)] {
+        match (dir, deny) {
+            (Direction::Ingress, false) => &self.ingress,
+            (Direction::Ingress, true) => &self.ingress_deny,
+            (Direction::Egress, false) => &self.egress,
+            (Direction::Egress, true) => &self.egress_deny,
         }
     }
 
-    fn resolve(&mut self, rule: &Rule, cluster: &Cluster) -> PeerSet {
-        let mut set = BTreeSet::new();
-        for m in &rule.peers {
-            if matches!(m, PeerMatch::Entity(crate::resource::Entity::Any)) {
-                return None;
-            }
-            let cache_key = format!("{m:?}");
-            let numbers = match self.cache.get(&cache_key) {
-                Some(n) => n.clone(),
-                None => {
-                    let n: BTreeSet<u32> = self
-                        .peers
-                        .iter()
-                        .filter(|p| peer_matches(m, p, cluster))
-                        .map(|p| p.number)
-                        .collect();
-                    self.cache.insert(cache_key, Some(n.clone()));
-                    Some(n)
-                }
-            };
-            set.extend(numbers.into_iter().flatten());
+    fn get_mut(&mut self, dir: Direction, deny: bool) -> &mut Vec<(usize, u32)> {
+        match (dir, deny) {
+            (Direction::Ingress, false) => &mut self.ingress,
+            (Direction::Ingress, true) => &mut self.ingress_deny,
+            (Direction::Egress, false) => &mut self.egress,
+            (Direction::Egress, true) => &mut self.egress_deny,
         }
-        Some(set)
     }
 }
 
 /// Rule order: policies in order; per policy ingress, ingressDeny, egress, egressDeny, rules in
 /// order. Ids come from `previous` where the rule existed; new rules get fresh ids.
 struct RuleTable {
-    by_rule: HashMap<RuleRef, (usize, u32)>,
+    /// Indexed like `Input::policies`.
+    per_policy: Vec<PolicyRules>,
     ids: BTreeMap<u32, RuleRef>,
-}
-
-impl RuleTable {
-    fn lookup(&self, p: &Policy, direction: Direction, deny: bool, index: usize) -> (usize, u32) {
-        let r = RuleRef {
-            policy: p.id(),
-            direction,
-            deny,
-            index,
-        };
-        *self
-            .by_rule
-            .get(&r)
-            .expect("every rule of every input policy is in the table")
-    }
 }
 
 fn rule_table(policies: &[&Policy], previous: Option<&Compiled>) -> RuleTable {
@@ -256,11 +275,12 @@ fn rule_table(policies: &[&Policy], previous: Option<&Compiled>) -> RuleTable {
         .unwrap_or(0)
         + 1;
     let mut table = RuleTable {
-        by_rule: HashMap::new(),
+        per_policy: Vec::with_capacity(policies.len()),
         ids: BTreeMap::new(),
     };
     let mut order = 0;
     for p in policies {
+        let mut rules = PolicyRules::default();
         let groups = [
             (
                 Direction::Ingress,
@@ -290,101 +310,256 @@ fn rule_table(policies: &[&Policy], previous: Option<&Compiled>) -> RuleTable {
                         next - 1
                     }
                 };
-                table.ids.insert(id, r.clone());
-                table.by_rule.insert(r, (order, id));
+                table.ids.insert(id, r);
+                rules.get_mut(direction, deny).push((order, id));
                 order += 1;
             }
         }
+        table.per_policy.push(rules);
     }
     table
 }
 
+/// Shared state of one compilation.
+struct Compiler<'a> {
+    input: &'a Input<'a>,
+    table: RuleTable,
+    universe: Universe,
+    /// Policy indexes by namespace.
+    by_namespace: HashMap<&'a str, Vec<usize>>,
+    /// Resolved peers by rule order.
+    resolved: HashMap<usize, Arc<PeerSet>>,
+}
+
+impl<'a> Compiler<'a> {
+    fn new(input: &'a Input<'a>, previous: Option<&Compiled>) -> Self {
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in input.policies.iter().enumerate() {
+            by_namespace
+                .entry(p.namespace.as_str())
+                .or_default()
+                .push(i);
+        }
+        Self {
+            input,
+            table: rule_table(input.policies, previous),
+            universe: Universe::new(input.identities, input.cluster),
+            by_namespace,
+            resolved: HashMap::new(),
+        }
+    }
+
+    fn peers(&mut self, order: usize, rule: &Rule) -> Arc<PeerSet> {
+        if let Some(p) = self.resolved.get(&order) {
+            return p.clone();
+        }
+        let p = Arc::new(self.universe.resolve(rule, self.input.cluster));
+        self.resolved.insert(order, p.clone());
+        p
+    }
+
+    fn endpoint(&mut self, endpoint: u32, w: &Workload, out: &mut Compiled) {
+        out.endpoints.insert(endpoint, w.key());
+        for dir in [Direction::Ingress, Direction::Egress] {
+            self.direction(endpoint, w, dir, out);
+        }
+    }
+}
+
+/// Endpoints selected by any of `policies` (say the old and new version of an edited policy):
+/// the only ones whose entries can change.
+pub fn affected_endpoints(endpoints: &[(u32, &Workload)], policies: &[&Policy]) -> Vec<u32> {
+    endpoints
+        .iter()
+        .filter(|(_, w)| policies.iter().any(|p| selects(p, w)))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// Compiles `input` into entries and L7 tables, or fails whole when they exceed the capacity.
 pub fn compile(input: &Input<'_>) -> Result<Compiled, CompileError> {
-    let table = rule_table(input.policies, input.previous);
-    let mut universe = Universe::new(input.identities);
+    let mut c = Compiler::new(input, input.previous);
     let mut out = Compiled::default();
     for (endpoint, w) in input.endpoints {
-        out.endpoints.insert(*endpoint, w.key());
-        for dir in [Direction::Ingress, Direction::Egress] {
-            compile_direction(input, &table, &mut universe, *endpoint, w, dir, &mut out);
-        }
+        c.endpoint(*endpoint, w, &mut out);
     }
-    out.rules = table.ids;
-    if out.entries.len() > input.capacity {
-        let mut per: BTreeMap<u32, usize> = BTreeMap::new();
-        for k in out.entries.keys() {
-            *per.entry(k.endpoint).or_default() += 1;
-        }
-        let mut largest: Vec<(String, usize)> = per
-            .into_iter()
-            .map(|(e, c)| (out.endpoints.get(&e).cloned().unwrap_or_default(), c))
-            .collect();
-        largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        largest.truncate(5);
-        return Err(CompileError::Capacity {
-            needed: out.entries.len(),
-            capacity: input.capacity,
-            largest,
-        });
-    }
+    out.rules = std::mem::take(&mut c.table.ids);
+    check_capacity(&out, input.capacity)?;
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compile_direction(
+/// Recompiles only `endpoints` (for instance `affected_endpoints` of an edited policy) into
+/// `current`, keeping its rule ids, and returns what changed. On a capacity error `current` is
+/// left as it was.
+pub fn update(
+    current: &mut Compiled,
     input: &Input<'_>,
-    table: &RuleTable,
-    universe: &mut Universe,
-    endpoint: u32,
-    w: &Workload,
-    dir: Direction,
-    out: &mut Compiled,
-) {
-    let mut allows = Vec::new();
-    let mut denies = Vec::new();
-    let (mut enforced, mut enforced_with_audit) = (false, false);
-    for p in input.policies.iter().filter(|p| selects(p, w)) {
-        let audit = p.mode == Mode::Audit;
-        let (allow_rules, deny_rules) = match dir {
-            Direction::Ingress => (p.ingress.as_ref(), &p.ingress_deny),
-            Direction::Egress => (p.egress.as_ref(), &p.egress_deny),
+    endpoints: &[u32],
+) -> Result<Diff, CompileError> {
+    let mut c = Compiler::new(input, Some(current));
+    let wanted: BTreeSet<u32> = endpoints.iter().copied().collect();
+    let mut fresh = Compiled::default();
+    for (endpoint, w) in input.endpoints.iter().filter(|(e, _)| wanted.contains(e)) {
+        c.endpoint(*endpoint, w, &mut fresh);
+    }
+    let mut old = Compiled::default();
+    for &e in &wanted {
+        let range = endpoint_range(e);
+        old.entries
+            .extend(current.entries.range(range.clone()).map(|(k, v)| (*k, *v)));
+        old.l7
+            .extend(current.l7.range(range).map(|(k, v)| (*k, v.clone())));
+    }
+    let d = diff(&old, &fresh);
+    let new_len = current.entries.len() + d.added.len() - d.removed.len();
+    if new_len > input.capacity {
+        let mut probe = fresh.clone();
+        probe.entries.extend(
+            current
+                .entries
+                .iter()
+                .filter(|(k, _)| !wanted.contains(&k.endpoint))
+                .map(|(k, v)| (*k, *v)),
+        );
+        probe.endpoints = current.endpoints.clone();
+        probe.endpoints.extend(fresh.endpoints.clone());
+        check_capacity(&probe, input.capacity)?;
+    }
+    for k in &d.removed {
+        current.entries.remove(k);
+        current.l7.remove(k);
+    }
+    for (k, v) in d.added.iter().chain(&d.changed) {
+        current.entries.insert(*k, *v);
+        match fresh.l7.get(k) {
+            Some(ids) => current.l7.insert(*k, ids.clone()),
+            None => current.l7.remove(k),
         };
-        if let Some(list) = allow_rules {
-            enforced_with_audit = true;
-            enforced |= !audit;
-            for (i, rule) in list.iter().enumerate() {
-                let (order, id) = table.lookup(p, dir, false, i);
-                allows.push(Resolved {
+    }
+    current.endpoints.extend(fresh.endpoints);
+    current.rules = std::mem::take(&mut c.table.ids);
+    Ok(d)
+}
+
+fn endpoint_range(e: u32) -> std::ops::RangeInclusive<Key> {
+    let lo = Key {
+        endpoint: e,
+        direction: Direction::Ingress,
+        proto: Protocol::Tcp,
+        peer: 0,
+        port: 0,
+    };
+    let hi = Key {
+        endpoint: e,
+        direction: Direction::Egress,
+        proto: Protocol::Udp,
+        peer: u32::MAX,
+        port: u16::MAX,
+    };
+    lo..=hi
+}
+
+fn check_capacity(out: &Compiled, capacity: usize) -> Result<(), CompileError> {
+    if out.entries.len() <= capacity {
+        return Ok(());
+    }
+    let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+    for k in out.entries.keys() {
+        *per.entry(k.endpoint).or_default() += 1;
+    }
+    let mut largest: Vec<(String, usize)> = per
+        .into_iter()
+        .map(|(e, c)| (out.endpoints.get(&e).cloned().unwrap_or_default(), c))
+        .collect();
+    largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    largest.truncate(5);
+    Err(CompileError::Capacity {
+        needed: out.entries.len(),
+        capacity,
+        largest,
+    })
+}
+
+impl Compiler<'_> {
+    fn direction(&mut self, endpoint: u32, w: &Workload, dir: Direction, out: &mut Compiled) {
+        let input = self.input;
+        let mut allows = Vec::new();
+        let mut denies = Vec::new();
+        let (mut enforced, mut enforced_with_audit) = (false, false);
+        let candidates = self
+            .by_namespace
+            .get(w.namespace.as_str())
+            .cloned()
+            .unwrap_or_default();
+        for pi in candidates {
+            let p = input.policies[pi];
+            if !p.selector.matches(&w.labels) {
+                continue;
+            }
+            let audit = p.mode == Mode::Audit;
+            let (allow_rules, deny_rules) = match dir {
+                Direction::Ingress => (p.ingress.as_ref(), &p.ingress_deny),
+                Direction::Egress => (p.egress.as_ref(), &p.egress_deny),
+            };
+            if let Some(list) = allow_rules {
+                enforced_with_audit = true;
+                enforced |= !audit;
+                for (i, rule) in list.iter().enumerate() {
+                    let (order, id) = self.table.per_policy[pi].get(dir, false)[i];
+                    let peers = self.peers(order, rule);
+                    allows.push(Resolved {
+                        order,
+                        id,
+                        audit,
+                        peers,
+                        rule,
+                    });
+                }
+            }
+            for (i, rule) in deny_rules.iter().enumerate() {
+                let (order, id) = self.table.per_policy[pi].get(dir, true)[i];
+                let peers = self.peers(order, rule);
+                denies.push(Resolved {
                     order,
                     id,
                     audit,
-                    peers: universe.resolve(rule, input.cluster),
+                    peers,
                     rule,
                 });
             }
         }
-        for (i, rule) in deny_rules.iter().enumerate() {
-            let (order, id) = table.lookup(p, dir, true, i);
-            denies.push(Resolved {
-                order,
-                id,
-                audit,
-                peers: universe.resolve(rule, input.cluster),
-                rule,
-            });
-        }
+        cells_into(
+            endpoint,
+            dir,
+            &allows,
+            &denies,
+            enforced,
+            enforced_with_audit,
+            out,
+        );
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cells_into(
+    endpoint: u32,
+    dir: Direction,
+    allows: &[Resolved<'_>],
+    denies: &[Resolved<'_>],
+    enforced: bool,
+    enforced_with_audit: bool,
+    out: &mut Compiled,
+) {
     if !enforced_with_audit && denies.is_empty() {
         return;
     }
     let mut peers: BTreeSet<u32> = BTreeSet::from([ANY]);
-    for r in allows.iter().chain(&denies) {
-        peers.extend(r.peers.iter().flatten());
+    for r in allows.iter().chain(denies) {
+        peers.extend(r.peers.as_ref().iter().flatten());
     }
     for proto in [Protocol::Tcp, Protocol::Udp] {
         let mut ports: BTreeSet<u16> = BTreeSet::from([0]);
-        for r in allows.iter().chain(&denies) {
+        for r in allows.iter().chain(denies) {
             ports.extend(
                 r.rule
                     .ports
@@ -397,8 +572,8 @@ fn compile_direction(
         for &peer in &peers {
             for &port in &ports {
                 let cell = Cell { peer, port, proto };
-                let e = cell.decide(&allows, &denies, enforced, false);
-                let a = cell.decide(&allows, &denies, enforced_with_audit, true);
+                let e = cell.decide(allows, denies, enforced, false);
+                let a = cell.decide(allows, denies, enforced_with_audit, true);
                 let entry = match (e, a) {
                     (Outcome::Deny(id), _) => Entry {
                         action: Action::Deny,
@@ -417,7 +592,7 @@ fn compile_direction(
                         rule: id,
                     },
                 };
-                let l7 = match cell.decide(&allows, &denies, enforced, false) {
+                let l7 = match cell.decide(allows, denies, enforced, false) {
                     Outcome::L7(ids) => Some(ids),
                     _ => None,
                 };
