@@ -16,6 +16,14 @@ use crate::yaml::{self, Node, Pos};
 /// The label Kubernetes puts on every namespace, so selectors can name one.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no valid SPIFFE ID: {0}")]
+    Identity(#[from] signet_ca::SpiffeIdError),
+    #[error("pod {0} is defined twice")]
+    Duplicate(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub namespace: String,
@@ -63,7 +71,7 @@ impl Cluster {
         service_account: &str,
         node: Option<&str>,
         ips: Vec<IpAddr>,
-    ) -> Result<&Workload, signet_ca::SpiffeIdError> {
+    ) -> Result<&Workload, ClusterError> {
         let identity = SpiffeId::workload(&self.trust_domain, namespace, service_account)?;
         let w = Workload {
             namespace: namespace.to_owned(),
@@ -77,6 +85,13 @@ impl Cluster {
         let at = self
             .workloads
             .partition_point(|x| (&x.namespace, &x.name) < (&w.namespace, &w.name));
+        if self
+            .workloads
+            .get(at)
+            .is_some_and(|x| x.namespace == w.namespace && x.name == w.name)
+        {
+            return Err(ClusterError::Duplicate(w.key()));
+        }
         self.workloads.insert(at, w);
         Ok(&self.workloads[at])
     }
@@ -201,9 +216,72 @@ fn add_document(cluster: &mut Cluster, doc: &Node) -> Result<(), String> {
                     spec.node_name.as_deref(),
                     ips,
                 )
-                .map_err(|e| format!("Pod {namespace}/{name}: no valid SPIFFE ID: {e}"))?;
+                .map_err(|e| format!("Pod {namespace}/{name}: {e}"))?;
         }
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("cluster.local").expect("td")
+    }
+
+    #[test]
+    fn loads_namespaces_pods_and_policies_from_one_directory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            dir.path().join("all.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: x}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\n\
+             spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: w, image: w}]}\n\
+             status: {podIP: 10.0.0.5, podIPs: [{ip: 10.0.0.5}, {ip: 'fd00::5'}]}\n---\n\
+             apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: p, namespace: shop}\nspec: {selector: {}, ingress: []}\n",
+        )
+        .expect("write");
+        let state = load_state(dir.path(), &td()).expect("valid state");
+        let w = state.cluster.workload("shop", "web-0").expect("pod");
+        assert_eq!(w.identity.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(w.ips.len(), 2);
+        assert_eq!(w.node.as_deref(), Some("node-a"));
+        let labels = state.cluster.namespace_labels("shop");
+        assert_eq!(labels.get("team").map(String::as_str), Some("x"));
+        assert_eq!(
+            labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("shop")
+        );
+        assert_eq!(
+            state.cluster.namespace_labels("none").len(),
+            1,
+            "implicit name label only"
+        );
+        assert_eq!(state.policies.len(), 1);
+    }
+
+    #[test]
+    fn bad_pods_are_reported_with_file_and_position() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec: {containers: []}\n";
+        std::fs::write(dir.path().join("a.yaml"), format!("{pod}---\n{pod}")).expect("write");
+        let d = load_state(dir.path(), &td()).expect_err("duplicate pod");
+        assert!(
+            d[0].to_string()
+                .contains("a.yaml:6:1: Pod shop/web-0: pod shop/web-0 is defined twice"),
+            "{d:?}"
+        );
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            pod.replace(
+                "spec: {containers: []}",
+                "spec: {containers: []}\nstatus: {podIP: not-an-ip}",
+            ),
+        )
+        .expect("write");
+        let d = load_state(dir.path(), &td()).expect_err("bad ip");
+        assert!(d[0].message.contains("not-an-ip"), "{d:?}");
+    }
 }
