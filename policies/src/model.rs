@@ -329,68 +329,26 @@ impl Policy {
             .unwrap_or_else(|| "default".into());
         let spec = &r.spec;
         let selector = Selector::from_k8s(&spec.selector, "spec.selector", &mut errs);
-        let ingress = spec.ingress.as_ref().map(|rules| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    rule(
-                        &r.from,
-                        &r.ports,
-                        r.http.as_deref(),
-                        &format!("spec.ingress[{i}]"),
-                        "from",
-                        &mut errs,
-                    )
-                })
-                .collect()
-        });
-        let egress = spec.egress.as_ref().map(|rules| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    rule(
-                        &r.to,
-                        &r.ports,
-                        r.http.as_deref(),
-                        &format!("spec.egress[{i}]"),
-                        "to",
-                        &mut errs,
-                    )
-                })
-                .collect()
-        });
-        let ingress_deny = spec
-            .ingress_deny
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                rule(
-                    &r.from,
-                    &r.ports,
-                    None,
-                    &format!("spec.ingressDeny[{i}]"),
-                    "from",
-                    &mut errs,
-                )
+        let ingress = spec.ingress.as_ref().map(|list| {
+            rules(list, "spec.ingress", "from", &mut errs, |r| {
+                (&r.from, &r.ports, r.http.as_deref())
             })
-            .collect();
-        let egress_deny = spec
-            .egress_deny
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                rule(
-                    &r.to,
-                    &r.ports,
-                    None,
-                    &format!("spec.egressDeny[{i}]"),
-                    "to",
-                    &mut errs,
-                )
+        });
+        let egress = spec.egress.as_ref().map(|list| {
+            rules(list, "spec.egress", "to", &mut errs, |r| {
+                (&r.to, &r.ports, r.http.as_deref())
             })
-            .collect();
+        });
+        let ingress_deny = rules(
+            &spec.ingress_deny,
+            "spec.ingressDeny",
+            "from",
+            &mut errs,
+            |r| (&r.from, &r.ports, None),
+        );
+        let egress_deny = rules(&spec.egress_deny, "spec.egressDeny", "to", &mut errs, |r| {
+            (&r.to, &r.ports, None)
+        });
         if errs.is_empty() {
             Ok(Self {
                 namespace,
@@ -410,6 +368,30 @@ impl Policy {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+}
+
+/// Validates one list of rules; `parts` picks peers, ports and `http` out of the list's type.
+fn rules<T>(
+    list: &[T],
+    field: &str,
+    peers_field: &str,
+    errs: &mut Vec<FieldError>,
+    parts: impl Fn(&T) -> (&[Peer], &[PortSpec], Option<&[HttpRule]>),
+) -> Vec<Rule> {
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (peers, ports, http) = parts(r);
+            rule(
+                peers,
+                ports,
+                http,
+                &format!("{field}[{i}]"),
+                peers_field,
+                errs,
+            )
+        })
+        .collect()
 }
 
 fn rule(
