@@ -363,3 +363,84 @@ pub fn evaluate(cluster: &Cluster, policies: &[&Policy], flow: &Flow<'_>) -> Flo
         request: req_outcome,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Selector, SpiffePattern};
+    use signet_ca::TrustDomain;
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::new(TrustDomain::parse("cluster.local").expect("td"));
+        c.add_namespace("shop", [("team".to_owned(), "x".to_owned())].into());
+        c
+    }
+
+    fn peer(number: u32, id: Option<&str>) -> PeerInfo {
+        PeerInfo {
+            number,
+            id: id.map(|s| SpiffeId::parse(s).expect("id")),
+        }
+    }
+
+    #[test]
+    fn foreign_trust_domains_match_only_patterns_naming_them() {
+        let c = cluster();
+        let foreign = peer(300, Some("spiffe://partner.org/ns/shop/sa/web"));
+        let ours = peer(301, Some("spiffe://cluster.local/ns/shop/sa/web"));
+        let all_namespaces = PeerMatch::Namespaces(Selector::default());
+        assert!(peer_matches(&all_namespaces, &ours, &c));
+        assert!(
+            !peer_matches(&all_namespaces, &foreign, &c),
+            "namespaceSelector is this trust domain's"
+        );
+        assert!(!peer_matches(
+            &PeerMatch::Entity(Entity::Cluster),
+            &foreign,
+            &c
+        ));
+        assert!(peer_matches(&PeerMatch::Entity(Entity::Cluster), &ours, &c));
+        assert!(peer_matches(&PeerMatch::Entity(Entity::Any), &foreign, &c));
+        let theirs = PeerMatch::Identity(
+            SpiffePattern::parse("spiffe://partner.org/ns/shop/sa/*").expect("pattern"),
+        );
+        assert!(peer_matches(&theirs, &foreign, &c));
+        assert!(!peer_matches(&theirs, &ours, &c));
+    }
+
+    #[test]
+    fn entities() {
+        let c = cluster();
+        let gw = peer(310, Some("spiffe://cluster.local/ns/edge/gateway/public"));
+        assert!(peer_matches(&PeerMatch::Entity(Entity::Gateway), &gw, &c));
+        assert!(peer_matches(
+            &PeerMatch::Entity(Entity::Gateway),
+            &peer(INGRESS, None),
+            &c
+        ));
+        assert!(!peer_matches(
+            &PeerMatch::Entity(Entity::Gateway),
+            &peer(HOST, None),
+            &c
+        ));
+        assert!(
+            !peer_matches(&PeerMatch::Namespaces(Selector::default()), &gw, &c),
+            "gateways are not workloads"
+        );
+        assert!(peer_matches(
+            &PeerMatch::Entity(Entity::World),
+            &peer(WORLD, None),
+            &c
+        ));
+        assert!(!peer_matches(
+            &PeerMatch::Entity(Entity::Cluster),
+            &peer(WORLD, None),
+            &c
+        ));
+        assert!(peer_matches(
+            &PeerMatch::Entity(Entity::Cluster),
+            &peer(HOST, None),
+            &c
+        ));
+    }
+}
