@@ -9,6 +9,10 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/struct.proto ] || missing+=(libprotobuf-dev)
+command -v clang >/dev/null 2>&1 || [ -n "${BPF_CLANG:-}" ] || missing+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
+[ -f "/usr/include/$(uname -m)-linux-gnu/asm/types.h" ] || missing+=(linux-libc-dev)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo_if_needed apt-get update -qq

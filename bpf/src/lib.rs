@@ -1,4 +1,71 @@
-//! Signet's eBPF programs (C under `bpf/`, built by `build.rs`) and the `#[repr(C)]` mirrors of
-//! their map keys and values.
+//! Signet's eBPF programs and the Rust side of their maps.
 //!
-//! Not built yet: issue 4 fills this crate.
+//! The programs are C (`bpf/*.c`, one file per attach point, helpers in `bpf/lib/*.h`), built by
+//! `build.rs` with clang and embedded here as one object per attach point. They share their
+//! maps by pinning them by name under the agent's bpffs folder. `maps` holds a `#[repr(C)]`
+//! mirror of every key and value, checked against the objects' BTF by a test.
+//!
+//! Loading, pinning and attaching is the agent's job (`agent/src/datapath/`).
+
+pub mod maps;
+
+/// An embedded BPF object.
+#[derive(Debug, Clone, Copy)]
+pub struct Object {
+    pub name: &'static str,
+    pub bytes: &'static [u8],
+}
+
+macro_rules! object {
+    ($name:literal) => {
+        Object {
+            name: $name,
+            bytes: aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/", $name, ".o")),
+        }
+    };
+}
+
+/// `cgroup/connect4` and `cgroup/connect6` (`signet_connect4`, `signet_connect6`).
+pub const SOCK_CONNECT: Object = object!("sock_connect");
+/// `cgroup/getpeername4` and `cgroup/getpeername6`.
+pub const SOCK_GETPEERNAME: Object = object!("sock_getpeername");
+/// `sockops` (`signet_sockops`).
+pub const SOCKOPS: Object = object!("sockops");
+/// tc towards an endpoint (`signet_to_endpoint`).
+pub const TC_TO_ENDPOINT: Object = object!("tc_to_endpoint");
+
+pub const OBJECTS: [Object; 4] = [SOCK_CONNECT, SOCK_GETPEERNAME, SOCKOPS, TC_TO_ENDPOINT];
+
+/// Program names, as in the C sources.
+pub mod programs {
+    pub const CONNECT4: &str = "signet_connect4";
+    pub const CONNECT6: &str = "signet_connect6";
+    pub const GETPEERNAME4: &str = "signet_getpeername4";
+    pub const GETPEERNAME6: &str = "signet_getpeername6";
+    pub const SOCKOPS: &str = "signet_sockops";
+    pub const TO_ENDPOINT: &str = "signet_to_endpoint";
+}
+
+/// Map names, as in `bpf/lib/common.h`; also their pin file names.
+pub mod map_names {
+    pub const IPCACHE: &str = "signet_ipcache";
+    pub const EP_CGROUP: &str = "signet_ep_cgroup";
+    pub const EP_IFINDEX: &str = "signet_ep_ifindex";
+    pub const POLICY: &str = "signet_policy";
+    pub const ORIG_BY_COOKIE: &str = "signet_orig_by_cookie";
+    pub const ORIG_BY_CLIENT: &str = "signet_orig_by_client";
+    pub const CONFIG: &str = "signet_config";
+    pub const DROPS: &str = "signet_drops";
+    pub const EVENTS: &str = "signet_events";
+    pub const ALL: [&str; 9] = [
+        IPCACHE,
+        EP_CGROUP,
+        EP_IFINDEX,
+        POLICY,
+        ORIG_BY_COOKIE,
+        ORIG_BY_CLIENT,
+        CONFIG,
+        DROPS,
+        EVENTS,
+    ];
+}
