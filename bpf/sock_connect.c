@@ -94,7 +94,11 @@ SEC("cgroup/connect6")
 int signet_connect6(struct bpf_sock_addr *ctx)
 {
 	__u8 dst[16];
-	__u32 w[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	__u32 w[4];
+	w[0] = *(volatile __u32 *)&ctx->user_ip6[0];
+	w[1] = *(volatile __u32 *)&ctx->user_ip6[1];
+	w[2] = *(volatile __u32 *)&ctx->user_ip6[2];
+	w[3] = *(volatile __u32 *)&ctx->user_ip6[3];
 	__builtin_memcpy(dst, w, 16);
 	return handle_connect(ctx, dst, bpf_ntohs((__u16)ctx->user_port), 10);
 }

@@ -17,8 +17,13 @@ int signet_sockops(struct bpf_sock_ops *skops)
 	if (skops->family == 2) {
 		addr_from_ip4(key.addr, skops->local_ip4);
 	} else {
-		__u32 w[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
-			       skops->local_ip6[3] };
+		/* One 32-bit load per word: the verifier refuses the 64-bit loads clang would merge
+		 * them into. */
+		__u32 w[4];
+		w[0] = *(volatile __u32 *)&skops->local_ip6[0];
+		w[1] = *(volatile __u32 *)&skops->local_ip6[1];
+		w[2] = *(volatile __u32 *)&skops->local_ip6[2];
+		w[3] = *(volatile __u32 *)&skops->local_ip6[3];
 		__builtin_memcpy(key.addr, w, 16);
 	}
 	struct orig_dst copy = *o;

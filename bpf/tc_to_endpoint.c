@@ -125,7 +125,7 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-SEC("tc")
+SEC("classifier")
 int signet_to_endpoint(struct __sk_buff *skb)
 {
 	return handle_to_endpoint(skb);

@@ -6,3 +6,4 @@
 //! `signet-agent` binary, so nothing can start an agent that does not exist.
 
 pub mod cli;
+pub mod datapath;

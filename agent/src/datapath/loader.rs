@@ -1,0 +1,519 @@
+//! Loads `signet-bpf`'s objects into the kernel, pins maps and links under one folder per node
+//! (`/sys/fs/bpf/signet/<node>/{maps,links}`), attaches the socket programs to the node's cgroup
+//! and the tc program to endpoint interfaces, and writes the maps.
+//!
+//! Restart safety: maps and links are pinned, so enforcement continues while the agent is down.
+//! A restarted agent reuses pinned maps (the objects are loaded with the same pin folder) and
+//! pinned links (it never attaches a second copy), then reconciles map contents by diff.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, RingBuf};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::{CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use signet_bpf::map_names as names;
+use signet_bpf::maps::{
+    ClientKey, Config, EndpointValue, FlowEvent, IPCACHE_MESH, IpcacheValue, OrigDst, PolicyKey,
+    PolicyValue, addr16, ip_from16,
+};
+use signet_bpf::programs;
+use signet_policy::compile::Compiled;
+
+use super::{
+    Datapath, DatapathConfig, DatapathError, EndpointKey, IpcacheEntry, PolicyChanges,
+    PolicyKeyOrd, bpffs, desired_policy,
+};
+
+/// Map sizes, applied when the maps are created (pinned maps keep the size they were made with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    pub ipcache: u32,
+    pub endpoints: u32,
+    pub policy: u32,
+    pub orig: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            ipcache: 65_536,
+            endpoints: 4_096,
+            policy: 65_536,
+            orig: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// This node's pin folder, e.g. `/sys/fs/bpf/signet/node-a`.
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 directory whose subtree holds this node's pods.
+    pub cgroup: PathBuf,
+    pub sizes: MapSizes,
+}
+
+/// The datapath in the kernel.
+pub struct KernelDatapath {
+    pin_dir: PathBuf,
+    /// Loaded objects whose programs may still be attached (tc, per interface).
+    tc_object: Ebpf,
+    ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    ep_cgroup: HashMap<MapData, u64, EndpointValue>,
+    ep_ifindex: HashMap<MapData, u32, EndpointValue>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    config: Array<MapData, Config>,
+    orig_by_client: HashMap<MapData, ClientKey, OrigDst>,
+    events: RingBuf<MapData>,
+    policy_capacity: usize,
+}
+
+impl std::fmt::Debug for KernelDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelDatapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError + '_ {
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn load_object(
+    obj: signet_bpf::Object,
+    maps_dir: &Path,
+    sizes: MapSizes,
+) -> Result<Ebpf, DatapathError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .map_max_entries(names::IPCACHE, sizes.ipcache)
+        .map_max_entries(names::EP_CGROUP, sizes.endpoints)
+        .map_max_entries(names::EP_IFINDEX, sizes.endpoints)
+        .map_max_entries(names::POLICY, sizes.policy)
+        .map_max_entries(names::ORIG_BY_COOKIE, sizes.orig)
+        .map_max_entries(names::ORIG_BY_CLIENT, sizes.orig)
+        .load(obj.bytes)
+        .map_err(|e| DatapathError::Load {
+            object: obj.name,
+            reason: chain(&e),
+        })
+}
+
+fn open_map(
+    maps_dir: &Path,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<Map, DatapathError> {
+    let data = MapData::from_pin(maps_dir.join(name)).map_err(|e| DatapathError::Map {
+        map: name,
+        reason: format!("opening pin: {e}"),
+    })?;
+    Ok(wrap(data))
+}
+
+/// An error with its sources, so an errno from the kernel is not lost.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        reason: chain(&e),
+    }
+}
+
+impl KernelDatapath {
+    /// Loads (or finds, after a restart) everything under `cfg.pin_dir` and attaches the socket
+    /// programs to `cfg.cgroup`.
+    pub fn load(cfg: &LoaderConfig) -> Result<Self, DatapathError> {
+        bpffs::ensure_mounted()?;
+        let maps_dir = cfg.pin_dir.join("maps");
+        let links_dir = cfg.pin_dir.join("links");
+        fs::create_dir_all(&maps_dir).map_err(io(&maps_dir))?;
+        fs::create_dir_all(&links_dir).map_err(io(&links_dir))?;
+
+        let cgroup = fs::File::open(&cfg.cgroup).map_err(io(&cfg.cgroup))?;
+        let mut connect = load_object(signet_bpf::SOCK_CONNECT, &maps_dir, cfg.sizes)?;
+        let mut getpeername = load_object(signet_bpf::SOCK_GETPEERNAME, &maps_dir, cfg.sizes)?;
+        let mut sockops = load_object(signet_bpf::SOCKOPS, &maps_dir, cfg.sizes)?;
+        let tc_object = load_object(signet_bpf::TC_TO_ENDPOINT, &maps_dir, cfg.sizes)?;
+
+        let target = cfg.cgroup.display().to_string();
+        for (obj, name) in [
+            (&mut connect, programs::CONNECT4),
+            (&mut getpeername, programs::GETPEERNAME4),
+        ] {
+            attach_sock_addr(obj, name, &cgroup, &links_dir.join(name), &target)?;
+        }
+        for (obj, name) in [
+            (&mut connect, programs::CONNECT6),
+            (&mut getpeername, programs::GETPEERNAME6),
+        ] {
+            attach_sock_addr(obj, name, &cgroup, &links_dir.join(name), &target)?;
+        }
+        attach_sockops(
+            &mut sockops,
+            &cgroup,
+            &links_dir.join(programs::SOCKOPS),
+            &target,
+        )?;
+
+        let policy_map = open_map(&maps_dir, names::POLICY, Map::HashMap)?;
+        let policy_capacity = match &policy_map {
+            Map::HashMap(d) => d.info().map(|i| i.max_entries() as usize).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(Self {
+            pin_dir: cfg.pin_dir.clone(),
+            tc_object,
+            ipcache: LpmTrie::try_from(open_map(&maps_dir, names::IPCACHE, Map::LpmTrie)?)
+                .map_err(map_err(names::IPCACHE))?,
+            ep_cgroup: HashMap::try_from(open_map(&maps_dir, names::EP_CGROUP, Map::HashMap)?)
+                .map_err(map_err(names::EP_CGROUP))?,
+            ep_ifindex: HashMap::try_from(open_map(&maps_dir, names::EP_IFINDEX, Map::HashMap)?)
+                .map_err(map_err(names::EP_IFINDEX))?,
+            policy: HashMap::try_from(policy_map).map_err(map_err(names::POLICY))?,
+            config: Array::try_from(open_map(&maps_dir, names::CONFIG, Map::Array)?)
+                .map_err(map_err(names::CONFIG))?,
+            orig_by_client: HashMap::try_from(open_map(
+                &maps_dir,
+                names::ORIG_BY_CLIENT,
+                Map::LruHashMap,
+            )?)
+            .map_err(map_err(names::ORIG_BY_CLIENT))?,
+            events: RingBuf::try_from(open_map(&maps_dir, names::EVENTS, Map::RingBuf)?)
+                .map_err(map_err(names::EVENTS))?,
+            policy_capacity,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The destination a captured connection asked for, by the client address the proxy saw on
+    /// accept, with the destination's identity.
+    pub fn original_destination(
+        &self,
+        client: std::net::SocketAddr,
+    ) -> Option<(std::net::SocketAddr, u32)> {
+        let key = ClientKey {
+            addr: addr16(client.ip()),
+            port: client.port(),
+            _pad: 0,
+        };
+        let o = self.orig_by_client.get(&key, 0).ok()?;
+        Some((
+            std::net::SocketAddr::new(ip_from16(o.addr), o.port),
+            o.identity,
+        ))
+    }
+
+    /// Every flow event waiting in the ring buffer. The programs never wake the reader, so the
+    /// agent calls this on a timer.
+    pub fn drain_events(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(e) = FlowEvent::from_bytes(&item) {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Attaches the tc program to an endpoint's host-side interface, towards the pod (TCX egress
+    /// of the host side), reusing a pinned link if there is one.
+    pub fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let pin = self.pin_dir.join("links").join(format!("tc-{ifname}"));
+        if PinnedLink::from_pin(&pin).is_ok() {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = self
+            .tc_object
+            .program_mut(programs::TO_ENDPOINT)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::Program {
+                program: programs::TO_ENDPOINT,
+                reason: "not in the object".into(),
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| DatapathError::Program {
+                program: programs::TO_ENDPOINT,
+                reason: chain(&e),
+            })?;
+        }
+        let attach_err = |reason: String| DatapathError::Attach {
+            program: programs::TO_ENDPOINT,
+            target: ifname.to_owned(),
+            reason,
+        };
+        let id = prog
+            .attach(ifname, TcAttachType::Egress)
+            .map_err(|e| attach_err(chain(&e)))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| attach_err(chain(&e)))?
+            .try_into()
+            .map_err(|e| attach_err(format!("not an fd link (TCX needs kernel 6.6): {e:?}")))?;
+        link.pin(&pin)
+            .map_err(|e| attach_err(format!("pinning: {e}")))?;
+        Ok(())
+    }
+
+    /// Detaches the tc program from an interface that went away or is no longer an endpoint.
+    pub fn detach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let pin = self.pin_dir.join("links").join(format!("tc-{ifname}"));
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DatapathError::Io {
+                path: pin,
+                source: e,
+            }),
+        }
+    }
+}
+
+fn attach_sock_addr(
+    obj: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    pin: &Path,
+    target: &str,
+) -> Result<(), DatapathError> {
+    if PinnedLink::from_pin(pin).is_ok() {
+        return Ok(()); // attached by an earlier run: never attach a second copy
+    }
+    let attach_err = |reason: String| DatapathError::Attach {
+        program: name,
+        target: target.to_owned(),
+        reason,
+    };
+    let prog: &mut CgroupSockAddr = obj
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DatapathError::Program {
+            program: name,
+            reason: "not in the object".into(),
+        })?;
+    prog.load().map_err(|e| DatapathError::Program {
+        program: name,
+        reason: chain(&e),
+    })?;
+    let id = prog
+        // bpf_link cgroup attachments are always multi-attach; the kernel rejects any flag on
+        // link creation, so `Single` (flags 0) is what gives BPF_F_ALLOW_MULTI semantics here.
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| attach_err(chain(&e)))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|e| attach_err(chain(&e)))?
+        .try_into()
+        .map_err(|e| attach_err(format!("not an fd link: {e:?}")))?;
+    link.pin(pin)
+        .map_err(|e| attach_err(format!("pinning: {e}")))?;
+    Ok(())
+}
+
+fn attach_sockops(
+    obj: &mut Ebpf,
+    cgroup: &fs::File,
+    pin: &Path,
+    target: &str,
+) -> Result<(), DatapathError> {
+    let name = programs::SOCKOPS;
+    if PinnedLink::from_pin(pin).is_ok() {
+        return Ok(());
+    }
+    let attach_err = |reason: String| DatapathError::Attach {
+        program: name,
+        target: target.to_owned(),
+        reason,
+    };
+    let prog: &mut SockOps = obj
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DatapathError::Program {
+            program: name,
+            reason: "not in the object".into(),
+        })?;
+    prog.load().map_err(|e| DatapathError::Program {
+        program: name,
+        reason: chain(&e),
+    })?;
+    let id = prog
+        // bpf_link cgroup attachments are always multi-attach; the kernel rejects any flag on
+        // link creation, so `Single` (flags 0) is what gives BPF_F_ALLOW_MULTI semantics here.
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| attach_err(chain(&e)))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|e| attach_err(chain(&e)))?
+        .try_into()
+        .map_err(|e| attach_err(format!("not an fd link: {e:?}")))?;
+    link.pin(pin)
+        .map_err(|e| attach_err(format!("pinning: {e}")))?;
+    Ok(())
+}
+
+/// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the
+/// programs, unpinning the maps frees them once no program uses them.
+pub fn cleanup(pin_dir: &Path) -> Result<(), DatapathError> {
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DatapathError::Io {
+            path: pin_dir.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+impl Datapath for KernelDatapath {
+    fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let value = Config {
+            proxy_addr4: cfg.proxy_v4.octets(),
+            proxy_addr6: cfg.proxy_v6.map(|v| v.octets()).unwrap_or_default(),
+            proxy_port: cfg.proxy_port,
+            strict: u8::from(cfg.strict),
+            _pad: 0,
+            proxy_mark: cfg.proxy_mark,
+            event_sample: cfg.event_sample,
+        };
+        self.config.set(0, value, 0).map_err(map_err(names::CONFIG))
+    }
+
+    fn reconcile_ipcache(&mut self, entries: &[IpcacheEntry]) -> Result<(), DatapathError> {
+        let desired: BTreeMap<(u32, [u8; 16]), IpcacheValue> = entries
+            .iter()
+            .map(|e| {
+                let k = signet_bpf::maps::IpcacheKey::new(e.ip, e.prefix);
+                let v = IpcacheValue {
+                    identity: e.identity,
+                    flags: if e.mesh { IPCACHE_MESH } else { 0 },
+                };
+                ((k.prefixlen, k.addr), v)
+            })
+            .collect();
+        let current: BTreeMap<(u32, [u8; 16]), IpcacheValue> = self
+            .ipcache
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+            .collect();
+        for ((len, addr), v) in &desired {
+            if current.get(&(*len, *addr)) != Some(v) {
+                self.ipcache
+                    .insert(&LpmKey::new(*len, *addr), v, 0)
+                    .map_err(map_err(names::IPCACHE))?;
+            }
+        }
+        for (len, addr) in current.keys().filter(|k| !desired.contains_key(k)) {
+            self.ipcache
+                .remove(&LpmKey::new(*len, *addr))
+                .map_err(map_err(names::IPCACHE))?;
+        }
+        Ok(())
+    }
+
+    fn reconcile_endpoints(
+        &mut self,
+        endpoints: &BTreeMap<EndpointKey, EndpointValue>,
+    ) -> Result<(), DatapathError> {
+        let current_cg: BTreeMap<u64, EndpointValue> =
+            self.ep_cgroup.iter().filter_map(Result::ok).collect();
+        let current_if: BTreeMap<u32, EndpointValue> =
+            self.ep_ifindex.iter().filter_map(Result::ok).collect();
+        for (k, v) in endpoints {
+            match k {
+                EndpointKey::Cgroup(id) if current_cg.get(id) != Some(v) => self
+                    .ep_cgroup
+                    .insert(id, v, 0)
+                    .map_err(map_err(names::EP_CGROUP))?,
+                EndpointKey::Ifindex(i) if current_if.get(i) != Some(v) => self
+                    .ep_ifindex
+                    .insert(i, v, 0)
+                    .map_err(map_err(names::EP_IFINDEX))?,
+                _ => {}
+            }
+        }
+        for id in current_cg
+            .keys()
+            .filter(|id| !endpoints.contains_key(&EndpointKey::Cgroup(**id)))
+        {
+            self.ep_cgroup
+                .remove(id)
+                .map_err(map_err(names::EP_CGROUP))?;
+        }
+        for i in current_if
+            .keys()
+            .filter(|i| !endpoints.contains_key(&EndpointKey::Ifindex(**i)))
+        {
+            self.ep_ifindex
+                .remove(i)
+                .map_err(map_err(names::EP_IFINDEX))?;
+        }
+        Ok(())
+    }
+
+    fn reconcile_policy(&mut self, compiled: &Compiled) -> Result<PolicyChanges, DatapathError> {
+        let desired = desired_policy(compiled);
+        if desired.len() > self.policy_capacity {
+            return Err(DatapathError::Full {
+                map: names::POLICY,
+                needed: desired.len(),
+                capacity: self.policy_capacity,
+            });
+        }
+        let current = self.policy_entries()?;
+        // The map must hold old and new entries together for a moment.
+        let stale = current.keys().filter(|k| !desired.contains_key(k)).count();
+        if desired.len() + stale > self.policy_capacity {
+            return Err(DatapathError::Full {
+                map: names::POLICY,
+                needed: desired.len() + stale,
+                capacity: self.policy_capacity,
+            });
+        }
+        let mut changes = PolicyChanges::default();
+        for (k, v) in &desired {
+            if current.get(k) != Some(v) {
+                self.policy
+                    .insert(k.0, v, 0)
+                    .map_err(map_err(names::POLICY))?;
+                changes.written += 1;
+            }
+        }
+        for k in current.keys().filter(|k| !desired.contains_key(k)) {
+            self.policy.remove(&k.0).map_err(map_err(names::POLICY))?;
+            changes.removed += 1;
+        }
+        Ok(changes)
+    }
+
+    fn policy_entries(&self) -> Result<BTreeMap<PolicyKeyOrd, PolicyValue>, DatapathError> {
+        self.policy
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| (PolicyKeyOrd(k), v))
+                    .map_err(map_err(names::POLICY))
+            })
+            .collect()
+    }
+}

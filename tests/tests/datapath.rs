@@ -1,0 +1,353 @@
+//! The eBPF datapath for real: programs loaded into this kernel, attached to a cgroup made for
+//! the test, an unmodified client process inside it. Needs root (CI is root); without it the
+//! tests fail with a clear message unless `SIGNET_SKIP_PRIVILEGED=1`.
+//!
+//! Every test works in its own cgroup and pin folder with a unique name, and a guard removes
+//! both (and with them every link and map) even when the test fails. Traffic goes to loopback
+//! only.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use signet_agent::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, cleanup};
+use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use signet_bpf::maps::{ACTION_DENY, DIRECTION_EGRESS, EndpointValue};
+use signet_policy::compile::{Action, Compiled, Entry, Key};
+use signet_policy::eval::Direction;
+use signet_policy::resource::Protocol;
+
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `false` means skip (explicitly asked for); panics when privileges are missing otherwise.
+fn privileged() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("SIGNET_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("skipped: needs root (SIGNET_SKIP_PRIVILEGED=1)");
+        return false;
+    }
+    panic!(
+        "this test loads eBPF programs and needs root; run as root or set SIGNET_SKIP_PRIVILEGED=1 to skip it"
+    );
+}
+
+/// A cgroup and a pin folder of our own, removed on drop.
+struct Env {
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "signet-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let cgroup = PathBuf::from(CGROUP2).join(&name);
+        std::fs::create_dir(&cgroup)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
+        Self {
+            cgroup,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+        }
+    }
+
+    fn cgroup_id(&self) -> u64 {
+        std::fs::metadata(&self.cgroup).expect("cgroup").ino()
+    }
+
+    fn loader(&self) -> LoaderConfig {
+        LoaderConfig {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: self.cgroup.clone(),
+            sizes: MapSizes {
+                policy: 1024,
+                ..MapSizes::default()
+            },
+        }
+    }
+
+    /// Runs the test client inside the cgroup; returns its JSON report.
+    fn connect(&self, target: &str) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--connect", target])
+            .output()
+            .expect("run signet-test-client");
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("client prints JSON")
+    }
+
+    /// Programs attached to our cgroup, by name, as the kernel reports them.
+    fn attached(&self) -> BTreeMap<String, usize> {
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&self.cgroup)
+            .output()
+            .expect("bpftool (apt-get install bpftool)");
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut counts = BTreeMap::new();
+        for p in list.as_array().into_iter().flatten() {
+            if let Some(name) = p["name"].as_str() {
+                *counts.entry(name.to_owned()).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = cleanup(&self.pin_dir);
+        // The client has exited; the kernel may take a moment to let the cgroup go.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.cgroup.display());
+    }
+}
+
+/// A stand-in for the node proxy's outbound listener: answers one connection with what the
+/// datapath says the client originally asked for.
+fn proxy_once(
+    listener: TcpListener,
+    dp: &KernelDatapath,
+) -> (SocketAddr, Option<(SocketAddr, u32)>) {
+    let (mut s, client) = listener.accept().expect("accept");
+    let orig = dp.original_destination(client);
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("read hello");
+    let reply = match orig {
+        Some((dst, _)) => format!("proxied to {dst}\n"),
+        None => "no original destination\n".to_owned(),
+    };
+    s.write_all(reply.as_bytes()).expect("reply");
+    (client, orig)
+}
+
+fn setup(env: &Env, proxy_port: u16) -> KernelDatapath {
+    let mut dp = KernelDatapath::load(&env.loader()).expect("load datapath");
+    dp.set_config(&DatapathConfig {
+        proxy_v4: "127.0.0.1".parse().expect("ip"),
+        proxy_v6: None,
+        proxy_port,
+        strict: true,
+        proxy_mark: 0x5167,
+        event_sample: 0,
+    })
+    .expect("config");
+    let endpoints = BTreeMap::from([(
+        EndpointKey::Cgroup(env.cgroup_id()),
+        EndpointValue {
+            endpoint_id: 1,
+            identity: 300,
+            flags: 0,
+            _pad: 0,
+        },
+    )]);
+    dp.reconcile_endpoints(&endpoints).expect("endpoints");
+    dp.reconcile_ipcache(&[
+        IpcacheEntry {
+            ip: "127.0.0.2".parse().expect("ip"),
+            prefix: 32,
+            identity: 301,
+            mesh: true,
+        },
+        IpcacheEntry {
+            ip: "127.0.0.3".parse().expect("ip"),
+            prefix: 32,
+            identity: 302,
+            mesh: true,
+        },
+    ])
+    .expect("ipcache");
+    dp
+}
+
+#[test]
+fn a_captured_connect_reaches_the_proxy_which_finds_the_original_destination() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let dp = setup(&env, port);
+    let proxy = std::thread::scope(|s| {
+        let h = s.spawn(|| proxy_once(listener, &dp));
+        let report = env.connect("127.0.0.2:9999");
+        (h.join().expect("proxy thread"), report)
+    });
+    let ((client, orig), report) = proxy;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        report["peer"], "127.0.0.2:9999",
+        "getpeername shows the original destination: {report}"
+    );
+    assert_eq!(report["local"], client.to_string());
+    assert_eq!(orig, Some(("127.0.0.2:9999".parse().expect("addr"), 301)));
+    assert_eq!(report["reply"], "proxied to 127.0.0.2:9999");
+}
+
+#[test]
+fn an_egress_deny_fails_connect_with_eperm_and_emits_an_event() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mut dp = setup(&env, 1);
+    let mut compiled = Compiled::default();
+    compiled.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer: 302,
+            port: 9999,
+        },
+        Entry {
+            action: Action::Deny,
+            rule: 7,
+        },
+    );
+    let changes = dp.reconcile_policy(&compiled).expect("policy");
+    assert_eq!(changes.written, 1);
+    dp.drain_events();
+    let report = env.connect("127.0.0.3:9999");
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["errno"], 1, "EPERM: {report}");
+    let events = dp.drain_events();
+    let e = events
+        .iter()
+        .find(|e| e.dst_port == 9999 && e.action == ACTION_DENY)
+        .unwrap_or_else(|| panic!("no deny event in {events:?}"));
+    assert_eq!(
+        (e.src_identity, e.dst_identity, e.rule_id, e.direction),
+        (300, 302, 7, DIRECTION_EGRESS)
+    );
+    // Reconciling the same set again writes nothing.
+    assert_eq!(dp.reconcile_policy(&compiled).expect("policy").written, 0);
+}
+
+#[test]
+fn a_restart_keeps_enforcing_and_never_attaches_twice() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mut dp = setup(&env, 1);
+    let mut compiled = Compiled::default();
+    compiled.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer: 302,
+            port: 0,
+        },
+        Entry {
+            action: Action::Deny,
+            rule: 9,
+        },
+    );
+    dp.reconcile_policy(&compiled).expect("policy");
+    let before = env.attached();
+    assert_eq!(before.get("signet_connect4"), Some(&1), "{before:?}");
+    drop(dp); // the agent stops
+
+    let report = env.connect("127.0.0.3:80");
+    assert_eq!(
+        report["errno"], 1,
+        "still enforced while the agent is down: {report}"
+    );
+
+    let mut again = KernelDatapath::load(&env.loader()).expect("reload");
+    assert_eq!(env.attached(), before, "no second copy of any program");
+    let entries = again.policy_entries().expect("entries");
+    assert_eq!(entries.len(), 1, "the pinned policy survived");
+    assert_eq!(
+        again.reconcile_policy(&compiled).expect("policy").written,
+        0,
+        "reconciled by diff, nothing rewritten"
+    );
+    assert_eq!(env.connect("127.0.0.3:80")["errno"], 1);
+}
+
+#[test]
+fn a_full_policy_map_is_refused_and_the_entries_in_force_stay() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mut dp = setup(&env, 1);
+    let mut small = Compiled::default();
+    small.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer: 302,
+            port: 0,
+        },
+        Entry {
+            action: Action::Deny,
+            rule: 1,
+        },
+    );
+    dp.reconcile_policy(&small).expect("policy");
+    let mut huge = Compiled::default();
+    for peer in 0..2000u32 {
+        huge.entries.insert(
+            Key {
+                endpoint: 1,
+                direction: Direction::Ingress,
+                proto: Protocol::Tcp,
+                peer: 1000 + peer,
+                port: 80,
+            },
+            Entry {
+                action: Action::Allow,
+                rule: 2,
+            },
+        );
+    }
+    let err = dp.reconcile_policy(&huge).expect_err("1024-entry map");
+    assert!(
+        err.to_string().contains("entries in force were kept"),
+        "{err}"
+    );
+    assert_eq!(dp.policy_entries().expect("entries").len(), 1);
+    assert_eq!(
+        env.connect("127.0.0.3:80")["errno"],
+        1,
+        "the old policy still holds"
+    );
+}
