@@ -6,6 +6,10 @@
 //! both (and with them every link and map) even when the test fails. Traffic goes to loopback
 //! only.
 
+mod common;
+
+use common::{Env, privileged};
+
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener};
@@ -15,125 +19,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use signet_agent::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, cleanup};
+use signet_agent::datapath::loader::KernelDatapath;
 use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
 use signet_bpf::maps::{ACTION_DENY, DIRECTION_EGRESS, EndpointValue};
 use signet_policy::compile::{Action, Compiled, Entry, Key};
 use signet_policy::eval::Direction;
 use signet_policy::resource::Protocol;
-
-const CGROUP2: &str = "/sys/fs/cgroup/unified";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// `false` means skip (explicitly asked for); panics when privileges are missing otherwise.
-fn privileged() -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("SIGNET_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        eprintln!("skipped: needs root (SIGNET_SKIP_PRIVILEGED=1)");
-        return false;
-    }
-    panic!(
-        "this test loads eBPF programs and needs root; run as root or set SIGNET_SKIP_PRIVILEGED=1 to skip it"
-    );
-}
-
-/// A cgroup and a pin folder of our own, removed on drop.
-struct Env {
-    cgroup: PathBuf,
-    pin_dir: PathBuf,
-}
-
-impl Env {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "signet-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let cgroup = PathBuf::from(CGROUP2).join(&name);
-        std::fs::create_dir(&cgroup)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
-        Self {
-            cgroup,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
-        }
-    }
-
-    fn cgroup_id(&self) -> u64 {
-        std::fs::metadata(&self.cgroup).expect("cgroup").ino()
-    }
-
-    fn loader(&self) -> LoaderConfig {
-        LoaderConfig {
-            pin_dir: self.pin_dir.clone(),
-            cgroup: self.cgroup.clone(),
-            sizes: MapSizes {
-                policy: 1024,
-                ..MapSizes::default()
-            },
-        }
-    }
-
-    /// Runs the test client inside the cgroup; returns its JSON report.
-    fn connect(&self, target: &str) -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .args(["--connect", target])
-            .output()
-            .expect("run signet-test-client");
-        assert!(
-            out.status.success(),
-            "client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("client prints JSON")
-    }
-
-    /// Programs attached to our cgroup, by name, as the kernel reports them.
-    fn attached(&self) -> BTreeMap<String, usize> {
-        let out = Command::new("bpftool")
-            .args(["-j", "cgroup", "show"])
-            .arg(&self.cgroup)
-            .output()
-            .expect("bpftool (apt-get install bpftool)");
-        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let mut counts = BTreeMap::new();
-        for p in list.as_array().into_iter().flatten() {
-            if let Some(name) = p["name"].as_str() {
-                *counts.entry(name.to_owned()).or_default() += 1;
-            }
-        }
-        counts
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = cleanup(&self.pin_dir);
-        // The client has exited; the kernel may take a moment to let the cgroup go.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("warning: could not remove {}", self.cgroup.display());
-    }
-}
 
 /// A stand-in for the node proxy's outbound listener: answers one connection with what the
 /// datapath says the client originally asked for.

@@ -1,0 +1,345 @@
+//! Shared harness for the privileged suites: the root check, and guards that own a cgroup, a
+//! pin folder and network namespaces with unique names and remove them on drop, also when a
+//! test fails.
+#![allow(dead_code)] // each suite uses part of it
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use signet_agent::datapath::loader::{LoaderConfig, MapSizes, cleanup};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test or test run uses.
+pub fn unique() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// `false` means skip (explicitly asked for); panics when privileges are missing otherwise.
+pub fn privileged() -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("SIGNET_SKIP_PRIVILEGED").as_deref() == Ok("1") {
+        eprintln!("skipped: needs root (SIGNET_SKIP_PRIVILEGED=1)");
+        return false;
+    }
+    panic!(
+        "this test loads eBPF programs and needs root; run as root or set SIGNET_SKIP_PRIVILEGED=1 to skip it"
+    );
+}
+
+/// A cgroup and a pin folder of our own, removed on drop.
+pub struct Env {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "signet-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let cgroup = PathBuf::from(CGROUP2).join(&name);
+        std::fs::create_dir(&cgroup)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
+        Self {
+            cgroup,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
+        }
+    }
+
+    pub fn cgroup_id(&self) -> u64 {
+        std::fs::metadata(&self.cgroup).expect("cgroup").ino()
+    }
+
+    pub fn loader(&self) -> LoaderConfig {
+        LoaderConfig {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: self.cgroup.clone(),
+            sizes: MapSizes {
+                policy: 1024,
+                ..MapSizes::default()
+            },
+        }
+    }
+
+    /// Runs the test client inside the cgroup; returns its JSON report.
+    pub fn connect(&self, target: &str) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args(["--connect", target])
+            .output()
+            .expect("run signet-test-client");
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("client prints JSON")
+    }
+
+    /// Programs attached to our cgroup, by name, as the kernel reports them.
+    pub fn attached(&self) -> BTreeMap<String, usize> {
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&self.cgroup)
+            .output()
+            .expect("bpftool (apt-get install bpftool)");
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut counts = BTreeMap::new();
+        for p in list.as_array().into_iter().flatten() {
+            if let Some(name) = p["name"].as_str() {
+                *counts.entry(name.to_owned()).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = cleanup(&self.pin_dir);
+        // The client has exited; the kernel may take a moment to let the cgroup go.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.cgroup.display());
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (apt-get install iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three network namespaces: a node, a pod joined to it by a veth, and a peer (another
+/// workload, or the outside) joined by another veth, routed through the node. Addresses are
+/// private to these namespaces. Deleting the namespaces on drop removes the veths with them.
+pub struct NetEnv {
+    pub node: String,
+    pub pod: String,
+    pub peer: String,
+    /// Host-side veth of the pod, in the node namespace (where the tc program goes).
+    pub pod_host_if: String,
+    pub pod_ip: String,
+    pub peer_ip: String,
+    pub node_pod_side_ip: String,
+}
+
+impl NetEnv {
+    pub fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst) % 250;
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let env = Self {
+            node: format!("signet-t{id}-node"),
+            pod: format!("signet-t{id}-pod"),
+            peer: format!("signet-t{id}-peer"),
+            pod_host_if: format!("sgh{id}"),
+            pod_ip: format!("10.250.{n}.2"),
+            peer_ip: format!("10.251.{n}.2"),
+            node_pod_side_ip: format!("10.250.{n}.1"),
+        };
+        for ns in [&env.node, &env.pod, &env.peer] {
+            ip(&["netns", "add", ns]);
+        }
+        let peer_host_if = format!("sgq{id}");
+        let links = [
+            (&env.pod, &env.pod_host_if, format!("sgp{id}"), 250),
+            (&env.peer, &peer_host_if, format!("sgr{id}"), 251),
+        ];
+        for (ns, host_if, inner_if, net) in &links {
+            ip(&[
+                "-n", &env.node, "link", "add", host_if, "type", "veth", "peer", "name", inner_if,
+                "netns", ns,
+            ]);
+            ip(&[
+                "-n",
+                &env.node,
+                "addr",
+                "add",
+                &format!("10.{net}.{n}.1/24"),
+                "dev",
+                host_if,
+            ]);
+            ip(&["-n", &env.node, "link", "set", host_if, "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.{net}.{n}.2/24"),
+                "dev",
+                inner_if,
+            ]);
+            ip(&["-n", ns, "link", "set", inner_if, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{net}.{n}.1"),
+            ]);
+        }
+        ip(&["-n", &env.node, "link", "set", "lo", "up"]);
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &env.node,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])
+            .output()
+            .expect("sysctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    }
+
+    /// The ifindex of the pod's host-side veth in the node namespace.
+    pub fn pod_host_ifindex(&self) -> u32 {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.node,
+                "-j",
+                "link",
+                "show",
+                "dev",
+                &self.pod_host_if,
+            ])
+            .output()
+            .expect("ip");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+        v[0]["ifindex"].as_u64().expect("ifindex") as u32
+    }
+
+    /// Runs `f` on a thread inside the node namespace (for attaching tc programs there).
+    pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.node);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("netns file");
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in node namespace")
+        })
+    }
+
+    /// Starts `signet-test-client` as a server in `ns`; it exits after `count` requests or the
+    /// timeout and prints what it served.
+    pub fn serve(
+        &self,
+        ns: &str,
+        addr: &str,
+        udp: bool,
+        count: usize,
+        timeout_ms: u64,
+    ) -> std::process::Child {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            ns,
+            env!("CARGO_BIN_EXE_signet-test-client"),
+            "--listen",
+            addr,
+        ])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ]);
+        if udp {
+            cmd.arg("--udp");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("server");
+        // Wait for "listening" on stderr.
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut err, &mut line);
+        assert_eq!(line.trim(), "listening", "server did not start: {line}");
+        child
+    }
+
+    /// Runs `signet-test-client` as a client in `ns`.
+    pub fn client(&self, ns: &str, target: &str, extra: &[&str]) -> serde_json::Value {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_signet-test-client"),
+                "--connect",
+                target,
+            ])
+            .args(extra)
+            .output()
+            .expect("client");
+        assert!(
+            out.status.success(),
+            "client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("client JSON")
+    }
+}
+
+impl Drop for NetEnv {
+    fn drop(&mut self) {
+        for ns in [&self.peer, &self.pod, &self.node] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Ingress enforcement by the tc program on a pod's host-side veth, over real network
+//! namespaces: identities from the ipcache, ports, strict mTLS mode, and the proxy's mark.
+//! Needs root; see `common`.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Env, NetEnv, privileged};
+use signet_agent::datapath::loader::KernelDatapath;
+use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use signet_bpf::maps::{ACTION_DENY, DIRECTION_INGRESS, EndpointValue};
+use signet_policy::compile::{Action, Compiled, Entry, Key};
+use signet_policy::eval::Direction;
+use signet_policy::resource::Protocol;
+
+const PROXY_MARK: u32 = 0x5167;
+const POD_IDENTITY: u32 = 300;
+const PEER_IDENTITY: u32 = 400;
+
+fn entry(proto: Protocol, peer: u32, port: u16, action: Action, rule: u32) -> (Key, Entry) {
+    (
+        Key {
+            endpoint: 1,
+            direction: Direction::Ingress,
+            proto,
+            peer,
+            port,
+        },
+        Entry { action, rule },
+    )
+}
+
+/// Loads the datapath, attaches tc to the pod's veth inside the node namespace, and fills the
+/// maps: the pod is endpoint 1, the peer has identity 400 (`peer_mesh` marks it a mesh workload).
+fn setup(
+    env: &Env,
+    net: &NetEnv,
+    strict: bool,
+    peer_mesh: bool,
+    policy: &[(Key, Entry)],
+) -> KernelDatapath {
+    let ifindex = net.pod_host_ifindex();
+    net.in_node(|| {
+        let mut dp = KernelDatapath::load(&env.loader()).expect("load");
+        dp.attach_endpoint_interface(&net.pod_host_if)
+            .expect("attach tc");
+        dp.set_config(&DatapathConfig {
+            proxy_v4: net.node_pod_side_ip.parse().expect("ip"),
+            proxy_v6: None,
+            proxy_port: 15001,
+            strict,
+            proxy_mark: PROXY_MARK,
+            event_sample: 0,
+        })
+        .expect("config");
+        dp.reconcile_endpoints(&BTreeMap::from([(
+            EndpointKey::Ifindex(ifindex),
+            EndpointValue {
+                endpoint_id: 1,
+                identity: POD_IDENTITY,
+                flags: 0,
+                _pad: 0,
+            },
+        )]))
+        .expect("endpoints");
+        dp.reconcile_ipcache(&[
+            IpcacheEntry {
+                ip: net.pod_ip.parse().expect("ip"),
+                prefix: 32,
+                identity: POD_IDENTITY,
+                mesh: true,
+            },
+            IpcacheEntry {
+                ip: net.peer_ip.parse().expect("ip"),
+                prefix: 32,
+                identity: PEER_IDENTITY,
+                mesh: peer_mesh,
+            },
+        ])
+        .expect("ipcache");
+        let mut compiled = Compiled::default();
+        compiled.entries.extend(policy.iter().copied());
+        dp.reconcile_policy(&compiled).expect("policy");
+        dp
+    })
+}
+
+fn tcp(net: &NetEnv, from_ns: &str, port: u16, extra: &[&str]) -> serde_json::Value {
+    let mut server = net.serve(&net.pod, &format!("{}:{port}", net.pod_ip), false, 1, 3000);
+    let mut args = vec!["--timeout-ms", "800"];
+    args.extend_from_slice(extra);
+    let report = net.client(from_ns, &format!("{}:{port}", net.pod_ip), &args);
+    let _ = server.kill();
+    let _ = server.wait();
+    report
+}
+
+#[test]
+fn ingress_allows_and_denies_by_identity_and_port() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let mut dp = setup(
+        &env,
+        &net,
+        false,
+        false,
+        &[
+            entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::Allow, 3),
+            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
+            entry(Protocol::Udp, 0, 0, Action::Deny, 0),
+        ],
+    );
+    assert_eq!(
+        tcp(&net, &net.peer, 8080, &[])["ok"],
+        true,
+        "peer 400 may reach 8080"
+    );
+    let denied = tcp(&net, &net.peer, 8081, &[]);
+    assert_eq!(denied["ok"], false, "8081 is default-denied: {denied}");
+    // The node itself is not in the ipcache: it is world, and denied.
+    assert_eq!(tcp(&net, &net.node, 8080, &[])["ok"], false);
+    let events = dp.drain_events();
+    assert!(
+        events.iter().any(|e| e.dst_port == 8081
+            && e.src_identity == PEER_IDENTITY
+            && e.action == ACTION_DENY
+            && e.direction == DIRECTION_INGRESS),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.dst_port == 8080 && e.src_identity == 2),
+        "world is identity 2: {events:?}"
+    );
+}
+
+#[test]
+fn strict_mode_drops_plaintext_from_mesh_workloads_but_passes_the_proxy() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let mut dp = setup(
+        &env,
+        &net,
+        true,
+        true,
+        &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
+    );
+    let plain = tcp(&net, &net.peer, 8080, &[]);
+    assert_eq!(
+        plain["ok"], false,
+        "plaintext from a mesh workload is dropped in strict mode: {plain}"
+    );
+    let mark = PROXY_MARK.to_string();
+    let proxied = tcp(&net, &net.node, 8080, &["--mark", &mark]);
+    assert_eq!(
+        proxied["ok"], true,
+        "the proxy's marked connection passes: {proxied}"
+    );
+    let events = dp.drain_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == 2 && e.src_identity == PEER_IDENTITY),
+        "strict-mode drop event: {events:?}"
+    );
+}
+
+#[test]
+fn permissive_mode_applies_policy_by_ipcache_identity() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let _dp = setup(
+        &env,
+        &net,
+        false,
+        true,
+        &[
+            entry(Protocol::Tcp, PEER_IDENTITY, 0, Action::Allow, 5),
+            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
+        ],
+    );
+    assert_eq!(
+        tcp(&net, &net.peer, 8080, &[])["ok"],
+        true,
+        "mesh peer allowed in plaintext when permissive"
+    );
+    assert_eq!(
+        tcp(&net, &net.node, 8080, &[])["ok"],
+        false,
+        "world still denied"
+    );
+}
+
+#[test]
+fn udp_follows_the_policy_entries() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let _dp = setup(
+        &env,
+        &net,
+        false,
+        false,
+        &[
+            entry(Protocol::Udp, PEER_IDENTITY, 5353, Action::Deny, 8),
+            entry(Protocol::Udp, 0, 0, Action::Allow, 0),
+        ],
+    );
+    for (port, ok) in [(5354u16, true), (5353, false)] {
+        let mut server = net.serve(&net.pod, &format!("{}:{port}", net.pod_ip), true, 1, 3000);
+        let report = net.client(
+            &net.peer,
+            &format!("{}:{port}", net.pod_ip),
+            &["--udp", "--timeout-ms", "800"],
+        );
+        let _ = server.kill();
+        let _ = server.wait();
+        assert_eq!(report["ok"], ok, "UDP {port}: {report}");
+    }
+}
