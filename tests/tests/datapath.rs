@@ -13,11 +13,6 @@ use common::{Env, privileged};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::MetadataExt as _;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
 use signet_agent::datapath::loader::KernelDatapath;
 use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
