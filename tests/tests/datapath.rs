@@ -14,9 +14,12 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener};
 
+use std::time::Duration;
+
+use signet_agent::datapath::events::{EventReader, Verdict};
 use signet_agent::datapath::loader::KernelDatapath;
 use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
-use signet_bpf::maps::{ACTION_DENY, DIRECTION_EGRESS, EndpointValue};
+use signet_bpf::maps::{ACTION_DENY, DIRECTION_EGRESS, EndpointValue, Reason};
 use signet_policy::compile::{Action, Compiled, Entry, Key};
 use signet_policy::eval::Direction;
 use signet_policy::resource::Protocol;
@@ -235,5 +238,93 @@ fn a_full_policy_map_is_refused_and_the_entries_in_force_stay() {
         env.connect("127.0.0.3:80")["errno"],
         1,
         "the old policy still holds"
+    );
+}
+
+#[test]
+fn flow_events_reach_an_async_reader_and_drops_are_counted() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mut dp = setup(&env, 1);
+    let mut compiled = Compiled::default();
+    compiled.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer: 302,
+            port: 0,
+        },
+        Entry {
+            action: Action::Deny,
+            rule: 11,
+        },
+    );
+    dp.reconcile_policy(&compiled).expect("policy");
+    let mut reader = EventReader::open(&env.pin_dir, Duration::from_millis(20)).expect("reader");
+    reader.drain();
+    assert_eq!(env.connect("127.0.0.3:443")["errno"], 1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let batch = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), reader.next_batch()).await })
+        .expect("an event within 5 s");
+    let flow = batch
+        .iter()
+        .find(|f| f.dst_port == 443)
+        .unwrap_or_else(|| panic!("{batch:?}"));
+    assert_eq!(flow.verdict, Verdict::Deny);
+    assert_eq!(flow.reason, Reason::Policy);
+    assert_eq!(
+        (flow.rule_id, flow.src_identity, flow.dst_identity),
+        (11, 300, 302)
+    );
+    assert_eq!(flow.direction, Direction::Egress);
+    assert_eq!(
+        flow.dst,
+        "127.0.0.3".parse::<std::net::IpAddr>().expect("ip")
+    );
+    assert_eq!(dp.drop_counts().expect("drops").get("policy"), Some(&1));
+}
+
+#[test]
+fn cleanup_detaches_everything_and_enforcement_stops() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mut dp = setup(&env, 1);
+    let mut compiled = Compiled::default();
+    compiled.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer: 302,
+            port: 0,
+        },
+        Entry {
+            action: Action::Deny,
+            rule: 1,
+        },
+    );
+    dp.reconcile_policy(&compiled).expect("policy");
+    assert_eq!(env.connect("127.0.0.3:7")["errno"], 1);
+    drop(dp);
+    signet_agent::datapath::loader::cleanup(&env.pin_dir).expect("cleanup");
+    assert!(!env.pin_dir.exists());
+    assert!(
+        env.attached().is_empty(),
+        "nothing attached: {:?}",
+        env.attached()
+    );
+    let report = env.connect("127.0.0.3:7");
+    assert_ne!(
+        report["errno"], 1,
+        "no longer enforced after cleanup: {report}"
     );
 }

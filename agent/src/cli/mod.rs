@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod datapath;
 pub mod policy;
 
 #[derive(Debug, Parser)]
@@ -23,11 +24,15 @@ enum Command {
     /// Validate, explain and compile identity policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Inspect or remove a node's pinned eBPF datapath.
+    #[command(subcommand)]
+    Datapath(datapath::DatapathCommand),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(cmd) => ExitCode::from(policy::run(cmd)),
+        Command::Datapath(cmd) => ExitCode::from(datapath::run(cmd)),
     }
 }

@@ -225,6 +225,11 @@ impl KernelDatapath {
         ))
     }
 
+    /// Drops so far per reason, summed over CPUs.
+    pub fn drop_counts(&self) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
+        read_drop_counts(&self.pin_dir)
+    }
+
     /// Every flow event waiting in the ring buffer. The programs never wake the reader, so the
     /// agent calls this on a timer.
     pub fn drain_events(&mut self) -> Vec<FlowEvent> {
@@ -370,6 +375,29 @@ fn attach_sockops(
     link.pin(pin)
         .map_err(|e| attach_err(format!("pinning: {e}")))?;
     Ok(())
+}
+
+/// Drops per reason from the counters pinned under `pin_dir`, summed over CPUs.
+pub fn read_drop_counts(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
+    let path = pin_dir.join("maps").join(names::DROPS);
+    let data = MapData::from_pin(&path).map_err(|e| DatapathError::Map {
+        map: names::DROPS,
+        reason: chain(&e),
+    })?;
+    let drops: aya::maps::PerCpuArray<MapData, u64> =
+        aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(names::DROPS))?;
+    let mut out = BTreeMap::new();
+    for code in 0..signet_bpf::maps::Reason::COUNT as u32 {
+        let per_cpu = drops.get(&code, 0).map_err(map_err(names::DROPS))?;
+        let total: u64 = per_cpu.iter().sum();
+        if total > 0 {
+            out.insert(
+                signet_bpf::maps::Reason::from_code(code as u8).name(),
+                total,
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the

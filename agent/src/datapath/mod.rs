@@ -6,6 +6,7 @@
 //! [`Datapath`] trait, which [`fake::FakeDatapath`] implements in memory for tests without root.
 
 pub mod bpffs;
+pub mod events;
 pub mod fake;
 pub mod loader;
 
