@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener};
 
+use std::process::Command;
 use std::time::Duration;
 
 use signet_agent::datapath::events::{EventReader, Verdict};
@@ -30,7 +31,25 @@ fn proxy_once(
     listener: TcpListener,
     dp: &KernelDatapath,
 ) -> (SocketAddr, Option<(SocketAddr, u32)>) {
-    let (mut s, client) = listener.accept().expect("accept");
+    // Bounded, so a connection that never arrives fails the test instead of hanging it.
+    listener.set_nonblocking(true).expect("nonblocking");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut s, client) = loop {
+        match listener.accept() {
+            Ok(a) => break a,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no connection reached the proxy"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).expect("blocking");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let orig = dp.original_destination(client);
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).expect("read hello");
@@ -326,5 +345,56 @@ fn cleanup_detaches_everything_and_enforcement_stops() {
     assert_ne!(
         report["errno"], 1,
         "no longer enforced after cleanup: {report}"
+    );
+}
+
+#[test]
+fn ipv6_connects_are_captured_too() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let ns = common::NetNs::new();
+    ns.add_addr("fd00:5167::1/128");
+    ns.add_addr("fd00:5167::2/128");
+    // The proxy listens inside the namespace; the client runs there, in the test cgroup.
+    let listener = common::in_netns(&ns.name, || {
+        TcpListener::bind("[fd00:5167::1]:0").expect("bind")
+    });
+    let port = listener.local_addr().expect("addr").port();
+    let mut dp = setup(&env, port);
+    dp.set_config(&DatapathConfig {
+        proxy_v4: "127.0.0.1".parse().expect("ip"),
+        proxy_v6: Some("fd00:5167::1".parse().expect("ip")),
+        proxy_port: port,
+        strict: true,
+        proxy_mark: 0x5167,
+        event_sample: 0,
+    })
+    .expect("config");
+    dp.reconcile_ipcache(&[IpcacheEntry {
+        ip: "fd00:5167::2".parse().expect("ip"),
+        prefix: 128,
+        identity: 303,
+        mesh: true,
+    }])
+    .expect("ipcache");
+    let ((_, orig), report) = std::thread::scope(|s| {
+        let h = s.spawn(|| proxy_once(listener, &dp));
+        let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+            .arg("--cgroup")
+            .arg(&env.cgroup)
+            .args(["--netns", &ns.name, "--connect", "[fd00:5167::2]:9999"])
+            .output()
+            .expect("client");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (h.join().expect("proxy"), report)
+    });
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["peer"], "[fd00:5167::2]:9999", "{report}");
+    assert_eq!(
+        orig,
+        Some(("[fd00:5167::2]:9999".parse().expect("addr"), 303))
     );
 }

@@ -1,10 +1,11 @@
 //! `signet-test-client`: an unmodified client and server for the datapath tests. It prints one
 //! JSON line describing what happened.
 //!
-//!     signet-test-client [--cgroup DIR] --connect ADDR:PORT [--udp] [--mark N] [--timeout-ms N]
+//!     signet-test-client [--cgroup DIR] [--netns NAME] --connect ADDR:PORT [--udp] [--mark N] [--timeout-ms N]
 //!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N]
 //!
-//! With `--cgroup` it first moves itself into that cgroup, as a pod's process would be. A client
+//! With `--cgroup` it first moves itself into that cgroup, as a pod's process would be, then
+//! with `--netns` into that network namespace (`ip netns exec` would hide the cgroup tree). A client
 //! says hello and reports the reply; `getpeername` is what it reports as `peer`. A server answers
 //! `count` hellos (then exits), or reports a timeout.
 
@@ -51,6 +52,13 @@ fn main() {
         let procs = format!("{cgroup}/cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
             fail(format!("joining {procs}: {e}"));
+        }
+    }
+    if let Some(ns) = args.value("--netns") {
+        let path = format!("/run/netns/{ns}");
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| fail(format!("{path}: {e}")));
+        if let Err(e) = nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET) {
+            fail(format!("entering {ns}: {e}"));
         }
     }
     let udp = args.flag("--udp");

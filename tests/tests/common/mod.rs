@@ -260,16 +260,7 @@ impl NetEnv {
 
     /// Runs `f` on a thread inside the node namespace (for attaching tc programs there).
     pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.node);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).expect("netns file");
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("thread in node namespace")
-        })
+        in_netns(&self.node, f)
     }
 
     /// Starts `signet-test-client` as a server in `ns`; it exits after `count` requests or the
@@ -341,5 +332,45 @@ impl Drop for NetEnv {
         for ns in [&self.peer, &self.pod, &self.node] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it creates stay there).
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path).expect("netns file");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in namespace")
+    })
+}
+
+/// One network namespace of our own, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        let name = format!("signet-t{}", unique());
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    pub fn add_addr(&self, cidr: &str) {
+        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
