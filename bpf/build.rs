@@ -8,11 +8,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const OBJECTS: [&str; 4] = [
+const OBJECTS: [&str; 5] = [
     "sock_connect",
     "sock_getpeername",
     "sockops",
     "tc_to_endpoint",
+    "tc_from_endpoint",
 ];
 
 fn clang() -> anyhow::Result<String> {

@@ -25,6 +25,8 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 	struct ipcache_value *peer = ipcache_lookup(dst);
 	if (!peer || !(peer->flags & SIGNET_IPCACHE_MESH))
 		return SYS_PROCEED; /* not a mesh destination: untouched */
+	if (bpf_map_lookup_elem(&signet_excluded_ports, &dport))
+		return SYS_PROCEED; /* an excluded port: untouched */
 	struct config *cfg = config_get();
 	if (!cfg || cfg->proxy_port == 0)
 		return SYS_REJECT; /* fail closed: no proxy configured */

@@ -94,6 +94,16 @@ struct client_key {
 	__u16 _pad;
 };
 
+/* udp_ct: a UDP flow a workload started, keyed as its replies will look (reversed), so replies
+ * pass the ingress check without an ingress rule for them. */
+struct udp_ct_key {
+	__u8 remote[16]; /* the peer the workload sent to: source of the reply */
+	__u8 local[16];  /* the workload */
+	__u16 remote_port;
+	__u16 local_port;
+	__u32 _pad;
+};
+
 struct config {
 	__u8 proxy_addr4[4];   /* network byte order, as in sockaddr */
 	__u8 proxy_addr6[16];
@@ -126,6 +136,7 @@ struct flow_event {
 #define SIGNET_ENDPOINTS_MAX 4096
 #define SIGNET_POLICY_MAX 65536
 #define SIGNET_ORIG_MAX 65536
+#define SIGNET_UDP_CT_MAX 16384
 #endif
 
 struct {
@@ -176,6 +187,23 @@ struct {
 	__type(value, struct orig_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } signet_orig_by_client SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SIGNET_UDP_CT_MAX);
+	__type(key, struct udp_ct_key);
+	__type(value, __u64); /* last seen, ns */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} signet_udp_ct SEC(".maps");
+
+/* Destination ports a workload's connect() to a mesh destination leaves alone (not captured). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u16);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} signet_excluded_ports SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -33,8 +33,16 @@ pub const SOCK_GETPEERNAME: Object = object!("sock_getpeername");
 pub const SOCKOPS: Object = object!("sockops");
 /// tc towards an endpoint (`signet_to_endpoint`).
 pub const TC_TO_ENDPOINT: Object = object!("tc_to_endpoint");
+/// tc from an endpoint (`signet_from_endpoint`): the UDP connection table.
+pub const TC_FROM_ENDPOINT: Object = object!("tc_from_endpoint");
 
-pub const OBJECTS: [Object; 4] = [SOCK_CONNECT, SOCK_GETPEERNAME, SOCKOPS, TC_TO_ENDPOINT];
+pub const OBJECTS: [Object; 5] = [
+    SOCK_CONNECT,
+    SOCK_GETPEERNAME,
+    SOCKOPS,
+    TC_TO_ENDPOINT,
+    TC_FROM_ENDPOINT,
+];
 
 /// Program names, as in the C sources.
 pub mod programs {
@@ -44,6 +52,7 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "signet_getpeername6";
     pub const SOCKOPS: &str = "signet_sockops";
     pub const TO_ENDPOINT: &str = "signet_to_endpoint";
+    pub const FROM_ENDPOINT: &str = "signet_from_endpoint";
 }
 
 /// Map names, as in `bpf/lib/common.h`; also their pin file names.
@@ -57,7 +66,9 @@ pub mod map_names {
     pub const CONFIG: &str = "signet_config";
     pub const DROPS: &str = "signet_drops";
     pub const EVENTS: &str = "signet_events";
-    pub const ALL: [&str; 9] = [
+    pub const UDP_CT: &str = "signet_udp_ct";
+    pub const EXCLUDED_PORTS: &str = "signet_excluded_ports";
+    pub const ALL: [&str; 11] = [
         IPCACHE,
         EP_CGROUP,
         EP_IFINDEX,
@@ -67,5 +78,7 @@ pub mod map_names {
         CONFIG,
         DROPS,
         EVENTS,
+        UDP_CT,
+        EXCLUDED_PORTS,
     ];
 }

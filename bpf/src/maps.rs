@@ -163,6 +163,18 @@ pub struct ClientKey {
 }
 const _: () = assert!(size_of::<ClientKey>() == 20);
 
+/// C `struct udp_ct_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpCtKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<UdpCtKey>() == 40);
+
 /// C `struct config`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -248,6 +260,8 @@ unsafe impl aya::Pod for ClientKey {}
 unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for UdpCtKey {}
 
 #[cfg(test)]
 mod tests {

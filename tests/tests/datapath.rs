@@ -398,3 +398,31 @@ fn ipv6_connects_are_captured_too() {
         Some(("[fd00:5167::2]:9999".parse().expect("addr"), 303))
     );
 }
+
+#[test]
+fn excluded_ports_are_not_captured() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let mut dp = setup(&env, proxy.local_addr().expect("addr").port());
+    // A real listener on the mesh address itself answers "direct".
+    let direct = TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let port = direct.local_addr().expect("addr").port();
+    dp.set_excluded_ports(&[port]).expect("excluded ports");
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            let (mut c, _) = direct.accept().expect("accept");
+            let mut line = String::new();
+            BufReader::new(&c).read_line(&mut line).expect("hello");
+            c.write_all(b"direct\n").expect("reply");
+        });
+        env.connect(&format!("127.0.0.2:{port}"))
+    });
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(
+        report["reply"], "direct",
+        "not redirected to the proxy: {report}"
+    );
+}

@@ -227,3 +227,44 @@ fn udp_follows_the_policy_entries() {
         assert_eq!(report["ok"], ok, "UDP {port}: {report}");
     }
 }
+
+#[test]
+fn replies_to_udp_flows_the_pod_started_pass_a_default_deny() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let _dp = setup(
+        &env,
+        &net,
+        false,
+        false,
+        &[
+            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
+            entry(Protocol::Udp, 0, 0, Action::Deny, 0),
+        ],
+    );
+    // Unsolicited UDP to the pod is denied...
+    let mut server = net.serve(&net.pod, &format!("{}:5400", net.pod_ip), true, 1, 3000);
+    let report = net.client(
+        &net.peer,
+        &format!("{}:5400", net.pod_ip),
+        &["--udp", "--timeout-ms", "800"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(report["ok"], false, "{report}");
+    // ...but the reply to a query the pod sent comes back.
+    let mut server = net.serve(&net.peer, &format!("{}:5300", net.peer_ip), true, 1, 3000);
+    let report = net.client(
+        &net.pod,
+        &format!("{}:5300", net.peer_ip),
+        &["--udp", "--timeout-ms", "2000"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        report["ok"], true,
+        "the reply passed through the connection table: {report}"
+    );
+}

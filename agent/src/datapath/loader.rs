@@ -60,8 +60,10 @@ pub struct LoaderConfig {
 /// The datapath in the kernel.
 pub struct KernelDatapath {
     pin_dir: PathBuf,
-    /// Loaded objects whose programs may still be attached (tc, per interface).
-    tc_object: Ebpf,
+    /// Loaded objects whose programs are attached per interface (towards and from the pod).
+    tc_to: Ebpf,
+    tc_from: Ebpf,
+    excluded_ports: HashMap<MapData, u16, u8>,
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     ep_cgroup: HashMap<MapData, u64, EndpointValue>,
     ep_ifindex: HashMap<MapData, u32, EndpointValue>,
@@ -152,7 +154,8 @@ impl KernelDatapath {
         let mut connect = load_object(signet_bpf::SOCK_CONNECT, &maps_dir, cfg.sizes)?;
         let mut getpeername = load_object(signet_bpf::SOCK_GETPEERNAME, &maps_dir, cfg.sizes)?;
         let mut sockops = load_object(signet_bpf::SOCKOPS, &maps_dir, cfg.sizes)?;
-        let tc_object = load_object(signet_bpf::TC_TO_ENDPOINT, &maps_dir, cfg.sizes)?;
+        let tc_to = load_object(signet_bpf::TC_TO_ENDPOINT, &maps_dir, cfg.sizes)?;
+        let tc_from = load_object(signet_bpf::TC_FROM_ENDPOINT, &maps_dir, cfg.sizes)?;
 
         let target = cfg.cgroup.display().to_string();
         for (obj, name) in [
@@ -181,7 +184,14 @@ impl KernelDatapath {
         };
         Ok(Self {
             pin_dir: cfg.pin_dir.clone(),
-            tc_object,
+            tc_to,
+            tc_from,
+            excluded_ports: HashMap::try_from(open_map(
+                &maps_dir,
+                names::EXCLUDED_PORTS,
+                Map::HashMap,
+            )?)
+            .map_err(map_err(names::EXCLUDED_PORTS))?,
             ipcache: LpmTrie::try_from(open_map(&maps_dir, names::IPCACHE, Map::LpmTrie)?)
                 .map_err(map_err(names::IPCACHE))?,
             ep_cgroup: HashMap::try_from(open_map(&maps_dir, names::EP_CGROUP, Map::HashMap)?)
@@ -242,57 +252,104 @@ impl KernelDatapath {
         out
     }
 
-    /// Attaches the tc program to an endpoint's host-side interface, towards the pod (TCX egress
-    /// of the host side), reusing a pinned link if there is one.
+    /// Attaches the tc programs to an endpoint's host-side interface: towards the pod (TCX
+    /// egress of the host side: ingress policy) and from it (TCX ingress: the UDP connection
+    /// table). Pinned links from an earlier run are reused.
     pub fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let pin = self.pin_dir.join("links").join(format!("tc-{ifname}"));
-        if PinnedLink::from_pin(&pin).is_ok() {
-            return Ok(());
+        let links = self.pin_dir.join("links");
+        attach_tc(
+            &mut self.tc_to,
+            programs::TO_ENDPOINT,
+            ifname,
+            TcAttachType::Egress,
+            &links.join(format!("tc-to-{ifname}")),
+        )?;
+        attach_tc(
+            &mut self.tc_from,
+            programs::FROM_ENDPOINT,
+            ifname,
+            TcAttachType::Ingress,
+            &links.join(format!("tc-from-{ifname}")),
+        )
+    }
+
+    /// Detaches the tc programs from an interface that went away or is no longer an endpoint.
+    pub fn detach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        for dir in ["to", "from"] {
+            let pin = self
+                .pin_dir
+                .join("links")
+                .join(format!("tc-{dir}-{ifname}"));
+            match fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(DatapathError::Io {
+                        path: pin,
+                        source: e,
+                    });
+                }
+            }
         }
-        let prog: &mut SchedClassifier = self
-            .tc_object
-            .program_mut(programs::TO_ENDPOINT)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(DatapathError::Program {
-                program: programs::TO_ENDPOINT,
-                reason: "not in the object".into(),
-            })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| DatapathError::Program {
-                program: programs::TO_ENDPOINT,
-                reason: chain(&e),
-            })?;
-        }
-        let attach_err = |reason: String| DatapathError::Attach {
-            program: programs::TO_ENDPOINT,
-            target: ifname.to_owned(),
-            reason,
-        };
-        let id = prog
-            .attach(ifname, TcAttachType::Egress)
-            .map_err(|e| attach_err(chain(&e)))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| attach_err(chain(&e)))?
-            .try_into()
-            .map_err(|e| attach_err(format!("not an fd link (TCX needs kernel 6.6): {e:?}")))?;
-        link.pin(&pin)
-            .map_err(|e| attach_err(format!("pinning: {e}")))?;
         Ok(())
     }
 
-    /// Detaches the tc program from an interface that went away or is no longer an endpoint.
-    pub fn detach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let pin = self.pin_dir.join("links").join(format!("tc-{ifname}"));
-        match fs::remove_file(&pin) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DatapathError::Io {
-                path: pin,
-                source: e,
-            }),
+    /// Destination ports never captured (e.g. a probe port the kubelet uses).
+    pub fn set_excluded_ports(&mut self, ports: &[u16]) -> Result<(), DatapathError> {
+        let current: Vec<u16> = self.excluded_ports.keys().filter_map(Result::ok).collect();
+        for p in ports {
+            if !current.contains(p) {
+                self.excluded_ports
+                    .insert(p, 1, 0)
+                    .map_err(map_err(names::EXCLUDED_PORTS))?;
+            }
         }
+        for p in current.iter().filter(|p| !ports.contains(p)) {
+            self.excluded_ports
+                .remove(p)
+                .map_err(map_err(names::EXCLUDED_PORTS))?;
+        }
+        Ok(())
     }
+}
+
+fn attach_tc(
+    obj: &mut Ebpf,
+    name: &'static str,
+    ifname: &str,
+    at: TcAttachType,
+    pin: &Path,
+) -> Result<(), DatapathError> {
+    if PinnedLink::from_pin(pin).is_ok() {
+        return Ok(());
+    }
+    let prog: &mut SchedClassifier = obj
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DatapathError::Program {
+            program: name,
+            reason: "not in the object".into(),
+        })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| DatapathError::Program {
+            program: name,
+            reason: chain(&e),
+        })?;
+    }
+    let attach_err = |reason: String| DatapathError::Attach {
+        program: name,
+        target: ifname.to_owned(),
+        reason,
+    };
+    let id = prog.attach(ifname, at).map_err(|e| attach_err(chain(&e)))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .map_err(|e| attach_err(chain(&e)))?
+        .try_into()
+        .map_err(|e| attach_err(format!("not an fd link (TCX needs kernel 6.6): {e:?}")))?;
+    link.pin(pin)
+        .map_err(|e| attach_err(format!("pinning: {e}")))?;
+    Ok(())
 }
 
 fn attach_sock_addr(
