@@ -91,3 +91,50 @@ impl Datapath for FakeDatapath {
         Ok(self.policy.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_policy::compile::{Action, Entry, Key};
+    use signet_policy::eval::Direction;
+    use signet_policy::resource::Protocol;
+
+    fn compiled(peers: std::ops::Range<u32>, action: Action) -> Compiled {
+        let mut c = Compiled::default();
+        for peer in peers {
+            c.entries.insert(
+                Key {
+                    endpoint: 1,
+                    direction: Direction::Ingress,
+                    proto: Protocol::Tcp,
+                    peer,
+                    port: 80,
+                },
+                Entry { action, rule: 1 },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn reconciliation_touches_only_what_changed_and_a_full_map_keeps_the_old_state() {
+        let mut dp = FakeDatapath::with_capacity(10);
+        assert_eq!(
+            dp.reconcile_policy(&compiled(0..4, Action::Allow))
+                .expect("fits")
+                .written,
+            4
+        );
+        let changes = dp
+            .reconcile_policy(&compiled(2..6, Action::Allow))
+            .expect("fits");
+        assert_eq!((changes.written, changes.removed), (2, 2));
+        // 8 new entries plus 4 that must stay until the new ones are in: 12 > 10.
+        let err = dp
+            .reconcile_policy(&compiled(100..108, Action::Deny))
+            .expect_err("full");
+        assert!(err.to_string().contains("kept"), "{err}");
+        assert_eq!(dp.policy.len(), 4, "the entries in force stayed");
+        assert_eq!(dp.policy_writes, 8);
+    }
+}

@@ -57,6 +57,17 @@ pub struct LoaderConfig {
     pub sizes: MapSizes,
 }
 
+impl LoaderConfig {
+    /// The standard layout: pins under `/sys/fs/bpf/signet/<node>`.
+    pub fn for_node(node: &str, cgroup: PathBuf) -> Self {
+        Self {
+            pin_dir: PathBuf::from(bpffs::BPFFS).join("signet").join(node),
+            cgroup,
+            sizes: MapSizes::default(),
+        }
+    }
+}
+
 /// The datapath in the kernel.
 pub struct KernelDatapath {
     pin_dir: PathBuf,
@@ -320,7 +331,10 @@ fn attach_tc(
     at: TcAttachType,
     pin: &Path,
 ) -> Result<(), DatapathError> {
-    if PinnedLink::from_pin(pin).is_ok() {
+    // A TCX link is pinned; a netlink (clsact) filter lives on the interface itself, so a
+    // marker file records it. Either way an attached program is never attached twice.
+    let marker = pin.with_extension("clsact");
+    if PinnedLink::from_pin(pin).is_ok() || marker.exists() {
         return Ok(());
     }
     let prog: &mut SchedClassifier = obj
@@ -341,14 +355,29 @@ fn attach_tc(
         target: ifname.to_owned(),
         reason,
     };
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    if !tcx {
+        // Before TCX: a clsact qdisc carries the filter (it may already be there).
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
+            tracing::debug!(ifname, error = %e, "clsact qdisc not added (probably present)");
+        }
+    }
     let id = prog.attach(ifname, at).map_err(|e| attach_err(chain(&e)))?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(|e| attach_err(chain(&e)))?
-        .try_into()
-        .map_err(|e| attach_err(format!("not an fd link (TCX needs kernel 6.6): {e:?}")))?;
-    link.pin(pin)
-        .map_err(|e| attach_err(format!("pinning: {e}")))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+    if tcx {
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e| attach_err(format!("TCX link is not an fd link: {e:?}")))?;
+        fd_link
+            .pin(pin)
+            .map_err(|e| attach_err(format!("pinning: {e}")))?;
+    } else {
+        // The netlink filter stays on the interface after we exit; dropping aya's link object
+        // would remove it, so it is forgotten and a marker remembers the attachment.
+        std::mem::forget(link);
+        fs::write(&marker, ifname).map_err(io(&marker))?;
+    }
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //!   connect to that listener from the plain cgroup).
 //! - Policy map update rate for a 10,000-entry change (insert, change, remove).
 //!
+//! Run:
+//!
 //!     cargo build --release -p signet-tests --bin signet-datapath-bench
 //!     sudo $CARGO_TARGET_DIR/release/signet-datapath-bench [--rounds 20] [--per-round 200]
 //!
