@@ -1,0 +1,384 @@
+//! HBONE: TCP tunnelled as HTTP/2 `CONNECT` streams (`:authority` = destination `ip:port`) over
+//! mutual TLS between node proxies, the wire format of Istio ambient's ztunnel.
+//!
+//! The client side presents the source workload's SVID and requires the destination workload's
+//! SPIFFE ID from the server (`signet_ca::verify`); connections are pooled per (source
+//! identity, destination identity, destination node) with a cap on concurrent streams each.
+//! The server side hands every stream, with the authenticated peer identity, to an
+//! [`Inbound`] that authorises it and opens the connection to the workload.
+//!
+//! What this module does not decide: which identities talk (policy) and which sockets to open
+//! (the proxy around it).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use rustls_pki_types::ServerName;
+use signet_ca::SpiffeId;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Largest chunk moved in one DATA frame.
+const CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connecting to {node}:15008: {source} (is the agent running there?)")]
+    Connect {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS handshake with {node} failed: {source}")]
+    Tls {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {node}: {source}")]
+    H2 { node: SocketAddr, source: h2::Error },
+    #[error("{node} refused CONNECT {authority}: HTTP {status}")]
+    Refused {
+        node: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+    #[error("tunnel I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Moves bytes both ways between `io` and an HTTP/2 stream until both directions are closed,
+/// propagating half-close (EOF becomes END_STREAM and back). Returns bytes (to h2, from h2).
+pub async fn pump<S>(
+    io: S,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> std::io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let upstream = async {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                return Ok::<_, std::io::Error>(total);
+            }
+            // Back-pressure: wait for the peer's flow-control window before sending.
+            let mut offset = 0;
+            while offset < n {
+                send.reserve_capacity(n - offset);
+                let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(h2_io(e)),
+                    None => return Err(std::io::ErrorKind::BrokenPipe.into()),
+                };
+                let end = offset + granted.min(n - offset);
+                send.send_data(Bytes::copy_from_slice(&buf[offset..end]), false)
+                    .map_err(h2_io)?;
+                offset = end;
+            }
+            total += n as u64;
+        }
+    };
+    let downstream = async {
+        let mut total = 0u64;
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(h2_io)?;
+            wr.write_all(&chunk).await?;
+            total += chunk.len() as u64;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+        }
+        wr.shutdown().await?;
+        Ok::<_, std::io::Error>(total)
+    };
+    tokio::try_join!(upstream, downstream)
+}
+
+fn h2_io(e: h2::Error) -> std::io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| std::io::ErrorKind::Other.into())
+    } else {
+        std::io::Error::other(e)
+    }
+}
+
+/// Who is tunnelling to whom, through which node: the pool key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    /// The destination node's HBONE address (`<node>:15008`).
+    pub node: SocketAddr,
+}
+
+struct PooledConn {
+    send: h2::client::SendRequest<Bytes>,
+    /// Streams open on this connection.
+    active: Arc<AtomicUsize>,
+    /// Set when the connection task ends (peer closed, error, GOAWAY).
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Makes the client TLS configuration for a route: the source's SVID, the destination's ID.
+pub type ClientTls = Arc<dyn Fn(&Route) -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+
+/// HBONE client with a connection pool.
+#[derive(Clone)]
+pub struct HboneClient {
+    tls: ClientTls,
+    max_streams: usize,
+    pool: Arc<Mutex<HashMap<Route, Vec<PooledConn>>>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for HboneClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HboneClient")
+            .field("max_streams", &self.max_streams)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tunnel: the h2 stream halves, and a guard that frees the pool slot when dropped.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    _slot: Slot,
+}
+
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HboneClient {
+    pub fn new(tls: ClientTls, max_streams: usize) -> Self {
+        Self {
+            tls,
+            max_streams: max_streams.max(1),
+            pool: Arc::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Open HTTP/2 connections in the pool (for tests and metrics).
+    pub fn connections(&self) -> usize {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.values()
+            .flatten()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// A stream to `authority` (the destination `ip:port`) over a pooled or new connection.
+    pub async fn open(&self, route: &Route, authority: SocketAddr) -> Result<Tunnel, HboneError> {
+        let (send_req, active) = match self.pooled(route) {
+            Some(c) => c,
+            None => self.dial(route).await?,
+        };
+        let slot = Slot(active);
+        let mut send_req = send_req.ready().await.map_err(|source| HboneError::H2 {
+            node: route.node,
+            source,
+        })?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
+            .expect("a socket address is a valid authority");
+        let (response, send) =
+            send_req
+                .send_request(req, false)
+                .map_err(|source| HboneError::H2 {
+                    node: route.node,
+                    source,
+                })?;
+        let response = response.await.map_err(|source| HboneError::H2 {
+            node: route.node,
+            source,
+        })?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Refused {
+                node: route.node,
+                authority,
+                status: response.status(),
+            });
+        }
+        Ok(Tunnel {
+            send,
+            recv: response.into_body(),
+            _slot: slot,
+        })
+    }
+
+    fn pooled(&self, route: &Route) -> Option<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>)> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.get_mut(route)?;
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        for c in conns.iter() {
+            let n = c.active.load(Ordering::Acquire);
+            if n < self.max_streams
+                && c.active
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Some((c.send.clone(), c.active.clone()));
+            }
+        }
+        None
+    }
+
+    async fn dial(
+        &self,
+        route: &Route,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
+        let node = route.node;
+        let tls = (self.tls)(route).ok_or_else(|| HboneError::Tls {
+            node,
+            source: std::io::Error::other(format!("no certificate for {} yet", route.source)),
+        })?;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(node))
+            .await
+            .map_err(|_| HboneError::Connect {
+                node,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| HboneError::Connect { node, source })?;
+        let _ = tcp.set_nodelay(true);
+        // SPIFFE verification ignores the name; it only has to be syntactically valid.
+        let name = ServerName::try_from("hbone.signet.invalid").expect("a valid DNS name");
+        let tls_stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|source| HboneError::Tls { node, source })?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake(tls_stream)
+            .await
+            .map_err(|source| HboneError::H2 { node, source })?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed_by_task = closed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%node, error = %e, "HBONE connection closed");
+            }
+            closed_by_task.store(true, Ordering::Release);
+        });
+        let active = Arc::new(AtomicUsize::new(1));
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route.clone())
+            .or_default()
+            .push(PooledConn {
+                send: send.clone(),
+                active: active.clone(),
+                closed,
+            });
+        Ok((send, active))
+    }
+}
+
+/// The inbound decision for one stream.
+#[derive(Debug)]
+pub enum Admission {
+    /// Connected to the workload: pump the tunnel into this stream.
+    Accept(TcpStream),
+    /// Refused with this status (403 for policy, 503 when the workload is unreachable).
+    Refuse(StatusCode, String),
+}
+
+pub type AdmitFuture = Pin<Box<dyn Future<Output = Admission> + Send>>;
+
+/// Authorises and connects each inbound stream.
+pub type Inbound = Arc<dyn Fn(SpiffeId, SocketAddr) -> AdmitFuture + Send + Sync>;
+
+/// Serves one inbound HBONE connection whose TLS handshake already authenticated `peer`.
+pub async fn serve_connection<T>(io: T, peer: SpiffeId, inbound: Inbound) -> Result<(), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_concurrent_streams(1024)
+        .handshake(io)
+        .await?;
+    while let Some(next) = conn.accept().await {
+        let (req, respond) = next?;
+        let (peer, inbound) = (peer.clone(), inbound.clone());
+        tokio::spawn(async move { handle_stream(req, respond, peer, inbound).await });
+    }
+    Ok(())
+}
+
+async fn handle_stream(
+    req: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SpiffeId,
+    inbound: Inbound,
+) {
+    let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .expect("a status is a valid response");
+        respond.send_response(resp, true)
+    };
+    if req.method() != Method::CONNECT {
+        let _ = reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return;
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+        return;
+    };
+    match inbound(peer.clone(), target).await {
+        Admission::Refuse(status, why) => {
+            tracing::info!(source = %peer, %target, %status, reason = %why, "HBONE stream refused");
+            let _ = reply(&mut respond, status);
+        }
+        Admission::Accept(tcp) => {
+            let resp = Response::builder()
+                .status(StatusCode::OK)
+                .body(())
+                .expect("valid response");
+            let send = match respond.send_response(resp, false) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "peer went away before the tunnel opened");
+                    return;
+                }
+            };
+            match pump(tcp, send, req.into_body()).await {
+                Ok((up, down)) => {
+                    tracing::debug!(source = %peer, %target, up, down, "HBONE stream closed")
+                }
+                Err(e) => {
+                    tracing::debug!(source = %peer, %target, error = %e, "HBONE stream failed")
+                }
+            }
+        }
+    }
+}

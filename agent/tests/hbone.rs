@@ -1,0 +1,320 @@
+//! HBONE over loopback with SVIDs from a real in-process CA: tunnels carry bytes both ways with
+//! half-close, connections are pooled with a stream cap, the server authorises by the peer's
+//! SPIFFE ID, and a client refuses a server that is not the destination it expects.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use signet_agent::proxy::hbone::{
+    Admission, HboneClient, HboneError, Inbound, Route, pump, serve_connection,
+};
+use signet_ca::verify::{SpiffeClientVerifier, SpiffeServerVerifier, SvidRoots, peer_spiffe_id};
+use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).expect("id")
+}
+
+struct Svid {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: CertificateAuthority,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let td = TrustDomain::parse("cluster.local").expect("td");
+        let ca = CertificateAuthority::open(CaSettings::new(
+            td,
+            CaSource::StateDir(dir.path().join("ca")),
+        ))
+        .expect("ca");
+        Self { _dir: dir, ca }
+    }
+
+    fn svid(&self, who: &str) -> Svid {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let svid = self
+            .ca
+            .issue(
+                &id(who),
+                &Csr::parse(csr.as_bytes()).expect("csr"),
+                Duration::from_secs(600),
+            )
+            .expect("issue");
+        Svid {
+            chain: svid.chain[..svid.chain.len() - 1].to_vec(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        }
+    }
+
+    fn roots(&self) -> SvidRoots {
+        SvidRoots::new(self.ca.trust_domain().clone(), &self.ca.bundle().roots).expect("roots")
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An echo server: copies back until EOF, then closes.
+async fn echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HBONE server presenting `server`'s SVID that admits only WEB to `allowed`. Counts TLS
+/// connections.
+async fn hbone_server(
+    pki: &Pki,
+    server: Svid,
+    allowed: SocketAddr,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_client_cert_verifier(SpiffeClientVerifier::new(pki.roots()))
+        .with_single_cert(server.chain, server.key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let inbound: Inbound = Arc::new(move |peer: SpiffeId, target: SocketAddr| {
+        Box::pin(async move {
+            if peer.as_str() != WEB || target != allowed {
+                return Admission::Refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("{peer} may not reach {target}"),
+                );
+            }
+            match TcpStream::connect(target).await {
+                Ok(s) => Admission::Accept(s),
+                Err(e) => Admission::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            }
+        })
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, inbound, counter) = (acceptor.clone(), inbound.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let peer =
+                    peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("verified peer");
+                let _ = serve_connection(tls, peer, inbound).await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+fn client(pki: &Pki, max_streams: usize) -> HboneClient {
+    let roots = pki.roots();
+    let svids: std::collections::HashMap<
+        String,
+        (Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>),
+    > = [WEB, OTHER]
+        .into_iter()
+        .map(|w| {
+            let s = pki.svid(w);
+            (w.to_owned(), (s.chain, Arc::new(s.key)))
+        })
+        .collect();
+    HboneClient::new(
+        Arc::new(move |route: &Route| {
+            let (chain, key) = svids.get(route.source.as_str())?;
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .ok()?
+                .dangerous()
+                .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+                    roots.clone(),
+                    route.destination.clone(),
+                ))
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .ok()?;
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            Some(Arc::new(cfg))
+        }),
+        max_streams,
+    )
+}
+
+async fn round_trip(
+    c: &HboneClient,
+    route: &Route,
+    target: SocketAddr,
+    msg: &[u8],
+) -> Result<Vec<u8>, HboneError> {
+    let mut t = c.open(route, target).await?;
+    t.send
+        .send_data(Bytes::copy_from_slice(msg), true)
+        .expect("send");
+    let mut got = Vec::new();
+    while let Some(chunk) = t.recv.data().await {
+        let chunk = chunk.expect("data");
+        let _ = t.recv.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    Ok(got)
+}
+
+/// As the outbound proxy does it: an application's TCP connection pumped into a tunnel.
+async fn through_pump(c: &HboneClient, route: &Route, target: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = app.local_addr().expect("addr");
+    let (c, route) = (c.clone(), route.clone());
+    tokio::spawn(async move {
+        let (sock, _) = app.accept().await.expect("accept");
+        let t = c.open(&route, target).await.expect("open");
+        pump(sock, t.send, t.recv).await.expect("pump");
+    });
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = s.split();
+    let writer = async {
+        w.write_all(msg).await.expect("write");
+        w.shutdown().await.expect("half-close");
+    };
+    let mut got = Vec::new();
+    let reader = r.read_to_end(&mut got);
+    let ((), n) = tokio::join!(writer, reader);
+    n.expect("read");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_carries_bytes_both_ways_with_half_close() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (node, _) = hbone_server(&pki, pki.svid(DB), target).await;
+    let c = client(&pki, 8);
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    // The client ends its side after the message; the echo server answers and closes.
+    let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    assert_eq!(through_pump(&c, &route, target, &big).await, big);
+    assert_eq!(
+        round_trip(&c, &route, target, &big).await.expect("tunnel"),
+        big
+    );
+    assert_eq!(
+        round_trip(&c, &route, target, b"hello")
+            .await
+            .expect("tunnel"),
+        b"hello"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_pooled_with_a_stream_cap() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (node, accepted) = hbone_server(&pki, pki.svid(DB), target).await;
+    let c = client(&pki, 2);
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    // Three streams open at once with a cap of two per connection: two connections.
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(c.open(&route, target).await.expect("open"));
+    }
+    assert_eq!(c.connections(), 2);
+    drop(tunnels);
+    // Freed slots are reused: no new connection.
+    for _ in 0..4 {
+        assert_eq!(
+            round_trip(&c, &route, target, b"x").await.expect("tunnel"),
+            b"x"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_authorises_by_the_peer_identity() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (node, _) = hbone_server(&pki, pki.svid(DB), target).await;
+    let c = client(&pki, 8);
+    let as_other = Route {
+        source: id(OTHER),
+        destination: id(DB),
+        node,
+    };
+    match round_trip(&c, &as_other, target, b"x").await {
+        Err(HboneError::Refused { status, .. }) => assert_eq!(status, StatusCode::FORBIDDEN),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let elsewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let as_web = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    assert!(matches!(
+        round_trip(&c, &as_web, elsewhere, b"x").await,
+        Err(HboneError::Refused { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refuses_a_server_that_is_not_the_expected_destination() {
+    let pki = Pki::new();
+    let target = echo().await;
+    // The node presents OTHER's certificate, the client expects DB.
+    let (node, _) = hbone_server(&pki, pki.svid(OTHER), target).await;
+    let c = client(&pki, 8);
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    match c.open(&route, target).await {
+        Err(HboneError::Tls { source, .. }) => {
+            assert!(source.to_string().contains(OTHER), "{source}")
+        }
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
+}
