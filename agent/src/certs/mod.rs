@@ -1,0 +1,279 @@
+//! Workload certificates: for each identity with a workload on this node, an ECDSA P-256 key
+//! that never leaves the agent, a CSR, and an X.509-SVID from the CA (`CreateCertificate` with
+//! `ImpersonatedIdentity`, as ztunnel asks). The returned SAN and key are checked; certificates
+//! rotate at half-life with jitter, failures retry with backoff, and the old certificate stays in
+//! use until its replacement arrives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use signet_ca::SpiffeId;
+use signet_ca::client::CaClient;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("generating a key for {id}: {reason}")]
+    Key { id: SpiffeId, reason: String },
+    #[error("the CA refused {id}: {status}")]
+    Refused { id: SpiffeId, status: tonic::Status },
+    #[error("the CA's answer for {id} is unusable: {reason}")]
+    BadAnswer { id: SpiffeId, reason: String },
+}
+
+/// A certificate in force for one identity.
+#[derive(Debug, Clone)]
+pub struct WorkloadCert {
+    pub id: SpiffeId,
+    /// Leaf first; the root is left out (peers have it).
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: Arc<PrivateKeyDer<'static>>,
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// When it arrived. `not_before` is backdated by the CA for clock skew, so renewal counts
+    /// from here.
+    pub fetched_at: SystemTime,
+}
+
+impl WorkloadCert {
+    /// When to ask for the next one: half of the lifetime left when it arrived, moved by up to
+    /// ±10 % of that lifetime so a node's certificates do not all renew at once.
+    pub fn renew_at(&self, jitter: f64) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.fetched_at)
+            .unwrap_or_default();
+        let half = life / 2;
+        let shift = life.mul_f64(0.1 * jitter.clamp(-1.0, 1.0).abs());
+        if jitter < 0.0 {
+            self.fetched_at + half - shift
+        } else {
+            self.fetched_at + half + shift
+        }
+    }
+}
+
+/// Asks the CA for one certificate and checks what comes back.
+pub async fn fetch(
+    client: &mut CaClient,
+    id: &SpiffeId,
+    impersonate: bool,
+    ttl: Duration,
+) -> Result<WorkloadCert, CertError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| {
+        CertError::Key {
+            id: id.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| CertError::Key {
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+    let chain_pem = client
+        .create_certificate(&csr, ttl, impersonate.then_some(id))
+        .await
+        .map_err(|status| CertError::Refused {
+            id: id.clone(),
+            status,
+        })?;
+    let bad = |reason: String| CertError::BadAnswer {
+        id: id.clone(),
+        reason,
+    };
+    let mut chain = Vec::new();
+    for pem in &chain_pem {
+        let block = pem::parse(pem).map_err(|e| bad(format!("PEM: {e}")))?;
+        chain.push(CertificateDer::from(block.into_contents()));
+    }
+    let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+    let got = signet_ca::svid::spiffe_id_of(leaf).map_err(|e| bad(e.to_string()))?;
+    if &got != id {
+        return Err(bad(format!("the certificate is for {got}")));
+    }
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| bad(e.to_string()))?;
+    if x509.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return Err(bad("the certificate does not carry our public key".into()));
+    }
+    let to_time = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    let (not_before, not_after) = (
+        to_time(x509.validity().not_before),
+        to_time(x509.validity().not_after),
+    );
+    let serial = x509.raw_serial_as_string();
+    if chain.len() > 1 {
+        chain.pop(); // the root
+    }
+    Ok(WorkloadCert {
+        id: id.clone(),
+        chain,
+        key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        ))),
+        serial,
+        not_before,
+        not_after,
+        fetched_at: SystemTime::now(),
+    })
+}
+
+/// Keeps a certificate fresh for every identity it is told about.
+#[derive(Clone)]
+pub struct CertManager {
+    client: CaClient,
+    /// The agent's own identity is asked for without impersonation.
+    agent_identity: SpiffeId,
+    ttl: Duration,
+    certs: Arc<RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>>,
+    tasks: Arc<RwLock<HashMap<SpiffeId, CancellationToken>>>,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertManager")
+            .field("agent_identity", &self.agent_identity)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertManager {
+    pub fn new(client: CaClient, agent_identity: SpiffeId, ttl: Duration) -> Self {
+        Self {
+            client,
+            agent_identity,
+            ttl,
+            certs: Arc::default(),
+            tasks: Arc::default(),
+        }
+    }
+
+    /// The certificate in force for `id`, if one has arrived.
+    pub fn get(&self, id: &SpiffeId) -> Option<Arc<WorkloadCert>> {
+        self.certs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Whether every identity in `ids` has a certificate (readiness).
+    pub fn ready<'a>(&self, ids: impl IntoIterator<Item = &'a SpiffeId>) -> bool {
+        let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+        ids.into_iter().all(|id| certs.contains_key(id))
+    }
+
+    /// The earliest expiry among certificates in force (for the expiry metric).
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.certs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c.not_after)
+            .min()
+    }
+
+    /// Makes the set of managed identities exactly `ids`: starts a rotation task for each new one
+    /// and stops (and forgets) the ones no longer wanted.
+    pub fn set_identities(&self, ids: &[SpiffeId]) {
+        let mut tasks = self.tasks.write().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|id, token| {
+            let keep = ids.contains(id);
+            if !keep {
+                token.cancel();
+                self.certs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+            keep
+        });
+        for id in ids {
+            if tasks.contains_key(id) {
+                continue;
+            }
+            let token = CancellationToken::new();
+            tasks.insert(id.clone(), token.clone());
+            tokio::spawn(self.clone().rotate(id.clone(), token));
+        }
+    }
+
+    /// Fetches, stores, sleeps until the renewal time; on failure retries with capped
+    /// exponential backoff while the current certificate (if any) stays in force.
+    async fn rotate(self, id: SpiffeId, stop: CancellationToken) {
+        let impersonate = id != self.agent_identity;
+        let mut client = self.client.clone();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match fetch(&mut client, &id, impersonate, self.ttl).await {
+                Ok(cert) => {
+                    backoff = Duration::from_millis(500);
+                    let renew = cert.renew_at(jitter());
+                    tracing::info!(identity = %id, serial = %cert.serial, "certificate loaded");
+                    self.certs
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), Arc::new(cert));
+                    renew
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate request failed");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    w
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// A value in [-1, 1] from the clock's sub-second noise: enough to spread renewals.
+fn jitter() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 2001) / 1000.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_at_half_the_remaining_life_with_bounded_jitter() {
+        let now = SystemTime::now();
+        let cert = WorkloadCert {
+            id: SpiffeId::parse("spiffe://td/ns/a/sa/b").expect("id"),
+            chain: vec![],
+            key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(vec![]))),
+            serial: String::new(),
+            // Backdated by a minute, as the CA does.
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(3600),
+            fetched_at: now,
+        };
+        assert_eq!(cert.renew_at(0.0), now + Duration::from_secs(1800));
+        assert_eq!(cert.renew_at(1.0), now + Duration::from_secs(1800 + 360));
+        assert_eq!(cert.renew_at(-1.0), now + Duration::from_secs(1800 - 360));
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((-1.0..=1.0).contains(&j));
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The certificate manager against the real CA server on loopback: SVIDs for the node's pods
+//! and for the agent itself, rotation at half-life with the old certificate kept until the new
+//! one arrives, and refusal (with retries, never a certificate) for a pod on another node.
+
+use std::time::{Duration, Instant};
+
+use signet_agent::certs::{CertManager, fetch};
+use signet_ca::SpiffeId;
+use signet_ca::client::CaClient;
+use signet_ca::server::CaServer;
+use signet_ca::server::auth::sha256_hex;
+use signet_ca::server::config::ServerConfig;
+use tokio_util::sync::CancellationToken;
+
+const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers: [{name: w, image: w}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\nspec:\n  nodeName: node-b\n  serviceAccountName: db\n  containers: [{name: d, image: d}]\n";
+
+struct Ca {
+    _dir: tempfile::TempDir,
+    addr: String,
+    root: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn ca() -> Ca {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(dir.path().join("state")).expect("mkdir");
+    std::fs::write(dir.path().join("state/pods.yaml"), PODS).expect("pods");
+    let yaml = format!(
+        "trustDomain: cluster.local\nlisten: 127.0.0.1:0\nstateDir: ca\nclusterStateDir: state\n\
+         svid: {{minTtlSeconds: 2}}\nnodes: [{{name: node-a, tokenSha256: {}}}]\n",
+        sha256_hex("token-a")
+    );
+    let config =
+        ServerConfig::from_yaml(&yaml, &dir.path().join("ca.yaml"), dir.path()).expect("config");
+    let server = CaServer::bind(config).await.expect("bind");
+    let addr = server.local_addr().expect("addr").to_string();
+    let root = server.authority().bundle().to_pem();
+    let stop = CancellationToken::new();
+    tokio::spawn(server.run(stop.clone()));
+    Ca {
+        _dir: dir,
+        addr,
+        root,
+        stop,
+    }
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).expect("id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_this_node_and_the_agent_get_checked_certificates() {
+    let ca = ca().await;
+    let mut client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let web = fetch(
+        &mut client,
+        &id("spiffe://cluster.local/ns/shop/sa/web"),
+        true,
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("web");
+    assert_eq!(web.chain.len(), 1, "leaf only; peers hold the root");
+    let lifetime = web.not_after.duration_since(web.not_before).expect("order");
+    assert!(
+        (Duration::from_secs(600)..=Duration::from_secs(700)).contains(&lifetime),
+        "{lifetime:?}"
+    );
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    fetch(&mut client, &agent, false, Duration::from_secs(600))
+        .await
+        .expect("agent identity");
+    let err = fetch(
+        &mut client,
+        &id("spiffe://cluster.local/ns/shop/sa/db"),
+        true,
+        Duration::from_secs(600),
+    )
+    .await
+    .expect_err("db runs on node-b");
+    assert!(err.to_string().contains("node-a"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_at_half_life_and_the_old_one_serves_until_then() {
+    let ca = ca().await;
+    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    let web = id("spiffe://cluster.local/ns/shop/sa/web");
+    let db = id("spiffe://cluster.local/ns/shop/sa/db");
+    // 4 s certificates (the CA allows down to 2 s here), renewed at ~2 s.
+    let mgr = CertManager::new(client, agent.clone(), Duration::from_secs(4));
+    mgr.set_identities(&[web.clone(), agent.clone(), db.clone()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mgr.ready([&web, &agent]) {
+        assert!(Instant::now() < deadline, "certificates did not arrive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = mgr.get(&web).expect("web");
+    let mut serials = vec![first.serial.clone()];
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let now = mgr.get(&web).expect("a certificate is always in force");
+        assert!(
+            now.not_after > std::time::SystemTime::now(),
+            "never an expired one"
+        );
+        if serials.last() != Some(&now.serial) {
+            serials.push(now.serial.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        serials.len() >= 3,
+        "rotated at least twice in 7 s: {serials:?}"
+    );
+    assert!(
+        !mgr.ready([&db]),
+        "a pod on another node never gets a certificate"
+    );
+    assert!(mgr.get(&db).is_none());
+    // Forgetting an identity drops its certificate.
+    mgr.set_identities(std::slice::from_ref(&agent));
+    assert!(mgr.get(&web).is_none());
+    assert!(mgr.earliest_expiry().is_some());
+}
