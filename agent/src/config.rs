@@ -1,0 +1,339 @@
+//! The agent's configuration file (YAML), parsed into typed settings and checked up front so a
+//! mistake is reported before anything is loaded into the kernel.
+//!
+//! ```yaml
+//! node: node-a
+//! trustDomain: cluster.local
+//! clusterStateDir: /etc/signet/state        # Kubernetes manifests (standalone mode)
+//! identityTable: /var/lib/signet/identities.json
+//! ca:
+//!   address: 10.77.0.1:15012
+//!   serverName: localhost                   # name in the CA's serving certificate
+//!   rootCertFile: /etc/signet/ca-root.pem   # trust anchor for the CA and the mesh
+//!   tokenFile: /etc/signet/node-a.token     # mode 0600
+//! datapath:
+//!   cgroupRoot: /sys/fs/cgroup/unified/signet/node-a
+//! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020}
+//! mtlsMode: strict                          # or permissive
+//! ```
+//! Relative paths are taken relative to the configuration file.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use signet_ca::{SpiffeId, TrustDomain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// mTLS between workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Plaintext TCP from other mesh workloads is dropped: only the proxy reaches a workload.
+    #[default]
+    Strict,
+    /// Plaintext is allowed, and policy still applies by the source's ipcache identity.
+    Permissive,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Raw {
+    node: String,
+    #[serde(default = "default_td")]
+    trust_domain: String,
+    cluster_state_dir: PathBuf,
+    identity_table: PathBuf,
+    ca: RawCa,
+    datapath: RawDatapath,
+    listen: RawListen,
+    #[serde(default)]
+    mtls_mode: MtlsMode,
+    #[serde(default = "default_agent_ns")]
+    agent_namespace: String,
+    #[serde(default = "default_svid_ttl")]
+    svid_ttl_seconds: u64,
+    #[serde(default = "default_grace")]
+    shutdown_grace_seconds: u64,
+    #[serde(default = "default_max_streams")]
+    max_streams_per_connection: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawCa {
+    address: String,
+    #[serde(default = "default_server_name")]
+    server_name: String,
+    root_cert_file: PathBuf,
+    token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDatapath {
+    cgroup_root: PathBuf,
+    bpffs_dir: Option<PathBuf>,
+    #[serde(default = "default_mark")]
+    proxy_mark: u32,
+    #[serde(default)]
+    excluded_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawListen {
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn default_td() -> String {
+    "cluster.local".into()
+}
+fn default_agent_ns() -> String {
+    "signet-system".into()
+}
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_svid_ttl() -> u64 {
+    3600
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_max_streams() -> usize {
+    100
+}
+fn default_mark() -> u32 {
+    0x5167
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    pub agent_identity: SpiffeId,
+    pub cluster_state_dir: PathBuf,
+    pub identity_table: PathBuf,
+    pub ca_address: String,
+    pub ca_server_name: String,
+    /// The trust anchor, PEM.
+    pub ca_root_pem: String,
+    pub ca_token: String,
+    pub cgroup_root: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub proxy_mark: u32,
+    pub excluded_ports: Vec<u16>,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub mtls_mode: MtlsMode,
+    pub svid_ttl: Duration,
+    pub shutdown_grace: Duration,
+    pub max_streams_per_connection: usize,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let raw: Raw = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        if !signet_policy::model::is_dns_label(&raw.node) {
+            return Err(invalid(format!("node `{}` must be a DNS label", raw.node)));
+        }
+        let trust_domain = TrustDomain::parse(&raw.trust_domain)
+            .map_err(|e| invalid(format!("trustDomain `{}`: {e}", raw.trust_domain)))?;
+        let agent_identity =
+            SpiffeId::workload(&trust_domain, &raw.agent_namespace, "signet-agent")
+                .map_err(|e| invalid(format!("agentNamespace `{}`: {e}", raw.agent_namespace)))?;
+        let root_file = resolve(&raw.ca.root_cert_file);
+        let ca_root_pem = std::fs::read_to_string(&root_file)
+            .map_err(|e| invalid(format!("ca.rootCertFile {}: {e}", root_file.display())))?;
+        let roots = pem::parse_many(&ca_root_pem).unwrap_or_default();
+        if !roots.iter().any(|p| p.tag() == "CERTIFICATE") {
+            return Err(invalid(format!(
+                "ca.rootCertFile {}: no CERTIFICATE in it",
+                root_file.display()
+            )));
+        }
+        let token_file = resolve(&raw.ca.token_file);
+        let ca_token = read_secret(&token_file).map_err(invalid)?;
+        let listens = [raw.listen.outbound, raw.listen.inbound, raw.listen.admin];
+        for (i, a) in listens.iter().enumerate() {
+            if listens[..i].contains(a) {
+                return Err(invalid(format!("listen: {a} is used twice")));
+            }
+        }
+        if raw.svid_ttl_seconds < 60 {
+            return Err(invalid("svidTtlSeconds must be at least 60".into()));
+        }
+        if raw.datapath.proxy_mark == 0 {
+            return Err(invalid(
+                "datapath.proxyMark must not be 0 (unmarked traffic)".into(),
+            ));
+        }
+        let bpffs_dir = raw
+            .datapath
+            .bpffs_dir
+            .map(|d| resolve(&d))
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/signet").join(&raw.node));
+        Ok(Self {
+            trust_domain,
+            agent_identity,
+            cluster_state_dir: resolve(&raw.cluster_state_dir),
+            identity_table: resolve(&raw.identity_table),
+            ca_address: raw.ca.address,
+            ca_server_name: raw.ca.server_name,
+            ca_root_pem,
+            ca_token,
+            cgroup_root: resolve(&raw.datapath.cgroup_root),
+            bpffs_dir,
+            proxy_mark: raw.datapath.proxy_mark,
+            excluded_ports: raw.datapath.excluded_ports,
+            outbound: raw.listen.outbound,
+            inbound: raw.listen.inbound,
+            admin: raw.listen.admin,
+            mtls_mode: raw.mtls_mode,
+            svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
+            shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds),
+            max_streams_per_connection: raw.max_streams_per_connection.max(1),
+            node: raw.node,
+        })
+    }
+}
+
+/// Reads a token file, refusing one that group or others can read.
+fn read_secret(path: &Path) -> Result<String, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("ca.tokenFile {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "ca.tokenFile {} is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("ca.tokenFile {}: {e}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(format!("ca.tokenFile {} is empty", path.display()));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
+
+    fn setup() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("root.pem"), ROOT).expect("root");
+        let token = dir.path().join("node.token");
+        std::fs::write(&token, "secret\n").expect("token");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        dir
+    }
+
+    fn yaml(extra: &str) -> String {
+        format!(
+            "node: node-a\nclusterStateDir: state\nidentityTable: ids.json\n\
+             ca: {{address: '127.0.0.1:15012', rootCertFile: root.pem, tokenFile: node.token}}\n\
+             datapath: {{cgroupRoot: /sys/fs/cgroup/unified/x}}\n\
+             listen: {{outbound: '127.0.0.1:15001', inbound: '127.0.0.1:15008', admin: '127.0.0.1:15020'}}\n{extra}"
+        )
+    }
+
+    fn parse(dir: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(text, &dir.join("agent.yaml"), dir)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let dir = setup();
+        let c = parse(dir.path(), &yaml("")).expect("valid");
+        assert_eq!(c.mtls_mode, MtlsMode::Strict);
+        assert_eq!(c.ca_token, "secret");
+        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/signet/node-a"));
+        assert_eq!(c.cluster_state_dir, dir.path().join("state"));
+        assert_eq!(
+            c.agent_identity.as_str(),
+            "spiffe://cluster.local/ns/signet-system/sa/signet-agent"
+        );
+        assert_eq!(
+            parse(dir.path(), &yaml("mtlsMode: permissive\n"))
+                .expect("valid")
+                .mtls_mode,
+            MtlsMode::Permissive
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = setup();
+        let e = parse(dir.path(), &yaml("mtlsMode: loose\n"))
+            .expect_err("bad mode")
+            .to_string();
+        assert!(e.contains("agent.yaml") && e.contains("loose"), "{e}");
+        let e = parse(dir.path(), &yaml("colour: red\n"))
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = parse(dir.path(), &yaml("").replace("15008", "15001"))
+            .expect_err("dup")
+            .to_string();
+        assert!(e.contains("used twice"), "{e}");
+        std::fs::set_permissions(
+            dir.path().join("node.token"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let e = parse(dir.path(), &yaml(""))
+            .expect_err("token mode")
+            .to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(
+            dir.path().join("node.token"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        std::fs::write(dir.path().join("root.pem"), "nothing").expect("write");
+        let e = parse(dir.path(), &yaml("")).expect_err("root").to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+    }
+}

@@ -1,0 +1,198 @@
+//! Services: a connect to a ClusterIP and port goes to one ready endpoint, spread round-robin.
+//! Built from k8s-openapi `Service` and `EndpointSlice` objects (`discovery.k8s.io/v1`), matched
+//! by the `kubernetes.io/service-name` label and by port name, as kube-proxy does.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One service port's ready endpoints.
+#[derive(Debug)]
+pub struct Backend {
+    /// `namespace/name`.
+    pub service: String,
+    pub endpoints: Vec<SocketAddr>,
+    next: AtomicUsize,
+}
+
+/// ClusterIP:port → backends.
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    by_vip: HashMap<SocketAddr, Backend>,
+}
+
+impl ServiceTable {
+    pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Self {
+        let mut by_vip = HashMap::new();
+        for svc in services {
+            let ns = svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let Some(name) = svc.metadata.name.clone() else {
+                continue;
+            };
+            let Some(spec) = &svc.spec else { continue };
+            let ips: Vec<IpAddr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            let mine: Vec<&EndpointSlice> = slices
+                .iter()
+                .filter(|s| {
+                    s.metadata.namespace.as_deref().unwrap_or("default") == ns
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                            == Some(&name)
+                })
+                .collect();
+            for sp in spec.ports.iter().flatten() {
+                if sp.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+                    continue;
+                }
+                let endpoints = ready_endpoints(&mine, sp.name.as_deref());
+                for ip in &ips {
+                    let vip = SocketAddr::new(*ip, u16::try_from(sp.port).unwrap_or(0));
+                    by_vip.entry(vip).or_insert_with(|| Backend {
+                        service: format!("{ns}/{name}"),
+                        endpoints: endpoints.clone(),
+                        next: AtomicUsize::new(0),
+                    });
+                }
+            }
+        }
+        Self { by_vip }
+    }
+
+    /// A ready endpoint for a connection to `vip`, round-robin; `None` if `vip` is no service
+    /// or has no ready endpoint.
+    pub fn pick(&self, vip: SocketAddr) -> Option<SocketAddr> {
+        let b = self.by_vip.get(&vip)?;
+        if b.endpoints.is_empty() {
+            return None;
+        }
+        let i = b.next.fetch_add(1, Ordering::Relaxed) % b.endpoints.len();
+        Some(b.endpoints[i])
+    }
+
+    pub fn backend(&self, vip: SocketAddr) -> Option<&Backend> {
+        self.by_vip.get(&vip)
+    }
+
+    /// Every ClusterIP (for the ipcache, so connects to them are captured).
+    pub fn cluster_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.by_vip.keys().map(SocketAddr::ip).collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
+fn ready_endpoints(slices: &[&EndpointSlice], port_name: Option<&str>) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for s in slices {
+        let Some(port) = s
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for ep in &s.endpoints {
+            // Kubernetes: a nil `ready` means ready.
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    out.push(SocketAddr::new(ip, port));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_yaml<T: serde::de::DeserializeOwned>(y: &str) -> T {
+        serde_yaml::from_str(y).expect("manifest")
+    }
+
+    #[test]
+    fn a_cluster_ip_spreads_over_ready_endpoints_by_port_name() {
+        let svc: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+             spec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80, targetPort: 8080}, {name: admin, port: 9000}]\n",
+        );
+        let slice: EndpointSlice = from_yaml(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+             metadata: {name: api-1, namespace: shop, labels: {kubernetes.io/service-name: api}}\n\
+             ports: [{name: http, port: 8080}, {name: admin, port: 9001}]\n\
+             endpoints:\n- addresses: [10.0.1.5]\n  conditions: {ready: true}\n- addresses: [10.0.2.7]\n- addresses: [10.0.3.9]\n  conditions: {ready: false}\n",
+        );
+        let other: EndpointSlice = from_yaml(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+             metadata: {name: x, namespace: other, labels: {kubernetes.io/service-name: api}}\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.9.9.9]}]\n",
+        );
+        let t = ServiceTable::build(&[svc], &[slice, other]);
+        let vip: SocketAddr = "10.96.0.10:80".parse().expect("addr");
+        let picks: Vec<SocketAddr> = (0..4).filter_map(|_| t.pick(vip)).collect();
+        let a: SocketAddr = "10.0.1.5:8080".parse().expect("addr");
+        let b: SocketAddr = "10.0.2.7:8080".parse().expect("addr");
+        assert_eq!(
+            picks,
+            [a, b, a, b],
+            "round-robin over ready endpoints only, same namespace only"
+        );
+        assert_eq!(
+            t.pick("10.96.0.10:9000".parse().expect("addr")),
+            Some("10.0.1.5:9001".parse().expect("addr"))
+        );
+        assert_eq!(t.pick("10.96.0.10:81".parse().expect("addr")), None);
+        assert_eq!(t.backend(vip).expect("backend").service, "shop/api");
+        assert_eq!(
+            t.cluster_ips(),
+            ["10.96.0.10".parse::<IpAddr>().expect("ip")]
+        );
+    }
+
+    #[test]
+    fn headless_services_and_services_without_endpoints() {
+        let headless: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: h, namespace: shop}\nspec: {clusterIP: None, ports: [{port: 80}]}\n",
+        );
+        let empty: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: e, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n",
+        );
+        let t = ServiceTable::build(&[headless, empty], &[]);
+        assert_eq!(
+            t.cluster_ips(),
+            ["10.96.0.11".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            t.pick("10.96.0.11:80".parse().expect("addr")),
+            None,
+            "no ready endpoint: refuse, do not guess"
+        );
+    }
+}
