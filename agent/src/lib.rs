@@ -7,6 +7,7 @@
 //! and the Gateway (issues 5 and 6). Until then there is no `signet-agent` binary, so nothing
 //! can start an agent that does not exist.
 
+pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -463,6 +463,40 @@ fn attach_sockops(
     Ok(())
 }
 
+/// A read-only handle on the original-destination map, for the proxy's accept path.
+pub struct OriginalDestinations {
+    map: HashMap<MapData, ClientKey, OrigDst>,
+}
+
+impl std::fmt::Debug for OriginalDestinations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OriginalDestinations")
+    }
+}
+
+impl OriginalDestinations {
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let maps_dir = pin_dir.join("maps");
+        let map = HashMap::try_from(open_map(&maps_dir, names::ORIG_BY_CLIENT, Map::LruHashMap)?)
+            .map_err(map_err(names::ORIG_BY_CLIENT))?;
+        Ok(Self { map })
+    }
+
+    /// The destination a captured connection asked for, by the client address seen on accept.
+    pub fn lookup(&self, client: std::net::SocketAddr) -> Option<(std::net::SocketAddr, u32)> {
+        let key = ClientKey {
+            addr: addr16(client.ip()),
+            port: client.port(),
+            _pad: 0,
+        };
+        let o = self.map.get(&key, 0).ok()?;
+        Some((
+            std::net::SocketAddr::new(ip_from16(o.addr), o.port),
+            o.identity,
+        ))
+    }
+}
+
 /// Drops per reason from the counters pinned under `pin_dir`, summed over CPUs.
 pub fn read_drop_counts(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
     let path = pin_dir.join("maps").join(names::DROPS);

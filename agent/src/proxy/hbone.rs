@@ -261,8 +261,11 @@ impl HboneClient {
             })?
             .map_err(|source| HboneError::Connect { node, source })?;
         let _ = tcp.set_nodelay(true);
-        // SPIFFE verification ignores the name; it only has to be syntactically valid.
-        let name = ServerName::try_from("hbone.signet.invalid").expect("a valid DNS name");
+        // The name selects the destination workload's certificate on the server (SNI);
+        // verification is by SPIFFE ID, not by this name.
+        let name = super::tls::sni_for(&route.destination).unwrap_or_else(|| {
+            ServerName::try_from("hbone.signet.invalid").expect("a valid DNS name")
+        });
         let tls_stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await

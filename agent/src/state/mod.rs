@@ -2,3 +2,4 @@
 //! `signet_policy::cluster`; this module adds what only the proxy needs, starting with Services.
 
 pub mod services;
+pub mod snapshot;

@@ -1,0 +1,317 @@
+//! The agent: wires configuration, datapath, certificates, cluster state and the proxy together,
+//! and keeps them in step as the state directory changes.
+//!
+//! Startup order fails closed: the datapath is loaded and configured before any listener, and a
+//! workload's connections cannot be tunnelled before its certificate exists (the outbound side
+//! then resets them). A state change that does not load is logged and the snapshot in force stays.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use signet_bpf::maps::EndpointValue;
+use signet_ca::client::CaClient;
+use signet_ca::verify::SvidRoots;
+use signet_policy::identity::FileAllocator;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::certs::CertManager;
+use crate::config::{AgentConfig, MtlsMode};
+use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
+use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use crate::proxy::hbone::HboneClient;
+use crate::proxy::{ProxyContext, inbound, outbound, tls};
+use crate::state::snapshot::{self, EndpointIds, Snapshot};
+
+/// A running agent.
+pub struct Agent {
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    pub certs: CertManager,
+    pub snapshot: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").finish_non_exhaustive()
+    }
+}
+
+fn fingerprint(dir: &Path) -> Vec<(std::path::PathBuf, Option<SystemTime>, u64)> {
+    let mut diags = Vec::new();
+    signet_policy::parse::expand(&[dir.to_owned()], &mut diags)
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let t = m.as_ref().and_then(|m| m.modified().ok());
+            let len = m.map(|m| m.len()).unwrap_or(0);
+            (p, t, len)
+        })
+        .collect()
+}
+
+struct Reconciler {
+    config: AgentConfig,
+    datapath: KernelDatapath,
+    allocator: FileAllocator,
+    endpoint_ids: EndpointIds,
+}
+
+impl Reconciler {
+    /// Builds a snapshot and writes it into the datapath. On error nothing is written.
+    fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+        let snap = snapshot::build(
+            &self.config.cluster_state_dir,
+            &self.config.trust_domain,
+            &self.config.node,
+            &self.allocator,
+            &mut self.endpoint_ids,
+            previous.map(|s| &s.compiled),
+            MapSizes::default().policy as usize,
+        )?;
+        let mut ipcache = Vec::new();
+        for w in &snap.state.cluster.workloads {
+            let identity = snap
+                .identities
+                .get(&w.identity)
+                .copied()
+                .unwrap_or(signet_policy::identity::WORLD);
+            for ip in &w.ips {
+                let prefix = if ip.is_ipv4() { 32 } else { 128 };
+                ipcache.push(IpcacheEntry {
+                    ip: *ip,
+                    prefix,
+                    identity,
+                    mesh: true,
+                });
+            }
+        }
+        for ip in snap.services.cluster_ips() {
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            // A ClusterIP has no identity of its own; the proxy checks the chosen endpoint's.
+            ipcache.push(IpcacheEntry {
+                ip,
+                prefix,
+                identity: signet_policy::identity::ANY,
+                mesh: true,
+            });
+        }
+        let mut endpoints = BTreeMap::new();
+        for ep in &snap.local {
+            let w = snap.workload(ep.workload);
+            let value = EndpointValue {
+                endpoint_id: ep.id,
+                identity: snap.identities.get(&w.identity).copied().unwrap_or(0),
+                flags: 0,
+                _pad: 0,
+            };
+            if let Some(cg) = &ep.cgroup {
+                let path = self.config.cgroup_root.join(cg);
+                match std::fs::metadata(&path) {
+                    Ok(m) => {
+                        endpoints.insert(
+                            EndpointKey::Cgroup(std::os::unix::fs::MetadataExt::ino(&m)),
+                            value,
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %w.key(), cgroup = %path.display(), error = %e, "pod cgroup missing")
+                    }
+                }
+            }
+            if let Some(ifname) = &ep.host_interface {
+                match ifindex(ifname) {
+                    Some(i) => {
+                        self.datapath
+                            .attach_endpoint_interface(ifname)
+                            .with_context(|| format!("attaching tc to {ifname}"))?;
+                        endpoints.insert(EndpointKey::Ifindex(i), value);
+                    }
+                    None => {
+                        tracing::warn!(pod = %w.key(), interface = %ifname, "pod interface missing")
+                    }
+                }
+            }
+        }
+        // Policy first (new entries before the endpoints and identities that use them), then
+        // the maps that make traffic reach them.
+        self.datapath.reconcile_policy(&snap.compiled)?;
+        self.datapath.reconcile_endpoints(&endpoints)?;
+        self.datapath.reconcile_ipcache(&ipcache)?;
+        Ok(snap)
+    }
+}
+
+/// The interface's index in this thread's network namespace (sysfs would show the namespace
+/// that mounted it instead).
+fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+impl Agent {
+    /// Starts the agent: datapath, certificates, state watcher, listeners.
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        let mut datapath = KernelDatapath::load(&LoaderConfig {
+            pin_dir: config.bpffs_dir.clone(),
+            cgroup: config.cgroup_root.clone(),
+            sizes: MapSizes::default(),
+        })?;
+        let (proxy_v4, proxy_v6) = match config.outbound.ip() {
+            std::net::IpAddr::V4(v4) => (v4, None),
+            std::net::IpAddr::V6(v6) => (std::net::Ipv4Addr::UNSPECIFIED, Some(v6)),
+        };
+        datapath.set_config(&DatapathConfig {
+            proxy_v4,
+            proxy_v6,
+            proxy_port: config.outbound.port(),
+            strict: config.mtls_mode == MtlsMode::Strict,
+            proxy_mark: config.proxy_mark,
+            event_sample: 0,
+        })?;
+        datapath.set_excluded_ports(&config.excluded_ports)?;
+        let orig = Arc::new(OriginalDestinations::open(&config.bpffs_dir)?);
+
+        let roots_der: Vec<rustls_pki_types::CertificateDer<'static>> =
+            pem::parse_many(&config.ca_root_pem)
+                .context("CA root PEM")?
+                .into_iter()
+                .map(|p| rustls_pki_types::CertificateDer::from(p.into_contents()))
+                .collect();
+        let roots = SvidRoots::new(config.trust_domain.clone(), &roots_der)?;
+        let ca = CaClient::connect(
+            &config.ca_address,
+            &config.ca_server_name,
+            &config.ca_root_pem,
+            &config.ca_token,
+        )
+        .await
+        .context("connecting to the CA")?;
+        let certs = CertManager::new(ca, config.agent_identity.clone(), config.svid_ttl);
+
+        let mut reconciler = Reconciler {
+            allocator: FileAllocator::new(&config.identity_table),
+            datapath,
+            endpoint_ids: EndpointIds::default(),
+            config: config.clone(),
+        };
+        let first = reconciler
+            .apply(None)
+            .context("loading the cluster state")?;
+        certs.set_identities(&first.local_identities());
+        let snapshot = Arc::new(RwLock::new(Arc::new(first)));
+
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ctx = ProxyContext {
+            snapshot: snapshot.clone(),
+            certs: certs.clone(),
+            roots: roots.clone(),
+            trust_domain: config.trust_domain.clone(),
+            hbone: {
+                let (certs, roots) = (certs.clone(), roots.clone());
+                HboneClient::new(
+                    Arc::new(move |route| {
+                        tls::client_config(&certs, &roots, &route.source, &route.destination)
+                    }),
+                    config.max_streams_per_connection,
+                )
+            },
+            proxy_mark: config.proxy_mark,
+            inbound_port: config.inbound.port(),
+        };
+        let out_l = TcpListener::bind(config.outbound)
+            .await
+            .with_context(|| format!("binding outbound {}", config.outbound))?;
+        let in_l = TcpListener::bind(config.inbound)
+            .await
+            .with_context(|| format!("binding inbound {}", config.inbound))?;
+        tracker.spawn(outbound::serve(
+            out_l,
+            ctx.clone(),
+            orig,
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(inbound::serve(in_l, ctx, stop.clone(), tracker.clone()));
+        tracker.spawn(watch_state(
+            Mutex::new(reconciler),
+            snapshot.clone(),
+            certs.clone(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            stop,
+            tracker,
+            certs,
+            snapshot,
+        })
+    }
+
+    /// Whether every local workload has a certificate.
+    pub fn ready(&self) -> bool {
+        let snap = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.certs.ready(snap.local_identities().iter())
+    }
+
+    /// Stops accepting, lets in-flight connections finish within `grace`, then gives up on them.
+    /// The datapath stays pinned and enforcing.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn watch_state(
+    reconciler: Mutex<Reconciler>,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    certs: CertManager,
+    stop: CancellationToken,
+) {
+    let dir = reconciler
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .config
+        .cluster_state_dir
+        .clone();
+    let mut seen = fingerprint(&dir);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let now = fingerprint(&dir);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let previous = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let result = reconciler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(Some(&previous));
+        match result {
+            Ok(next) => {
+                certs.set_identities(&next.local_identities());
+                *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+                tracing::info!("cluster state applied");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cluster state change refused; the state in force stays")
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! TLS for HBONE between node proxies. One node serves many workloads, so the client names the
+//! destination workload in SNI (`<sa>.<ns>.sa.signet.invalid`) and the server presents that
+//! workload's SVID; both sides verify by SPIFFE ID (`signet_ca::verify`), never by host name.
+
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::ServerName;
+use signet_ca::verify::{SpiffeClientVerifier, SpiffeServerVerifier, SvidRoots};
+use signet_ca::{SpiffeId, TrustDomain};
+
+use crate::certs::CertManager;
+
+const SNI_SUFFIX: &str = ".sa.signet.invalid";
+
+/// The SNI a client sends to reach workload `id` (`spiffe://<td>/ns/<ns>/sa/<sa>` only).
+pub fn sni_for(id: &SpiffeId) -> Option<ServerName<'static>> {
+    let (ns, sa) = id.namespace_and_service_account()?;
+    ServerName::try_from(format!("{sa}.{ns}{SNI_SUFFIX}")).ok()
+}
+
+/// The workload an SNI names, in trust domain `td`.
+pub fn id_from_sni(sni: &str, td: &TrustDomain) -> Option<SpiffeId> {
+    let rest = sni.strip_suffix(SNI_SUFFIX)?;
+    let (sa, ns) = rest.split_once('.')?;
+    SpiffeId::workload(td, ns, sa).ok()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Presents the SVID of the workload named in SNI; no certificate (handshake fails) when this
+/// node has none for it.
+#[derive(Debug)]
+struct SniResolver {
+    certs: CertManager,
+    td: TrustDomain,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let id = id_from_sni(hello.server_name()?, &self.td)?;
+        let cert = self.certs.get(&id)?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&cert.key).ok()?;
+        Some(Arc::new(CertifiedKey::new(cert.chain.clone(), key)))
+    }
+}
+
+/// The inbound (port 15008) server configuration: TLS 1.3, client certificate required.
+pub fn server_config(
+    certs: CertManager,
+    roots: SvidRoots,
+    td: TrustDomain,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(SpiffeClientVerifier::new(roots))
+        .with_cert_resolver(Arc::new(SniResolver { certs, td }));
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A client configuration presenting `source`'s SVID and requiring `destination` from the
+/// server; `None` while the source has no certificate yet (the caller fails closed).
+pub fn client_config(
+    certs: &CertManager,
+    roots: &SvidRoots,
+    source: &SpiffeId,
+    destination: &SpiffeId,
+) -> Option<Arc<rustls::ClientConfig>> {
+    let cert = certs.get(source)?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(
+            roots.clone(),
+            destination.clone(),
+        ))
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
+        .ok()?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Some(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_round_trips_workload_identities() {
+        let td = TrustDomain::parse("cluster.local").expect("td");
+        let id = SpiffeId::workload(&td, "shop", "web").expect("id");
+        let sni = sni_for(&id).expect("sni");
+        assert_eq!(sni.to_str(), "web.shop.sa.signet.invalid");
+        assert_eq!(id_from_sni(&sni.to_str(), &td), Some(id));
+        assert_eq!(id_from_sni("web.shop.example.com", &td), None);
+        let gw = SpiffeId::parse("spiffe://cluster.local/ns/edge/gateway/public").expect("id");
+        assert!(sni_for(&gw).is_none());
+    }
+}
