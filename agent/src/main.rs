@@ -1,0 +1,81 @@
+//! `signet-agent`: the node agent. Thin: parse arguments, enter the node's network namespace
+//! when told to (the local topology), start the agent, wait for SIGTERM/SIGINT, drain.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use signet_agent::app::Agent;
+use signet_agent::config::AgentConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "signet-agent", version, about = "Signet node agent")]
+struct Args {
+    #[arg(long)]
+    config: PathBuf,
+    /// Enter this network namespace (`/run/netns/NAME`) first: one agent per simulated node.
+    #[arg(long)]
+    netns: Option<String>,
+    /// Remove everything this node's agent pinned and attached, then exit.
+    #[arg(long)]
+    cleanup: bool,
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIGNET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("signet-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = AgentConfig::load(&args.config)?;
+    if args.cleanup {
+        signet_agent::datapath::loader::cleanup(&config.bpffs_dir)?;
+        println!("removed {}", config.bpffs_dir.display());
+        return Ok(());
+    }
+    if let Some(ns) = &args.netns {
+        // Before any thread exists, so every runtime thread inherits the namespace.
+        let path = format!("/run/netns/{ns}");
+        let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {ns}"))?;
+    }
+    let grace = config.shutdown_grace;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let agent = Agent::start(config).await?;
+        tracing::info!("signet-agent started");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "draining; the datapath stays pinned and enforcing"
+        );
+        agent.shutdown(grace).await;
+        Ok(())
+    })
+}

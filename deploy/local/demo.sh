@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Signet's local demo: two simulated nodes (network namespaces), four pods in three namespaces,
+# the CA and one agent per node, all on this machine; nothing leaves it.
+#
+#   deploy/local/demo.sh          # up, run the scenario, down
+#   deploy/local/demo.sh up       # leave it running; prints the topology JSON path last
+#   deploy/local/demo.sh down     # remove everything
+#
+# Needs root (network namespaces, cgroups, eBPF). Installs what is missing (Debian packages).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+# Every name the demo creates starts with this (tests/run.sh uses a unique one).
+NAME=${SIGNET_DEMO_NAME:-signet-demo}
+WORK=/tmp/$NAME
+CG=/sys/fs/cgroup/unified/$NAME
+NS=$NAME
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/signet-target}"
+BIN="$CARGO_TARGET_DIR/release"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+die() { echo "demo.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (network namespaces, cgroups and eBPF need it)"
+
+install_missing() {
+    local missing=()
+    command -v protoc >/dev/null || missing+=(protobuf-compiler)
+    [ -f /usr/include/google/protobuf/struct.proto ] || missing+=(libprotobuf-dev)
+    command -v clang >/dev/null || missing+=(clang)
+    [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
+    [ -f "/usr/include/$(uname -m)-linux-gnu/asm/types.h" ] || missing+=(linux-libc-dev)
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v tcpdump >/dev/null || missing+=(tcpdump)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [ ${#missing[@]} -gt 0 ]; then
+        say "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+}
+
+# node  ns        sa        pod           ip          port
+PODS=(
+  "a shop       web       web-0         10.99.11.2  8080"
+  "a ops        deployer  deployer-0    10.99.12.2  8080"
+  "b payments   api       api-0         10.99.21.2  8080"
+  "b payments   ledger    ledger-0      10.99.22.2  5432"
+)
+node_ip() { [ "$1" = a ] && echo 10.99.0.1 || echo 10.99.0.2; }
+
+down() {
+    for pidfile in "$WORK"/*.pid; do
+        [ -f "$pidfile" ] || continue
+        kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
+    sleep 1
+    for pidfile in "$WORK"/*.pid; do
+        [ -f "$pidfile" ] || continue
+        kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+        rm -f "$pidfile"
+    done
+    for n in a b; do
+        [ -f "$WORK/agent-$n.yaml" ] && "$BIN/signet-agent" --config "$WORK/agent-$n.yaml" --cleanup >/dev/null 2>&1 || true
+        rm -rf "/sys/fs/bpf/signet/$NAME-node-$n"
+    done
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$NS-" || true); do ip netns del "$ns"; done
+    if [ -d "$CG" ]; then
+        find "$CG" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true
+        rmdir "$CG" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+
+up() {
+    install_missing
+    say "building (release)"
+    cargo build --release --locked -p signet-ca -p signet-agent --bins
+    down
+    mkdir -p "$WORK/state" "$CG"
+    chmod 700 "$WORK"
+
+    say "topology: node-a and node-b joined by an underlay veth"
+    for n in a b; do ip netns add "$NS-node-$n"; ip -n "$NS-node-$n" link set lo up; mkdir -p "$CG/node-$n"; done
+    ip -n "$NS-node-a" link add sd-underlay type veth peer name sd-underlay netns "$NS-node-b"
+    for n in a b; do
+        ip -n "$NS-node-$n" addr add "$(node_ip $n)/24" dev sd-underlay
+        ip -n "$NS-node-$n" link set sd-underlay up
+        ip netns exec "$NS-node-$n" sysctl -qw net.ipv4.ip_forward=1
+    done
+
+    local manifests="$WORK/state/cluster.yaml"
+    : > "$manifests"
+    for n in a b; do
+        printf 'apiVersion: v1\nkind: Node\nmetadata: {name: node-%s}\nstatus: {addresses: [{type: InternalIP, address: %s}]}\n---\n' \
+            "$n" "$(node_ip $n)" >> "$manifests"
+    done
+    printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {team: %s}}\n---\n' \
+        shop shop ops platform payments payments >> "$manifests"
+    local i=0
+    for p in "${PODS[@]}"; do
+        read -r n kns sa pod ip port <<<"$p"
+        i=$((i + 1))
+        local pns="$NS-$pod" host="sd-pod$i" net="${ip%.*}"
+        ip netns add "$pns"
+        ip -n "$pns" link set lo up
+        ip -n "$NS-node-$n" link add "$host" type veth peer name eth0 netns "$pns"
+        ip -n "$NS-node-$n" addr add "$net.1/24" dev "$host"
+        ip -n "$NS-node-$n" link set "$host" up
+        ip -n "$pns" addr add "$ip/24" dev eth0
+        ip -n "$pns" link set eth0 up
+        ip -n "$pns" route add default via "$net.1"
+        local other=b; [ "$n" = b ] && other=a
+        ip -n "$NS-node-$other" route add "$net.0/24" via "$(node_ip $n)"
+        mkdir -p "$CG/node-$n/$pod"
+        cat >> "$manifests" <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $pod
+  namespace: $kns
+  labels: {app: $sa}
+  annotations: {signet.dev/cgroup: $pod, signet.dev/host-interface: $host}
+spec: {nodeName: node-$n, serviceAccountName: $sa, containers: [{name: app, image: app, ports: [{containerPort: $port}]}]}
+status: {podIP: $ip}
+---
+YAML
+        # The workload: an unmodified HTTP server.
+        ip netns exec "$pns" python3 -m http.server "$port" --bind "$ip" >"$WORK/$pod.log" 2>&1 &
+        echo $! > "$WORK/$pod.pid"
+    done
+
+    say "CA in node-a, one agent per node"
+    local token_a token_b
+    token_a=$(head -c 24 /dev/urandom | base64 | tr -d '/+='); token_b=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+    (umask 077; echo "$token_a" > "$WORK/node-a.token"; echo "$token_b" > "$WORK/node-b.token")
+    cat > "$WORK/ca.yaml" <<YAML
+trustDomain: cluster.local
+listen: 10.99.0.1:15012
+stateDir: ca
+clusterStateDir: state
+servingNames: [localhost, 10.99.0.1]
+nodes:
+- {name: node-a, tokenSha256: $(printf %s "$token_a" | "$BIN/signet-ca" hash-token)}
+- {name: node-b, tokenSha256: $(printf %s "$token_b" | "$BIN/signet-ca" hash-token)}
+YAML
+    ip netns exec "$NS-node-a" "$BIN/signet-ca" serve --config "$WORK/ca.yaml" >"$WORK/ca.log" 2>&1 &
+    echo $! > "$WORK/ca.pid"
+    for _ in $(seq 100); do [ -f "$WORK/ca/roots/1/root-cert.pem" ] && break; sleep 0.1; done
+    cp "$WORK/ca/roots/1/root-cert.pem" "$WORK/ca-root.pem"
+    for n in a b; do
+        cat > "$WORK/agent-$n.yaml" <<YAML
+node: node-$n
+clusterStateDir: state
+identityTable: identities.json
+ca: {address: '10.99.0.1:15012', serverName: localhost, rootCertFile: ca-root.pem, tokenFile: node-$n.token}
+datapath: {cgroupRoot: $CG/node-$n, bpffsDir: /sys/fs/bpf/signet/$NAME-node-$n}
+listen: {outbound: '$(node_ip $n):15001', inbound: '$(node_ip $n):15008', admin: '127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)'}
+mtlsMode: strict
+YAML
+        "$BIN/signet-agent" --netns "$NS-node-$n" --config "$WORK/agent-$n.yaml" >"$WORK/agent-$n.log" 2>&1 &
+        echo $! > "$WORK/agent-$n.pid"
+    done
+    for _ in $(seq 100); do
+        grep -q "signet-agent started" "$WORK/agent-a.log" 2>/dev/null && grep -q "signet-agent started" "$WORK/agent-b.log" 2>/dev/null && break
+        sleep 0.2
+    done
+    grep -q "signet-agent started" "$WORK/agent-a.log" || { cat "$WORK/agent-a.log"; die "agent on node-a did not start"; }
+    grep -q "signet-agent started" "$WORK/agent-b.log" || { cat "$WORK/agent-b.log"; die "agent on node-b did not start"; }
+    sleep 1
+
+    python3 - "$WORK" "$CG" "$NS" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
+import json, sys
+work, cg, ns, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+ips = {"a": "10.99.0.1", "b": "10.99.0.2"}
+out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips[n],
+                  "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}"} for n in "ab"],
+       "pods": [], "caBundle": f"{work}/ca-root.pem"}
+for p in pods:
+    n, kns, sa, pod, ip, port = p.split()
+    out["pods"].append({"namespace": kns, "name": pod, "netns": f"{ns}-{pod}", "cgroup": f"{cg}/node-{n}/{pod}",
+                        "ip": ip, "node": f"node-{n}", "serviceAccount": sa, "ports": [int(port)]})
+print(json.dumps(out, indent=2))
+PY
+    echo "$WORK/topology.json"
+}
+
+# Runs a command inside a pod: its cgroup (so the datapath captures it) and its network namespace.
+in_pod() {
+    local pod=$1; shift
+    local n="" p pn pp
+    for p in "${PODS[@]}"; do
+        read -r pn _ _ pp _ _ <<<"$p"
+        if [ "$pp" = "$pod" ]; then n=$pn; fi
+    done
+    [ -n "$n" ] || die "no pod $pod"
+    sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG/node-$n/$pod" ip netns exec "$NS-$pod" "$@"
+}
+
+scenario() {
+    say "1. web-0 (shop, node-a) -> api-0 (payments, node-b) with plain curl"
+    ip netns exec "$NS-node-b" tcpdump -i sd-underlay -w "$WORK/underlay.pcap" -U port 15008 >/dev/null 2>&1 &
+    local tcpdump=$!
+    sleep 1
+    in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code} from %{remote_ip}:%{remote_port}\n' http://10.99.21.2:8080/
+    sleep 1; kill $tcpdump 2>/dev/null || true; wait $tcpdump 2>/dev/null || true
+    local packets; packets=$(tcpdump -r "$WORK/underlay.pcap" 2>/dev/null | wc -l)
+    if tcpdump -A -r "$WORK/underlay.pcap" 2>/dev/null | grep -q "GET / HTTP"; then
+        die "plaintext HTTP seen on the underlay"
+    fi
+    echo "underlay capture: $packets packets on port 15008 (HBONE), no plaintext HTTP in them"
+    grep -h "flow opened" "$WORK/agent-a.log" | tail -n 1 | sed 's/^/agent node-a: /'
+
+    say "2. identity policy: only shop/web may reach payments/api"
+    cat > "$WORK/state/payments-api.yaml" <<'YAML'
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: payments-api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}]
+    ports: [{port: 8080}]
+YAML
+    sleep 2
+    printf 'web-0      -> api-0: '; in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code}\n' --max-time 5 http://10.99.21.2:8080/ || true
+    printf 'deployer-0 -> api-0: '; in_pod deployer-0 curl -sS -o /dev/null -w 'HTTP %{http_code}\n' --max-time 5 http://10.99.21.2:8080/ 2>&1 || true
+    grep -h "verdict=\"deny\"\|verdict=deny" "$WORK/agent-b.log" | tail -n 1 | sed 's/^/agent node-b: /' || true
+
+    say "3. signet policy explain"
+    "$BIN/signet" policy explain --state "$WORK/state" --from ops/deployer-0 --to payments/api-0:8080 || true
+    "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 || true
+}
+
+case "${1:-run}" in
+    up) up ;;
+    down) down; echo "signet demo removed" ;;
+    run)
+        trap down EXIT
+        up
+        scenario
+        say "tearing down"
+        ;;
+    *) die "usage: demo.sh [run|up|down]" ;;
+esac
