@@ -35,5 +35,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+# The README's demo, end to end, as a smoke test (root only: it builds network namespaces).
+if [ "$(id -u)" -eq 0 ]; then
+    SIGNET_DEMO_NAME="signet-ci-$$" deploy/local/demo.sh 2>&1 | tail -n 25
+elif [ "${SIGNET_SKIP_PRIVILEGED:-}" != 1 ]; then
+    echo "tests/run.sh: the demo smoke test needs root; set SIGNET_SKIP_PRIVILEGED=1 to skip it" >&2
+    exit 1
+fi
 # One closing line for the whole run (cargo prints one per test binary, the last often empty).
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "signet: %d passed, %d failed, %d skipped\n", p, f, i; if (p == 0) exit 1 }' "$log"
