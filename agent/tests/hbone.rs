@@ -318,3 +318,104 @@ async fn a_client_refuses_a_server_that_is_not_the_expected_destination() {
         other => panic!("expected a TLS failure, got {other:?}"),
     }
 }
+
+/// A plain HTTP/1.1 origin on loopback answering "hello <path>".
+async fn http_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = http_body_util::Full::new(Bytes::from(format!(
+                            "hello {}",
+                            req.uri().path()
+                        )));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_streams_check_every_request_and_answer_403() {
+    let pki = Pki::new();
+    let origin = http_origin().await;
+    let db = pki.svid(DB);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_client_cert_verifier(SpiffeClientVerifier::new(pki.roots()))
+        .with_single_cert(db.chain, db.key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    // Only GET under /v1/ passes.
+    let inbound: Inbound = Arc::new(move |_peer: SpiffeId, target: SocketAddr| {
+        Box::pin(async move {
+            let check: signet_agent::proxy::l7::RequestCheck = Arc::new(|req| {
+                if req.method == "GET" && req.path.starts_with("/v1/") {
+                    Ok("test rule".into())
+                } else {
+                    Err(format!("{} {} is not allowed", req.method, req.path))
+                }
+            });
+            Admission::AcceptHttp(TcpStream::connect(target).await.expect("origin"), check)
+        })
+    });
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let node = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let peer = peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("peer");
+                let _ = serve_connection(tls, peer, inbound).await;
+            });
+        }
+    });
+    let c = client(&pki, 8);
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    let get = |path: &str, method: &str| {
+        format!("{method} {path} HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n").into_bytes()
+    };
+    let ok = String::from_utf8(through_pump(&c, &route, origin, &get("/v1/charges", "GET")).await)
+        .expect("utf8");
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.ends_with("hello /v1/charges"),
+        "{ok}"
+    );
+    let denied =
+        String::from_utf8(through_pump(&c, &route, origin, &get("/v1/charges", "POST")).await)
+            .expect("utf8");
+    assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+    assert!(
+        denied.contains("POST /v1/charges is not allowed"),
+        "{denied}"
+    );
+    let other = String::from_utf8(through_pump(&c, &route, origin, &get("/admin", "GET")).await)
+        .expect("utf8");
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    // Two requests on one keep-alive connection: each is checked on its own.
+    let two = b"GET /v1/a HTTP/1.1\r\nHost: db\r\n\r\nDELETE /v1/a HTTP/1.1\r\nHost: db\r\n\r\n";
+    let both = String::from_utf8(through_pump(&c, &route, origin, two).await).expect("utf8");
+    let (allowed, refused) = (both.find("HTTP/1.1 200"), both.find("HTTP/1.1 403"));
+    assert!(
+        allowed.is_some() && refused.is_some() && allowed < refused,
+        "{both}"
+    );
+}

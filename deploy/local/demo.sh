@@ -203,7 +203,9 @@ scenario() {
     ip netns exec "$NS-node-b" tcpdump -i sd-underlay -w "$WORK/underlay.pcap" -U port 15008 >/dev/null 2>&1 &
     local tcpdump=$!
     sleep 1
-    in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code} from %{remote_ip}:%{remote_port}\n' http://10.99.21.2:8080/
+    local first
+    first=$(in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code} from %{remote_ip}:%{remote_port}' http://10.99.21.2:8080/)
+    echo "$first"; [[ "$first" == "HTTP 200"* ]] || die "web-0 could not reach api-0"
     sleep 1; kill $tcpdump 2>/dev/null || true; wait $tcpdump 2>/dev/null || true
     local packets; packets=$(tcpdump -r "$WORK/underlay.pcap" 2>/dev/null | wc -l)
     if tcpdump -A -r "$WORK/underlay.pcap" 2>/dev/null | grep -q "GET / HTTP"; then
@@ -224,13 +226,36 @@ spec:
     ports: [{port: 8080}]
 YAML
     sleep 2
-    printf 'web-0      -> api-0: '; in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code}\n' --max-time 5 http://10.99.21.2:8080/ || true
-    printf 'deployer-0 -> api-0: '; in_pod deployer-0 curl -sS -o /dev/null -w 'HTTP %{http_code}\n' --max-time 5 http://10.99.21.2:8080/ 2>&1 || true
-    grep -h "verdict=\"deny\"\|verdict=deny" "$WORK/agent-b.log" | tail -n 1 | sed 's/^/agent node-b: /' || true
+    local code
+    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ || true)
+    echo "web-0      -> api-0: HTTP $code"; [ "$code" = 200 ] || die "web-0 should reach api-0"
+    code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ 2>/dev/null || true)
+    echo "deployer-0 -> api-0: refused (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must be refused"
+    grep -h 'verdict="deny"' "$WORK/agent-b.log" | tail -n 1 | sed 's/^/agent node-b: /' || true
 
-    say "3. signet policy explain"
+    say "3. L7: shop/web may GET, not POST"
+    cat > "$WORK/state/payments-api.yaml" <<'YAML'
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: payments-api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}]
+    ports: [{port: 8080}]
+    http: [{methods: [GET]}]
+YAML
+    sleep 2
+    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ || true)
+    echo "web-0 GET  /: HTTP $code"; [ "$code" = 200 ] || die "GET should pass"
+    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 -X POST http://10.99.21.2:8080/ || true)
+    echo "web-0 POST /: HTTP $code"; [ "$code" = 403 ] || die "POST should get 403"
+    code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ 2>/dev/null || true)
+    echo "deployer-0 GET /: refused (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must be refused"
+
+    say "4. signet policy explain"
     "$BIN/signet" policy explain --state "$WORK/state" --from ops/deployer-0 --to payments/api-0:8080 || true
-    "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 || true
+    "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 --method POST --path / || true
 }
 
 case "${1:-run}" in

@@ -300,12 +300,23 @@ impl HboneClient {
 }
 
 /// The inbound decision for one stream.
-#[derive(Debug)]
 pub enum Admission {
     /// Connected to the workload: pump the tunnel into this stream.
     Accept(TcpStream),
+    /// Connected to the workload, but every HTTP request must pass this check first.
+    AcceptHttp(TcpStream, super::l7::RequestCheck),
     /// Refused with this status (403 for policy, 503 when the workload is unreachable).
     Refuse(StatusCode, String),
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Admission::Accept(s) => f.debug_tuple("Accept").field(s).finish(),
+            Admission::AcceptHttp(s, _) => f.debug_tuple("AcceptHttp").field(s).finish(),
+            Admission::Refuse(c, r) => f.debug_tuple("Refuse").field(c).field(r).finish(),
+        }
+    }
 }
 
 pub type AdmitFuture = Pin<Box<dyn Future<Output = Admission> + Send>>;
@@ -361,6 +372,22 @@ async fn handle_stream(
         Admission::Refuse(status, why) => {
             tracing::info!(source = %peer, %target, %status, reason = %why, "HBONE stream refused");
             let _ = reply(&mut respond, status);
+        }
+        Admission::AcceptHttp(tcp, check) => {
+            let resp = Response::builder()
+                .status(StatusCode::OK)
+                .body(())
+                .expect("valid response");
+            let Ok(send) = respond.send_response(resp, false) else {
+                return;
+            };
+            // The tunnel's bytes go through a local pipe into the HTTP server that checks them.
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let recv = req.into_body();
+            tokio::spawn(async move {
+                let _ = pump(near, send, recv).await;
+            });
+            super::l7::serve(far, tcp, check, peer.to_string()).await;
         }
         Admission::Accept(tcp) => {
             let resp = Response::builder()

@@ -2,8 +2,8 @@
 //! takes the peer's SPIFFE ID as the source identity, checks the destination workload's
 //! ingress policy, and connects to the workload with the proxy's mark so tc lets it through.
 //!
-//! Ports with `http` rules would need each request inspected; that inspection is not built yet,
-//! so such streams are refused (403) rather than let through uninspected.
+//! On ports with `http` rules every request is inspected (`l7`) and refused with 403 unless a
+//! rule matches.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 
 use super::ProxyContext;
 use super::hbone::{Admission, Inbound, serve_connection};
+use super::l7::RequestCheck;
 use super::tls::id_from_sni;
 
 pub async fn serve(
@@ -122,11 +123,15 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                     return Admission::Refuse(StatusCode::FORBIDDEN, format!("denied by {rule}"));
                 }
                 Some(Action::L7) => {
-                    tracing::info!(%source, destination = %dst, %target, %rule, verdict = "deny", "flow: L7 inspection not available");
-                    return Admission::Refuse(
-                        StatusCode::FORBIDDEN,
-                        "L7 rules apply and inspection is not available".into(),
-                    );
+                    let check = l7_check(&snap, decision.map(|(k, _)| k));
+                    drop(snap);
+                    return match connect_marked(target, ctx.proxy_mark).await {
+                        Ok(s) => Admission::AcceptHttp(s, check),
+                        Err(e) => Admission::Refuse(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("{target}: {e}"),
+                        ),
+                    };
                 }
                 Some(Action::Audit) => {
                     tracing::info!(%source, destination = %dst, %target, %rule, verdict = "audit", "flow")
@@ -141,6 +146,36 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 }
             }
         })
+    })
+}
+
+/// The per-request check for an L7 entry: the `http` rules of the allow rules the compiler
+/// listed for this (endpoint, peer, port).
+fn l7_check(
+    snap: &Arc<crate::state::snapshot::Snapshot>,
+    key: Option<signet_policy::compile::Key>,
+) -> RequestCheck {
+    let rules: Vec<signet_policy::eval::RuleRef> = key
+        .and_then(|k| snap.compiled.l7.get(&k))
+        .into_iter()
+        .flatten()
+        .filter_map(|id| snap.compiled.rule(*id).cloned())
+        .collect();
+    let snap = snap.clone();
+    Arc::new(move |req| {
+        let policies: Vec<&signet_policy::model::Policy> =
+            snap.state.policies.iter().map(|l| &l.policy).collect();
+        match signet_policy::eval::request_allowed(&policies, &rules, req) {
+            Some(rule) => Ok(rule.to_string()),
+            None => Err(format!(
+                "no `http` rule of {} matches",
+                rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod hbone;
 pub mod inbound;
+pub mod l7;
 pub mod outbound;
 pub mod tls;
 

@@ -1,0 +1,110 @@
+//! L7 enforcement on inbound streams whose port has `http` rules: each HTTP/1.1 or HTTP/2
+//! request is parsed (hyper), checked against the rules, and either forwarded to the workload
+//! or answered with 403. Nothing reaches the workload unchecked.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use signet_policy::model::Request as PolicyRequest;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// Decides one request: `Ok(rule)` names the rule that allowed it, `Err(reason)` refuses it.
+pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, String> + Send + Sync>;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn forbidden(reason: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("RBAC: access denied: {reason}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::FORBIDDEN;
+    resp
+}
+
+fn bad_gateway(reason: String) -> Response<Body> {
+    let body = Full::new(Bytes::from(reason))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    resp
+}
+
+/// Serves HTTP (1.1 or 2, detected) on `downstream`, forwarding allowed requests over one
+/// HTTP/1.1 connection to the workload.
+pub async fn serve<S>(downstream: S, upstream: TcpStream, check: RequestCheck, who: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::info!(error = %e, "workload did not speak HTTP/1.1");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let (check, sender, who) = (check.clone(), sender.clone(), who.clone());
+        async move {
+            let policy_req = PolicyRequest {
+                method: req.method().as_str().to_owned(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned(),
+                headers: req
+                    .headers()
+                    .iter()
+                    .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                    .collect(),
+            };
+            match check(&policy_req) {
+                Err(reason) => {
+                    tracing::info!(source = %who, method = %policy_req.method, path = %policy_req.path, %reason, verdict = "deny", "http request");
+                    Ok::<_, hyper::Error>(forbidden(&reason))
+                }
+                Ok(rule) => {
+                    tracing::debug!(source = %who, method = %policy_req.method, path = %policy_req.path, %rule, verdict = "allow", "http request");
+                    let (mut parts, body) = req.into_parts();
+                    // HTTP/2 requests carry the authority in the URI; HTTP/1.1 wants a Host.
+                    if !parts.headers.contains_key(http::header::HOST)
+                        && let Some(host) =
+                            parts.uri.authority().and_then(|a| a.as_str().parse().ok())
+                    {
+                        parts.headers.insert(http::header::HOST, host);
+                    }
+                    parts.version = http::Version::HTTP_11;
+                    if let Some(pq) = parts.uri.path_and_query().cloned() {
+                        parts.uri = pq.as_str().parse().unwrap_or_default();
+                    }
+                    let upstream_req = http::Request::from_parts(parts, body);
+                    let mut sender = sender.lock().await;
+                    match sender.send_request(upstream_req).await {
+                        Ok(resp) => Ok(resp.map(|b| b.boxed())),
+                        Err(e) => Ok(bad_gateway(format!("workload: {e}\n"))),
+                    }
+                }
+            }
+        }
+    });
+    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A client that half-closes after its request still gets the response.
+    server.http1().half_close(true);
+    if let Err(e) = server
+        .serve_connection(TokioIo::new(downstream), service)
+        .await
+    {
+        tracing::debug!(error = %e, "HTTP connection ended");
+    }
+}
