@@ -65,6 +65,7 @@ down() {
         [ -f "$WORK/agent-$n.yaml" ] && "$BIN/signet-agent" --config "$WORK/agent-$n.yaml" --cleanup >/dev/null 2>&1 || true
         rm -rf "/sys/fs/bpf/signet/$NAME-node-$n"
     done
+    rmdir /sys/fs/bpf/signet 2>/dev/null || true # only if nothing else lives there
     for ns in $(ip netns list | awk '{print $1}' | grep "^$NS-" || true); do ip netns del "$ns"; done
     if [ -d "$CG" ]; then
         find "$CG" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null || true
