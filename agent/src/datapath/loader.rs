@@ -381,6 +381,46 @@ fn attach_tc(
     Ok(())
 }
 
+/// Loads program `name` of type `$ty` from `$obj`, attaches it to `$cgroup` as a bpf_link and
+/// pins the link at `$pin`, unless a pinned link is already there (never a second copy).
+macro_rules! attach_cgroup_link {
+    ($ty:ty, $obj:expr, $name:expr, $cgroup:expr, $pin:expr, $target:expr) => {{
+        let (name, pin): (&'static str, &Path) = ($name, $pin);
+        if PinnedLink::from_pin(pin).is_ok() {
+            return Ok(());
+        }
+        let attach_err = |reason: String| DatapathError::Attach {
+            program: name,
+            target: $target.to_owned(),
+            reason,
+        };
+        let prog: &mut $ty = $obj
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::Program {
+                program: name,
+                reason: "not in the object".into(),
+            })?;
+        prog.load().map_err(|e| DatapathError::Program {
+            program: name,
+            reason: chain(&e),
+        })?;
+        let id = prog
+            // bpf_link cgroup attachments are always multi-attach; the kernel rejects any flag
+            // on link creation, so `Single` (flags 0) is what gives BPF_F_ALLOW_MULTI semantics.
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(|e| attach_err(chain(&e)))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| attach_err(chain(&e)))?
+            .try_into()
+            .map_err(|e| attach_err(format!("not an fd link: {e:?}")))?;
+        link.pin(pin)
+            .map_err(|e| attach_err(format!("pinning: {e}")))?;
+        Ok(())
+    }};
+}
+
 fn attach_sock_addr(
     obj: &mut Ebpf,
     name: &'static str,
@@ -388,38 +428,7 @@ fn attach_sock_addr(
     pin: &Path,
     target: &str,
 ) -> Result<(), DatapathError> {
-    if PinnedLink::from_pin(pin).is_ok() {
-        return Ok(()); // attached by an earlier run: never attach a second copy
-    }
-    let attach_err = |reason: String| DatapathError::Attach {
-        program: name,
-        target: target.to_owned(),
-        reason,
-    };
-    let prog: &mut CgroupSockAddr = obj
-        .program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(DatapathError::Program {
-            program: name,
-            reason: "not in the object".into(),
-        })?;
-    prog.load().map_err(|e| DatapathError::Program {
-        program: name,
-        reason: chain(&e),
-    })?;
-    let id = prog
-        // bpf_link cgroup attachments are always multi-attach; the kernel rejects any flag on
-        // link creation, so `Single` (flags 0) is what gives BPF_F_ALLOW_MULTI semantics here.
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| attach_err(chain(&e)))?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(|e| attach_err(chain(&e)))?
-        .try_into()
-        .map_err(|e| attach_err(format!("not an fd link: {e:?}")))?;
-    link.pin(pin)
-        .map_err(|e| attach_err(format!("pinning: {e}")))?;
-    Ok(())
+    attach_cgroup_link!(CgroupSockAddr, obj, name, cgroup, pin, target)
 }
 
 fn attach_sockops(
@@ -428,39 +437,7 @@ fn attach_sockops(
     pin: &Path,
     target: &str,
 ) -> Result<(), DatapathError> {
-    let name = programs::SOCKOPS;
-    if PinnedLink::from_pin(pin).is_ok() {
-        return Ok(());
-    }
-    let attach_err = |reason: String| DatapathError::Attach {
-        program: name,
-        target: target.to_owned(),
-        reason,
-    };
-    let prog: &mut SockOps = obj
-        .program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(DatapathError::Program {
-            program: name,
-            reason: "not in the object".into(),
-        })?;
-    prog.load().map_err(|e| DatapathError::Program {
-        program: name,
-        reason: chain(&e),
-    })?;
-    let id = prog
-        // bpf_link cgroup attachments are always multi-attach; the kernel rejects any flag on
-        // link creation, so `Single` (flags 0) is what gives BPF_F_ALLOW_MULTI semantics here.
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| attach_err(chain(&e)))?;
-    let link: FdLink = prog
-        .take_link(id)
-        .map_err(|e| attach_err(chain(&e)))?
-        .try_into()
-        .map_err(|e| attach_err(format!("not an fd link: {e:?}")))?;
-    link.pin(pin)
-        .map_err(|e| attach_err(format!("pinning: {e}")))?;
-    Ok(())
+    attach_cgroup_link!(SockOps, obj, programs::SOCKOPS, cgroup, pin, target)
 }
 
 /// A read-only handle on the original-destination map, for the proxy's accept path.
