@@ -42,8 +42,13 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 	};
 	__builtin_memcpy(ev.dst_addr, dst, 16);
 
-	struct policy_value *pv = policy_lookup(ep->endpoint_id, peer->identity, dport, IPPROTO_TCP,
-						SIGNET_EGRESS);
+	/* A Service ClusterIP has no identity of its own (SIGNET_ANY): the proxy picks the
+	 * endpoint and checks egress against that endpoint's identity, so only a real peer is
+	 * checked here. */
+	struct policy_value *pv = peer->identity == SIGNET_ANY
+					  ? NULL
+					  : policy_lookup(ep->endpoint_id, peer->identity, dport,
+							  IPPROTO_TCP, SIGNET_EGRESS);
 	__u8 action = pv ? pv->action : SIGNET_ACTION_ALLOW;
 	ev.action = action;
 	ev.rule_id = pv ? pv->rule_id : 0;

@@ -6,9 +6,8 @@
 //! then resets them). A state change that does not load is logged and the snapshot in force stays.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use signet_bpf::maps::EndpointValue;
@@ -41,19 +40,6 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-fn fingerprint(dir: &Path) -> Vec<(std::path::PathBuf, Option<SystemTime>, u64)> {
-    let mut diags = Vec::new();
-    signet_policy::parse::expand(&[dir.to_owned()], &mut diags)
-        .into_iter()
-        .map(|p| {
-            let m = std::fs::metadata(&p).ok();
-            let t = m.as_ref().and_then(|m| m.modified().ok());
-            let len = m.map(|m| m.len()).unwrap_or(0);
-            (p, t, len)
-        })
-        .collect()
-}
-
 struct Reconciler {
     config: AgentConfig,
     datapath: KernelDatapath,
@@ -73,33 +59,30 @@ impl Reconciler {
             previous.map(|s| &s.compiled),
             MapSizes::default().policy as usize,
         )?;
-        let mut ipcache = Vec::new();
-        for w in &snap.state.cluster.workloads {
+        // Pod addresses carry their workload's identity; a ClusterIP has none of its own (the
+        // proxy checks the chosen endpoint's), so it is ANY. Both are captured (mesh).
+        let pods = snap.state.cluster.workloads.iter().flat_map(|w| {
             let identity = snap
                 .identities
                 .get(&w.identity)
                 .copied()
                 .unwrap_or(signet_policy::identity::WORLD);
-            for ip in &w.ips {
-                let prefix = if ip.is_ipv4() { 32 } else { 128 };
-                ipcache.push(IpcacheEntry {
-                    ip: *ip,
-                    prefix,
-                    identity,
-                    mesh: true,
-                });
-            }
-        }
-        for ip in snap.services.cluster_ips() {
-            let prefix = if ip.is_ipv4() { 32 } else { 128 };
-            // A ClusterIP has no identity of its own; the proxy checks the chosen endpoint's.
-            ipcache.push(IpcacheEntry {
+            w.ips.iter().map(move |ip| (*ip, identity))
+        });
+        let vips = snap
+            .services
+            .cluster_ips()
+            .into_iter()
+            .map(|ip| (ip, signet_policy::identity::ANY));
+        let ipcache: Vec<IpcacheEntry> = pods
+            .chain(vips)
+            .map(|(ip, identity)| IpcacheEntry {
                 ip,
-                prefix,
-                identity: signet_policy::identity::ANY,
+                prefix: if ip.is_ipv4() { 32 } else { 128 },
+                identity,
                 mesh: true,
-            });
-        }
+            })
+            .collect();
         let mut endpoints = BTreeMap::new();
         for ep in &snap.local {
             let w = snap.workload(ep.workload);
@@ -238,7 +221,7 @@ impl Agent {
         ));
         tracker.spawn(inbound::serve(in_l, ctx, stop.clone(), tracker.clone()));
         tracker.spawn(watch_state(
-            Mutex::new(reconciler),
+            reconciler,
             snapshot.clone(),
             certs.clone(),
             stop.clone(),
@@ -276,17 +259,13 @@ impl Agent {
 }
 
 async fn watch_state(
-    reconciler: Mutex<Reconciler>,
+    mut reconciler: Reconciler,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     certs: CertManager,
     stop: CancellationToken,
 ) {
-    let dir = reconciler
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .config
-        .cluster_state_dir
-        .clone();
+    use signet_ca::server::authz::fingerprint;
+    let dir = reconciler.config.cluster_state_dir.clone();
     let mut seen = fingerprint(&dir);
     loop {
         tokio::select! {
@@ -299,10 +278,7 @@ async fn watch_state(
         }
         seen = now;
         let previous = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let result = reconciler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(Some(&previous));
+        let result = reconciler.apply(Some(&previous));
         match result {
             Ok(next) => {
                 certs.set_identities(&next.local_identities());

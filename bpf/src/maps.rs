@@ -5,10 +5,6 @@
 
 use std::net::IpAddr;
 
-/// Reserved identity numbers the programs know.
-pub const IDENTITY_ANY: u32 = 0;
-pub const IDENTITY_WORLD: u32 = 2;
-
 pub const DIRECTION_INGRESS: u8 = 0;
 pub const DIRECTION_EGRESS: u8 = 1;
 

@@ -272,15 +272,25 @@ impl Signer {
         let not_before = (now - backdate).max(self.not_before);
         let not_after = (now + ttl).min(self.not_after);
         let params = svid::leaf_params(id, not_before, not_after);
+        let public_key =
+            SubjectPublicKeyInfo::from_der(csr.public_key_der()).map_err(IssueError::PublicKey)?;
+        self.sign(id, &params, &public_key)
+    }
+
+    /// Signs `params` over `public_key` and returns it with the chain above it.
+    fn sign(
+        &self,
+        id: &SpiffeId,
+        params: &rcgen::CertificateParams,
+        public_key: &impl PublicKeyData,
+    ) -> Result<IssuedSvid, IssueError> {
         let serial = params
             .serial_number
             .as_ref()
             .map(|s| hex_upper(&s.to_bytes()))
             .unwrap_or_default();
-        let public_key =
-            SubjectPublicKeyInfo::from_der(csr.public_key_der()).map_err(IssueError::PublicKey)?;
         let leaf = params
-            .signed_by(&public_key, &self.issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(IssueError::Signing)?;
         let mut chain = Vec::with_capacity(self.chain.len() + 1);
         chain.push(leaf.der().clone());
@@ -288,8 +298,8 @@ impl Signer {
         Ok(IssuedSvid {
             spiffe_id: id.clone(),
             serial,
-            not_before,
-            not_after,
+            not_before: params.not_before,
+            not_after: params.not_after,
             chain,
         })
     }
@@ -316,23 +326,7 @@ impl Signer {
             };
             params.subject_alt_names.push(san);
         }
-        let serial = params
-            .serial_number
-            .as_ref()
-            .map(|s| hex_upper(&s.to_bytes()))
-            .unwrap_or_default();
-        let leaf = params
-            .signed_by(key, &self.issuer)
-            .map_err(IssueError::Signing)?;
-        let mut chain = vec![leaf.der().clone()];
-        chain.extend(self.chain.iter().cloned());
-        Ok(IssuedSvid {
-            spiffe_id: id.clone(),
-            serial,
-            not_before,
-            not_after,
-            chain,
-        })
+        self.sign(id, &params, key)
     }
 }
 

@@ -259,15 +259,23 @@ pub fn evaluate_direction(
     }
 }
 
+/// The `http` list of the allow rule `r` points at.
+pub fn http_rules<'a>(
+    policies: &[&'a Policy],
+    r: &RuleRef,
+) -> Option<&'a [crate::model::HttpMatch]> {
+    let p = policies.iter().find(|p| p.id() == r.policy)?;
+    let list = match r.direction {
+        Direction::Ingress => p.ingress.as_ref(),
+        Direction::Egress => p.egress.as_ref(),
+    }?;
+    list.get(r.index)?.http.as_deref()
+}
+
 /// Whether `req` passes the `http` lists of `rules`.
 pub fn request_allowed(policies: &[&Policy], rules: &[RuleRef], req: &Request) -> Option<RuleRef> {
     rules.iter().find_map(|r| {
-        let p = policies.iter().find(|p| p.id() == r.policy)?;
-        let list = match r.direction {
-            Direction::Ingress => p.ingress.as_ref(),
-            Direction::Egress => p.egress.as_ref(),
-        }?;
-        let http = list.get(r.index)?.http.as_ref()?;
+        let http = http_rules(policies, r)?;
         http.iter().any(|h| h.matches(req)).then(|| r.clone())
     })
 }

@@ -61,6 +61,25 @@ fn proxy_once(
     (client, orig)
 }
 
+/// A policy with one entry: endpoint 1 may not connect to `peer` on `port` (0: any), rule `rule`.
+fn egress_deny(peer: u32, port: u16, rule: u32) -> Compiled {
+    let mut c = Compiled::default();
+    c.entries.insert(
+        Key {
+            endpoint: 1,
+            direction: Direction::Egress,
+            proto: Protocol::Tcp,
+            peer,
+            port,
+        },
+        Entry {
+            action: Action::Deny,
+            rule,
+        },
+    );
+    c
+}
+
 fn setup(env: &Env, proxy_port: u16) -> KernelDatapath {
     let mut dp = KernelDatapath::load(&env.loader()).expect("load datapath");
     dp.set_config(&DatapathConfig {
@@ -132,20 +151,7 @@ fn an_egress_deny_fails_connect_with_eperm_and_emits_an_event() {
     }
     let env = Env::new();
     let mut dp = setup(&env, 1);
-    let mut compiled = Compiled::default();
-    compiled.entries.insert(
-        Key {
-            endpoint: 1,
-            direction: Direction::Egress,
-            proto: Protocol::Tcp,
-            peer: 302,
-            port: 9999,
-        },
-        Entry {
-            action: Action::Deny,
-            rule: 7,
-        },
-    );
+    let compiled = egress_deny(302, 9999, 7);
     let changes = dp.reconcile_policy(&compiled).expect("policy");
     assert_eq!(changes.written, 1);
     dp.drain_events();
@@ -172,20 +178,7 @@ fn a_restart_keeps_enforcing_and_never_attaches_twice() {
     }
     let env = Env::new();
     let mut dp = setup(&env, 1);
-    let mut compiled = Compiled::default();
-    compiled.entries.insert(
-        Key {
-            endpoint: 1,
-            direction: Direction::Egress,
-            proto: Protocol::Tcp,
-            peer: 302,
-            port: 0,
-        },
-        Entry {
-            action: Action::Deny,
-            rule: 9,
-        },
-    );
+    let compiled = egress_deny(302, 0, 9);
     dp.reconcile_policy(&compiled).expect("policy");
     let before = env.attached();
     assert_eq!(before.get("signet_connect4"), Some(&1), "{before:?}");
@@ -216,20 +209,7 @@ fn a_full_policy_map_is_refused_and_the_entries_in_force_stay() {
     }
     let env = Env::new();
     let mut dp = setup(&env, 1);
-    let mut small = Compiled::default();
-    small.entries.insert(
-        Key {
-            endpoint: 1,
-            direction: Direction::Egress,
-            proto: Protocol::Tcp,
-            peer: 302,
-            port: 0,
-        },
-        Entry {
-            action: Action::Deny,
-            rule: 1,
-        },
-    );
+    let small = egress_deny(302, 0, 1);
     dp.reconcile_policy(&small).expect("policy");
     let mut huge = Compiled::default();
     for peer in 0..2000u32 {
@@ -267,20 +247,7 @@ fn flow_events_reach_an_async_reader_and_drops_are_counted() {
     }
     let env = Env::new();
     let mut dp = setup(&env, 1);
-    let mut compiled = Compiled::default();
-    compiled.entries.insert(
-        Key {
-            endpoint: 1,
-            direction: Direction::Egress,
-            proto: Protocol::Tcp,
-            peer: 302,
-            port: 0,
-        },
-        Entry {
-            action: Action::Deny,
-            rule: 11,
-        },
-    );
+    let compiled = egress_deny(302, 0, 11);
     dp.reconcile_policy(&compiled).expect("policy");
     let mut reader = EventReader::open(&env.pin_dir, Duration::from_millis(20)).expect("reader");
     reader.drain();
@@ -317,20 +284,7 @@ fn cleanup_detaches_everything_and_enforcement_stops() {
     }
     let env = Env::new();
     let mut dp = setup(&env, 1);
-    let mut compiled = Compiled::default();
-    compiled.entries.insert(
-        Key {
-            endpoint: 1,
-            direction: Direction::Egress,
-            proto: Protocol::Tcp,
-            peer: 302,
-            port: 0,
-        },
-        Entry {
-            action: Action::Deny,
-            rule: 1,
-        },
-    );
+    let compiled = egress_deny(302, 0, 1);
     dp.reconcile_policy(&compiled).expect("policy");
     assert_eq!(env.connect("127.0.0.3:7")["errno"], 1);
     drop(dp);

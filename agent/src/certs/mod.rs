@@ -36,6 +36,8 @@ pub struct WorkloadCert {
     /// When it arrived. `not_before` is backdated by the CA for clock skew, so renewal counts
     /// from here.
     pub fetched_at: SystemTime,
+    /// Chain and signing key as rustls serves them, built once rather than per handshake.
+    pub certified: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl WorkloadCert {
@@ -113,16 +115,22 @@ pub async fn fetch(
     if chain.len() > 1 {
         chain.pop(); // the root
     }
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| CertError::Key {
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing));
     Ok(WorkloadCert {
         id: id.clone(),
         chain,
-        key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        ))),
+        key: Arc::new(key),
         serial,
         not_before,
         not_after,
         fetched_at: SystemTime::now(),
+        certified,
     })
 }
 
@@ -255,6 +263,13 @@ fn jitter() -> f64 {
 mod tests {
     use super::*;
 
+    fn test_certified() -> Arc<rustls::sign::CertifiedKey> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der).expect("signing key");
+        Arc::new(rustls::sign::CertifiedKey::new(vec![], signing))
+    }
+
     #[test]
     fn renewal_is_at_half_the_remaining_life_with_bounded_jitter() {
         let now = SystemTime::now();
@@ -267,6 +282,7 @@ mod tests {
             not_before: now - Duration::from_secs(60),
             not_after: now + Duration::from_secs(3600),
             fetched_at: now,
+            certified: test_certified(),
         };
         assert_eq!(cert.renew_at(0.0), now + Duration::from_secs(1800));
         assert_eq!(cert.renew_at(1.0), now + Duration::from_secs(1800 + 360));

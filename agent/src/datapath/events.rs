@@ -74,6 +74,17 @@ impl From<FlowEvent> for Flow {
     }
 }
 
+/// Every record waiting in `ring`, decoded; short records are skipped.
+pub fn drain_ring(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if let Some(e) = FlowEvent::from_bytes(&item) {
+            out.push(e);
+        }
+    }
+    out
+}
+
 /// Reads flow events from a node's pinned ring buffer.
 pub struct EventReader {
     ring: RingBuf<MapData>,
@@ -106,13 +117,10 @@ impl EventReader {
 
     /// Whatever is in the ring now.
     pub fn drain(&mut self) -> Vec<Flow> {
-        let mut out = Vec::new();
-        while let Some(item) = self.ring.next() {
-            if let Some(e) = FlowEvent::from_bytes(&item) {
-                out.push(Flow::from(e));
-            }
-        }
-        out
+        drain_ring(&mut self.ring)
+            .into_iter()
+            .map(Flow::from)
+            .collect()
     }
 
     /// The next non-empty batch, sleeping `interval` between looks.

@@ -80,7 +80,7 @@ pub struct KernelDatapath {
     ep_ifindex: HashMap<MapData, u32, EndpointValue>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     config: Array<MapData, Config>,
-    orig_by_client: HashMap<MapData, ClientKey, OrigDst>,
+    orig: OriginalDestinations,
     events: RingBuf<MapData>,
     policy_capacity: usize,
 }
@@ -212,12 +212,7 @@ impl KernelDatapath {
             policy: HashMap::try_from(policy_map).map_err(map_err(names::POLICY))?,
             config: Array::try_from(open_map(&maps_dir, names::CONFIG, Map::Array)?)
                 .map_err(map_err(names::CONFIG))?,
-            orig_by_client: HashMap::try_from(open_map(
-                &maps_dir,
-                names::ORIG_BY_CLIENT,
-                Map::LruHashMap,
-            )?)
-            .map_err(map_err(names::ORIG_BY_CLIENT))?,
+            orig: OriginalDestinations::open(&cfg.pin_dir)?,
             events: RingBuf::try_from(open_map(&maps_dir, names::EVENTS, Map::RingBuf)?)
                 .map_err(map_err(names::EVENTS))?,
             policy_capacity,
@@ -234,16 +229,7 @@ impl KernelDatapath {
         &self,
         client: std::net::SocketAddr,
     ) -> Option<(std::net::SocketAddr, u32)> {
-        let key = ClientKey {
-            addr: addr16(client.ip()),
-            port: client.port(),
-            _pad: 0,
-        };
-        let o = self.orig_by_client.get(&key, 0).ok()?;
-        Some((
-            std::net::SocketAddr::new(ip_from16(o.addr), o.port),
-            o.identity,
-        ))
+        self.orig.lookup(client)
     }
 
     /// Drops so far per reason, summed over CPUs.
@@ -254,13 +240,7 @@ impl KernelDatapath {
     /// Every flow event waiting in the ring buffer. The programs never wake the reader, so the
     /// agent calls this on a timer.
     pub fn drain_events(&mut self) -> Vec<FlowEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            if let Some(e) = FlowEvent::from_bytes(&item) {
-                out.push(e);
-            }
-        }
-        out
+        super::events::drain_ring(&mut self.events)
     }
 
     /// Attaches the tc programs to an endpoint's host-side interface: towards the pod (TCX

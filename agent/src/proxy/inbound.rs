@@ -155,27 +155,32 @@ fn l7_check(
     snap: &Arc<crate::state::snapshot::Snapshot>,
     key: Option<signet_policy::compile::Key>,
 ) -> RequestCheck {
-    let rules: Vec<signet_policy::eval::RuleRef> = key
+    // Resolved once per stream, so a request costs only the matching itself.
+    let policies: Vec<&signet_policy::model::Policy> =
+        snap.state.policies.iter().map(|l| &l.policy).collect();
+    let rules: Vec<(String, Vec<signet_policy::model::HttpMatch>)> = key
         .and_then(|k| snap.compiled.l7.get(&k))
         .into_iter()
         .flatten()
-        .filter_map(|id| snap.compiled.rule(*id).cloned())
+        .filter_map(|id| snap.compiled.rule(*id))
+        .filter_map(|r| {
+            Some((
+                r.to_string(),
+                signet_policy::eval::http_rules(&policies, r)?.to_vec(),
+            ))
+        })
         .collect();
-    let snap = snap.clone();
+    let names = rules
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
     Arc::new(move |req| {
-        let policies: Vec<&signet_policy::model::Policy> =
-            snap.state.policies.iter().map(|l| &l.policy).collect();
-        match signet_policy::eval::request_allowed(&policies, &rules, req) {
-            Some(rule) => Ok(rule.to_string()),
-            None => Err(format!(
-                "no `http` rule of {} matches",
-                rules
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-        }
+        rules
+            .iter()
+            .find(|(_, http)| http.iter().any(|h| h.matches(req)))
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| format!("no `http` rule of {names} matches"))
     })
 }
 

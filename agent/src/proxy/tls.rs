@@ -42,9 +42,7 @@ struct SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let id = id_from_sni(hello.server_name()?, &self.td)?;
-        let cert = self.certs.get(&id)?;
-        let key = rustls::crypto::ring::sign::any_supported_type(&cert.key).ok()?;
-        Some(Arc::new(CertifiedKey::new(cert.chain.clone(), key)))
+        Some(self.certs.get(&id)?.certified.clone())
     }
 }
 

@@ -151,9 +151,11 @@ fn scheduled(pod: Pod) -> Option<ScheduledPod> {
     })
 }
 
-type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+/// Path, modification time and size of every manifest file: compared to tell a change.
+pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
-fn fingerprint(dir: &Path) -> Fingerprint {
+/// The fingerprint of a state directory (the agent's watcher uses it too).
+pub fn fingerprint(dir: &Path) -> Fingerprint {
     manifest_files(dir)
         .unwrap_or_default()
         .into_iter()
