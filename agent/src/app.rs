@@ -18,12 +18,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::metrics::{Gauges, Metrics, Reporter};
+use crate::admin::{self, AdminState};
 use crate::certs::CertManager;
 use crate::config::{AgentConfig, MtlsMode};
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
-use crate::proxy::{ProxyContext, inbound, outbound, tls};
+use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
 use crate::state::snapshot::{self, EndpointIds, Snapshot};
 
 /// A running agent.
@@ -32,6 +35,10 @@ pub struct Agent {
     tracker: TaskTracker,
     pub certs: CertManager,
     pub snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    pub metrics: Arc<Metrics>,
+    pub connections: Arc<Connections>,
+    /// Where the admin port listens (the configured one, or the one the OS chose for port 0).
+    pub admin_address: std::net::SocketAddr,
 }
 
 impl std::fmt::Debug for Agent {
@@ -189,6 +196,8 @@ impl Agent {
 
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        let connections = Arc::new(Connections::default());
         let ctx = ProxyContext {
             snapshot: snapshot.clone(),
             certs: certs.clone(),
@@ -205,7 +214,18 @@ impl Agent {
             },
             proxy_mark: config.proxy_mark,
             inbound_port: config.inbound.port(),
+            metrics: metrics.clone(),
+            conns: connections.clone(),
+            limits: Limits::new(
+                config.idle_timeout,
+                config.handshake_timeout,
+                config.max_connections,
+            ),
         };
+        let admin_l = TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("binding admin {}", config.admin))?;
+        let admin_address = admin_l.local_addr().context("admin address")?;
         let out_l = TcpListener::bind(config.outbound)
             .await
             .with_context(|| format!("binding outbound {}", config.outbound))?;
@@ -219,29 +239,60 @@ impl Agent {
             stop.clone(),
             tracker.clone(),
         ));
+        let hbone = ctx.hbone.clone();
         tracker.spawn(inbound::serve(in_l, ctx, stop.clone(), tracker.clone()));
         tracker.spawn(watch_state(
             reconciler,
             snapshot.clone(),
             certs.clone(),
+            Recheck {
+                connections: connections.clone(),
+                metrics: metrics.clone(),
+            },
             stop.clone(),
+        ));
+        let readiness = {
+            let (snapshot, certs) = (snapshot.clone(), certs.clone());
+            Arc::new(move || readiness(&snapshot, &certs))
+        };
+        let gauges = {
+            let (connections, certs, readiness) =
+                (connections.clone(), certs.clone(), readiness.clone());
+            Arc::new(move || Gauges {
+                certificate_expiry: certs.expiries(),
+                open_connections: [Reporter::Outbound, Reporter::Inbound]
+                    .into_iter()
+                    .map(|r| (r, connections.count(r)))
+                    .collect(),
+                hbone_pool_connections: hbone.connections(),
+                ready: readiness().is_ok(),
+            })
+        };
+        tracker.spawn(admin::serve(
+            admin_l,
+            AdminState {
+                metrics: metrics.clone(),
+                gauges,
+                readiness,
+            },
+            stop.clone(),
+            tracker.clone(),
         ));
         Ok(Self {
             stop,
             tracker,
             certs,
             snapshot,
+            metrics,
+            connections,
+            admin_address,
         })
     }
 
-    /// Whether every local workload has a certificate.
+    /// Whether every local workload has a certificate (the datapath is attached before `start`
+    /// returns).
     pub fn ready(&self) -> bool {
-        let snap = self
-            .snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.certs.ready(snap.local_identities().iter())
+        readiness(&self.snapshot, &self.certs).is_ok()
     }
 
     /// Stops accepting, lets in-flight connections finish within `grace`, then gives up on them.
@@ -258,10 +309,27 @@ impl Agent {
     }
 }
 
+fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<(), String> {
+    let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let missing = certs.missing(snap.local_identities().iter());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    Err(format!("no certificate yet for {}", names.join(", ")))
+}
+
+/// What a state change re-examines besides the datapath: the connections already open.
+struct Recheck {
+    connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
+}
+
 async fn watch_state(
     mut reconciler: Reconciler,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     certs: CertManager,
+    recheck: Recheck,
     stop: CancellationToken,
 ) {
     use signet_ca::server::authz::fingerprint;
@@ -282,8 +350,10 @@ async fn watch_state(
         match result {
             Ok(next) => {
                 certs.set_identities(&next.local_identities());
-                *snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-                tracing::info!("cluster state applied");
+                let next = Arc::new(next);
+                *snapshot.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+                let closed = recheck.connections.recheck(&next, &recheck.metrics);
+                tracing::info!(connections_closed = closed, "cluster state applied");
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "cluster state change refused; the state in force stays")

@@ -15,6 +15,8 @@
 //!   cgroupRoot: /sys/fs/cgroup/unified/signet/node-a
 //! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020}
 //! mtlsMode: strict                          # or permissive
+//! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
+//! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384}
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -69,6 +71,29 @@ struct Raw {
     shutdown_grace_seconds: u64,
     #[serde(default = "default_max_streams")]
     max_streams_per_connection: usize,
+    #[serde(default)]
+    proxy: RawProxy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawProxy {
+    #[serde(default = "default_idle")]
+    idle_timeout_seconds: u64,
+    #[serde(default = "default_handshake")]
+    handshake_timeout_seconds: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            idle_timeout_seconds: default_idle(),
+            handshake_timeout_seconds: default_handshake(),
+            max_connections: default_max_connections(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +143,15 @@ fn default_grace() -> u64 {
 fn default_max_streams() -> usize {
     100
 }
+fn default_idle() -> u64 {
+    3600
+}
+fn default_handshake() -> u64 {
+    10
+}
+fn default_max_connections() -> usize {
+    16384
+}
 fn default_mark() -> u32 {
     0x5167
 }
@@ -146,6 +180,11 @@ pub struct AgentConfig {
     pub svid_ttl: Duration,
     pub shutdown_grace: Duration,
     pub max_streams_per_connection: usize,
+    /// A tunnel idle this long is closed.
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// Per direction.
+    pub max_connections: usize,
 }
 
 impl AgentConfig {
@@ -196,8 +235,17 @@ impl AgentConfig {
                 return Err(invalid(format!("listen: {a} is used twice")));
             }
         }
-        if raw.svid_ttl_seconds < 60 {
-            return Err(invalid("svidTtlSeconds must be at least 60".into()));
+        // The CA enforces its own minimum; this only catches values that cannot work at all.
+        if raw.svid_ttl_seconds < 10 {
+            return Err(invalid("svidTtlSeconds must be at least 10".into()));
+        }
+        if raw.proxy.idle_timeout_seconds == 0 || raw.proxy.handshake_timeout_seconds == 0 {
+            return Err(invalid(
+                "proxy.idleTimeoutSeconds and proxy.handshakeTimeoutSeconds must be above 0".into(),
+            ));
+        }
+        if raw.proxy.max_connections == 0 {
+            return Err(invalid("proxy.maxConnections must be above 0".into()));
         }
         if raw.datapath.proxy_mark == 0 {
             return Err(invalid(
@@ -229,6 +277,9 @@ impl AgentConfig {
             svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds),
             max_streams_per_connection: raw.max_streams_per_connection.max(1),
+            idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
+            handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
+            max_connections: raw.proxy.max_connections,
             node: raw.node,
         })
     }

@@ -10,9 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use signet_agent::admin::metrics::{Metrics, Reporter};
+use signet_agent::proxy::FlowRecord;
+use signet_agent::proxy::conns::{Decision, Verdict};
 use signet_agent::proxy::hbone::{
-    Admission, HboneClient, HboneError, Inbound, Route, pump, serve_connection,
+    Accepted, Admission, HboneClient, HboneError, Inbound, Meter, Route, pump, serve_connection,
 };
+use signet_agent::proxy::l7::L7Flow;
 use signet_ca::verify::{SpiffeClientVerifier, SpiffeServerVerifier, SvidRoots, peer_spiffe_id};
 use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -24,6 +28,22 @@ const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
 
 fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).expect("id")
+}
+
+/// The flow an admitted test stream is counted and logged as.
+fn record(peer: &SpiffeId, target: SocketAddr) -> FlowRecord {
+    let decision = Decision {
+        verdict: Verdict::Allow,
+        rule: "test".into(),
+    };
+    FlowRecord::open(
+        &Metrics::default(),
+        Reporter::Inbound,
+        peer.to_string(),
+        DB.into(),
+        target,
+        &decision,
+    )
 }
 
 struct Svid {
@@ -118,7 +138,7 @@ async fn hbone_server(
                 );
             }
             match TcpStream::connect(target).await {
-                Ok(s) => Admission::Accept(s),
+                Ok(s) => Admission::Accept(Box::new(Accepted::tcp(s, record(&peer, target)))),
                 Err(e) => Admission::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         })
@@ -137,7 +157,7 @@ async fn hbone_server(
                 counter.fetch_add(1, Ordering::SeqCst);
                 let peer =
                     peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("verified peer");
-                let _ = serve_connection(tls, peer, inbound).await;
+                let _ = serve_connection(tls, peer, inbound, Default::default()).await;
             });
         }
     });
@@ -170,7 +190,10 @@ fn client(pki: &Pki, max_streams: usize) -> HboneClient {
                 .with_client_auth_cert(chain.clone(), key.clone_key())
                 .ok()?;
             cfg.alpn_protocols = vec![b"h2".to_vec()];
-            Some(Arc::new(cfg))
+            Some((
+                Arc::new(cfg),
+                std::time::SystemTime::now() + Duration::from_secs(3600),
+            ))
         }),
         max_streams,
     )
@@ -203,7 +226,15 @@ async fn through_pump(c: &HboneClient, route: &Route, target: SocketAddr, msg: &
     tokio::spawn(async move {
         let (sock, _) = app.accept().await.expect("accept");
         let t = c.open(&route, target).await.expect("open");
-        pump(sock, t.send, t.recv).await.expect("pump");
+        pump(
+            sock,
+            t.send,
+            t.recv,
+            Duration::from_secs(60),
+            &Meter::default(),
+        )
+        .await
+        .expect("pump");
     });
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let (mut r, mut w) = s.split();
@@ -358,7 +389,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     // Only GET under /v1/ passes.
-    let inbound: Inbound = Arc::new(move |_peer: SpiffeId, target: SocketAddr| {
+    let inbound: Inbound = Arc::new(move |peer: SpiffeId, target: SocketAddr| {
         Box::pin(async move {
             let check: signet_agent::proxy::l7::RequestCheck = Arc::new(|req| {
                 if req.method == "GET" && req.path.starts_with("/v1/") {
@@ -367,7 +398,15 @@ async fn l7_streams_check_every_request_and_answer_403() {
                     Err(format!("{} {} is not allowed", req.method, req.path))
                 }
             });
-            Admission::AcceptHttp(TcpStream::connect(target).await.expect("origin"), check)
+            let tcp = TcpStream::connect(target).await.expect("origin");
+            let mut accepted = Accepted::tcp(tcp, record(&peer, target));
+            accepted.l7 = Some(L7Flow {
+                check,
+                source: peer.to_string(),
+                destination: DB.into(),
+                metrics: None,
+            });
+            Admission::Accept(Box::new(accepted))
         })
     });
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -380,7 +419,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                     return;
                 };
                 let peer = peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("peer");
-                let _ = serve_connection(tls, peer, inbound).await;
+                let _ = serve_connection(tls, peer, inbound, Default::default()).await;
             });
         }
     });

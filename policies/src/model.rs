@@ -196,7 +196,7 @@ impl Selector {
 }
 
 /// A matcher for HTTP requests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpMatch {
     /// Uppercase; empty means any.
     pub methods: Vec<String>,
@@ -213,6 +213,19 @@ pub enum PathMatcher {
     /// Anchored: the whole path must match.
     Regex(regex::Regex),
 }
+
+/// Regexes compare by their source text: the same pattern is the same matcher.
+impl PartialEq for PathMatcher {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) | (Self::Prefix(a), Self::Prefix(b)) => a == b,
+            (Self::Regex(a), Self::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for PathMatcher {}
 
 /// An HTTP request as the proxy sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

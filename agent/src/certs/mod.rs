@@ -180,14 +180,32 @@ impl CertManager {
         ids.into_iter().all(|id| certs.contains_key(id))
     }
 
-    /// The earliest expiry among certificates in force (for the expiry metric).
-    pub fn earliest_expiry(&self) -> Option<SystemTime> {
-        self.certs
+    /// The identities in `ids` still waiting for a certificate.
+    pub fn missing<'a>(&self, ids: impl IntoIterator<Item = &'a SpiffeId>) -> Vec<SpiffeId> {
+        let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+        ids.into_iter()
+            .filter(|id| !certs.contains_key(*id))
+            .cloned()
+            .collect()
+    }
+
+    /// (identity, notAfter in Unix seconds) of every certificate in force, for the metrics.
+    pub fn expiries(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .certs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .map(|c| c.not_after)
-            .min()
+            .map(|c| {
+                let t = c
+                    .not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                (c.id.to_string(), t)
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// Makes the set of managed identities exactly `ids`: starts a rotation task for each new one

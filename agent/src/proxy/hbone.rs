@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
@@ -25,6 +25,8 @@ use rustls_pki_types::ServerName;
 use signet_ca::SpiffeId;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
+
+use crate::admin::metrics::FlowCounters;
 
 /// Largest chunk moved in one DATA frame.
 const CHUNK: usize = 16 * 1024;
@@ -53,12 +55,55 @@ pub enum HboneError {
     Io(#[from] std::io::Error),
 }
 
+/// Counts a tunnel's bytes as they move, for the metrics and for the idle timeout.
+#[derive(Debug, Default)]
+pub struct Meter {
+    /// Bytes read from the socket side and sent into the HTTP/2 stream.
+    pub to_h2: AtomicU64,
+    /// Bytes received from the HTTP/2 stream and written to the socket side.
+    pub from_h2: AtomicU64,
+    /// Where the flow's counters are: which way is "sent" depends on whether the socket side is
+    /// the source (outbound) or the destination (inbound).
+    pub flow: Option<(Arc<FlowCounters>, bool)>,
+}
+
+impl Meter {
+    /// A meter adding to `flow`; `socket_is_source` for the outbound side.
+    pub fn for_flow(flow: Arc<FlowCounters>, socket_is_source: bool) -> Self {
+        Self {
+            flow: Some((flow, socket_is_source)),
+            ..Self::default()
+        }
+    }
+
+    fn add(&self, to_h2: bool, n: usize) {
+        let n = n as u64;
+        let mine = if to_h2 { &self.to_h2 } else { &self.from_h2 };
+        mine.fetch_add(n, Ordering::Relaxed);
+        if let Some((flow, socket_is_source)) = &self.flow {
+            let counter = if to_h2 == *socket_is_source {
+                &flow.sent_bytes
+            } else {
+                &flow.received_bytes
+            };
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.to_h2.load(Ordering::Relaxed) + self.from_h2.load(Ordering::Relaxed)
+    }
+}
+
 /// Moves bytes both ways between `io` and an HTTP/2 stream until both directions are closed,
-/// propagating half-close (EOF becomes END_STREAM and back). Returns bytes (to h2, from h2).
+/// propagating half-close (EOF becomes END_STREAM and back). Fails with `TimedOut` when no byte
+/// moved either way for `idle`. Returns bytes (to h2, from h2).
 pub async fn pump<S>(
     io: S,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    idle: Duration,
+    meter: &Meter,
 ) -> std::io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -87,6 +132,7 @@ where
                     .map_err(h2_io)?;
                 offset = end;
             }
+            meter.add(true, n);
             total += n as u64;
         }
     };
@@ -95,13 +141,31 @@ where
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(h2_io)?;
             wr.write_all(&chunk).await?;
+            meter.add(false, chunk.len());
             total += chunk.len() as u64;
             let _ = recv.flow_control().release_capacity(chunk.len());
         }
         wr.shutdown().await?;
         Ok::<_, std::io::Error>(total)
     };
-    tokio::try_join!(upstream, downstream)
+    let idle_watch = async {
+        let mut seen = meter.total();
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = meter.total();
+            if now == seen {
+                return std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("idle for {idle:?}"),
+                );
+            }
+            seen = now;
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(upstream, downstream) } => r,
+        e = idle_watch => Err(e),
+    }
 }
 
 fn h2_io(e: h2::Error) -> std::io::Error {
@@ -128,10 +192,21 @@ struct PooledConn {
     active: Arc<AtomicUsize>,
     /// Set when the connection task ends (peer closed, error, GOAWAY).
     closed: Arc<std::sync::atomic::AtomicBool>,
+    /// The earlier notAfter of the two certificates that authenticated it: no new stream goes
+    /// over a connection whose proof of identity has expired (its open streams continue).
+    expires: SystemTime,
 }
 
-/// Makes the client TLS configuration for a route: the source's SVID, the destination's ID.
-pub type ClientTls = Arc<dyn Fn(&Route) -> Option<Arc<rustls::ClientConfig>> + Send + Sync>;
+impl PooledConn {
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.closed.load(Ordering::Acquire) && now < self.expires
+    }
+}
+
+/// Makes the client TLS configuration for a route (the source's SVID, the destination's ID),
+/// with the notAfter of the certificate it presents.
+pub type ClientTls =
+    Arc<dyn Fn(&Route) -> Option<(Arc<rustls::ClientConfig>, SystemTime)> + Send + Sync>;
 
 /// HBONE client with a connection pool.
 #[derive(Clone)]
@@ -230,7 +305,10 @@ impl HboneClient {
     fn pooled(&self, route: &Route) -> Option<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>)> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let conns = pool.get_mut(route)?;
-        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        // Expired connections leave the pool; the h2 connection itself lives on until its
+        // last stream ends and the handle is dropped.
+        let now = SystemTime::now();
+        conns.retain(|c| c.usable(now));
         for c in conns.iter() {
             let n = c.active.load(Ordering::Acquire);
             if n < self.max_streams
@@ -249,7 +327,7 @@ impl HboneClient {
         route: &Route,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
         let node = route.node;
-        let tls = (self.tls)(route).ok_or_else(|| HboneError::Tls {
+        let (tls, own_expiry) = (self.tls)(route).ok_or_else(|| HboneError::Tls {
             node,
             source: std::io::Error::other(format!("no certificate for {} yet", route.source)),
         })?;
@@ -270,6 +348,13 @@ impl HboneClient {
             .connect(name, tcp)
             .await
             .map_err(|source| HboneError::Tls { node, source })?;
+        let peer_expiry = tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(not_after)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
@@ -294,26 +379,57 @@ impl HboneClient {
                 send: send.clone(),
                 active: active.clone(),
                 closed,
+                expires: own_expiry.min(peer_expiry),
             });
         Ok((send, active))
     }
 }
 
+/// A certificate's notAfter.
+pub fn not_after(der: &rustls_pki_types::CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The inbound decision for one stream.
 pub enum Admission {
-    /// Connected to the workload: pump the tunnel into this stream.
-    Accept(TcpStream),
-    /// Connected to the workload, but every HTTP request must pass this check first.
-    AcceptHttp(TcpStream, super::l7::RequestCheck),
+    /// Connected to the workload: pump the tunnel into it.
+    Accept(Box<Accepted>),
     /// Refused with this status (403 for policy, 503 when the workload is unreachable).
     Refuse(StatusCode, String),
+}
+
+/// An admitted stream: the connection to the workload and what to enforce on it.
+#[derive(Debug)]
+pub struct Accepted {
+    pub tcp: TcpStream,
+    /// When set, every HTTP request must pass this check before it reaches the workload.
+    pub l7: Option<super::l7::L7Flow>,
+    /// Closes the stream when a policy change no longer allows it.
+    pub registration: Option<super::conns::Registration>,
+    /// Counted and logged as one flow when it ends.
+    pub record: super::FlowRecord,
+    pub idle: Duration,
+}
+
+impl Accepted {
+    /// A plain TCP stream with nothing but the default idle timeout.
+    pub fn tcp(tcp: TcpStream, record: super::FlowRecord) -> Self {
+        Self {
+            tcp,
+            l7: None,
+            registration: None,
+            record,
+            idle: Duration::from_secs(3600),
+        }
+    }
 }
 
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Admission::Accept(s) => f.debug_tuple("Accept").field(s).finish(),
-            Admission::AcceptHttp(s, _) => f.debug_tuple("AcceptHttp").field(s).finish(),
+            Admission::Accept(a) => f.debug_tuple("Accept").field(a).finish(),
             Admission::Refuse(c, r) => f.debug_tuple("Refuse").field(c).field(r).finish(),
         }
     }
@@ -324,8 +440,14 @@ pub type AdmitFuture = Pin<Box<dyn Future<Output = Admission> + Send>>;
 /// Authorises and connects each inbound stream.
 pub type Inbound = Arc<dyn Fn(SpiffeId, SocketAddr) -> AdmitFuture + Send + Sync>;
 
-/// Serves one inbound HBONE connection whose TLS handshake already authenticated `peer`.
-pub async fn serve_connection<T>(io: T, peer: SpiffeId, inbound: Inbound) -> Result<(), h2::Error>
+/// Serves one inbound HBONE connection whose TLS handshake already authenticated `peer`. When
+/// `drain` fires the peer gets a GOAWAY: no new streams, and the open ones run to their end.
+pub async fn serve_connection<T>(
+    io: T,
+    peer: SpiffeId,
+    inbound: Inbound,
+    drain: tokio_util::sync::CancellationToken,
+) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -335,7 +457,17 @@ where
         .max_concurrent_streams(1024)
         .handshake(io)
         .await?;
-    while let Some(next) = conn.accept().await {
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (req, respond) = next?;
         let (peer, inbound) = (peer.clone(), inbound.clone());
         tokio::spawn(async move { handle_stream(req, respond, peer, inbound).await });
@@ -370,26 +502,10 @@ async fn handle_stream(
     };
     match inbound(peer.clone(), target).await {
         Admission::Refuse(status, why) => {
-            tracing::info!(source = %peer, %target, %status, reason = %why, "HBONE stream refused");
+            tracing::debug!(source = %peer, %target, %status, reason = %why, "HBONE stream refused");
             let _ = reply(&mut respond, status);
         }
-        Admission::AcceptHttp(tcp, check) => {
-            let resp = Response::builder()
-                .status(StatusCode::OK)
-                .body(())
-                .expect("valid response");
-            let Ok(send) = respond.send_response(resp, false) else {
-                return;
-            };
-            // The tunnel's bytes go through a local pipe into the HTTP server that checks them.
-            let (near, far) = tokio::io::duplex(64 * 1024);
-            let recv = req.into_body();
-            tokio::spawn(async move {
-                let _ = pump(near, send, recv).await;
-            });
-            super::l7::serve(far, tcp, check, peer.to_string()).await;
-        }
-        Admission::Accept(tcp) => {
+        Admission::Accept(accepted) => {
             let resp = Response::builder()
                 .status(StatusCode::OK)
                 .body(())
@@ -401,13 +517,51 @@ async fn handle_stream(
                     return;
                 }
             };
-            match pump(tcp, send, req.into_body()).await {
-                Ok((up, down)) => {
-                    tracing::debug!(source = %peer, %target, up, down, "HBONE stream closed")
+            tunnel(*accepted, send, req.into_body()).await;
+        }
+    }
+}
+
+/// Runs an admitted stream until it ends, idles out, or policy closes it.
+async fn tunnel(accepted: Accepted, send: SendStream<Bytes>, recv: RecvStream) {
+    let Accepted {
+        mut tcp,
+        l7,
+        registration,
+        record,
+        idle,
+    } = accepted;
+    let meter = record.meter();
+    let closed = async {
+        match &registration {
+            Some(r) => r.closed().await,
+            None => std::future::pending().await,
+        }
+    };
+    match l7 {
+        None => {
+            tokio::select! {
+                r = pump(&mut tcp, send, recv, idle, &meter) => record.finish(&meter, r.err().as_ref()),
+                () = closed => {
+                    // Reset rather than finish: the workload must not take a truncated
+                    // exchange for a complete one.
+                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    record.finish_closed_by_policy(&meter);
                 }
-                Err(e) => {
-                    tracing::debug!(source = %peer, %target, error = %e, "HBONE stream failed")
-                }
+            }
+        }
+        Some(flow) => {
+            // The tunnel's bytes go through a local pipe into the HTTP server that checks them.
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let work = async {
+                tokio::join!(
+                    pump(near, send, recv, idle, &meter),
+                    super::l7::serve(far, tcp, flow)
+                )
+            };
+            tokio::select! {
+                (r, ()) = work => record.finish(&meter, r.err().as_ref()),
+                () = closed => record.finish_closed_by_policy(&meter),
             }
         }
     }

@@ -11,18 +11,17 @@ use std::sync::Arc;
 use http::StatusCode;
 use signet_ca::SpiffeId;
 use signet_ca::verify::peer_spiffe_id;
-use signet_policy::compile::Action;
-use signet_policy::eval::Direction;
-use signet_policy::resource::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use super::ProxyContext;
-use super::hbone::{Admission, Inbound, serve_connection};
-use super::l7::RequestCheck;
+use super::conns::{Tracked, Verdict, decide};
+use super::hbone::{Accepted, Admission, Inbound, serve_connection};
+use super::l7::{L7Flow, check_for};
 use super::tls::id_from_sni;
+use super::{FlowRecord, ProxyContext, refuse};
+use crate::admin::metrics::{Reporter, UNKNOWN};
 
 pub async fn serve(
     listener: TcpListener,
@@ -52,29 +51,44 @@ pub async fn serve(
                 }
             },
         };
-        let (tls, ctx) = (tls.clone(), ctx.clone());
+        let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "inbound connection refused: the connection cap is reached");
+            ctx.metrics
+                .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, "connection_limit");
+            continue;
+        };
+        let (tls, ctx, stop) = (tls.clone(), ctx.clone(), stop.clone());
         let span = tracing::info_span!("inbound", %peer);
         tracker.spawn(
             async move {
-                let handshake =
-                    tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(tcp)).await;
+                let _slot = slot;
+                let handshake = tokio::time::timeout(ctx.limits.handshake, tls.accept(tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return tracing::info!(error = %e, "mTLS handshake failed"),
-                    Err(_) => return tracing::info!("mTLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        ctx.metrics.handshake_failed(Reporter::Inbound, "tls_error");
+                        return tracing::info!(error = %e, "mTLS handshake failed");
+                    }
+                    Err(_) => {
+                        ctx.metrics.handshake_failed(Reporter::Inbound, "timeout");
+                        return tracing::info!("mTLS handshake timed out");
+                    }
                 };
                 let (_, conn) = stream.get_ref();
                 let Ok(source) = peer_spiffe_id(conn.peer_certificates()) else {
+                    ctx.metrics
+                        .handshake_failed(Reporter::Inbound, "no_client_certificate");
                     return tracing::info!("peer presented no SVID");
                 };
                 let Some(served) = conn
                     .server_name()
                     .and_then(|n| id_from_sni(n, &ctx.trust_domain))
                 else {
+                    ctx.metrics.handshake_failed(Reporter::Inbound, "no_sni");
                     return tracing::info!(%source, "no destination workload named in SNI");
                 };
                 let inbound = admission(ctx, served);
-                if let Err(e) = serve_connection(stream, source, inbound).await {
+                if let Err(e) = serve_connection(stream, source, inbound, stop).await {
                     tracing::debug!(error = %e, "HBONE connection ended");
                 }
             }
@@ -89,98 +103,111 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
         let (ctx, served) = (ctx.clone(), served.clone());
         Box::pin(async move {
             let snap = ctx.snapshot();
+            let src = source.to_string();
             let Some(ep) = snap.local_by_ip(target.ip()) else {
+                refuse(
+                    &ctx.metrics,
+                    Reporter::Inbound,
+                    &src,
+                    UNKNOWN,
+                    target,
+                    "no_pod",
+                    "not a pod of this node",
+                );
                 return Admission::Refuse(
                     StatusCode::NOT_FOUND,
                     format!("{target} is not a pod of this node"),
                 );
             };
-            let dst = &snap.workload(ep.workload).identity;
-            if *dst != served {
+            let dst = snap.workload(ep.workload).identity.clone();
+            if dst != served {
+                let why = format!("{target} is {dst}, but the connection was made to {served}");
+                refuse(
+                    &ctx.metrics,
+                    Reporter::Inbound,
+                    &src,
+                    dst.as_str(),
+                    target,
+                    "wrong_destination",
+                    &why,
+                );
+                return Admission::Refuse(StatusCode::FORBIDDEN, why);
+            }
+            let decision = decide(
+                &snap,
+                Reporter::Inbound,
+                target.ip(),
+                &source,
+                target.port(),
+            );
+            drop(snap);
+            if decision.verdict == Verdict::Deny {
+                refuse(
+                    &ctx.metrics,
+                    Reporter::Inbound,
+                    &src,
+                    dst.as_str(),
+                    target,
+                    "policy",
+                    &decision.rule,
+                );
                 return Admission::Refuse(
                     StatusCode::FORBIDDEN,
-                    format!("{target} is {dst}, but the connection was made to {served}"),
+                    format!("denied by {}", decision.rule),
                 );
             }
-            let number = snap
-                .identities
-                .get(&source)
-                .copied()
-                .unwrap_or(signet_policy::identity::WORLD);
-            let decision = snap.compiled.lookup(
-                ep.id,
-                Direction::Ingress,
-                number,
-                target.port(),
-                Protocol::Tcp,
-            );
-            let rule = decision
-                .and_then(|(_, e)| snap.compiled.rule(e.rule))
-                .map_or("default".to_owned(), ToString::to_string);
-            match decision.map(|(_, e)| e.action) {
-                Some(Action::Deny) => {
-                    tracing::info!(%source, destination = %dst, %target, %rule, verdict = "deny", "flow");
-                    return Admission::Refuse(StatusCode::FORBIDDEN, format!("denied by {rule}"));
-                }
-                Some(Action::L7) => {
-                    let check = l7_check(&snap, decision.map(|(k, _)| k));
-                    drop(snap);
-                    return match connect_marked(target, ctx.proxy_mark).await {
-                        Ok(s) => Admission::AcceptHttp(s, check),
-                        Err(e) => Admission::Refuse(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("{target}: {e}"),
-                        ),
-                    };
-                }
-                Some(Action::Audit) => {
-                    tracing::info!(%source, destination = %dst, %target, %rule, verdict = "audit", "flow")
-                }
-                _ => {}
-            }
-            drop(snap);
-            match connect_marked(target, ctx.proxy_mark).await {
-                Ok(s) => Admission::Accept(s),
+            let tcp = match connect_marked(target, ctx.proxy_mark).await {
+                Ok(s) => s,
                 Err(e) => {
-                    Admission::Refuse(StatusCode::SERVICE_UNAVAILABLE, format!("{target}: {e}"))
+                    refuse(
+                        &ctx.metrics,
+                        Reporter::Inbound,
+                        &src,
+                        dst.as_str(),
+                        target,
+                        "workload_unreachable",
+                        &e.to_string(),
+                    );
+                    return Admission::Refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{target}: {e}"),
+                    );
                 }
-            }
+            };
+            let l7 = match &decision.verdict {
+                Verdict::L7(rules) => Some(L7Flow {
+                    check: check_for(rules.clone()),
+                    source: src.clone(),
+                    destination: dst.to_string(),
+                    metrics: Some(ctx.metrics.clone()),
+                }),
+                _ => None,
+            };
+            let registration = ctx.conns.register(Tracked {
+                reporter: Reporter::Inbound,
+                local: target.ip(),
+                peer: source,
+                port: target.port(),
+                verdict: decision.verdict.clone(),
+                source: src.clone(),
+                destination: dst.to_string(),
+            });
+            let record = FlowRecord::open(
+                &ctx.metrics,
+                Reporter::Inbound,
+                src,
+                dst.to_string(),
+                target,
+                &decision,
+            );
+            Admission::Accept(Box::new(Accepted {
+                tcp,
+                l7,
+                registration: Some(registration),
+                record,
+                idle: ctx.limits.idle,
+            }))
         })
-    })
-}
-
-/// The per-request check for an L7 entry: the `http` rules of the allow rules the compiler
-/// listed for this (endpoint, peer, port).
-fn l7_check(
-    snap: &Arc<crate::state::snapshot::Snapshot>,
-    key: Option<signet_policy::compile::Key>,
-) -> RequestCheck {
-    // Resolved once per stream, so a request costs only the matching itself.
-    let policies: Vec<&signet_policy::model::Policy> =
-        snap.state.policies.iter().map(|l| &l.policy).collect();
-    let rules: Vec<(String, Vec<signet_policy::model::HttpMatch>)> = key
-        .and_then(|k| snap.compiled.l7.get(&k))
-        .into_iter()
-        .flatten()
-        .filter_map(|id| snap.compiled.rule(*id))
-        .filter_map(|r| {
-            Some((
-                r.to_string(),
-                signet_policy::eval::http_rules(&policies, r)?.to_vec(),
-            ))
-        })
-        .collect();
-    let names = rules
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    Arc::new(move |req| {
-        rules
-            .iter()
-            .find(|(_, http)| http.iter().any(|h| h.matches(req)))
-            .map(|(name, _)| name.clone())
-            .ok_or_else(|| format!("no `http` rule of {names} matches"))
     })
 }
 

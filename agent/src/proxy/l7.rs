@@ -16,6 +16,41 @@ use tokio::net::TcpStream;
 /// Decides one request: `Ok(rule)` names the rule that allowed it, `Err(reason)` refuses it.
 pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, String> + Send + Sync>;
 
+/// What an inspected stream enforces, and whom it reports denials about.
+#[derive(Clone)]
+pub struct L7Flow {
+    pub check: RequestCheck,
+    pub source: String,
+    pub destination: String,
+    pub metrics: Option<Arc<crate::admin::metrics::Metrics>>,
+}
+
+impl std::fmt::Debug for L7Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L7Flow")
+            .field("source", &self.source)
+            .field("destination", &self.destination)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The check for a connection admitted with these rules: the first rule with a matching
+/// `http` entry allows the request.
+pub fn check_for(rules: Arc<super::conns::L7Rules>) -> RequestCheck {
+    let names = rules
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Arc::new(move |req| {
+        rules
+            .iter()
+            .find(|(_, http)| http.iter().any(|h| h.matches(req)))
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| format!("no `http` rule of {names} matches"))
+    })
+}
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
 fn forbidden(reason: &str) -> Response<Body> {
@@ -38,7 +73,7 @@ fn bad_gateway(reason: String) -> Response<Body> {
 
 /// Serves HTTP (1.1 or 2, detected) on `downstream`, forwarding allowed requests over one
 /// HTTP/1.1 connection to the workload.
-pub async fn serve<S>(downstream: S, upstream: TcpStream, check: RequestCheck, who: String)
+pub async fn serve<S>(downstream: S, upstream: TcpStream, flow: L7Flow)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -54,7 +89,7 @@ where
     });
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let (check, sender, who) = (check.clone(), sender.clone(), who.clone());
+        let (flow, sender) = (flow.clone(), sender.clone());
         async move {
             let policy_req = PolicyRequest {
                 method: req.method().as_str().to_owned(),
@@ -69,13 +104,21 @@ where
                     .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
                     .collect(),
             };
-            match check(&policy_req) {
+            match (flow.check)(&policy_req) {
                 Err(reason) => {
-                    tracing::info!(source = %who, method = %policy_req.method, path = %policy_req.path, %reason, verdict = "deny", "http request");
+                    tracing::info!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %reason, verdict = "deny", "http request");
+                    if let Some(m) = &flow.metrics {
+                        m.verdict(
+                            crate::admin::metrics::Reporter::Inbound,
+                            &flow.source,
+                            &flow.destination,
+                            "l7_deny",
+                        );
+                    }
                     Ok::<_, hyper::Error>(forbidden(&reason))
                 }
                 Ok(rule) => {
-                    tracing::debug!(source = %who, method = %policy_req.method, path = %policy_req.path, %rule, verdict = "allow", "http request");
+                    tracing::debug!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %rule, verdict = "allow", "http request");
                     let (mut parts, body) = req.into_parts();
                     // HTTP/2 requests carry the authority in the URI; HTTP/1.1 wants a Host.
                     if !parts.headers.contains_key(http::header::HOST)

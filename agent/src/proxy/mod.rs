@@ -2,17 +2,23 @@
 //! streams authorised by identity policy and connected to workloads). Gateway listeners come
 //! with issue 6.
 
+pub mod conns;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
 pub mod outbound;
 pub mod tls;
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use signet_ca::TrustDomain;
 use signet_ca::verify::SvidRoots;
+use tokio::sync::Semaphore;
 
+use crate::admin::metrics::{FlowCounters, Metrics, Reporter};
 use crate::certs::CertManager;
 use crate::state::snapshot::Snapshot;
 
@@ -29,6 +35,150 @@ pub struct ProxyContext {
     pub proxy_mark: u32,
     /// Port of the inbound HBONE listener on every node.
     pub inbound_port: u16,
+    pub metrics: Arc<Metrics>,
+    pub conns: Arc<conns::Connections>,
+    pub limits: Limits,
+}
+
+/// Timeouts and caps that keep one misbehaving peer from exhausting the proxy.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A tunnel with no byte either way for this long is closed.
+    pub idle: Duration,
+    /// TLS handshake (inbound) and connect + handshake (outbound).
+    pub handshake: Duration,
+    /// Captured workload connections open at once; more are reset.
+    pub outbound_slots: Arc<Semaphore>,
+    /// Inbound mTLS connections open at once; more are closed before the handshake.
+    pub inbound_slots: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(idle: Duration, handshake: Duration, max_connections: usize) -> Self {
+        Self {
+            idle,
+            handshake,
+            outbound_slots: Arc::new(Semaphore::new(max_connections)),
+            inbound_slots: Arc::new(Semaphore::new(max_connections)),
+        }
+    }
+}
+
+/// One proxied connection, counted when it opens and logged as one `flow` line when it ends.
+#[derive(Debug)]
+pub struct FlowRecord {
+    pub reporter: Reporter,
+    pub source: String,
+    pub destination: String,
+    pub target: SocketAddr,
+    pub verdict: &'static str,
+    pub rule: String,
+    started: Instant,
+    counters: Arc<FlowCounters>,
+}
+
+impl FlowRecord {
+    /// Counts the connection as opened.
+    pub fn open(
+        metrics: &Metrics,
+        reporter: Reporter,
+        source: String,
+        destination: String,
+        target: SocketAddr,
+        decision: &conns::Decision,
+    ) -> Self {
+        let counters = metrics.flow(reporter, &source, &destination);
+        counters.opened.fetch_add(1, Ordering::Relaxed);
+        metrics.verdict(
+            reporter,
+            &source,
+            &destination,
+            match decision.verdict {
+                conns::Verdict::Audit => "audit",
+                _ => "allow",
+            },
+        );
+        Self {
+            reporter,
+            source,
+            destination,
+            target,
+            verdict: decision.verdict.as_str(),
+            rule: decision.rule.clone(),
+            started: Instant::now(),
+            counters,
+        }
+    }
+
+    /// A meter that adds this flow's bytes to its counters as they move.
+    pub fn meter(&self) -> hbone::Meter {
+        hbone::Meter::for_flow(self.counters.clone(), self.reporter == Reporter::Outbound)
+    }
+
+    pub fn finish(&self, meter: &hbone::Meter, error: Option<&std::io::Error>) {
+        let end = match error {
+            None => "closed".to_owned(),
+            Some(e) if e.kind() == std::io::ErrorKind::TimedOut => format!("idle timeout ({e})"),
+            Some(e) => format!("error: {e}"),
+        };
+        self.log(meter, &end);
+    }
+
+    pub fn finish_closed_by_policy(&self, meter: &hbone::Meter) {
+        self.log(meter, "closed by a policy change");
+    }
+
+    fn log(&self, meter: &hbone::Meter, end: &str) {
+        self.counters.closed.fetch_add(1, Ordering::Relaxed);
+        let (to_h2, from_h2) = (
+            meter.to_h2.load(Ordering::Relaxed),
+            meter.from_h2.load(Ordering::Relaxed),
+        );
+        let (sent, received) = match self.reporter {
+            Reporter::Outbound => (to_h2, from_h2),
+            Reporter::Inbound => (from_h2, to_h2),
+        };
+        tracing::info!(
+            reporter = self.reporter.as_str(),
+            source = %self.source,
+            destination = %self.destination,
+            dst = %self.target,
+            verdict = self.verdict,
+            rule = %self.rule,
+            sent,
+            received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            end,
+            "flow"
+        );
+    }
+}
+
+/// Logs and counts a connection refused by policy or for want of what it needs.
+pub fn refuse(
+    metrics: &Metrics,
+    reporter: Reporter,
+    source: &str,
+    destination: &str,
+    target: SocketAddr,
+    reason: &'static str,
+    detail: &str,
+) {
+    if reason == "policy" {
+        metrics.verdict(reporter, source, destination, "deny");
+    } else {
+        metrics.failed(reporter, source, destination, reason);
+    }
+    tracing::info!(
+        reporter = reporter.as_str(),
+        %source,
+        %destination,
+        dst = %target,
+        verdict = "deny",
+        reason,
+        detail,
+        "flow"
+    );
 }
 
 impl std::fmt::Debug for ProxyContext {

@@ -6,17 +6,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use signet_policy::compile::Action;
-use signet_policy::eval::Direction;
-use signet_policy::resource::Protocol;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use super::ProxyContext;
-use super::hbone::{Route, pump};
+use super::conns::{Tracked, Verdict, decide};
+use super::hbone::{HboneError, Route, pump};
+use super::{FlowRecord, ProxyContext, refuse};
+use crate::admin::metrics::{Reporter, UNKNOWN};
 use crate::datapath::loader::OriginalDestinations;
 
 /// Accepts until `stop`; each connection runs in its own task on `tracker`.
@@ -38,58 +38,105 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = ctx.limits.outbound_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%client, "outbound connection reset: the connection cap is reached");
+            ctx.metrics
+                .failed(Reporter::Outbound, UNKNOWN, UNKNOWN, "connection_limit");
+            reset(&sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let (ctx, orig) = (ctx.clone(), orig.clone());
         let span = tracing::info_span!("outbound", %client);
-        tracker.spawn(async move { handle(sock, client, ctx, &orig).await }.instrument(span));
+        tracker.spawn(
+            async move {
+                let _slot = slot;
+                handle(sock, client, ctx, &orig).await;
+            }
+            .instrument(span),
+        );
     }
 }
 
+/// Closes with RST: the application sees a refused connection, not an empty reply.
+fn reset(sock: &TcpStream) {
+    let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+}
+
 async fn handle(
-    sock: TcpStream,
+    mut sock: TcpStream,
     client: SocketAddr,
     ctx: ProxyContext,
     orig: &OriginalDestinations,
 ) {
     let Some((asked, _)) = orig.lookup(client) else {
         tracing::warn!("refused: no original destination recorded for this connection");
-        return;
+        ctx.metrics.failed(
+            Reporter::Outbound,
+            UNKNOWN,
+            UNKNOWN,
+            "no_original_destination",
+        );
+        return reset(&sock);
     };
     let snap = ctx.snapshot();
     let Some(src_ep) = snap.local_by_ip(client.ip()) else {
-        tracing::warn!(dst = %asked, "refused: the client is not a pod of this node");
-        return;
+        refuse(
+            &ctx.metrics,
+            Reporter::Outbound,
+            UNKNOWN,
+            UNKNOWN,
+            asked,
+            "unknown_source",
+            "the client is not a pod of this node",
+        );
+        return reset(&sock);
     };
     let src = snap.workload(src_ep.workload).identity.clone();
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
     let Some(dst_pod) = snap.pod_by_ip(dst_addr.ip()) else {
-        tracing::warn!(dst = %dst_addr, "refused: no pod has this address (or the Service has no ready endpoint)");
-        return;
+        refuse(
+            &ctx.metrics,
+            Reporter::Outbound,
+            src.as_str(),
+            UNKNOWN,
+            asked,
+            "no_endpoint",
+            "no pod has this address, or the Service has no ready endpoint",
+        );
+        return reset(&sock);
     };
     let dst = dst_pod.identity.clone();
-    let dst_number = snap
-        .identities
-        .get(&dst)
-        .copied()
-        .unwrap_or(signet_policy::identity::WORLD);
-    if let Some((_, e)) = snap.compiled.lookup(
-        src_ep.id,
-        Direction::Egress,
-        dst_number,
+    let decision = decide(
+        &snap,
+        Reporter::Outbound,
+        client.ip(),
+        &dst,
         dst_addr.port(),
-        Protocol::Tcp,
-    ) && e.action == Action::Deny
-    {
-        let rule = snap
-            .compiled
-            .rule(e.rule)
-            .map_or("default deny".to_owned(), ToString::to_string);
-        tracing::info!(source = %src, destination = %dst, dst = %dst_addr, %rule, verdict = "deny", "flow");
-        return;
+    );
+    if decision.verdict == Verdict::Deny {
+        refuse(
+            &ctx.metrics,
+            Reporter::Outbound,
+            src.as_str(),
+            dst.as_str(),
+            dst_addr,
+            "policy",
+            &decision.rule,
+        );
+        return reset(&sock);
     }
     let Some(node_ip) = dst_pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
-        tracing::warn!(destination = %dst, "refused: the destination's node has no known address");
-        return;
+        refuse(
+            &ctx.metrics,
+            Reporter::Outbound,
+            src.as_str(),
+            dst.as_str(),
+            dst_addr,
+            "unknown_node",
+            "the destination's node has no known address",
+        );
+        return reset(&sock);
     };
     let route = Route {
         source: src.clone(),
@@ -97,18 +144,68 @@ async fn handle(
         node: SocketAddr::new(*node_ip, ctx.inbound_port),
     };
     drop(snap);
-    match ctx.hbone.open(&route, dst_addr).await {
-        Ok(t) => {
-            tracing::info!(source = %src, destination = %dst, dst = %dst_addr, verdict = "allow", "flow opened");
-            match pump(sock, t.send, t.recv).await {
-                Ok((up, down)) => {
-                    tracing::info!(source = %src, destination = %dst, up, down, "flow closed")
-                }
-                Err(e) => tracing::debug!(error = %e, "flow ended with an error"),
+    let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(&route, dst_addr)).await;
+    let t = match tunnel {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            if matches!(e, HboneError::Tls { .. }) {
+                ctx.metrics
+                    .handshake_failed(Reporter::Outbound, "tls_error");
             }
+            let reason = if matches!(e, HboneError::Refused { status, .. } if status == http::StatusCode::FORBIDDEN)
+            {
+                "policy"
+            } else {
+                "tunnel_failed"
+            };
+            refuse(
+                &ctx.metrics,
+                Reporter::Outbound,
+                src.as_str(),
+                dst.as_str(),
+                dst_addr,
+                reason,
+                &e.to_string(),
+            );
+            return reset(&sock);
         }
-        Err(e) => {
-            tracing::warn!(source = %src, destination = %dst, error = %e, "refused: tunnel failed")
+        Err(_) => {
+            ctx.metrics.handshake_failed(Reporter::Outbound, "timeout");
+            refuse(
+                &ctx.metrics,
+                Reporter::Outbound,
+                src.as_str(),
+                dst.as_str(),
+                dst_addr,
+                "tunnel_failed",
+                "timed out opening the tunnel",
+            );
+            return reset(&sock);
+        }
+    };
+    let registration = ctx.conns.register(Tracked {
+        reporter: Reporter::Outbound,
+        local: client.ip(),
+        peer: dst.clone(),
+        port: dst_addr.port(),
+        verdict: decision.verdict.clone(),
+        source: src.to_string(),
+        destination: dst.to_string(),
+    });
+    let record = FlowRecord::open(
+        &ctx.metrics,
+        Reporter::Outbound,
+        src.to_string(),
+        dst.to_string(),
+        dst_addr,
+        &decision,
+    );
+    let meter = record.meter();
+    tokio::select! {
+        r = pump(&mut sock, t.send, t.recv, ctx.limits.idle, &meter) => record.finish(&meter, r.err().as_ref()),
+        () = registration.closed() => {
+            reset(&sock);
+            record.finish_closed_by_policy(&meter);
         }
     }
 }

@@ -61,13 +61,14 @@ pub fn server_config(
 }
 
 /// A client configuration presenting `source`'s SVID and requiring `destination` from the
-/// server; `None` while the source has no certificate yet (the caller fails closed).
+/// server, and that SVID's notAfter; `None` while the source has no certificate yet (the caller
+/// fails closed).
 pub fn client_config(
     certs: &CertManager,
     roots: &SvidRoots,
     source: &SpiffeId,
     destination: &SpiffeId,
-) -> Option<Arc<rustls::ClientConfig>> {
+) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
     let cert = certs.get(source)?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -80,7 +81,7 @@ pub fn client_config(
         .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
         .ok()?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Some(Arc::new(cfg))
+    Some((Arc::new(cfg), cert.not_after))
 }
 
 #[cfg(test)]

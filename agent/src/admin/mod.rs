@@ -1,0 +1,151 @@
+//! The admin port: Prometheus metrics and health for the kubelet and for operators.
+//!
+//! - `GET /metrics` (also `/stats/prometheus`, where Istio's scrapers look): the text format.
+//! - `GET /healthz/ready`: 200 once every local workload has a certificate and the datapath is
+//!   attached; 503 with the reason otherwise.
+//! - `GET /healthz/live`: 200 while the process serves.
+//!
+//! It binds where the configuration says (loopback by default); it reads state and changes none.
+
+pub mod metrics;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use metrics::{Gauges, Metrics};
+
+/// What the admin port reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    /// Current gauges; `ready` among them.
+    pub gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
+    /// `Err(reason)` while the agent is not ready.
+    pub readiness: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").finish_non_exhaustive()
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static headers are valid")
+}
+
+fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != Method::GET && method != Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    }
+    match path {
+        "/metrics" | "/stats/prometheus" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(&(state.gauges)()),
+        ),
+        "/healthz/ready" => match (state.readiness)() {
+            Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/healthz/live" => respond(StatusCode::OK, TEXT, "live\n".into()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "try /metrics, /healthz/ready or /healthz/live\n".into(),
+        ),
+    }
+}
+
+/// Serves until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                let resp = route(&state, req.method(), req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(sock), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(ready: bool) -> AdminState {
+        AdminState {
+            metrics: Arc::default(),
+            gauges: Arc::new(move || Gauges {
+                ready,
+                ..Gauges::default()
+            }),
+            readiness: Arc::new(move || {
+                if ready {
+                    Ok(())
+                } else {
+                    Err("no certificate yet for spiffe://td/ns/a/sa/b".into())
+                }
+            }),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let r = route(&state(true), &Method::GET, "/metrics");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            route(&state(true), &Method::GET, "/healthz/ready").status(),
+            StatusCode::OK
+        );
+        let r = route(&state(false), &Method::GET, "/healthz/ready");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            route(&state(false), &Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&state(false), &Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Policy decisions for proxied connections, and the registry of open ones.
+//!
+//! Both directions decide through [`decide`]; each connection it lets through is registered
+//! with the verdict that admitted it. When the state changes, [`Connections::recheck`] decides
+//! every open connection again against the new snapshot and closes (resets) the ones the new
+//! policy no longer allows: a deny, a workload that left the node, or HTTP rules that differ
+//! from the ones the connection is being checked against. What this module does not do: move
+//! bytes (that is `hbone::pump`) or count them (`admin::metrics`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use signet_ca::SpiffeId;
+use signet_policy::compile::Action;
+use signet_policy::eval::Direction;
+use signet_policy::model::HttpMatch;
+use signet_policy::resource::Protocol;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::metrics::{Metrics, Reporter};
+use crate::state::snapshot::Snapshot;
+
+/// The `http` rules a connection's requests are checked against: (rule name, matchers).
+pub type L7Rules = Vec<(String, Vec<HttpMatch>)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    /// Allowed, but an audit-mode policy would deny it.
+    Audit,
+    Deny,
+    /// Allowed at L4; every request must match one of these rules.
+    L7(Arc<L7Rules>),
+    /// The local workload is no longer on this node.
+    Gone,
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Audit => "audit",
+            Verdict::Deny | Verdict::Gone => "deny",
+            Verdict::L7(_) => "allow_l7",
+        }
+    }
+
+    /// Whether a connection admitted under `self` may stay open under `now`.
+    fn still_allows(&self, now: &Verdict) -> bool {
+        match now {
+            Verdict::Deny | Verdict::Gone => false,
+            Verdict::Allow | Verdict::Audit => true,
+            Verdict::L7(rules) => matches!(self, Verdict::L7(old) if old == rules),
+        }
+    }
+}
+
+/// A verdict and the rule that gave it (`default` when no rule matched).
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule: String,
+}
+
+/// Decides a connection between `local` (a workload on this node: the client for `Outbound`,
+/// the target for `Inbound`) and the workload identified as `peer`, on destination `port`.
+pub fn decide(
+    snap: &Snapshot,
+    reporter: Reporter,
+    local: IpAddr,
+    peer: &SpiffeId,
+    port: u16,
+) -> Decision {
+    let Some(ep) = snap.local_by_ip(local) else {
+        return Decision {
+            verdict: Verdict::Gone,
+            rule: format!("{local} is not a pod of this node"),
+        };
+    };
+    let direction = match reporter {
+        Reporter::Outbound => Direction::Egress,
+        Reporter::Inbound => Direction::Ingress,
+    };
+    let number = snap
+        .identities
+        .get(peer)
+        .copied()
+        .unwrap_or(signet_policy::identity::WORLD);
+    let found = snap
+        .compiled
+        .lookup(ep.id, direction, number, port, Protocol::Tcp);
+    let rule = found
+        .and_then(|(_, e)| snap.compiled.rule(e.rule))
+        .map_or("default".to_owned(), ToString::to_string);
+    let verdict = match found.map(|(k, e)| (k, e.action)) {
+        None | Some((_, Action::Allow)) => Verdict::Allow,
+        Some((_, Action::Deny)) => Verdict::Deny,
+        Some((_, Action::Audit)) => Verdict::Audit,
+        // Egress `http` rules are not enforced by the source's proxy (the destination's
+        // ingress rules are); at L4 the connection is allowed.
+        Some((_, Action::L7)) if reporter == Reporter::Outbound => Verdict::Allow,
+        Some((key, Action::L7)) => Verdict::L7(Arc::new(l7_rules(snap, key))),
+    };
+    Decision { verdict, rule }
+}
+
+/// The `http` rules of the allow rules the compiler listed for this key.
+fn l7_rules(snap: &Snapshot, key: signet_policy::compile::Key) -> L7Rules {
+    let policies: Vec<&signet_policy::model::Policy> =
+        snap.state.policies.iter().map(|l| &l.policy).collect();
+    snap.compiled
+        .l7
+        .get(&key)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| snap.compiled.rule(*id))
+        .filter_map(|r| {
+            Some((
+                r.to_string(),
+                signet_policy::eval::http_rules(&policies, r)?.to_vec(),
+            ))
+        })
+        .collect()
+}
+
+/// One open connection, as policy sees it.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub reporter: Reporter,
+    /// The workload on this node.
+    pub local: IpAddr,
+    /// The other workload's identity.
+    pub peer: SpiffeId,
+    /// Destination port.
+    pub port: u16,
+    pub verdict: Verdict,
+    /// For the log line when it is closed.
+    pub source: String,
+    pub destination: String,
+}
+
+/// The open connections of one agent.
+#[derive(Debug, Default)]
+pub struct Connections {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (Tracked, CancellationToken)>>,
+}
+
+/// Keeps a connection registered while alive; `closed()` fires when policy closes it.
+#[derive(Debug)]
+pub struct Registration {
+    conns: Arc<Connections>,
+    id: u64,
+    stop: CancellationToken,
+}
+
+impl Registration {
+    /// Completes when a policy change has closed this connection.
+    pub async fn closed(&self) {
+        self.stop.cancelled().await;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.conns.lock().remove(&self.id);
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Tracked, CancellationToken)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(self: &Arc<Self>, tracked: Tracked) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        self.lock().insert(id, (tracked, stop.clone()));
+        Registration {
+            conns: self.clone(),
+            id,
+            stop,
+        }
+    }
+
+    /// Open connections reported by `reporter`.
+    pub fn count(&self, reporter: Reporter) -> usize {
+        self.lock()
+            .values()
+            .filter(|(t, _)| t.reporter == reporter)
+            .count()
+    }
+
+    /// Decides every open connection again under `snap` and closes the ones no longer allowed.
+    /// Returns how many were closed.
+    pub fn recheck(&self, snap: &Snapshot, metrics: &Metrics) -> usize {
+        let mut closed = 0;
+        for (t, stop) in self.lock().values() {
+            let now = decide(snap, t.reporter, t.local, &t.peer, t.port);
+            if t.verdict.still_allows(&now.verdict) {
+                continue;
+            }
+            tracing::info!(
+                reporter = t.reporter.as_str(),
+                source = %t.source,
+                destination = %t.destination,
+                port = t.port,
+                rule = %now.rule,
+                verdict = now.verdict.as_str(),
+                "flow closed: the policy now in force does not allow it"
+            );
+            metrics.verdict(t.reporter, &t.source, &t.destination, "deny");
+            stop.cancel();
+            closed += 1;
+        }
+        metrics.closed_by_policy(closed as u64);
+        closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(path: &str) -> Verdict {
+        Verdict::L7(Arc::new(vec![(
+            "p/ingress/0".into(),
+            vec![HttpMatch {
+                methods: vec!["GET".into()],
+                paths: vec![signet_policy::model::PathMatcher::Prefix(path.into())],
+                headers: vec![],
+            }],
+        )]))
+    }
+
+    #[test]
+    fn a_connection_stays_only_while_still_allowed_as_admitted() {
+        use Verdict::*;
+        assert!(Allow.still_allows(&Allow));
+        assert!(Allow.still_allows(&Audit));
+        assert!(!Allow.still_allows(&Deny));
+        assert!(!Audit.still_allows(&Gone));
+        // Raw bytes cannot become inspected requests mid-stream.
+        assert!(!Allow.still_allows(&rules("/a")));
+        assert!(rules("/a").still_allows(&rules("/a")));
+        assert!(!rules("/a").still_allows(&rules("/b")));
+        // Fewer restrictions: requests are still checked against the old, stricter rules.
+        assert!(rules("/a").still_allows(&Allow));
+    }
+}
