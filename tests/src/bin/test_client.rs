@@ -1,13 +1,19 @@
 //! `signet-test-client`: an unmodified client and server for the datapath tests. It prints one
 //! JSON line describing what happened.
 //!
-//!     signet-test-client [--cgroup DIR] [--netns NAME] --connect ADDR:PORT [--udp] [--mark N] [--timeout-ms N]
-//!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N]
+//!     signet-test-client [--cgroup DIR] [--netns NAME] --connect ADDR:PORT [--udp] [--mark N]
+//!                        [--timeout-ms N] [--request "METHOD /path"] [--hold-ms N]
+//!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N] [--http] [--hold]
 //!
 //! With `--cgroup` it first moves itself into that cgroup, as a pod's process would be, then
 //! with `--netns` into that network namespace (`ip netns exec` would hide the cgroup tree). A client
 //! says hello and reports the reply; `getpeername` is what it reports as `peer`. A server answers
 //! `count` hellos (then exits), or reports a timeout.
+//!
+//! `--request` makes the client send one HTTP/1.1 request instead and report the status and
+//! body; `--http` makes the server answer HTTP requests. `--hold-ms` keeps the client's connection
+//! open after the reply and reports how it ended (`eof`, `reset`, `timeout`) and when; `--hold`
+//! makes the server keep each connection open until the client closes it.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -64,10 +70,16 @@ fn main() {
     let udp = args.flag("--udp");
     let report = if let Some(target) = args.value("--connect") {
         let mark = args.value("--mark").and_then(|m| m.parse().ok());
+        let hold = args
+            .value("--hold-ms")
+            .and_then(|m| m.parse().ok())
+            .map(Duration::from_millis);
         if udp {
             udp_client(addr(target), timeout)
+        } else if let Some(request) = args.value("--request") {
+            http_client(addr(target), request, timeout)
         } else {
-            tcp_client(addr(target), mark, timeout)
+            tcp_client(addr(target), mark, timeout, hold)
         }
     } else if let Some(local) = args.value("--listen") {
         let count = args
@@ -77,7 +89,11 @@ fn main() {
         if udp {
             udp_server(addr(local), count, timeout)
         } else {
-            tcp_server(addr(local), count, timeout)
+            let mode = Mode {
+                http: args.flag("--http"),
+                hold: args.flag("--hold"),
+            };
+            tcp_server(addr(local), count, timeout, mode)
         }
     } else {
         fail("give --connect ADDR:PORT or --listen ADDR:PORT".into())
@@ -85,33 +101,102 @@ fn main() {
     println!("{report}");
 }
 
-fn tcp_client(target: SocketAddr, mark: Option<u32>, timeout: Duration) -> serde_json::Value {
+fn connect(
+    target: SocketAddr,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let s = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    s.connect_timeout(&SockAddr::from(target), timeout)?;
+    let s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+fn error_report(e: &std::io::Error) -> serde_json::Value {
+    serde_json::json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string()})
+}
+
+fn tcp_client(
+    target: SocketAddr,
+    mark: Option<u32>,
+    timeout: Duration,
+    hold: Option<Duration>,
+) -> serde_json::Value {
     let result = (|| {
-        let s = Socket::new(
-            Domain::for_address(target),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
-        if let Some(m) = mark {
-            s.set_mark(m)?;
-        }
-        s.connect_timeout(&SockAddr::from(target), timeout)?;
-        let mut s: std::net::TcpStream = s.into();
+        let mut s = connect(target, mark, timeout)?;
         let peer = s.peer_addr()?.to_string();
         let local = s.local_addr()?.to_string();
-        s.set_read_timeout(Some(timeout))?;
         s.write_all(b"hello\n")?;
+        let mut reader = BufReader::new(&s);
         let mut reply = String::new();
-        BufReader::new(&s).read_line(&mut reply)?;
-        Ok::<_, std::io::Error>((peer, local, reply))
+        reader.read_line(&mut reply)?;
+        let mut report = serde_json::json!({"ok": true, "peer": peer, "local": local, "reply": reply.trim_end()});
+        if let Some(hold) = hold {
+            // Announce, so a test can change something while the connection is open.
+            eprintln!("holding");
+            let start = Instant::now();
+            s.set_read_timeout(Some(hold))?;
+            let mut rest = String::new();
+            let ended = match std::io::Read::read_to_string(&mut reader, &mut rest) {
+                Ok(_) => "eof",
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    "timeout"
+                }
+                Err(_) => "error",
+            };
+            report["held"] = serde_json::json!({
+                "ended": ended,
+                "after_ms": start.elapsed().as_millis() as u64,
+            });
+        }
+        Ok::<_, std::io::Error>(report)
+    })();
+    result.unwrap_or_else(|e| error_report(&e))
+}
+
+/// One HTTP/1.1 request (`METHOD /path`), `Connection: close`; reports status and body.
+fn http_client(target: SocketAddr, request: &str, timeout: Duration) -> serde_json::Value {
+    let (method, path) = request
+        .split_once(' ')
+        .unwrap_or_else(|| fail(format!("--request `{request}`: give `METHOD /path`")));
+    let result = (|| {
+        let mut s = connect(target, None, timeout)?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        std::io::Read::read_to_string(&mut s, &mut response)?;
+        Ok::<_, std::io::Error>(response)
     })();
     match result {
-        Ok((peer, local, reply)) => {
-            serde_json::json!({"ok": true, "peer": peer, "local": local, "reply": reply.trim_end()})
+        Ok(response) => {
+            let status: u16 = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = response
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .trim_end();
+            serde_json::json!({"ok": status != 0, "status": status, "body": body})
         }
-        Err(e) => {
-            serde_json::json!({"ok": false, "errno": e.raw_os_error(), "error": e.to_string()})
-        }
+        Err(e) => error_report(&e),
     }
 }
 
@@ -144,7 +229,13 @@ fn udp_client(target: SocketAddr, timeout: Duration) -> serde_json::Value {
     }
 }
 
-fn tcp_server(local: SocketAddr, count: usize, timeout: Duration) -> serde_json::Value {
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    http: bool,
+    hold: bool,
+}
+
+fn tcp_server(local: SocketAddr, count: usize, timeout: Duration, mode: Mode) -> serde_json::Value {
     let listener = TcpListener::bind(local).unwrap_or_else(|e| fail(format!("bind {local}: {e}")));
     listener
         .set_nonblocking(true)
@@ -153,23 +244,57 @@ fn tcp_server(local: SocketAddr, count: usize, timeout: Duration) -> serde_json:
     eprintln!("listening");
     let deadline = Instant::now() + timeout;
     let mut served = Vec::new();
+    let mut answering = Vec::new();
     while served.len() < count && Instant::now() < deadline {
         match listener.accept() {
-            Ok((mut s, peer)) => {
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut line = String::new();
-                let _ = BufReader::new(&s).read_line(&mut line);
-                let _ = s.write_all(format!("hi {peer}\n").as_bytes());
+            Ok((s, peer)) => {
+                answering.push(std::thread::spawn(move || answer(s, peer, mode)));
                 served.push(peer.to_string());
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
+                std::thread::sleep(Duration::from_millis(5))
             }
             Err(e) => fail(format!("accept: {e}")),
         }
     }
+    for a in answering {
+        let _ = a.join();
+    }
     serde_json::json!({"served": served})
+}
+
+/// Answers one connection: a hello line, or HTTP requests until the client closes.
+fn answer(mut s: std::net::TcpStream, peer: SocketAddr, mode: Mode) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(if mode.hold { 600 } else { 5 })));
+    let Ok(clone) = s.try_clone() else { return };
+    let mut reader = BufReader::new(clone);
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    if mode.http {
+        // Skip the headers; the body is empty in every request the tests send.
+        let request = line.trim_end().to_owned();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                break;
+            }
+        }
+        let body = format!("hi {request} from {peer}\n");
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let _ = s.write_all(format!("hi {peer}\n").as_bytes());
+    if mode.hold {
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    }
 }
 
 fn udp_server(local: SocketAddr, count: usize, timeout: Duration) -> serde_json::Value {
