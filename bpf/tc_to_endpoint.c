@@ -1,7 +1,8 @@
 /* tc on an endpoint's host-side veth, traffic towards the pod: ingress policy for traffic that
  * did not come through the proxy. Source identity from the ipcache (unknown: world). TCP is
  * decided on the connection-opening SYN; later segments of an admitted connection pass. In
- * strict mode plaintext TCP from another mesh workload is dropped: it must come over mTLS. */
+ * strict mode plaintext TCP is dropped whoever sends it (another workload or a client outside
+ * the mesh): only the proxy (marked) and this node's own host (kubelet probes) reach the pod. */
 #include "lib/packet.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -56,7 +57,7 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	__builtin_memcpy(ev.src_addr, p.src, 16);
 	__builtin_memcpy(ev.dst_addr, p.dst, 16);
 
-	if (p.proto == IPPROTO_TCP && cfg->strict && src && (src->flags & SIGNET_IPCACHE_MESH))
+	if (p.proto == IPPROTO_TCP && cfg->strict && src_id != SIGNET_HOST)
 		return drop(&ev, SIGNET_REASON_STRICT_PLAINTEXT);
 
 	struct policy_value *pv = policy_lookup(ep->endpoint_id, src_id, p.dport, p.proto, SIGNET_INGRESS);

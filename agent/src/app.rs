@@ -81,15 +81,30 @@ impl Reconciler {
             .cluster_ips()
             .into_iter()
             .map(|ip| (ip, signet_policy::identity::ANY));
-        let ipcache: Vec<IpcacheEntry> = pods
+        let mut ipcache: Vec<IpcacheEntry> = pods
             .chain(vips)
-            .map(|(ip, identity)| IpcacheEntry {
-                ip,
-                prefix: if ip.is_ipv4() { 32 } else { 128 },
-                identity,
-                mesh: true,
-            })
+            .map(|(ip, identity)| host_entry(ip, identity, true))
             .collect();
+        // This node's own addresses are the host (strict mode lets its plaintext probes in);
+        // the other nodes are remote-node. Neither is captured.
+        let taken: std::collections::HashSet<std::net::IpAddr> =
+            ipcache.iter().map(|e| e.ip).collect();
+        let local = local_addresses();
+        let nodes = snap
+            .nodes
+            .values()
+            .filter(|ip| !local.contains(ip))
+            .map(|ip| (*ip, signet_policy::identity::REMOTE_NODE));
+        let host = local
+            .iter()
+            .map(|ip| (*ip, signet_policy::identity::HOST));
+        for (ip, identity) in host.chain(nodes) {
+            if !taken.contains(&ip) {
+                ipcache.push(host_entry(ip, identity, false));
+            }
+        }
+        ipcache.sort_by_key(|e| e.ip);
+        ipcache.dedup_by_key(|e| e.ip);
         let mut endpoints = BTreeMap::new();
         for ep in &snap.local {
             let w = snap.workload(ep.workload);
@@ -134,6 +149,33 @@ impl Reconciler {
         self.datapath.reconcile_ipcache(&ipcache)?;
         Ok(snap)
     }
+}
+
+fn host_entry(ip: std::net::IpAddr, identity: u32, mesh: bool) -> IpcacheEntry {
+    IpcacheEntry {
+        ip,
+        prefix: if ip.is_ipv4() { 32 } else { 128 },
+        identity,
+        mesh,
+    }
+}
+
+/// Every address configured in this network namespace (the node's).
+fn local_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!("cannot list this node's addresses; they stay world to policy");
+        return vec![];
+    };
+    addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
 }
 
 /// The interface's index in this thread's network namespace (sysfs would show the namespace

@@ -43,7 +43,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
-    /// Plaintext TCP from other mesh workloads is dropped: only the proxy reaches a workload.
+    /// Plaintext TCP to a mesh workload is dropped, from other workloads and from outside the
+    /// mesh alike: only the proxy and this node's host (kubelet probes) reach a workload.
     #[default]
     Strict,
     /// Plaintext is allowed, and policy still applies by the source's ipcache identity.

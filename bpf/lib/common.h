@@ -16,6 +16,7 @@
 #include <bpf/bpf_endian.h>
 
 #define SIGNET_ANY 0
+#define SIGNET_HOST 1 /* this node: its addresses, e.g. kubelet probes */
 #define SIGNET_WORLD 2
 
 enum signet_direction {

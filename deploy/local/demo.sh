@@ -49,13 +49,25 @@ PODS=(
   "b payments   ledger    ledger-0      10.99.22.2  5432"
 )
 node_ip() { [ "$1" = a ] && echo 10.99.0.1 || echo 10.99.0.2; }
+# The payments/api Service: ClusterIP port 80 -> api-0:8080.
+API_VIP=10.96.0.20
+# A client outside the mesh (no pod, no cgroup, not in the cluster state) routed via node-a.
+OUTSIDE_IP=10.99.200.2
 
 down() {
     for pidfile in "$WORK"/*.pid; do
         [ -f "$pidfile" ] || continue
         kill "$(cat "$pidfile")" 2>/dev/null || true
     done
-    sleep 1
+    # Agents drain for their grace period; wait for them (and everything else) to go.
+    for _ in $(seq 50); do
+        local alive=0
+        for pidfile in "$WORK"/*.pid; do
+            [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && alive=1
+        done
+        [ $alive = 0 ] && break
+        sleep 0.2
+    done
     for pidfile in "$WORK"/*.pid; do
         [ -f "$pidfile" ] || continue
         kill -9 "$(cat "$pidfile")" 2>/dev/null || true
@@ -99,6 +111,20 @@ up() {
     done
     printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {team: %s}}\n---\n' \
         shop shop ops platform payments payments >> "$manifests"
+    cat >> "$manifests" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: payments}
+spec: {clusterIP: $API_VIP, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, namespace: payments, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.99.21.2], conditions: {ready: true}, nodeName: node-b}]
+---
+YAML
     local i=0
     for p in "${PODS[@]}"; do
         read -r n kns sa pod ip port <<<"$p"
@@ -131,6 +157,17 @@ YAML
         ip netns exec "$pns" python3 -m http.server "$port" --bind "$ip" >"$WORK/$pod.log" 2>&1 &
         echo $! > "$WORK/$pod.pid"
     done
+
+    # outside: a machine that is not in the mesh, attached to node-a.
+    ip netns add "$NS-outside"
+    ip -n "$NS-outside" link set lo up
+    ip -n "$NS-node-a" link add sd-outside type veth peer name eth0 netns "$NS-outside"
+    ip -n "$NS-node-a" addr add "${OUTSIDE_IP%.*}.1/24" dev sd-outside
+    ip -n "$NS-node-a" link set sd-outside up
+    ip -n "$NS-outside" addr add "$OUTSIDE_IP/24" dev eth0
+    ip -n "$NS-outside" link set eth0 up
+    ip -n "$NS-outside" route add default via "${OUTSIDE_IP%.*}.1"
+    ip -n "$NS-node-b" route add "${OUTSIDE_IP%.*}.0/24" via "$(node_ip a)"
 
     say "CA in node-a, one agent per node"
     local token_a token_b
@@ -171,13 +208,24 @@ YAML
     grep -q "signet-agent started" "$WORK/agent-b.log" || { cat "$WORK/agent-b.log"; die "agent on node-b did not start"; }
     sleep 1
 
-    python3 - "$WORK" "$CG" "$NS" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
+    for n in a b; do
+        for _ in $(seq 100); do
+            ip netns exec "$NS-node-$n" curl -fsS "http://127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)/healthz/ready" >/dev/null 2>&1 && break
+            sleep 0.2
+        done
+    done
+
+    python3 - "$WORK" "$CG" "$NS" "$API_VIP" "$OUTSIDE_IP" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
 import json, sys
-work, cg, ns, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+work, cg, ns, vip, outside, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
 ips = {"a": "10.99.0.1", "b": "10.99.0.2"}
 out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips[n],
-                  "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}"} for n in "ab"],
-       "pods": [], "caBundle": f"{work}/ca-root.pem"}
+                  "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}",
+                  "agentPidFile": f"{work}/agent-{n}.pid"} for n in "ab"],
+       "pods": [], "caBundle": f"{work}/ca-root.pem",
+       "services": [{"namespace": "payments", "name": "api", "clusterIP": vip,
+                     "ports": [{"port": 80, "targetPort": 8080}]}],
+       "outside": {"netns": f"{ns}-outside", "ip": outside, "inMesh": False}}
 for p in pods:
     n, kns, sa, pod, ip, port = p.split()
     out["pods"].append({"namespace": kns, "name": pod, "netns": f"{ns}-{pod}", "cgroup": f"{cg}/node-{n}/{pod}",
@@ -213,7 +261,17 @@ scenario() {
         die "plaintext HTTP seen on the underlay"
     fi
     echo "underlay capture: $packets packets on port 15008 (HBONE), no plaintext HTTP in them"
-    grep -h "flow opened" "$WORK/agent-a.log" | tail -n 1 | sed 's/^/agent node-a: /'
+    local svc
+    svc=$(in_pod web-0 curl -sS -o /dev/null -w 'HTTP %{http_code} from %{remote_ip}:%{remote_port}' "http://$API_VIP/")
+    echo "$svc (the payments/api Service)"; [[ "$svc" == "HTTP 200"* ]] || die "web-0 could not reach the api Service"
+    sleep 0.5
+    grep -h 'reporter="outbound"' "$WORK/agent-a.log" | grep ' flow ' | tail -n 1 | sed 's/^/agent node-a: /'
+    echo "node-a metrics (127.0.0.1:15020/metrics):"
+    ip netns exec "$NS-node-a" curl -sS http://127.0.0.1:15020/metrics | grep -E '^signet_(connections_opened_total|tcp_sent_bytes_total)' | sed 's/^/  /'
+    local plain
+    plain=$(ip netns exec "$NS-outside" curl -sS -o /dev/null -w '%{http_code}' --max-time 3 http://10.99.21.2:8080/ 2>/dev/null || true)
+    echo "outside (not in the mesh) -> api-0 in plaintext: dropped (curl got ${plain:-nothing}; strict mTLS)"
+    [ "$plain" != 200 ] || die "plaintext from outside the mesh must not reach api-0"
 
     say "2. identity policy: only shop/web may reach payments/api"
     cat > "$WORK/state/payments-api.yaml" <<'YAML'

@@ -172,6 +172,55 @@ fn strict_mode_drops_plaintext_from_mesh_workloads_but_passes_the_proxy() {
 }
 
 #[test]
+fn strict_mode_drops_plaintext_from_outside_the_mesh_but_not_from_the_host() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    // The peer is not a mesh workload, and policy allows everything.
+    let mut dp = setup(
+        &env,
+        &net,
+        true,
+        false,
+        &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
+    );
+    let plain = tcp(&net, &net.peer, 8080, &[]);
+    assert_eq!(
+        plain["ok"], false,
+        "plaintext from outside the mesh is dropped in strict mode: {plain}"
+    );
+    // The node's own address (kubelet probes come from it) is the host identity, which passes.
+    let ip = |s: &str| s.parse().expect("ip");
+    net.in_node(|| {
+        dp.reconcile_ipcache(&[
+            IpcacheEntry {
+                ip: ip(&net.pod_ip),
+                prefix: 32,
+                identity: POD_IDENTITY,
+                mesh: true,
+            },
+            IpcacheEntry {
+                ip: ip(&net.node_pod_side_ip),
+                prefix: 32,
+                identity: signet_policy::identity::HOST,
+                mesh: false,
+            },
+        ])
+        .expect("ipcache");
+    });
+    let probe = tcp(&net, &net.node, 8080, &[]);
+    assert_eq!(probe["ok"], true, "the host's unmarked probe passes: {probe}");
+    let events = dp.drain_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == 2 && e.src_identity == PEER_IDENTITY),
+        "strict-mode drop event for the peer outside the mesh: {events:?}"
+    );
+}
+
+#[test]
 fn permissive_mode_applies_policy_by_ipcache_identity() {
     if !privileged() {
         return;

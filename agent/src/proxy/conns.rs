@@ -57,7 +57,7 @@ impl Verdict {
     }
 }
 
-/// A verdict and the rule that gave it (`default` when no rule matched).
+/// A verdict and the rule that gave it (`default allow` / `default deny` when no rule did).
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub verdict: Verdict,
@@ -91,9 +91,16 @@ pub fn decide(
     let found = snap
         .compiled
         .lookup(ep.id, direction, number, port, Protocol::Tcp);
-    let rule = found
-        .and_then(|(_, e)| snap.compiled.rule(e.rule))
-        .map_or("default".to_owned(), ToString::to_string);
+    let rule = match found {
+        Some((_, e)) => snap.compiled.rule(e.rule).map_or_else(
+            || match e.action {
+                Action::Deny => "default deny".to_owned(),
+                _ => "default allow".to_owned(),
+            },
+            ToString::to_string,
+        ),
+        None => "default allow".to_owned(),
+    };
     let verdict = match found.map(|(k, e)| (k, e.action)) {
         None | Some((_, Action::Allow)) => Verdict::Allow,
         Some((_, Action::Deny)) => Verdict::Deny,
