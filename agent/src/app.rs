@@ -95,9 +95,7 @@ impl Reconciler {
             .values()
             .filter(|ip| !local.contains(ip))
             .map(|ip| (*ip, signet_policy::identity::REMOTE_NODE));
-        let host = local
-            .iter()
-            .map(|ip| (*ip, signet_policy::identity::HOST));
+        let host = local.iter().map(|ip| (*ip, signet_policy::identity::HOST));
         for (ip, identity) in host.chain(nodes) {
             if !taken.contains(&ip) {
                 ipcache.push(host_entry(ip, identity, false));
@@ -172,7 +170,8 @@ fn local_addresses() -> Vec<std::net::IpAddr> {
             if let Some(v4) = addr.as_sockaddr_in() {
                 Some(std::net::IpAddr::V4(v4.ip()))
             } else {
-                addr.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
             }
         })
         .collect()

@@ -16,7 +16,8 @@
 //! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020}
 //! mtlsMode: strict                          # or permissive
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
-//! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384}
+//! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
+//!         workerThreads: 2}
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -85,6 +86,8 @@ struct RawProxy {
     handshake_timeout_seconds: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default = "default_workers")]
+    worker_threads: usize,
 }
 
 impl Default for RawProxy {
@@ -93,6 +96,7 @@ impl Default for RawProxy {
             idle_timeout_seconds: default_idle(),
             handshake_timeout_seconds: default_handshake(),
             max_connections: default_max_connections(),
+            worker_threads: default_workers(),
         }
     }
 }
@@ -153,6 +157,10 @@ fn default_handshake() -> u64 {
 fn default_max_connections() -> usize {
     16384
 }
+/// ztunnel's default too: the proxy is I/O bound and should leave the node's cores to its pods.
+fn default_workers() -> usize {
+    2
+}
 fn default_mark() -> u32 {
     0x5167
 }
@@ -186,6 +194,8 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     /// Per direction.
     pub max_connections: usize,
+    /// Threads of the agent's runtime.
+    pub worker_threads: usize,
 }
 
 impl AgentConfig {
@@ -248,6 +258,11 @@ impl AgentConfig {
         if raw.proxy.max_connections == 0 {
             return Err(invalid("proxy.maxConnections must be above 0".into()));
         }
+        if !(1..=64).contains(&raw.proxy.worker_threads) {
+            return Err(invalid(
+                "proxy.workerThreads must be between 1 and 64".into(),
+            ));
+        }
         if raw.datapath.proxy_mark == 0 {
             return Err(invalid(
                 "datapath.proxyMark must not be 0 (unmarked traffic)".into(),
@@ -281,6 +296,7 @@ impl AgentConfig {
             idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
             handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
             max_connections: raw.proxy.max_connections,
+            worker_threads: raw.proxy.worker_threads,
             node: raw.node,
         })
     }

@@ -59,8 +59,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {ns}"))?;
     }
+    raise_fd_limit(config.max_connections);
     let grace = config.shutdown_grace;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -79,4 +81,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         agent.shutdown(grace).await;
         Ok(())
     })
+}
+
+/// Each proxied connection holds two or three descriptors; the default soft limit (1,024) would
+/// cap the proxy long before `proxy.maxConnections`. Raised as far as the hard limit allows.
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = (max_connections as u64 * 3 + 1024).min(hard);
+    if want > soft
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard)
+    {
+        tracing::warn!(error = %e, soft, "could not raise the open-file limit");
+    }
 }

@@ -196,6 +196,8 @@ ca: {address: '10.99.0.1:15012', serverName: localhost, rootCertFile: ca-root.pe
 datapath: {cgroupRoot: $CG/node-$n, bpffsDir: /sys/fs/bpf/signet/$NAME-node-$n}
 listen: {outbound: '$(node_ip $n):15001', inbound: '$(node_ip $n):15008', admin: '127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)'}
 mtlsMode: strict
+# Both simulated nodes share this machine's cores: one runtime thread each.
+proxy: {workerThreads: 1}
 YAML
         "$BIN/signet-agent" --netns "$NS-node-$n" --config "$WORK/agent-$n.yaml" >"$WORK/agent-$n.log" 2>&1 &
         echo $! > "$WORK/agent-$n.pid"

@@ -210,7 +210,10 @@ fn strict_mode_drops_plaintext_from_outside_the_mesh_but_not_from_the_host() {
         .expect("ipcache");
     });
     let probe = tcp(&net, &net.node, 8080, &[]);
-    assert_eq!(probe["ok"], true, "the host's unmarked probe passes: {probe}");
+    assert_eq!(
+        probe["ok"], true,
+        "the host's unmarked probe passes: {probe}"
+    );
     let events = dp.drain_events();
     assert!(
         events

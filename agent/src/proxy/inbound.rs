@@ -57,6 +57,8 @@ pub async fn serve(
                 .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, "connection_limit");
             continue;
         };
+        // Small HBONE frames (a CONNECT's 200, a one-byte reply) must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
         let (tls, ctx, stop) = (tls.clone(), ctx.clone(), stop.clone());
         let span = tracing::info_span!("inbound", %peer);
         tracker.spawn(

@@ -1,12 +1,13 @@
 //! Services: a connect to a ClusterIP and port goes to one ready endpoint, spread round-robin.
 //! Built from k8s-openapi `Service` and `EndpointSlice` objects (`discovery.k8s.io/v1`), matched
-//! by the `kubernetes.io/service-name` label and by port name, as kube-proxy does.
+//! by the `kubernetes.io/service-name` label and by port name, as kube-proxy does; legacy
+//! `v1/Endpoints` are mirrored into slices first, as Kubernetes itself does.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -99,6 +100,77 @@ impl ServiceTable {
     }
 }
 
+/// Legacy `v1/Endpoints` as the EndpointSlices Kubernetes' mirroring controller would make of
+/// them: one slice per subset, `notReadyAddresses` as not ready. Only for Services that have no
+/// EndpointSlice of their own.
+pub fn mirror_endpoints(endpoints: &[Endpoints], slices: &[EndpointSlice]) -> Vec<EndpointSlice> {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    let has_slice = |ns: &str, name: &str| {
+        slices.iter().any(|s| {
+            s.metadata.namespace.as_deref().unwrap_or("default") == ns
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|n| n == name)
+        })
+    };
+    let mut out = Vec::new();
+    for e in endpoints {
+        let ns = e.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(name) = e.metadata.name.as_deref() else {
+            continue;
+        };
+        if has_slice(ns, name) {
+            continue;
+        }
+        for (i, subset) in e.subsets.iter().flatten().enumerate() {
+            let endpoint = |ip: &str, ready: bool| Endpoint {
+                addresses: vec![ip.to_owned()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(ready),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let ready = subset
+                .addresses
+                .iter()
+                .flatten()
+                .map(|a| endpoint(&a.ip, true));
+            let not_ready = subset
+                .not_ready_addresses
+                .iter()
+                .flatten()
+                .map(|a| endpoint(&a.ip, false));
+            out.push(EndpointSlice {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(format!("{name}-mirror-{i}")),
+                    namespace: Some(ns.to_owned()),
+                    labels: Some([(SERVICE_NAME_LABEL.to_owned(), name.to_owned())].into()),
+                    ..Default::default()
+                },
+                address_type: "IPv4".into(),
+                endpoints: ready.chain(not_ready).collect(),
+                ports: Some(
+                    subset
+                        .ports
+                        .iter()
+                        .flatten()
+                        .map(|p| EndpointPort {
+                            name: p.name.clone(),
+                            port: Some(p.port),
+                            protocol: p.protocol.clone(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            });
+        }
+    }
+    out
+}
+
 fn ready_endpoints(slices: &[&EndpointSlice], port_name: Option<&str>) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for s in slices {
@@ -135,6 +207,31 @@ mod tests {
 
     fn from_yaml<T: serde::de::DeserializeOwned>(y: &str) -> T {
         serde_yaml::from_str(y).expect("manifest")
+    }
+
+    #[test]
+    fn legacy_endpoints_are_mirrored_unless_the_service_has_slices() {
+        let svc: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec:\n  clusterIP: 10.96.0.11\n  ports: [{name: sql, port: 5432}]\n",
+        );
+        let eps: Endpoints = from_yaml(
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: db, namespace: shop}\n\
+             subsets:\n- addresses: [{ip: 10.0.1.8}]\n  notReadyAddresses: [{ip: 10.0.1.9}]\n  ports: [{name: sql, port: 5432}]\n",
+        );
+        let mirrored = mirror_endpoints(std::slice::from_ref(&eps), &[]);
+        let t = ServiceTable::build(&[svc], &mirrored);
+        let vip: SocketAddr = "10.96.0.11:5432".parse().expect("addr");
+        for _ in 0..3 {
+            assert_eq!(t.pick(vip), Some("10.0.1.8:5432".parse().expect("addr")));
+        }
+        // With an EndpointSlice for the same Service, the Endpoints object is ignored.
+        let slice: EndpointSlice = from_yaml(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+             metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}\n\
+             ports: [{name: sql, port: 5432}]\nendpoints: [{addresses: [10.0.2.1]}]\n",
+        );
+        assert!(mirror_endpoints(&[eps], &[slice]).is_empty());
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl EndpointIds {
 struct Extra {
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
+    endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
     nodes: HashMap<String, IpAddr>,
     annotations: HashMap<String, BTreeMap<String, String>>,
 }
@@ -103,6 +104,10 @@ fn read_extra(dir: &Path, errors: &mut Vec<String>) -> Extra {
                 },
                 Some("EndpointSlice") => match serde_json::from_value(value) {
                     Ok(s) => extra.slices.push(s),
+                    Err(e) => errors.push(at(e)),
+                },
+                Some("Endpoints") => match serde_json::from_value(value) {
+                    Ok(e) => extra.endpoints.push(e),
                     Err(e) => errors.push(at(e)),
                 },
                 Some("Node") => match serde_json::from_value::<Node>(value) {
@@ -200,7 +205,11 @@ pub fn build(
         previous,
     })?;
     Ok(Snapshot {
-        services: ServiceTable::build(&extra.services, &extra.slices),
+        services: {
+            let mut slices = extra.slices;
+            slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
+            ServiceTable::build(&extra.services, &slices)
+        },
         nodes: extra.nodes,
         identities,
         pods_by_ip,
