@@ -3,7 +3,13 @@
 
 use std::process::{Command, Output};
 
-const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/examples");
+/// The example policies, found where the crate is now (cargo sets the variable when running
+/// tests), not where it was compiled.
+fn examples() -> String {
+    let dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    format!("{dir}/../policies/examples")
+}
 
 fn signet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_signet"))
@@ -14,8 +20,16 @@ fn signet(args: &[&str]) -> Output {
 
 /// Runs `explain` and checks the exit code and that stdout contains every `needle`.
 fn explain(from: &str, to: &str, extra: &[&str], code: i32, needles: &[&str]) {
+    let state = examples();
     let mut args = vec![
-        "policy", "explain", "--state", EXAMPLES, "--from", from, "--to", to,
+        "policy",
+        "explain",
+        "--state",
+        &state,
+        "--from",
+        from,
+        "--to",
+        to,
     ];
     args.extend_from_slice(extra);
     let out = signet(&args);
@@ -36,7 +50,7 @@ fn explain(from: &str, to: &str, extra: &[&str], code: i32, needles: &[&str]) {
 
 #[test]
 fn the_examples_are_valid() {
-    let out = signet(&["policy", "validate", EXAMPLES]);
+    let out = signet(&["policy", "validate", &examples()]);
     assert!(
         out.status.success(),
         "{}",
@@ -229,7 +243,7 @@ fn bad_input_exits_1_with_a_reason() {
         "policy",
         "explain",
         "--state",
-        EXAMPLES,
+        &examples(),
         "--from",
         "nope/pod",
         "--to",
@@ -241,7 +255,7 @@ fn bad_input_exits_1_with_a_reason() {
         "policy",
         "explain",
         "--state",
-        EXAMPLES,
+        &examples(),
         "--from",
         "world",
         "--to",
@@ -252,7 +266,7 @@ fn bad_input_exits_1_with_a_reason() {
         "policy",
         "explain",
         "--state",
-        EXAMPLES,
+        &examples(),
         "--from",
         "any",
         "--to",
@@ -287,7 +301,14 @@ fn validate_reports_every_error_with_its_position() {
 
 #[test]
 fn compile_prints_the_entries() {
-    let out = signet(&["policy", "compile", "--state", EXAMPLES, "--node", "node-a"]);
+    let out = signet(&[
+        "policy",
+        "compile",
+        "--state",
+        &examples(),
+        "--node",
+        "node-a",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -302,11 +323,25 @@ fn compile_prints_the_entries() {
         !table.contains("payments/ledger-0"),
         "ledger runs on node-b:\n{table}"
     );
-    let out = signet(&["policy", "compile", "--state", EXAMPLES, "--format", "json"]);
+    let out = signet(&[
+        "policy",
+        "compile",
+        "--state",
+        &examples(),
+        "--format",
+        "json",
+    ]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let entries = doc["entries"].as_array().expect("entries");
     assert!(entries.iter().any(|e| e["action"] == "deny" && e["ruleName"] == "payments/deny-world ingressDeny[0]"));
-    let out = signet(&["policy", "compile", "--state", EXAMPLES, "--capacity", "3"]);
+    let out = signet(&[
+        "policy",
+        "compile",
+        "--state",
+        &examples(),
+        "--capacity",
+        "3",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Nothing was applied"));
 }

@@ -168,9 +168,15 @@ pub(crate) mod tests {
             .expect("pem")
     }
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    /// Built into the test binary, so it does not depend on where the source tree was when it
+    /// was compiled.
+    fn fixture(name: &str) -> &'static [u8] {
+        match name {
+            "rsa2048.csr" => include_bytes!("../tests/fixtures/rsa2048.csr"),
+            "rsa1024.csr" => include_bytes!("../tests/fixtures/rsa1024.csr"),
+            "secp256k1.csr" => include_bytes!("../tests/fixtures/secp256k1.csr"),
+            other => panic!("no fixture {other}"),
+        }
     }
 
     #[test]
@@ -197,9 +203,9 @@ pub(crate) mod tests {
 
     #[test]
     fn accepts_rsa_2048_and_refuses_rsa_1024() {
-        let csr = Csr::parse(&fixture("rsa2048.csr")).expect("valid RSA-2048 CSR");
+        let csr = Csr::parse(fixture("rsa2048.csr")).expect("valid RSA-2048 CSR");
         assert_eq!(csr.key_kind(), KeyKind::Rsa { bits: 2048 });
-        let err = Csr::parse(&fixture("rsa1024.csr")).expect_err("RSA-1024 is too small");
+        let err = Csr::parse(fixture("rsa1024.csr")).expect_err("RSA-1024 is too small");
         assert_eq!(err, CsrError::RsaTooSmall { bits: 1024 });
     }
 
@@ -211,7 +217,7 @@ pub(crate) mod tests {
             matches!(err, CsrError::UnsupportedKey(ref k) if k.contains("ED25519") || k.contains("1.3.101.112")),
             "{err}"
         );
-        let err = Csr::parse(&fixture("secp256k1.csr")).expect_err("secp256k1");
+        let err = Csr::parse(fixture("secp256k1.csr")).expect_err("secp256k1");
         assert!(
             matches!(err, CsrError::UnsupportedKey(ref k) if k.starts_with("EC curve")),
             "{err}"

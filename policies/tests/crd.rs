@@ -9,10 +9,10 @@ fn committed_crd_matches_the_types() {
         "# Generated from policies/src/resource.rs; do not edit.\n# Regenerate: SIGNET_UPDATE_CRDS=1 cargo test -p signet-policy --test crd\n{}",
         serde_yaml::to_string(&signet_policy::IdentityPolicy::crd()).expect("CRD serialises")
     );
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/crds/identitypolicies.signet.dev.yaml"
-    );
+    // Where the crate is now (cargo sets it when running tests), not where it was compiled.
+    let dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let path = &format!("{dir}/../deploy/crds/identitypolicies.signet.dev.yaml");
     if std::env::var_os("SIGNET_UPDATE_CRDS").is_some() {
         std::fs::write(path, &generated).expect("write CRD");
     }
