@@ -22,14 +22,7 @@ fn signet(args: &[&str]) -> Output {
 fn explain(from: &str, to: &str, extra: &[&str], code: i32, needles: &[&str]) {
     let state = examples();
     let mut args = vec![
-        "policy",
-        "explain",
-        "--state",
-        &state,
-        "--from",
-        from,
-        "--to",
-        to,
+        "policy", "explain", "--state", &state, "--from", from, "--to", to,
     ];
     args.extend_from_slice(extra);
     let out = signet(&args);
