@@ -5,7 +5,7 @@
 //! workload's connections cannot be tunnelled before its certificate exists (the outbound side
 //! then resets them). A state change that does not load is logged and the snapshot in force stays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -281,6 +281,14 @@ impl Agent {
             tracker.clone(),
         ));
         let hbone = ctx.hbone.clone();
+        let mut gateways = GatewayListeners {
+            ip: config.gateway_ip,
+            ctx: ctx.clone(),
+            running: HashMap::new(),
+            stop: stop.clone(),
+            tracker: tracker.clone(),
+        };
+        gateways.sync(&snapshot.read().unwrap_or_else(|p| p.into_inner()).clone());
         tracker.spawn(inbound::serve(in_l, ctx, stop.clone(), tracker.clone()));
         tracker.spawn(watch_state(
             reconciler,
@@ -289,6 +297,7 @@ impl Agent {
             Recheck {
                 connections: connections.clone(),
                 metrics: metrics.clone(),
+                gateways,
             },
             stop.clone(),
         ));
@@ -360,17 +369,69 @@ fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<()
     Err(format!("no certificate yet for {}", names.join(", ")))
 }
 
-/// What a state change re-examines besides the datapath: the connections already open.
+/// What a state change re-examines besides the datapath: the connections already open, and
+/// the Gateway ports to listen on.
 struct Recheck {
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
+    gateways: GatewayListeners,
+}
+
+/// One accept loop per Gateway port, started and stopped as Gateways come and go.
+struct GatewayListeners {
+    ip: std::net::IpAddr,
+    ctx: ProxyContext,
+    running: HashMap<u16, CancellationToken>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl GatewayListeners {
+    fn sync(&mut self, snap: &Snapshot) {
+        let wanted: Vec<u16> = snap.gateway.ports.iter().map(|p| p.port).collect();
+        self.running.retain(|port, token| {
+            let keep = wanted.contains(port);
+            if !keep {
+                tracing::info!(port, "gateway port no longer served");
+                token.cancel();
+            }
+            keep
+        });
+        for port in wanted {
+            if self.running.contains_key(&port) {
+                continue;
+            }
+            let addr = std::net::SocketAddr::new(self.ip, port);
+            let listener = match std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(TcpListener::from_std)
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "gateway port cannot be bound; its listeners are not served");
+                    continue;
+                }
+            };
+            tracing::info!(%addr, "gateway port served");
+            let token = self.stop.child_token();
+            self.running.insert(port, token.clone());
+            self.tracker.spawn(crate::gateway::server::serve_port(
+                listener,
+                port,
+                self.ctx.clone(),
+                crate::gateway::server::EdgeLimits::default(),
+                token,
+                self.tracker.clone(),
+            ));
+        }
+    }
 }
 
 async fn watch_state(
     mut reconciler: Reconciler,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     certs: CertManager,
-    recheck: Recheck,
+    mut recheck: Recheck,
     stop: CancellationToken,
 ) {
     use signet_ca::server::authz::fingerprint;
@@ -394,6 +455,7 @@ async fn watch_state(
                 let next = Arc::new(next);
                 *snapshot.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
                 let closed = recheck.connections.recheck(&next, &recheck.metrics);
+                recheck.gateways.sync(&next);
                 tracing::info!(connections_closed = closed, "cluster state applied");
             }
             Err(e) => {

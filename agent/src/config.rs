@@ -13,7 +13,8 @@
 //!   tokenFile: /etc/signet/node-a.token     # mode 0600
 //! datapath:
 //!   cgroupRoot: /sys/fs/cgroup/unified/signet/node-a
-//! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020}
+//! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020,
+//!          gateway: 10.77.0.2}                # Gateway listeners; default: inbound's IP
 //! mtlsMode: strict                          # or permissive
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
@@ -128,6 +129,9 @@ struct RawListen {
     outbound: SocketAddr,
     inbound: SocketAddr,
     admin: SocketAddr,
+    /// Where Gateway listeners bind (their ports come from the Gateways); the inbound address's
+    /// IP when absent.
+    gateway: Option<std::net::IpAddr>,
 }
 
 fn default_td() -> String {
@@ -185,6 +189,8 @@ pub struct AgentConfig {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+    /// The address Gateway listeners bind to.
+    pub gateway_ip: std::net::IpAddr,
     pub mtls_mode: MtlsMode,
     pub svid_ttl: Duration,
     pub shutdown_grace: Duration,
@@ -289,6 +295,7 @@ impl AgentConfig {
             outbound: raw.listen.outbound,
             inbound: raw.listen.inbound,
             admin: raw.listen.admin,
+            gateway_ip: raw.listen.gateway.unwrap_or(raw.listen.inbound.ip()),
             mtls_mode: raw.mtls_mode,
             svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds),

@@ -25,11 +25,14 @@ pub struct Backend {
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_vip: HashMap<SocketAddr, Backend>,
+    /// (namespace, name, port) → the ClusterIP address that serves it.
+    by_name: HashMap<(String, String, u16), SocketAddr>,
 }
 
 impl ServiceTable {
     pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Self {
         let mut by_vip = HashMap::new();
+        let mut by_name = HashMap::new();
         for svc in services {
             let ns = svc
                 .metadata
@@ -65,6 +68,9 @@ impl ServiceTable {
                 let endpoints = ready_endpoints(&mine, sp.name.as_deref());
                 for ip in &ips {
                     let vip = SocketAddr::new(*ip, u16::try_from(sp.port).unwrap_or(0));
+                    by_name
+                        .entry((ns.clone(), name.clone(), vip.port()))
+                        .or_insert(vip);
                     by_vip.entry(vip).or_insert_with(|| Backend {
                         service: format!("{ns}/{name}"),
                         endpoints: endpoints.clone(),
@@ -73,7 +79,25 @@ impl ServiceTable {
                 }
             }
         }
-        Self { by_vip }
+        Self { by_vip, by_name }
+    }
+
+    /// The ClusterIP address of Service `namespace/name` on `port`.
+    pub fn by_name(&self, namespace: &str, name: &str, port: u16) -> Option<SocketAddr> {
+        self.by_name
+            .get(&(namespace.to_owned(), name.to_owned(), port))
+            .copied()
+    }
+
+    /// `namespace/name` → the Service's ports, for validating Gateway backendRefs.
+    pub fn ports_by_service(&self) -> HashMap<(String, String), Vec<u16>> {
+        let mut out: HashMap<(String, String), Vec<u16>> = HashMap::new();
+        for (ns, name, port) in self.by_name.keys() {
+            out.entry((ns.clone(), name.clone()))
+                .or_default()
+                .push(*port);
+        }
+        out
     }
 
     /// A ready endpoint for a connection to `vip`, round-robin; `None` if `vip` is no service

@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub pods_by_ip: HashMap<IpAddr, usize>,
     pub local: Vec<LocalEndpoint>,
     pub compiled: Compiled,
+    /// Gateway API listeners this node serves (every node serves every Signet Gateway).
+    pub gateway: crate::gateway::model::GatewayConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ struct Extra {
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
     endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
+    gateway: crate::gateway::model::Resources,
     nodes: HashMap<String, IpAddr>,
     annotations: HashMap<String, BTreeMap<String, String>>,
 }
@@ -110,6 +113,32 @@ fn read_extra(dir: &Path, errors: &mut Vec<String>) -> Extra {
                     Ok(e) => extra.endpoints.push(e),
                     Err(e) => errors.push(at(e)),
                 },
+                Some("GatewayClass") => match serde_json::from_value(value) {
+                    Ok(v) => extra.gateway.classes.push(v),
+                    Err(e) => errors.push(at(e)),
+                },
+                Some("Gateway") => match serde_json::from_value(value) {
+                    Ok(v) => extra.gateway.gateways.push(v),
+                    Err(e) => errors.push(at(e)),
+                },
+                Some("HTTPRoute") => match serde_json::from_value(value) {
+                    Ok(v) => extra.gateway.routes.push(v),
+                    Err(e) => errors.push(at(e)),
+                },
+                Some("ReferenceGrant") => match serde_json::from_value(value) {
+                    Ok(v) => extra.gateway.grants.push(v),
+                    Err(e) => errors.push(at(e)),
+                },
+                Some("Secret") => {
+                    match serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(value) {
+                        // Only TLS Secrets concern the gateway; others are not kept in memory.
+                        Ok(v) if v.type_.as_deref() == Some("kubernetes.io/tls") => {
+                            extra.gateway.secrets.push(v)
+                        }
+                        Ok(_) => {}
+                        Err(e) => errors.push(at(e)),
+                    }
+                }
                 Some("Node") => match serde_json::from_value::<Node>(value) {
                     Ok(n) => {
                         let ip = n
@@ -168,8 +197,22 @@ pub fn build(
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }
+    let services = {
+        let mut slices = extra.slices;
+        slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
+        ServiceTable::build(&extra.services, &slices)
+    };
+    let gateway = {
+        let mut resources = extra.gateway;
+        resources.services = services.ports_by_service();
+        crate::gateway::model::build(&resources, td)
+    };
     for w in &state.cluster.workloads {
         allocator.allocate(&w.identity)?;
+    }
+    // Gateways are peers too: policy can name them (`entity: gateway` or their SPIFFE ID).
+    for id in gateway.identities() {
+        allocator.allocate(&id)?;
     }
     let identities = allocator.snapshot()?;
     let mut pods_by_ip = HashMap::new();
@@ -205,11 +248,8 @@ pub fn build(
         previous,
     })?;
     Ok(Snapshot {
-        services: {
-            let mut slices = extra.slices;
-            slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
-            ServiceTable::build(&extra.services, &slices)
-        },
+        services,
+        gateway,
         nodes: extra.nodes,
         identities,
         pods_by_ip,
@@ -233,12 +273,14 @@ impl Snapshot {
         self.local.iter().find(|e| e.workload == i)
     }
 
-    /// Identities with a workload on this node: the certificates to keep.
+    /// Identities with a workload on this node, and the Gateways it serves: the certificates
+    /// to keep.
     pub fn local_identities(&self) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = self
             .local
             .iter()
             .map(|e| self.workload(e.workload).identity.clone())
+            .chain(self.gateway.identities())
             .collect();
         ids.sort();
         ids.dedup();

@@ -1,6 +1,7 @@
-//! Which identities a node may obtain: its own agent identity, and the service accounts of pods
-//! scheduled on it. Nothing else, so a compromised node cannot mint identities for workloads
-//! that run elsewhere.
+//! Which identities a node may obtain: its own agent identity, the service accounts of pods
+//! scheduled on it, and the identities of Gateways of Signet's GatewayClass (every node's proxy
+//! serves every such Gateway). Nothing else, so a compromised node cannot mint identities for
+//! workloads that run elsewhere.
 //!
 //! Pods come from the cluster-state directory of ordinary Kubernetes manifests (DESIGN.md,
 //! "Cluster state"), parsed with k8s-openapi's `Pod` and re-read when the files change. A
@@ -26,8 +27,19 @@ pub enum AuthzError {
         id: SpiffeId,
         trust_domain: TrustDomain,
     },
-    #[error("{id} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>)")]
+    #[error(
+        "{id} is not a workload identity (spiffe://<td>/ns/<namespace>/sa/<service-account>) nor a Signet Gateway's (spiffe://<td>/ns/<namespace>/gateway/<name>)"
+    )]
     NotWorkload { id: SpiffeId },
+    #[error(
+        "{id}: no Gateway {namespace}/{name} of a GatewayClass with controllerName {controller}"
+    )]
+    NoSuchGateway {
+        id: SpiffeId,
+        namespace: String,
+        name: String,
+        controller: &'static str,
+    },
     #[error(
         "node {node} may not obtain {id}: no pod with service account {namespace}/{service_account} is scheduled on {node}"
     )]
@@ -168,8 +180,62 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// `(node, namespace, service account)` triples that may be issued.
-type Index = HashSet<(String, String, String)>;
+/// The `controllerName` of Signet's GatewayClass (the agent's `gateway::model::CONTROLLER`).
+pub const GATEWAY_CONTROLLER: &str = "signet.dev/gateway-controller";
+
+/// What may be issued: `(node, namespace, service account)` triples, and `(namespace, name)`
+/// of Signet Gateways.
+#[derive(Debug, Default)]
+struct Index {
+    pods: HashSet<(String, String, String)>,
+    gateways: HashSet<(String, String)>,
+}
+
+/// `(namespace, name)` of every Gateway whose GatewayClass is Signet's.
+pub fn load_gateways(dir: &Path) -> Result<Vec<(String, String)>, StateError> {
+    let (mut classes, mut gateways) = (HashSet::new(), Vec::new());
+    for file in manifest_files(dir)? {
+        let text = std::fs::read_to_string(&file).map_err(|e| StateError {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let Ok(v) = serde_yaml::Value::deserialize(doc) else {
+                continue; // `load_pods` reports syntax errors
+            };
+            let s = |v: &serde_yaml::Value, path: &[&str]| {
+                path.iter()
+                    .try_fold(v, |v, k| v.get(k))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            };
+            match s(&v, &["kind"]).as_deref() {
+                Some("GatewayClass")
+                    if s(&v, &["spec", "controllerName"]).as_deref()
+                        == Some(GATEWAY_CONTROLLER) =>
+                {
+                    classes.extend(s(&v, &["metadata", "name"]));
+                }
+                Some("Gateway") => {
+                    if let (Some(name), Some(class)) = (
+                        s(&v, &["metadata", "name"]),
+                        s(&v, &["spec", "gatewayClassName"]),
+                    ) {
+                        let ns =
+                            s(&v, &["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+                        gateways.push((ns, name, class));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(gateways
+        .into_iter()
+        .filter(|(_, _, class)| classes.contains(class))
+        .map(|(ns, name, _)| (ns, name))
+        .collect())
+}
 
 /// Decides which identity a node may obtain.
 #[derive(Debug)]
@@ -190,11 +256,12 @@ impl NodeAuthorizer {
     ) -> Result<Self, StateError> {
         let seen = fingerprint(dir);
         let pods = load_pods(dir)?;
+        let gateways = load_gateways(dir)?;
         Ok(Self {
             trust_domain,
             agent_identity,
             dir: dir.to_owned(),
-            index: RwLock::new(Arc::new(index(&pods))),
+            index: RwLock::new(Arc::new(index(&pods, gateways))),
             seen: Mutex::new(seen),
         })
     }
@@ -210,7 +277,8 @@ impl NodeAuthorizer {
         // Remember the fingerprint even on failure, so a broken file is reported once per change.
         *seen = now;
         let pods = load_pods(&self.dir)?;
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(&pods));
+        let gateways = load_gateways(&self.dir)?;
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(&pods, gateways));
         Ok(true)
     }
 
@@ -237,11 +305,27 @@ impl NodeAuthorizer {
         if id == self.agent_identity {
             return Ok(id);
         }
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let segments: Vec<&str> = id.segments().collect();
+        if let ["ns", ns, "gateway", name] = segments[..] {
+            return if index.gateways.contains(&(ns.to_owned(), name.to_owned())) {
+                Ok(id.clone())
+            } else {
+                Err(AuthzError::NoSuchGateway {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    controller: GATEWAY_CONTROLLER,
+                    id: id.clone(),
+                })
+            };
+        }
         let Some((ns, sa)) = id.namespace_and_service_account() else {
             return Err(AuthzError::NotWorkload { id });
         };
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if index.contains(&(node.0.clone(), ns.to_owned(), sa.to_owned())) {
+        if index
+            .pods
+            .contains(&(node.0.clone(), ns.to_owned(), sa.to_owned()))
+        {
             Ok(id)
         } else {
             Err(AuthzError::NotOnNode {
@@ -254,16 +338,20 @@ impl NodeAuthorizer {
     }
 }
 
-fn index(pods: &[ScheduledPod]) -> Index {
-    pods.iter()
-        .map(|p| {
-            (
-                p.node.clone(),
-                p.namespace.clone(),
-                p.service_account.clone(),
-            )
-        })
-        .collect()
+fn index(pods: &[ScheduledPod], gateways: Vec<(String, String)>) -> Index {
+    Index {
+        pods: pods
+            .iter()
+            .map(|p| {
+                (
+                    p.node.clone(),
+                    p.namespace.clone(),
+                    p.service_account.clone(),
+                )
+            })
+            .collect(),
+        gateways: gateways.into_iter().collect(),
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +463,41 @@ spec:
             .authorize(&node("node-a"), Some("https://x"))
             .expect_err("garbage");
         assert!(matches!(e, AuthzError::InvalidIdentity { .. }));
+    }
+
+    #[test]
+    fn gateways_of_signets_class_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join("pods.yaml"), PODS).expect("write");
+        std::fs::write(
+            dir.path().join("gw.yaml"),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: signet}\n\
+             spec: {controllerName: signet.dev/gateway-controller}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: other}\n\
+             spec: {controllerName: example.com/other}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: public, namespace: edge}\n\
+             spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: theirs, namespace: edge}\n\
+             spec: {gatewayClassName: other, listeners: [{name: http, port: 80, protocol: HTTP}]}\n",
+        )
+        .expect("write");
+        let a = authorizer(dir.path());
+        let ok = a
+            .authorize(
+                &node("node-b"),
+                Some("spiffe://cluster.local/ns/edge/gateway/public"),
+            )
+            .expect("any node serves Signet's Gateways");
+        assert_eq!(ok.as_str(), "spiffe://cluster.local/ns/edge/gateway/public");
+        for refused in ["theirs", "missing"] {
+            let e = a
+                .authorize(
+                    &node("node-a"),
+                    Some(&format!("spiffe://cluster.local/ns/edge/gateway/{refused}")),
+                )
+                .expect_err("not a Signet Gateway");
+            assert!(matches!(e, AuthzError::NoSuchGateway { .. }), "{e}");
+        }
     }
 
     #[test]

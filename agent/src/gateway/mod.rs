@@ -1,0 +1,8 @@
+//! Gateway API listeners on the node proxy: `model` turns Gateways, HTTPRoutes, ReferenceGrants
+//! and TLS Secrets into what this node serves (and their status), `routes` matches requests
+//! with the spec's precedence and applies filters, `server` terminates TLS and forwards into the
+//! mesh over HBONE with the Gateway's identity.
+
+pub mod model;
+pub mod routes;
+pub mod server;

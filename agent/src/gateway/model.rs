@@ -1,0 +1,1013 @@
+//! From Gateway API resources (gateway-api crate types) to what the node serves: listeners
+//! grouped by port, each with its certificates and its router, and the status conditions the
+//! spec defines for GatewayClasses, Gateways, listeners and HTTPRoutes.
+//!
+//! Only Gateways of a GatewayClass whose `controllerName` is [`CONTROLLER`] are served. A
+//! missing Secret, an invalid route or a conflicting listener degrades only what it touches and
+//! says so in status; the rest is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::{Gateway, GatewayListeners, GatewayListenersTlsMode};
+use gateway_api::httproutes::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectPathType,
+    HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
+    HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+use gateway_api::referencegrants::ReferenceGrant;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use k8s_openapi::api::core::v1::Secret;
+use rustls::sign::CertifiedKey;
+use serde::Serialize;
+use signet_ca::{SpiffeId, TrustDomain};
+
+use super::routes::{
+    Backend, Filter, HeaderEdit, Match, PathChange, PathMatch, Redirect, Rewrite, Route, Router,
+    Rule, StringMatch, intersect,
+};
+
+/// The `controllerName` of Signet's GatewayClass.
+pub const CONTROLLER: &str = "signet.dev/gateway-controller";
+
+/// The resources the gateway reads, as the state directory (or the API server) has them.
+#[derive(Debug, Default, Clone)]
+pub struct Resources {
+    pub classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub routes: Vec<HttpRoute>,
+    pub grants: Vec<ReferenceGrant>,
+    pub secrets: Vec<Secret>,
+    /// `namespace/name` → ports of each Service, to validate backendRefs.
+    pub services: HashMap<(String, String), Vec<u16>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Https,
+}
+
+/// A TLS certificate from a Secret, with the names it is valid for.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    pub secret: String,
+    pub names: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+}
+
+/// One listener of one Gateway.
+#[derive(Debug)]
+pub struct Listener {
+    pub gateway_namespace: String,
+    pub gateway_name: String,
+    /// `spiffe://<td>/ns/<ns>/gateway/<name>`: what backends see.
+    pub identity: SpiffeId,
+    pub name: String,
+    pub hostname: Option<String>,
+    pub certificates: Vec<Certificate>,
+    pub router: Router,
+}
+
+/// The listeners that share one port (distinct hostnames; SNI and Host pick among them).
+#[derive(Debug)]
+pub struct Port {
+    pub port: u16,
+    pub protocol: Protocol,
+    pub listeners: Vec<Listener>,
+}
+
+/// A condition as Gateway API defines them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStatus {
+    pub name: String,
+    pub attached_routes: i32,
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    pub namespace: String,
+    pub name: String,
+    pub conditions: Vec<Condition>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParentStatus {
+    /// `namespace/name[/section]` of the parent Gateway.
+    pub parent: String,
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    pub namespace: String,
+    pub name: String,
+    pub parents: Vec<RouteParentStatus>,
+}
+
+/// Status of everything, as `signet gateway status` prints it.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub gateway_classes: Vec<(String, Vec<Condition>)>,
+    pub gateways: Vec<GatewayStatus>,
+    pub http_routes: Vec<RouteStatus>,
+}
+
+/// What a node serves, and the status that goes with it.
+#[derive(Debug, Default)]
+pub struct GatewayConfig {
+    pub ports: Vec<Port>,
+    pub status: Status,
+}
+
+impl GatewayConfig {
+    /// Identities of every Gateway served (the certificates the node needs).
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = self
+            .ports
+            .iter()
+            .flat_map(|p| p.listeners.iter().map(|l| l.identity.clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+/// The identity of Gateway `ns/name`.
+pub fn gateway_identity(td: &TrustDomain, ns: &str, name: &str) -> Option<SpiffeId> {
+    SpiffeId::parse(&format!("spiffe://{td}/ns/{ns}/gateway/{name}")).ok()
+}
+
+fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> i64 {
+    meta.creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second())
+}
+
+/// One side of a reference: (group, kind, namespace), plus the name on the target side.
+type From<'a> = (&'a str, &'a str, &'a str);
+type To<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+/// Whether a ReferenceGrant in the target's namespace lets `from` refer to `to`.
+fn granted(grants: &[ReferenceGrant], from: From<'_>, to: To<'_>) -> bool {
+    let (from_group, from_kind, from_ns) = from;
+    let (to_group, to_kind, to_ns, to_name) = to;
+    grants.iter().any(|g| {
+        ns_of(&g.metadata) == to_ns
+            && g.spec
+                .from
+                .iter()
+                .any(|f| f.group == from_group && f.kind == from_kind && f.namespace == from_ns)
+            && g.spec.to.iter().any(|t| {
+                t.group == to_group
+                    && t.kind == to_kind
+                    && t.name.as_deref().is_none_or(|n| n == to_name)
+            })
+    })
+}
+
+/// Builds the configuration and status from `res`.
+pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
+    let mut status = Status::default();
+    let ours: Vec<String> = res
+        .classes
+        .iter()
+        .filter(|c| c.spec.controller_name == CONTROLLER)
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    for c in &res.classes {
+        if c.spec.controller_name == CONTROLLER {
+            status.gateway_classes.push((
+                c.metadata.name.clone().unwrap_or_default(),
+                vec![cond("Accepted", true, "Accepted", "handled by Signet")],
+            ));
+        }
+    }
+    let mut gateways: Vec<&Gateway> = res
+        .gateways
+        .iter()
+        .filter(|g| ours.contains(&g.spec.gateway_class_name))
+        .collect();
+    gateways.sort_by_key(|g| {
+        (
+            created(&g.metadata),
+            ns_of(&g.metadata),
+            g.metadata.name.clone(),
+        )
+    });
+
+    let mut ports: BTreeMap<u16, Port> = BTreeMap::new();
+    for gw in gateways {
+        let (gns, gname) = (
+            ns_of(&gw.metadata),
+            gw.metadata.name.clone().unwrap_or_default(),
+        );
+        let Some(identity) = gateway_identity(td, &gns, &gname) else {
+            status.gateways.push(GatewayStatus {
+                namespace: gns.clone(),
+                name: gname.clone(),
+                conditions: vec![cond(
+                    "Accepted",
+                    false,
+                    "Invalid",
+                    "the name makes no valid SPIFFE ID",
+                )],
+                listeners: vec![],
+            });
+            continue;
+        };
+        let mut listener_status = Vec::new();
+        let mut all_programmed = true;
+        for l in &gw.spec.listeners {
+            let (ls, served) = listener(
+                res,
+                td,
+                gw,
+                l,
+                &identity,
+                &gns,
+                &gname,
+                &mut status.http_routes,
+                &ports,
+            );
+            all_programmed &= ls
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Programmed" && c.status == "True");
+            listener_status.push(ls);
+            if let Some((port, protocol, listener)) = served {
+                ports
+                    .entry(port)
+                    .or_insert_with(|| Port {
+                        port,
+                        protocol,
+                        listeners: vec![],
+                    })
+                    .listeners
+                    .push(listener);
+            }
+        }
+        status.gateways.push(GatewayStatus {
+            namespace: gns,
+            name: gname,
+            conditions: vec![
+                cond("Accepted", true, "Accepted", "handled by Signet"),
+                if all_programmed {
+                    cond("Programmed", true, "Programmed", "every listener is served")
+                } else {
+                    cond(
+                        "Programmed",
+                        false,
+                        "Invalid",
+                        "a listener is not served; see its conditions",
+                    )
+                },
+            ],
+            listeners: listener_status,
+        });
+    }
+    // Routes whose parents are not served Gateways.
+    for r in &res.routes {
+        let (rns, rname) = (
+            ns_of(&r.metadata),
+            r.metadata.name.clone().unwrap_or_default(),
+        );
+        for p in r.spec.parent_refs.iter().flatten() {
+            let pns = p.namespace.clone().unwrap_or_else(|| rns.clone());
+            let served = status
+                .gateways
+                .iter()
+                .any(|g| g.namespace == pns && g.name == p.name);
+            if !served {
+                push_route_status(
+                    &mut status.http_routes,
+                    &rns,
+                    &rname,
+                    parent_name(p, &rns),
+                    vec![cond(
+                        "Accepted",
+                        false,
+                        "NoMatchingParent",
+                        format!("no Gateway {pns}/{} of a Signet GatewayClass", p.name),
+                    )],
+                );
+            }
+        }
+    }
+    GatewayConfig {
+        ports: ports.into_values().collect(),
+        status,
+    }
+}
+
+fn parent_name(p: &HttpRouteParentRefs, route_ns: &str) -> String {
+    let ns = p.namespace.as_deref().unwrap_or(route_ns);
+    match &p.section_name {
+        Some(s) => format!("{ns}/{}/{s}", p.name),
+        None => format!("{ns}/{}", p.name),
+    }
+}
+
+fn push_route_status(
+    all: &mut Vec<RouteStatus>,
+    ns: &str,
+    name: &str,
+    parent: String,
+    conditions: Vec<Condition>,
+) {
+    let i = match all.iter().position(|r| r.namespace == ns && r.name == name) {
+        Some(i) => i,
+        None => {
+            all.push(RouteStatus {
+                namespace: ns.into(),
+                name: name.into(),
+                parents: vec![],
+            });
+            all.len() - 1
+        }
+    };
+    let parents = &mut all[i].parents;
+    match parents.iter_mut().find(|p| p.parent == parent) {
+        // A route attached to several listeners of one Gateway: accepted if any accepts it.
+        Some(existing) => {
+            let accepted = |c: &[Condition]| {
+                c.iter()
+                    .any(|c| c.type_ == "Accepted" && c.status == "True")
+            };
+            if !accepted(&existing.conditions) && accepted(&conditions) {
+                existing.conditions = conditions;
+            }
+        }
+        None => parents.push(RouteParentStatus { parent, conditions }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn listener(
+    res: &Resources,
+    td: &TrustDomain,
+    gw: &Gateway,
+    l: &GatewayListeners,
+    identity: &SpiffeId,
+    gns: &str,
+    gname: &str,
+    route_status: &mut Vec<RouteStatus>,
+    ports: &BTreeMap<u16, Port>,
+) -> (ListenerStatus, Option<(u16, Protocol, Listener)>) {
+    let _ = td;
+    let mut ls = ListenerStatus {
+        name: l.name.clone(),
+        attached_routes: 0,
+        conditions: vec![],
+    };
+    let fail = |mut ls: ListenerStatus, accepted: Condition, resolved: Condition| {
+        ls.conditions = vec![
+            accepted,
+            resolved,
+            cond("Programmed", false, "Invalid", "not served"),
+        ];
+        (ls, None)
+    };
+    let protocol = match l.protocol.as_str() {
+        "HTTP" => Protocol::Http,
+        "HTTPS" => Protocol::Https,
+        other => {
+            return fail(
+                ls,
+                cond(
+                    "Accepted",
+                    false,
+                    "UnsupportedProtocol",
+                    format!("protocol {other} is not served; HTTP and HTTPS are"),
+                ),
+                cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            );
+        }
+    };
+    let Ok(port) = u16::try_from(l.port) else {
+        return fail(
+            ls,
+            cond(
+                "Accepted",
+                false,
+                "PortUnavailable",
+                format!("port {} is out of range", l.port),
+            ),
+            cond("ResolvedRefs", true, "ResolvedRefs", ""),
+        );
+    };
+    let hostname = l.hostname.clone().map(|h| h.to_ascii_lowercase());
+    if let Some(existing) = ports.get(&port) {
+        let clash = existing.protocol != protocol
+            || existing.listeners.iter().any(|o| o.hostname == hostname);
+        if clash {
+            return fail(
+                ls,
+                cond(
+                    "Accepted",
+                    false,
+                    "PortUnavailable",
+                    format!(
+                        "port {port} is already served with another protocol or the same hostname"
+                    ),
+                ),
+                cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            );
+        }
+    }
+    let mut certificates = vec![];
+    let mut resolved = cond("ResolvedRefs", true, "ResolvedRefs", "");
+    if protocol == Protocol::Https {
+        let tls = l.tls.as_ref();
+        if tls.and_then(|t| t.mode.as_ref()) == Some(&GatewayListenersTlsMode::Passthrough) {
+            return fail(
+                ls,
+                cond(
+                    "Accepted",
+                    false,
+                    "UnsupportedProtocol",
+                    "TLS passthrough is not served; use mode Terminate",
+                ),
+                cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            );
+        }
+        for r in tls
+            .and_then(|t| t.certificate_refs.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            let kind = r.kind.as_deref().unwrap_or("Secret");
+            let group = r.group.as_deref().unwrap_or("");
+            let sns = r.namespace.clone().unwrap_or_else(|| gns.to_owned());
+            if kind != "Secret" || !group.is_empty() {
+                resolved = cond(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidCertificateRef",
+                    format!("{group}/{kind} {} is not a Secret", r.name),
+                );
+                continue;
+            }
+            if sns != gns
+                && !granted(
+                    &res.grants,
+                    ("gateway.networking.k8s.io", "Gateway", gns),
+                    ("", "Secret", &sns, &r.name),
+                )
+            {
+                resolved = cond(
+                    "ResolvedRefs",
+                    false,
+                    "RefNotPermitted",
+                    format!(
+                        "Secret {sns}/{} is in another namespace and no ReferenceGrant allows it",
+                        r.name
+                    ),
+                );
+                continue;
+            }
+            match certificate(res, &sns, &r.name) {
+                Ok(c) => certificates.push(c),
+                Err(why) => {
+                    resolved = cond("ResolvedRefs", false, "InvalidCertificateRef", why);
+                }
+            }
+        }
+        if certificates.is_empty() {
+            if resolved.status == "True" {
+                resolved = cond(
+                    "ResolvedRefs",
+                    false,
+                    "InvalidCertificateRef",
+                    "an HTTPS listener needs tls.certificateRefs",
+                );
+            }
+            return fail(ls, cond("Accepted", true, "Accepted", ""), resolved);
+        }
+    }
+    // Routes that attach to this listener.
+    let mut routes = vec![];
+    for r in &res.routes {
+        let (rns, rname) = (
+            ns_of(&r.metadata),
+            r.metadata.name.clone().unwrap_or_default(),
+        );
+        for p in r.spec.parent_refs.iter().flatten() {
+            let pns = p.namespace.clone().unwrap_or_else(|| rns.clone());
+            if pns != gns
+                || p.name != gname
+                || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+                || p.section_name.as_ref().is_some_and(|s| *s != l.name)
+                || p.port.is_some_and(|pp| pp != l.port)
+            {
+                continue;
+            }
+            let parent = parent_name(p, &rns);
+            if !allowed_namespace(l, gns, &rns) {
+                push_route_status(
+                    route_status,
+                    &rns,
+                    &rname,
+                    parent,
+                    vec![cond(
+                        "Accepted",
+                        false,
+                        "NotAllowedByListeners",
+                        format!(
+                            "listener {} does not allow routes from namespace {rns}",
+                            l.name
+                        ),
+                    )],
+                );
+                continue;
+            }
+            let hostnames = match effective_hostnames(
+                hostname.as_deref(),
+                r.spec.hostnames.as_deref().unwrap_or_default(),
+            ) {
+                Some(h) => h,
+                None => {
+                    push_route_status(
+                        route_status,
+                        &rns,
+                        &rname,
+                        parent,
+                        vec![cond(
+                            "Accepted",
+                            false,
+                            "NoMatchingListenerHostname",
+                            format!("no hostname in common with listener {}", l.name),
+                        )],
+                    );
+                    continue;
+                }
+            };
+            let (rules, problems) = rules(res, &rns, r.spec.rules.as_deref().unwrap_or_default());
+            let resolved = match problems.first() {
+                None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
+                Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
+            };
+            push_route_status(
+                route_status,
+                &rns,
+                &rname,
+                parent,
+                vec![cond("Accepted", true, "Accepted", ""), resolved],
+            );
+            ls.attached_routes += 1;
+            routes.push(Route {
+                namespace: rns.clone(),
+                name: rname.clone(),
+                created: created(&r.metadata),
+                hostnames,
+                rules,
+            });
+        }
+    }
+    ls.conditions = vec![
+        cond("Accepted", true, "Accepted", ""),
+        resolved,
+        cond("Programmed", true, "Programmed", ""),
+    ];
+    let _ = gw;
+    (
+        ls,
+        Some((
+            port,
+            protocol,
+            Listener {
+                gateway_namespace: gns.to_owned(),
+                gateway_name: gname.to_owned(),
+                identity: identity.clone(),
+                name: l.name.clone(),
+                hostname,
+                certificates,
+                router: Router::new(routes),
+            },
+        )),
+    )
+}
+
+fn allowed_namespace(l: &GatewayListeners, gns: &str, rns: &str) -> bool {
+    use gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesFrom as From;
+    match l
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.namespaces.as_ref())
+        .and_then(|n| n.from.as_ref())
+    {
+        None | Some(From::Same) => gns == rns,
+        Some(From::All) => true,
+        // Namespace labels are not part of the gateway's view yet: only the same namespace.
+        Some(From::Selector) => gns == rns,
+    }
+}
+
+/// The route's hostnames as this listener serves them; `None` when they have none in common.
+fn effective_hostnames(listener: Option<&str>, route: &[String]) -> Option<Vec<String>> {
+    let route: Vec<String> = route.iter().map(|h| h.to_ascii_lowercase()).collect();
+    match (listener, route.is_empty()) {
+        (None, _) => Some(route),
+        (Some(l), true) => Some(vec![l.to_owned()]),
+        (Some(l), false) => {
+            let both: Vec<String> = route.iter().filter_map(|h| intersect(l, h)).collect();
+            (!both.is_empty()).then_some(both)
+        }
+    }
+}
+
+/// A `kubernetes.io/tls` Secret as a rustls certified key.
+fn certificate(res: &Resources, ns: &str, name: &str) -> Result<Certificate, String> {
+    let secret = res
+        .secrets
+        .iter()
+        .find(|s| ns_of(&s.metadata) == ns && s.metadata.name.as_deref() == Some(name))
+        .ok_or_else(|| format!("Secret {ns}/{name} not found"))?;
+    let field = |key: &str| -> Result<Vec<u8>, String> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|s| s.as_bytes().to_vec())
+            })
+            .ok_or_else(|| format!("Secret {ns}/{name} has no {key}"))
+    };
+    let (crt, key) = (field("tls.crt")?, field("tls.key")?);
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> = pem::parse_many(&crt)
+        .map_err(|e| format!("Secret {ns}/{name}: tls.crt: {e}"))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| rustls_pki_types::CertificateDer::from(p.into_contents()))
+        .collect();
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("Secret {ns}/{name}: tls.crt holds no certificate"))?;
+    let key = rustls_pki_types::PrivateKeyDer::try_from(
+        pem::parse(&key)
+            .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?
+            .into_contents(),
+    )
+    .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?;
+    let certified = CertifiedKey::new(chain.clone(), signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("Secret {ns}/{name}: tls.key does not match tls.crt: {e}"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("Secret {ns}/{name}: tls.crt: {e}"))?;
+    let names = x509
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        Some(d.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Certificate {
+        secret: format!("{ns}/{name}"),
+        names,
+        key: Arc::new(certified),
+    })
+}
+
+/// Translates the rules; problems are (reason, message) for the route's ResolvedRefs.
+fn rules(
+    res: &Resources,
+    rns: &str,
+    raw: &[HttpRouteRules],
+) -> (Vec<Rule>, Vec<(&'static str, String)>) {
+    let mut problems = vec![];
+    let mut out = vec![];
+    for r in raw {
+        let matches: Vec<Match> = match r.matches.as_deref() {
+            None | Some([]) => vec![Match::any()],
+            Some(ms) => ms
+                .iter()
+                .filter_map(|m| match translate_match(m) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        problems.push(("UnsupportedValue", e));
+                        None
+                    }
+                })
+                .collect(),
+        };
+        if matches.is_empty() {
+            continue;
+        }
+        let mut filters = vec![];
+        for f in r.filters.iter().flatten() {
+            match translate_filter(f) {
+                Ok(Some(f)) => filters.push(f),
+                Ok(None) => {}
+                Err(e) => problems.push(("UnsupportedValue", e)),
+            }
+        }
+        let backends = r
+            .backend_refs
+            .iter()
+            .flatten()
+            .map(|b| {
+                let backend = backend(res, rns, b);
+                if let Some(why) = &backend.1 {
+                    problems.push((backend.2, why.clone()));
+                }
+                backend.0
+            })
+            .collect();
+        out.push(Rule {
+            matches,
+            filters,
+            backends,
+        });
+    }
+    (out, problems)
+}
+
+fn backend(
+    res: &Resources,
+    rns: &str,
+    b: &HttpRouteRulesBackendRefs,
+) -> (Backend, Option<String>, &'static str) {
+    let ns = b.namespace.clone().unwrap_or_else(|| rns.to_owned());
+    let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
+    let port = b.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+    let (group, kind) = (
+        b.group.as_deref().unwrap_or(""),
+        b.kind.as_deref().unwrap_or("Service"),
+    );
+    let problem: Option<(&'static str, String)> = if !group.is_empty() || kind != "Service" {
+        Some((
+            "InvalidKind",
+            format!("backendRef {group}/{kind} {} is not a Service", b.name),
+        ))
+    } else if ns != rns
+        && !granted(
+            &res.grants,
+            ("gateway.networking.k8s.io", "HTTPRoute", rns),
+            ("", "Service", &ns, &b.name),
+        )
+    {
+        Some((
+            "RefNotPermitted",
+            format!(
+                "Service {ns}/{} is in another namespace and no ReferenceGrant allows it",
+                b.name
+            ),
+        ))
+    } else if b.port.is_none() {
+        Some((
+            "UnsupportedValue",
+            format!("backendRef {ns}/{} needs a port", b.name),
+        ))
+    } else {
+        match res.services.get(&(ns.clone(), b.name.clone())) {
+            None => Some((
+                "BackendNotFound",
+                format!("Service {ns}/{} not found", b.name),
+            )),
+            Some(ports) if !ports.contains(&port) => Some((
+                "BackendNotFound",
+                format!("Service {ns}/{} has no port {port}", b.name),
+            )),
+            Some(_) => None,
+        }
+    };
+    let (invalid, reason) = match problem {
+        Some((reason, why)) => (Some(why), reason),
+        None => (None, ""),
+    };
+    (
+        Backend {
+            namespace: ns,
+            name: b.name.clone(),
+            port,
+            weight,
+            invalid: invalid.clone(),
+        },
+        invalid,
+        reason,
+    )
+}
+
+fn anchored(re: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("regular expression `{re}`: {e}"))
+}
+
+fn translate_match(m: &HttpRouteRulesMatches) -> Result<Match, String> {
+    let path = match &m.path {
+        None => PathMatch::Prefix("/".into()),
+        Some(p) => {
+            let v = p.value.clone().unwrap_or_else(|| "/".into());
+            match p
+                .r#type
+                .as_ref()
+                .unwrap_or(&HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::Exact => PathMatch::Exact(v),
+                HttpRouteRulesMatchesPathType::PathPrefix => PathMatch::Prefix(v),
+                HttpRouteRulesMatchesPathType::RegularExpression => PathMatch::Regex(anchored(&v)?),
+            }
+        }
+    };
+    let method = m
+        .method
+        .as_ref()
+        .map(|m| {
+            let text = serde_json::to_value(m)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            Method::from_bytes(text.as_bytes()).map_err(|e| format!("method `{text}`: {e}"))
+        })
+        .transpose()?;
+    let mut headers = vec![];
+    for h in m.headers.iter().flatten() {
+        let name = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+            .map_err(|e| format!("header `{}`: {e}", h.name))?;
+        let value = match h
+            .r#type
+            .as_ref()
+            .unwrap_or(&HttpRouteRulesMatchesHeadersType::Exact)
+        {
+            HttpRouteRulesMatchesHeadersType::Exact => StringMatch::Exact(h.value.clone()),
+            HttpRouteRulesMatchesHeadersType::RegularExpression => {
+                StringMatch::Regex(anchored(&h.value)?)
+            }
+        };
+        headers.push((name, value));
+    }
+    let mut query = vec![];
+    for q in m.query_params.iter().flatten() {
+        let value = match q
+            .r#type
+            .as_ref()
+            .unwrap_or(&HttpRouteRulesMatchesQueryParamsType::Exact)
+        {
+            HttpRouteRulesMatchesQueryParamsType::Exact => StringMatch::Exact(q.value.clone()),
+            HttpRouteRulesMatchesQueryParamsType::RegularExpression => {
+                StringMatch::Regex(anchored(&q.value)?)
+            }
+        };
+        query.push((q.name.clone(), value));
+    }
+    Ok(Match {
+        path,
+        method,
+        headers,
+        query,
+    })
+}
+
+fn header_pairs<T>(
+    list: Option<&Vec<T>>,
+    get: impl Fn(&T) -> (&str, &str),
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    list.into_iter()
+        .flatten()
+        .map(|h| {
+            let (n, v) = get(h);
+            Ok((
+                HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+                    .map_err(|e| format!("header `{n}`: {e}"))?,
+                HeaderValue::from_str(v).map_err(|e| format!("header `{n}` value: {e}"))?,
+            ))
+        })
+        .collect()
+}
+
+fn names(list: Option<&Vec<String>>) -> Result<Vec<HeaderName>, String> {
+    list.into_iter()
+        .flatten()
+        .map(|n| {
+            HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+                .map_err(|e| format!("header `{n}`: {e}"))
+        })
+        .collect()
+}
+
+fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String> {
+    Ok(Some(match &f.r#type {
+        HttpRouteRulesFiltersType::RequestHeaderModifier => {
+            let m = f
+                .request_header_modifier
+                .as_ref()
+                .ok_or("RequestHeaderModifier without requestHeaderModifier")?;
+            Filter::RequestHeaders(HeaderEdit {
+                set: header_pairs(m.set.as_ref(), |h| (&h.name, &h.value))?,
+                add: header_pairs(m.add.as_ref(), |h| (&h.name, &h.value))?,
+                remove: names(m.remove.as_ref())?,
+            })
+        }
+        HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+            let m = f
+                .response_header_modifier
+                .as_ref()
+                .ok_or("ResponseHeaderModifier without responseHeaderModifier")?;
+            Filter::ResponseHeaders(HeaderEdit {
+                set: header_pairs(m.set.as_ref(), |h| (&h.name, &h.value))?,
+                add: header_pairs(m.add.as_ref(), |h| (&h.name, &h.value))?,
+                remove: names(m.remove.as_ref())?,
+            })
+        }
+        HttpRouteRulesFiltersType::RequestRedirect => {
+            let r = f
+                .request_redirect
+                .as_ref()
+                .ok_or("RequestRedirect without requestRedirect")?;
+            let path = r.path.as_ref().map(|p| match p.r#type {
+                HttpRouteRulesFiltersRequestRedirectPathType::ReplaceFullPath => {
+                    PathChange::Full(p.replace_full_path.clone().unwrap_or_else(|| "/".into()))
+                }
+                HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch => {
+                    PathChange::Prefix(p.replace_prefix_match.clone().unwrap_or_else(|| "/".into()))
+                }
+            });
+            let status = match r.status_code.unwrap_or(302) {
+                301 => StatusCode::MOVED_PERMANENTLY,
+                302 => StatusCode::FOUND,
+                other => return Err(format!("redirect statusCode {other}: 301 or 302")),
+            };
+            Filter::Redirect(Redirect {
+                scheme: r.scheme.as_ref().map(|s| match s {
+                    HttpRouteRulesFiltersRequestRedirectScheme::Http => "http".to_owned(),
+                    HttpRouteRulesFiltersRequestRedirectScheme::Https => "https".to_owned(),
+                }),
+                hostname: r.hostname.clone(),
+                port: r.port.and_then(|p| u16::try_from(p).ok()),
+                path,
+                status: Some(status),
+            })
+        }
+        HttpRouteRulesFiltersType::UrlRewrite => {
+            let r = f
+                .url_rewrite
+                .as_ref()
+                .ok_or("URLRewrite without urlRewrite")?;
+            Filter::Rewrite(Rewrite {
+                hostname: r.hostname.clone(),
+                path: r.path.as_ref().map(|p| match p.r#type {
+                    HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => {
+                        PathChange::Full(p.replace_full_path.clone().unwrap_or_else(|| "/".into()))
+                    }
+                    HttpRouteRulesFiltersUrlRewritePathType::ReplacePrefixMatch => {
+                        PathChange::Prefix(
+                            p.replace_prefix_match.clone().unwrap_or_else(|| "/".into()),
+                        )
+                    }
+                }),
+            })
+        }
+        other => return Err(format!("filter {other:?} is not supported")),
+    }))
+}

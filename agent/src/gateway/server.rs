@@ -1,0 +1,502 @@
+//! Gateway listeners: TLS termination (certificates chosen by SNI), HTTP/1.1 and HTTP/2 (ALPN),
+//! routing by the listener's HTTPRoutes, and forwarding into the mesh over HBONE with the
+//! Gateway's own identity, so backends' ingress policy sees `entity: gateway`.
+//!
+//! The edge is hostile: TLS 1.2 and 1.3 with AEAD suites only (rustls has no renegotiation),
+//! header-read, handshake and idle timeouts, limits on header size and count, HTTP/2 stream
+//! concurrency and reset limits, and requests with ambiguous framing (`Content-Length` together
+//! with `Transfer-Encoding`) refused with 400.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST, LOCATION, TRANSFER_ENCODING};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use super::model::{Listener, Port, Protocol};
+use super::routes::{Filter, RequestView, change_path, location};
+use crate::proxy::ProxyContext;
+use crate::proxy::hbone::Route as HboneRoute;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Limits at the edge.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    pub handshake: Duration,
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_streams: u32,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_streams: 100,
+        }
+    }
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let body = Full::new(Bytes::from(msg.into()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r
+}
+
+/// A certificate's DNS names and its key.
+type NamedKey = (Vec<String>, Arc<CertifiedKey>);
+
+/// Picks the certificate for an SNI among a port's listeners: the most specific listener
+/// hostname that covers the name, then a certificate valid for it (or that listener's first).
+#[derive(Debug)]
+struct SniResolver {
+    /// (listener hostname, its certificates).
+    listeners: Vec<(Option<String>, Vec<NamedKey>)>,
+}
+
+fn name_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+        None => pattern == name,
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let listener = match &sni {
+            None => self.listeners.first(),
+            Some(name) => self
+                .listeners
+                .iter()
+                .filter(|(h, _)| h.as_deref().is_none_or(|h| name_matches(h, name)))
+                .max_by_key(|(h, _)| {
+                    h.as_ref().map_or((0, 0), |h| {
+                        (if h.starts_with('*') { 1 } else { 2 }, h.len())
+                    })
+                }),
+        }?;
+        let certs = &listener.1;
+        sni.as_ref()
+            .and_then(|name| {
+                certs
+                    .iter()
+                    .find(|(names, _)| names.iter().any(|n| name_matches(n, name)))
+            })
+            .or_else(|| certs.first())
+            .map(|(_, k)| k.clone())
+    }
+}
+
+/// The TLS configuration of an HTTPS port.
+pub fn tls_config(port: &Port) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let resolver = SniResolver {
+        listeners: port
+            .listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.hostname.clone(),
+                    l.certificates
+                        .iter()
+                        .map(|c| (c.names.clone(), c.key.clone()))
+                        .collect(),
+                )
+            })
+            .collect(),
+    };
+    // ring's default suites are all AEAD (AES-GCM, ChaCha20-Poly1305) with ECDHE.
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Serves one port until `stop`. The port's configuration is read from the snapshot for each
+/// connection, so route and certificate changes apply to new connections without a restart.
+pub async fn serve_port(
+    listener: TcpListener,
+    port: u16,
+    ctx: ProxyContext,
+    limits: EdgeLimits,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "gateway accept failed");
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, port, "gateway connection refused: the connection cap is reached");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (ctx, limits, stop) = (ctx.clone(), limits.clone(), stop.clone());
+        let span = tracing::info_span!("gateway", %peer, port);
+        tracker.spawn(
+            async move {
+                let _slot = slot;
+                let snap = ctx.snapshot();
+                let Some(cfg) = snap.gateway.ports.iter().find(|p| p.port == port) else {
+                    return;
+                };
+                let protocol = cfg.protocol;
+                let tls = match protocol {
+                    Protocol::Https => match tls_config(cfg) {
+                        Ok(t) => Some(t),
+                        Err(e) => return tracing::warn!(error = %e, "gateway TLS configuration"),
+                    },
+                    Protocol::Http => None,
+                };
+                drop(snap);
+                let handler = Handler {
+                    ctx,
+                    port,
+                    peer,
+                    scheme: if tls.is_some() { "https" } else { "http" },
+                };
+                match tls {
+                    None => serve_http(TokioIo::new(tcp), handler, &limits, stop).await,
+                    Some(tls) => {
+                        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+                        match tokio::time::timeout(limits.handshake, accept).await {
+                            Ok(Ok(s)) => serve_http(TokioIo::new(s), handler, &limits, stop).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "gateway TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!("gateway TLS handshake timed out"),
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    handler: Handler,
+    limits: &EdgeLimits,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(100))
+        .keep_alive_interval(Some(limits.idle / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "gateway connection ended");
+            }
+        }
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        }
+    }
+}
+
+struct Handler {
+    ctx: ProxyContext,
+    port: u16,
+    peer: SocketAddr,
+    scheme: &'static str,
+}
+
+impl Handler {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        // Ambiguous framing is how requests get smuggled past a proxy.
+        if req.headers().contains_key(TRANSFER_ENCODING)
+            && req.headers().contains_key(CONTENT_LENGTH)
+        {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Content-Length and Transfer-Encoding together\n",
+            );
+        }
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_owned)
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(|h| {
+                        h.rsplit_once(':')
+                            .map_or(h, |(n, p)| {
+                                if p.chars().all(|c| c.is_ascii_digit()) {
+                                    n
+                                } else {
+                                    h
+                                }
+                            })
+                            .to_owned()
+                    })
+            })
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let snap = self.ctx.snapshot();
+        let Some(port) = snap.gateway.ports.iter().find(|p| p.port == self.port) else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
+        };
+        let Some(listener) = pick_listener(&port.listeners, &host) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no listener for host {host}\n"),
+            );
+        };
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let view = RequestView {
+            host: &host,
+            method: req.method(),
+            path: &path,
+            query: &query,
+            headers: req.headers(),
+        };
+        let Some(m) = listener.router.route(&view) else {
+            tracing::info!(%host, %path, "gateway: no route");
+            return text(StatusCode::NOT_FOUND, "no route\n");
+        };
+        let route_name = format!("{}/{}", m.route.namespace, m.route.name);
+        for f in &m.rule.filters {
+            if let Filter::Redirect(r) = f {
+                let loc = location(r, &view, self.scheme, self.port, &m.matched.path);
+                let mut resp = text(r.status.unwrap_or(StatusCode::FOUND), "");
+                if let Ok(v) = HeaderValue::from_str(&loc) {
+                    resp.headers_mut().insert(LOCATION, v);
+                }
+                return resp;
+            }
+        }
+        let backend = match m.rule.pick_backend(fastrand_f64()) {
+            Ok(b) => b.clone(),
+            Err(why) => {
+                tracing::info!(route = %route_name, reason = %why, "gateway: no valid backend");
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("no valid backend: {why}\n"),
+                );
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        let mut new_path = path.clone();
+        let mut new_host = host.clone();
+        let mut response_edits = vec![];
+        for f in &m.rule.filters {
+            match f {
+                Filter::RequestHeaders(e) => e.apply(&mut parts.headers),
+                Filter::ResponseHeaders(e) => response_edits.push(e.clone()),
+                Filter::Rewrite(r) => {
+                    if let Some(h) = &r.hostname {
+                        new_host.clone_from(h);
+                    }
+                    if let Some(c) = &r.path {
+                        new_path = change_path(&path, &m.matched.path, c);
+                    }
+                }
+                Filter::Redirect(_) => {}
+            }
+        }
+        let identity = listener.identity.clone();
+        let target = snap
+            .services
+            .by_name(&backend.namespace, &backend.name, backend.port)
+            .and_then(|vip| snap.services.pick(vip));
+        let Some(target) = target else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "Service {}/{} has no ready endpoint\n",
+                    backend.namespace, backend.name
+                ),
+            );
+        };
+        let Some(pod) = snap.pod_by_ip(target.ip()) else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("endpoint {target} is no known pod\n"),
+            );
+        };
+        let Some(node_ip) = pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("endpoint {target}'s node has no address\n"),
+            );
+        };
+        let route = HboneRoute {
+            source: identity.clone(),
+            destination: pod.identity.clone(),
+            node: SocketAddr::new(*node_ip, self.ctx.inbound_port),
+        };
+        drop(snap);
+
+        // What the backend sees: the rewritten host and path, who the client was.
+        let pq = if query.is_empty() {
+            new_path.clone()
+        } else {
+            format!("{new_path}?{query}")
+        };
+        parts.uri = pq.parse().unwrap_or_default();
+        parts.version = http::Version::HTTP_11;
+        if let Ok(h) = HeaderValue::from_str(&new_host) {
+            parts.headers.insert(HOST, h);
+        }
+        let client = self.peer.ip().to_string();
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {client}"),
+            None => client.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+        let forwarded = format!(
+            "for={};proto={};host={host}",
+            forwarded_for(self.peer.ip()),
+            self.scheme
+        );
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            parts.headers.append("forwarded", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(self.scheme) {
+            parts.headers.insert("x-forwarded-proto", v);
+        }
+        let upstream = Request::from_parts(parts, body);
+        let result = forward(&self.ctx, &route, target, upstream).await;
+        match result {
+            Ok(mut resp) => {
+                for e in &response_edits {
+                    e.apply(resp.headers_mut());
+                }
+                tracing::debug!(route = %route_name, backend = %target, status = %resp.status(), "gateway request");
+                resp
+            }
+            Err(why) => {
+                tracing::info!(route = %route_name, backend = %target, source = %identity, reason = %why, "gateway: backend refused");
+                text(StatusCode::BAD_GATEWAY, format!("{why}\n"))
+            }
+        }
+    }
+}
+
+/// `for=` of the Forwarded header: IPv6 addresses quoted and bracketed (RFC 7239).
+fn forwarded_for(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// The listener for `host` on a shared port: the most specific hostname that covers it.
+fn pick_listener<'a>(listeners: &'a [Listener], host: &str) -> Option<&'a Listener> {
+    listeners
+        .iter()
+        .filter(|l| l.hostname.as_deref().is_none_or(|h| name_matches(h, host)))
+        .max_by_key(|l| {
+            l.hostname.as_ref().map_or((0, 0), |h| {
+                (if h.starts_with('*') { 1 } else { 2 }, h.len())
+            })
+        })
+}
+
+/// A number in [0, 1) for weighted backend choice; spread, not secret.
+fn fastrand_f64() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Sends one request to `target` through an HBONE tunnel presenting the Gateway's identity.
+async fn forward(
+    ctx: &ProxyContext,
+    route: &HboneRoute,
+    target: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, String> {
+    let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(route, target))
+        .await
+        .map_err(|_| format!("opening a tunnel to {target} timed out"))?
+        .map_err(|e| e.to_string())?;
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let idle = ctx.limits.idle;
+    tokio::spawn(async move {
+        let meter = crate::proxy::hbone::Meter::default();
+        let _ = crate::proxy::hbone::pump(far, tunnel.send, tunnel.recv, idle, &meter).await;
+    });
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+        .await
+        .map_err(|e| format!("backend {target}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("backend {target}: {e}"))?;
+    Ok(resp.map(|b| b.boxed()))
+}
