@@ -14,6 +14,7 @@ command -v clang >/dev/null 2>&1 || [ -n "${BPF_CLANG:-}" ] || missing+=(clang)
 [ -f "/usr/include/$(uname -m)-linux-gnu/asm/types.h" ] || missing+=(linux-libc-dev)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || missing+=(bpftool)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo_if_needed apt-get update -qq

@@ -283,6 +283,7 @@ impl Agent {
         let hbone = ctx.hbone.clone();
         let mut gateways = GatewayListeners {
             ip: config.gateway_ip,
+            limits: config.gateway_limits.clone(),
             ctx: ctx.clone(),
             running: HashMap::new(),
             stop: stop.clone(),
@@ -380,6 +381,7 @@ struct Recheck {
 /// One accept loop per Gateway port, started and stopped as Gateways come and go.
 struct GatewayListeners {
     ip: std::net::IpAddr,
+    limits: crate::gateway::server::EdgeLimits,
     ctx: ProxyContext,
     running: HashMap<u16, CancellationToken>,
     stop: CancellationToken,
@@ -419,7 +421,7 @@ impl GatewayListeners {
                 listener,
                 port,
                 self.ctx.clone(),
-                crate::gateway::server::EdgeLimits::default(),
+                self.limits.clone(),
                 token,
                 self.tracker.clone(),
             ));

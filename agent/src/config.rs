@@ -19,6 +19,7 @@
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
 //!         workerThreads: 2}
+//! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536}
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -76,6 +77,20 @@ struct Raw {
     max_streams_per_connection: usize,
     #[serde(default)]
     proxy: RawProxy,
+    #[serde(default)]
+    gateway: RawGateway,
+}
+
+/// Limits at the Gateway listeners (the edge); defaults in `EdgeLimits::default`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawGateway {
+    handshake_timeout_seconds: Option<u64>,
+    header_read_timeout_seconds: Option<u64>,
+    idle_timeout_seconds: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +217,7 @@ pub struct AgentConfig {
     pub max_connections: usize,
     /// Threads of the agent's runtime.
     pub worker_threads: usize,
+    pub gateway_limits: crate::gateway::server::EdgeLimits,
 }
 
 impl AgentConfig {
@@ -264,6 +280,21 @@ impl AgentConfig {
         if raw.proxy.max_connections == 0 {
             return Err(invalid("proxy.maxConnections must be above 0".into()));
         }
+        let g = &raw.gateway;
+        if [
+            g.handshake_timeout_seconds,
+            g.header_read_timeout_seconds,
+            g.idle_timeout_seconds,
+        ]
+        .contains(&Some(0))
+            || g.max_headers == Some(0)
+            || g.max_concurrent_streams == Some(0)
+            || g.max_header_bytes.is_some_and(|b| b < 1024)
+        {
+            return Err(invalid(
+                "gateway: timeouts, maxHeaders and maxConcurrentStreams must be above 0, maxHeaderBytes at least 1024".into(),
+            ));
+        }
         if !(1..=64).contains(&raw.proxy.worker_threads) {
             return Err(invalid(
                 "proxy.workerThreads must be between 1 and 64".into(),
@@ -304,6 +335,18 @@ impl AgentConfig {
             handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
             max_connections: raw.proxy.max_connections,
             worker_threads: raw.proxy.worker_threads,
+            gateway_limits: {
+                let d = crate::gateway::server::EdgeLimits::default();
+                let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+                crate::gateway::server::EdgeLimits {
+                    handshake: secs(raw.gateway.handshake_timeout_seconds, d.handshake),
+                    header_read: secs(raw.gateway.header_read_timeout_seconds, d.header_read),
+                    idle: secs(raw.gateway.idle_timeout_seconds, d.idle),
+                    max_header_bytes: raw.gateway.max_header_bytes.unwrap_or(d.max_header_bytes),
+                    max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
+                    max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
+                }
+            },
             node: raw.node,
         })
     }

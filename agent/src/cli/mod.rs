@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod datapath;
+pub mod gateway;
 pub mod policy;
 
 #[derive(Debug, Parser)]
@@ -27,6 +28,9 @@ enum Command {
     /// Inspect or remove a node's pinned eBPF datapath.
     #[command(subcommand)]
     Datapath(datapath::DatapathCommand),
+    /// Gateway API status (exit 1 when anything is not Accepted/Programmed/Resolved).
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -34,5 +38,6 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Policy(cmd) => ExitCode::from(policy::run(cmd)),
         Command::Datapath(cmd) => ExitCode::from(datapath::run(cmd)),
+        Command::Gateway(cmd) => ExitCode::from(gateway::run(cmd)),
     }
 }

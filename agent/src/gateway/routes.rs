@@ -3,10 +3,11 @@
 //!
 //! Precedence, as the spec orders it: the route whose matching hostname is the most specific
 //! (a longer exact name beats a shorter one, any exact name beats a wildcard); then an `Exact`
-//! path, then the longest `PathPrefix` (a `RegularExpression` path, whose precedence the spec
-//! leaves to implementations, comes after every prefix); then a method match; then the most
-//! header matches; then the most query-parameter matches; then the oldest route, then
-//! `namespace/name` alphabetically, then rule and match order.
+//! path; then a `RegularExpression` path, whose place the spec leaves to implementations (here,
+//! as in Istio, before prefixes: otherwise a catch-all `/` would shadow every regex); then the
+//! longest `PathPrefix`; then a method match; then the most header matches; then the most
+//! query-parameter matches; then the oldest route, then `namespace/name` alphabetically, then
+//! rule and match order.
 //!
 //! This module owns no sockets: `server` asks it what to do with a request.
 
@@ -55,12 +56,12 @@ impl PathMatch {
         }
     }
 
-    /// (kind, length): Exact 2, Prefix 1, Regex 0; longer first within a kind.
+    /// (kind, length): Exact 3, Regex 2, Prefix 1; longer first within a kind.
     fn rank(&self) -> (u8, usize) {
         match self {
-            PathMatch::Exact(e) => (2, e.len()),
+            PathMatch::Exact(e) => (3, e.len()),
+            PathMatch::Regex(r) => (2, r.as_str().len()),
             PathMatch::Prefix(p) => (1, p.len()),
-            PathMatch::Regex(_) => (0, 0),
         }
     }
 }

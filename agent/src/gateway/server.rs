@@ -4,8 +4,8 @@
 //!
 //! The edge is hostile: TLS 1.2 and 1.3 with AEAD suites only (rustls has no renegotiation),
 //! header-read, handshake and idle timeouts, limits on header size and count, HTTP/2 stream
-//! concurrency and reset limits, and requests with ambiguous framing (`Content-Length` together
-//! with `Transfer-Encoding`) refused with 400.
+//! concurrency and reset limits, and HTTP/1 requests with ambiguous framing (`Content-Length`
+//! together with `Transfer-Encoding`, and the like) refused with 400 by `h1guard`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, LOCATION, TRANSFER_ENCODING};
+use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use super::h1guard::{H1Guard, HeadLimits};
 use super::model::{Listener, Port, Protocol};
 use super::routes::{Filter, RequestView, change_path, location};
 use crate::proxy::ProxyContext;
@@ -52,6 +53,16 @@ impl Default for EdgeLimits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_streams: 100,
+        }
+    }
+}
+
+impl EdgeLimits {
+    fn head(&self) -> HeadLimits {
+        HeadLimits {
+            max_bytes: self.max_header_bytes,
+            header_read: self.header_read,
+            idle: self.idle,
         }
     }
 }
@@ -189,11 +200,21 @@ pub async fn serve_port(
                     scheme: if tls.is_some() { "https" } else { "http" },
                 };
                 match tls {
-                    None => serve_http(TokioIo::new(tcp), handler, &limits, stop).await,
+                    None => {
+                        let guarded = H1Guard::new(tcp, limits.head());
+                        serve_http(TokioIo::new(guarded), handler, &limits, stop).await
+                    }
                     Some(tls) => {
                         let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
                         match tokio::time::timeout(limits.handshake, accept).await {
-                            Ok(Ok(s)) => serve_http(TokioIo::new(s), handler, &limits, stop).await,
+                            // HTTP/2 frames carry their own lengths; only HTTP/1 needs the guard.
+                            Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                serve_http(TokioIo::new(s), handler, &limits, stop).await
+                            }
+                            Ok(Ok(s)) => {
+                                let guarded = H1Guard::new(s, limits.head());
+                                serve_http(TokioIo::new(guarded), handler, &limits, stop).await
+                            }
                             Ok(Err(e)) => {
                                 tracing::debug!(error = %e, "gateway TLS handshake failed")
                             }
@@ -260,15 +281,6 @@ struct Handler {
 
 impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        // Ambiguous framing is how requests get smuggled past a proxy.
-        if req.headers().contains_key(TRANSFER_ENCODING)
-            && req.headers().contains_key(CONTENT_LENGTH)
-        {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "Content-Length and Transfer-Encoding together\n",
-            );
-        }
         let host = req
             .uri()
             .host()

@@ -180,6 +180,35 @@ fn read_extra(dir: &Path, errors: &mut Vec<String>) -> Extra {
     extra
 }
 
+/// The Gateway API status the state directory's resources get (what `signet gateway status`
+/// prints).
+pub fn gateway_status(
+    dir: &Path,
+    td: &TrustDomain,
+) -> Result<crate::gateway::model::Status, SnapshotError> {
+    let mut errors = Vec::new();
+    let mut extra = read_extra(dir, &mut errors);
+    if !errors.is_empty() {
+        return Err(SnapshotError::Invalid(errors));
+    }
+    Ok(services_and_gateway(&mut extra, td).1.status)
+}
+
+/// The Service table and the Gateway configuration (which validates backendRefs against the
+/// Services), taken out of `extra`.
+fn services_and_gateway(
+    extra: &mut Extra,
+    td: &TrustDomain,
+) -> (ServiceTable, crate::gateway::model::GatewayConfig) {
+    let mut slices = std::mem::take(&mut extra.slices);
+    slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
+    let services = ServiceTable::build(&extra.services, &slices);
+    let mut resources = std::mem::take(&mut extra.gateway);
+    resources.services = services.ports_by_service();
+    let gateway = crate::gateway::model::build(&resources, td);
+    (services, gateway)
+}
+
 /// Builds the snapshot for `node` from the state directory.
 pub fn build(
     dir: &Path,
@@ -193,20 +222,11 @@ pub fn build(
     let state = load_state(dir, td)
         .map_err(|d| SnapshotError::Invalid(d.iter().map(ToString::to_string).collect()))?;
     let mut errors = Vec::new();
-    let extra = read_extra(dir, &mut errors);
+    let mut extra = read_extra(dir, &mut errors);
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }
-    let services = {
-        let mut slices = extra.slices;
-        slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
-        ServiceTable::build(&extra.services, &slices)
-    };
-    let gateway = {
-        let mut resources = extra.gateway;
-        resources.services = services.ports_by_service();
-        crate::gateway::model::build(&resources, td)
-    };
+    let (services, gateway) = services_and_gateway(&mut extra, td);
     for w in &state.cluster.workloads {
         allocator.allocate(&w.identity)?;
     }

@@ -274,15 +274,21 @@ fn answer(mut s: std::net::TcpStream, peer: SocketAddr, mode: Mode) {
         return;
     }
     if mode.http {
-        // Skip the headers; the body is empty in every request the tests send.
+        // The reply names the request, where it arrived and from whom, then echoes the
+        // headers (lowercased names); the body is empty in every request the tests send.
         let request = line.trim_end().to_owned();
+        let mut headers = String::new();
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
                 break;
             }
+            if let Some((name, value)) = h.trim_end().split_once(':') {
+                headers += &format!("{}: {}\n", name.to_ascii_lowercase(), value.trim());
+            }
         }
-        let body = format!("hi {request} from {peer}\n");
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let body = format!("hi {request} at {local} from {peer}\n{headers}");
         let _ = write!(
             s,
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

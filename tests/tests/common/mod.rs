@@ -3,6 +3,8 @@
 //! test fails.
 #![allow(dead_code)] // each suite uses part of it
 
+pub mod topology;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;

@@ -57,14 +57,14 @@ fn routed(
 }
 
 #[test]
-fn paths_exact_then_longest_prefix_then_regex() {
+fn paths_exact_then_regex_then_longest_prefix() {
     let r = Router::new(vec![route(
         "r",
         0,
         &[],
         vec![
             rule_with(
-                path(PathMatch::Regex(Regex::new("^/v1/.*$").expect("re"))),
+                path(PathMatch::Regex(Regex::new("^/v1/[0-9]+$").expect("re"))),
                 "regex",
             ),
             rule_with(path(PathMatch::Prefix("/".into())), "root"),
@@ -75,6 +75,8 @@ fn paths_exact_then_longest_prefix_then_regex() {
     )]);
     let get = |p: &str| routed(&r, "h", Method::GET, p, &[]);
     assert_eq!(get("/v1/users/me").as_deref(), Some("me"));
+    // A regex beats every prefix (else the catch-all `/` would shadow it).
+    assert_eq!(get("/v1/42").as_deref(), Some("regex"));
     assert_eq!(get("/v1/users/7").as_deref(), Some("users"));
     assert_eq!(get("/v1/orders").as_deref(), Some("v1"));
     // A prefix matches whole path elements only.

@@ -1,0 +1,62 @@
+//! `signet gateway status`: the Gateway API status Signet computes for a state directory —
+//! GatewayClass, Gateway and listener conditions, attached routes, and each HTTPRoute's
+//! conditions per parent — as YAML. In Kubernetes mode the same conditions go to the resources'
+//! status subresources.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use signet_ca::TrustDomain;
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Print the status of every Gateway, listener and HTTPRoute.
+    Status {
+        /// The cluster-state directory (Kubernetes manifests).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+pub fn run(cmd: GatewayCommand) -> u8 {
+    match cmd {
+        GatewayCommand::Status {
+            state,
+            trust_domain,
+        } => {
+            let td = match TrustDomain::parse(&trust_domain) {
+                Ok(td) => td,
+                Err(e) => {
+                    eprintln!("signet gateway: --trust-domain `{trust_domain}`: {e}");
+                    return 2;
+                }
+            };
+            match crate::state::snapshot::gateway_status(&state, &td) {
+                Ok(status) => {
+                    print!(
+                        "{}",
+                        serde_yaml::to_string(&status).unwrap_or_else(|e| format!("# {e}\n"))
+                    );
+                    let degraded = status.gateways.iter().any(|g| {
+                        g.conditions
+                            .iter()
+                            .chain(g.listeners.iter().flat_map(|l| &l.conditions))
+                            .any(|c| c.status != "True")
+                    }) || status.http_routes.iter().any(|r| {
+                        r.parents
+                            .iter()
+                            .flat_map(|p| &p.conditions)
+                            .any(|c| c.status != "True")
+                    });
+                    u8::from(degraded)
+                }
+                Err(e) => {
+                    eprintln!("signet gateway: {}: {e}", state.display());
+                    2
+                }
+            }
+        }
+    }
+}

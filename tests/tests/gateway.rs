@@ -1,0 +1,461 @@
+//! Gateway API listeners end to end: a Gateway of the `signet` class on both nodes, HTTPS with
+//! two hostnames and two certificates (one across namespaces by ReferenceGrant), HTTPRoutes with
+//! every match type and filter, weighted backends, and the backend pod on node B reached over
+//! HBONE with the Gateway's identity. Plain `curl` is the client. Needs root; see `common`.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::topology::{Topology, serial, settle, start};
+use common::{in_netns, privileged};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+/// A CA for the edge and certificates it issues.
+struct EdgeCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl EdgeCa {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).expect("ca").pem();
+        Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// A `kubernetes.io/tls` Secret for `host`.
+    fn secret(&self, ns: &str, name: &str, host: &str) -> String {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec![host.to_owned()])
+            .expect("params")
+            .signed_by(&key, &self.issuer)
+            .expect("sign");
+        let indent = |s: String| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\n\
+             stringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n",
+            indent(cert.pem()),
+            indent(key.serialize_pem())
+        )
+    }
+}
+
+const GATEWAY: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - name: a
+    port: 8443
+    protocol: HTTPS
+    hostname: a.example.test
+    tls: {mode: Terminate, certificateRefs: [{name: cert-a}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: b
+    port: 8443
+    protocol: HTTPS
+    hostname: b.example.test
+    tls: {certificateRefs: [{name: cert-b, namespace: certs}]}
+    allowedRoutes: {namespaces: {from: All}}
+  - name: plain
+    port: 8000
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: All}}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: edge-certs, namespace: certs}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: edge}]
+  to: [{group: '', kind: Secret}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{name: public, namespace: edge}]
+  hostnames: [a.example.test, b.example.test, plain.example.test]
+  rules:
+  - matches: [{path: {type: Exact, value: /exact}}]
+    backendRefs: [{name: server, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-team, value: shop}], remove: [x-secret]}
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-served-by, value: signet}]}
+    backendRefs: [{name: server, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {scheme: https, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+  - matches: [{path: {type: RegularExpression, value: '/items/[0-9]+'}}]
+    backendRefs: [{name: server, port: 81}]
+  - matches:
+    - headers: [{name: x-canary, value: '1'}]
+    - queryParams: [{name: v, value: '2'}]
+    - method: DELETE
+    backendRefs: [{name: server, port: 81}]
+  - matches: [{path: {type: PathPrefix, value: /split}}]
+    backendRefs: [{name: server, port: 80, weight: 3}, {name: server, port: 81, weight: 1}]
+  - matches: [{path: {type: PathPrefix, value: /missing}}]
+    backendRefs: [{name: nowhere, port: 80}]
+  - backendRefs: [{name: server, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orphan, namespace: shop}
+spec:
+  parentRefs: [{name: nonexistent, namespace: edge}]
+  rules: [{backendRefs: [{name: server, port: 80}]}]
+";
+
+/// What curl saw: status, HTTP version, response headers (lowercased) and body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    version: String,
+    headers: String,
+    body: String,
+    exit: i32,
+}
+
+/// Runs curl in node A's namespace against node A's Gateway address.
+fn curl(t: &Topology, ca: &Path, url: &str, extra: &[&str]) -> Reply {
+    let node = t.node_ip('a');
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("host:port");
+    let (name, port) = host.split_once(':').expect("port");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("node-a"),
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+        ])
+        .args(["--resolve", &format!("{name}:{port}:{node}")])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-D", "-", "-w", "\n@@%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head_body, meta) = text.rsplit_once("\n@@").unwrap_or((&text, "0 0"));
+    let (headers, body) = head_body.split_once("\r\n\r\n").unwrap_or(("", head_body));
+    let mut meta = meta.split_whitespace();
+    Reply {
+        status: meta.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+        version: meta.next().unwrap_or("").to_owned(),
+        headers: headers.to_ascii_lowercase(),
+        body: body.to_owned(),
+        exit: out.status.code().unwrap_or(-1),
+    }
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    std::fs::write(dir.join("state").join(file), text).expect("write state");
+}
+
+#[test]
+fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state("");
+    let dir = t.dir.path().to_owned();
+    let (ca_one, ca_two) = (EdgeCa::new("edge one"), EdgeCa::new("edge two"));
+    let (pem_one, pem_two): (PathBuf, PathBuf) =
+        (dir.join("edge-one.pem"), dir.join("edge-two.pem"));
+    std::fs::write(&pem_one, &ca_one.pem).expect("ca");
+    std::fs::write(&pem_two, &ca_two.pem).expect("ca");
+    let secrets = ca_one.secret("edge", "cert-a", "a.example.test")
+        + &ca_one.secret("certs", "cert-b", "b.example.test");
+    write(&dir, "secrets.yaml", &secrets);
+    write(&dir, "gateway.yaml", GATEWAY);
+    let _running = start(&t, "", "gateway: {headerReadTimeoutSeconds: 2}\n");
+    let _main = t.server_with(8080, &["--http"]);
+    let _alt = t.server_with(8081, &["--http"]);
+
+    // SNI picks each hostname's certificate (curl checks the name), over HTTP/1.1 and HTTP/2;
+    // the backend sees the Gateway's tunnel (node B's proxy) and the client in X-Forwarded-For.
+    for host in ["a.example.test", "b.example.test"] {
+        let r = curl(
+            &t,
+            &pem_one,
+            &format!("https://{host}:8443/exact"),
+            &["--http1.1"],
+        );
+        assert_eq!(r.status, 200, "{host}: {r:?}");
+        assert!(r.body.starts_with("hi GET /exact HTTP/1.1 at "), "{r:?}");
+        assert!(
+            r.body.contains(&format!("from 10.79.{}.1:", t.n)),
+            "through node B's proxy: {r:?}"
+        );
+        assert!(
+            r.body
+                .contains(&format!("x-forwarded-for: {}", t.node_ip('a'))),
+            "{r:?}"
+        );
+        assert!(r.body.contains("forwarded: for="), "{r:?}");
+    }
+    let h2 = curl(
+        &t,
+        &pem_one,
+        "https://a.example.test:8443/exact",
+        &["--http2"],
+    );
+    assert_eq!((h2.status, h2.version.as_str()), (200, "2"), "{h2:?}");
+    // An unknown SNI gets no certificate for its name.
+    let wrong = curl(&t, &pem_one, "https://c.example.test:8443/", &[]);
+    assert_ne!(wrong.exit, 0, "{wrong:?}");
+
+    // Matches and precedence.
+    let a = |path: &str, extra: &[&str]| {
+        curl(
+            &t,
+            &pem_one,
+            &format!("https://a.example.test:8443{path}"),
+            extra,
+        )
+    };
+    let at = |r: &Reply| {
+        r.body
+            .split(" at ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .map(|s| s.rsplit(':').next().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    let r = a("/exact/more", &[]);
+    assert_eq!(
+        (r.status, at(&r).as_str()),
+        (200, "8080"),
+        "PathPrefix / catches what Exact does not: {r:?}"
+    );
+    let r = a("/items/42", &[]);
+    assert_eq!(at(&r), "8081", "RegularExpression: {r:?}");
+    let r = a("/items/x", &[]);
+    assert_eq!(at(&r), "8080", "a regex is anchored: {r:?}");
+    let r = a("/", &["-H", "x-canary: 1"]);
+    assert_eq!(at(&r), "8081", "header match: {r:?}");
+    let r = a("/?v=2", &[]);
+    assert_eq!(at(&r), "8081", "query match: {r:?}");
+    let r = a("/", &["-X", "DELETE"]);
+    assert_eq!(at(&r), "8081", "method match: {r:?}");
+    let r = a("/", &["-X", "POST"]);
+    assert_eq!(at(&r), "8080", "{r:?}");
+
+    // Filters.
+    let r = a("/api/orders?id=1", &["-H", "x-secret: s3cret"]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.body.starts_with("hi GET /v1/orders?id=1 HTTP/1.1"),
+        "URLRewrite: {r:?}"
+    );
+    assert!(
+        r.body.contains("x-team: shop") && !r.body.contains("x-secret"),
+        "RequestHeaderModifier: {r:?}"
+    );
+    assert!(
+        r.headers.contains("x-served-by: signet"),
+        "ResponseHeaderModifier: {r:?}"
+    );
+    let r = a("/old/page?x=1", &[]);
+    assert_eq!(r.status, 301, "{r:?}");
+    assert!(
+        r.headers
+            .contains("location: https://a.example.test/new/page?x=1"),
+        "RequestRedirect: {r:?}"
+    );
+
+    // Weights 3:1, within a tolerance.
+    let n = 80;
+    let alt = (0..n).filter(|_| at(&a("/split", &[])) == "8081").count();
+    assert!(
+        (8..=35).contains(&alt),
+        "about a quarter of {n} to the weight-1 backend, got {alt}"
+    );
+
+    // A backendRef to no Service answers 500 and is reported; everything else keeps serving.
+    let r = a("/missing", &[]);
+    assert_eq!(r.status, 500, "{r:?}");
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let status =
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
+    let web = status
+        .http_routes
+        .iter()
+        .find(|r| r.name == "web")
+        .expect("web status");
+    let resolved = web.parents[0]
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ResolvedRefs")
+        .expect("ResolvedRefs");
+    assert_eq!(
+        (resolved.status.as_str(), resolved.reason.as_str()),
+        ("False", "BackendNotFound"),
+        "{web:?}"
+    );
+    let orphan = status
+        .http_routes
+        .iter()
+        .find(|r| r.name == "orphan")
+        .expect("orphan status");
+    assert_eq!(
+        orphan.parents[0].conditions[0].reason, "NoMatchingParent",
+        "{orphan:?}"
+    );
+    let gw = status
+        .gateways
+        .iter()
+        .find(|g| g.name == "public")
+        .expect("gateway status");
+    assert!(
+        gw.listeners
+            .iter()
+            .all(|l| l.conditions.iter().all(|c| c.status == "True")),
+        "{gw:?}"
+    );
+    assert_eq!(gw.listeners[0].attached_routes, 1, "{gw:?}");
+
+    // Without the ReferenceGrant the cross-namespace certificate is refused, and listener `b`
+    // (only) stops serving.
+    let grant = GATEWAY
+        .split("---\n")
+        .find(|doc| doc.contains("kind: ReferenceGrant"))
+        .expect("grant");
+    write(
+        &dir,
+        "gateway.yaml",
+        &GATEWAY.replace(&format!("{grant}---\n"), ""),
+    );
+    settle();
+    let status =
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
+    let gw = status
+        .gateways
+        .iter()
+        .find(|g| g.name == "public")
+        .expect("gateway status");
+    let b = gw
+        .listeners
+        .iter()
+        .find(|l| l.name == "b")
+        .expect("listener b");
+    assert!(
+        b.conditions.iter().any(|c| c.reason == "RefNotPermitted"),
+        "{b:?}"
+    );
+    assert_ne!(
+        curl(&t, &pem_one, "https://b.example.test:8443/", &[]).status,
+        200
+    );
+    assert_eq!(a("/exact", &[]).status, 200, "listener a keeps serving");
+    write(&dir, "gateway.yaml", GATEWAY);
+
+    // Secret rotation: new connections get the new certificate.
+    write(
+        &dir,
+        "secrets.yaml",
+        &(ca_two.secret("edge", "cert-a", "a.example.test")
+            + &ca_one.secret("certs", "cert-b", "b.example.test")),
+    );
+    settle();
+    let old_ca = curl(&t, &pem_one, "https://a.example.test:8443/exact", &[]);
+    assert_ne!(
+        old_ca.exit, 0,
+        "the old issuer no longer verifies: {old_ca:?}"
+    );
+    let new_ca = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
+    assert_eq!(new_ca.status, 200, "{new_ca:?}");
+
+    // The plain listener: request smuggling shapes get 400, a slow header is cut off.
+    let raw = |req: &[u8], wait: Duration| -> (String, Duration) {
+        in_netns(&t.ns("node-a"), || {
+            let mut s =
+                std::net::TcpStream::connect((t.node_ip('a').as_str(), 8000)).expect("connect");
+            s.set_read_timeout(Some(wait)).expect("timeout");
+            s.write_all(req).expect("write");
+            let started = Instant::now();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            (
+                String::from_utf8_lossy(&got).into_owned(),
+                started.elapsed(),
+            )
+        })
+    };
+    let (smuggled, _) = raw(
+        b"POST /exact HTTP/1.1\r\nHost: plain.example.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(smuggled.starts_with("HTTP/1.1 400"), "CL+TE: {smuggled:?}");
+    let (double, _) = raw(
+        b"POST /exact HTTP/1.1\r\nHost: plain.example.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        Duration::from_secs(5),
+    );
+    assert!(
+        double.starts_with("HTTP/1.1 400"),
+        "two Content-Lengths: {double:?}"
+    );
+    let (slow, took) = raw(
+        b"GET /exact HTTP/1.1\r\nHost: plain.example.test\r\n",
+        Duration::from_secs(8),
+    );
+    assert!(
+        took < Duration::from_secs(6) && !slow.contains("200 OK"),
+        "an unfinished header is cut off after the 2 s header timeout (took {took:?}): {slow:?}"
+    );
+
+    // A policy that admits only the client pod refuses the Gateway's identity at node B.
+    t.write_state(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: clients-only, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]\n",
+    );
+    settle();
+    let denied = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
+    assert_eq!(
+        denied.status, 502,
+        "the backend refuses the gateway: {denied:?}"
+    );
+    // Naming the gateway (by entity) lets it in again.
+    t.write_state(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: clients-only, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}, {entity: gateway}]\n",
+    );
+    settle();
+    let allowed = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+}
