@@ -384,6 +384,33 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     );
     assert_eq!(a("/exact", &[]).status, 200, "listener a keeps serving");
     write(&dir, "gateway.yaml", GATEWAY);
+    // A missing Secret likewise takes down only its listener, and says so.
+    write(
+        &dir,
+        "secrets.yaml",
+        &ca_one.secret("edge", "cert-a", "a.example.test"),
+    );
+    settle();
+    let status =
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
+    let gw = status
+        .gateways
+        .iter()
+        .find(|g| g.name == "public")
+        .expect("gateway status");
+    let b = gw
+        .listeners
+        .iter()
+        .find(|l| l.name == "b")
+        .expect("listener b");
+    assert!(
+        b.conditions
+            .iter()
+            .any(|c| c.reason == "InvalidCertificateRef"
+                && c.message.contains("certs/cert-b not found")),
+        "{b:?}"
+    );
+    assert_eq!(a("/exact", &[]).status, 200, "listener a keeps serving");
 
     // Secret rotation: new connections get the new certificate.
     write(

@@ -8,3 +8,4 @@ pub mod h1guard;
 pub mod model;
 pub mod routes;
 pub mod server;
+pub mod tls;

@@ -79,6 +79,8 @@ pub struct Port {
     pub port: u16,
     pub protocol: Protocol,
     pub listeners: Vec<Listener>,
+    /// For HTTPS: certificates of every listener, chosen by SNI.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A condition as Gateway API defines them.
@@ -276,6 +278,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                         port,
                         protocol,
                         listeners: vec![],
+                        tls: None,
                     })
                     .listeners
                     .push(listener);
@@ -328,10 +331,16 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             }
         }
     }
-    GatewayConfig {
-        ports: ports.into_values().collect(),
-        status,
+    let mut ports: Vec<Port> = ports.into_values().collect();
+    for p in &mut ports {
+        if p.protocol == Protocol::Https {
+            match super::tls::config(p) {
+                Ok(c) => p.tls = Some(c),
+                Err(e) => tracing::error!(port = p.port, error = %e, "gateway TLS configuration"),
+            }
+        }
     }
+    GatewayConfig { ports, status }
 }
 
 fn parent_name(p: &HttpRouteParentRefs, route_ns: &str) -> String {

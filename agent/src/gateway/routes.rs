@@ -265,8 +265,8 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// How specifically a route's hostname names the request's host (see `host_score`).
-type HostScore = (u8, usize);
+/// How specifically a hostname names the request's host (see `specificity`).
+pub type HostScore = (u8, usize);
 /// (route, rule, match) indices.
 type Position = (usize, usize, usize);
 
@@ -342,22 +342,29 @@ impl Router {
     }
 }
 
-/// How specifically `hostnames` name `host`: (2, len) for an exact name, (1, len) for a
-/// wildcard, (0, 0) for a route without hostnames; `None` when none matches.
+/// How specifically `pattern` names `host`: (2, len) for the exact name, (1, len) for a wildcard
+/// covering it (`*.example.com` covers one or more labels before `.example.com`), (0, 0) for no
+/// pattern at all; `None` when it does not cover `host`.
+pub fn specificity(pattern: Option<&str>, host: &str) -> Option<HostScore> {
+    let Some(p) = pattern else {
+        return Some((0, 0));
+    };
+    match p.strip_prefix('*') {
+        Some(suffix) => {
+            (host.len() > suffix.len() && host.ends_with(suffix)).then_some((1, p.len()))
+        }
+        None => (p == host).then_some((2, p.len())),
+    }
+}
+
+/// How specifically a route's `hostnames` name `host` (a route without any covers every host).
 fn host_score(hostnames: &[String], host: &str) -> Option<HostScore> {
     if hostnames.is_empty() {
         return Some((0, 0));
     }
     hostnames
         .iter()
-        .filter_map(|h| {
-            if let Some(suffix) = h.strip_prefix('*') {
-                // `*.example.com` covers one or more labels before `.example.com`.
-                (host.len() > suffix.len() && host.ends_with(suffix)).then_some((1, h.len()))
-            } else {
-                (h == host).then_some((2, h.len()))
-            }
-        })
+        .filter_map(|h| specificity(Some(h), host))
         .max()
 }
 

@@ -18,16 +18,14 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::h1guard::{H1Guard, HeadLimits};
-use super::model::{Listener, Port, Protocol};
-use super::routes::{Filter, RequestView, change_path, location};
+use super::model::{Listener, Protocol};
+use super::routes::{Filter, RequestView, change_path, location, specificity};
 use crate::proxy::ProxyContext;
 use crate::proxy::hbone::Route as HboneRoute;
 
@@ -76,79 +74,6 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// A certificate's DNS names and its key.
-type NamedKey = (Vec<String>, Arc<CertifiedKey>);
-
-/// Picks the certificate for an SNI among a port's listeners: the most specific listener
-/// hostname that covers the name, then a certificate valid for it (or that listener's first).
-#[derive(Debug)]
-struct SniResolver {
-    /// (listener hostname, its certificates).
-    listeners: Vec<(Option<String>, Vec<NamedKey>)>,
-}
-
-fn name_matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
-        None => pattern == name,
-    }
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let sni = hello.server_name().map(str::to_ascii_lowercase);
-        let listener = match &sni {
-            None => self.listeners.first(),
-            Some(name) => self
-                .listeners
-                .iter()
-                .filter(|(h, _)| h.as_deref().is_none_or(|h| name_matches(h, name)))
-                .max_by_key(|(h, _)| {
-                    h.as_ref().map_or((0, 0), |h| {
-                        (if h.starts_with('*') { 1 } else { 2 }, h.len())
-                    })
-                }),
-        }?;
-        let certs = &listener.1;
-        sni.as_ref()
-            .and_then(|name| {
-                certs
-                    .iter()
-                    .find(|(names, _)| names.iter().any(|n| name_matches(n, name)))
-            })
-            .or_else(|| certs.first())
-            .map(|(_, k)| k.clone())
-    }
-}
-
-/// The TLS configuration of an HTTPS port.
-pub fn tls_config(port: &Port) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let resolver = SniResolver {
-        listeners: port
-            .listeners
-            .iter()
-            .map(|l| {
-                (
-                    l.hostname.clone(),
-                    l.certificates
-                        .iter()
-                        .map(|c| (c.names.clone(), c.key.clone()))
-                        .collect(),
-                )
-            })
-            .collect(),
-    };
-    // ring's default suites are all AEAD (AES-GCM, ChaCha20-Poly1305) with ECDHE.
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(resolver));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
 /// Serves one port until `stop`. The port's configuration is read from the snapshot for each
 /// connection, so route and certificate changes apply to new connections without a restart.
 pub async fn serve_port(
@@ -185,12 +110,10 @@ pub async fn serve_port(
                     return;
                 };
                 let protocol = cfg.protocol;
-                let tls = match protocol {
-                    Protocol::Https => match tls_config(cfg) {
-                        Ok(t) => Some(t),
-                        Err(e) => return tracing::warn!(error = %e, "gateway TLS configuration"),
-                    },
-                    Protocol::Http => None,
+                let tls = match (protocol, &cfg.tls) {
+                    (Protocol::Http, _) => None,
+                    (Protocol::Https, Some(tls)) => Some(tls.clone()),
+                    (Protocol::Https, None) => return,
                 };
                 drop(snap);
                 let handler = Handler {
@@ -463,12 +386,9 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
 fn pick_listener<'a>(listeners: &'a [Listener], host: &str) -> Option<&'a Listener> {
     listeners
         .iter()
-        .filter(|l| l.hostname.as_deref().is_none_or(|h| name_matches(h, host)))
-        .max_by_key(|l| {
-            l.hostname.as_ref().map_or((0, 0), |h| {
-                (if h.starts_with('*') { 1 } else { 2 }, h.len())
-            })
-        })
+        .filter_map(|l| Some((specificity(l.hostname.as_deref(), host)?, l)))
+        .max_by_key(|(score, _)| *score)
+        .map(|(_, l)| l)
 }
 
 /// A number in [0, 1) for weighted backend choice; spread, not secret.

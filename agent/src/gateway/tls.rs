@@ -1,0 +1,75 @@
+//! TLS at the Gateway's HTTPS ports: one rustls configuration per port, built when the state
+//! changes, choosing among the listeners' certificates by SNI. TLS 1.3 and 1.2 with the ring
+//! provider's suites, which are all AEAD with ECDHE; ALPN `h2` and `http/1.1`. rustls does not
+//! renegotiate.
+
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use super::model::Port;
+use super::routes::specificity;
+
+/// A certificate's DNS names and its key.
+type NamedKey = (Vec<String>, Arc<CertifiedKey>);
+
+/// Picks the certificate for an SNI among a port's listeners: the most specific listener
+/// hostname that covers the name, then a certificate valid for it (or that listener's first).
+#[derive(Debug)]
+struct SniResolver {
+    /// (listener hostname, its certificates).
+    listeners: Vec<(Option<String>, Vec<NamedKey>)>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let listener = match &sni {
+            None => self.listeners.first(),
+            Some(name) => self
+                .listeners
+                .iter()
+                .filter_map(|l| Some((specificity(l.0.as_deref(), name)?, l)))
+                .max_by_key(|(score, _)| *score)
+                .map(|(_, l)| l),
+        }?;
+        let certs = &listener.1;
+        sni.as_ref()
+            .and_then(|name| {
+                certs
+                    .iter()
+                    .find(|(names, _)| names.iter().any(|n| specificity(Some(n), name).is_some()))
+            })
+            .or_else(|| certs.first())
+            .map(|(_, k)| k.clone())
+    }
+}
+
+/// The TLS configuration of an HTTPS port.
+pub fn config(port: &Port) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let resolver = SniResolver {
+        listeners: port
+            .listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.hostname.clone(),
+                    l.certificates
+                        .iter()
+                        .map(|c| (c.names.clone(), c.key.clone()))
+                        .collect(),
+                )
+            })
+            .collect(),
+    };
+    // ring's default suites are all AEAD (AES-GCM, ChaCha20-Poly1305) with ECDHE.
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
