@@ -34,6 +34,7 @@ install_missing() {
     command -v curl >/dev/null || missing+=(curl)
     command -v tcpdump >/dev/null || missing+=(tcpdump)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing ${missing[*]}"
         apt-get update -qq
@@ -53,6 +54,9 @@ node_ip() { [ "$1" = a ] && echo 10.99.0.1 || echo 10.99.0.2; }
 API_VIP=10.96.0.20
 # A client outside the mesh (no pod, no cgroup, not in the cluster state) routed via node-a.
 OUTSIDE_IP=10.99.200.2
+# The edge: a Gateway with two HTTPS hostnames, each with its own certificate from a demo CA.
+GATEWAY_HOSTS=(shop.example.test pay.example.test)
+GATEWAY_PORT=443
 
 down() {
     for pidfile in "$WORK"/*.pid; do
@@ -169,6 +173,9 @@ YAML
     ip -n "$NS-outside" route add default via "${OUTSIDE_IP%.*}.1"
     ip -n "$NS-node-b" route add "${OUTSIDE_IP%.*}.0/24" via "$(node_ip a)"
 
+    say "Gateway: HTTPS on :$GATEWAY_PORT for ${GATEWAY_HOSTS[*]}, certificates from a demo CA"
+    gateway_manifests >> "$manifests"
+
     say "CA in node-a, one agent per node"
     local token_a token_b
     token_a=$(head -c 24 /dev/urandom | base64 | tr -d '/+='); token_b=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
@@ -217,9 +224,9 @@ YAML
         done
     done
 
-    python3 - "$WORK" "$CG" "$NS" "$API_VIP" "$OUTSIDE_IP" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
+    python3 - "$WORK" "$CG" "$NS" "$API_VIP" "$OUTSIDE_IP" "$GATEWAY_PORT" "${GATEWAY_HOSTS[*]}" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
 import json, sys
-work, cg, ns, vip, outside, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+work, cg, ns, vip, outside, gw_port, gw_hosts, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7].split(), sys.argv[8:]
 ips = {"a": "10.99.0.1", "b": "10.99.0.2"}
 out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips[n],
                   "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}",
@@ -227,7 +234,9 @@ out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips
        "pods": [], "caBundle": f"{work}/ca-root.pem",
        "services": [{"namespace": "payments", "name": "api", "clusterIP": vip,
                      "ports": [{"port": 80, "targetPort": 8080}]}],
-       "outside": {"netns": f"{ns}-outside", "ip": outside, "inMesh": False}}
+       "outside": {"netns": f"{ns}-outside", "ip": outside, "inMesh": False},
+       "gateway": {"namespace": "edge", "name": "public", "address": ips["a"], "addresses": list(ips.values()),
+                   "port": gw_port, "hostnames": gw_hosts, "caFile": f"{work}/edge-ca.pem"}}
 for p in pods:
     n, kns, sa, pod, ip, port = p.split()
     out["pods"].append({"namespace": kns, "name": pod, "netns": f"{ns}-{pod}", "cgroup": f"{cg}/node-{n}/{pod}",
@@ -235,6 +244,76 @@ for p in pods:
 print(json.dumps(out, indent=2))
 PY
     echo "$WORK/topology.json"
+}
+
+# A demo CA, one certificate per Gateway hostname, their Secrets, the Gateway and its routes.
+gateway_manifests() {
+    local ca="$WORK/edge-ca"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=Signet demo edge CA" \
+        -keyout "$ca.key" -out "$ca.pem" 2>/dev/null
+    cat <<YAML
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.99.11.2], conditions: {ready: true}, nodeName: node-a}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+YAML
+    local host name
+    for host in "${GATEWAY_HOSTS[@]}"; do
+        name=${host%%.*}
+        printf '  - {name: %s, port: %s, protocol: HTTPS, hostname: %s, tls: {certificateRefs: [{name: %s-tls}]}, allowedRoutes: {namespaces: {from: All}}}\n' \
+            "$name" "$GATEWAY_PORT" "$host" "$name"
+    done
+    echo "---"
+    for host in "${GATEWAY_HOSTS[@]}"; do
+        name=${host%%.*}
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$host" \
+            -keyout "$WORK/$name.key" -out "$WORK/$name.csr" 2>/dev/null
+        openssl x509 -req -in "$WORK/$name.csr" -CA "$ca.pem" -CAkey "$ca.key" -CAcreateserial -days 7 \
+            -extfile <(printf 'subjectAltName=DNS:%s' "$host") -out "$WORK/$name.crt" 2>/dev/null
+        printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: %s-tls, namespace: edge}\ntype: kubernetes.io/tls\ndata: {tls.crt: %s, tls.key: %s}\n---\n' \
+            "$name" "$(base64 -w0 < "$WORK/$name.crt")" "$(base64 -w0 < "$WORK/$name.key")"
+    done
+    cat <<'YAML'
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: shop}
+spec:
+  parentRefs: [{name: public, namespace: edge}]
+  hostnames: [shop.example.test]
+  rules:
+  - backendRefs: [{name: web, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: payments, namespace: payments}
+spec:
+  parentRefs: [{name: public, namespace: edge}]
+  hostnames: [pay.example.test]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: api, port: 80}]
+---
+YAML
 }
 
 # Runs a command inside a pod: its cgroup (so the datapath captures it) and its network namespace.
@@ -314,7 +393,42 @@ YAML
     code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ 2>/dev/null || true)
     echo "deployer-0 GET /: refused (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must be refused"
 
-    say "4. signet policy explain"
+    say "4. the Gateway: from outside the mesh, HTTPS by hostname, into the mesh as the gateway"
+    local gw host
+    for gw in shop.example.test/ pay.example.test/api/; do
+        host=${gw%%/*}
+        echo "outside -> https://$gw (curl --cacert edge-ca.pem):"
+        ip netns exec "$NS-outside" curl -sS -v --max-time 5 -o /dev/null --cacert "$WORK/edge-ca.pem" \
+            --resolve "$host:$GATEWAY_PORT:$(node_ip a)" "https://$gw" 2>&1 | grep -E '^\* +subject:|^< HTTP' | sed 's/^/    /' || true
+    done
+    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
+        --resolve "shop.example.test:$GATEWAY_PORT:$(node_ip a)" "https://shop.example.test/")
+    [ "$code" = 200 ] || die "the Gateway should serve shop.example.test (got $code)"
+    # payments/api admits only shop/web (GET): the gateway's identity is refused until named.
+    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
+        --resolve "pay.example.test:$GATEWAY_PORT:$(node_ip a)" "https://pay.example.test/api/")
+    echo "pay.example.test while payments-api admits only shop/web: HTTP $code (api-0 refuses spiffe://cluster.local/ns/edge/gateway/public)"
+    [ "$code" = 502 ] || die "api-0 should refuse the gateway (got $code)"
+    cat > "$WORK/state/payments-api.yaml" <<'YAML'
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: payments-api, namespace: payments}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}, {entity: gateway}]
+    ports: [{port: 8080}]
+    http: [{methods: [GET]}]
+YAML
+    sleep 2
+    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
+        --resolve "pay.example.test:$GATEWAY_PORT:$(node_ip a)" "https://pay.example.test/api/")
+    echo "pay.example.test once the policy names entity: gateway: HTTP $code"
+    [ "$code" = 200 ] || die "the gateway should reach api-0 now (got $code)"
+    echo "signet gateway status (Gateway API conditions):"
+    "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^  - namespace|^    name|reason" | head -n 14 | sed 's/^/  /'
+
+    say "5. signet policy explain"
     "$BIN/signet" policy explain --state "$WORK/state" --from ops/deployer-0 --to payments/api-0:8080 || true
     "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 --method POST --path / || true
 }

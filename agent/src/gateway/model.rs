@@ -135,11 +135,17 @@ pub struct RouteStatus {
     pub parents: Vec<RouteParentStatus>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassStatus {
+    pub name: String,
+    pub conditions: Vec<Condition>,
+}
+
 /// Status of everything, as `signet gateway status` prints it.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
-    pub gateway_classes: Vec<(String, Vec<Condition>)>,
+    pub gateway_classes: Vec<ClassStatus>,
     pub gateways: Vec<GatewayStatus>,
     pub http_routes: Vec<RouteStatus>,
 }
@@ -213,10 +219,10 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         .collect();
     for c in &res.classes {
         if c.spec.controller_name == CONTROLLER {
-            status.gateway_classes.push((
-                c.metadata.name.clone().unwrap_or_default(),
-                vec![cond("Accepted", true, "Accepted", "handled by Signet")],
-            ));
+            status.gateway_classes.push(ClassStatus {
+                name: c.metadata.name.clone().unwrap_or_default(),
+                conditions: vec![cond("Accepted", true, "Accepted", "handled by Signet")],
+            });
         }
     }
     let mut gateways: Vec<&Gateway> = res
