@@ -19,7 +19,8 @@
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
 //!         workerThreads: 2}
-//! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536}
+//! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
+//!           maxBodyBytes: 10485760}          # no body limit unless set
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -91,6 +92,7 @@ struct RawGateway {
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +347,7 @@ impl AgentConfig {
                     max_header_bytes: raw.gateway.max_header_bytes.unwrap_or(d.max_header_bytes),
                     max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
                     max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
+                    max_body_bytes: raw.gateway.max_body_bytes,
                 }
             },
             node: raw.node,

@@ -203,7 +203,11 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         + &ca_one.secret("certs", "cert-b", "b.example.test");
     write(&dir, "secrets.yaml", &secrets);
     write(&dir, "gateway.yaml", GATEWAY);
-    let _running = start(&t, "", "gateway: {headerReadTimeoutSeconds: 2}\n");
+    let _running = start(
+        &t,
+        "",
+        "gateway: {headerReadTimeoutSeconds: 2, maxBodyBytes: 1024}\n",
+    );
     let _main = t.server_with(8080, &["--http"]);
     let _alt = t.server_with(8081, &["--http"]);
 
@@ -298,6 +302,13 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
             .contains("location: https://a.example.test/new/page?x=1"),
         "RequestRedirect: {r:?}"
     );
+
+    // The configured body limit.
+    let big = "x".repeat(2000);
+    let r = a("/exact", &["--data-binary", &big]);
+    assert_eq!(r.status, 413, "{r:?}");
+    let r = a("/exact", &["--data-binary", "small"]);
+    assert_eq!(r.status, 200, "{r:?}");
 
     // Weights 3:1, within a tolerance.
     let n = 80;

@@ -447,21 +447,33 @@ fn listener(
     };
     let hostname = l.hostname.clone().map(|h| h.to_ascii_lowercase());
     if let Some(existing) = ports.get(&port) {
-        let clash = existing.protocol != protocol
-            || existing.listeners.iter().any(|o| o.hostname == hostname);
-        if clash {
-            return fail(
+        let conflict = if existing.protocol != protocol {
+            Some((
+                "ProtocolConflict",
+                "another listener serves this port with another protocol",
+            ))
+        } else if existing.listeners.iter().any(|o| o.hostname == hostname) {
+            Some((
+                "HostnameConflict",
+                "another listener serves this port and hostname",
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, message)) = conflict {
+            let (mut ls, served) = fail(
                 ls,
                 cond(
                     "Accepted",
                     false,
                     "PortUnavailable",
-                    format!(
-                        "port {port} is already served with another protocol or the same hostname"
-                    ),
+                    format!("port {port}: {message}"),
                 ),
                 cond("ResolvedRefs", true, "ResolvedRefs", ""),
             );
+            ls.conditions
+                .push(cond("Conflicted", true, reason, message));
+            return (ls, served);
         }
     }
     let mut certificates = vec![];

@@ -30,6 +30,8 @@ use crate::proxy::ProxyContext;
 use crate::proxy::hbone::Route as HboneRoute;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+/// The request body as forwarded (maybe size-limited).
+type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// Limits at the edge.
 #[derive(Debug, Clone)]
@@ -40,6 +42,8 @@ pub struct EdgeLimits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_streams: u32,
+    /// Request bodies larger than this get 413; `None`: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Default for EdgeLimits {
@@ -51,6 +55,7 @@ impl Default for EdgeLimits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_streams: 100,
+            max_body_bytes: None,
         }
     }
 }
@@ -118,6 +123,7 @@ pub async fn serve_port(
                 drop(snap);
                 let handler = Handler {
                     ctx,
+                    max_body: limits.max_body_bytes,
                     port,
                     peer,
                     scheme: if tls.is_some() { "https" } else { "http" },
@@ -197,6 +203,7 @@ async fn serve_http<I>(
 
 struct Handler {
     ctx: ProxyContext,
+    max_body: Option<u64>,
     port: u16,
     peer: SocketAddr,
     scheme: &'static str,
@@ -356,6 +363,27 @@ impl Handler {
         if let Ok(v) = HeaderValue::from_str(self.scheme) {
             parts.headers.insert("x-forwarded-proto", v);
         }
+        // A declared length over the limit is refused up front; a chunked body is cut off when
+        // it crosses the limit (the backend sees an aborted request).
+        let body = match self.max_body {
+            Some(max) => {
+                let declared = parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > max) {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body over {max} bytes\n"),
+                    );
+                }
+                http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .boxed_unsync()
+            }
+            None => body.map_err(std::io::Error::other).boxed_unsync(),
+        };
         let upstream = Request::from_parts(parts, body);
         let result = forward(&self.ctx, &route, target, upstream).await;
         match result {
@@ -408,7 +436,7 @@ async fn forward(
     ctx: &ProxyContext,
     route: &HboneRoute,
     target: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<UpstreamBody>,
 ) -> Result<Response<Body>, String> {
     let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(route, target))
         .await
