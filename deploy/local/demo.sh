@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
+# SIGNET_DEMO_MTLS=permissive lets plaintext reach pods (the gateway benchmark's nginx needs it).
 # Every name the demo creates starts with this (tests/run.sh uses a unique one).
 NAME=${SIGNET_DEMO_NAME:-signet-demo}
 WORK=/tmp/$NAME
@@ -202,7 +203,7 @@ identityTable: identities.json
 ca: {address: '10.99.0.1:15012', serverName: localhost, rootCertFile: ca-root.pem, tokenFile: node-$n.token}
 datapath: {cgroupRoot: $CG/node-$n, bpffsDir: /sys/fs/bpf/signet/$NAME-node-$n}
 listen: {outbound: '$(node_ip $n):15001', inbound: '$(node_ip $n):15008', admin: '127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)'}
-mtlsMode: strict
+mtlsMode: ${SIGNET_DEMO_MTLS:-strict}
 # Both simulated nodes share this machine's cores: one runtime thread each.
 proxy: {workerThreads: 1}
 YAML

@@ -123,6 +123,7 @@ pub async fn serve_port(
                 drop(snap);
                 let handler = Handler {
                     ctx,
+                    upstreams: Upstreams::default(),
                     max_body: limits.max_body_bytes,
                     port,
                     peer,
@@ -203,6 +204,7 @@ async fn serve_http<I>(
 
 struct Handler {
     ctx: ProxyContext,
+    upstreams: Upstreams,
     max_body: Option<u64>,
     port: u16,
     peer: SocketAddr,
@@ -385,7 +387,7 @@ impl Handler {
             None => body.map_err(std::io::Error::other).boxed_unsync(),
         };
         let upstream = Request::from_parts(parts, body);
-        let result = forward(&self.ctx, &route, target, upstream).await;
+        let result = forward(&self.ctx, &self.upstreams, &route, target, upstream).await;
         match result {
             Ok(mut resp) => {
                 for e in &response_edits {
@@ -431,13 +433,43 @@ fn fastrand_f64() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Sends one request to `target` through an HBONE tunnel presenting the Gateway's identity.
-async fn forward(
+type Upstream = hyper::client::conn::http1::SendRequest<UpstreamBody>;
+
+/// Upstream HTTP/1.1 connections of one downstream connection, each over its own HBONE stream,
+/// reused while the downstream connection lives: a new tunnel (and a new connection from the
+/// backend's node to the pod) per request would cost a connect and leave a TIME_WAIT each.
+#[derive(Default)]
+struct Upstreams(std::sync::Mutex<Vec<(SocketAddr, signet_ca::SpiffeId, Upstream)>>);
+
+impl Upstreams {
+    /// At most this many idle upstream connections are kept per downstream connection (HTTP/2
+    /// clients send concurrently; each concurrent request needs its own HTTP/1.1 upstream).
+    const KEEP: usize = 8;
+
+    fn take(&self, target: SocketAddr, source: &signet_ca::SpiffeId) -> Option<Upstream> {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(_, _, u)| !u.is_closed());
+        let i = idle
+            .iter()
+            .position(|(t, s, u)| *t == target && s == source && u.is_ready())?;
+        Some(idle.swap_remove(i).2)
+    }
+
+    fn put(&self, target: SocketAddr, source: signet_ca::SpiffeId, upstream: Upstream) {
+        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < Self::KEEP {
+            idle.push((target, source, upstream));
+        }
+    }
+}
+
+/// A new HTTP/1.1 connection to `target` through an HBONE tunnel presenting the Gateway's
+/// identity.
+async fn dial(
     ctx: &ProxyContext,
     route: &HboneRoute,
     target: SocketAddr,
-    req: Request<UpstreamBody>,
-) -> Result<Response<Body>, String> {
+) -> Result<Upstream, String> {
     let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(route, target))
         .await
         .map_err(|_| format!("opening a tunnel to {target} timed out"))?
@@ -448,15 +480,39 @@ async fn forward(
         let meter = crate::proxy::hbone::Meter::default();
         let _ = crate::proxy::hbone::pump(far, tunnel.send, tunnel.recv, idle, &meter).await;
     });
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
         .await
         .map_err(|e| format!("backend {target}: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    Ok(sender)
+}
+
+/// Sends one request to `target`, over a kept upstream connection when one is free.
+async fn forward(
+    ctx: &ProxyContext,
+    upstreams: &Upstreams,
+    route: &HboneRoute,
+    target: SocketAddr,
+    req: Request<UpstreamBody>,
+) -> Result<Response<Body>, String> {
+    let mut sender = match upstreams.take(target, &route.source) {
+        Some(s) => s,
+        None => dial(ctx, route, target).await?,
+    };
     let resp = sender
         .send_request(req)
         .await
         .map_err(|e| format!("backend {target}: {e}"))?;
+    let closing = resp.version() != http::Version::HTTP_11
+        || resp
+            .headers()
+            .get(http::header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    if !closing {
+        upstreams.put(target, route.source.clone(), sender);
+    }
     Ok(resp.map(|b| b.boxed()))
 }
