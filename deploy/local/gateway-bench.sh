@@ -101,6 +101,7 @@ http {
     fastcgi_temp_path $WORK/nginx/fastcgi;
     uwsgi_temp_path $WORK/nginx/uwsgi;
     scgi_temp_path $WORK/nginx/scgi;
+    keepalive_requests 1000000;
     upstream backend { server 10.99.21.2:9200; keepalive 64; }
     server {
         listen 10.99.0.1:9443 ssl;
