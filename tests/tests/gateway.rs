@@ -181,6 +181,65 @@ fn curl(t: &Topology, ca: &Path, url: &str, extra: &[&str]) -> Reply {
     }
 }
 
+/// A blocking TLS connection to a.example.test on node A's Gateway, trusting `ca_pem`.
+fn kept_alive_client(
+    node: &str,
+    ca_pem: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for block in pem::parse_many(ca_pem).expect("pem") {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(
+                block.into_contents(),
+            ))
+            .expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("a.example.test").expect("name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("tls");
+    let tcp = std::net::TcpStream::connect((node, 8443)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// One GET /exact on a kept-alive connection; the response head and body as text.
+fn get_on(s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>) -> String {
+    s.write_all(b"GET /exact HTTP/1.1\r\nHost: a.example.test\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the whole body (its Content-Length) has arrived.
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 fn write(dir: &Path, file: &str, text: &str) {
     std::fs::write(dir.join("state").join(file), text).expect("write state");
 }
@@ -423,7 +482,26 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     );
     assert_eq!(a("/exact", &[]).status, 200, "listener a keeps serving");
 
-    // Secret rotation: new connections get the new certificate.
+    // Secret rotation: a kept-alive connection made before it goes on serving, new connections
+    // get the new certificate.
+    let (opened, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let kept = {
+        let (ns, node, pem) = (t.ns("node-a"), t.node_ip('a'), ca_one.pem.clone());
+        let (opened, go) = (opened.0, go.1);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut tls = kept_alive_client(&node, &pem);
+            let first = get_on(&mut tls);
+            opened.send(()).expect("signal");
+            go.recv().expect("go");
+            (first, get_on(&mut tls))
+        })
+    };
+    opened
+        .1
+        .recv_timeout(Duration::from_secs(10))
+        .expect("kept-alive connection opened");
     write(
         &dir,
         "secrets.yaml",
@@ -438,6 +516,13 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     );
     let new_ca = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
     assert_eq!(new_ca.status, 200, "{new_ca:?}");
+    go.0.send(()).expect("go");
+    let (first, second) = kept.join().expect("kept-alive client");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the connection from before the rotation still serves: {second}"
+    );
 
     // The plain listener: request smuggling shapes get 400, a slow header is cut off.
     let raw = |req: &[u8], wait: Duration| -> (String, Duration) {

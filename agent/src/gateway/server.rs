@@ -339,6 +339,7 @@ impl Handler {
         };
         parts.uri = pq.parse().unwrap_or_default();
         parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
         if let Ok(h) = HeaderValue::from_str(&new_host) {
             parts.headers.insert(HOST, h);
         }
@@ -390,6 +391,7 @@ impl Handler {
         let result = forward(&self.ctx, &self.upstreams, &route, target, upstream).await;
         match result {
             Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
                 for e in &response_edits {
                     e.apply(resp.headers_mut());
                 }
@@ -401,6 +403,33 @@ impl Handler {
                 text(StatusCode::BAD_GATEWAY, format!("{why}\n"))
             }
         }
+    }
+}
+
+/// Removes the headers that describe one hop's connection (RFC 9110 §7.6.1), including those the
+/// `Connection` header names: a backend's `Connection: close` must not close the client's
+/// connection, nor a client's `Upgrade` reach the backend.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(n);
     }
 }
 
