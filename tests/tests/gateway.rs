@@ -364,7 +364,9 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
 
     // The configured body limit.
     let big = "x".repeat(2000);
-    let r = a("/exact", &["--data-binary", &big]);
+    // (Over HTTP/1.1: over HTTP/2 the early 413 comes with a stream reset, which curl reports
+    // as an error when it is still uploading.)
+    let r = a("/exact", &["--http1.1", "--data-binary", &big]);
     assert_eq!(r.status, 413, "{r:?}");
     let r = a("/exact", &["--data-binary", "small"]);
     assert_eq!(r.status, 200, "{r:?}");

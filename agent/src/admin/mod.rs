@@ -81,15 +81,8 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        let (sock, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+        let Some((sock, peer)) = crate::proxy::accept_next(&listener, &stop, "admin").await else {
+            return;
         };
         let state = state.clone();
         tracker.spawn(async move {

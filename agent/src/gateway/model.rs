@@ -963,6 +963,18 @@ fn names(list: Option<&Vec<String>>) -> Result<Vec<HeaderName>, String> {
         .collect()
 }
 
+/// A `HeaderEdit` from a request or response header modifier: the generated types differ, the
+/// fields (`set`, `add`: name and value; `remove`: names) do not.
+macro_rules! header_edit {
+    ($m:expr) => {
+        HeaderEdit {
+            set: header_pairs($m.set.as_ref(), |h| (&h.name, &h.value))?,
+            add: header_pairs($m.add.as_ref(), |h| (&h.name, &h.value))?,
+            remove: names($m.remove.as_ref())?,
+        }
+    };
+}
+
 fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String> {
     Ok(Some(match &f.r#type {
         HttpRouteRulesFiltersType::RequestHeaderModifier => {
@@ -970,22 +982,14 @@ fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String>
                 .request_header_modifier
                 .as_ref()
                 .ok_or("RequestHeaderModifier without requestHeaderModifier")?;
-            Filter::RequestHeaders(HeaderEdit {
-                set: header_pairs(m.set.as_ref(), |h| (&h.name, &h.value))?,
-                add: header_pairs(m.add.as_ref(), |h| (&h.name, &h.value))?,
-                remove: names(m.remove.as_ref())?,
-            })
+            Filter::RequestHeaders(header_edit!(m))
         }
         HttpRouteRulesFiltersType::ResponseHeaderModifier => {
             let m = f
                 .response_header_modifier
                 .as_ref()
                 .ok_or("ResponseHeaderModifier without responseHeaderModifier")?;
-            Filter::ResponseHeaders(HeaderEdit {
-                set: header_pairs(m.set.as_ref(), |h| (&h.name, &h.value))?,
-                add: header_pairs(m.add.as_ref(), |h| (&h.name, &h.value))?,
-                remove: names(m.remove.as_ref())?,
-            })
+            Filter::ResponseHeaders(header_edit!(m))
         }
         HttpRouteRulesFiltersType::RequestRedirect => {
             let r = f

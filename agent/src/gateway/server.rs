@@ -90,15 +90,8 @@ pub async fn serve_port(
     tracker: TaskTracker,
 ) {
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(port, error = %e, "gateway accept failed");
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
+            return;
         };
         let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, port, "gateway connection refused: the connection cap is reached");

@@ -41,15 +41,8 @@ pub async fn serve(
         }
     };
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = super::accept_next(&listener, &stop, "inbound").await else {
+            return;
         };
         let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "inbound connection refused: the connection cap is reached");
@@ -106,34 +99,32 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
         Box::pin(async move {
             let snap = ctx.snapshot();
             let src = source.to_string();
-            let Some(ep) = snap.local_by_ip(target.ip()) else {
+            // Refusals are counted, logged as a flow and answered on the stream with a status.
+            let deny = |destination: &str, reason, status, why: String| {
                 refuse(
                     &ctx.metrics,
                     Reporter::Inbound,
                     &src,
-                    UNKNOWN,
+                    destination,
                     target,
-                    "no_pod",
-                    "not a pod of this node",
+                    reason,
+                    &why,
                 );
-                return Admission::Refuse(
-                    StatusCode::NOT_FOUND,
-                    format!("{target} is not a pod of this node"),
-                );
+                Admission::Refuse(status, why)
+            };
+            let Some(ep) = snap.local_by_ip(target.ip()) else {
+                let why = format!("{target} is not a pod of this node");
+                return deny(UNKNOWN, "no_pod", StatusCode::NOT_FOUND, why);
             };
             let dst = snap.workload(ep.workload).identity.clone();
             if dst != served {
                 let why = format!("{target} is {dst}, but the connection was made to {served}");
-                refuse(
-                    &ctx.metrics,
-                    Reporter::Inbound,
-                    &src,
+                return deny(
                     dst.as_str(),
-                    target,
                     "wrong_destination",
-                    &why,
+                    StatusCode::FORBIDDEN,
+                    why,
                 );
-                return Admission::Refuse(StatusCode::FORBIDDEN, why);
             }
             let decision = decide(
                 &snap,
@@ -144,36 +135,15 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             );
             drop(snap);
             if decision.verdict == Verdict::Deny {
-                refuse(
-                    &ctx.metrics,
-                    Reporter::Inbound,
-                    &src,
-                    dst.as_str(),
-                    target,
-                    "policy",
-                    &decision.rule,
-                );
-                return Admission::Refuse(
-                    StatusCode::FORBIDDEN,
-                    format!("denied by {}", decision.rule),
-                );
+                let why = format!("denied by {}", decision.rule);
+                return deny(dst.as_str(), "policy", StatusCode::FORBIDDEN, why);
             }
             let tcp = match connect_marked(target, ctx.proxy_mark).await {
                 Ok(s) => s,
                 Err(e) => {
-                    refuse(
-                        &ctx.metrics,
-                        Reporter::Inbound,
-                        &src,
-                        dst.as_str(),
-                        target,
-                        "workload_unreachable",
-                        &e.to_string(),
-                    );
-                    return Admission::Refuse(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("{target}: {e}"),
-                    );
+                    let why = format!("{target}: {e}");
+                    let status = StatusCode::SERVICE_UNAVAILABLE;
+                    return deny(dst.as_str(), "workload_unreachable", status, why);
                 }
             };
             let l7 = match &decision.verdict {

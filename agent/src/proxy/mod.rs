@@ -154,6 +154,27 @@ impl FlowRecord {
     }
 }
 
+/// The next connection on `listener`, or `None` once `stop` fires. A failed accept (out of
+/// descriptors, say) is logged and retried after a pause rather than in a tight loop.
+pub async fn accept_next(
+    listener: &tokio::net::TcpListener,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Logs and counts a connection refused by policy or for want of what it needs.
 pub fn refuse(
     metrics: &Metrics,

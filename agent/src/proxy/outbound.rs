@@ -28,15 +28,8 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        let (sock, client) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    continue;
-                }
-            },
+        let Some((sock, client)) = super::accept_next(&listener, &stop, "outbound").await else {
+            return;
         };
         let Ok(slot) = ctx.limits.outbound_slots.clone().try_acquire_owned() else {
             tracing::warn!(%client, "outbound connection reset: the connection cap is reached");
@@ -79,32 +72,39 @@ async fn handle(
         );
         return reset(&sock);
     };
-    let snap = ctx.snapshot();
-    let Some(src_ep) = snap.local_by_ip(client.ip()) else {
+    // Refusals are counted, logged as a flow and answered with a reset.
+    let deny = |source: &str, destination: &str, target, reason, detail: &str| {
         refuse(
             &ctx.metrics,
             Reporter::Outbound,
+            source,
+            destination,
+            target,
+            reason,
+            detail,
+        );
+        reset(&sock);
+    };
+    let snap = ctx.snapshot();
+    let Some(src_ep) = snap.local_by_ip(client.ip()) else {
+        return deny(
             UNKNOWN,
             UNKNOWN,
             asked,
             "unknown_source",
             "the client is not a pod of this node",
         );
-        return reset(&sock);
     };
     let src = snap.workload(src_ep.workload).identity.clone();
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
     let Some(dst_pod) = snap.pod_by_ip(dst_addr.ip()) else {
-        refuse(
-            &ctx.metrics,
-            Reporter::Outbound,
+        return deny(
             src.as_str(),
             UNKNOWN,
             asked,
             "no_endpoint",
             "no pod has this address, or the Service has no ready endpoint",
         );
-        return reset(&sock);
     };
     let dst = dst_pod.identity.clone();
     let decision = decide(
@@ -115,28 +115,22 @@ async fn handle(
         dst_addr.port(),
     );
     if decision.verdict == Verdict::Deny {
-        refuse(
-            &ctx.metrics,
-            Reporter::Outbound,
+        return deny(
             src.as_str(),
             dst.as_str(),
             dst_addr,
             "policy",
             &decision.rule,
         );
-        return reset(&sock);
     }
     let Some(node_ip) = dst_pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
-        refuse(
-            &ctx.metrics,
-            Reporter::Outbound,
+        return deny(
             src.as_str(),
             dst.as_str(),
             dst_addr,
             "unknown_node",
             "the destination's node has no known address",
         );
-        return reset(&sock);
     };
     let route = Route {
         source: src.clone(),
@@ -158,29 +152,17 @@ async fn handle(
             } else {
                 "tunnel_failed"
             };
-            refuse(
-                &ctx.metrics,
-                Reporter::Outbound,
-                src.as_str(),
-                dst.as_str(),
-                dst_addr,
-                reason,
-                &e.to_string(),
-            );
-            return reset(&sock);
+            return deny(src.as_str(), dst.as_str(), dst_addr, reason, &e.to_string());
         }
         Err(_) => {
             ctx.metrics.handshake_failed(Reporter::Outbound, "timeout");
-            refuse(
-                &ctx.metrics,
-                Reporter::Outbound,
+            return deny(
                 src.as_str(),
                 dst.as_str(),
                 dst_addr,
                 "tunnel_failed",
                 "timed out opening the tunnel",
             );
-            return reset(&sock);
         }
     };
     let registration = ctx.conns.register(Tracked {

@@ -17,41 +17,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::TokioIo;
-
-fn fail(msg: String) -> ! {
-    eprintln!("signet-gateway-bench: {msg}");
-    std::process::exit(2)
-}
-
-fn value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
-
-fn need<'a>(args: &'a [String], name: &str) -> &'a str {
-    value(args, name).unwrap_or_else(|| fail(format!("{name} is required")))
-}
-
-fn enter(netns: &str) {
-    let path = format!("/run/netns/{netns}");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| fail(format!("{path}: {e}")));
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| fail(format!("entering {netns}: {e}")));
-}
+use signet_tests::{Args, enter, fail};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let args = Args::from_env();
     // Before any runtime thread exists, so they all live in the namespace.
-    enter(need(&args, "--netns"));
+    enter(None, Some(args.need("--netns")));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    match args.get(1).map(String::as_str) {
-        Some("backend") => rt.block_on(backend(need(&args, "--addr"))),
+    match args.command() {
+        Some("backend") => rt.block_on(backend(args.need("--addr"))),
         Some("load") => {
             let report = rt.block_on(load(&args));
             println!("{report}");
@@ -87,22 +65,24 @@ async fn backend(addr: &str) {
     }
 }
 
-async fn load(args: &[String]) -> serde_json::Value {
-    let target: SocketAddr = need(args, "--target")
+async fn load(args: &Args) -> serde_json::Value {
+    let target: SocketAddr = args
+        .need("--target")
         .parse()
         .unwrap_or_else(|_| fail("--target IP:PORT".into()));
-    let host = need(args, "--host").to_owned();
-    let path = value(args, "--path").unwrap_or("/").to_owned();
-    let ca = need(args, "--ca");
-    let connections: usize = value(args, "--connections")
+    let host = args.need("--host").to_owned();
+    let path = args.value("--path").unwrap_or("/").to_owned();
+    let ca = args.need("--ca");
+    let connections: usize = args
+        .value("--connections")
         .and_then(|v| v.parse().ok())
         .unwrap_or(16);
     let seconds = Duration::from_secs(
-        value(args, "--seconds")
+        args.value("--seconds")
             .and_then(|v| v.parse().ok())
             .unwrap_or(5),
     );
-    let fresh = args.iter().any(|a| a == "--new-connections");
+    let fresh = args.flag("--new-connections");
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca).unwrap_or_else(|e| fail(format!("{ca}: {e}")));
     for block in pem::parse_many(&pem).unwrap_or_else(|e| fail(format!("{ca}: {e}"))) {

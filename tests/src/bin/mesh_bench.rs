@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use signet_tests::{Args, enter, fail};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 const MSG: usize = 1024;
@@ -32,42 +33,13 @@ const SINK: u16 = 9100;
 const ECHO: u16 = 9101;
 const HELLO: u16 = 9102;
 
-fn fail(msg: String) -> ! {
-    eprintln!("signet-mesh-bench: {msg}");
-    std::process::exit(2)
-}
-
-struct Args(Vec<String>);
-
-impl Args {
-    fn value(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .position(|a| a == name)
-            .and_then(|i| self.0.get(i + 1))
-            .map(String::as_str)
-    }
-    fn need(&self, name: &str) -> &str {
-        self.value(name)
-            .unwrap_or_else(|| fail(format!("{name} is required")))
-    }
-    fn number(&self, name: &str, default: u64) -> u64 {
-        self.value(name)
-            .map(|v| {
-                v.parse()
-                    .unwrap_or_else(|_| fail(format!("{name} `{v}` is not a number")))
-            })
-            .unwrap_or(default)
-    }
-}
-
 fn main() {
-    let args = Args(std::env::args().collect());
+    let args = Args::from_env();
     raise_fd_limit();
-    match args.0.get(1).map(String::as_str) {
+    match args.command() {
         Some("serve") => serve(&args),
         Some("load") => {
-            enter(args.value("--cgroup"), args.need("--netns"));
+            enter(args.value("--cgroup"), Some(args.need("--netns")));
             let report = load(&args);
             println!("{report}");
         }
@@ -84,23 +56,10 @@ fn raise_fd_limit() {
     }
 }
 
-/// Joins a pod's cgroup (so the datapath captures this process) and enters its netns.
-fn enter(cgroup: Option<&str>, netns: &str) {
-    if let Some(cg) = cgroup {
-        let procs = format!("{cg}/cgroup.procs");
-        std::fs::write(&procs, std::process::id().to_string())
-            .unwrap_or_else(|e| fail(format!("joining {procs}: {e}")));
-    }
-    let path = format!("/run/netns/{netns}");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| fail(format!("{path}: {e}")));
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .unwrap_or_else(|e| fail(format!("entering {netns}: {e}")));
-}
-
 // ---- serve: the three servers, a thread per connection ----
 
 fn serve(args: &Args) {
-    enter(None, args.need("--netns"));
+    enter(None, Some(args.need("--netns")));
     let ip = args.need("--ip");
     let listeners: Vec<(u16, TcpListener)> = [SINK, ECHO, HELLO]
         .into_iter()

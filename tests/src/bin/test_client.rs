@@ -19,28 +19,8 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
+use signet_tests::{Args, enter, fail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-
-struct Args(Vec<String>);
-
-impl Args {
-    fn value(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .position(|a| a == name)
-            .and_then(|i| self.0.get(i + 1))
-            .map(String::as_str)
-    }
-
-    fn flag(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-}
-
-fn fail(msg: String) -> ! {
-    eprintln!("signet-test-client: {msg}");
-    std::process::exit(2)
-}
 
 fn addr(s: &str) -> SocketAddr {
     s.parse()
@@ -48,25 +28,13 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn main() {
-    let args = Args(std::env::args().collect());
+    let args = Args::from_env();
     let timeout = Duration::from_millis(
         args.value("--timeout-ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(5000),
     );
-    if let Some(cgroup) = args.value("--cgroup") {
-        let procs = format!("{cgroup}/cgroup.procs");
-        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
-            fail(format!("joining {procs}: {e}"));
-        }
-    }
-    if let Some(ns) = args.value("--netns") {
-        let path = format!("/run/netns/{ns}");
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| fail(format!("{path}: {e}")));
-        if let Err(e) = nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET) {
-            fail(format!("entering {ns}: {e}"));
-        }
-    }
+    enter(args.value("--cgroup"), args.value("--netns"));
     let udp = args.flag("--udp");
     let report = if let Some(target) = args.value("--connect") {
         let mark = args.value("--mark").and_then(|m| m.parse().ok());
