@@ -50,7 +50,8 @@ PODS=(
   "b payments   api       api-0         10.99.21.2  8080"
   "b payments   ledger    ledger-0      10.99.22.2  5432"
 )
-node_ip() { [ "$1" = a ] && echo 10.99.0.1 || echo 10.99.0.2; }
+# shellcheck source=deploy/local/lib.sh
+. deploy/local/lib.sh
 # The payments/api Service: ClusterIP port 80 -> api-0:8080.
 API_VIP=10.96.0.20
 # A client outside the mesh (no pod, no cgroup, not in the cluster state) routed via node-a.
@@ -134,17 +135,8 @@ YAML
     for p in "${PODS[@]}"; do
         read -r n kns sa pod ip port <<<"$p"
         i=$((i + 1))
-        local pns="$NS-$pod" host="sd-pod$i" net="${ip%.*}"
-        ip netns add "$pns"
-        ip -n "$pns" link set lo up
-        ip -n "$NS-node-$n" link add "$host" type veth peer name eth0 netns "$pns"
-        ip -n "$NS-node-$n" addr add "$net.1/24" dev "$host"
-        ip -n "$NS-node-$n" link set "$host" up
-        ip -n "$pns" addr add "$ip/24" dev eth0
-        ip -n "$pns" link set eth0 up
-        ip -n "$pns" route add default via "$net.1"
-        local other=b; [ "$n" = b ] && other=a
-        ip -n "$NS-node-$other" route add "$net.0/24" via "$(node_ip $n)"
+        local pns="$NS-$pod" host="sd-pod$i"
+        attach "$pns" "$n" "$host" "$ip"
         mkdir -p "$CG/node-$n/$pod"
         cat >> "$manifests" <<YAML
 apiVersion: v1
@@ -164,15 +156,7 @@ YAML
     done
 
     # outside: a machine that is not in the mesh, attached to node-a.
-    ip netns add "$NS-outside"
-    ip -n "$NS-outside" link set lo up
-    ip -n "$NS-node-a" link add sd-outside type veth peer name eth0 netns "$NS-outside"
-    ip -n "$NS-node-a" addr add "${OUTSIDE_IP%.*}.1/24" dev sd-outside
-    ip -n "$NS-node-a" link set sd-outside up
-    ip -n "$NS-outside" addr add "$OUTSIDE_IP/24" dev eth0
-    ip -n "$NS-outside" link set eth0 up
-    ip -n "$NS-outside" route add default via "${OUTSIDE_IP%.*}.1"
-    ip -n "$NS-node-b" route add "${OUTSIDE_IP%.*}.0/24" via "$(node_ip a)"
+    attach "$NS-outside" a sd-outside "$OUTSIDE_IP"
 
     say "Gateway: HTTPS on :$GATEWAY_PORT for ${GATEWAY_HOSTS[*]}, certificates from a demo CA"
     gateway_manifests >> "$manifests"
@@ -250,8 +234,7 @@ PY
 # A demo CA, one certificate per Gateway hostname, their Secrets, the Gateway and its routes.
 gateway_manifests() {
     local ca="$WORK/edge-ca"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=Signet demo edge CA" \
-        -keyout "$ca.key" -out "$ca.pem" 2>/dev/null
+    make_ca "$ca" "Signet demo edge CA"
     cat <<YAML
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
@@ -286,10 +269,7 @@ YAML
     echo "---"
     for host in "${GATEWAY_HOSTS[@]}"; do
         name=${host%%.*}
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$host" \
-            -keyout "$WORK/$name.key" -out "$WORK/$name.csr" 2>/dev/null
-        openssl x509 -req -in "$WORK/$name.csr" -CA "$ca.pem" -CAkey "$ca.key" -CAcreateserial -days 7 \
-            -extfile <(printf 'subjectAltName=DNS:%s' "$host") -out "$WORK/$name.crt" 2>/dev/null
+        issue_cert "$ca" "$WORK/$name" "$host"
         printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: %s-tls, namespace: edge}\ntype: kubernetes.io/tls\ndata: {tls.crt: %s, tls.key: %s}\n---\n' \
             "$name" "$(base64 -w0 < "$WORK/$name.crt")" "$(base64 -w0 < "$WORK/$name.key")"
     done

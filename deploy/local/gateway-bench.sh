@@ -26,6 +26,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "gateway-bench.sh: run as root" >&2; exit 1; }
+# shellcheck source=deploy/local/lib.sh
+. deploy/local/lib.sh
 
 if ! command -v nginx >/dev/null; then
     # Installed without starting Debian's default site: nothing may listen outside our netns.
@@ -44,12 +46,8 @@ deploy/local/demo.sh up >&2
 cargo build --release --locked -p signet-tests --bin signet-gateway-bench >&2
 
 # The bench backend, its Service, a Gateway listener and route for bench.example.test.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -keyout "$WORK/bench-ca.key" -out "$WORK/bench-ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.example.test" \
-    -keyout "$WORK/bench.key" -out "$WORK/bench.csr" 2>/dev/null
-openssl x509 -req -in "$WORK/bench.csr" -CA "$WORK/bench-ca.pem" -CAkey "$WORK/bench-ca.key" -CAcreateserial -days 2 \
-    -extfile <(printf 'subjectAltName=DNS:bench.example.test') -out "$WORK/bench.crt" 2>/dev/null
+make_ca "$WORK/bench-ca" "bench CA"
+issue_cert "$WORK/bench-ca" "$WORK/bench" bench.example.test
 cat > "$WORK/state/bench.yaml" <<YAML
 apiVersion: v1
 kind: Service

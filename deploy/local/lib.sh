@@ -1,0 +1,35 @@
+# Shared by demo.sh, bench.sh and gateway-bench.sh (sourced; needs $NS, the name prefix).
+
+node_ip() { [ "$1" = a ] && echo 10.99.0.1 || echo 10.99.0.2; }
+
+# attach NETNS NODE HOST_IF IP: a new network namespace wired to node NODE (a or b) by a veth
+# (HOST_IF on the node's side, eth0 inside), addressed IP/24 with the node at .1 as its gateway,
+# and routed from the other node through the underlay.
+attach() {
+    local netns=$1 node=$2 host_if=$3 ip=$4 net=${4%.*} other=b
+    [ "$node" = b ] && other=a
+    ip netns add "$netns"
+    ip -n "$netns" link set lo up
+    ip -n "$NS-node-$node" link add "$host_if" type veth peer name eth0 netns "$netns"
+    ip -n "$NS-node-$node" addr add "$net.1/24" dev "$host_if"
+    ip -n "$NS-node-$node" link set "$host_if" up
+    ip -n "$netns" addr add "$ip/24" dev eth0
+    ip -n "$netns" link set eth0 up
+    ip -n "$netns" route add default via "$net.1"
+    ip -n "$NS-node-$other" route add "$net.0/24" via "$(node_ip "$node")"
+}
+
+# make_ca PREFIX CN: a P-256 CA, PREFIX.pem and PREFIX.key.
+make_ca() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=$2" \
+        -keyout "$1.key" -out "$1.pem" 2>/dev/null
+}
+
+# issue_cert CA_PREFIX OUT_PREFIX HOST: a certificate for HOST signed by the CA, OUT_PREFIX.crt
+# and OUT_PREFIX.key.
+issue_cert() {
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$3" \
+        -keyout "$2.key" -out "$2.csr" 2>/dev/null
+    openssl x509 -req -in "$2.csr" -CA "$1.pem" -CAkey "$1.key" -CAcreateserial -days 7 \
+        -extfile <(printf 'subjectAltName=DNS:%s' "$3") -out "$2.crt" 2>/dev/null
+}
