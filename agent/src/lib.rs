@@ -13,5 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod gateway;
+pub mod identity;
 pub mod proxy;
 pub mod state;

@@ -58,6 +58,54 @@ pub enum AllocError {
     Store(#[from] signet_ca::store::StoreError),
 }
 
+/// The cluster-wide record of one number in Kubernetes mode: cluster-scoped, named by the number
+/// in decimal, its spec the SPIFFE ID. Agents create these with optimistic concurrency (a create
+/// fails if the name exists), so two agents racing for one number cannot both win.
+#[derive(
+    kube::CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[kube(
+    group = "signet.dev",
+    version = "v1alpha1",
+    kind = "SignetIdentity",
+    plural = "signetidentities",
+    doc = "The numeric identity (the object's name) of one SPIFFE ID, shared by every node."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignetIdentitySpec {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>` (or a gateway's).
+    pub spiffe_id: String,
+}
+
+/// What an agent does next to get a number for an identity, given every `SignetIdentity` it
+/// just listed as (number, SPIFFE ID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// It has one: the lowest number carrying it (when a race left several, every agent picks
+    /// the same one, and the others are deleted by whoever created them).
+    Have(u32),
+    /// Create this number (one above the highest in use, so numbers are not reused while any
+    /// record of them exists).
+    Create(u32),
+}
+
+pub fn next_claim(existing: &[(u32, String)], id: &SpiffeId) -> Result<Claim, AllocError> {
+    if let Some(n) = existing
+        .iter()
+        .filter(|(_, s)| s == id.as_str())
+        .map(|(n, _)| *n)
+        .min()
+    {
+        return Ok(Claim::Have(n));
+    }
+    let highest = existing.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    let next = highest
+        .checked_add(1)
+        .ok_or(AllocError::Exhausted)?
+        .max(FIRST_ALLOCATED);
+    Ok(Claim::Create(next))
+}
+
 /// SPIFFE ID ↔ number.
 pub trait IdentityAllocator: Send + Sync {
     /// The number of `id`, allocating one if it has none.
@@ -194,6 +242,29 @@ impl IdentityAllocator for FileAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_pick_the_lowest_existing_number_or_one_above_the_highest() {
+        let id = |s: &str| SpiffeId::parse(s).expect("id");
+        let web = id("spiffe://td/ns/shop/sa/web");
+        assert_eq!(
+            next_claim(&[], &web).expect("claim"),
+            Claim::Create(FIRST_ALLOCATED)
+        );
+        let db = "spiffe://td/ns/shop/sa/db".to_owned();
+        let listed = vec![
+            (300, web.as_str().to_owned()),
+            (256, db.clone()),
+            (299, web.as_str().to_owned()),
+        ];
+        // A race left web with two numbers: everyone settles on the lower.
+        assert_eq!(next_claim(&listed, &web).expect("claim"), Claim::Have(299));
+        assert_eq!(
+            next_claim(&listed, &id("spiffe://td/ns/x/sa/y")).expect("claim"),
+            Claim::Create(301)
+        );
+        assert!(next_claim(&[(u32::MAX, db)], &web).is_err(), "exhausted");
+    }
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).expect("id")

@@ -14,4 +14,5 @@ pub mod parse;
 pub mod resource;
 pub mod yaml;
 
+pub use identity::{SignetIdentity, SignetIdentitySpec};
 pub use resource::{IdentityPolicy, IdentityPolicySpec};

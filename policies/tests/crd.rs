@@ -3,23 +3,37 @@
 
 use kube::CustomResourceExt as _;
 
-#[test]
-fn committed_crd_matches_the_types() {
+/// Compares (or, with `SIGNET_UPDATE_CRDS` set, rewrites) one committed CRD.
+fn check(file: &str, source: &str, crd: &impl serde::Serialize) {
     let generated = format!(
-        "# Generated from policies/src/resource.rs; do not edit.\n# Regenerate: SIGNET_UPDATE_CRDS=1 cargo test -p signet-policy --test crd\n{}",
-        serde_yaml::to_string(&signet_policy::IdentityPolicy::crd()).expect("CRD serialises")
+        "# Generated from {source}; do not edit.\n# Regenerate: SIGNET_UPDATE_CRDS=1 cargo test -p signet-policy --test crd\n{}",
+        serde_yaml::to_string(crd).expect("CRD serialises")
     );
     // Where the crate is now (cargo sets it when running tests), not where it was compiled.
     let dir =
         std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
-    let path = &format!("{dir}/../deploy/crds/identitypolicies.signet.dev.yaml");
+    let path = &format!("{dir}/../deploy/crds/{file}");
     if std::env::var_os("SIGNET_UPDATE_CRDS").is_some() {
         std::fs::write(path, &generated).expect("write CRD");
     }
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         committed == generated,
-        "{path} drifted from the IdentityPolicy types; regenerate it with \
+        "{path} drifted from the types in {source}; regenerate it with \
          SIGNET_UPDATE_CRDS=1 cargo test -p signet-policy --test crd"
+    );
+}
+
+#[test]
+fn committed_crds_match_the_types() {
+    check(
+        "identitypolicies.signet.dev.yaml",
+        "policies/src/resource.rs",
+        &signet_policy::IdentityPolicy::crd(),
+    );
+    check(
+        "signetidentities.signet.dev.yaml",
+        "policies/src/identity.rs",
+        &signet_policy::SignetIdentity::crd(),
     );
 }

@@ -1,0 +1,202 @@
+//! Numeric identity allocation through the Kubernetes API, against kube-rs's test service
+//! (tower-test) answered by a small in-memory API server that speaks the real request and
+//! response types: `SignetIdentityList`, `SignetIdentity`, `Status` with 409 on a name conflict,
+//! delete preconditions by uid. Agents race; every SPIFFE ID must end with exactly one number.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use kube::client::Body;
+use signet_agent::identity::kube::KubeIdentities;
+use signet_ca::SpiffeId;
+use signet_policy::SignetIdentity;
+
+const PATH: &str = "/apis/signet.dev/v1alpha1/signetidentities";
+
+/// Creates refused with 409 (the races the allocator had to resolve).
+static CONFLICTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// name → (uid, object).
+type Store = Arc<Mutex<BTreeMap<String, (String, SignetIdentity)>>>;
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Status", "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).expect("json")))
+        .expect("response")
+}
+
+fn json<T: serde::Serialize>(code: StatusCode, value: &T) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(value).expect("json")))
+        .expect("response")
+}
+
+/// One request against the store, as the API server would answer it.
+async fn answer(store: &Store, req: Request<Body>, next_uid: &mut u64) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    let path = parts.uri.path().to_owned();
+    match (parts.method.clone(), path.strip_prefix(PATH)) {
+        (Method::GET, Some("")) => {
+            let items: Vec<SignetIdentity> = store
+                .lock()
+                .expect("store")
+                .values()
+                .map(|(_, o)| o.clone())
+                .collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "apiVersion": "signet.dev/v1alpha1", "kind": "SignetIdentityList",
+                    "metadata": {"resourceVersion": "1"}, "items": items,
+                }),
+            )
+        }
+        (Method::POST, Some("")) => {
+            let mut obj: SignetIdentity = serde_json::from_slice(&body).expect("a SignetIdentity");
+            let name = obj.metadata.name.clone().expect("named");
+            let mut store = store.lock().expect("store");
+            if store.contains_key(&name) {
+                CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("signetidentities.signet.dev \"{name}\" already exists"),
+                );
+            }
+            *next_uid += 1;
+            let uid = format!("uid-{next_uid}");
+            obj.metadata.uid = Some(uid.clone());
+            store.insert(name, (uid, obj.clone()));
+            json(StatusCode::CREATED, &obj)
+        }
+        (Method::DELETE, Some(rest)) => {
+            let name = rest.trim_start_matches('/').to_owned();
+            let options: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let want_uid = options["preconditions"]["uid"].as_str().map(str::to_owned);
+            let mut store = store.lock().expect("store");
+            match store.get(&name) {
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("\"{name}\" not found"),
+                ),
+                Some((uid, _)) if want_uid.as_ref().is_some_and(|w| w != uid) => status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "Precondition failed: UID in precondition does not match".into(),
+                ),
+                Some(_) => {
+                    let (_, obj) = store.remove(&name).expect("present");
+                    json(StatusCode::OK, &obj)
+                }
+            }
+        }
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{} {path}", parts.method),
+        ),
+    }
+}
+
+/// A kube client whose every request the in-memory API server answers.
+fn fake_api(store: Store) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        let mut uid = 0;
+        while let Some((req, send)) = handle.next_request().await {
+            send.send_response(answer(&store, req, &mut uid).await);
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).expect("id")
+}
+
+#[tokio::test]
+async fn one_agent_gets_stable_numbers_from_256() {
+    let store = Store::default();
+    let ids = KubeIdentities::new(fake_api(store.clone()));
+    let web = id("spiffe://cluster.local/ns/shop/sa/web");
+    let db = id("spiffe://cluster.local/ns/shop/sa/db");
+    assert_eq!(ids.allocate(&web).await.expect("web"), 256);
+    assert_eq!(ids.allocate(&db).await.expect("db"), 257);
+    assert_eq!(ids.allocate(&web).await.expect("web again"), 256);
+    let snapshot = ids.snapshot().await.expect("snapshot");
+    assert_eq!(snapshot.get(&web), Some(&256));
+    assert_eq!(store.lock().expect("store").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_agents_end_with_one_number_per_identity() {
+    let store = Store::default();
+    let client = fake_api(store.clone());
+    let names: Vec<SpiffeId> = (0..12)
+        .map(|i| id(&format!("spiffe://cluster.local/ns/ns{}/sa/sa{i}", i % 3)))
+        .collect();
+    // Four agents, each allocating every identity, in different orders, at the same time.
+    let mut agents = Vec::new();
+    for a in 0..4usize {
+        let ids = KubeIdentities::new(client.clone());
+        let mut order = names.clone();
+        order.rotate_left(a * 3);
+        if a % 2 == 1 {
+            order.reverse();
+        }
+        agents.push(tokio::spawn(async move {
+            let mut got = BTreeMap::new();
+            for n in order {
+                let number = ids.allocate(&n).await.expect("allocate");
+                got.insert(n, number);
+            }
+            got
+        }));
+    }
+    let mut results = Vec::new();
+    for a in agents {
+        results.push(a.await.expect("agent"));
+    }
+    eprintln!(
+        "creates refused with 409 during the race: {}",
+        CONFLICTS.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    // Every agent agrees on every identity's number...
+    for r in &results[1..] {
+        assert_eq!(r, &results[0], "agents disagree");
+    }
+    // ...the numbers are distinct and allocated ones...
+    let mut numbers: Vec<u32> = results[0].values().copied().collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    assert_eq!(numbers.len(), names.len());
+    assert!(numbers.iter().all(|n| *n >= 256));
+    // ...and exactly one object per identity is left (duplicates from races deleted).
+    let store = store.lock().expect("store");
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, o) in store.values() {
+        *per_id.entry(o.spec.spiffe_id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), names.len());
+    assert!(per_id.values().all(|n| *n == 1), "{per_id:?}");
+    for (name, (_, o)) in store.iter() {
+        assert_eq!(
+            results[0]
+                .get(&id(&o.spec.spiffe_id))
+                .map(ToString::to_string),
+            Some(name.clone())
+        );
+    }
+}
