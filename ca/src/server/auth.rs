@@ -1,8 +1,8 @@
 //! Who is calling: a bearer token in the `authorization` metadata, mapped to a node name.
 //!
 //! Standalone mode lists per-node tokens in the CA's config, stored only as SHA-256 hashes and
-//! compared in constant time. The Kubernetes TokenReview authenticator (issue 7) implements the
-//! same trait.
+//! compared in constant time. In a cluster, `tokenreview::TokenReviewAuthenticator` implements
+//! the same trait with projected service-account tokens.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,6 +20,10 @@ pub enum AuthError {
     Malformed,
     #[error("the bearer token matches no node")]
     Unknown,
+    #[error("the Kubernetes API refused the token: {0}")]
+    Rejected(String),
+    #[error("the Kubernetes API could not review the token: {0}")]
+    Unavailable(String),
 }
 
 /// The node a caller proved to be.

@@ -18,7 +18,7 @@ use crate::proto::istio::istio_certificate_service_server::IstioCertificateServi
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::proto::signet::trust_bundle_service_server::TrustBundleService;
 use crate::proto::signet::{TrustBundleRequest, TrustBundleResponse};
-use crate::server::auth::{Authenticator, NodeName, bearer_token};
+use crate::server::auth::{AuthError, Authenticator, NodeName, bearer_token};
 use crate::server::authz::{AuthzError, NodeAuthorizer};
 
 /// The metadata key ztunnel uses to ask for a workload's identity.
@@ -45,10 +45,11 @@ impl CaService {
             })
             .transpose()?;
         let token = bearer_token(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        self.auth
-            .authenticate(token)
-            .await
-            .map_err(|e| Status::unauthenticated(e.to_string()))
+        self.auth.authenticate(token).await.map_err(|e| match e {
+            // The caller may well be legitimate: tell it to retry, not that it is unknown.
+            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        })
     }
 }
 

@@ -8,6 +8,7 @@ pub mod authz;
 pub mod config;
 pub mod grpc;
 pub mod tls;
+pub mod tokenreview;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
