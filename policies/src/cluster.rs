@@ -169,6 +169,107 @@ fn diag(file: &Path, pos: Pos, message: String) -> Diagnostic {
     }
 }
 
+/// Adds a Pod object as a workload (the same for manifests and for API objects).
+fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or("Pod without metadata.name")?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = pod.spec.clone().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    let mut ips = Vec::new();
+    for ip in status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.clone())
+        .chain(status.pod_ip.clone())
+    {
+        let parsed: IpAddr = ip.parse().map_err(|_| {
+            format!("Pod {namespace}/{name}: status.podIP `{ip}` is not an IP address")
+        })?;
+        if !ips.contains(&parsed) {
+            ips.push(parsed);
+        }
+    }
+    cluster
+        .add_workload(
+            &namespace,
+            &name,
+            pod.metadata.labels.clone().unwrap_or_default(),
+            spec.service_account_name.as_deref().unwrap_or("default"),
+            spec.node_name.as_deref(),
+            ips,
+        )
+        .map_err(|e| format!("Pod {namespace}/{name}: {e}"))?;
+    Ok(())
+}
+
+/// The resources policy reads, as typed objects (what the Kubernetes source's reflectors hold).
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub policies: Vec<crate::resource::IdentityPolicy>,
+}
+
+/// The same `State` `load_state` builds from manifests, from typed objects. Every problem is
+/// reported as `Kind namespace/name: field.path: reason`; any makes the whole build fail, so the
+/// state in force stays.
+pub fn state_from_objects(
+    objects: &Objects,
+    trust_domain: &TrustDomain,
+) -> Result<State, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut cluster = Cluster::new(trust_domain.clone());
+    for ns in &objects.namespaces {
+        match &ns.metadata.name {
+            Some(name) => {
+                cluster.add_namespace(name, ns.metadata.labels.clone().unwrap_or_default())
+            }
+            None => errors.push("Namespace without metadata.name".to_owned()),
+        }
+    }
+    for pod in &objects.pods {
+        if let Err(e) = add_pod(&mut cluster, pod) {
+            errors.push(e);
+        }
+    }
+    let mut policies = Vec::new();
+    for r in &objects.policies {
+        let key = format!(
+            "{}/{}",
+            r.metadata.namespace.as_deref().unwrap_or("default"),
+            r.metadata.name.as_deref().unwrap_or("")
+        );
+        match crate::model::Policy::from_resource(r) {
+            Ok(policy) => policies.push(Located {
+                policy,
+                resource: r.clone(),
+                file: PathBuf::from(format!("IdentityPolicy {key}")),
+                pos: Pos::default(),
+            }),
+            Err(fields) => errors.extend(
+                fields
+                    .into_iter()
+                    .map(|f| format!("IdentityPolicy {key}: `{}`: {}", f.path, f.message)),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(State { cluster, policies })
+    } else {
+        errors.sort();
+        Err(errors)
+    }
+}
+
 fn add_document(cluster: &mut Cluster, doc: &Node) -> Result<(), String> {
     match doc.get("kind").and_then(Node::as_str) {
         Some("Namespace") => {
@@ -180,43 +281,7 @@ fn add_document(cluster: &mut Cluster, doc: &Node) -> Result<(), String> {
         Some("Pod") => {
             let pod: Pod =
                 serde_json::from_value(parse::to_json(doc)).map_err(|e| format!("Pod: {e}"))?;
-            let name = pod
-                .metadata
-                .name
-                .clone()
-                .ok_or("Pod without metadata.name")?;
-            let namespace = pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let spec = pod.spec.unwrap_or_default();
-            let status = pod.status.unwrap_or_default();
-            let mut ips = Vec::new();
-            for ip in status
-                .pod_ips
-                .iter()
-                .flatten()
-                .map(|p| p.ip.clone())
-                .chain(status.pod_ip.clone())
-            {
-                let parsed: IpAddr = ip.parse().map_err(|_| {
-                    format!("Pod {namespace}/{name}: status.podIP `{ip}` is not an IP address")
-                })?;
-                if !ips.contains(&parsed) {
-                    ips.push(parsed);
-                }
-            }
-            cluster
-                .add_workload(
-                    &namespace,
-                    &name,
-                    pod.metadata.labels.unwrap_or_default(),
-                    spec.service_account_name.as_deref().unwrap_or("default"),
-                    spec.node_name.as_deref(),
-                    ips,
-                )
-                .map_err(|e| format!("Pod {namespace}/{name}: {e}"))?;
+            add_pod(cluster, &pod)?;
         }
         _ => {}
     }
