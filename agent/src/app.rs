@@ -58,7 +58,7 @@ impl Reconciler {
     /// Builds a snapshot and writes it into the datapath. On error nothing is written.
     fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
         let snap = snapshot::build(
-            &self.config.cluster_state_dir,
+            snapshot::Source::Dir(&self.config.cluster_state_dir),
             &self.config.trust_domain,
             &self.config.node,
             &self.allocator,

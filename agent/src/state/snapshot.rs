@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use signet_ca::{SpiffeId, TrustDomain};
-use signet_policy::cluster::{State, Workload, load_state};
+use signet_policy::cluster::{State, Workload, load_state, state_from_objects};
 use signet_policy::compile::{self, Compiled, Input};
 use signet_policy::identity::IdentityAllocator;
 use signet_policy::model::Policy;
@@ -76,7 +76,31 @@ impl EndpointIds {
     }
 }
 
-/// Everything besides Namespaces, Pods and policies that the agent reads from the directory.
+/// Every resource the agent reads, as typed Kubernetes objects: what the standalone source parses
+/// from the state directory and what the Kubernetes source's reflectors hold. One model, two
+/// sources (DESIGN.md, "Cluster state").
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    /// Namespaces, Pods and IdentityPolicies.
+    pub policy: signet_policy::cluster::Objects,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
+    pub nodes: Vec<Node>,
+    /// Gateway API resources and TLS Secrets (`services` is filled when the snapshot is built).
+    pub gateway: crate::gateway::model::Resources,
+}
+
+/// Where a snapshot's resources come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A directory of manifests; policy errors are reported as `file:line:col`.
+    Dir(&'a Path),
+    /// Objects from the API server; errors are reported as `Kind namespace/name: field.path`.
+    Objects(&'a ClusterObjects),
+}
+
+/// What the agent reads besides what policy reads.
 #[derive(Default)]
 struct Extra {
     services: Vec<Service>,
@@ -87,8 +111,10 @@ struct Extra {
     annotations: HashMap<String, BTreeMap<String, String>>,
 }
 
-fn read_extra(dir: &Path, errors: &mut Vec<String>) -> Extra {
-    let mut extra = Extra::default();
+/// Every manifest under `dir` as a typed object. A document that does not deserialise as its
+/// kind is an error naming file and document; syntax errors are `load_state`'s to report.
+pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
+    let mut objects = ClusterObjects::default();
     let mut diags = Vec::new();
     for file in signet_policy::parse::expand(&[dir.to_owned()], &mut diags) {
         let Ok(text) = std::fs::read_to_string(&file) else {
@@ -97,87 +123,131 @@ fn read_extra(dir: &Path, errors: &mut Vec<String>) -> Extra {
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let Ok(value) = serde::Deserialize::deserialize(doc).map(|v: serde_json::Value| v)
             else {
-                continue; // syntax errors are reported by `load_state`
+                continue;
             };
             let at = |e: serde_json::Error| format!("{}: document {}: {e}", file.display(), i + 1);
-            match value.get("kind").and_then(|k| k.as_str()) {
-                Some("Service") => match serde_json::from_value(value) {
-                    Ok(s) => extra.services.push(s),
+            fn push<T: serde::de::DeserializeOwned>(
+                value: serde_json::Value,
+                to: &mut Vec<T>,
+                errors: &mut Vec<String>,
+                at: impl Fn(serde_json::Error) -> String,
+            ) {
+                match serde_json::from_value(value) {
+                    Ok(v) => to.push(v),
                     Err(e) => errors.push(at(e)),
-                },
-                Some("EndpointSlice") => match serde_json::from_value(value) {
-                    Ok(s) => extra.slices.push(s),
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("Endpoints") => match serde_json::from_value(value) {
-                    Ok(e) => extra.endpoints.push(e),
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("GatewayClass") => match serde_json::from_value(value) {
-                    Ok(v) => extra.gateway.classes.push(v),
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("Gateway") => match serde_json::from_value(value) {
-                    Ok(v) => extra.gateway.gateways.push(v),
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("HTTPRoute") => match serde_json::from_value(value) {
-                    Ok(v) => extra.gateway.routes.push(v),
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("ReferenceGrant") => match serde_json::from_value(value) {
-                    Ok(v) => extra.gateway.grants.push(v),
-                    Err(e) => errors.push(at(e)),
-                },
+                }
+            }
+            let kind = value
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .map(str::to_owned);
+            let o = &mut objects;
+            match kind.as_deref() {
+                Some("Namespace") => push(value, &mut o.policy.namespaces, errors, at),
+                Some("Pod") => push(value, &mut o.policy.pods, errors, at),
+                // Read with positions by `load_state`; kept here for the objects view.
+                Some("IdentityPolicy") => {
+                    if let Ok(p) = serde_json::from_value(value) {
+                        o.policy.policies.push(p);
+                    }
+                }
+                Some("Service") => push(value, &mut o.services, errors, at),
+                Some("EndpointSlice") => push(value, &mut o.slices, errors, at),
+                Some("Endpoints") => push(value, &mut o.endpoints, errors, at),
+                Some("Node") => push(value, &mut o.nodes, errors, at),
+                Some("GatewayClass") => push(value, &mut o.gateway.classes, errors, at),
+                Some("Gateway") => push(value, &mut o.gateway.gateways, errors, at),
+                Some("HTTPRoute") => push(value, &mut o.gateway.routes, errors, at),
+                Some("ReferenceGrant") => push(value, &mut o.gateway.grants, errors, at),
                 Some("Secret") => {
                     match serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(value) {
                         // Only TLS Secrets concern the gateway; others are not kept in memory.
                         Ok(v) if v.type_.as_deref() == Some("kubernetes.io/tls") => {
-                            extra.gateway.secrets.push(v)
+                            o.gateway.secrets.push(v)
                         }
                         Ok(_) => {}
                         Err(e) => errors.push(at(e)),
-                    }
-                }
-                Some("Node") => match serde_json::from_value::<Node>(value) {
-                    Ok(n) => {
-                        let ip = n
-                            .status
-                            .and_then(|s| s.addresses)
-                            .into_iter()
-                            .flatten()
-                            .find(|a| a.type_ == "InternalIP")
-                            .and_then(|a| a.address.parse().ok());
-                        match (n.metadata.name, ip) {
-                            (Some(name), Some(ip)) => {
-                                extra.nodes.insert(name, ip);
-                            }
-                            (name, _) => errors.push(format!(
-                                "{}: Node {}: needs status.addresses with an InternalIP",
-                                file.display(),
-                                name.unwrap_or_default()
-                            )),
-                        }
-                    }
-                    Err(e) => errors.push(at(e)),
-                },
-                Some("Pod") => {
-                    if let Ok(p) = serde_json::from_value::<Pod>(value) {
-                        let key = format!(
-                            "{}/{}",
-                            p.metadata.namespace.unwrap_or_else(|| "default".into()),
-                            p.metadata.name.unwrap_or_default()
-                        );
-                        extra
-                            .annotations
-                            .insert(key, p.metadata.annotations.unwrap_or_default());
                     }
                 }
                 _ => {}
             }
         }
     }
-    extra
+    objects
+}
+
+/// Node addresses and pod annotations, and the rest as it is.
+fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
+    let mut nodes = HashMap::new();
+    for n in &objects.nodes {
+        let ip = n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .find(|a| a.type_ == "InternalIP")
+            .and_then(|a| a.address.parse().ok());
+        match (&n.metadata.name, ip) {
+            (Some(name), Some(ip)) => {
+                nodes.insert(name.clone(), ip);
+            }
+            (name, _) => errors.push(format!(
+                "Node {}: needs status.addresses with an InternalIP",
+                name.clone().unwrap_or_default()
+            )),
+        }
+    }
+    let annotations = objects
+        .policy
+        .pods
+        .iter()
+        .map(|p| {
+            (
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or("default"),
+                    p.metadata.name.as_deref().unwrap_or_default()
+                ),
+                p.metadata.annotations.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    Extra {
+        services: objects.services.clone(),
+        slices: objects.slices.clone(),
+        endpoints: objects.endpoints.clone(),
+        gateway: objects.gateway.clone(),
+        nodes,
+        annotations,
+    }
+}
+
+/// The state policy sees, and the rest, from either source.
+fn load(source: Source<'_>, td: &TrustDomain) -> Result<(State, Extra), SnapshotError> {
+    let mut errors = Vec::new();
+    let (state, extra) = match source {
+        Source::Dir(dir) => {
+            let state = load_state(dir, td)
+                .map_err(|d| SnapshotError::Invalid(d.iter().map(ToString::to_string).collect()))?;
+            let objects = read_objects(dir, &mut errors);
+            (Some(state), extra_from(&objects, &mut errors))
+        }
+        Source::Objects(objects) => {
+            let state = match state_from_objects(&objects.policy, td) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    errors.extend(e);
+                    None
+                }
+            };
+            (state, extra_from(objects, &mut errors))
+        }
+    };
+    match state {
+        Some(state) if errors.is_empty() => Ok((state, extra)),
+        _ => Err(SnapshotError::Invalid(errors)),
+    }
 }
 
 /// The Gateway API status the state directory's resources get (what `signet gateway status`
@@ -187,7 +257,8 @@ pub fn gateway_status(
     td: &TrustDomain,
 ) -> Result<crate::gateway::model::Status, SnapshotError> {
     let mut errors = Vec::new();
-    let mut extra = read_extra(dir, &mut errors);
+    let objects = read_objects(dir, &mut errors);
+    let mut extra = extra_from(&objects, &mut errors);
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }
@@ -209,9 +280,9 @@ fn services_and_gateway(
     (services, gateway)
 }
 
-/// Builds the snapshot for `node` from the state directory.
+/// Builds the snapshot for `node` from either source.
 pub fn build(
-    dir: &Path,
+    source: Source<'_>,
     td: &TrustDomain,
     node: &str,
     allocator: &dyn IdentityAllocator,
@@ -219,13 +290,7 @@ pub fn build(
     previous: Option<&Compiled>,
     capacity: usize,
 ) -> Result<Snapshot, SnapshotError> {
-    let state = load_state(dir, td)
-        .map_err(|d| SnapshotError::Invalid(d.iter().map(ToString::to_string).collect()))?;
-    let mut errors = Vec::new();
-    let mut extra = read_extra(dir, &mut errors);
-    if !errors.is_empty() {
-        return Err(SnapshotError::Invalid(errors));
-    }
+    let (state, mut extra) = load(source, td)?;
     let (services, gateway) = services_and_gateway(&mut extra, td);
     for w in &state.cluster.workloads {
         allocator.allocate(&w.identity)?;

@@ -1,0 +1,197 @@
+//! One model, two sources, for the whole agent: a cluster written as manifests in a state
+//! directory, and the same resources as typed objects (what the Kubernetes source's reflectors
+//! hold), must build the same snapshot — workloads, node addresses, numeric identities, this
+//! node's endpoints, Services, compiled policy and Gateway status.
+
+use signet_agent::state::snapshot::{self, ClusterObjects, EndpointIds, Snapshot, Source};
+use signet_ca::TrustDomain;
+use signet_policy::identity::MemoryAllocator;
+
+/// A TLS Secret with a fresh self-signed certificate for `host`.
+fn tls_secret(ns: &str, name: &str, host: &str) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let indent = |s: String| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\n\
+         stringData:\n  tls.crt: |\n{}  tls.key: |\n{}---\n",
+        indent(cert.pem()),
+        indent(key.serialize_pem())
+    )
+}
+
+const CLUSTER: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: shop}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, labels: {app: web}, annotations: {signet.dev/cgroup: web-0}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: c}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-0, namespace: shop, labels: {app: api}}
+spec: {nodeName: node-b, serviceAccountName: api, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.5, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: api, namespace: shop}
+subsets: [{addresses: [{ip: 10.2.0.2}], ports: [{name: http, port: 8080}]}]
+---
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}, {entity: gateway}]
+    ports: [{port: 8080}]
+    http: [{methods: [GET]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - {name: https, port: 8443, protocol: HTTPS, hostname: shop.example.test, tls: {certificateRefs: [{name: shop-tls}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{name: public}]
+  rules: [{backendRefs: [{name: api, port: 80}, {name: missing, port: 80}]}]
+---
+";
+
+fn objects_of(text: &str) -> ClusterObjects {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("all.yaml"), text).expect("write");
+    let mut errors = Vec::new();
+    let objects = snapshot::read_objects(dir.path(), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    objects
+}
+
+fn build(source: Source<'_>, node: &str) -> Snapshot {
+    snapshot::build(
+        source,
+        &TrustDomain::parse("cluster.local").expect("td"),
+        node,
+        &MemoryAllocator::default(),
+        &mut EndpointIds::default(),
+        None,
+        1 << 16,
+    )
+    .expect("snapshot")
+}
+
+#[test]
+fn a_state_directory_and_the_same_api_objects_build_the_same_snapshot() {
+    let text = format!(
+        "{CLUSTER}{}",
+        tls_secret("shop", "shop-tls", "shop.example.test")
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("all.yaml"), &text).expect("write");
+    // The objects are deserialised independently of the directory the file source reads.
+    let objects = objects_of(&text);
+    for node in ["node-a", "node-b"] {
+        let (a, b) = (
+            build(Source::Dir(dir.path()), node),
+            build(Source::Objects(&objects), node),
+        );
+        assert_eq!(a.state.cluster.workloads, b.state.cluster.workloads);
+        assert_eq!(a.nodes, b.nodes);
+        assert_eq!(a.identities, b.identities);
+        assert_eq!(a.local, b.local, "{node}'s endpoints");
+        assert_eq!(a.compiled, b.compiled, "{node}'s policy entries");
+        assert_eq!(a.services.cluster_ips(), b.services.cluster_ips());
+        assert_eq!(
+            serde_json::to_value(&a.gateway.status).expect("json"),
+            serde_json::to_value(&b.gateway.status).expect("json")
+        );
+        assert_eq!(a.local_identities(), b.local_identities());
+    }
+    // And the content is what the manifests say.
+    let a = build(Source::Objects(&objects), "node-a");
+    assert_eq!(a.local.len(), 1, "web-0 is node-a's only pod");
+    let b = build(Source::Objects(&objects), "node-b");
+    assert!(
+        !b.compiled.entries.is_empty(),
+        "api-0 is selected by a policy"
+    );
+    assert_eq!(
+        b.services.pick("10.96.0.5:80".parse().expect("vip")),
+        Some("10.2.0.2:8080".parse().expect("endpoint")),
+        "the Endpoints object is mirrored"
+    );
+    assert!(
+        b.identities
+            .keys()
+            .any(|id| id.as_str() == "spiffe://cluster.local/ns/shop/gateway/public"),
+        "the gateway has a number"
+    );
+    let route = &b.gateway.status.http_routes[0].parents[0].conditions;
+    assert!(
+        route.iter().any(|c| c.reason == "BackendNotFound"),
+        "{route:?}"
+    );
+}
+
+#[test]
+fn invalid_api_objects_are_named_and_refused_whole() {
+    let mut objects = objects_of(CLUSTER);
+    objects.policy.policies[0]
+        .spec
+        .ingress
+        .as_mut()
+        .expect("ingress")[0]
+        .from[0]
+        .identity = Some("not-a-spiffe-id".into());
+    objects.nodes[1].status = None;
+    let err = snapshot::build(
+        Source::Objects(&objects),
+        &TrustDomain::parse("cluster.local").expect("td"),
+        "node-a",
+        &MemoryAllocator::default(),
+        &mut EndpointIds::default(),
+        None,
+        1 << 16,
+    )
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        err.contains("IdentityPolicy shop/api: `spec.ingress[0].from[0].identity`"),
+        "{err}"
+    );
+    assert!(err.contains("Node node-b: needs status.addresses"), "{err}");
+}
