@@ -195,3 +195,118 @@ fn invalid_api_objects_are_named_and_refused_whole() {
     );
     assert!(err.contains("Node node-b: needs status.addresses"), "{err}");
 }
+
+mod kubernetes {
+    //! The Kubernetes source against kube-rs's test service (tower-test): a small API server
+    //! answers each reflector's list with the same manifests (as real API objects) and holds its
+    //! watch open. After the first sync the source holds exactly those objects.
+
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt as _, StreamBody, combinators::UnsyncBoxBody};
+    use hyper::body::Frame;
+    use kube::client::Body;
+    use signet_agent::state::kube::KubeSource;
+    use tokio_util::sync::CancellationToken;
+
+    type Reply = UnsyncBoxBody<Bytes, Infallible>;
+
+    /// The list path of each kind the agent watches.
+    fn list_path(kind: &str) -> Option<&'static str> {
+        Some(match kind {
+            "Namespace" => "/api/v1/namespaces",
+            "Pod" => "/api/v1/pods",
+            "Service" => "/api/v1/services",
+            "Endpoints" => "/api/v1/endpoints",
+            "Node" => "/api/v1/nodes",
+            "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
+            "IdentityPolicy" => "/apis/signet.dev/v1alpha1/identitypolicies",
+            "GatewayClass" => "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+            "Gateway" => "/apis/gateway.networking.k8s.io/v1/gateways",
+            "HTTPRoute" => "/apis/gateway.networking.k8s.io/v1/httproutes",
+            "ReferenceGrant" => "/apis/gateway.networking.k8s.io/v1/referencegrants",
+            _ => return None,
+        })
+    }
+
+    fn api_server(manifests: &str) -> kube::Client {
+        let mut lists: std::collections::BTreeMap<&'static str, Vec<serde_json::Value>> =
+            std::collections::BTreeMap::new();
+        for doc in serde_yaml::Deserializer::from_str(manifests) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+            if let Some(path) = v["kind"].as_str().and_then(list_path) {
+                lists.entry(path).or_default().push(v);
+            }
+        }
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Reply>>();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let query = req.uri().query().unwrap_or("").to_owned();
+                let path = req.uri().path().to_owned();
+                if query.contains("watch=true") {
+                    // A watch that stays open with nothing to say.
+                    let quiet = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+                    let body = StreamBody::new(quiet).boxed_unsync();
+                    send.send_response(Response::new(body));
+                    continue;
+                }
+                let items = lists.get(path.as_str()).cloned().unwrap_or_default();
+                let list = serde_json::json!({
+                    "apiVersion": "v1", "kind": "List",
+                    "metadata": {"resourceVersion": "7"}, "items": items,
+                });
+                let body = http_body_util::Full::new(Bytes::from(list.to_string())).boxed_unsync();
+                let mut resp = Response::new(body);
+                *resp.status_mut() = StatusCode::OK;
+                send.send_response(resp);
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    fn names<T: serde::Serialize>(list: &[T]) -> Vec<String> {
+        let mut v: Vec<String> = list
+            .iter()
+            .map(|o| {
+                let j = serde_json::to_value(o).expect("json");
+                format!("{}/{}", j["metadata"]["namespace"], j["metadata"]["name"])
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn after_its_first_sync_the_kubernetes_source_holds_what_the_manifests_say() {
+        let stop = CancellationToken::new();
+        let source = KubeSource::start(api_server(super::CLUSTER), "signet-system", &stop);
+        tokio::time::timeout(std::time::Duration::from_secs(10), source.synced())
+            .await
+            .expect("every reflector synced");
+        let got = source.objects();
+        let want = super::objects_of(super::CLUSTER);
+        assert_eq!(
+            names(&got.policy.namespaces),
+            names(&want.policy.namespaces)
+        );
+        assert_eq!(names(&got.policy.pods), names(&want.policy.pods));
+        assert_eq!(names(&got.policy.policies), names(&want.policy.policies));
+        assert_eq!(names(&got.services), names(&want.services));
+        assert_eq!(names(&got.endpoints), names(&want.endpoints));
+        assert_eq!(names(&got.nodes), names(&want.nodes));
+        assert_eq!(names(&got.gateway.classes), names(&want.gateway.classes));
+        assert_eq!(names(&got.gateway.gateways), names(&want.gateway.gateways));
+        assert_eq!(names(&got.gateway.routes), names(&want.gateway.routes));
+        assert!(!got.policy.pods.is_empty());
+        // And they build the same snapshot as the manifests.
+        for node in ["node-a", "node-b"] {
+            let a = super::build(super::Source::Objects(&got), node);
+            let b = super::build(super::Source::Objects(&want), node);
+            assert_eq!(a.compiled, b.compiled, "{node}");
+            assert_eq!(a.local, b.local, "{node}");
+        }
+        stop.cancel();
+    }
+}

@@ -1,0 +1,163 @@
+//! The Kubernetes source: kube-rs reflectors on every resource the agent reads, feeding the same
+//! `ClusterObjects` the state directory gives (DESIGN.md, "Cluster state: one model, two
+//! sources"). Watchers relist and reconnect with kube-runtime's default backoff; `synced` stays
+//! false until every reflector has completed its first full list, and readiness waits for it.
+//!
+//! TLS Secrets are watched only in the agent's own namespace: the agent has no cluster-wide
+//! Secret access; Secrets that Gateways reference are copied there (as Cilium does).
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use serde::de::DeserializeOwned;
+use signet_policy::IdentityPolicy;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::snapshot::ClusterObjects;
+
+/// The reflectors' stores, and a signal for every change.
+#[derive(Clone)]
+pub struct KubeSource {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    policies: Store<IdentityPolicy>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    endpoints: Store<Endpoints>,
+    nodes: Store<Node>,
+    classes: Store<GatewayClass>,
+    gateways: Store<Gateway>,
+    routes: Store<HttpRoute>,
+    grants: Store<ReferenceGrant>,
+    secrets: Store<Secret>,
+    changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource").finish_non_exhaustive()
+    }
+}
+
+/// Starts a reflector for `api`; its task ends with `stop`.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+    stop: &CancellationToken,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let (changed, stop) = (changed.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Err(e)) => tracing::warn!(
+                        kind = %K::kind(&K::DynamicType::default()),
+                        error = %e,
+                        "watch failed; retrying with backoff"
+                    ),
+                    None => return,
+                },
+            }
+        }
+    });
+    reader
+}
+
+impl KubeSource {
+    /// Starts every reflector. `agent_namespace` is where the TLS Secrets Gateways use are.
+    pub fn start(client: kube::Client, agent_namespace: &str, stop: &CancellationToken) -> Self {
+        let changed = Arc::new(Notify::new());
+        let all = watcher::Config::default();
+        let c = &client;
+        Self {
+            namespaces: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            pods: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            policies: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            services: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            slices: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            endpoints: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            nodes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            classes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            gateways: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            secrets: reflect(
+                Api::namespaced(c.clone(), agent_namespace),
+                all.fields("type=kubernetes.io/tls"),
+                &changed,
+                stop,
+            ),
+            changed,
+        }
+    }
+
+    /// Waits until every reflector has listed its resource once.
+    pub async fn synced(&self) {
+        let _ = tokio::join!(
+            self.namespaces.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.policies.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.slices.wait_until_ready(),
+            self.endpoints.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+            self.classes.wait_until_ready(),
+            self.gateways.wait_until_ready(),
+            self.routes.wait_until_ready(),
+            self.grants.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+        );
+    }
+
+    /// Completes at the next change after the last call (changes in between coalesce).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// What the stores hold now.
+    pub fn objects(&self) -> ClusterObjects {
+        fn all<K: Resource + Clone>(s: &Store<K>) -> Vec<K>
+        where
+            K::DynamicType: Eq + Hash + Clone,
+        {
+            s.state().iter().map(|o| (**o).clone()).collect()
+        }
+        let mut objects = ClusterObjects::default();
+        objects.policy.namespaces = all(&self.namespaces);
+        objects.policy.pods = all(&self.pods);
+        objects.policy.policies = all(&self.policies);
+        objects.services = all(&self.services);
+        objects.slices = all(&self.slices);
+        objects.endpoints = all(&self.endpoints);
+        objects.nodes = all(&self.nodes);
+        objects.gateway.classes = all(&self.classes);
+        objects.gateway.gateways = all(&self.gateways);
+        objects.gateway.routes = all(&self.routes);
+        objects.gateway.grants = all(&self.grants);
+        objects.gateway.secrets = all(&self.secrets);
+        objects
+    }
+}
