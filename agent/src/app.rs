@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use signet_bpf::maps::EndpointValue;
 use signet_ca::client::CaClient;
 use signet_ca::verify::SvidRoots;
-use signet_policy::identity::FileAllocator;
+use signet_policy::identity::{FileAllocator, FixedAllocator};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,12 +21,14 @@ use tokio_util::task::TaskTracker;
 use crate::admin::metrics::{Gauges, Metrics, Reporter};
 use crate::admin::{self, AdminState};
 use crate::certs::CertManager;
-use crate::config::{AgentConfig, MtlsMode};
+use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use crate::identity::kube::KubeIdentities;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
+use crate::state::kube::KubeSource;
 use crate::state::snapshot::{self, EndpointIds, Snapshot};
 
 /// A running agent.
@@ -50,18 +52,51 @@ impl std::fmt::Debug for Agent {
 struct Reconciler {
     config: AgentConfig,
     datapath: KernelDatapath,
-    allocator: FileAllocator,
+    identities: Identities,
     endpoint_ids: EndpointIds,
+    /// The Kubernetes source, in that mode.
+    kube: Option<KubeSource>,
+}
+
+/// Numeric identities: a shared file (standalone) or `SignetIdentity` objects (Kubernetes), the
+/// latter allocated before each build and cached.
+enum Identities {
+    File(FileAllocator),
+    Kube {
+        api: KubeIdentities,
+        known: FixedAllocator,
+    },
 }
 
 impl Reconciler {
     /// Builds a snapshot and writes it into the datapath. On error nothing is written.
-    fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+    async fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+        let objects = self.kube.as_ref().map(KubeSource::objects);
+        let source = match (&self.config.source, &objects) {
+            (ClusterSource::Dir { state_dir, .. }, _) => snapshot::Source::Dir(state_dir),
+            (ClusterSource::Kubernetes, Some(o)) => snapshot::Source::Objects(o),
+            (ClusterSource::Kubernetes, None) => {
+                anyhow::bail!("the Kubernetes source is not running")
+            }
+        };
+        let allocator: &dyn signet_policy::identity::IdentityAllocator = match &mut self.identities
+        {
+            Identities::File(f) => f,
+            Identities::Kube { api, known } => {
+                for id in snapshot::identities_needed(source, &self.config.trust_domain)? {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = known.0.entry(id) {
+                        let n = api.allocate(slot.key()).await?;
+                        slot.insert(n);
+                    }
+                }
+                known
+            }
+        };
         let snap = snapshot::build(
-            snapshot::Source::Dir(&self.config.cluster_state_dir),
+            source,
             &self.config.trust_domain,
             &self.config.node,
-            &self.allocator,
+            allocator,
             &mut self.endpoint_ids,
             previous.map(|s| &s.compiled),
             MapSizes::default().policy as usize,
@@ -223,19 +258,40 @@ impl Agent {
         .context("connecting to the CA")?;
         let certs = CertManager::new(ca, config.agent_identity.clone(), config.svid_ttl);
 
+        let stop = CancellationToken::new();
+        let (identities, kube) = match &config.source {
+            ClusterSource::Dir { identity_table, .. } => {
+                (Identities::File(FileAllocator::new(identity_table)), None)
+            }
+            ClusterSource::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster configuration)")?;
+                let source = KubeSource::start(client.clone(), &config.agent_namespace, &stop);
+                // Not ready, and nothing applied, before every resource has been listed once.
+                source.synced().await;
+                tracing::info!("Kubernetes resources synced");
+                let identities = Identities::Kube {
+                    api: KubeIdentities::new(client),
+                    known: FixedAllocator::default(),
+                };
+                (identities, Some(source))
+            }
+        };
         let mut reconciler = Reconciler {
-            allocator: FileAllocator::new(&config.identity_table),
+            identities,
             datapath,
             endpoint_ids: EndpointIds::default(),
             config: config.clone(),
+            kube,
         };
         let first = reconciler
             .apply(None)
+            .await
             .context("loading the cluster state")?;
         certs.set_identities(&first.local_identities());
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
 
-        let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Arc::new(Metrics::default());
         let connections = Arc::new(Connections::default());
@@ -437,20 +493,38 @@ async fn watch_state(
     stop: CancellationToken,
 ) {
     use signet_ca::server::authz::fingerprint;
-    let dir = reconciler.config.cluster_state_dir.clone();
-    let mut seen = fingerprint(&dir);
+    let dir = match &reconciler.config.source {
+        ClusterSource::Dir { state_dir, .. } => Some(state_dir.clone()),
+        ClusterSource::Kubernetes => None,
+    };
+    let mut seen = dir.as_deref().map(fingerprint);
+    let kube = reconciler.kube.clone();
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        match (&dir, &kube) {
+            // Standalone: poll the directory's fingerprint.
+            (Some(dir), _) => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let now = Some(fingerprint(dir));
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+            }
+            // Kubernetes: wait for a watch event, then let a burst of them settle.
+            (None, Some(source)) => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = source.changed() => {}
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (None, None) => return,
         }
-        let now = fingerprint(&dir);
-        if now == seen {
-            continue;
-        }
-        seen = now;
         let previous = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let result = reconciler.apply(Some(&previous));
+        let result = reconciler.apply(Some(&previous)).await;
         match result {
             Ok(next) => {
                 certs.set_identities(&next.local_identities());

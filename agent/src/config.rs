@@ -6,6 +6,7 @@
 //! trustDomain: cluster.local
 //! clusterStateDir: /etc/signet/state        # Kubernetes manifests (standalone mode)
 //! identityTable: /var/lib/signet/identities.json
+//! # kubernetes: true                        # instead of the two above: the API server
 //! ca:
 //!   address: 10.77.0.1:15012
 //!   serverName: localhost                   # name in the CA's serving certificate
@@ -61,8 +62,11 @@ struct Raw {
     node: String,
     #[serde(default = "default_td")]
     trust_domain: String,
-    cluster_state_dir: PathBuf,
-    identity_table: PathBuf,
+    cluster_state_dir: Option<PathBuf>,
+    identity_table: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API (in-cluster configuration) instead of a directory.
+    #[serde(default)]
+    kubernetes: bool,
     ca: RawCa,
     datapath: RawDatapath,
     listen: RawListen,
@@ -186,14 +190,27 @@ fn default_mark() -> u32 {
     0x5167
 }
 
+/// Where the cluster's resources come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// Standalone: a directory of manifests, numeric identities in a shared file.
+    Dir {
+        state_dir: PathBuf,
+        identity_table: PathBuf,
+    },
+    /// The API server (in-cluster configuration); numeric identities as `SignetIdentity`s.
+    Kubernetes,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
     pub trust_domain: TrustDomain,
     pub agent_identity: SpiffeId,
-    pub cluster_state_dir: PathBuf,
-    pub identity_table: PathBuf,
+    /// The agent's namespace (its service account, and where Gateway TLS Secrets are copied).
+    pub agent_namespace: String,
+    pub source: ClusterSource,
     pub ca_address: String,
     pub ca_server_name: String,
     /// The trust anchor, PEM.
@@ -307,6 +324,24 @@ impl AgentConfig {
                 "datapath.proxyMark must not be 0 (unmarked traffic)".into(),
             ));
         }
+        let source = match (raw.kubernetes, &raw.cluster_state_dir, &raw.identity_table) {
+            (true, None, None) => ClusterSource::Kubernetes,
+            (true, _, _) => {
+                return Err(invalid(
+                    "kubernetes: true reads the cluster from the API; leave out clusterStateDir and identityTable".into(),
+                ));
+            }
+            (false, Some(dir), Some(table)) => ClusterSource::Dir {
+                state_dir: resolve(dir),
+                identity_table: resolve(table),
+            },
+            (false, _, _) => {
+                return Err(invalid(
+                    "give clusterStateDir and identityTable (standalone), or kubernetes: true"
+                        .into(),
+                ));
+            }
+        };
         let bpffs_dir = raw
             .datapath
             .bpffs_dir
@@ -315,8 +350,8 @@ impl AgentConfig {
         Ok(Self {
             trust_domain,
             agent_identity,
-            cluster_state_dir: resolve(&raw.cluster_state_dir),
-            identity_table: resolve(&raw.identity_table),
+            source,
+            agent_namespace: raw.agent_namespace.clone(),
             ca_address: raw.ca.address,
             ca_server_name: raw.ca.server_name,
             ca_root_pem,
@@ -411,7 +446,13 @@ mod tests {
         assert_eq!(c.mtls_mode, MtlsMode::Strict);
         assert_eq!(c.ca_token, "secret");
         assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/signet/node-a"));
-        assert_eq!(c.cluster_state_dir, dir.path().join("state"));
+        assert_eq!(
+            c.source,
+            ClusterSource::Dir {
+                state_dir: dir.path().join("state"),
+                identity_table: dir.path().join("ids.json")
+            }
+        );
         assert_eq!(
             c.agent_identity.as_str(),
             "spiffe://cluster.local/ns/signet-system/sa/signet-agent"
@@ -427,6 +468,18 @@ mod tests {
     #[test]
     fn mistakes_are_named() {
         let dir = setup();
+        let both = yaml("kubernetes: true\n");
+        let e = parse(dir.path(), &both)
+            .expect_err("both sources")
+            .to_string();
+        assert!(e.contains("leave out clusterStateDir"), "{e}");
+        let k8s = yaml("kubernetes: true\n")
+            .replace("clusterStateDir: state\n", "")
+            .replace("identityTable: ids.json\n", "");
+        assert_eq!(
+            parse(dir.path(), &k8s).expect("kubernetes").source,
+            ClusterSource::Kubernetes
+        );
         let e = parse(dir.path(), &yaml("mtlsMode: loose\n"))
             .expect_err("bad mode")
             .to_string();

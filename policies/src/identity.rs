@@ -54,6 +54,8 @@ pub enum AllocError {
     Corrupt { path: PathBuf, reason: String },
     #[error("identity numbers exhausted")]
     Exhausted,
+    #[error("no number has been allocated for {0} yet")]
+    NotAllocated(SpiffeId),
     #[error("{0}")]
     Store(#[from] signet_ca::store::StoreError),
 }
@@ -112,6 +114,23 @@ pub trait IdentityAllocator: Send + Sync {
     fn allocate(&self, id: &SpiffeId) -> Result<u32, AllocError>;
     /// Every allocated identity.
     fn snapshot(&self) -> Result<BTreeMap<SpiffeId, u32>, AllocError>;
+}
+
+/// Numbers decided elsewhere (the Kubernetes API), looked up; asking for an identity without one
+/// is an error, not an allocation.
+#[derive(Debug, Default, Clone)]
+pub struct FixedAllocator(pub BTreeMap<SpiffeId, u32>);
+
+impl IdentityAllocator for FixedAllocator {
+    fn allocate(&self, id: &SpiffeId) -> Result<u32, AllocError> {
+        self.0
+            .get(id)
+            .copied()
+            .ok_or_else(|| AllocError::NotAllocated(id.clone()))
+    }
+    fn snapshot(&self) -> Result<BTreeMap<SpiffeId, u32>, AllocError> {
+        Ok(self.0.clone())
+    }
 }
 
 /// Allocation in memory, for tests, benchmarks and one-shot CLI runs.

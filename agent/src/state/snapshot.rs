@@ -280,6 +280,26 @@ fn services_and_gateway(
     (services, gateway)
 }
 
+/// The identities a snapshot of `source` numbers: every workload's and every served Gateway's.
+/// The Kubernetes mode allocates these through the API before building.
+pub fn identities_needed(
+    source: Source<'_>,
+    td: &TrustDomain,
+) -> Result<Vec<SpiffeId>, SnapshotError> {
+    let (state, mut extra) = load(source, td)?;
+    let (_, gateway) = services_and_gateway(&mut extra, td);
+    let mut ids: Vec<SpiffeId> = state
+        .cluster
+        .workloads
+        .iter()
+        .map(|w| w.identity.clone())
+        .chain(gateway.identities())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// Builds the snapshot for `node` from either source.
 pub fn build(
     source: Source<'_>,
