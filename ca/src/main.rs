@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use signet_ca::server::CaServer;
-use signet_ca::server::config::ServerConfig;
+use signet_ca::server::config::{CaCluster, ServerConfig};
+use signet_ca::server::kube::watch_cluster;
+use signet_ca::server::tokenreview::TokenReviewAuthenticator;
 use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
 use tokio_util::sync::CancellationToken;
 
@@ -217,10 +219,26 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let server = CaServer::bind(config).await?;
+        let shutdown = CancellationToken::new();
+        let server = match config.cluster {
+            CaCluster::Dir(_) => CaServer::bind(config).await?,
+            CaCluster::Kubernetes => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API (in-cluster configuration)")?;
+                let auth = std::sync::Arc::new(TokenReviewAuthenticator::new(
+                    client.clone(),
+                    &config.agent_namespace,
+                    "signet-agent",
+                ));
+                let server = CaServer::bind_with(config, auth).await?;
+                // Serve only once the view of who runs where is loaded.
+                watch_cluster(client, server.authorizer(), shutdown.clone()).await;
+                server
+            }
+        };
         let addr = server.local_addr()?;
         tracing::info!(%addr, "signet-ca serving IstioCertificateService");
-        let shutdown = CancellationToken::new();
         let mut task = tokio::spawn(server.run(shutdown.clone()));
         tokio::select! {
             result = &mut task => return result.context("server task")?.map_err(Into::into),

@@ -143,7 +143,8 @@ fn collect(value: serde_yaml::Value, pods: &mut Vec<ScheduledPod>) -> Result<(),
     }
 }
 
-fn scheduled(pod: Pod) -> Option<ScheduledPod> {
+/// A pod as authorisation sees it, if it is scheduled and not finished.
+pub fn scheduled(pod: Pod) -> Option<ScheduledPod> {
     let spec = pod.spec?;
     let node = spec.node_name?;
     let finished = matches!(
@@ -242,7 +243,8 @@ pub fn load_gateways(dir: &Path) -> Result<Vec<(String, String)>, StateError> {
 pub struct NodeAuthorizer {
     trust_domain: TrustDomain,
     agent_identity: SpiffeId,
-    dir: PathBuf,
+    /// `None` when the API server feeds it (`replace`).
+    dir: Option<PathBuf>,
     index: RwLock<Arc<Index>>,
     seen: Mutex<Fingerprint>,
 }
@@ -260,24 +262,45 @@ impl NodeAuthorizer {
         Ok(Self {
             trust_domain,
             agent_identity,
-            dir: dir.to_owned(),
+            dir: Some(dir.to_owned()),
             index: RwLock::new(Arc::new(index(&pods, gateways))),
             seen: Mutex::new(seen),
         })
     }
 
+    /// Empty until `replace` gives it the cluster (Kubernetes mode): until then every workload
+    /// identity is refused, which is the safe way to be wrong.
+    pub fn from_api(trust_domain: TrustDomain, agent_identity: SpiffeId) -> Self {
+        Self {
+            trust_domain,
+            agent_identity,
+            dir: None,
+            index: RwLock::new(Arc::default()),
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Puts a new view of the cluster in force: scheduled pods, and `(namespace, name)` of the
+    /// Gateways of Signet's GatewayClass.
+    pub fn replace(&self, pods: &[ScheduledPod], gateways: Vec<(String, String)>) {
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(pods, gateways));
+    }
+
     /// Re-reads the directory if any file changed. On a parse error the previous pods stay in
     /// force and the error is returned for logging. `Ok(true)` means new state was loaded.
     pub fn refresh(&self) -> Result<bool, StateError> {
-        let now = fingerprint(&self.dir);
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let now = fingerprint(dir);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if *seen == now {
             return Ok(false);
         }
         // Remember the fingerprint even on failure, so a broken file is reported once per change.
         *seen = now;
-        let pods = load_pods(&self.dir)?;
-        let gateways = load_gateways(&self.dir)?;
+        let pods = load_pods(dir)?;
+        let gateways = load_gateways(dir)?;
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(&pods, gateways));
         Ok(true)
     }

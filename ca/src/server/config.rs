@@ -44,7 +44,10 @@ struct RawConfig {
     listen: SocketAddr,
     state_dir: Option<PathBuf>,
     cacerts_dir: Option<PathBuf>,
-    cluster_state_dir: PathBuf,
+    cluster_state_dir: Option<PathBuf>,
+    /// In a cluster: agents authenticate with TokenReview, pods and Gateways come from the API.
+    #[serde(default)]
+    kubernetes: bool,
     #[serde(default = "default_agent_namespace")]
     agent_namespace: String,
     #[serde(default = "default_serving_names")]
@@ -196,12 +199,24 @@ fn request_timeout() -> u64 {
     15
 }
 
+/// Where the CA learns which pods run on which node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaCluster {
+    /// A directory of manifests; agents authenticate with the per-node tokens in `nodes`.
+    Dir(PathBuf),
+    /// The API server: TokenReview for agents, Pods and Gateways watched.
+    Kubernetes,
+}
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub ca: CaSettings,
     pub listen: SocketAddr,
-    pub cluster_state_dir: PathBuf,
+    /// Where pods (who runs where) and Gateways come from.
+    pub cluster: CaCluster,
+    /// The namespace of the agents' (and the CA's) service accounts.
+    pub agent_namespace: String,
     /// Every node agent's own identity: `spiffe://<td>/ns/<agentNamespace>/sa/signet-agent`.
     pub agent_identity: SpiffeId,
     /// The CA server's identity in its serving certificate.
@@ -275,6 +290,21 @@ impl ServerConfig {
                 )));
             }
         }
+        let cluster = match (&raw.cluster_state_dir, raw.kubernetes) {
+            (Some(dir), false) => CaCluster::Dir(resolve(dir)),
+            (None, true) if raw.nodes.is_empty() => CaCluster::Kubernetes,
+            (None, true) => {
+                return Err(invalid(
+                    "kubernetes: true authenticates agents with TokenReview; leave out `nodes`"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "set exactly one of `clusterStateDir` and `kubernetes: true`".into(),
+                ));
+            }
+        };
         if raw.serving_names.is_empty() {
             return Err(invalid("servingNames must name at least one host".into()));
         }
@@ -284,7 +314,8 @@ impl ServerConfig {
         Ok(Self {
             ca,
             listen: raw.listen,
-            cluster_state_dir: resolve(&raw.cluster_state_dir),
+            cluster,
+            agent_namespace: raw.agent_namespace.clone(),
             agent_identity,
             server_identity,
             serving_names: raw.serving_names,
@@ -313,7 +344,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.listen.port(), 15012);
         assert_eq!(c.ca.source, CaSource::StateDir("/etc/signet/ca".into()));
-        assert_eq!(c.cluster_state_dir, PathBuf::from("/state"));
+        assert_eq!(c.cluster, CaCluster::Dir(PathBuf::from("/state")));
         assert_eq!(
             c.agent_identity.as_str(),
             "spiffe://cluster.local/ns/signet-system/sa/signet-agent"
@@ -346,5 +377,35 @@ mod tests {
         )
         .expect_err("default above max");
         assert!(e.to_string().contains("default"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_mode_replaces_the_directory_and_the_node_tokens() {
+        let c = parse(
+            "trustDomain: td
+cacertsDir: /etc/cacerts
+kubernetes: true
+",
+        )
+        .expect("kubernetes");
+        assert_eq!(c.cluster, CaCluster::Kubernetes);
+        assert_eq!(c.agent_namespace, "signet-system");
+        let e = parse(
+            "trustDomain: td
+stateDir: x
+kubernetes: true
+clusterStateDir: y
+",
+        )
+        .expect_err("both");
+        assert!(
+            e.to_string().contains("exactly one of `clusterStateDir`"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "trustDomain: td\nstateDir: x\nkubernetes: true\nnodes: [{{name: a, tokenSha256: {HASH}}}]\n"
+        ))
+        .expect_err("tokens in kubernetes mode");
+        assert!(e.to_string().contains("leave out `nodes`"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod grpc;
+pub mod kube;
 pub mod tls;
 pub mod tokenreview;
 
@@ -74,11 +75,17 @@ impl CaServer {
         auth: Arc<dyn Authenticator>,
     ) -> Result<Self, ServerError> {
         let ca = Arc::new(CertificateAuthority::open(config.ca.clone())?);
-        let authz = Arc::new(NodeAuthorizer::new(
-            config.ca.trust_domain.clone(),
-            config.agent_identity.clone(),
-            &config.cluster_state_dir,
-        )?);
+        let authz = Arc::new(match &config.cluster {
+            config::CaCluster::Dir(dir) => NodeAuthorizer::new(
+                config.ca.trust_domain.clone(),
+                config.agent_identity.clone(),
+                dir,
+            )?,
+            config::CaCluster::Kubernetes => NodeAuthorizer::from_api(
+                config.ca.trust_domain.clone(),
+                config.agent_identity.clone(),
+            ),
+        });
         let serving = ServingCert::new(
             ca.clone(),
             config.server_identity.clone(),
@@ -103,6 +110,11 @@ impl CaServer {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Who may obtain what; the Kubernetes watcher (`kube::watch_cluster`) feeds it.
+    pub fn authorizer(&self) -> Arc<NodeAuthorizer> {
+        self.authz.clone()
     }
 
     pub fn authority(&self) -> Arc<CertificateAuthority> {
