@@ -255,7 +255,8 @@ impl Agent {
             &config.ca_token,
         )
         .await
-        .context("connecting to the CA")?;
+        .context("connecting to the CA")?
+        .with_token_file(config.ca_token_file.clone());
         let certs = CertManager::new(ca, config.agent_identity.clone(), config.svid_ttl);
 
         let stop = CancellationToken::new();

@@ -216,6 +216,8 @@ pub struct AgentConfig {
     /// The trust anchor, PEM.
     pub ca_root_pem: String,
     pub ca_token: String,
+    /// Where the token is: re-read for every certificate request (projected tokens rotate).
+    pub ca_token_file: PathBuf,
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub proxy_mark: u32,
@@ -356,6 +358,7 @@ impl AgentConfig {
             ca_server_name: raw.ca.server_name,
             ca_root_pem,
             ca_token,
+            ca_token_file: token_file,
             cgroup_root: resolve(&raw.datapath.cgroup_root),
             bpffs_dir,
             proxy_mark: raw.datapath.proxy_mark,

@@ -38,6 +38,9 @@ pub struct CaClient {
     istio: IstioCertificateServiceClient<Channel>,
     bundle: TrustBundleServiceClient<Channel>,
     authorization: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    /// When set, the token is read from here for every request: a projected service-account
+    /// token is rotated in place by the kubelet.
+    token_file: Option<std::sync::Arc<std::path::PathBuf>>,
 }
 
 impl CaClient {
@@ -75,7 +78,29 @@ impl CaClient {
             istio: IstioCertificateServiceClient::new(channel.clone()),
             bundle: TrustBundleServiceClient::new(channel),
             authorization,
+            token_file: None,
         })
+    }
+
+    /// Re-reads the bearer token from `path` before every request (the token given to
+    /// `connect` is the first one).
+    pub fn with_token_file(mut self, path: std::path::PathBuf) -> Self {
+        self.token_file = Some(std::sync::Arc::new(path));
+        self
+    }
+
+    fn authorization(
+        &self,
+    ) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, tonic::Status> {
+        let Some(path) = &self.token_file else {
+            return Ok(self.authorization.clone());
+        };
+        let token = std::fs::read_to_string(path.as_path()).map_err(|e| {
+            tonic::Status::unauthenticated(format!("token file {}: {e}", path.display()))
+        })?;
+        format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| tonic::Status::unauthenticated("token is not valid in an HTTP header"))
     }
 
     /// Asks for an SVID; `impersonate` names the workload when a node agent asks on its behalf.
@@ -100,7 +125,7 @@ impl CaClient {
             metadata,
         });
         req.metadata_mut()
-            .insert("authorization", self.authorization.clone());
+            .insert("authorization", self.authorization()?);
         Ok(self
             .istio
             .create_certificate(req)
@@ -112,7 +137,7 @@ impl CaClient {
     pub async fn trust_bundle(&mut self) -> Result<TrustBundleResponse, tonic::Status> {
         let mut req = tonic::Request::new(TrustBundleRequest {});
         req.metadata_mut()
-            .insert("authorization", self.authorization.clone());
+            .insert("authorization", self.authorization()?);
         Ok(self.bundle.get_trust_bundle(req).await?.into_inner())
     }
 }
