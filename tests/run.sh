@@ -15,6 +15,8 @@ command -v clang >/dev/null 2>&1 || [ -n "${BPF_CLANG:-}" ] || missing+=(clang)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || missing+=(bpftool)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# deploy/ is validated with kubernetes-validate (PyPI) in a virtual environment.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo_if_needed apt-get update -qq
@@ -36,6 +38,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+# Every manifest in deploy/ against the Kubernetes OpenAPI schemas, and custom resources
+# against their CRDs.
+venv="$CARGO_TARGET_DIR/manifest-venv"
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q kubernetes-validate
+fi
+"$venv/bin/python3" tests/validate_manifests.py
 # The README's demo, end to end, as a smoke test (root only: it builds network namespaces).
 if [ "$(id -u)" -eq 0 ]; then
     SIGNET_DEMO_NAME="signet-ci-$$" deploy/local/demo.sh 2>&1 | tail -n 25

@@ -393,6 +393,35 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// The same configuration for a given node name and address (one file for a whole
+    /// DaemonSet). The default bpffs folder follows the name.
+    pub fn for_node(
+        mut self,
+        node: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(node) = node {
+            if !signet_policy::model::is_dns_label(node) {
+                return Err(ConfigError::Invalid {
+                    path: PathBuf::from("--node"),
+                    reason: format!("`{node}` must be a DNS label"),
+                });
+            }
+            if self.bpffs_dir == PathBuf::from("/sys/fs/bpf/signet").join(&self.node) {
+                self.bpffs_dir = PathBuf::from("/sys/fs/bpf/signet").join(node);
+            }
+            node.clone_into(&mut self.node);
+        }
+        if let Some(ip) = ip {
+            self.outbound.set_ip(ip);
+            self.inbound.set_ip(ip);
+            self.gateway_ip = ip;
+        }
+        Ok(self)
+    }
+}
+
 /// Reads a token file, refusing one that group or others can read.
 fn read_secret(path: &Path) -> Result<String, String> {
     let meta =
@@ -465,6 +494,26 @@ mod tests {
                 .expect("valid")
                 .mtls_mode,
             MtlsMode::Permissive
+        );
+    }
+
+    #[test]
+    fn one_file_serves_every_node_of_a_daemonset() {
+        let dir = setup();
+        let c = parse(dir.path(), &yaml(""))
+            .expect("valid")
+            .for_node(Some("worker-7"), Some("10.0.3.7".parse().expect("ip")))
+            .expect("node");
+        assert_eq!(c.node, "worker-7");
+        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/signet/worker-7"));
+        assert_eq!(c.outbound.to_string(), "10.0.3.7:15001");
+        assert_eq!(c.inbound.to_string(), "10.0.3.7:15008");
+        assert_eq!(c.gateway_ip.to_string(), "10.0.3.7");
+        assert!(
+            parse(dir.path(), &yaml(""))
+                .expect("valid")
+                .for_node(Some("Not_A_Label"), None)
+                .is_err()
         );
     }
 

@@ -16,6 +16,14 @@ struct Args {
     /// Enter this network namespace (`/run/netns/NAME`) first: one agent per simulated node.
     #[arg(long)]
     netns: Option<String>,
+    /// This node's name, overriding the configuration's `node` (a DaemonSet passes
+    /// `$(NODE_NAME)` from the downward API).
+    #[arg(long)]
+    node: Option<String>,
+    /// This node's address, replacing the IP of `listen.outbound`, `listen.inbound` and the
+    /// gateway address (ports stay as configured); a DaemonSet passes `$(NODE_IP)`.
+    #[arg(long)]
+    node_ip: Option<std::net::IpAddr>,
     /// Remove everything this node's agent pinned and attached, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -46,7 +54,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = AgentConfig::load(&args.config)?;
+    let config = AgentConfig::load(&args.config)?.for_node(args.node.as_deref(), args.node_ip)?;
     if args.cleanup {
         signet_agent::datapath::loader::cleanup(&config.bpffs_dir)?;
         println!("removed {}", config.bpffs_dir.display());
