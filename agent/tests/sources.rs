@@ -252,7 +252,35 @@ mod kubernetes {
                     send.send_response(Response::new(body));
                     continue;
                 }
-                let items = lists.get(path.as_str()).cloned().unwrap_or_default();
+                let items = if path == "/api/v1/namespaces/signet-system/secrets" {
+                    // The CA's copy of shop/shop-tls (see `tls_copies`).
+                    let mut copy: serde_json::Value = serde_yaml::from_str(
+                        super::tls_secret(
+                            "signet-system",
+                            "gateway-tls.shop.shop-tls",
+                            "shop.example.test",
+                        )
+                        .strip_suffix("---\n")
+                        .expect("one document"),
+                    )
+                    .expect("secret");
+                    copy["metadata"]["annotations"] = serde_json::json!({
+                        "signet.dev/source-namespace": "shop", "signet.dev/source-name": "shop-tls"});
+                    // Serve it as the API does: base64 `data`, not `stringData`.
+                    let mut data = serde_json::Map::new();
+                    for (k, v) in copy["stringData"].as_object().expect("stringData") {
+                        let bytes = v.as_str().expect("text").as_bytes().to_vec();
+                        data.insert(
+                            k.clone(),
+                            serde_json::to_value(k8s_openapi::ByteString(bytes)).expect("b64"),
+                        );
+                    }
+                    copy.as_object_mut().expect("object").remove("stringData");
+                    copy["data"] = serde_json::Value::Object(data);
+                    vec![copy]
+                } else {
+                    lists.get(path.as_str()).cloned().unwrap_or_default()
+                };
                 let list = serde_json::json!({
                     "apiVersion": "v1", "kind": "List",
                     "metadata": {"resourceVersion": "7"}, "items": items,
@@ -286,7 +314,12 @@ mod kubernetes {
             .await
             .expect("every reflector synced");
         let got = source.objects();
-        let want = super::objects_of(super::CLUSTER);
+        // What the API serves, as manifests: the cluster, and the Secret the CA's copy stands for.
+        let want = super::objects_of(&format!(
+            "{}{}",
+            super::CLUSTER,
+            super::tls_secret("shop", "shop-tls", "shop.example.test")
+        ));
         assert_eq!(
             names(&got.policy.namespaces),
             names(&want.policy.namespaces)
@@ -300,6 +333,17 @@ mod kubernetes {
         assert_eq!(names(&got.gateway.gateways), names(&want.gateway.gateways));
         assert_eq!(names(&got.gateway.routes), names(&want.gateway.routes));
         assert!(!got.policy.pods.is_empty());
+        // The CA's copy in signet-system reads as the Secret the Gateway names.
+        assert_eq!(names(&got.gateway.secrets), names(&want.gateway.secrets));
+        assert_eq!(names(&got.gateway.secrets), ["\"shop\"/\"shop-tls\""]);
+        let status = super::build(super::Source::Objects(&got), "node-a")
+            .gateway
+            .status;
+        let listener = &status.gateways[0].listeners[0];
+        assert!(
+            listener.conditions.iter().all(|c| c.status == "True"),
+            "the certificate resolves: {listener:?}"
+        );
         // And they build the same snapshot as the manifests.
         for node in ["node-a", "node-b"] {
             let a = super::build(super::Source::Objects(&got), node);

@@ -226,6 +226,7 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API (in-cluster configuration)")?;
+                let agent_namespace = config.agent_namespace.clone();
                 let auth = std::sync::Arc::new(TokenReviewAuthenticator::new(
                     client.clone(),
                     &config.agent_namespace,
@@ -233,7 +234,13 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
                 ));
                 let server = CaServer::bind_with(config, auth).await?;
                 // Serve only once the view of who runs where is loaded.
-                watch_cluster(client, server.authorizer(), shutdown.clone()).await;
+                watch_cluster(
+                    client,
+                    server.authorizer(),
+                    agent_namespace,
+                    shutdown.clone(),
+                )
+                .await;
                 server
             }
         };

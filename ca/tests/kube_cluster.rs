@@ -78,7 +78,12 @@ async fn nodes_get_their_own_pods_and_signets_gateways_from_the_api() {
     let stop = CancellationToken::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        watch_cluster(api_server(), authz.clone(), stop.clone()),
+        watch_cluster(
+            api_server(),
+            authz.clone(),
+            "signet-system".into(),
+            stop.clone(),
+        ),
     )
     .await
     .expect("synced");

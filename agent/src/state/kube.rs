@@ -4,7 +4,8 @@
 //! false until every reflector has completed its first full list, and readiness waits for it.
 //!
 //! TLS Secrets are watched only in the agent's own namespace: the agent has no cluster-wide
-//! Secret access; Secrets that Gateways reference are copied there (as Cilium does).
+//! Secret access; the CA copies the Secrets that Gateways reference there (as Cilium does), and
+//! each copy is read back as the Secret it copies.
 
 use std::fmt::Debug;
 use std::hash::Hash;
@@ -86,6 +87,23 @@ where
     reader
 }
 
+/// A copy made by the CA (`signet_ca::server::tls_copies`) stands for the Secret it copies, so
+/// Gateways' `certificateRefs` resolve as written.
+fn as_original(mut secret: Secret) -> Secret {
+    use signet_ca::server::tls_copies::{SOURCE_NAME, SOURCE_NAMESPACE};
+    let origin = secret.metadata.annotations.as_ref().and_then(|a| {
+        Some((
+            a.get(SOURCE_NAMESPACE)?.clone(),
+            a.get(SOURCE_NAME)?.clone(),
+        ))
+    });
+    if let Some((ns, name)) = origin {
+        secret.metadata.namespace = Some(ns);
+        secret.metadata.name = Some(name);
+    }
+    secret
+}
+
 impl KubeSource {
     /// Starts every reflector. `agent_namespace` is where the TLS Secrets Gateways use are.
     pub fn start(client: kube::Client, agent_namespace: &str, stop: &CancellationToken) -> Self {
@@ -157,7 +175,7 @@ impl KubeSource {
         objects.gateway.gateways = all(&self.gateways);
         objects.gateway.routes = all(&self.routes);
         objects.gateway.grants = all(&self.grants);
-        objects.gateway.secrets = all(&self.secrets);
+        objects.gateway.secrets = all(&self.secrets).into_iter().map(as_original).collect();
         objects
     }
 }

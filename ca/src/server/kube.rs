@@ -1,7 +1,8 @@
 //! The CA's view of the cluster in Kubernetes mode: reflectors on Pods (who runs where) and on
 //! Gateways and GatewayClasses (whose identities nodes may obtain), rebuilt into the
-//! authoriser's index on every change. Gateway API objects are read as dynamic objects: the CA
-//! needs three fields of them, not the gateway-api crate.
+//! authoriser's index on every change; and the copies of the Gateways' TLS Secrets
+//! (`tls_copies`). Gateway API objects are read as dynamic objects: the CA needs a few fields of
+//! them, not the gateway-api crate.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::authz::{GATEWAY_CONTROLLER, NodeAuthorizer, scheduled};
+use crate::server::tls_copies;
 
 fn gateway_resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -44,11 +46,11 @@ where
     });
 }
 
-/// `(namespace, name)` of every Gateway whose class names Signet's controller.
+/// Every Gateway whose class names Signet's controller.
 fn signet_gateways(
     classes: &Store<DynamicObject>,
     gateways: &Store<DynamicObject>,
-) -> Vec<(String, String)> {
+) -> Vec<DynamicObject> {
     let ours: Vec<String> = classes
         .state()
         .iter()
@@ -63,15 +65,17 @@ fn signet_gateways(
                 .as_str()
                 .is_some_and(|c| ours.iter().any(|o| o == c))
         })
-        .filter_map(|g| Some((g.metadata.namespace.clone()?, g.metadata.name.clone()?)))
+        .map(|g| (**g).clone())
         .collect()
 }
 
-/// Watches the cluster and keeps `authz` current. Returns once every resource has been listed,
-/// with the first view in force; the watch goes on until `stop`.
+/// Watches the cluster and keeps `authz` current, and the Gateways' TLS Secrets copied into
+/// `copy_ns` (`tls_copies`). Returns once every resource has been listed, with the first view in
+/// force; the watch goes on until `stop`.
 pub async fn watch_cluster(
     client: kube::Client,
     authz: Arc<NodeAuthorizer>,
+    copy_ns: String,
     stop: CancellationToken,
 ) {
     let changed = Arc::new(Notify::new());
@@ -85,7 +89,7 @@ pub async fn watch_cluster(
         stop.clone(),
     );
     let mut dynamic = Vec::new();
-    for kind in ["GatewayClass", "Gateway"] {
+    for kind in ["GatewayClass", "Gateway", "ReferenceGrant"] {
         let resource = gateway_resource(kind);
         let w = reflector::store::Writer::<DynamicObject>::new(resource.clone());
         let store = w.as_reader();
@@ -97,11 +101,12 @@ pub async fn watch_cluster(
         );
         dynamic.push(store);
     }
-    let (classes, gateways) = (dynamic[0].clone(), dynamic[1].clone());
+    let (classes, gateways, grants) = (dynamic[0].clone(), dynamic[1].clone(), dynamic[2].clone());
     let _ = tokio::join!(
         pods.wait_until_ready(),
         classes.wait_until_ready(),
-        gateways.wait_until_ready()
+        gateways.wait_until_ready(),
+        grants.wait_until_ready(),
     );
     let apply = move || {
         let scheduled: Vec<_> = pods
@@ -109,18 +114,41 @@ pub async fn watch_cluster(
             .iter()
             .filter_map(|p| scheduled((**p).clone()))
             .collect();
-        authz.replace(&scheduled, signet_gateways(&classes, &gateways));
-        scheduled.len()
+        let ours = signet_gateways(&classes, &gateways);
+        let names = ours
+            .iter()
+            .filter_map(|g| Some((g.metadata.namespace.clone()?, g.metadata.name.clone()?)))
+            .collect();
+        authz.replace(&scheduled, names);
+        let grants: Vec<DynamicObject> = grants.state().iter().map(|g| (**g).clone()).collect();
+        (scheduled.len(), tls_copies::wanted(&ours, &grants))
     };
-    let n = apply();
+    let (n, wanted) = apply();
     tracing::info!(pods = n, "cluster view loaded from the Kubernetes API");
+    copy(&client, &copy_ns, &wanted).await;
     tokio::spawn(async move {
+        // Secrets are not watched (that would need every Secret in the cluster): referenced
+        // ones are re-read on every change and every 30 s, so a rotation lands within that.
+        let mut resync = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = changed.notified() => {}
+                _ = resync.tick() => {}
             }
-            apply();
+            let (_, wanted) = apply();
+            copy(&client, &copy_ns, &wanted).await;
         }
     });
+}
+
+async fn copy(
+    client: &kube::Client,
+    copy_ns: &str,
+    wanted: &std::collections::BTreeSet<(String, String)>,
+) {
+    match tls_copies::sync(client, copy_ns, wanted).await {
+        Ok(n) => tracing::debug!(copies = n, "Gateway TLS Secrets copied"),
+        Err(e) => tracing::warn!(error = %e, "copying Gateway TLS Secrets failed; retrying"),
+    }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod kube;
 pub mod tls;
+pub mod tls_copies;
 pub mod tokenreview;
 
 use std::net::SocketAddr;
