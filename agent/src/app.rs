@@ -24,7 +24,9 @@ use crate::certs::CertManager;
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use crate::identity::gc::Collector;
 use crate::identity::kube::KubeIdentities;
+use crate::identity::lease::Elector;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
@@ -260,10 +262,12 @@ impl Agent {
         let certs = CertManager::new(ca, config.agent_identity.clone(), config.svid_ttl);
 
         let stop = CancellationToken::new();
-        let (identities, kube) = match &config.source {
-            ClusterSource::Dir { identity_table, .. } => {
-                (Identities::File(FileAllocator::new(identity_table)), None)
-            }
+        let (identities, kube, kube_client) = match &config.source {
+            ClusterSource::Dir { identity_table, .. } => (
+                Identities::File(FileAllocator::new(identity_table)),
+                None,
+                None,
+            ),
             ClusterSource::Kubernetes => {
                 let client = kube::Client::try_default()
                     .await
@@ -273,10 +277,10 @@ impl Agent {
                 source.synced().await;
                 tracing::info!("Kubernetes resources synced");
                 let identities = Identities::Kube {
-                    api: KubeIdentities::new(client),
+                    api: KubeIdentities::new(client.clone()),
                     known: FixedAllocator::default(),
                 };
-                (identities, Some(source))
+                (identities, Some(source), Some(client))
             }
         };
         let mut reconciler = Reconciler {
@@ -337,6 +341,21 @@ impl Agent {
             stop.clone(),
             tracker.clone(),
         ));
+        if let (Some(client), Some(source)) = (kube_client, reconciler.kube.clone()) {
+            tracker.spawn(collect_identities(
+                Elector::new(
+                    client.clone(),
+                    &config.agent_namespace,
+                    "signet-identity-gc",
+                    &config.node,
+                    30,
+                ),
+                Collector::new(client, Duration::from_secs(600)),
+                source,
+                config.trust_domain.clone(),
+                stop.clone(),
+            ));
+        }
         let hbone = ctx.hbone.clone();
         let mut gateways = GatewayListeners {
             ip: config.gateway_ip,
@@ -413,6 +432,48 @@ impl Agent {
             .is_err()
         {
             tracing::warn!("grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// While this agent holds the Lease, deletes numeric identities unused for the grace period.
+async fn collect_identities(
+    elector: Elector,
+    mut collector: Collector,
+    source: KubeSource,
+    td: signet_ca::TrustDomain,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut last_collect: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match elector.try_lead().await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "identity collector Lease");
+                continue;
+            }
+        }
+        if last_collect.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            continue;
+        }
+        last_collect = Some(std::time::Instant::now());
+        let objects = source.objects();
+        let in_use = match snapshot::identities_needed(snapshot::Source::Objects(&objects), &td) {
+            Ok(ids) => ids.into_iter().map(|i| i.as_str().to_owned()).collect(),
+            // Never collect from a view that does not load: it may be missing live identities.
+            Err(e) => {
+                tracing::warn!(error = %e, "identity collection skipped: the cluster view does not load");
+                continue;
+            }
+        };
+        if let Err(e) = collector.collect(&in_use).await {
+            tracing::warn!(error = %e, "identity collection failed");
         }
     }
 }

@@ -21,6 +21,67 @@ static CONFLICTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsiz
 /// name → (uid, object).
 type Store = Arc<Mutex<BTreeMap<String, (String, SignetIdentity)>>>;
 
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/signet-system/leases";
+
+/// Leases by name: (resourceVersion, object as JSON).
+static LEASE_STORE: Mutex<BTreeMap<String, (u64, serde_json::Value)>> = Mutex::new(BTreeMap::new());
+
+/// Lease requests, with the API server's optimistic concurrency on resourceVersion.
+fn answer_lease(method: &Method, path: &str, body: &[u8]) -> Response<Body> {
+    let mut leases = LEASE_STORE.lock().expect("leases");
+    let name = path
+        .strip_prefix(LEASES)
+        .unwrap_or("")
+        .trim_start_matches('/')
+        .to_owned();
+    match *method {
+        Method::GET => match leases.get(&name) {
+            Some((_, v)) => json(StatusCode::OK, v),
+            None => status(StatusCode::NOT_FOUND, "NotFound", format!("lease {name}")),
+        },
+        Method::POST => {
+            let mut v: serde_json::Value = serde_json::from_slice(body).expect("lease");
+            let name = v["metadata"]["name"].as_str().expect("named").to_owned();
+            if leases.contains_key(&name) {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    format!("lease {name}"),
+                );
+            }
+            v["metadata"]["resourceVersion"] = "1".into();
+            leases.insert(name, (1, v.clone()));
+            json(StatusCode::CREATED, &v)
+        }
+        Method::PUT => {
+            let mut v: serde_json::Value = serde_json::from_slice(body).expect("lease");
+            let sent: u64 = v["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            let Some((current, _)) = leases.get(&name) else {
+                return status(StatusCode::NOT_FOUND, "NotFound", format!("lease {name}"));
+            };
+            if sent != *current {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "the object has been modified".into(),
+                );
+            }
+            let next = current + 1;
+            v["metadata"]["resourceVersion"] = next.to_string().into();
+            leases.insert(name, (next, v.clone()));
+            json(StatusCode::OK, &v)
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            String::new(),
+        ),
+    }
+}
+
 fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
     let body = serde_json::json!({
         "apiVersion": "v1", "kind": "Status", "status": "Failure",
@@ -46,6 +107,9 @@ async fn answer(store: &Store, req: Request<Body>, next_uid: &mut u64) -> Respon
     let (parts, body) = req.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     let path = parts.uri.path().to_owned();
+    if path.starts_with(LEASES) {
+        return answer_lease(&parts.method, &path, &body);
+    }
     match (parts.method.clone(), path.strip_prefix(PATH)) {
         (Method::GET, Some("")) => {
             let items: Vec<SignetIdentity> = store
@@ -199,4 +263,55 @@ async fn racing_agents_end_with_one_number_per_identity() {
             Some(name.clone())
         );
     }
+}
+
+#[tokio::test]
+async fn one_agent_holds_the_lease_until_it_stops_renewing() {
+    use signet_agent::identity::lease::Elector;
+    let client = fake_api(Store::default());
+    let name = "gc-test-lease";
+    let a = Elector::new(client.clone(), "signet-system", name, "node-a", 1);
+    let b = Elector::new(client.clone(), "signet-system", name, "node-b", 1);
+    assert!(
+        a.try_lead().await.expect("a"),
+        "the first candidate takes it"
+    );
+    assert!(!b.try_lead().await.expect("b"), "held and fresh");
+    assert!(a.try_lead().await.expect("a renews"));
+    assert!(!b.try_lead().await.expect("b"));
+    // node-a stops renewing; after the Lease's duration node-b takes over.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert!(b.try_lead().await.expect("b takes over"));
+    assert!(!a.try_lead().await.expect("a"), "node-a lost it");
+}
+
+#[tokio::test]
+async fn unused_identities_are_deleted_after_the_grace_period_only() {
+    use signet_agent::identity::gc::Collector;
+    let store = Store::default();
+    let client = fake_api(store.clone());
+    let ids = KubeIdentities::new(client.clone());
+    let web = id("spiffe://cluster.local/ns/shop/sa/web");
+    let gone = id("spiffe://cluster.local/ns/shop/sa/gone");
+    assert_eq!(ids.allocate(&web).await.expect("web"), 256);
+    assert_eq!(ids.allocate(&gone).await.expect("gone"), 257);
+    let in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
+
+    let mut patient = Collector::new(client.clone(), std::time::Duration::from_secs(3600));
+    assert!(
+        patient.collect(&in_use).await.expect("collect").is_empty(),
+        "still in its grace period"
+    );
+    assert_eq!(store.lock().expect("store").len(), 2);
+
+    let mut eager = Collector::new(client, std::time::Duration::ZERO);
+    assert_eq!(eager.collect(&in_use).await.expect("collect"), [257]);
+    let left: Vec<String> = store.lock().expect("store").keys().cloned().collect();
+    assert_eq!(left, ["256"], "the identity in use stays");
+    // A new identity gets a number above every one in use.
+    let next = ids
+        .allocate(&id("spiffe://cluster.local/ns/shop/sa/new"))
+        .await
+        .expect("new");
+    assert_eq!(next, 257);
 }

@@ -1,4 +1,7 @@
 //! Numeric identities in Kubernetes mode (`kube`): one cluster-scoped `SignetIdentity` per
-//! number, shared by every node. Standalone mode uses `signet_policy::identity::FileAllocator`.
+//! number, shared by every node (`kube`), collected when unused (`gc`) by the holder of a Lease
+//! (`lease`). Standalone mode uses `signet_policy::identity::FileAllocator`.
 
+pub mod gc;
 pub mod kube;
+pub mod lease;
