@@ -227,6 +227,20 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
                     .await
                     .context("connecting to the Kubernetes API (in-cluster configuration)")?;
                 let agent_namespace = config.agent_namespace.clone();
+                if let (Some(secret), signet_ca::CaSource::Cacerts(dir)) =
+                    (&config.ca_secret, &config.ca.source)
+                {
+                    let created = signet_ca::server::ca_secret::ensure(
+                        &client,
+                        &agent_namespace,
+                        secret,
+                        &config.ca.trust_domain,
+                        config.ca.root_ttl,
+                        dir,
+                    )
+                    .await?;
+                    tracing::info!(secret = %secret, created, "CA keys from the Kubernetes Secret");
+                }
                 let auth = std::sync::Arc::new(TokenReviewAuthenticator::new(
                     client.clone(),
                     &config.agent_namespace,

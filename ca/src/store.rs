@@ -480,6 +480,22 @@ fn generate_root(
     Ok((key, cert.der().clone()))
 }
 
+/// A new root in Istio's `cacerts` layout (the root signs: `ca-cert.pem` = `root-cert.pem` =
+/// `cert-chain.pem`), as (file name, PEM) pairs: what the Kubernetes mode keeps in a Secret.
+pub fn new_cacerts(
+    td: &TrustDomain,
+    ttl: Duration,
+) -> Result<Vec<(&'static str, String)>, StoreError> {
+    let (key, cert) = generate_root(td, 1, ttl, OffsetDateTime::now_utc())?;
+    let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
+    Ok(vec![
+        ("ca-key.pem", key.serialize_pem()),
+        ("ca-cert.pem", cert_pem.clone()),
+        ("cert-chain.pem", cert_pem.clone()),
+        ("root-cert.pem", cert_pem),
+    ])
+}
+
 /// CA material plugged in from an Istio-style `cacerts` directory.
 #[derive(Debug)]
 pub struct Cacerts {

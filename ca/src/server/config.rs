@@ -44,6 +44,8 @@ struct RawConfig {
     listen: SocketAddr,
     state_dir: Option<PathBuf>,
     cacerts_dir: Option<PathBuf>,
+    /// Kubernetes mode: keep a generated CA in this Secret (in `agentNamespace`).
+    ca_secret: Option<String>,
     cluster_state_dir: Option<PathBuf>,
     /// In a cluster: agents authenticate with TokenReview, pods and Gateways come from the API.
     #[serde(default)]
@@ -217,6 +219,8 @@ pub struct ServerConfig {
     pub cluster: CaCluster,
     /// The namespace of the agents' (and the CA's) service accounts.
     pub agent_namespace: String,
+    /// The Secret (in `agent_namespace`) that holds a generated CA, in Kubernetes mode.
+    pub ca_secret: Option<String>,
     /// Every node agent's own identity: `spiffe://<td>/ns/<agentNamespace>/sa/signet-agent`.
     pub agent_identity: SpiffeId,
     /// The CA server's identity in its serving certificate.
@@ -253,12 +257,19 @@ impl ServerConfig {
                 base.join(p)
             }
         };
-        let source = match (&raw.state_dir, &raw.cacerts_dir) {
-            (Some(d), None) => CaSource::StateDir(resolve(d)),
-            (None, Some(d)) => CaSource::Cacerts(resolve(d)),
+        let source = match (&raw.state_dir, &raw.cacerts_dir, &raw.ca_secret) {
+            (Some(d), None, None) => CaSource::StateDir(resolve(d)),
+            (None, Some(d), None) => CaSource::Cacerts(resolve(d)),
+            // Materialised there from the Secret before the CA opens it (`ca_secret::ensure`).
+            (None, None, Some(_)) if raw.kubernetes => {
+                CaSource::Cacerts(std::env::temp_dir().join("signet-ca-keys"))
+            }
+            (None, None, Some(_)) => {
+                return Err(invalid("`caSecret` needs `kubernetes: true`".into()));
+            }
             _ => {
                 return Err(invalid(
-                    "set exactly one of `stateDir` and `cacertsDir`".into(),
+                    "set exactly one of `stateDir`, `cacertsDir` and `caSecret`".into(),
                 ));
             }
         };
@@ -316,6 +327,7 @@ impl ServerConfig {
             listen: raw.listen,
             cluster,
             agent_namespace: raw.agent_namespace.clone(),
+            ca_secret: raw.ca_secret.clone(),
             agent_identity,
             server_identity,
             serving_names: raw.serving_names,
@@ -363,7 +375,7 @@ mod tests {
         let e = parse("trustDomain: td\nclusterStateDir: y\n").expect_err("no source");
         assert!(
             e.to_string()
-                .contains("exactly one of `stateDir` and `cacertsDir`"),
+                .contains("exactly one of `stateDir`, `cacertsDir` and `caSecret`"),
             "{e}"
         );
         let e = parse("trustDomain: td\nstateDir: x\nclusterStateDir: y\nbogus: 1\n")

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod authz;
+pub mod ca_secret;
 pub mod config;
 pub mod grpc;
 pub mod kube;
