@@ -342,6 +342,19 @@ impl Agent {
             tracker.clone(),
         ));
         if let (Some(client), Some(source)) = (kube_client, reconciler.kube.clone()) {
+            tracker.spawn(write_policy_status(
+                Elector::new(
+                    client.clone(),
+                    &config.agent_namespace,
+                    "signet-status",
+                    &config.node,
+                    30,
+                ),
+                client.clone(),
+                source.clone(),
+                config.trust_domain.clone(),
+                stop.clone(),
+            ));
             tracker.spawn(collect_identities(
                 Elector::new(
                     client.clone(),
@@ -432,6 +445,43 @@ impl Agent {
             .is_err()
         {
             tracing::warn!("grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// While this agent holds the status Lease, keeps IdentityPolicy conditions current.
+async fn write_policy_status(
+    elector: Elector,
+    client: kube::Client,
+    source: KubeSource,
+    td: signet_ca::TrustDomain,
+    stop: CancellationToken,
+) {
+    let mut written = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let mut changes = source.subscribe();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+        match elector.try_lead().await {
+            Ok(true) => {}
+            // Another agent writes; if it stops, this one starts over from nothing.
+            Ok(false) => {
+                written.clear();
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "status Lease");
+                continue;
+            }
+        }
+        if let Err(e) =
+            crate::state::status::write(&client, &source.objects(), &td, &mut written).await
+        {
+            tracing::warn!(error = %e, "writing IdentityPolicy status failed; retrying");
         }
     }
 }
@@ -560,9 +610,9 @@ async fn watch_state(
         ClusterSource::Kubernetes => None,
     };
     let mut seen = dir.as_deref().map(fingerprint);
-    let kube = reconciler.kube.clone();
+    let mut kube = reconciler.kube.as_ref().map(KubeSource::subscribe);
     loop {
-        match (&dir, &kube) {
+        match (&dir, &mut kube) {
             // Standalone: poll the directory's fingerprint.
             (Some(dir), _) => {
                 tokio::select! {
@@ -576,10 +626,10 @@ async fn watch_state(
                 seen = now;
             }
             // Kubernetes: wait for a watch event, then let a burst of them settle.
-            (None, Some(source)) => {
+            (None, Some(changes)) => {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = source.changed() => {}
+                    r = changes.changed() => if r.is_err() { return },
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -129,6 +129,7 @@ fn policy(i: usize, rng: &mut Lcg, port_shift: u16) -> Policy {
             },
             egress_deny: vec![],
         },
+        status: None,
     };
     Policy::from_resource(&resource).expect("generated policies are valid")
 }

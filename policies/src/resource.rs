@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     plural = "identitypolicies",
     shortname = "idp",
     namespaced,
+    status = "IdentityPolicyStatus",
     doc = "Identity-based L3-L7 policy for the workloads selected in this namespace."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -40,6 +41,16 @@ pub struct IdentityPolicySpec {
     /// Denied destinations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_deny: Vec<EgressDenyRule>,
+}
+
+/// What Signet says of a policy: `Valid` (with the field path of each problem when not) and
+/// `InForce` (the cluster state it belongs to loaded; one invalid resource keeps the previous
+/// state in force for everything).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityPolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

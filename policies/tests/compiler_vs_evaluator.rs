@@ -167,6 +167,7 @@ fn policy(i: usize) -> impl Strategy<Value = IdentityPolicy> {
                             .map(|(to, ports)| EgressDenyRule { to, ports })
                             .collect(),
                     },
+                    status: None,
                 }
             },
         )

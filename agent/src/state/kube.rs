@@ -24,7 +24,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde::de::DeserializeOwned;
 use signet_policy::IdentityPolicy;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::snapshot::ClusterObjects;
@@ -44,7 +44,8 @@ pub struct KubeSource {
     routes: Store<HttpRoute>,
     grants: Store<ReferenceGrant>,
     secrets: Store<Secret>,
-    changed: Arc<Notify>,
+    /// Bumped on every change; each consumer keeps its own receiver, so none misses one.
+    changed: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -57,7 +58,7 @@ impl std::fmt::Debug for KubeSource {
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    changed: &Arc<Notify>,
+    changed: &Arc<watch::Sender<u64>>,
     stop: &CancellationToken,
 ) -> Store<K>
 where
@@ -73,7 +74,7 @@ where
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = stream.next() => match event {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(_)) => changed.send_modify(|n| *n += 1),
                     Some(Err(e)) => tracing::warn!(
                         kind = %K::kind(&K::DynamicType::default()),
                         error = %e,
@@ -107,7 +108,7 @@ fn as_original(mut secret: Secret) -> Secret {
 impl KubeSource {
     /// Starts every reflector. `agent_namespace` is where the TLS Secrets Gateways use are.
     pub fn start(client: kube::Client, agent_namespace: &str, stop: &CancellationToken) -> Self {
-        let changed = Arc::new(Notify::new());
+        let changed = Arc::new(watch::channel(0u64).0);
         let all = watcher::Config::default();
         let c = &client;
         Self {
@@ -150,9 +151,9 @@ impl KubeSource {
         );
     }
 
-    /// Completes at the next change after the last call (changes in between coalesce).
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// A receiver whose `changed()` completes after each change (changes in between coalesce).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// What the stores hold now.

@@ -4,3 +4,4 @@
 pub mod kube;
 pub mod services;
 pub mod snapshot;
+pub mod status;

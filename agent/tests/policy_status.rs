@@ -1,0 +1,118 @@
+//! IdentityPolicy status in Kubernetes mode, against kube-rs's test service (tower-test): each
+//! policy gets `Valid` (with the field path when not) and `InForce` through a server-side-apply
+//! patch of its status subresource, and nothing is written again until something changes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use kube::client::Body;
+use signet_agent::state::snapshot::read_objects;
+use signet_agent::state::status;
+use signet_ca::TrustDomain;
+
+const POLICIES: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: good, namespace: shop, generation: 3}
+spec:
+  selector: {matchLabels: {app: api}}
+  ingress: [{from: [{identity: spiffe://cluster.local/ns/shop/sa/web}]}]
+---
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  ingress: [{from: [{identity: not-a-spiffe-id}]}]
+";
+
+#[tokio::test]
+async fn policies_get_valid_and_in_force_conditions() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("p.yaml"), POLICIES).expect("write");
+    let mut errors = Vec::new();
+    let objects = read_objects(dir.path(), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    let patches: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen = patches.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(parts.method, http::Method::PATCH);
+            seen.lock()
+                .expect("patches")
+                .push((parts.uri.path().to_owned(), v.clone()));
+            // The API server answers with the whole object, status applied.
+            let mut object = v.clone();
+            object["spec"] = serde_json::json!({"selector": {}});
+            let resp = Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Body::from(object.to_string().into_bytes()))
+                .expect("response");
+            send.send_response(resp);
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let mut written = BTreeMap::new();
+    assert_eq!(
+        status::write(&client, &objects, &td, &mut written)
+            .await
+            .expect("write"),
+        2
+    );
+    // Nothing changed: nothing is written.
+    assert_eq!(
+        status::write(&client, &objects, &td, &mut written)
+            .await
+            .expect("write"),
+        0
+    );
+
+    let patches = patches.lock().expect("patches");
+    let of = |name: &str| {
+        patches
+            .iter()
+            .find(|(p, _)| {
+                p == &format!(
+                    "/apis/signet.dev/v1alpha1/namespaces/shop/identitypolicies/{name}/status"
+                )
+            })
+            .map(|(_, v)| v["status"]["conditions"].clone())
+            .unwrap_or_else(|| panic!("no status for {name}"))
+    };
+    let cond = |conds: &serde_json::Value, t: &str| {
+        conds
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .find(|c| c["type"] == t)
+            .cloned()
+            .expect("condition")
+    };
+    let good = of("good");
+    assert_eq!(cond(&good, "Valid")["status"], "True");
+    assert_eq!(cond(&good, "Valid")["observedGeneration"], 3);
+    // A valid policy is not in force while another resource keeps the state from loading.
+    assert_eq!(cond(&good, "InForce")["status"], "False");
+    assert_eq!(cond(&good, "InForce")["reason"], "StateRefused");
+    let bad = of("bad");
+    assert_eq!(cond(&bad, "Valid")["status"], "False");
+    assert!(
+        cond(&bad, "Valid")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("`spec.ingress[0].from[0].identity`")),
+        "{bad}"
+    );
+}
