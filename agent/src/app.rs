@@ -449,7 +449,8 @@ impl Agent {
     }
 }
 
-/// While this agent holds the status Lease, keeps IdentityPolicy conditions current.
+/// While this agent holds the status Lease, keeps IdentityPolicy, Gateway and HTTPRoute status
+/// current.
 async fn write_policy_status(
     elector: Elector,
     client: kube::Client,
@@ -457,7 +458,7 @@ async fn write_policy_status(
     td: signet_ca::TrustDomain,
     stop: CancellationToken,
 ) {
-    let mut written = BTreeMap::new();
+    let (mut written, mut written_gateways) = (BTreeMap::new(), BTreeMap::new());
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     let mut changes = source.subscribe();
     loop {
@@ -471,6 +472,7 @@ async fn write_policy_status(
             // Another agent writes; if it stops, this one starts over from nothing.
             Ok(false) => {
                 written.clear();
+                written_gateways.clear();
                 continue;
             }
             Err(e) => {
@@ -478,10 +480,15 @@ async fn write_policy_status(
                 continue;
             }
         }
-        if let Err(e) =
-            crate::state::status::write(&client, &source.objects(), &td, &mut written).await
-        {
+        let objects = source.objects();
+        if let Err(e) = crate::state::status::write(&client, &objects, &td, &mut written).await {
             tracing::warn!(error = %e, "writing IdentityPolicy status failed; retrying");
+        }
+        if let Err(e) =
+            crate::state::status::write_gateways(&client, &objects, &td, &mut written_gateways)
+                .await
+        {
+            tracing::warn!(error = %e, "writing Gateway API status failed; retrying");
         }
     }
 }

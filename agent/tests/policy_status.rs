@@ -116,3 +116,113 @@ async fn policies_get_valid_and_in_force_conditions() {
         "{bad}"
     );
 }
+
+const GATEWAYS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.9, ports: [{name: http, port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: public, namespace: edge, generation: 2}
+spec:
+  gatewayClassName: signet
+  listeners: [{name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{name: public, namespace: edge, sectionName: http}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+";
+
+#[tokio::test]
+async fn gateways_and_routes_get_their_gateway_api_status() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("g.yaml"), GATEWAYS).expect("write");
+    let mut errors = Vec::new();
+    let objects = read_objects(dir.path(), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let patches: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen = patches.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            seen.lock()
+                .expect("patches")
+                .push((parts.uri.path().to_owned(), v.clone()));
+            let resp = Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(Body::from(v.to_string().into_bytes()))
+                .expect("response");
+            send.send_response(resp);
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let mut written = BTreeMap::new();
+    let n = status::write_gateways(&client, &objects, &td, &mut written)
+        .await
+        .expect("write");
+    assert_eq!(n, 2, "the Gateway and the HTTPRoute");
+    assert_eq!(
+        status::write_gateways(&client, &objects, &td, &mut written)
+            .await
+            .expect("write"),
+        0,
+        "unchanged, not written again"
+    );
+    let patches = patches.lock().expect("patches");
+    let body = |path: &str| {
+        patches
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, v)| v["status"].clone())
+            .unwrap_or_else(|| panic!("no PATCH to {path}: {patches:?}"))
+    };
+    let gw = body("/apis/gateway.networking.k8s.io/v1/namespaces/edge/gateways/public/status");
+    let types = |conds: &serde_json::Value| -> Vec<(String, String)> {
+        conds
+            .as_array()
+            .expect("conditions")
+            .iter()
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap_or("").to_owned(),
+                    c["status"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert!(
+        types(&gw["conditions"]).contains(&("Programmed".into(), "True".into())),
+        "{gw}"
+    );
+    assert_eq!(gw["conditions"][0]["observedGeneration"], 2);
+    assert_eq!(gw["listeners"][0]["attachedRoutes"], 1, "{gw}");
+    assert_eq!(gw["listeners"][0]["supportedKinds"][0]["kind"], "HTTPRoute");
+    let route = body("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status");
+    let parent = &route["parents"][0];
+    assert_eq!(parent["controllerName"], "signet.dev/gateway-controller");
+    assert_eq!(parent["parentRef"]["name"], "public");
+    assert_eq!(parent["parentRef"]["sectionName"], "http");
+    assert!(
+        types(&parent["conditions"]).contains(&("Accepted".into(), "True".into())),
+        "{route}"
+    );
+    assert!(
+        types(&parent["conditions"]).contains(&("ResolvedRefs".into(), "True".into())),
+        "{route}"
+    );
+}

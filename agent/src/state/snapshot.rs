@@ -258,7 +258,19 @@ pub fn gateway_status(
 ) -> Result<crate::gateway::model::Status, SnapshotError> {
     let mut errors = Vec::new();
     let objects = read_objects(dir, &mut errors);
-    let mut extra = extra_from(&objects, &mut errors);
+    if !errors.is_empty() {
+        return Err(SnapshotError::Invalid(errors));
+    }
+    gateway_status_of(&objects, td)
+}
+
+/// The Gateway API status of `objects` (what the Kubernetes mode writes to the resources).
+pub fn gateway_status_of(
+    objects: &ClusterObjects,
+    td: &TrustDomain,
+) -> Result<crate::gateway::model::Status, SnapshotError> {
+    let mut errors = Vec::new();
+    let mut extra = extra_from(objects, &mut errors);
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }

@@ -1,8 +1,10 @@
-//! Status for `IdentityPolicy` resources in Kubernetes mode: `Valid` (false with each problem's
-//! field path) and `InForce` (whether the cluster state it belongs to loaded: one invalid
-//! resource keeps the previous state in force for everything, and says so). Written with
-//! server-side apply to the status subresource by the one agent holding the status Lease, only
-//! when something changed.
+//! Status in Kubernetes mode, written with server-side apply to the status subresources by the
+//! one agent holding the status Lease, only when something changed:
+//! - `IdentityPolicy`: `Valid` (false with each problem's field path) and `InForce` (whether the
+//!   cluster state it belongs to loaded: one invalid resource keeps the previous state in force
+//!   for everything, and says so);
+//! - Gateways (conditions, and per listener attached routes, conditions and supported kinds) and
+//!   HTTPRoutes (conditions per parent), as `gateway::model` computes them.
 
 use std::collections::BTreeMap;
 
@@ -125,6 +127,171 @@ pub async fn write(
             )
             .await?;
         written.insert(key, said);
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn k8s_condition(
+    c: &crate::gateway::model::Condition,
+    generation: Option<i64>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "type": c.type_, "status": c.status, "reason": c.reason, "message": c.message,
+        "lastTransitionTime": Time(jiff::Timestamp::now()),
+        "observedGeneration": generation,
+    })
+}
+
+/// The status bodies for every Gateway and HTTPRoute: (resource path segment, namespace, name,
+/// body). Timestamps aside, equal bodies mean nothing changed.
+pub fn gateway_bodies(
+    objects: &ClusterObjects,
+    status: &crate::gateway::model::Status,
+) -> Vec<(&'static str, String, String, serde_json::Value)> {
+    use crate::gateway::model::CONTROLLER;
+    let generation =
+        |list: Vec<(Option<String>, Option<String>, Option<i64>)>, ns: &str, name: &str| {
+            list.into_iter()
+                .find(|(n, m, _)| n.as_deref() == Some(ns) && m.as_deref() == Some(name))
+                .and_then(|(_, _, g)| g)
+        };
+    let gens = |metas: Vec<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
+        metas
+            .into_iter()
+            .map(|m| (m.namespace.clone(), m.name.clone(), m.generation))
+            .collect::<Vec<_>>()
+    };
+    let gw_gens = gens(
+        objects
+            .gateway
+            .gateways
+            .iter()
+            .map(|g| &g.metadata)
+            .collect(),
+    );
+    let route_gens = gens(objects.gateway.routes.iter().map(|r| &r.metadata).collect());
+    let mut out = Vec::new();
+    for g in &status.gateways {
+        let gen_ = generation(gw_gens.clone(), &g.namespace, &g.name);
+        let listeners: Vec<serde_json::Value> = g
+            .listeners
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "name": l.name,
+                    "attachedRoutes": l.attached_routes,
+                    "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+                    "conditions": l.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        out.push((
+            "gateways",
+            g.namespace.clone(),
+            g.name.clone(),
+            serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": g.name, "namespace": g.namespace},
+                "status": {
+                    "conditions": g.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+                    "listeners": listeners,
+                },
+            }),
+        ));
+    }
+    for r in &status.http_routes {
+        let gen_ = generation(route_gens.clone(), &r.namespace, &r.name);
+        let parents: Vec<serde_json::Value> = r
+            .parents
+            .iter()
+            .map(|p| {
+                // `namespace/name[/section]`, as the model names parents.
+                let mut parts = p.parent.splitn(3, '/');
+                let (ns, name, section) = (parts.next(), parts.next(), parts.next());
+                let mut parent_ref = serde_json::json!({
+                    "group": "gateway.networking.k8s.io", "kind": "Gateway",
+                    "namespace": ns, "name": name,
+                });
+                if let Some(s) = section {
+                    parent_ref["sectionName"] = s.into();
+                }
+                serde_json::json!({
+                    "parentRef": parent_ref,
+                    "controllerName": CONTROLLER,
+                    "conditions": p.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        out.push((
+            "httproutes",
+            r.namespace.clone(),
+            r.name.clone(),
+            serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": r.name, "namespace": r.namespace},
+                "status": {"parents": parents},
+            }),
+        ));
+    }
+    out
+}
+
+/// A body without its timestamps, to tell whether anything changed.
+fn fingerprint(body: &serde_json::Value) -> String {
+    let mut v = body.clone();
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("lastTransitionTime");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v.to_string()
+}
+
+/// Writes Gateway and HTTPRoute status that changed since the last call.
+pub async fn write_gateways(
+    client: &kube::Client,
+    objects: &ClusterObjects,
+    td: &TrustDomain,
+    written: &mut BTreeMap<(String, String, String), String>,
+) -> Result<usize, kube::Error> {
+    let Ok(status) = super::snapshot::gateway_status_of(objects, td) else {
+        return Ok(0); // the same problem is reported on the IdentityPolicies and in the logs
+    };
+    let mut n = 0;
+    for (plural, ns, name, body) in gateway_bodies(objects, &status) {
+        let key = (plural.to_owned(), ns.clone(), name.clone());
+        let print = fingerprint(&body);
+        if written.get(&key) == Some(&print) {
+            continue;
+        }
+        let resource = kube::api::ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: if plural == "gateways" {
+                "Gateway"
+            } else {
+                "HTTPRoute"
+            }
+            .into(),
+            plural: plural.into(),
+        };
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &resource);
+        api.patch_status(
+            &name,
+            &PatchParams::apply("signet-agent").force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+        written.insert(key, print);
         n += 1;
     }
     Ok(n)
