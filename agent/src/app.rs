@@ -30,6 +30,7 @@ use crate::identity::lease::Elector;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
+use crate::state::discover;
 use crate::state::kube::KubeSource;
 use crate::state::snapshot::{self, EndpointIds, Snapshot};
 
@@ -149,7 +150,17 @@ impl Reconciler {
                 flags: 0,
                 _pad: 0,
             };
-            if let Some(cg) = &ep.cgroup {
+            // Annotations (the local topology) first, else the kubelet's layout and host routes.
+            let cgroup = ep.cgroup.clone().or_else(|| {
+                ep.uid
+                    .as_deref()
+                    .and_then(|uid| discover::pod_cgroup(&self.config.cgroup_root, uid))
+            });
+            let interface = ep
+                .host_interface
+                .clone()
+                .or_else(|| w.ips.first().and_then(|ip| discover::pod_interface(*ip)));
+            if let Some(cg) = &cgroup {
                 let path = self.config.cgroup_root.join(cg);
                 match std::fs::metadata(&path) {
                     Ok(m) => {
@@ -163,7 +174,7 @@ impl Reconciler {
                     }
                 }
             }
-            if let Some(ifname) = &ep.host_interface {
+            if let Some(ifname) = &interface {
                 match ifindex(ifname) {
                     Some(i) => {
                         self.datapath

@@ -32,6 +32,8 @@ pub struct LocalEndpoint {
     pub cgroup: Option<PathBuf>,
     /// Its veth's host-side interface.
     pub host_interface: Option<String>,
+    /// The pod's UID, to find its cgroup when no annotation names it (`discover`).
+    pub uid: Option<String>,
 }
 
 #[derive(Debug)]
@@ -109,6 +111,7 @@ struct Extra {
     gateway: crate::gateway::model::Resources,
     nodes: HashMap<String, IpAddr>,
     annotations: HashMap<String, BTreeMap<String, String>>,
+    uids: HashMap<String, String>,
 }
 
 /// Every manifest under `dir` as a typed object. A document that does not deserialise as its
@@ -213,7 +216,23 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
             )
         })
         .collect();
+    let uids = objects
+        .policy
+        .pods
+        .iter()
+        .filter_map(|p| {
+            Some((
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or("default"),
+                    p.metadata.name.as_deref()?
+                ),
+                p.metadata.uid.clone()?,
+            ))
+        })
+        .collect();
     Extra {
+        uids,
         services: objects.services.clone(),
         slices: objects.slices.clone(),
         endpoints: objects.endpoints.clone(),
@@ -347,6 +366,7 @@ pub fn build(
                     .and_then(|a| a.get(CGROUP_ANNOTATION))
                     .map(PathBuf::from),
                 host_interface: ann.and_then(|a| a.get(HOST_INTERFACE_ANNOTATION)).cloned(),
+                uid: extra.uids.get(&w.key()).cloned(),
             });
         }
     }
