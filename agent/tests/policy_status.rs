@@ -32,15 +32,13 @@ spec:
   ingress: [{from: [{identity: not-a-spiffe-id}]}]
 ";
 
-#[tokio::test]
-async fn policies_get_valid_and_in_force_conditions() {
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(dir.path().join("p.yaml"), POLICIES).expect("write");
-    let mut errors = Vec::new();
-    let objects = read_objects(dir.path(), &mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
+/// (path, body) of each PATCH.
+type Patches = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
 
-    let patches: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+/// Every PATCH the client sends, recorded as (path, body); each is answered with
+/// `answer(body)` as the object the API server returns.
+fn capture(answer: fn(serde_json::Value) -> serde_json::Value) -> (kube::Client, Patches) {
+    let patches = Patches::default();
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let seen = patches.clone();
     tokio::spawn(async move {
@@ -52,18 +50,30 @@ async fn policies_get_valid_and_in_force_conditions() {
             seen.lock()
                 .expect("patches")
                 .push((parts.uri.path().to_owned(), v.clone()));
-            // The API server answers with the whole object, status applied.
-            let mut object = v.clone();
-            object["spec"] = serde_json::json!({"selector": {}});
             let resp = Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
-                .body(Body::from(object.to_string().into_bytes()))
+                .body(Body::from(answer(v).to_string().into_bytes()))
                 .expect("response");
             send.send_response(resp);
         }
     });
-    let client = kube::Client::new(service, "default");
+    (kube::Client::new(service, "default"), patches)
+}
+
+#[tokio::test]
+async fn policies_get_valid_and_in_force_conditions() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("p.yaml"), POLICIES).expect("write");
+    let mut errors = Vec::new();
+    let objects = read_objects(dir.path(), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // The API server answers with the whole object, status applied.
+    let (client, patches) = capture(|mut object| {
+        object["spec"] = serde_json::json!({"selector": {}});
+        object
+    });
     let td = TrustDomain::parse("cluster.local").expect("td");
     let mut written = BTreeMap::new();
     assert_eq!(
@@ -150,26 +160,7 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
     let mut errors = Vec::new();
     let objects = read_objects(dir.path(), &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    let patches: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let seen = patches.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let body = body.collect().await.expect("body").to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-            seen.lock()
-                .expect("patches")
-                .push((parts.uri.path().to_owned(), v.clone()));
-            let resp = Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(Body::from(v.to_string().into_bytes()))
-                .expect("response");
-            send.send_response(resp);
-        }
-    });
-    let client = kube::Client::new(service, "default");
+    let (client, patches) = capture(|object| object);
     let td = TrustDomain::parse("cluster.local").expect("td");
     let mut written = BTreeMap::new();
     let n = status::write_gateways(&client, &objects, &td, &mut written)

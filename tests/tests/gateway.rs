@@ -240,6 +240,25 @@ fn get_on(s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStr
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// The status `signet gateway status` reports for listener `name` of Gateway edge/public.
+fn listener_status(
+    dir: &Path,
+    td: &signet_ca::TrustDomain,
+    name: &str,
+) -> signet_agent::gateway::model::ListenerStatus {
+    let status =
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), td).expect("status");
+    let gw = status
+        .gateways
+        .into_iter()
+        .find(|g| g.name == "public")
+        .expect("gateway status");
+    gw.listeners
+        .into_iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("listener {name}"))
+}
+
 fn write(dir: &Path, file: &str, text: &str) {
     std::fs::write(dir.join("state").join(file), text).expect("write state");
 }
@@ -434,18 +453,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         &GATEWAY.replace(&format!("{grant}---\n"), ""),
     );
     settle();
-    let status =
-        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
-    let gw = status
-        .gateways
-        .iter()
-        .find(|g| g.name == "public")
-        .expect("gateway status");
-    let b = gw
-        .listeners
-        .iter()
-        .find(|l| l.name == "b")
-        .expect("listener b");
+    let b = listener_status(&dir, &td, "b");
     assert!(
         b.conditions.iter().any(|c| c.reason == "RefNotPermitted"),
         "{b:?}"
@@ -463,18 +471,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         &ca_one.secret("edge", "cert-a", "a.example.test"),
     );
     settle();
-    let status =
-        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
-    let gw = status
-        .gateways
-        .iter()
-        .find(|g| g.name == "public")
-        .expect("gateway status");
-    let b = gw
-        .listeners
-        .iter()
-        .find(|l| l.name == "b")
-        .expect("listener b");
+    let b = listener_status(&dir, &td, "b");
     assert!(
         b.conditions
             .iter()
