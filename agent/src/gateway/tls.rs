@@ -1,5 +1,6 @@
-//! TLS at the Gateway's HTTPS ports: one rustls configuration per port, built when the state
-//! changes, choosing among the listeners' certificates by SNI. TLS 1.3 and 1.2 with the ring
+//! TLS at the Gateway's HTTPS ports: `kubernetes.io/tls` Secrets as certified keys, and one
+//! rustls configuration per port, built when the state changes, choosing among the listeners'
+//! certificates by SNI. TLS 1.3 and 1.2 with the ring
 //! provider's suites, which are all AEAD with ECDHE; ALPN `h2` and `http/1.1`. rustls does not
 //! renegotiate.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::model::Port;
+use super::model::{Certificate, Port, Resources, ns_of};
 use super::routes::specificity;
 
 /// A certificate's DNS names and its key.
@@ -72,4 +73,74 @@ pub fn config(port: &Port) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// A `kubernetes.io/tls` Secret as a rustls certified key.
+pub(super) fn certificate(res: &Resources, ns: &str, name: &str) -> Result<Certificate, String> {
+    let secret = res
+        .secrets
+        .iter()
+        .find(|s| ns_of(&s.metadata) == ns && s.metadata.name.as_deref() == Some(name))
+        .ok_or_else(|| format!("Secret {ns}/{name} not found"))?;
+    let field = |key: &str| -> Result<Vec<u8>, String> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|s| s.as_bytes().to_vec())
+            })
+            .ok_or_else(|| format!("Secret {ns}/{name} has no {key}"))
+    };
+    let (crt, key) = (field("tls.crt")?, field("tls.key")?);
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> = pem::parse_many(&crt)
+        .map_err(|e| format!("Secret {ns}/{name}: tls.crt: {e}"))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| rustls_pki_types::CertificateDer::from(p.into_contents()))
+        .collect();
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("Secret {ns}/{name}: tls.crt holds no certificate"))?;
+    let key = rustls_pki_types::PrivateKeyDer::try_from(
+        pem::parse(&key)
+            .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?
+            .into_contents(),
+    )
+    .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("Secret {ns}/{name}: tls.key: {e}"))?;
+    let certified = CertifiedKey::new(chain.clone(), signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("Secret {ns}/{name}: tls.key does not match tls.crt: {e}"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("Secret {ns}/{name}: tls.crt: {e}"))?;
+    let names = x509
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => {
+                        Some(d.to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Certificate {
+        secret: format!("{ns}/{name}"),
+        names,
+        key: Arc::new(certified),
+    })
 }
