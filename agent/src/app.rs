@@ -82,11 +82,12 @@ impl Reconciler {
                 anyhow::bail!("the Kubernetes source is not running")
             }
         };
+        let loaded = snapshot::load_source(source, &self.config.trust_domain)?;
         let allocator: &dyn signet_policy::identity::IdentityAllocator = match &mut self.identities
         {
             Identities::File(f) => f,
             Identities::Kube { api, known } => {
-                for id in snapshot::identities_needed(source, &self.config.trust_domain)? {
+                for id in loaded.identities_needed() {
                     if let std::collections::btree_map::Entry::Vacant(slot) = known.0.entry(id) {
                         let n = api.allocate(slot.key()).await?;
                         slot.insert(n);
@@ -95,9 +96,8 @@ impl Reconciler {
                 known
             }
         };
-        let snap = snapshot::build(
-            source,
-            &self.config.trust_domain,
+        let snap = snapshot::build_loaded(
+            loaded,
             &self.config.node,
             allocator,
             &mut self.endpoint_ids,

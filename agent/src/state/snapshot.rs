@@ -311,24 +311,57 @@ fn services_and_gateway(
     (services, gateway)
 }
 
-/// The identities a snapshot of `source` numbers: every workload's and every served Gateway's.
-/// The Kubernetes mode allocates these through the API before building.
+/// A source read and checked, before numbers are given out: what `build_loaded` turns into a
+/// snapshot. The Kubernetes mode reads it once, allocates what `identities_needed` lists through
+/// the API, then builds.
+pub struct Loaded {
+    state: State,
+    extra: Extra,
+    services: ServiceTable,
+    gateway: crate::gateway::model::GatewayConfig,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").finish_non_exhaustive()
+    }
+}
+
+impl Loaded {
+    /// The identities the snapshot numbers: every workload's and every served Gateway's.
+    pub fn identities_needed(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> = self
+            .state
+            .cluster
+            .workloads
+            .iter()
+            .map(|w| w.identity.clone())
+            .chain(self.gateway.identities())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Reads and checks `source`.
+pub fn load_source(source: Source<'_>, td: &TrustDomain) -> Result<Loaded, SnapshotError> {
+    let (state, mut extra) = load(source, td)?;
+    let (services, gateway) = services_and_gateway(&mut extra, td);
+    Ok(Loaded {
+        state,
+        extra,
+        services,
+        gateway,
+    })
+}
+
+/// The identities a snapshot of `source` numbers (see `Loaded::identities_needed`).
 pub fn identities_needed(
     source: Source<'_>,
     td: &TrustDomain,
 ) -> Result<Vec<SpiffeId>, SnapshotError> {
-    let (state, mut extra) = load(source, td)?;
-    let (_, gateway) = services_and_gateway(&mut extra, td);
-    let mut ids: Vec<SpiffeId> = state
-        .cluster
-        .workloads
-        .iter()
-        .map(|w| w.identity.clone())
-        .chain(gateway.identities())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    Ok(ids)
+    Ok(load_source(source, td)?.identities_needed())
 }
 
 /// Builds the snapshot for `node` from either source.
@@ -341,15 +374,29 @@ pub fn build(
     previous: Option<&Compiled>,
     capacity: usize,
 ) -> Result<Snapshot, SnapshotError> {
-    let (state, mut extra) = load(source, td)?;
-    let (services, gateway) = services_and_gateway(&mut extra, td);
-    for w in &state.cluster.workloads {
-        allocator.allocate(&w.identity)?;
-    }
+    let loaded = load_source(source, td)?;
+    build_loaded(loaded, node, allocator, endpoint_ids, previous, capacity)
+}
+
+/// Builds the snapshot for `node` from a loaded source.
+pub fn build_loaded(
+    loaded: Loaded,
+    node: &str,
+    allocator: &dyn IdentityAllocator,
+    endpoint_ids: &mut EndpointIds,
+    previous: Option<&Compiled>,
+    capacity: usize,
+) -> Result<Snapshot, SnapshotError> {
     // Gateways are peers too: policy can name them (`entity: gateway` or their SPIFFE ID).
-    for id in gateway.identities() {
+    for id in loaded.identities_needed() {
         allocator.allocate(&id)?;
     }
+    let Loaded {
+        state,
+        extra,
+        services,
+        gateway,
+    } = loaded;
     let identities = allocator.snapshot()?;
     let mut pods_by_ip = HashMap::new();
     let mut local = Vec::new();
