@@ -309,6 +309,18 @@ in_pod() {
     sh -c 'echo $$ > "$1/cgroup.procs"; shift; exec "$@"' sh "$CG/node-$n/$pod" ip netns exec "$NS-$pod" "$@"
 }
 
+# The HTTP status a pod's plain curl gets (curl arguments follow the pod); empty when refused.
+pod_status() {
+    local pod=$1; shift
+    in_pod "$pod" curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$@" 2>/dev/null || true
+}
+
+# The HTTP status curl from the outside namespace gets through the Gateway for https://HOST/PATH.
+gateway_status() {
+    ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
+        --resolve "$1:$GATEWAY_PORT:$(node_ip a)" "https://$1$2" 2>/dev/null || true
+}
+
 scenario() {
     say "1. web-0 (shop, node-a) -> api-0 (payments, node-b) with plain curl"
     ip netns exec "$NS-node-b" tcpdump -i sd-underlay -w "$WORK/underlay.pcap" -U port 15008 >/dev/null 2>&1 &
@@ -348,9 +360,9 @@ spec:
 YAML
     sleep 2
     local code
-    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ || true)
+    code=$(pod_status web-0 http://10.99.21.2:8080/)
     echo "web-0      -> api-0: HTTP $code"; [ "$code" = 200 ] || die "web-0 should reach api-0"
-    code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ 2>/dev/null || true)
+    code=$(pod_status deployer-0 http://10.99.21.2:8080/)
     echo "deployer-0 -> api-0: refused (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must be refused"
     grep -h 'verdict="deny"' "$WORK/agent-b.log" | tail -n 1 | sed 's/^/agent node-b: /' || true
 
@@ -367,11 +379,11 @@ spec:
     http: [{methods: [GET]}]
 YAML
     sleep 2
-    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ || true)
+    code=$(pod_status web-0 http://10.99.21.2:8080/)
     echo "web-0 GET  /: HTTP $code"; [ "$code" = 200 ] || die "GET should pass"
-    code=$(in_pod web-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 -X POST http://10.99.21.2:8080/ || true)
+    code=$(pod_status web-0 -X POST http://10.99.21.2:8080/)
     echo "web-0 POST /: HTTP $code"; [ "$code" = 403 ] || die "POST should get 403"
-    code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 http://10.99.21.2:8080/ 2>/dev/null || true)
+    code=$(pod_status deployer-0 http://10.99.21.2:8080/)
     echo "deployer-0 GET /: refused (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must be refused"
 
     say "4. the Gateway: from outside the mesh, HTTPS by hostname, into the mesh as the gateway"
@@ -382,12 +394,10 @@ YAML
         ip netns exec "$NS-outside" curl -sS -v --max-time 5 -o /dev/null --cacert "$WORK/edge-ca.pem" \
             --resolve "$host:$GATEWAY_PORT:$(node_ip a)" "https://$gw" 2>&1 | grep -E '^\* +subject:|^< HTTP' | sed 's/^/    /' || true
     done
-    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
-        --resolve "shop.example.test:$GATEWAY_PORT:$(node_ip a)" "https://shop.example.test/")
+    code=$(gateway_status shop.example.test /)
     [ "$code" = 200 ] || die "the Gateway should serve shop.example.test (got $code)"
     # payments/api admits only shop/web (GET): the gateway's identity is refused until named.
-    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
-        --resolve "pay.example.test:$GATEWAY_PORT:$(node_ip a)" "https://pay.example.test/api/")
+    code=$(gateway_status pay.example.test /api/)
     echo "pay.example.test while payments-api admits only shop/web: HTTP $code (api-0 refuses spiffe://cluster.local/ns/edge/gateway/public)"
     [ "$code" = 502 ] || die "api-0 should refuse the gateway (got $code)"
     cat > "$WORK/state/payments-api.yaml" <<'YAML'
@@ -402,8 +412,7 @@ spec:
     http: [{methods: [GET]}]
 YAML
     sleep 2
-    code=$(ip netns exec "$NS-outside" curl -sS --max-time 5 -o /dev/null -w '%{http_code}' --cacert "$WORK/edge-ca.pem" \
-        --resolve "pay.example.test:$GATEWAY_PORT:$(node_ip a)" "https://pay.example.test/api/")
+    code=$(gateway_status pay.example.test /api/)
     echo "pay.example.test once the policy names entity: gateway: HTTP $code"
     [ "$code" = 200 ] || die "the gateway should reach api-0 now (got $code)"
     echo "signet gateway status (Gateway API conditions):"

@@ -316,12 +316,10 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                     &rns,
                     &rname,
                     parent_name(p, &rns),
-                    vec![cond(
-                        "Accepted",
-                        false,
+                    not_accepted(
                         "NoMatchingParent",
                         format!("no Gateway {pns}/{} of a Signet GatewayClass", p.name),
-                    )],
+                    ),
                 );
             }
         }
@@ -336,6 +334,11 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         }
     }
     GatewayConfig { ports, status }
+}
+
+/// A route a parent does not accept, and why.
+fn not_accepted(reason: &str, message: String) -> Vec<Condition> {
+    vec![cond("Accepted", false, reason, message)]
 }
 
 fn parent_name(p: &HttpRouteParentRefs, route_ns: &str) -> String {
@@ -559,15 +562,13 @@ fn listener(
                     &rns,
                     &rname,
                     parent,
-                    vec![cond(
-                        "Accepted",
-                        false,
+                    not_accepted(
                         "NotAllowedByListeners",
                         format!(
                             "listener {} does not allow routes from namespace {rns}",
                             l.name
                         ),
-                    )],
+                    ),
                 );
                 continue;
             }
@@ -582,12 +583,10 @@ fn listener(
                         &rns,
                         &rname,
                         parent,
-                        vec![cond(
-                            "Accepted",
-                            false,
+                        not_accepted(
                             "NoMatchingListenerHostname",
                             format!("no hostname in common with listener {}", l.name),
-                        )],
+                        ),
                     );
                     continue;
                 }
