@@ -26,13 +26,13 @@ use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDe
 use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
 use crate::identity::gc::Collector;
 use crate::identity::kube::KubeIdentities;
-use crate::identity::lease::Elector;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
 use crate::state::discover;
 use crate::state::kube::KubeSource;
 use crate::state::snapshot::{self, EndpointIds, Snapshot};
+use signet_ca::lease::Elector;
 
 /// A running agent.
 pub struct Agent {

@@ -21,6 +21,10 @@ use crate::store::{self, Maintenance, RootPolicy, RootStore, StoreError};
 pub enum CaSource {
     /// Generated on first start and kept in this directory; roots rotate automatically.
     StateDir(PathBuf),
+    /// A generated CA's directory that another party rotates: this replica's copy of the
+    /// Kubernetes Secret (`server::ca_secret`). Opened and followed without advancing rotation;
+    /// only the Lease holder calls [`CertificateAuthority::maintain`].
+    SharedStateDir(PathBuf),
     /// Istio-style `cacerts` files, managed by the operator.
     Cacerts(PathBuf),
 }
@@ -34,6 +38,8 @@ pub struct CaSettings {
     pub rotation_overlap: Duration,
     /// How often bundle consumers should refresh (`spiffe_refresh_hint`).
     pub refresh_hint: Duration,
+    /// Generated roots sign through an intermediate (`RootPolicy::intermediate`).
+    pub intermediate: bool,
 }
 
 impl CaSettings {
@@ -45,6 +51,7 @@ impl CaSettings {
             root_ttl: Duration::from_secs(365 * 86_400),
             rotation_overlap: Duration::from_secs(7 * 86_400),
             refresh_hint: Duration::from_secs(300),
+            intermediate: false,
         }
     }
 
@@ -53,6 +60,7 @@ impl CaSettings {
             root_ttl: self.root_ttl,
             overlap: self.rotation_overlap,
             max_svid_ttl: self.ttl.max_ttl,
+            intermediate: self.intermediate,
         }
     }
 
@@ -86,14 +94,16 @@ impl CertificateAuthority {
 
     pub fn open_at(settings: CaSettings, now: OffsetDateTime) -> Result<Self, StoreError> {
         let (material, signer) = match &settings.source {
-            CaSource::StateDir(dir) => {
+            CaSource::StateDir(dir) | CaSource::SharedStateDir(dir) => {
                 let mut store = RootStore::open_or_create(
                     dir,
                     &settings.trust_domain,
                     settings.root_policy(),
                     now,
                 )?;
-                store.maintain(now)?;
+                if matches!(settings.source, CaSource::StateDir(_)) {
+                    store.maintain(now)?;
+                }
                 let signer = store.active_signer(now);
                 (Material::Generated(Mutex::new(store)), signer)
             }
@@ -112,6 +122,12 @@ impl CertificateAuthority {
 
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.settings.trust_domain
+    }
+
+    /// Whether this instance rotates its own roots (a state directory it owns), as opposed to
+    /// following a shared one or using operator-managed `cacerts`.
+    pub fn rotates_itself(&self) -> bool {
+        matches!(self.settings.source, CaSource::StateDir(_))
     }
 
     pub fn ttl_policy(&self) -> &TtlPolicy {
@@ -168,7 +184,9 @@ impl CertificateAuthority {
                 .rotate(OffsetDateTime::now_utc()),
             Material::Cacerts { .. } => {
                 Err(StoreError::ExternallyManaged(match &self.settings.source {
-                    CaSource::Cacerts(d) | CaSource::StateDir(d) => d.clone(),
+                    CaSource::Cacerts(d) | CaSource::StateDir(d) | CaSource::SharedStateDir(d) => {
+                        d.clone()
+                    }
                 }))
             }
         }
@@ -181,11 +199,27 @@ impl CertificateAuthority {
         };
         let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
         let m = store.maintain(now)?;
-        let active = store.active_signer(now);
+        self.switch_to(store.active_signer(now));
+        Ok(m)
+    }
+
+    /// Follows rotation without driving it: re-reads the material another instance changed and
+    /// switches to the root that signs at `now`. Returns whether the roots changed.
+    pub fn refresh(&self, now: OffsetDateTime) -> Result<bool, StoreError> {
+        let Material::Generated(store) = &self.material else {
+            return Ok(false);
+        };
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = store.reload()?;
+        self.switch_to(store.active_signer(now));
+        Ok(changed)
+    }
+
+    fn switch_to(&self, active: Arc<Signer>) {
         let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
         if !Arc::ptr_eq(&current, &active) {
+            tracing::info!(signer = ?active, "signing with a new CA certificate");
             *current = active;
         }
-        Ok(m)
     }
 }

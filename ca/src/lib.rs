@@ -10,6 +10,7 @@ pub mod authority;
 pub mod bundle;
 pub mod csr;
 pub mod issuer;
+pub mod lease;
 pub mod spiffe;
 pub mod store;
 pub mod svid;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use signet_ca::lease::Elector;
 use signet_ca::server::CaServer;
+use signet_ca::server::ca_secret::{KeySecret, ROTATION_LEASE, follow};
 use signet_ca::server::config::{CaCluster, ServerConfig};
 use signet_ca::server::kube::watch_cluster;
 use signet_ca::server::tokenreview::TokenReviewAuthenticator;
@@ -227,26 +229,43 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
                     .await
                     .context("connecting to the Kubernetes API (in-cluster configuration)")?;
                 let agent_namespace = config.agent_namespace.clone();
-                if let (Some(secret), signet_ca::CaSource::Cacerts(dir)) =
-                    (&config.ca_secret, &config.ca.source)
-                {
-                    let created = signet_ca::server::ca_secret::ensure(
-                        &client,
-                        &agent_namespace,
-                        secret,
-                        &config.ca.trust_domain,
-                        config.ca.root_ttl,
-                        dir,
-                    )
-                    .await?;
-                    tracing::info!(secret = %secret, created, "CA keys from the Kubernetes Secret");
-                }
+                let keys = match (&config.ca_secret, &config.ca.source) {
+                    (Some(secret), CaSource::SharedStateDir(dir)) => {
+                        let (keys, created) =
+                            KeySecret::ensure(&client, &agent_namespace, secret, &config.ca, dir)
+                                .await?;
+                        tracing::info!(secret = %secret, created, "CA keys from the Kubernetes Secret");
+                        Some(keys)
+                    }
+                    _ => None,
+                };
                 let auth = std::sync::Arc::new(TokenReviewAuthenticator::new(
                     client.clone(),
                     &config.agent_namespace,
                     "signet-agent",
                 ));
                 let server = CaServer::bind_with(config, auth).await?;
+                if let Some(keys) = keys {
+                    keys.publish_bundle(&server.authority().bundle()).await?;
+                    // Pod names are unique among the replicas: the Lease's holder identity.
+                    let holder = std::env::var("POD_NAME")
+                        .or_else(|_| std::env::var("HOSTNAME"))
+                        .unwrap_or_else(|_| format!("signet-ca-{}", std::process::id()));
+                    let elector = Elector::new(
+                        client.clone(),
+                        &agent_namespace,
+                        ROTATION_LEASE,
+                        &holder,
+                        30,
+                    );
+                    tokio::spawn(follow(
+                        keys,
+                        server.authority(),
+                        elector,
+                        std::time::Duration::from_secs(10),
+                        shutdown.clone(),
+                    ));
+                }
                 // Serve only once the view of who runs where is loaded.
                 watch_cluster(
                     client,

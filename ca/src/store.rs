@@ -135,6 +135,9 @@ pub struct RootPolicy {
     /// The longest SVID the CA issues: an old root stays in the bundle this long after it
     /// stopped signing, so every SVID it signed expires before peers forget it.
     pub max_svid_ttl: Duration,
+    /// Give each new root an intermediate that does the signing, so the root key signs only
+    /// twice in its life (itself and the intermediate).
+    pub intermediate: bool,
 }
 
 impl RootPolicy {
@@ -203,7 +206,8 @@ pub struct RootStore {
     last_state: Vec<u8>,
 }
 
-const STATE_FILE: &str = "ca-state.json";
+/// The state directory's record of its roots and their schedule.
+pub const STATE_FILE: &str = "ca-state.json";
 
 impl RootStore {
     /// Opens the state directory, creating the CA (one root, signing at once) if it is new.
@@ -274,8 +278,7 @@ impl RootStore {
         let mut roots = Vec::with_capacity(state.roots.len());
         for record in state.roots {
             let dir = self.root_dir(record.id);
-            let key = read_key_file(&dir.join("root-key.pem"))?;
-            let cert = read_certs(&dir.join("root-cert.pem"))?.remove(0);
+            let cert = read_certs(&dir.join(ROOT_CERT))?.remove(0);
             // Keep the signer already in use for an unchanged root, so `Arc::ptr_eq` on the
             // active signer still means "same root".
             let signer = match self
@@ -284,11 +287,7 @@ impl RootStore {
                 .find(|r| r.record.id == record.id && r.cert == cert)
             {
                 Some(known) => known.signer.clone(),
-                None => std::sync::Arc::new(Signer::new(
-                    &format!("root {}", record.id),
-                    key,
-                    vec![cert.clone()],
-                )?),
+                None => std::sync::Arc::new(load_signer(&dir, record.id, &cert)?),
             };
             roots.push(LoadedRoot {
                 record,
@@ -317,17 +316,32 @@ impl RootStore {
         let (key, cert) = generate_root(&self.trust_domain, id, self.policy.root_ttl, now)?;
         let dir = self.root_dir(id);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        if self.policy.intermediate {
+            let (int_key, int_cert) = generate_intermediate(
+                &self.trust_domain,
+                id,
+                (&key, &cert),
+                self.policy.root_ttl,
+                now,
+            )?;
+            write_atomic(
+                &dir.join(INTERMEDIATE_KEY),
+                int_key.serialize_pem().as_bytes(),
+                0o600,
+            )?;
+            write_atomic(
+                &dir.join(INTERMEDIATE_CERT),
+                to_pem("CERTIFICATE", &int_cert).as_bytes(),
+                0o644,
+            )?;
+        }
+        write_atomic(&dir.join(ROOT_KEY), key.serialize_pem().as_bytes(), 0o600)?;
         write_atomic(
-            &dir.join("root-key.pem"),
-            key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        write_atomic(
-            &dir.join("root-cert.pem"),
+            &dir.join(ROOT_CERT),
             to_pem("CERTIFICATE", &cert).as_bytes(),
             0o644,
         )?;
-        let signer = Signer::new(&format!("root {id}"), key, vec![cert.clone()])?;
+        let signer = load_signer(&dir, id, &cert)?;
         self.roots.push(LoadedRoot {
             record: RootRecord {
                 id,
@@ -352,6 +366,20 @@ impl RootStore {
         write_atomic(&self.dir.join(STATE_FILE), &json, 0o600)?;
         self.last_state = json;
         Ok(())
+    }
+
+    /// Picks up what another writer (the CLI, or the Kubernetes Secret's copy) changed on disk,
+    /// without changing anything itself. Returns whether something changed.
+    ///
+    /// Reads every root, not just the state file: a copy replaced by another replica's may
+    /// record the same schedule for different keys.
+    pub fn reload(&mut self) -> Result<bool, StoreError> {
+        let _lock = self.lock()?;
+        let (state, roots) = (self.last_state.clone(), self.roots());
+        let state_path = self.dir.join(STATE_FILE);
+        let bytes = fs::read(&state_path).map_err(io_err(&state_path))?;
+        self.load(&state_path, &bytes)?;
+        Ok(state != self.last_state || roots != self.roots())
     }
 
     /// The root that signs at `now`: the newest whose `signing_from` has come.
@@ -447,6 +475,67 @@ impl RootStore {
     }
 }
 
+/// The files of one generated root in `roots/<id>/`; the intermediate's exist when the policy
+/// asked for one when the root was made.
+pub const ROOT_KEY: &str = "root-key.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+pub const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
+pub const INTERMEDIATE_CERT: &str = "intermediate-cert.pem";
+
+/// The signer of the root in `dir`: its intermediate when it has one, else the root itself.
+fn load_signer(dir: &Path, id: u32, root: &CertificateDer<'static>) -> Result<Signer, StoreError> {
+    let int_cert = dir.join(INTERMEDIATE_CERT);
+    if int_cert.exists() {
+        let key = read_key_file(&dir.join(INTERMEDIATE_KEY))?;
+        let cert = read_certs(&int_cert)?.remove(0);
+        Ok(Signer::new(
+            &format!("root {id} intermediate"),
+            key,
+            vec![cert, root.clone()],
+        )?)
+    } else {
+        let key = read_key_file(&dir.join(ROOT_KEY))?;
+        Ok(Signer::new(&format!("root {id}"), key, vec![root.clone()])?)
+    }
+}
+
+/// Generates an ECDSA P-256 intermediate under `root`, living as long as the root, allowed to
+/// sign only end-entity certificates (pathLen 0).
+fn generate_intermediate(
+    td: &TrustDomain,
+    id: u32,
+    (root_key, root): (&KeyPair, &CertificateDer<'static>),
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<(KeyPair, CertificateDer<'static>), StoreError> {
+    let issuer = rcgen::Issuer::from_ca_cert_der(root, root_key).map_err(StoreError::KeyGen)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(StoreError::KeyGen)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, td.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Signet intermediate CA {id}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(
+        td.id_string().try_into().map_err(StoreError::KeyGen)?,
+    )];
+    params.serial_number = Some(crate::svid::random_serial());
+    params.not_before = now - Duration::from_secs(60);
+    params.not_after = now + ttl;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(StoreError::KeyGen)?;
+    Ok((key, cert.der().clone()))
+}
+
 /// Generates a self-signed ECDSA P-256 root for `td`.
 fn generate_root(
     td: &TrustDomain,
@@ -478,22 +567,6 @@ fn generate_root(
     params.not_after = now + ttl;
     let cert = params.self_signed(&key).map_err(StoreError::KeyGen)?;
     Ok((key, cert.der().clone()))
-}
-
-/// A new root in Istio's `cacerts` layout (the root signs: `ca-cert.pem` = `root-cert.pem` =
-/// `cert-chain.pem`), as (file name, PEM) pairs: what the Kubernetes mode keeps in a Secret.
-pub fn new_cacerts(
-    td: &TrustDomain,
-    ttl: Duration,
-) -> Result<Vec<(&'static str, String)>, StoreError> {
-    let (key, cert) = generate_root(td, 1, ttl, OffsetDateTime::now_utc())?;
-    let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert.to_vec()));
-    Ok(vec![
-        ("ca-key.pem", key.serialize_pem()),
-        ("ca-cert.pem", cert_pem.clone()),
-        ("cert-chain.pem", cert_pem.clone()),
-        ("root-cert.pem", cert_pem),
-    ])
 }
 
 /// CA material plugged in from an Istio-style `cacerts` directory.
@@ -587,6 +660,7 @@ pub(crate) mod tests {
             root_ttl: Duration::from_secs(365 * DAY),
             overlap: Duration::from_secs(DAY),
             max_svid_ttl: Duration::from_secs(DAY),
+            intermediate: false,
         }
     }
 
@@ -725,6 +799,70 @@ pub(crate) mod tests {
         let m = store.maintain(late).expect("maintain");
         assert_eq!(m.started_rotation, Some(2));
         assert_eq!(store.roots().len(), 2);
+    }
+
+    #[test]
+    fn an_intermediate_signs_and_survives_reload_and_rotation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t0 = OffsetDateTime::now_utc();
+        let policy = RootPolicy {
+            intermediate: true,
+            ..policy()
+        };
+        let mut store = RootStore::open_or_create(dir.path(), &td(), policy, t0).expect("create");
+        assert_eq!(
+            mode(&dir.path().join("roots/1").join(INTERMEDIATE_KEY)),
+            0o600
+        );
+        let key = KeyPair::generate().expect("key");
+        let csr =
+            crate::csr::Csr::parse(crate::csr::tests::csr_pem_for(&key).as_bytes()).expect("csr");
+        let id = crate::spiffe::SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").expect("id");
+        let issue = |signer: &Signer, now| {
+            signer
+                .issue(
+                    &td(),
+                    &id,
+                    &csr,
+                    Duration::from_secs(600),
+                    Duration::ZERO,
+                    now,
+                )
+                .expect("issue")
+        };
+        let svid = issue(&store.active_signer(t0), t0);
+        assert_eq!(svid.chain.len(), 3, "leaf, intermediate, root");
+        assert_eq!(svid.chain[2], store.roots()[0]);
+        let roots = crate::verify::SvidRoots::new(td(), &store.roots()).expect("roots");
+        let verified = roots
+            .verify(
+                &svid.chain[0],
+                &svid.chain[1..2],
+                rustls_pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .expect("the chain through the intermediate verifies");
+        assert_eq!(verified, id);
+        // The root's key signed nothing else: the leaf's issuer is the intermediate.
+        assert!(signed_by(&svid.chain[0], &svid.chain[1]));
+        assert!(!signed_by(&svid.chain[0], &svid.chain[2]));
+
+        let reopened = RootStore::open_or_create(dir.path(), &td(), policy, t0).expect("reopen");
+        assert_eq!(
+            issue(&reopened.active_signer(t0), t0).chain[1],
+            svid.chain[1],
+            "reloaded with its intermediate"
+        );
+        store.rotate(t0).expect("rotate");
+        let t1 = t0 + Duration::from_secs(DAY + 1);
+        store.maintain(t1).expect("maintain");
+        let next = issue(&store.active_signer(t1), t1);
+        assert_eq!(next.chain.len(), 3);
+        assert_eq!(
+            next.chain[2],
+            store.roots()[1],
+            "the new root's intermediate signs"
+        );
     }
 
     #[test]

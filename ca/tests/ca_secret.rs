@@ -1,17 +1,37 @@
 //! The CA's keys in a Kubernetes Secret, against kube-rs's test service (tower-test) answered by
-//! an in-memory Secret store with the API server's create semantics (409 when it exists): two
-//! replicas starting together end with one root, and the material opens as a working CA.
+//! an in-memory API server with its create and update semantics (409 when the Secret exists, 409
+//! when an update carries a stale resourceVersion):
+//! - replicas starting together end with one CA, which signs through an intermediate;
+//! - the Lease holder's rotation reaches the other replicas through the Secret, step by step;
+//! - a replica that loses a write race takes the winner's keys instead of keeping its own;
+//! - a Secret that is not a Signet CA is refused by name and the keys in force stay in force.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use kube::client::Body;
-use signet_ca::server::ca_secret::{FILES, ensure};
-use signet_ca::{CaSettings, CaSource, CertificateAuthority, TrustDomain};
+use signet_ca::server::ca_secret::{CaSecretError, KeySecret};
+use signet_ca::verify::SvidRoots;
+use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
+use time::OffsetDateTime;
 
-type Secrets = Arc<Mutex<BTreeMap<String, serde_json::Value>>>;
+const NS: &str = "signet-system";
+const NAME: &str = "signet-ca-keys";
+const DAY: u64 = 86_400;
+
+/// Secrets by name (with their resourceVersion) and the published ConfigMap.
+#[derive(Default)]
+struct Cluster {
+    secrets: BTreeMap<String, (u64, serde_json::Value)>,
+    next_version: u64,
+    root_configmap: Option<serde_json::Value>,
+}
+
+type Shared = Arc<Mutex<Cluster>>;
 
 fn json(code: StatusCode, v: &serde_json::Value) -> Response<Body> {
     Response::builder()
@@ -29,28 +49,33 @@ fn status(code: StatusCode, reason: &str) -> Response<Body> {
     )
 }
 
-async fn answer(req: Request<Body>, secrets: &Secrets) -> Response<Body> {
-    const PATH: &str = "/api/v1/namespaces/signet-system/secrets";
+fn stored(version: u64, mut secret: serde_json::Value) -> serde_json::Value {
+    secret["metadata"]["resourceVersion"] = serde_json::json!(version.to_string());
+    secret
+}
+
+async fn answer(req: Request<Body>, cluster: &Shared) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     let path = parts.uri.path().to_owned();
-    if path == "/api/v1/namespaces/signet-system/configmaps/signet-ca-root" {
-        // Server-side apply of the published root: keep it to check.
+    let mut c = cluster.lock().expect("cluster");
+    if path == format!("/api/v1/namespaces/{NS}/configmaps/signet-ca-root") {
+        assert_eq!(
+            parts.method,
+            Method::PATCH,
+            "the bundle is server-side applied"
+        );
         let cm: serde_json::Value = serde_json::from_slice(&body).expect("configmap");
-        secrets
-            .lock()
-            .expect("store")
-            .insert("configmap:signet-ca-root".into(), cm.clone());
+        c.root_configmap = Some(cm.clone());
         return json(StatusCode::OK, &cm);
     }
-    let Some(rest) = path.strip_prefix(PATH) else {
+    let Some(rest) = path.strip_prefix(&format!("/api/v1/namespaces/{NS}/secrets")) else {
         return status(StatusCode::NOT_FOUND, "NotFound");
     };
     let name = rest.trim_start_matches('/').to_owned();
-    let mut store = secrets.lock().expect("store");
     match parts.method {
-        Method::GET => match store.get(&name) {
-            Some(s) => json(StatusCode::OK, s),
+        Method::GET => match c.secrets.get(&name) {
+            Some((v, s)) => json(StatusCode::OK, &stored(*v, s.clone())),
             None => status(StatusCode::NOT_FOUND, "NotFound"),
         },
         Method::POST => {
@@ -59,76 +84,287 @@ async fn answer(req: Request<Body>, secrets: &Secrets) -> Response<Body> {
                 .as_str()
                 .expect("named")
                 .to_owned();
-            if store.contains_key(&name) {
+            if c.secrets.contains_key(&name) {
                 return status(StatusCode::CONFLICT, "AlreadyExists");
             }
-            store.insert(name, secret.clone());
-            json(StatusCode::CREATED, &secret)
+            c.next_version += 1;
+            let v = c.next_version;
+            c.secrets.insert(name, (v, secret.clone()));
+            json(StatusCode::CREATED, &stored(v, secret))
+        }
+        Method::PUT => {
+            let secret: serde_json::Value = serde_json::from_slice(&body).expect("secret");
+            let Some((current, _)) = c.secrets.get(&name) else {
+                return status(StatusCode::NOT_FOUND, "NotFound");
+            };
+            let sent = secret["metadata"]["resourceVersion"].as_str();
+            if sent != Some(current.to_string().as_str()) {
+                return status(StatusCode::CONFLICT, "Conflict");
+            }
+            c.next_version += 1;
+            let v = c.next_version;
+            c.secrets.insert(name, (v, secret.clone()));
+            json(StatusCode::OK, &stored(v, secret))
         }
         _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_racing_to_create_the_ca_share_one_root() {
-    let secrets = Secrets::default();
+fn fake_api() -> (kube::Client, Shared) {
+    let cluster = Shared::default();
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let store = secrets.clone();
+    let served = cluster.clone();
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
-            send.send_response(answer(req, &store).await);
+            send.send_response(answer(req, &served).await);
         }
     });
-    let client = kube::Client::new(service, "default");
-    let td = TrustDomain::parse("cluster.local").expect("td");
-    let dirs = [
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    ];
-    let ttl = std::time::Duration::from_secs(86400 * 365);
-    let (key_a, key_b) = (dirs[0].path().join("keys"), dirs[1].path().join("keys"));
-    let (a, b) = tokio::join!(
-        ensure(&client, "signet-system", "signet-ca-keys", &td, ttl, &key_a,),
-        ensure(&client, "signet-system", "signet-ca-keys", &td, ttl, &key_b,),
-    );
-    let created = [a.expect("replica a"), b.expect("replica b")];
+    (kube::Client::new(service, "default"), cluster)
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::parse("cluster.local").expect("td")
+}
+
+fn settings(dir: &Path) -> CaSettings {
+    let mut s = CaSettings::new(td(), CaSource::SharedStateDir(dir.to_owned()));
+    s.intermediate = true;
+    s
+}
+
+/// One CA replica: its copy of the keys and the CA opened on it.
+struct Replica {
+    _tmp: tempfile::TempDir,
+    keys: KeySecret,
+    ca: CertificateAuthority,
+    created: bool,
+}
+
+async fn start(client: &kube::Client) -> Replica {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("keys");
+    let (keys, created) = KeySecret::ensure(client, NS, NAME, &settings(&dir), &dir)
+        .await
+        .expect("keys");
+    let ca = CertificateAuthority::open(settings(&dir)).expect("the copy opens as a CA");
+    Replica {
+        _tmp: tmp,
+        keys,
+        ca,
+        created,
+    }
+}
+
+fn published(cluster: &Shared) -> String {
+    let c = cluster.lock().expect("cluster");
+    c.root_configmap.as_ref().expect("published")["data"]["root-cert.pem"]
+        .as_str()
+        .expect("root-cert.pem")
+        .to_owned()
+}
+
+fn secret_keys(cluster: &Shared) -> Vec<String> {
+    let c = cluster.lock().expect("cluster");
+    let data = c.secrets[NAME].1["data"].as_object().expect("data");
+    data.keys().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_to_create_the_ca_share_one_ca_with_an_intermediate() {
+    let (client, cluster) = fake_api();
+    let (a, b) = tokio::join!(start(&client), start(&client));
     assert_eq!(
-        created.iter().filter(|c| **c).count(),
+        [a.created, b.created].iter().filter(|c| **c).count(),
         1,
         "one replica created it"
     );
-    for file in FILES {
-        let read =
-            |d: &tempfile::TempDir| std::fs::read(d.path().join("keys").join(file)).expect("file");
-        assert_eq!(
-            read(&dirs[0]),
-            read(&dirs[1]),
-            "{file} differs between replicas"
-        );
-    }
-    let store = secrets.lock().expect("store");
+    assert_eq!(a.ca.bundle().roots, b.ca.bundle().roots, "one root");
     assert_eq!(
-        store
-            .keys()
-            .filter(|k| !k.starts_with("configmap:"))
-            .count(),
-        1
+        secret_keys(&cluster),
+        [
+            "ca-state.json",
+            "roots.1.intermediate-cert.pem",
+            "roots.1.intermediate-key.pem",
+            "roots.1.root-cert.pem",
+            "roots.1.root-key.pem",
+        ]
     );
-    let published = store["configmap:signet-ca-root"]["data"]["root-cert.pem"]
-        .as_str()
-        .expect("root published")
-        .to_owned();
-    drop(store);
+    a.keys
+        .publish_bundle(&a.ca.bundle())
+        .await
+        .expect("publish");
+    assert_eq!(published(&cluster), b.ca.bundle().to_pem());
+
+    // Replica A's SVID, signed by the shared intermediate, verifies with B's bundle.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr_pem = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .expect("csr");
+    let csr = Csr::parse(csr_pem.as_bytes()).expect("csr");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/api").expect("id");
+    let svid =
+        a.ca.issue(&id, &csr, Duration::from_secs(600))
+            .expect("issue");
+    assert_eq!(svid.chain.len(), 3, "leaf, intermediate, root");
+    let roots = SvidRoots::new(td(), &b.ca.bundle().roots).expect("roots");
+    let verified = roots
+        .verify(
+            &svid.chain[0],
+            &svid.chain[1..2],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .expect("verifies at the other replica");
+    assert_eq!(verified, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holders_rotation_reaches_the_other_replica() {
+    let (client, cluster) = fake_api();
+    let mut leader = start(&client).await;
+    let mut follower = start(&client).await;
+    let t0 = OffsetDateTime::now_utc();
+    let old_root = leader.ca.bundle().roots[0].clone();
+
+    // Nothing to do yet.
+    assert!(!leader.keys.step(&leader.ca, true, t0).await.expect("step"));
+    // The root is in its last quarter: the holder starts a rotation and stores it.
+    let late = t0 + Duration::from_secs(300 * DAY);
+    assert!(
+        leader
+            .keys
+            .step(&leader.ca, true, late)
+            .await
+            .expect("step")
+    );
+    assert!(secret_keys(&cluster).contains(&"roots.2.intermediate-key.pem".to_owned()));
+    assert_eq!(leader.ca.bundle().roots.len(), 2);
+    assert_eq!(published(&cluster), leader.ca.bundle().to_pem());
+    // The follower picks it up from the Secret, without rotating anything itself.
+    assert!(
+        follower
+            .keys
+            .step(&follower.ca, false, late)
+            .await
+            .expect("follow")
+    );
+    assert_eq!(follower.ca.bundle(), leader.ca.bundle());
     assert_eq!(
-        published.as_bytes(),
-        std::fs::read(key_a.join("root-cert.pem")).expect("root"),
-        "the agents' trust anchor is the root in use"
+        follower.ca.signer().root(),
+        &old_root,
+        "the new root does not sign during the overlap"
     );
-    // The material is a working CA.
-    let ca = CertificateAuthority::open(CaSettings::new(
-        td,
-        CaSource::Cacerts(dirs[0].path().join("keys")),
-    ))
-    .expect("opens as a cacerts directory");
-    assert!(!ca.bundle().to_pem().is_empty());
+
+    // After the overlap both sign with the new root's intermediate. The follower switches on
+    // its own clock even before the holder writes the promotion down.
+    let switched = late + Duration::from_secs(7 * DAY + 1);
+    follower
+        .keys
+        .step(&follower.ca, false, switched)
+        .await
+        .expect("follow");
+    let new_root = follower.ca.bundle().roots[1].clone();
+    assert_eq!(follower.ca.signer().root(), &new_root);
+    leader
+        .keys
+        .step(&leader.ca, true, switched)
+        .await
+        .expect("promote");
+    assert_eq!(leader.ca.signer().root(), &new_root);
+
+    // Once every SVID of the old root has expired, it leaves the bundle everywhere.
+    let retired = switched + Duration::from_secs(DAY + 1);
+    leader
+        .keys
+        .step(&leader.ca, true, retired)
+        .await
+        .expect("retire");
+    follower
+        .keys
+        .step(&follower.ca, false, retired)
+        .await
+        .expect("follow");
+    assert_eq!(follower.ca.bundle().roots, vec![new_root.clone()]);
+    assert_eq!(leader.ca.bundle(), follower.ca.bundle());
+    assert!(
+        !secret_keys(&cluster)
+            .iter()
+            .any(|k| k.starts_with("roots.1."))
+    );
+    assert_eq!(published(&cluster), follower.ca.bundle().to_pem());
+
+    // A replica started now copies exactly the Secret: no retired root lingers.
+    let late_joiner = start(&client).await;
+    assert_eq!(late_joiner.ca.bundle().roots, vec![new_root]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_the_write_race_takes_the_winners_keys() {
+    let (client, _cluster) = fake_api();
+    let mut a = start(&client).await;
+    let mut b = start(&client).await;
+    let late = OffsetDateTime::now_utc() + Duration::from_secs(300 * DAY);
+    // Both believe they hold the Lease (a stale holder): B advances rotation on its copy...
+    b.keys.pull().await.expect("pull");
+    b.ca.maintain(late).expect("b rotates locally");
+    let b_local = b.ca.bundle().roots[1].clone();
+    // ...but A stores its rotation first.
+    a.keys.step(&a.ca, true, late).await.expect("a stores");
+    assert!(
+        !b.keys.push().await.expect("push"),
+        "B's write over a stale resourceVersion is refused"
+    );
+    b.keys.step(&b.ca, true, late).await.expect("b follows");
+    assert_eq!(b.ca.bundle(), a.ca.bundle(), "B now holds A's roots");
+    assert!(
+        !b.ca.bundle().roots.contains(&b_local),
+        "B's own root is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_that_is_not_a_signet_ca_is_refused_and_the_keys_in_force_stay() {
+    let (client, cluster) = fake_api();
+    let mut replica = start(&client).await;
+    let before = replica.ca.bundle();
+    let now = OffsetDateTime::now_utc();
+    let replace = |data: serde_json::Value| {
+        let mut c = cluster.lock().expect("cluster");
+        c.next_version += 1;
+        let v = c.next_version;
+        let secret = c.secrets.get_mut(NAME).expect("secret");
+        secret.0 = v;
+        secret.1["data"] = data;
+    };
+    replace(serde_json::json!({"tls.crt": "AAAA", "ca-state.json": "e30="}));
+    let err = replica
+        .keys
+        .step(&replica.ca, false, now)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, CaSecretError::UnexpectedKey { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Secret signet-system/signet-ca-keys: unexpected key `tls.crt`"),
+        "{err}"
+    );
+    replace(serde_json::json!({"roots.1.root-cert.pem": "AAAA"}));
+    let err = replica
+        .keys
+        .step(&replica.ca, false, now)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("lacks `ca-state.json`"), "{err}");
+    replace(serde_json::json!({"roots.1..-root-key.pem": "AAAA", "ca-state.json": "e30="}));
+    assert!(matches!(
+        replica.keys.step(&replica.ca, false, now).await,
+        Err(CaSecretError::UnexpectedKey { .. })
+    ));
+    assert_eq!(
+        replica.ca.bundle(),
+        before,
+        "the keys in force stay in force"
+    );
+    assert!(replica.ca.signer().not_after() > now);
 }

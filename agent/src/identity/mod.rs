@@ -1,7 +1,6 @@
 //! Numeric identities in Kubernetes mode (`kube`): one cluster-scoped `SignetIdentity` per
 //! number, shared by every node (`kube`), collected when unused (`gc`) by the holder of a Lease
-//! (`lease`). Standalone mode uses `signet_policy::identity::FileAllocator`.
+//! (`signet_ca::lease`). Standalone mode uses `signet_policy::identity::FileAllocator`.
 
 pub mod gc;
 pub mod kube;
-pub mod lease;

@@ -97,6 +97,9 @@ struct RawRoot {
     ttl_seconds: u64,
     #[serde(default = "overlap")]
     rotation_overlap_seconds: u64,
+    /// New roots get an intermediate that signs (always so with `caSecret`).
+    #[serde(default)]
+    intermediate: bool,
 }
 
 impl Default for RawRoot {
@@ -104,6 +107,7 @@ impl Default for RawRoot {
         Self {
             ttl_seconds: root_ttl(),
             rotation_overlap_seconds: overlap(),
+            intermediate: false,
         }
     }
 }
@@ -260,9 +264,9 @@ impl ServerConfig {
         let source = match (&raw.state_dir, &raw.cacerts_dir, &raw.ca_secret) {
             (Some(d), None, None) => CaSource::StateDir(resolve(d)),
             (None, Some(d), None) => CaSource::Cacerts(resolve(d)),
-            // Materialised there from the Secret before the CA opens it (`ca_secret::ensure`).
+            // Copied there from the Secret before the CA opens it (`ca_secret::KeySecret`).
             (None, None, Some(_)) if raw.kubernetes => {
-                CaSource::Cacerts(std::env::temp_dir().join("signet-ca-keys"))
+                CaSource::SharedStateDir(std::env::temp_dir().join("signet-ca-keys"))
             }
             (None, None, Some(_)) => {
                 return Err(invalid("`caSecret` needs `kubernetes: true`".into()));
@@ -282,6 +286,8 @@ impl ServerConfig {
         };
         ca.root_ttl = Duration::from_secs(raw.root.ttl_seconds);
         ca.rotation_overlap = Duration::from_secs(raw.root.rotation_overlap_seconds);
+        // Keys kept in a Secret sign through an intermediate; elsewhere it is the admin's choice.
+        ca.intermediate = raw.root.intermediate || raw.ca_secret.is_some();
         ca.validate().map_err(invalid)?;
         let agent_identity =
             SpiffeId::workload(&raw.trust_domain, &raw.agent_namespace, "signet-agent")

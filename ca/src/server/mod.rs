@@ -243,12 +243,15 @@ async fn upkeep(
             continue;
         }
         let now = time::OffsetDateTime::now_utc();
-        match ca.maintain(now) {
-            Ok(m) if m.changed() => {
-                tracing::info!(promoted = ?m.promoted, retired = ?m.retired, started = ?m.started_rotation, "root rotation advanced")
+        // A shared directory is rotated by the Lease holder (`ca_secret::follow`).
+        if ca.rotates_itself() {
+            match ca.maintain(now) {
+                Ok(m) if m.changed() => {
+                    tracing::info!(promoted = ?m.promoted, retired = ?m.retired, started = ?m.started_rotation, "root rotation advanced")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "root rotation step failed; will retry"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "root rotation step failed; will retry"),
         }
         match serving.renew_if_due(now) {
             Ok(true) => tracing::info!("serving certificate renewed"),

@@ -1,7 +1,8 @@
-//! Leader election with a `coordination.k8s.io/v1` Lease: one agent of the cluster holds it and
-//! does cluster-wide chores (identity garbage collection). Taking or renewing the Lease is an
-//! update with the resourceVersion last read, so two agents cannot both succeed; a Lease not
-//! renewed within its duration may be taken over.
+//! Leader election with a `coordination.k8s.io/v1` Lease: one instance holds it and does the
+//! chores that must happen once per cluster (the agents' identity garbage collection and status
+//! writes, the CA's root rotation). Taking or renewing the Lease is an update with the
+//! resourceVersion last read, so two candidates cannot both succeed; a Lease not renewed within
+//! its duration may be taken over.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
