@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::{Gauges, Metrics, Reporter};
 use crate::admin::{self, AdminState};
-use crate::certs::CertManager;
+use crate::certs::{BundleFollower, CaEndpoint, CertManager};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
@@ -309,6 +309,20 @@ impl Agent {
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
 
         let tracker = TaskTracker::new();
+        tracker.spawn(
+            BundleFollower::new(
+                CaEndpoint {
+                    address: config.ca_address.clone(),
+                    server_name: config.ca_server_name.clone(),
+                    token: config.ca_token.clone(),
+                    token_file: Some(config.ca_token_file.clone()),
+                },
+                certs.clone(),
+                roots.clone(),
+                config.trust_domain.clone(),
+            )
+            .run(config.bundle_refresh, stop.clone()),
+        );
         let metrics = Arc::new(Metrics::default());
         let connections = Arc::new(Connections::default());
         let ctx = ProxyContext {

@@ -12,6 +12,7 @@
 //!   serverName: localhost                   # name in the CA's serving certificate
 //!   rootCertFile: /etc/signet/ca-root.pem   # trust anchor for the CA and the mesh
 //!   tokenFile: /etc/signet/node-a.token     # mode 0600
+//!   bundleRefreshSeconds: 60                # the CA's bundle replaces rootCertFile's roots
 //! datapath:
 //!   cgroupRoot: /sys/fs/cgroup/unified/signet/node-a
 //! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020,
@@ -131,6 +132,9 @@ struct RawCa {
     server_name: String,
     root_cert_file: PathBuf,
     token_file: PathBuf,
+    /// How often the CA's trust bundle is fetched (a root rotation's overlap must be longer).
+    #[serde(default = "default_bundle_refresh")]
+    bundle_refresh_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +167,9 @@ fn default_agent_ns() -> String {
 }
 fn default_server_name() -> String {
     "localhost".into()
+}
+fn default_bundle_refresh() -> u64 {
+    60
 }
 fn default_svid_ttl() -> u64 {
     3600
@@ -218,6 +225,8 @@ pub struct AgentConfig {
     pub ca_token: String,
     /// Where the token is: re-read for every certificate request (projected tokens rotate).
     pub ca_token_file: PathBuf,
+    /// How often the trust bundle is fetched from the CA.
+    pub bundle_refresh: Duration,
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub proxy_mark: u32,
@@ -359,6 +368,7 @@ impl AgentConfig {
             ca_root_pem,
             ca_token,
             ca_token_file: token_file,
+            bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds.max(1)),
             cgroup_root: resolve(&raw.datapath.cgroup_root),
             bpffs_dir,
             proxy_mark: raw.datapath.proxy_mark,

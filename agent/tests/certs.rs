@@ -1,6 +1,7 @@
 //! The certificate manager against the real CA server on loopback: SVIDs for the node's pods
 //! and for the agent itself, rotation at half-life with the old certificate kept until the new
-//! one arrives, and refusal (with retries, never a certificate) for a pod on another node.
+//! one arrives, and refusal (with retries, never a certificate) for a pod on another node; and
+//! a root rotation followed through the CA's trust bundle.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ struct Ca {
     _dir: tempfile::TempDir,
     addr: String,
     root: String,
+    authority: std::sync::Arc<signet_ca::CertificateAuthority>,
     stop: CancellationToken,
 }
 
@@ -28,12 +30,17 @@ impl Drop for Ca {
 }
 
 async fn ca() -> Ca {
+    ca_with("").await
+}
+
+/// A CA on loopback; `extra` adds configuration lines.
+async fn ca_with(extra: &str) -> Ca {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::create_dir(dir.path().join("state")).expect("mkdir");
     std::fs::write(dir.path().join("state/pods.yaml"), PODS).expect("pods");
     let yaml = format!(
         "trustDomain: cluster.local\nlisten: 127.0.0.1:0\nstateDir: ca\nclusterStateDir: state\n\
-         svid: {{minTtlSeconds: 2}}\nnodes: [{{name: node-a, tokenSha256: {}}}]\n",
+         svid: {{minTtlSeconds: 2}}\nnodes: [{{name: node-a, tokenSha256: {}}}]\n{extra}",
         sha256_hex("token-a")
     );
     let config =
@@ -41,12 +48,14 @@ async fn ca() -> Ca {
     let server = CaServer::bind(config).await.expect("bind");
     let addr = server.local_addr().expect("addr").to_string();
     let root = server.authority().bundle().to_pem();
+    let authority = server.authority();
     let stop = CancellationToken::new();
     tokio::spawn(server.run(stop.clone()));
     Ca {
         _dir: dir,
         addr,
         root,
+        authority,
         stop,
     }
 }
@@ -134,4 +143,84 @@ async fn certificates_rotate_at_half_life_and_the_old_one_serves_until_then() {
     mgr.set_identities(std::slice::from_ref(&agent));
     assert!(mgr.get(&web).is_none());
     assert_eq!(mgr.expiries().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_root_signs() {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    use signet_agent::certs::{BundleFollower, CaEndpoint};
+    use signet_ca::verify::SvidRoots;
+    // The new root signs 2 s after it joins the bundle.
+    let ca = ca_with("root: {ttlSeconds: 864000, rotationOverlapSeconds: 2}\n").await;
+    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let old_root = ca.authority.bundle().roots[0].clone();
+    let roots = SvidRoots::new(td.clone(), std::slice::from_ref(&old_root)).expect("roots");
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    let certs = CertManager::new(client, agent.clone(), Duration::from_secs(600));
+    let follower = BundleFollower::new(
+        CaEndpoint {
+            address: ca.addr.clone(),
+            server_name: "localhost".into(),
+            token: "token-a".into(),
+            token_file: None,
+        },
+        certs.clone(),
+        roots.clone(),
+        td.clone(),
+    );
+    assert!(
+        !follower.refresh().await.expect("refresh"),
+        "nothing new yet"
+    );
+
+    ca.authority.rotate_root().expect("rotate");
+    assert!(follower.refresh().await.expect("refresh"));
+    let both = roots.roots();
+    assert_eq!(both.len(), 2, "the new root is trusted during the overlap");
+    assert_eq!(both[0], old_root);
+
+    // After the overlap the new root signs, and the CA's serving certificate follows it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ca.authority
+        .maintain(time::OffsetDateTime::now_utc())
+        .expect("promote");
+    assert_eq!(ca.authority.signer().root(), &both[1]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // A client that knows only the old root can no longer reach the CA...
+        if CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the serving certificate was not renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...the agent's, reconnected with the bundle, still can; and its peers' new SVIDs verify
+    // with the roots it follows, not with the old root alone.
+    let mut client = certs.client();
+    let cert = fetch(
+        &mut client,
+        &id("spiffe://cluster.local/ns/shop/sa/web"),
+        true,
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("an SVID under the new root");
+    let leaf: &CertificateDer<'static> = &cert.chain[0];
+    let usage = webpki::KeyUsage::client_auth();
+    roots
+        .verify(leaf, &cert.chain[1..], UnixTime::now(), usage)
+        .expect("verifies with the followed bundle");
+    SvidRoots::new(td, std::slice::from_ref(&old_root))
+        .expect("old")
+        .verify(leaf, &cert.chain[1..], UnixTime::now(), usage)
+        .expect_err("the old root alone does not verify it");
 }

@@ -34,19 +34,23 @@ pub enum PeerError {
     },
 }
 
-/// The roots of a trust domain, ready for chain verification.
+/// The roots of a trust domain, ready for chain verification. Clones share one set of roots, so
+/// a bundle update ([`replace`](Self::replace)) reaches every verifier built from them.
 #[derive(Debug, Clone)]
 pub struct SvidRoots {
     trust_domain: TrustDomain,
-    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    current: Arc<std::sync::RwLock<Arc<Anchors>>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl SvidRoots {
-    pub fn new(
-        trust_domain: TrustDomain,
-        roots: &[CertificateDer<'static>],
-    ) -> Result<Self, PeerError> {
+#[derive(Debug)]
+struct Anchors {
+    ders: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl Anchors {
+    fn new(roots: &[CertificateDer<'static>]) -> Result<Self, PeerError> {
         let anchors = roots
             .iter()
             .enumerate()
@@ -66,10 +70,45 @@ impl SvidRoots {
             });
         }
         Ok(Self {
+            ders: roots.to_vec(),
+            anchors,
+        })
+    }
+}
+
+impl SvidRoots {
+    pub fn new(
+        trust_domain: TrustDomain,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<Self, PeerError> {
+        Ok(Self {
             trust_domain,
-            anchors: Arc::new(anchors),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(Anchors::new(roots)?))),
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
         })
+    }
+
+    fn anchors(&self) -> Arc<Anchors> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The roots in force.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.anchors().ders.clone()
+    }
+
+    /// Puts a new bundle in force for every clone. A bundle that does not parse, or is empty, is
+    /// refused and the roots in force stay. Returns whether the roots changed.
+    pub fn replace(&self, roots: &[CertificateDer<'static>]) -> Result<bool, PeerError> {
+        if self.anchors().ders == roots {
+            return Ok(false);
+        }
+        let next = Arc::new(Anchors::new(roots)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(true)
     }
 
     /// Verifies the chain for `usage` and returns the peer's SPIFFE ID, which must be in this
@@ -84,7 +123,7 @@ impl SvidRoots {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(PeerError::Chain)?;
         cert.verify_for_usage(
             self.algorithms.all,
-            &self.anchors,
+            &self.anchors().anchors,
             intermediates,
             now,
             usage,
@@ -266,5 +305,31 @@ pub fn peer_spiffe_id(
     match peer_certificates.and_then(|c| c.first()) {
         Some(leaf) => spiffe_id_of(leaf),
         None => Err(SvidError::UriSanCount(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_update_reaches_every_clone_and_a_bad_one_changes_nothing() {
+        let td = TrustDomain::parse("cluster.local").expect("td");
+        let ttl = std::time::Duration::from_secs(3600);
+        let (_, first) = crate::store::tests::new_root(&td, ttl);
+        let (_, second) = crate::store::tests::new_root(&td, ttl);
+        let roots = SvidRoots::new(td, std::slice::from_ref(&first)).expect("roots");
+        let verifier_copy = roots.clone();
+        let both = vec![first.clone(), second];
+        assert!(roots.replace(&both).expect("replace"));
+        assert!(!roots.replace(&both).expect("same again"), "no change");
+        assert_eq!(verifier_copy.roots(), both);
+        assert!(roots.replace(&[]).is_err(), "an empty bundle is refused");
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(
+            roots.replace(&[garbage]).is_err(),
+            "so is one that does not parse"
+        );
+        assert_eq!(verifier_copy.roots(), both, "the roots in force stay");
     }
 }

@@ -3,6 +3,10 @@
 //! `ImpersonatedIdentity`, as ztunnel asks). The returned SAN and key are checked; certificates
 //! rotate at half-life with jitter, failures retry with backoff, and the old certificate stays in
 //! use until its replacement arrives.
+//!
+//! The trust bundle is followed too ([`BundleFollower`]): a root rotation adds the new root to
+//! the CA's bundle an overlap window before it signs, and the agent must trust it by then, both
+//! for peers' SVIDs and for the CA's own serving certificate.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -137,7 +141,8 @@ pub async fn fetch(
 /// Keeps a certificate fresh for every identity it is told about.
 #[derive(Clone)]
 pub struct CertManager {
-    client: CaClient,
+    /// Replaced when the trust bundle changes (the CA's certificate may chain to a new root).
+    client: Arc<RwLock<CaClient>>,
     /// The agent's own identity is asked for without impersonation.
     agent_identity: SpiffeId,
     ttl: Duration,
@@ -157,12 +162,25 @@ impl std::fmt::Debug for CertManager {
 impl CertManager {
     pub fn new(client: CaClient, agent_identity: SpiffeId, ttl: Duration) -> Self {
         Self {
-            client,
+            client: Arc::new(RwLock::new(client)),
             agent_identity,
             ttl,
             certs: Arc::default(),
             tasks: Arc::default(),
         }
+    }
+
+    /// The CA client every request goes through.
+    pub fn client(&self) -> CaClient {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sends every request from now on through `client`.
+    pub fn set_client(&self, client: CaClient) {
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
     }
 
     /// The certificate in force for `id`, if one has arrived.
@@ -237,9 +255,9 @@ impl CertManager {
     /// exponential backoff while the current certificate (if any) stays in force.
     async fn rotate(self, id: SpiffeId, stop: CancellationToken) {
         let impersonate = id != self.agent_identity;
-        let mut client = self.client.clone();
         let mut backoff = Duration::from_millis(500);
         loop {
+            let mut client = self.client();
             let wait = match fetch(&mut client, &id, impersonate, self.ttl).await {
                 Ok(cert) => {
                     backoff = Duration::from_millis(500);
@@ -263,6 +281,120 @@ impl CertManager {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("the CA's trust bundle request failed: {0}")]
+    Refused(tonic::Status),
+    #[error("the CA sent a bundle for trust domain `{found}`, not `{expected}`")]
+    ForeignTrustDomain { found: String, expected: String },
+    #[error("the CA's trust bundle is unusable: {0}")]
+    Bad(String),
+    #[error("reconnecting to the CA with the new bundle: {0}")]
+    Reconnect(#[from] signet_ca::client::ClientError),
+}
+
+/// How to reach the CA again with other roots.
+#[derive(Debug, Clone)]
+pub struct CaEndpoint {
+    pub address: String,
+    pub server_name: String,
+    pub token: String,
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// Keeps the agent's trust roots equal to the CA's bundle. The bundle is fetched over the CA
+/// connection, which the roots in force authenticate, so only the CA can change them.
+#[derive(Debug, Clone)]
+pub struct BundleFollower {
+    pub endpoint: CaEndpoint,
+    pub certs: CertManager,
+    pub roots: signet_ca::verify::SvidRoots,
+    pub trust_domain: signet_ca::TrustDomain,
+    /// The roots the CA client was last connected with.
+    client_roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+}
+
+impl BundleFollower {
+    pub fn new(
+        endpoint: CaEndpoint,
+        certs: CertManager,
+        roots: signet_ca::verify::SvidRoots,
+        trust_domain: signet_ca::TrustDomain,
+    ) -> Self {
+        let client_roots = Arc::new(RwLock::new(roots.roots()));
+        Self {
+            endpoint,
+            certs,
+            roots,
+            trust_domain,
+            client_roots,
+        }
+    }
+
+    /// Fetches the bundle once and puts it in force: for peers at once, for the CA connection
+    /// by reconnecting. Returns whether anything changed. On any error the roots in force stay.
+    pub async fn refresh(&self) -> Result<bool, BundleError> {
+        let bundle = self
+            .certs
+            .client()
+            .trust_bundle()
+            .await
+            .map_err(BundleError::Refused)?;
+        if bundle.trust_domain != self.trust_domain.as_str() {
+            return Err(BundleError::ForeignTrustDomain {
+                found: bundle.trust_domain,
+                expected: self.trust_domain.to_string(),
+            });
+        }
+        let mut ders = Vec::with_capacity(bundle.roots_pem.len());
+        for (i, text) in bundle.roots_pem.iter().enumerate() {
+            let block = pem::parse(text).map_err(|e| BundleError::Bad(format!("root {i}: {e}")))?;
+            ders.push(CertificateDer::from(block.into_contents()));
+        }
+        let changed = self
+            .roots
+            .replace(&ders)
+            .map_err(|e| BundleError::Bad(e.to_string()))?;
+        if changed {
+            tracing::info!(
+                sequence = bundle.sequence,
+                roots = ders.len(),
+                "trust bundle updated"
+            );
+        }
+        let reconnect = *self.client_roots.read().unwrap_or_else(|p| p.into_inner()) != ders;
+        if reconnect {
+            let e = &self.endpoint;
+            let mut client = CaClient::connect(
+                &e.address,
+                &e.server_name,
+                &bundle.roots_pem.concat(),
+                &e.token,
+            )
+            .await?;
+            if let Some(path) = &e.token_file {
+                client = client.with_token_file(path.clone());
+            }
+            self.certs.set_client(client);
+            *self.client_roots.write().unwrap_or_else(|p| p.into_inner()) = ders;
+        }
+        Ok(changed || reconnect)
+    }
+
+    /// Refreshes every `every` until `stop`.
+    pub async fn run(self, every: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "trust bundle refresh failed; the roots in force stay");
             }
         }
     }

@@ -238,13 +238,16 @@ async fn upkeep(
                 tracing::error!(error = %e, "cluster state change refused; previous state stays in force")
             }
         }
-        n += 1;
-        if !n.is_multiple_of(30) {
-            continue;
-        }
         let now = time::OffsetDateTime::now_utc();
+        // Cheap unless due; due at once when another root has started signing.
+        match serving.renew_if_due(now) {
+            Ok(true) => tracing::info!("serving certificate renewed"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "serving certificate renewal failed; will retry"),
+        }
+        n += 1;
         // A shared directory is rotated by the Lease holder (`ca_secret::follow`).
-        if ca.rotates_itself() {
+        if n.is_multiple_of(30) && ca.rotates_itself() {
             match ca.maintain(now) {
                 Ok(m) if m.changed() => {
                     tracing::info!(promoted = ?m.promoted, retired = ?m.retired, started = ?m.started_rotation, "root rotation advanced")
@@ -252,11 +255,6 @@ async fn upkeep(
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "root rotation step failed; will retry"),
             }
-        }
-        match serving.renew_if_due(now) {
-            Ok(true) => tracing::info!("serving certificate renewed"),
-            Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "serving certificate renewal failed; will retry"),
         }
     }
 }
