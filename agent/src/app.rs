@@ -273,6 +273,38 @@ impl Agent {
         let certs = CertManager::new(ca, config.agent_identity.clone(), config.svid_ttl);
 
         let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Arc::new(Metrics::default());
+        // The admin port answers from the start, so liveness holds while the agent waits for the
+        // API server; readiness says what it waits for until `running` is set.
+        let admin_l = TcpListener::bind(config.admin)
+            .await
+            .with_context(|| format!("binding admin {}", config.admin))?;
+        let admin_address = admin_l.local_addr().context("admin address")?;
+        let running: Arc<std::sync::OnceLock<AdminState>> = Arc::default();
+        // Should starting fail from here on, the tasks already running stop with it.
+        let stop_on_error = stop.clone().drop_guard();
+        tracker.spawn(admin::serve(
+            admin_l,
+            AdminState {
+                metrics: metrics.clone(),
+                gauges: {
+                    let running = running.clone();
+                    Arc::new(move || running.get().map(|r| (r.gauges)()).unwrap_or_default())
+                },
+                readiness: {
+                    let running = running.clone();
+                    Arc::new(move || match running.get() {
+                        Some(r) => (r.readiness)(),
+                        None => {
+                            Err("starting: waiting for the first sync of the cluster state".into())
+                        }
+                    })
+                },
+            },
+            stop.clone(),
+            tracker.clone(),
+        ));
         let (identities, kube, kube_client) = match &config.source {
             ClusterSource::Dir { identity_table, .. } => (
                 Identities::File(FileAllocator::new(identity_table)),
@@ -285,7 +317,20 @@ impl Agent {
                     .context("connecting to the Kubernetes API (in-cluster configuration)")?;
                 let source = KubeSource::start(client.clone(), &config.agent_namespace, &stop);
                 // Not ready, and nothing applied, before every resource has been listed once.
-                source.synced().await;
+                {
+                    let started = std::time::Instant::now();
+                    let synced = source.synced();
+                    tokio::pin!(synced);
+                    loop {
+                        tokio::select! {
+                            () = &mut synced => break,
+                            () = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!(
+                                waited_seconds = started.elapsed().as_secs(),
+                                "still waiting for the first list of Kubernetes resources; not ready"
+                            ),
+                        }
+                    }
+                }
                 tracing::info!("Kubernetes resources synced");
                 let identities = Identities::Kube {
                     api: KubeIdentities::new(client.clone()),
@@ -308,7 +353,6 @@ impl Agent {
         certs.set_identities(&first.local_identities());
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
 
-        let tracker = TaskTracker::new();
         tracker.spawn(
             BundleFollower::new(
                 CaEndpoint {
@@ -323,7 +367,6 @@ impl Agent {
             )
             .run(config.bundle_refresh, stop.clone()),
         );
-        let metrics = Arc::new(Metrics::default());
         let connections = Arc::new(Connections::default());
         let ctx = ProxyContext {
             snapshot: snapshot.clone(),
@@ -349,10 +392,6 @@ impl Agent {
                 config.max_connections,
             ),
         };
-        let admin_l = TcpListener::bind(config.admin)
-            .await
-            .with_context(|| format!("binding admin {}", config.admin))?;
-        let admin_address = admin_l.local_addr().context("admin address")?;
         let out_l = TcpListener::bind(config.outbound)
             .await
             .with_context(|| format!("binding outbound {}", config.outbound))?;
@@ -433,16 +472,12 @@ impl Agent {
                 ready: readiness().is_ok(),
             })
         };
-        tracker.spawn(admin::serve(
-            admin_l,
-            AdminState {
-                metrics: metrics.clone(),
-                gauges,
-                readiness,
-            },
-            stop.clone(),
-            tracker.clone(),
-        ));
+        let _ = running.set(AdminState {
+            metrics: metrics.clone(),
+            gauges,
+            readiness,
+        });
+        stop_on_error.disarm();
         Ok(Self {
             stop,
             tracker,
