@@ -141,4 +141,12 @@ fn the_shipped_configurations_parse() {
     )
     .expect("the CA's ConfigMap parses");
     assert_eq!(ca.cluster, signet_ca::server::config::CaCluster::Kubernetes);
+    // Keys from the Secret: followed by every replica, rotated by the Lease holder, signing
+    // through an intermediate.
+    assert_eq!(ca.ca_secret.as_deref(), Some("signet-ca-keys"));
+    assert!(matches!(
+        ca.ca.source,
+        signet_ca::CaSource::SharedStateDir(_)
+    ));
+    assert!(ca.ca.intermediate);
 }

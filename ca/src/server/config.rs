@@ -3,7 +3,9 @@
 //! ```yaml
 //! trustDomain: cluster.local
 //! listen: 127.0.0.1:15012
-//! stateDir: /var/lib/signet-ca        # or `cacertsDir:` for operator-managed keys
+//! stateDir: /var/lib/signet-ca        # or `cacertsDir:` for operator-managed keys, or (with
+//!                                     # `kubernetes: true`) `caSecret: signet-ca-keys`
+//! root: {ttlSeconds: 31536000, rotationOverlapSeconds: 604800, intermediate: false}
 //! clusterStateDir: /etc/signet/state  # Kubernetes manifests: which pod runs on which node
 //! agentNamespace: signet-system
 //! servingNames: [localhost, 127.0.0.1]
