@@ -312,9 +312,9 @@ impl Agent {
                 None,
             ),
             ClusterSource::Kubernetes => {
-                let client = kube::Client::try_default()
+                let client = signet_ca::server::kube::client(config.kubeconfig.as_deref())
                     .await
-                    .context("connecting to the Kubernetes API (in-cluster configuration)")?;
+                    .context("connecting to the Kubernetes API")?;
                 let source = KubeSource::start(client.clone(), &config.agent_namespace, &stop);
                 // Not ready, and nothing applied, before every resource has been listed once.
                 {

@@ -7,6 +7,7 @@
 //! clusterStateDir: /etc/signet/state        # Kubernetes manifests (standalone mode)
 //! identityTable: /var/lib/signet/identities.json
 //! # kubernetes: true                        # instead of the two above: the API server
+//! # kubeconfig: /etc/signet/kubeconfig      # with kubernetes: true, outside a pod
 //! ca:
 //!   address: 10.77.0.1:15012
 //!   serverName: localhost                   # name in the CA's serving certificate
@@ -68,6 +69,9 @@ struct Raw {
     /// Read the cluster from the Kubernetes API (in-cluster configuration) instead of a directory.
     #[serde(default)]
     kubernetes: bool,
+    /// With `kubernetes: true`: a kubeconfig to reach the API with, instead of the in-cluster
+    /// service account (an agent run outside a pod).
+    kubeconfig: Option<PathBuf>,
     ca: RawCa,
     datapath: RawDatapath,
     listen: RawListen,
@@ -205,7 +209,8 @@ pub enum ClusterSource {
         state_dir: PathBuf,
         identity_table: PathBuf,
     },
-    /// The API server (in-cluster configuration); numeric identities as `SignetIdentity`s.
+    /// The API server (in-cluster configuration, or `AgentConfig::kubeconfig`); numeric
+    /// identities as `SignetIdentity`s.
     Kubernetes,
 }
 
@@ -218,6 +223,8 @@ pub struct AgentConfig {
     /// The agent's namespace (its service account, and where Gateway TLS Secrets are copied).
     pub agent_namespace: String,
     pub source: ClusterSource,
+    /// How to reach the API server when not in-cluster.
+    pub kubeconfig: Option<PathBuf>,
     pub ca_address: String,
     pub ca_server_name: String,
     /// The trust anchor, PEM.
@@ -335,6 +342,11 @@ impl AgentConfig {
                 "datapath.proxyMark must not be 0 (unmarked traffic)".into(),
             ));
         }
+        if raw.kubeconfig.is_some() && !raw.kubernetes {
+            return Err(invalid(
+                "kubeconfig is used only with kubernetes: true".into(),
+            ));
+        }
         let source = match (raw.kubernetes, &raw.cluster_state_dir, &raw.identity_table) {
             (true, None, None) => ClusterSource::Kubernetes,
             (true, _, _) => {
@@ -362,6 +374,7 @@ impl AgentConfig {
             trust_domain,
             agent_identity,
             source,
+            kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
             agent_namespace: raw.agent_namespace.clone(),
             ca_address: raw.ca.address,
             ca_server_name: raw.ca.server_name,

@@ -6,12 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use signet_ca::lease::Elector;
 use signet_ca::server::CaServer;
-use signet_ca::server::ca_secret::{KeySecret, ROTATION_LEASE, follow};
 use signet_ca::server::config::{CaCluster, ServerConfig};
-use signet_ca::server::kube::watch_cluster;
-use signet_ca::server::tokenreview::TokenReviewAuthenticator;
 use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
 use tokio_util::sync::CancellationToken;
 
@@ -225,56 +221,14 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         let server = match config.cluster {
             CaCluster::Dir(_) => CaServer::bind(config).await?,
             CaCluster::Kubernetes => {
-                let client = kube::Client::try_default()
+                let client = signet_ca::server::kube::client(None)
                     .await
                     .context("connecting to the Kubernetes API (in-cluster configuration)")?;
-                let agent_namespace = config.agent_namespace.clone();
-                let keys = match (&config.ca_secret, &config.ca.source) {
-                    (Some(secret), CaSource::SharedStateDir(dir)) => {
-                        let (keys, created) =
-                            KeySecret::ensure(&client, &agent_namespace, secret, &config.ca, dir)
-                                .await?;
-                        tracing::info!(secret = %secret, created, "CA keys from the Kubernetes Secret");
-                        Some(keys)
-                    }
-                    _ => None,
-                };
-                let auth = std::sync::Arc::new(TokenReviewAuthenticator::new(
-                    client.clone(),
-                    &config.agent_namespace,
-                    "signet-agent",
-                ));
-                let server = CaServer::bind_with(config, auth).await?;
-                if let Some(keys) = keys {
-                    keys.publish_bundle(&server.authority().bundle()).await?;
-                    // Pod names are unique among the replicas: the Lease's holder identity.
-                    let holder = std::env::var("POD_NAME")
-                        .or_else(|_| std::env::var("HOSTNAME"))
-                        .unwrap_or_else(|_| format!("signet-ca-{}", std::process::id()));
-                    let elector = Elector::new(
-                        client.clone(),
-                        &agent_namespace,
-                        ROTATION_LEASE,
-                        &holder,
-                        30,
-                    );
-                    tokio::spawn(follow(
-                        keys,
-                        server.authority(),
-                        elector,
-                        std::time::Duration::from_secs(10),
-                        shutdown.clone(),
-                    ));
-                }
-                // Serve only once the view of who runs where is loaded.
-                watch_cluster(
-                    client,
-                    server.authorizer(),
-                    agent_namespace,
-                    shutdown.clone(),
-                )
-                .await;
-                server
+                // Pod names are unique among the replicas: the rotation Lease's holder identity.
+                let holder = std::env::var("POD_NAME")
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| format!("signet-ca-{}", std::process::id()));
+                CaServer::start_in_cluster(config, client, &holder, shutdown.clone()).await?
             }
         };
         let addr = server.local_addr()?;

@@ -120,7 +120,10 @@ fn review(body: &[u8]) -> Reply {
     let asked: k8s_openapi::api::authentication::v1::TokenReview =
         serde_json::from_slice(body).expect("a TokenReview");
     let spec = asked.spec;
-    assert_eq!(spec.audiences.as_deref(), Some(&["signet-ca".to_owned()][..]));
+    assert_eq!(
+        spec.audiences.as_deref(),
+        Some(&["signet-ca".to_owned()][..])
+    );
     let status = if spec.token.as_deref() == Some(AGENT_TOKEN) {
         serde_json::json!({"authenticated": true, "audiences": ["signet-ca"],
             "user": {"username": "system:serviceaccount:signet-system:signet-agent",
@@ -156,7 +159,13 @@ async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infall
             vec![
                 pod("web-0", "shop", "node-a", "web", "uid-web"),
                 pod("db-0", "shop", "node-b", "db", "uid-db"),
-                pod("signet-agent-a", NS, "node-a", "signet-agent", "uid-agent-a"),
+                pod(
+                    "signet-agent-a",
+                    NS,
+                    "node-a",
+                    "signet-agent",
+                    "uid-agent-a",
+                ),
             ],
         ),
         "/apis/gateway.networking.k8s.io/v1/gatewayclasses"
@@ -206,8 +215,7 @@ async fn api_server(cluster: Shared) -> String {
             };
             let cluster = cluster.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req| answer(req, cluster.clone()));
+                let service = hyper::service::service_fn(move |req| answer(req, cluster.clone()));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -342,9 +350,7 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
     let ders: Vec<_> = chain
         .iter()
         .map(|p| {
-            rustls_pki_types::CertificateDer::from(
-                pem::parse(p).expect("pem").into_contents(),
-            )
+            rustls_pki_types::CertificateDer::from(pem::parse(p).expect("pem").into_contents())
         })
         .collect();
     let roots = SvidRoots::new(
@@ -393,7 +399,11 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
         let c = cluster.lock().expect("cluster");
         assert_eq!(c.secrets.len(), 1);
         assert_eq!(c.secret_creates, 1, "replica b created nothing");
-        assert!(c.unexpected.is_empty(), "unexpected requests: {:?}", c.unexpected);
+        assert!(
+            c.unexpected.is_empty(),
+            "unexpected requests: {:?}",
+            c.unexpected
+        );
     }
     assert_eq!(
         lease_holder(&cluster).as_deref(),

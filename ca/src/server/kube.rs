@@ -17,6 +17,29 @@ use tokio_util::sync::CancellationToken;
 use crate::server::authz::{GATEWAY_CONTROLLER, NodeAuthorizer, scheduled};
 use crate::server::tls_copies;
 
+/// A client for the API server: from `kubeconfig` when given (a process outside a pod), else the
+/// usual inference (`KUBECONFIG`, then the in-cluster service account).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, KubeconfigError> {
+    let config = match kubeconfig {
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeconfigError(e.to_string()))?,
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| KubeconfigError(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| KubeconfigError(format!("{}: {e}", path.display())))?
+        }
+    };
+    kube::Client::try_from(config).map_err(|e| KubeconfigError(e.to_string()))
+}
+
+/// Why no API client could be configured.
+#[derive(Debug, thiserror::Error)]
+#[error("Kubernetes client configuration: {0}")]
+pub struct KubeconfigError(String);
+
 fn gateway_resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
         "gateway.networking.k8s.io",

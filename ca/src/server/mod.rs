@@ -29,6 +29,7 @@ use crate::proto::signet::trust_bundle_service_server::TrustBundleServiceServer;
 use crate::store::StoreError;
 use auth::{Authenticator, StaticTokens};
 use authz::{NodeAuthorizer, StateError};
+use ca_secret::KeySecret;
 use config::ServerConfig;
 use grpc::CaService;
 use tls::{ServingCert, ServingCertError};
@@ -50,6 +51,15 @@ pub enum ServerError {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Why a replica could not start in a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum InClusterError {
+    #[error("CA keys: {0}")]
+    Keys(#[from] ca_secret::CaSecretError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
 }
 
 /// A bound, ready-to-run CA server.
@@ -108,6 +118,53 @@ impl CaServer {
             auth,
             serving,
         })
+    }
+
+    /// Starts a replica in a cluster: keys from the Secret (`caSecret`) or `cacerts`, agents
+    /// checked by TokenReview, rotation followed (and driven while this replica, named `holder`
+    /// in the Lease, holds it). Returns once the view of who runs where is loaded, ready to run.
+    pub async fn start_in_cluster(
+        config: ServerConfig,
+        client: ::kube::Client,
+        holder: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Self, InClusterError> {
+        let namespace = config.agent_namespace.clone();
+        let keys = match (&config.ca_secret, &config.ca.source) {
+            (Some(secret), crate::CaSource::SharedStateDir(dir)) => {
+                let (keys, created) =
+                    KeySecret::ensure(&client, &namespace, secret, &config.ca, dir).await?;
+                tracing::info!(secret = %secret, created, "CA keys from the Kubernetes Secret");
+                Some(keys)
+            }
+            _ => None,
+        };
+        let auth = Arc::new(tokenreview::TokenReviewAuthenticator::new(
+            client.clone(),
+            &namespace,
+            "signet-agent",
+        ));
+        let server = Self::bind_with(config, auth).await?;
+        if let Some(keys) = keys {
+            keys.publish_bundle(&server.authority().bundle()).await?;
+            let elector = crate::lease::Elector::new(
+                client.clone(),
+                &namespace,
+                ca_secret::ROTATION_LEASE,
+                holder,
+                30,
+            );
+            tokio::spawn(ca_secret::follow(
+                keys,
+                server.authority(),
+                elector,
+                Duration::from_secs(10),
+                shutdown.clone(),
+            ));
+        }
+        // Serve only once the view of who runs where is loaded.
+        kube::watch_cluster(client, server.authorizer(), namespace, shutdown).await;
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

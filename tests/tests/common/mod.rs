@@ -3,6 +3,7 @@
 //! test fails.
 #![allow(dead_code)] // each suite uses part of it
 
+pub mod fake_api;
 pub mod topology;
 
 use std::collections::BTreeMap;

@@ -185,6 +185,12 @@ impl Topology {
     pub fn write_state(&self, extra: &str) {
         let state = self.dir.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
+        std::fs::write(state.join("cluster.yaml"), self.cluster_yaml()).expect("state");
+        std::fs::write(state.join("policy.yaml"), extra).expect("policy");
+    }
+
+    /// The topology's Nodes, Namespace, Pods, Service and EndpointSlice as Kubernetes YAML.
+    pub fn cluster_yaml(&self) -> String {
         let n = self.n;
         let mut y = String::new();
         for (node, ip) in [('a', self.node_ip('a')), ('b', self.node_ip('b'))] {
@@ -210,18 +216,31 @@ impl Topology {
             self.cluster_ip(),
             self.pod_ip('b')
         );
-        std::fs::write(state.join("cluster.yaml"), y).expect("state");
-        std::fs::write(state.join("policy.yaml"), extra).expect("policy");
+        y
     }
 
     pub fn agent_config(&self, node: char, ca: &str, root: &Path, extra: &str) -> AgentConfig {
+        let source = "clusterStateDir: state\nidentityTable: identities.json\n";
+        self.agent_config_from(node, source, ca, root, extra)
+    }
+
+    /// An agent configuration reading the cluster as `source` says (a state directory, or the
+    /// API server).
+    pub fn agent_config_from(
+        &self,
+        node: char,
+        source: &str,
+        ca: &str,
+        root: &Path,
+        extra: &str,
+    ) -> AgentConfig {
         let token = self.dir.path().join(format!("node-{node}.token"));
         std::fs::write(&token, format!("token-{node}")).expect("token");
         std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .expect("chmod");
         let ip = self.node_ip(node);
         let yaml = format!(
-            "node: node-{node}\nclusterStateDir: state\nidentityTable: identities.json\n\
+            "node: node-{node}\n{source}\
              ca: {{address: '{ca}', rootCertFile: {}, tokenFile: {}}}\n\
              datapath: {{cgroupRoot: {}, bpffsDir: {}}}\n\
              listen: {{outbound: '{ip}:15001', inbound: '{ip}:15008', admin: '127.0.0.1:15020'}}\n{extra}",
@@ -506,6 +525,53 @@ pub fn start(t: &Topology, ca_extra: &str, agent_extra: &str) -> Running {
         running.start_agent(t, node);
     }
     running
+}
+
+/// Starts the CA in node A's namespace in Kubernetes mode, reaching the API through
+/// `kubeconfig`: keys in Secret signet-ca-keys (its copy under the topology's directory),
+/// agents checked by TokenReview. Returns it with the published root's file.
+pub fn start_ca_in_cluster(t: &Topology, kubeconfig: &Path) -> (Component, PathBuf) {
+    let ca_addr = format!("{}:15012", t.node_ip('a'));
+    let yaml = format!(
+        "trustDomain: cluster.local\nlisten: '{ca_addr}'\ncaSecret: signet-ca-keys\n\
+         kubernetes: true\nservingNames: [localhost]\n"
+    );
+    let dir = t.dir.path().to_owned();
+    let mut config = ServerConfig::from_yaml(&yaml, &dir.join("ca.yaml"), &dir).expect("config");
+    config.ca.source = signet_ca::CaSource::SharedStateDir(dir.join("ca-keys"));
+    let (kubeconfig, stop) = (kubeconfig.to_owned(), CancellationToken::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (node_a, s) = (t.ns("node-a"), stop.clone());
+    let thread = std::thread::spawn(move || {
+        in_netns(&node_a, move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("rt");
+            rt.block_on(async move {
+                let client = signet_ca::server::kube::client(Some(&kubeconfig))
+                    .await
+                    .expect("client");
+                let server = CaServer::start_in_cluster(config, client, "signet-ca-0", s.clone())
+                    .await
+                    .expect("CA in cluster");
+                tx.send(server.authority().bundle().to_pem())
+                    .expect("send root");
+                let _ = server.run(s).await;
+            });
+        })
+    });
+    let root_pem = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("CA started");
+    let root = t.dir.path().join("root.pem");
+    std::fs::write(&root, root_pem).expect("root");
+    let ca = Component {
+        stop,
+        thread: Some(thread),
+    };
+    (ca, root)
 }
 
 /// The mesh tests share two cores; one at a time keeps their timing meaningful.
