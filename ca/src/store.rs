@@ -510,26 +510,13 @@ fn generate_intermediate(
 ) -> Result<(KeyPair, CertificateDer<'static>), StoreError> {
     let issuer = rcgen::Issuer::from_ca_cert_der(root, root_key).map_err(StoreError::KeyGen)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(StoreError::KeyGen)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, td.as_str());
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("Signet intermediate CA {id}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.subject_alt_names = vec![SanType::URI(
-        td.id_string().try_into().map_err(StoreError::KeyGen)?,
-    )];
-    params.serial_number = Some(crate::svid::random_serial());
-    params.not_before = now - Duration::from_secs(60);
-    params.not_after = now + ttl;
+    let params = ca_params(
+        td,
+        format!("Signet intermediate CA {id}"),
+        BasicConstraints::Constrained(0),
+        ttl,
+        now,
+    )?;
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(StoreError::KeyGen)?;
@@ -544,6 +531,26 @@ fn generate_root(
     now: OffsetDateTime,
 ) -> Result<(KeyPair, CertificateDer<'static>), StoreError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(StoreError::KeyGen)?;
+    let params = ca_params(
+        td,
+        format!("Signet root CA {id}"),
+        BasicConstraints::Unconstrained,
+        ttl,
+        now,
+    )?;
+    let cert = params.self_signed(&key).map_err(StoreError::KeyGen)?;
+    Ok((key, cert.der().clone()))
+}
+
+/// What the CA's own certificates share: the trust domain as organisation and as URI SAN,
+/// CA key usages, a random serial, validity from a minute ago for `ttl`.
+fn ca_params(
+    td: &TrustDomain,
+    common_name: String,
+    constraints: BasicConstraints,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<CertificateParams, StoreError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
@@ -551,8 +558,8 @@ fn generate_root(
         .push(DnType::OrganizationName, td.as_str());
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("Signet root CA {id}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -565,8 +572,7 @@ fn generate_root(
     params.serial_number = Some(crate::svid::random_serial());
     params.not_before = now - Duration::from_secs(60);
     params.not_after = now + ttl;
-    let cert = params.self_signed(&key).map_err(StoreError::KeyGen)?;
-    Ok((key, cert.der().clone()))
+    Ok(params)
 }
 
 /// CA material plugged in from an Istio-style `cacerts` directory.

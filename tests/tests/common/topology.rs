@@ -487,33 +487,9 @@ pub fn start(t: &Topology, ca_extra: &str, agent_extra: &str) -> Running {
     );
     let config =
         ServerConfig::from_yaml(&yaml, &ca_dir.join("ca.yaml"), &ca_dir).expect("CA config");
-    let stop = CancellationToken::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (node_a, s) = (t.ns("node-a"), stop.clone());
-    let thread = std::thread::spawn(move || {
-        in_netns(&node_a, move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("rt");
-            rt.block_on(async move {
-                let server = CaServer::bind(config).await.expect("CA bind");
-                tx.send(server.authority().bundle().to_pem())
-                    .expect("send root");
-                let _ = server.run(s).await;
-            });
-        })
+    let (ca, root) = run_ca(t, move |_| {
+        Box::pin(async move { CaServer::bind(config).await.expect("CA bind") })
     });
-    let ca = Component {
-        stop,
-        thread: Some(thread),
-    };
-    let root_pem = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("CA started");
-    let root = t.dir.path().join("root.pem");
-    std::fs::write(&root, root_pem).expect("root");
     let mut running = Running {
         agents: vec![],
         _ca: ca,
@@ -539,7 +515,28 @@ pub fn start_ca_in_cluster(t: &Topology, kubeconfig: &Path) -> (Component, PathB
     let dir = t.dir.path().to_owned();
     let mut config = ServerConfig::from_yaml(&yaml, &dir.join("ca.yaml"), &dir).expect("config");
     config.ca.source = signet_ca::CaSource::SharedStateDir(dir.join("ca-keys"));
-    let (kubeconfig, stop) = (kubeconfig.to_owned(), CancellationToken::new());
+    let kubeconfig = kubeconfig.to_owned();
+    run_ca(t, move |stop| {
+        Box::pin(async move {
+            let client = signet_ca::server::kube::client(Some(&kubeconfig))
+                .await
+                .expect("client");
+            CaServer::start_in_cluster(config, client, "signet-ca-0", stop)
+                .await
+                .expect("CA in cluster")
+        })
+    })
+}
+
+type Starting = std::pin::Pin<Box<dyn std::future::Future<Output = CaServer> + Send>>;
+
+/// Runs the CA that `start` makes in node A's namespace, on a runtime of its own, and writes
+/// its root where agents read it. Returns it with that file.
+fn run_ca(
+    t: &Topology,
+    start: impl FnOnce(CancellationToken) -> Starting + Send + 'static,
+) -> (Component, PathBuf) {
+    let stop = CancellationToken::new();
     let (tx, rx) = std::sync::mpsc::channel();
     let (node_a, s) = (t.ns("node-a"), stop.clone());
     let thread = std::thread::spawn(move || {
@@ -550,12 +547,7 @@ pub fn start_ca_in_cluster(t: &Topology, kubeconfig: &Path) -> (Component, PathB
                 .build()
                 .expect("rt");
             rt.block_on(async move {
-                let client = signet_ca::server::kube::client(Some(&kubeconfig))
-                    .await
-                    .expect("client");
-                let server = CaServer::start_in_cluster(config, client, "signet-ca-0", s.clone())
-                    .await
-                    .expect("CA in cluster");
+                let server = start(s.clone()).await;
                 tx.send(server.authority().bundle().to_pem())
                     .expect("send root");
                 let _ = server.run(s).await;
