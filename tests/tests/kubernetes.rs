@@ -91,15 +91,24 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     assert_eq!(holder("signet-ca-rotation").as_deref(), Some("signet-ca-0"));
     let source = format!("kubernetes: true\nkubeconfig: {}\n", kubeconfig.display());
     let ca_addr = format!("{}:15012", t.node_ip('a'));
-    // Each start waits until the agent is ready: synced, and certificates (from a CA that
+    let config = |node| t.agent_config_from(node, &source, &ca_addr, &root, "");
+
+    // Until its first full list, an agent is alive but not ready, and says why.
+    api.hold_lists(true);
+    let (agent_a, waited) = std::thread::scope(|s| {
+        let starting = s.spawn(|| start_agent(&t, 'a', config('a')));
+        let waited = wait_for("the admin port while the API is held", || {
+            let (live, _) = t.admin_get('a', "/healthz/live");
+            let (ready, why) = t.admin_get('a', "/healthz/ready");
+            (live == 200 && ready == 503).then_some(why)
+        });
+        api.hold_lists(false);
+        (starting.join().expect("agent a"), waited)
+    });
+    assert!(waited.contains("waiting for the first sync"), "{waited}");
+    // Each start returns once the agent is ready: synced, and certificates (from a CA that
     // admitted it by TokenReview) for its pods.
-    let _agents: Vec<_> = ['a', 'b']
-        .into_iter()
-        .map(|node| {
-            let config = t.agent_config_from(node, &source, &ca_addr, &root, "");
-            start_agent(&t, node, config)
-        })
-        .collect();
+    let _agents = [agent_a, start_agent(&t, 'b', config('b'))];
 
     // One agent holds each cluster-wide chore.
     for lease in ["signet-status", "signet-identity-gc"] {

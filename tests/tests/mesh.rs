@@ -15,31 +15,6 @@ use signet_ca::client::CaClient;
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
 
-/// GET `path` on the agent's admin port, from inside node `node`'s namespace.
-fn admin_get(t: &Topology, node: char, path: &str) -> (u16, String) {
-    in_netns(&t.ns(&format!("node-{node}")), || {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:15020").expect("admin port");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )
-        .expect("write");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("read");
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_owned();
-        (status, body)
-    })
-}
-
 /// The value of the sample whose line starts with `prefix` (name and labels).
 fn sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics
@@ -85,7 +60,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     );
 
     // Both agents count it, by identity, on their admin ports; both are ready.
-    let (status, body) = admin_get(&t, 'a', "/metrics");
+    let (status, body) = t.admin_get('a', "/metrics");
     assert_eq!(status, 200);
     let opened = format!(
         "signet_connections_opened_total{{reporter=\"outbound\",source=\"{CLIENT}\",destination=\"{SERVER}\"}}"
@@ -96,12 +71,12 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
             .is_some_and(|t| t > 1.7e9),
         "{body}"
     );
-    let (_, body) = admin_get(&t, 'b', "/metrics");
+    let (_, body) = t.admin_get('b', "/metrics");
     let inbound = format!(
         "signet_connections_opened_total{{reporter=\"inbound\",source=\"{CLIENT}\",destination=\"{SERVER}\"}}"
     );
     assert_eq!(sample(&body, &inbound), Some(2.0), "{body}");
-    assert_eq!(admin_get(&t, 'b', "/healthz/ready").0, 200);
+    assert_eq!(t.admin_get('b', "/healthz/ready").0, 200);
 
     // A policy that lets only another identity in: node B's proxy refuses the stream, and
     // counts the deny.
@@ -115,7 +90,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         report["ok"] == false || report["reply"] == "",
         "denied at node B: {report}"
     );
-    let (_, body) = admin_get(&t, 'b', "/metrics");
+    let (_, body) = t.admin_get('b', "/metrics");
     let denied = format!(
         "signet_policy_verdicts_total{{reporter=\"inbound\",source=\"{CLIENT}\",destination=\"{SERVER}\",verdict=\"deny\"}}"
     );

@@ -67,6 +67,8 @@ pub struct FakeApi {
     events: broadcast::Sender<Event>,
     /// Agent tokens and the node each one's bound pod runs on.
     tokens: Arc<BTreeMap<String, String>>,
+    /// While true, list requests wait: an API server that is slow or out of reach.
+    held: Arc<tokio::sync::watch::Sender<bool>>,
     stop: CancellationToken,
 }
 
@@ -210,6 +212,7 @@ impl FakeApi {
                     .map(|(t, n)| ((*t).to_owned(), (*n).to_owned()))
                     .collect(),
             ),
+            held: Arc::new(tokio::sync::watch::channel(false).0),
             stop: CancellationToken::new(),
         };
         for o in objects {
@@ -267,8 +270,14 @@ impl FakeApi {
             store: Arc::downgrade(&self.store),
             events: self.events.clone(),
             tokens: self.tokens.clone(),
+            held: self.held.clone(),
             stop: self.stop.clone(),
         }
+    }
+
+    /// Makes list requests wait (`true`) until released (`false`).
+    pub fn hold_lists(&self, hold: bool) {
+        self.held.send_replace(hold);
     }
 
     /// Creates or replaces an object, as a controller or `kubectl apply` would.
@@ -301,6 +310,7 @@ struct Handle {
     store: std::sync::Weak<Mutex<Store>>,
     events: broadcast::Sender<Event>,
     tokens: Arc<BTreeMap<String, String>>,
+    held: Arc<tokio::sync::watch::Sender<bool>>,
     stop: CancellationToken,
 }
 
@@ -376,7 +386,11 @@ impl Handle {
                 Method::GET if query_param(&query, "watch").is_some_and(|w| w != "false") => {
                     self.watch(t, selector)
                 }
-                Method::GET => self.list(&t, selector.as_deref()),
+                Method::GET => {
+                    let mut held = self.held.subscribe();
+                    let _ = held.wait_for(|h| !*h).await;
+                    self.list(&t, selector.as_deref())
+                }
                 Method::POST => {
                     let mut object: Value = serde_json::from_slice(&body).expect("a JSON object");
                     // As the API server does: the path names the namespace.

@@ -253,6 +253,33 @@ impl Topology {
             .expect("agent config")
     }
 
+    /// GET `path` on node `node`'s agent admin port, from inside the node's namespace: the
+    /// status code (0 when nothing answers) and the body.
+    pub fn admin_get(&self, node: char, path: &str) -> (u16, String) {
+        in_netns(&self.ns(&format!("node-{node}")), || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:15020") else {
+                return (0, String::new());
+            };
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+            let mut text = String::new();
+            if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut text).is_err() {
+                return (0, String::new());
+            }
+            let status = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = text
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_owned();
+            (status, body)
+        })
+    }
+
     /// The test client as a process of the client pod (its netns and cgroup).
     pub fn client_command(&self, target: &str, extra: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_signet-test-client"));
