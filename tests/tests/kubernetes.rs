@@ -168,6 +168,53 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (t.client(&target)["ok"] == true).then_some(())
     });
 
+    // A Gateway through the API: the CA copies its TLS Secret into signet-system (agents may read
+    // nothing else), the agents serve it, and its status is written back.
+    let (cert_pem, gateway) = gateway_objects();
+    for o in gateway {
+        api.put(o);
+    }
+    let _http = t.server_with(8081, &["--http"]);
+    let ca_file = t.dir.path().join("gateway-ca.pem");
+    std::fs::write(&ca_file, &cert_pem).expect("gateway CA");
+    let answer = wait_for("the Gateway to answer over HTTPS", || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.ns("node-a"),
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+            ])
+            .args([
+                "--resolve",
+                &format!("shop.example.test:8443:{}", t.node_ip('a')),
+            ])
+            .arg("--cacert")
+            .arg(&ca_file)
+            .arg("https://shop.example.test:8443/hello")
+            .output()
+            .expect("curl");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(answer.contains("/hello"), "the backend answered: {answer}");
+    let copies: Vec<Value> = api
+        .objects("Secret")
+        .into_iter()
+        .filter(|s| {
+            s["metadata"]["namespace"] == "signet-system" && s["type"] == "kubernetes.io/tls"
+        })
+        .collect();
+    assert_eq!(copies.len(), 1, "one copy of shop/shop-tls: {copies:?}");
+    wait_for("Gateway status", || {
+        let gw = api.objects("Gateway").into_iter().next()?;
+        (condition(&gw, "Programmed")?["status"] == "True").then_some(())
+    });
+
     // An invalid policy is refused by name with its field path; the state in force stays.
     let mut bad = policy("broken", CLIENT);
     bad["spec"]["ingress"][0]["ports"][0]["port"] = json!(0);
@@ -188,4 +235,35 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         "{refused}"
     );
     assert_eq!(t.client(&target)["ok"], true, "still allowed: {refused}");
+}
+
+/// A GatewayClass of Signet's, an HTTPS Gateway in `shop` with a self-signed certificate in a
+/// `kubernetes.io/tls` Secret, and an HTTPRoute to the server's port 81 (the pod's 8081).
+/// Returns the certificate (the client's trust anchor) with the objects.
+fn gateway_objects() -> (String, Vec<Value>) {
+    use base64::Engine as _;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["shop.example.test".to_owned()]).expect("cert");
+    let b64 = |s: String| base64::engine::general_purpose::STANDARD.encode(s);
+    let cert_pem = certified.cert.pem();
+    let objects = vec![
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "shop-tls", "namespace": "shop"},
+            "data": {"tls.crt": b64(cert_pem.clone()),
+                     "tls.key": b64(certified.signing_key.serialize_pem())}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": "signet"},
+            "spec": {"controllerName": "signet.dev/gateway-controller"}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "public", "namespace": "shop"},
+            "spec": {"gatewayClassName": "signet", "listeners": [
+                {"name": "https", "port": 8443, "protocol": "HTTPS",
+                 "hostname": "shop.example.test",
+                 "tls": {"mode": "Terminate", "certificateRefs": [{"name": "shop-tls"}]}}]}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"parentRefs": [{"name": "public"}],
+                     "rules": [{"backendRefs": [{"name": "server", "port": 81}]}]}}),
+    ];
+    (cert_pem, objects)
 }
