@@ -427,9 +427,10 @@ impl Agent {
                     &config.node,
                     30,
                 ),
-                Collector::new(client, Duration::from_secs(600)),
+                Collector::new(client, config.identity_gc_grace),
                 source,
                 config.trust_domain.clone(),
+                config.identity_gc_interval,
                 stop.clone(),
             ));
         }
@@ -559,9 +560,11 @@ async fn collect_identities(
     mut collector: Collector,
     source: KubeSource,
     td: signet_ca::TrustDomain,
+    every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    // The Lease is renewed more often than it expires, whatever the collection interval.
+    let mut tick = tokio::time::interval(every.min(Duration::from_secs(10)));
     let mut last_collect: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
@@ -576,7 +579,7 @@ async fn collect_identities(
                 continue;
             }
         }
-        if last_collect.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+        if last_collect.is_some_and(|t| t.elapsed() < every) {
             continue;
         }
         last_collect = Some(std::time::Instant::now());

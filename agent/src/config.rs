@@ -24,6 +24,7 @@
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
 //!           maxBodyBytes: 10485760}          # no body limit unless set
+//! identityGc: {graceSeconds: 600, intervalSeconds: 60}   # Kubernetes mode
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -89,6 +90,8 @@ struct Raw {
     proxy: RawProxy,
     #[serde(default)]
     gateway: RawGateway,
+    #[serde(default)]
+    identity_gc: RawIdentityGc,
 }
 
 /// Limits at the Gateway listeners (the edge); defaults in `EdgeLimits::default`.
@@ -115,6 +118,34 @@ struct RawProxy {
     max_connections: usize,
     #[serde(default = "default_workers")]
     worker_threads: usize,
+}
+
+/// Kubernetes mode: when an unused `SignetIdentity` is deleted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIdentityGc {
+    /// How long a number stays unused before it goes (a rescheduled pod keeps its number).
+    #[serde(default = "default_gc_grace")]
+    grace_seconds: u64,
+    /// How often the Lease holder looks for unused numbers.
+    #[serde(default = "default_gc_interval")]
+    interval_seconds: u64,
+}
+
+impl Default for RawIdentityGc {
+    fn default() -> Self {
+        Self {
+            grace_seconds: default_gc_grace(),
+            interval_seconds: default_gc_interval(),
+        }
+    }
+}
+
+fn default_gc_grace() -> u64 {
+    600
+}
+fn default_gc_interval() -> u64 {
+    60
 }
 
 impl Default for RawProxy {
@@ -234,6 +265,9 @@ pub struct AgentConfig {
     pub ca_token_file: PathBuf,
     /// How often the trust bundle is fetched from the CA.
     pub bundle_refresh: Duration,
+    /// Kubernetes mode: how long an unused numeric identity is kept, and how often to look.
+    pub identity_gc_grace: Duration,
+    pub identity_gc_interval: Duration,
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub proxy_mark: u32,
@@ -382,6 +416,8 @@ impl AgentConfig {
             ca_token,
             ca_token_file: token_file,
             bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds.max(1)),
+            identity_gc_grace: Duration::from_secs(raw.identity_gc.grace_seconds),
+            identity_gc_interval: Duration::from_secs(raw.identity_gc.interval_seconds.max(1)),
             cgroup_root: resolve(&raw.datapath.cgroup_root),
             bpffs_dir,
             proxy_mark: raw.datapath.proxy_mark,

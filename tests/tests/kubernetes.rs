@@ -4,8 +4,11 @@
 //! namespaces, real mTLS; only the API server is a stand-in.
 //!
 //! It checks what only the API source does: keys generated into a Secret, agents admitted by
-//! TokenReview, numeric identities allocated as SignetIdentity objects, IdentityPolicy status
-//! written back, and a policy changed through the API reaching the datapath on both nodes.
+//! TokenReview, an agent live but not ready until its first full list, numeric identities
+//! allocated as SignetIdentity objects and collected when unused, the Lease holders,
+//! IdentityPolicy and Gateway status written back, policy changes made through the API reaching
+//! the datapath on both nodes (also after every watch was cut), and a Gateway served with the
+//! TLS Secret the CA copied into signet-system.
 
 mod common;
 
@@ -91,7 +94,9 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     assert_eq!(holder("signet-ca-rotation").as_deref(), Some("signet-ca-0"));
     let source = format!("kubernetes: true\nkubeconfig: {}\n", kubeconfig.display());
     let ca_addr = format!("{}:15012", t.node_ip('a'));
-    let config = |node| t.agent_config_from(node, &source, &ca_addr, &root, "");
+    // Unused numeric identities go after 2 s (600 by default), looked for every second.
+    let gc = "identityGc: {graceSeconds: 2, intervalSeconds: 1}\n";
+    let config = |node| t.agent_config_from(node, &source, &ca_addr, &root, gc);
 
     // Until its first full list, an agent is alive but not ready, and says why.
     api.hold_lists(true);
@@ -149,7 +154,14 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (condition(&p, "Valid")?["status"] == "True" && in_force["status"] == "True").then_some(())
     });
 
-    // A change made through the API reaches both datapaths.
+    // A change made through the API reaches both datapaths, also after every watch was cut:
+    // the agents watch again.
+    let watched = api.watch_requests();
+    api.end_watches();
+    // Every reflector of both agents and of the CA watches again.
+    wait_for("the watches to resume", || {
+        (api.watch_requests() >= 2 * watched).then_some(())
+    });
     api.put(policy(
         "server-from-client",
         "spiffe://cluster.local/ns/shop/sa/admin",
@@ -235,6 +247,21 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         "{refused}"
     );
     assert_eq!(t.client(&target)["ok"], true, "still allowed: {refused}");
+
+    // A pod gone for longer than the grace period gives its number back; the others keep theirs.
+    let numbered = |id: &str| {
+        api.objects("SignetIdentity")
+            .iter()
+            .any(|o| o["spec"]["spiffeId"] == id)
+    };
+    // (Nothing is collected while the cluster view does not load: remove the broken policy.)
+    api.delete("signet.dev/v1alpha1", "IdentityPolicy", "shop", "broken");
+    api.delete("v1", "Pod", "shop", "client-0");
+    wait_for("the client's identity to be collected", || {
+        (!numbered(CLIENT)).then_some(())
+    });
+    assert!(numbered(SERVER), "the server still runs");
+    assert!(numbered("spiffe://cluster.local/ns/shop/gateway/public"));
 }
 
 /// A GatewayClass of Signet's, an HTTPS Gateway in `shop` with a self-signed certificate in a

@@ -58,6 +58,8 @@ struct Event {
 struct Store {
     objects: BTreeMap<Key, Value>,
     version: u64,
+    /// Watch requests served so far.
+    watches: u64,
 }
 
 /// The fake; clones share it.
@@ -69,6 +71,8 @@ pub struct FakeApi {
     tokens: Arc<BTreeMap<String, String>>,
     /// While true, list requests wait: an API server that is slow or out of reach.
     held: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bumped to end every open watch, as an API server restart or a load balancer does.
+    watches: Arc<tokio::sync::watch::Sender<u64>>,
     stop: CancellationToken,
 }
 
@@ -213,6 +217,7 @@ impl FakeApi {
                     .collect(),
             ),
             held: Arc::new(tokio::sync::watch::channel(false).0),
+            watches: Arc::new(tokio::sync::watch::channel(0).0),
             stop: CancellationToken::new(),
         };
         for o in objects {
@@ -271,8 +276,14 @@ impl FakeApi {
             events: self.events.clone(),
             tokens: self.tokens.clone(),
             held: self.held.clone(),
+            watches: self.watches.clone(),
             stop: self.stop.clone(),
         }
+    }
+
+    /// Ends every open watch; clients must watch again to see later changes.
+    pub fn end_watches(&self) {
+        self.watches.send_modify(|g| *g += 1);
     }
 
     /// Makes list requests wait (`true`) until released (`false`).
@@ -290,6 +301,11 @@ impl FakeApi {
         let key = key_of(&json!({"apiVersion": api_version, "kind": kind,
             "metadata": {"name": name, "namespace": namespace}}));
         self.clone_weak().remove(&key);
+    }
+
+    /// How many watch requests have been served.
+    pub fn watch_requests(&self) -> u64 {
+        self.store.lock().expect("store").watches
     }
 
     /// Every stored object of `kind`.
@@ -311,6 +327,7 @@ struct Handle {
     events: broadcast::Sender<Event>,
     tokens: Arc<BTreeMap<String, String>>,
     held: Arc<tokio::sync::watch::Sender<bool>>,
+    watches: Arc<tokio::sync::watch::Sender<u64>>,
     stop: CancellationToken,
 }
 
@@ -500,33 +517,39 @@ impl Handle {
 
     /// Events on the collection from now on, one JSON object per line, until the server stops.
     fn watch(&self, t: Target, selector: Option<String>) -> Reply {
+        self.with_store(|s| s.watches += 1);
         let rx = self.events.subscribe();
         let stop = self.stop.clone();
-        let stream = futures::stream::unfold((rx, stop), move |(mut rx, stop)| {
-            let (collection, namespace, selector) =
-                (t.collection.clone(), t.namespace.clone(), selector.clone());
-            async move {
-                loop {
-                    let event = tokio::select! {
-                        () = stop.cancelled() => return None,
-                        e = rx.recv() => e,
-                    };
-                    match event {
-                        Ok(e)
-                            if e.collection == collection
-                                && namespace.as_ref().is_none_or(|n| *n == e.namespace)
-                                && matches_labels(&e.object, selector.as_deref()) =>
-                        {
-                            let line = format!("{}\n", json!({"type": e.kind, "object": e.object}));
-                            let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(line)));
-                            return Some((frame, (rx, stop)));
+        let mut ended = self.watches.subscribe();
+        ended.mark_unchanged();
+        let stream =
+            futures::stream::unfold((rx, stop, ended), move |(mut rx, stop, mut ended)| {
+                let (collection, namespace, selector) =
+                    (t.collection.clone(), t.namespace.clone(), selector.clone());
+                async move {
+                    loop {
+                        let event = tokio::select! {
+                            () = stop.cancelled() => return None,
+                            _ = ended.changed() => return None,
+                            e = rx.recv() => e,
+                        };
+                        match event {
+                            Ok(e)
+                                if e.collection == collection
+                                    && namespace.as_ref().is_none_or(|n| *n == e.namespace)
+                                    && matches_labels(&e.object, selector.as_deref()) =>
+                            {
+                                let line =
+                                    format!("{}\n", json!({"type": e.kind, "object": e.object}));
+                                let frame = Ok::<_, Infallible>(Frame::data(Bytes::from(line)));
+                                return Some((frame, (rx, stop, ended)));
+                            }
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => return None,
                         }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
-            }
-        });
+            });
         Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
