@@ -583,7 +583,10 @@ async fn collect_identities(
             continue;
         }
         last_collect = Some(std::time::Instant::now());
-        let objects = source.objects();
+        let mut objects = source.objects();
+        // Identities in use are those of workloads and Gateways; policies do not change them,
+        // so a broken policy (which keeps the whole state from loading) must not stop collection.
+        objects.policy.policies.clear();
         let in_use = match snapshot::identities_needed(snapshot::Source::Objects(&objects), &td) {
             Ok(ids) => ids.into_iter().map(|i| i.as_str().to_owned()).collect(),
             // Never collect from a view that does not load: it may be missing live identities.

@@ -254,8 +254,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
             .iter()
             .any(|o| o["spec"]["spiffeId"] == id)
     };
-    // (Nothing is collected while the cluster view does not load: remove the broken policy.)
-    api.delete("signet.dev/v1alpha1", "IdentityPolicy", "shop", "broken");
+    // (Also while the broken policy keeps the cluster state from loading.)
     api.delete("v1", "Pod", "shop", "client-0");
     wait_for("the client's identity to be collected", || {
         (!numbered(CLIENT)).then_some(())
