@@ -368,3 +368,40 @@ async fn a_secret_that_is_not_a_signet_ca_is_refused_and_the_keys_in_force_stay(
     );
     assert!(replica.ca.signer().not_after() > now);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_holds_exactly_the_secrets_files_not_leftovers_of_its_own_attempt() {
+    let (client, _cluster) = fake_api();
+    // The stored CA signs with its roots directly (a Secret written without intermediates).
+    let a_tmp = tempfile::tempdir().expect("tmp");
+    let a_dir = a_tmp.path().join("keys");
+    let mut direct = settings(&a_dir);
+    direct.intermediate = false;
+    KeySecret::ensure(&client, NS, NAME, &direct, &a_dir)
+        .await
+        .expect("stored");
+    let stored_root = CertificateAuthority::open(direct)
+        .expect("a")
+        .bundle()
+        .roots;
+    // This replica's directory still holds its own generated root 1, with an intermediate.
+    let b_tmp = tempfile::tempdir().expect("tmp");
+    let b_dir = b_tmp.path().join("keys");
+    signet_ca::store::RootStore::open_or_create(
+        &b_dir,
+        &td(),
+        settings(&b_dir).root_policy(),
+        OffsetDateTime::now_utc(),
+    )
+    .expect("own attempt");
+    assert!(b_dir.join("roots/1/intermediate-key.pem").exists());
+    KeySecret::ensure(&client, NS, NAME, &settings(&b_dir), &b_dir)
+        .await
+        .expect("copied");
+    assert!(
+        !b_dir.join("roots/1/intermediate-key.pem").exists(),
+        "the leftover intermediate is gone"
+    );
+    let b = CertificateAuthority::open(settings(&b_dir)).expect("opens as the stored CA");
+    assert_eq!(b.bundle().roots, stored_root);
+}

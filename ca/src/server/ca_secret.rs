@@ -254,6 +254,16 @@ impl KeySecret {
             std::fs::create_dir_all(&root_dir).map_err(io(&root_dir))?;
             write_atomic(&root_dir.join(file), &value.0, 0o600)?;
         }
+        // A file the Secret does not have for a root it does have (an intermediate from this
+        // replica's own lost attempt, say) must not be mistaken for part of that root.
+        for id in &ids {
+            for file in ROOT_FILES {
+                let path = dir.join("roots").join(id.to_string()).join(file);
+                if !data.contains_key(&secret_key(Some(*id), file)) && path.exists() {
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                }
+            }
+        }
         write_atomic(&dir.join(STATE_FILE), &state.0, 0o600)?;
         let roots = dir.join("roots");
         for entry in std::fs::read_dir(&roots).map_err(io(&roots))? {
