@@ -252,8 +252,6 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         for l in &gw.spec.listeners {
             let (ls, served) = listener(
                 res,
-                td,
-                gw,
                 l,
                 &identity,
                 &gns,
@@ -299,29 +297,29 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         });
     }
     // Routes whose parents are not served Gateways.
-    for r in &res.routes {
-        let (rns, rname) = (
-            ns_of(&r.metadata),
-            r.metadata.name.clone().unwrap_or_default(),
-        );
-        for p in r.spec.parent_refs.iter().flatten() {
-            let pns = p.namespace.clone().unwrap_or_else(|| rns.clone());
-            let served = status
-                .gateways
-                .iter()
-                .any(|g| g.namespace == pns && g.name == p.name);
-            if !served {
-                push_route_status(
-                    &mut status.http_routes,
-                    &rns,
-                    &rname,
-                    parent_name(p, &rns),
-                    not_accepted(
-                        "NoMatchingParent",
-                        format!("no Gateway {pns}/{} of a Signet GatewayClass", p.name),
-                    ),
-                );
-            }
+    for RouteParent {
+        ns: rns,
+        name: rname,
+        parent: p,
+        parent_ns: pns,
+        ..
+    } in route_parents(res)
+    {
+        let served = status
+            .gateways
+            .iter()
+            .any(|g| g.namespace == pns && g.name == p.name);
+        if !served {
+            push_route_status(
+                &mut status.http_routes,
+                &rns,
+                &rname,
+                parent_name(p, &rns),
+                not_accepted(
+                    "NoMatchingParent",
+                    format!("no Gateway {pns}/{} of a Signet GatewayClass", p.name),
+                ),
+            );
         }
     }
     let mut ports: Vec<Port> = ports.into_values().collect();
@@ -339,6 +337,36 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
 /// A route a parent does not accept, and why.
 fn not_accepted(reason: &str, message: String) -> Vec<Condition> {
     vec![cond("Accepted", false, reason, message)]
+}
+
+/// One parent reference of one HTTPRoute, with the namespaces resolved.
+struct RouteParent<'a> {
+    route: &'a HttpRoute,
+    ns: String,
+    name: String,
+    parent: &'a HttpRouteParentRefs,
+    /// The parent's namespace: the route's own unless the reference names one.
+    parent_ns: String,
+}
+
+/// Every parent reference of every route.
+fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_>> {
+    res.routes.iter().flat_map(|route| {
+        let ns = ns_of(&route.metadata);
+        let name = route.metadata.name.clone().unwrap_or_default();
+        route
+            .spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .map(move |parent| RouteParent {
+                route,
+                parent_ns: parent.namespace.clone().unwrap_or_else(|| ns.clone()),
+                ns: ns.clone(),
+                name: name.clone(),
+                parent,
+            })
+    })
 }
 
 fn parent_name(p: &HttpRouteParentRefs, route_ns: &str) -> String {
@@ -383,11 +411,8 @@ fn push_route_status(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn listener(
     res: &Resources,
-    td: &TrustDomain,
-    gw: &Gateway,
     l: &GatewayListeners,
     identity: &SpiffeId,
     gns: &str,
@@ -395,7 +420,6 @@ fn listener(
     route_status: &mut Vec<RouteStatus>,
     ports: &BTreeMap<u16, Port>,
 ) -> (ListenerStatus, Option<(u16, Protocol, Listener)>) {
-    let _ = td;
     let mut ls = ListenerStatus {
         name: l.name.clone(),
         attached_routes: 0,
@@ -540,86 +564,85 @@ fn listener(
     }
     // Routes that attach to this listener.
     let mut routes = vec![];
-    for r in &res.routes {
-        let (rns, rname) = (
-            ns_of(&r.metadata),
-            r.metadata.name.clone().unwrap_or_default(),
-        );
-        for p in r.spec.parent_refs.iter().flatten() {
-            let pns = p.namespace.clone().unwrap_or_else(|| rns.clone());
-            if pns != gns
-                || p.name != gname
-                || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
-                || p.section_name.as_ref().is_some_and(|s| *s != l.name)
-                || p.port.is_some_and(|pp| pp != l.port)
-            {
-                continue;
-            }
-            let parent = parent_name(p, &rns);
-            if !allowed_namespace(l, gns, &rns) {
+    for RouteParent {
+        route: r,
+        ns: rns,
+        name: rname,
+        parent: p,
+        parent_ns: pns,
+    } in route_parents(res)
+    {
+        if pns != gns
+            || p.name != gname
+            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+            || p.section_name.as_ref().is_some_and(|s| *s != l.name)
+            || p.port.is_some_and(|pp| pp != l.port)
+        {
+            continue;
+        }
+        let parent = parent_name(p, &rns);
+        if !allowed_namespace(l, gns, &rns) {
+            push_route_status(
+                route_status,
+                &rns,
+                &rname,
+                parent,
+                not_accepted(
+                    "NotAllowedByListeners",
+                    format!(
+                        "listener {} does not allow routes from namespace {rns}",
+                        l.name
+                    ),
+                ),
+            );
+            continue;
+        }
+        let hostnames = match effective_hostnames(
+            hostname.as_deref(),
+            r.spec.hostnames.as_deref().unwrap_or_default(),
+        ) {
+            Some(h) => h,
+            None => {
                 push_route_status(
                     route_status,
                     &rns,
                     &rname,
                     parent,
                     not_accepted(
-                        "NotAllowedByListeners",
-                        format!(
-                            "listener {} does not allow routes from namespace {rns}",
-                            l.name
-                        ),
+                        "NoMatchingListenerHostname",
+                        format!("no hostname in common with listener {}", l.name),
                     ),
                 );
                 continue;
             }
-            let hostnames = match effective_hostnames(
-                hostname.as_deref(),
-                r.spec.hostnames.as_deref().unwrap_or_default(),
-            ) {
-                Some(h) => h,
-                None => {
-                    push_route_status(
-                        route_status,
-                        &rns,
-                        &rname,
-                        parent,
-                        not_accepted(
-                            "NoMatchingListenerHostname",
-                            format!("no hostname in common with listener {}", l.name),
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let (rules, problems) =
-                super::translate::rules(res, &rns, r.spec.rules.as_deref().unwrap_or_default());
-            let resolved = match problems.first() {
-                None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
-                Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
-            };
-            push_route_status(
-                route_status,
-                &rns,
-                &rname,
-                parent,
-                vec![cond("Accepted", true, "Accepted", ""), resolved],
-            );
-            ls.attached_routes += 1;
-            routes.push(Route {
-                namespace: rns.clone(),
-                name: rname.clone(),
-                created: created(&r.metadata),
-                hostnames,
-                rules,
-            });
-        }
+        };
+        let (rules, problems) =
+            super::translate::rules(res, &rns, r.spec.rules.as_deref().unwrap_or_default());
+        let resolved = match problems.first() {
+            None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
+        };
+        push_route_status(
+            route_status,
+            &rns,
+            &rname,
+            parent,
+            vec![cond("Accepted", true, "Accepted", ""), resolved],
+        );
+        ls.attached_routes += 1;
+        routes.push(Route {
+            namespace: rns.clone(),
+            name: rname.clone(),
+            created: created(&r.metadata),
+            hostnames,
+            rules,
+        });
     }
     ls.conditions = vec![
         cond("Accepted", true, "Accepted", ""),
         resolved,
         cond("Programmed", true, "Programmed", ""),
     ];
-    let _ = gw;
     (
         ls,
         Some((
