@@ -117,20 +117,7 @@ up() {
     done
     printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {team: %s}}\n---\n' \
         shop shop ops platform payments payments >> "$manifests"
-    cat >> "$manifests" <<YAML
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: payments}
-spec: {clusterIP: $API_VIP, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: api-1, namespace: payments, labels: {kubernetes.io/service-name: api}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.99.21.2], conditions: {ready: true}, nodeName: node-b}]
----
-YAML
+    service_yaml payments api "$API_VIP" 10.99.21.2 node-b >> "$manifests"
     local i=0
     for p in "${PODS[@]}"; do
         read -r n kns sa pod ip port <<<"$p"
@@ -231,6 +218,25 @@ PY
     echo "$WORK/topology.json"
 }
 
+# service_yaml NAMESPACE APP CLUSTER_IP POD_IP NODE: Service APP (port 80 to the pods' 8080,
+# selecting app=APP) and its EndpointSlice with the one pod, each followed by `---`.
+service_yaml() {
+    cat <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: $2, namespace: $1}
+spec: {clusterIP: $3, selector: {app: $2}, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: $2-1, namespace: $1, labels: {kubernetes.io/service-name: $2}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [$4], conditions: {ready: true}, nodeName: $5}]
+---
+YAML
+}
+
 # A demo CA, one certificate per Gateway hostname, their Secrets, the Gateway and its routes.
 gateway_manifests() {
     local ca="$WORK/edge-ca"
@@ -241,18 +247,7 @@ kind: GatewayClass
 metadata: {name: signet}
 spec: {controllerName: signet.dev/gateway-controller}
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.99.11.2], conditions: {ready: true}, nodeName: node-a}]
----
+$(service_yaml shop web 10.96.0.10 10.99.11.2 node-a)
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: public, namespace: edge}
@@ -270,8 +265,7 @@ YAML
     for host in "${GATEWAY_HOSTS[@]}"; do
         name=${host%%.*}
         issue_cert "$ca" "$WORK/$name" "$host"
-        printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: %s-tls, namespace: edge}\ntype: kubernetes.io/tls\ndata: {tls.crt: %s, tls.key: %s}\n---\n' \
-            "$name" "$(base64 -w0 < "$WORK/$name.crt")" "$(base64 -w0 < "$WORK/$name.key")"
+        tls_secret_yaml edge "$name-tls" "$WORK/$name"
     done
     cat <<'YAML'
 apiVersion: gateway.networking.k8s.io/v1

@@ -61,12 +61,7 @@ addressType: IPv4
 ports: [{name: http, port: 9200}]
 endpoints: [{addresses: [10.99.21.2], conditions: {ready: true}}]
 ---
-apiVersion: v1
-kind: Secret
-metadata: {name: bench-tls, namespace: edge}
-type: kubernetes.io/tls
-data: {tls.crt: $(base64 -w0 < "$WORK/bench.crt"), tls.key: $(base64 -w0 < "$WORK/bench.key")}
----
+$(tls_secret_yaml edge bench-tls "$WORK/bench")
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: bench, namespace: edge}

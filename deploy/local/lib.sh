@@ -25,6 +25,13 @@ make_ca() {
         -keyout "$1.key" -out "$1.pem" 2>/dev/null
 }
 
+# tls_secret_yaml NAMESPACE NAME PREFIX: a kubernetes.io/tls Secret of PREFIX.crt and PREFIX.key,
+# as a manifest followed by `---`.
+tls_secret_yaml() {
+    printf 'apiVersion: v1\nkind: Secret\nmetadata: {name: %s, namespace: %s}\ntype: kubernetes.io/tls\ndata: {tls.crt: %s, tls.key: %s}\n---\n' \
+        "$2" "$1" "$(base64 -w0 < "$3.crt")" "$(base64 -w0 < "$3.key")"
+}
+
 # issue_cert CA_PREFIX OUT_PREFIX HOST: a certificate for HOST signed by the CA, OUT_PREFIX.crt
 # and OUT_PREFIX.key.
 issue_cert() {
