@@ -11,7 +11,6 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
@@ -66,25 +65,13 @@ where
     K::DynamicType: Default + Eq + Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer);
-    let (changed, stop) = (changed.clone(), stop.clone());
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(Ok(_)) => changed.send_modify(|n| *n += 1),
-                    Some(Err(e)) => tracing::warn!(
-                        kind = %K::kind(&K::DynamicType::default()),
-                        error = %e,
-                        "watch failed; retrying with backoff"
-                    ),
-                    None => return,
-                },
-            }
-        }
-    });
+    let changed = changed.clone();
+    signet_ca::server::kube::drive(
+        K::kind(&K::DynamicType::default()).into_owned(),
+        watcher(api, config).default_backoff().reflect(writer),
+        move || changed.send_modify(|n| *n += 1),
+        stop.clone(),
+    );
     reader
 }
 

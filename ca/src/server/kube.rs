@@ -48,9 +48,15 @@ fn gateway_resource(kind: &str) -> ApiResource {
     ))
 }
 
-/// Drives one reflector, signalling every change.
-fn drive<S, T, E>(stream: S, changed: Arc<Notify>, stop: CancellationToken)
-where
+/// Drives one watch stream (a reflector's) until `stop`, calling `changed` after every event
+/// and logging failures, which the stream's backoff then retries. `what` names it in the log.
+/// Shared by the CA's and the agents' reflectors.
+pub fn drive<S, T, E>(
+    what: String,
+    stream: S,
+    changed: impl Fn() + Send + 'static,
+    stop: CancellationToken,
+) where
     S: futures::Stream<Item = Result<T, E>> + Send + 'static,
     E: std::fmt::Display,
 {
@@ -60,8 +66,8 @@ where
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = stream.next() => match event {
-                    Some(Ok(_)) => changed.notify_one(),
-                    Some(Err(e)) => tracing::warn!(error = %e, "watch failed; retrying with backoff"),
+                    Some(Ok(_)) => changed(),
+                    Some(Err(e)) => tracing::warn!(kind = %what, error = %e, "watch failed; retrying with backoff"),
                     None => return,
                 },
             }
@@ -104,11 +110,16 @@ pub async fn watch_cluster(
     let changed = Arc::new(Notify::new());
     let config = watcher::Config::default();
     let (pods, w) = reflector::store::<Pod>();
+    let notify = |changed: &Arc<Notify>| {
+        let changed = changed.clone();
+        move || changed.notify_one()
+    };
     drive(
+        "Pod".into(),
         watcher(Api::<Pod>::all(client.clone()), config.clone())
             .default_backoff()
             .reflect(w),
-        changed.clone(),
+        notify(&changed),
         stop.clone(),
     );
     let mut dynamic = Vec::new();
@@ -118,8 +129,9 @@ pub async fn watch_cluster(
         let store = w.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
         drive(
+            kind.into(),
             watcher(api, config.clone()).default_backoff().reflect(w),
-            changed.clone(),
+            notify(&changed),
             stop.clone(),
         );
         dynamic.push(store);
