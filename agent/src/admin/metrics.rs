@@ -48,6 +48,11 @@ pub struct FlowCounters {
     pub sent_bytes: AtomicU64,
     /// Bytes from the destination back to the source.
     pub received_bytes: AtomicU64,
+    /// Connections admitted by policy (verdict `allow`) and admitted in audit mode (`audit`):
+    /// counted here, with the other counters of the flow, so opening a connection takes one
+    /// lookup. Refusals are rarer and go to `Metrics::verdict`.
+    pub allowed: AtomicU64,
+    pub audited: AtomicU64,
 }
 
 /// State owned by other parts of the agent, read when Prometheus scrapes.
@@ -179,7 +184,16 @@ impl Metrics {
             "Identity policy decisions, by verdict.",
             "counter",
         );
-        for ((l, verdict), n) in lock(&self.verdicts).iter() {
+        let mut verdicts = lock(&self.verdicts).clone();
+        for (l, c) in &flows {
+            for (verdict, n) in [("allow", &c.allowed), ("audit", &c.audited)] {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    *verdicts.entry((l.clone(), verdict)).or_default() += n;
+                }
+            }
+        }
+        for ((l, verdict), n) in &verdicts {
             sample(
                 &mut out,
                 "signet_policy_verdicts_total",
@@ -329,6 +343,10 @@ mod tests {
             .fetch_add(1, Ordering::Relaxed);
         m.verdict(Reporter::Inbound, a, b, "deny");
         m.verdict(Reporter::Inbound, a, b, "deny");
+        // Admissions are counted with the flow and render among the verdicts.
+        m.flow(Reporter::Inbound, a, b)
+            .allowed
+            .fetch_add(4, Ordering::Relaxed);
         m.failed(Reporter::Outbound, a, UNKNOWN, "no_pod");
         m.handshake_failed(Reporter::Inbound, "no_client_certificate");
         let text = m.render(&Gauges {
@@ -346,6 +364,9 @@ mod tests {
             ),
             format!(
                 "signet_policy_verdicts_total{{reporter=\"inbound\",source=\"{a}\",destination=\"{b}\",verdict=\"deny\"}} 2"
+            ),
+            format!(
+                "signet_policy_verdicts_total{{reporter=\"inbound\",source=\"{a}\",destination=\"{b}\",verdict=\"allow\"}} 4"
             ),
             format!(
                 "signet_connections_failed_total{{reporter=\"outbound\",source=\"{a}\",destination=\"unknown\",reason=\"no_pod\"}} 1"

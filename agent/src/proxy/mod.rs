@@ -89,15 +89,11 @@ impl FlowRecord {
     ) -> Self {
         let counters = metrics.flow(reporter, &source, &destination);
         counters.opened.fetch_add(1, Ordering::Relaxed);
-        metrics.verdict(
-            reporter,
-            &source,
-            &destination,
-            match decision.verdict {
-                conns::Verdict::Audit => "audit",
-                _ => "allow",
-            },
-        );
+        match decision.verdict {
+            conns::Verdict::Audit => &counters.audited,
+            _ => &counters.allowed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         Self {
             reporter,
             source,
