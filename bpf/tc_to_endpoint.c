@@ -1,9 +1,19 @@
 /* tc on an endpoint's host-side veth, traffic towards the pod: ingress policy for traffic that
- * did not come through the proxy. Source identity from the ipcache (unknown: world). TCP is
- * decided on the connection-opening SYN; later segments of an admitted connection pass. In
- * strict mode plaintext TCP is dropped whoever sends it (another workload or a client outside
- * the mesh): only the proxy (marked) and this node's own host (kubelet probes) reach the pod. */
-#include "lib/packet.h"
+ * did not come through the proxy. Source identity from the ipcache (unknown: world).
+ *
+ * What is decided where:
+ * - TCP on the connection-opening SYN; later segments of an admitted connection pass. In strict
+ *   mode plaintext TCP is dropped whoever sends it: only the proxy (marked) and this node's own
+ *   host (kubelet probes) reach the pod. A port whose rules inspect requests (L7) is dropped for
+ *   everyone but the proxy, which alone can check them.
+ * - UDP per datagram; replies to flows the pod started pass (the ct table).
+ * - Every other protocol (ICMP echo, SCTP, ESP...) by the rules without ports (port 0 of
+ *   SIGNET_PROTO_OTHER). ICMP errors about a flow the pod took part in, echo replies to its own
+ *   pings and IPv6 neighbour discovery pass.
+ * - Fragments: the first must carry the whole L4 header and is decided like an unfragmented
+ *   packet; later fragments follow its verdict, and are dropped when it is not known.
+ * - IP the parser cannot classify, and ethertypes other than IPv4, IPv6 and ARP, are dropped. */
+#include "lib/flows.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -14,6 +24,38 @@ static __always_inline int drop(struct flow_event *ev, __u8 reason)
 	count_drop(reason);
 	emit(ev);
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int decide(struct __sk_buff *skb, const struct endpoint_value *ep,
+				  const struct config *cfg, const struct l4 *p,
+				  struct flow_event *ev)
+{
+	if (p->proto == IPPROTO_TCP && !p->syn)
+		return TC_ACT_OK; /* decided on the SYN */
+	if (icmp6_is_link_control(p) || ct_is_reply(skb, p))
+		return TC_ACT_OK;
+	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
+	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
+	__u16 dport = ported ? p->dport : 0;
+
+	if (p->proto == IPPROTO_TCP && cfg->strict && ev->src_identity != SIGNET_HOST)
+		return drop(ev, SIGNET_REASON_STRICT_PLAINTEXT);
+
+	struct policy_value *pv =
+		policy_lookup(ep->endpoint_id, ev->src_identity, dport, key_proto, SIGNET_INGRESS);
+	if (!pv)
+		return TC_ACT_OK;
+	ev->rule_id = pv->rule_id;
+	if (pv->action == SIGNET_ACTION_L7)
+		return drop(ev, SIGNET_REASON_L7_BYPASS);
+	if (pv->action == SIGNET_ACTION_DENY)
+		return drop(ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
+	if (pv->action == SIGNET_ACTION_AUDIT) {
+		ev->action = SIGNET_ACTION_AUDIT;
+		ev->reason = SIGNET_REASON_AUDIT;
+		emit(ev);
+	}
+	return TC_ACT_OK;
 }
 
 static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
@@ -28,25 +70,14 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	if (cfg->proxy_mark && skb->mark == cfg->proxy_mark)
 		return TC_ACT_OK; /* the proxy already authorised it */
 	struct l4 p = {};
-	if (parse(skb, &p) != 0)
-		return TC_ACT_OK; /* ARP, ICMP errors and other non-IP traffic */
-	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
-		return TC_ACT_OK;
-	if (p.proto == IPPROTO_TCP && !p.syn)
-		return TC_ACT_OK; /* decided on the SYN */
-	if (p.proto == IPPROTO_UDP) {
-		struct udp_ct_key ct = { .remote_port = p.sport, .local_port = p.dport };
-		__builtin_memcpy(ct.remote, p.src, 16);
-		__builtin_memcpy(ct.local, p.dst, 16);
-		if (bpf_map_lookup_elem(&signet_udp_ct, &ct))
-			return TC_ACT_OK; /* a reply to a flow the workload started */
-	}
+	int parsed = parse(skb, &p);
+	if (parsed == PARSE_NOT_IP)
+		return TC_ACT_OK; /* ARP */
 
 	struct ipcache_value *src = ipcache_lookup(p.src);
-	__u32 src_id = src ? src->identity : SIGNET_WORLD;
 	struct flow_event ev = {
 		.timestamp_ns = bpf_ktime_get_ns(),
-		.src_identity = src_id,
+		.src_identity = src ? src->identity : SIGNET_WORLD,
 		.dst_identity = ep->identity,
 		.endpoint_id = ep->endpoint_id,
 		.src_port = p.sport,
@@ -57,21 +88,14 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	__builtin_memcpy(ev.src_addr, p.src, 16);
 	__builtin_memcpy(ev.dst_addr, p.dst, 16);
 
-	if (p.proto == IPPROTO_TCP && cfg->strict && src_id != SIGNET_HOST)
-		return drop(&ev, SIGNET_REASON_STRICT_PLAINTEXT);
-
-	struct policy_value *pv = policy_lookup(ep->endpoint_id, src_id, p.dport, p.proto, SIGNET_INGRESS);
-	if (!pv)
-		return TC_ACT_OK;
-	ev.rule_id = pv->rule_id;
-	if (pv->action == SIGNET_ACTION_DENY)
-		return drop(&ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
-	if (pv->action == SIGNET_ACTION_AUDIT) {
-		ev.action = SIGNET_ACTION_AUDIT;
-		ev.reason = SIGNET_REASON_AUDIT;
-		emit(&ev);
-	}
-	return TC_ACT_OK;
+	if (parsed != PARSE_OK)
+		return drop(&ev, SIGNET_REASON_UNPARSEABLE);
+	if (p.frag == FRAG_LATER)
+		return frag_admitted(&p) ? TC_ACT_OK : drop(&ev, SIGNET_REASON_FRAGMENT);
+	int verdict = decide(skb, ep, cfg, &p, &ev);
+	if (verdict == TC_ACT_OK && p.frag == FRAG_FIRST)
+		frag_admit(&p);
+	return verdict;
 }
 
 SEC("classifier")

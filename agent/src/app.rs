@@ -142,6 +142,7 @@ impl Reconciler {
         ipcache.sort_by_key(|e| e.ip);
         ipcache.dedup_by_key(|e| e.ip);
         let mut endpoints = BTreeMap::new();
+        let mut interfaces = std::collections::BTreeSet::new();
         for ep in &snap.local {
             let w = snap.workload(ep.workload);
             let value = EndpointValue {
@@ -181,6 +182,7 @@ impl Reconciler {
                             .attach_endpoint_interface(ifname)
                             .with_context(|| format!("attaching tc to {ifname}"))?;
                         endpoints.insert(EndpointKey::Ifindex(i), value);
+                        interfaces.insert(ifname.clone());
                     }
                     None => {
                         tracing::warn!(pod = %w.key(), interface = %ifname, "pod interface missing")
@@ -193,6 +195,8 @@ impl Reconciler {
         self.datapath.reconcile_policy(&snap.compiled)?;
         self.datapath.reconcile_endpoints(&endpoints)?;
         self.datapath.reconcile_ipcache(&ipcache)?;
+        self.datapath
+            .detach_endpoint_interfaces_except(&interfaces)?;
         Ok(snap)
     }
 }

@@ -41,8 +41,15 @@ enum signet_reason {
 	SIGNET_REASON_ALLOWED = 3,
 	SIGNET_REASON_AUDIT = 4,
 	SIGNET_REASON_REDIRECTED = 5,
-	SIGNET_REASON_MAX = 8,
+	SIGNET_REASON_UNPARSEABLE = 6, /* IP (or an unknown ethertype) the parser cannot classify */
+	SIGNET_REASON_FRAGMENT = 7,    /* a fragment whose datagram has no admitted first fragment */
+	SIGNET_REASON_L7_BYPASS = 8,   /* an L7-governed port reached without the proxy */
+	SIGNET_REASON_MAX = 16,
 };
+
+/* The policy key's protocol for everything but TCP and UDP (ICMP echo, SCTP, ESP, GRE...): only
+ * rules without ports govern them, with port 0. */
+#define SIGNET_PROTO_OTHER 0
 
 /* ipcache: LPM trie, address -> identity. */
 struct ipcache_key {
@@ -70,7 +77,7 @@ struct policy_key {
 	__u32 endpoint_id;
 	__u32 peer_identity; /* 0 = any */
 	__u16 dport;         /* 0 = any */
-	__u8 protocol;       /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 protocol;       /* IPPROTO_TCP / IPPROTO_UDP / SIGNET_PROTO_OTHER */
 	__u8 direction;      /* enum signet_direction */
 };
 
@@ -95,14 +102,26 @@ struct client_key {
 	__u16 _pad;
 };
 
-/* udp_ct: a UDP flow a workload started, keyed as its replies will look (reversed), so replies
- * pass the ingress check without an ingress rule for them. */
-struct udp_ct_key {
+/* ct: flows a workload took part in, as it sent them (UDP datagrams, TCP SYN and SYN-ACK, ICMP
+ * echo requests), so replies and ICMP errors about them pass the ingress check without an
+ * ingress rule of their own. ICMP echo: local_port is the echo identifier, remote_port 0. */
+struct ct_key {
 	__u8 remote[16]; /* the peer the workload sent to: source of the reply */
 	__u8 local[16];  /* the workload */
 	__u16 remote_port;
 	__u16 local_port;
-	__u32 _pad;
+	__u8 protocol;
+	__u8 _pad[3];
+};
+
+/* frags: the admitted first fragment of a datagram, so its later fragments (which carry no L4
+ * header) follow its verdict. Fragments of datagrams not in here are dropped. */
+struct frag_key {
+	__u8 src[16];
+	__u8 dst[16];
+	__u32 id; /* IPv4 identification (16 bits) or IPv6 fragment identification */
+	__u8 protocol;
+	__u8 _pad[3];
 };
 
 struct config {
@@ -137,7 +156,8 @@ struct flow_event {
 #define SIGNET_ENDPOINTS_MAX 4096
 #define SIGNET_POLICY_MAX 65536
 #define SIGNET_ORIG_MAX 65536
-#define SIGNET_UDP_CT_MAX 16384
+#define SIGNET_CT_MAX 16384
+#define SIGNET_FRAGS_MAX 8192
 #endif
 
 struct {
@@ -191,11 +211,19 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, SIGNET_UDP_CT_MAX);
-	__type(key, struct udp_ct_key);
+	__uint(max_entries, SIGNET_CT_MAX);
+	__type(key, struct ct_key);
 	__type(value, __u64); /* last seen, ns */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} signet_udp_ct SEC(".maps");
+} signet_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SIGNET_FRAGS_MAX);
+	__type(key, struct frag_key);
+	__type(value, __u64); /* when the first fragment was admitted, ns */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} signet_frags SEC(".maps");
 
 /* Destination ports a workload's connect() to a mesh destination leaves alone (not captured). */
 struct {

@@ -12,6 +12,14 @@ static __always_inline void addr_from_ip4(__u8 out[16], __u32 ip4_be)
 	__builtin_memcpy(out + 12, &ip4_be, 4);
 }
 
+static __always_inline int addr_eq(const __u8 a[16], const __u8 b[16])
+{
+	__u32 x[4], y[4];
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 static __always_inline struct ipcache_value *ipcache_lookup(const __u8 addr[16])
 {
 	struct ipcache_key key = { .prefixlen = 128 };

@@ -66,9 +66,10 @@ pub mod map_names {
     pub const CONFIG: &str = "signet_config";
     pub const DROPS: &str = "signet_drops";
     pub const EVENTS: &str = "signet_events";
-    pub const UDP_CT: &str = "signet_udp_ct";
+    pub const CT: &str = "signet_ct";
+    pub const FRAGS: &str = "signet_frags";
     pub const EXCLUDED_PORTS: &str = "signet_excluded_ports";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         IPCACHE,
         EP_CGROUP,
         EP_IFINDEX,
@@ -78,7 +79,8 @@ pub mod map_names {
         CONFIG,
         DROPS,
         EVENTS,
-        UDP_CT,
+        CT,
+        FRAGS,
         EXCLUDED_PORTS,
     ];
 }

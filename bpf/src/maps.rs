@@ -13,6 +13,9 @@ pub const ACTION_DENY: u8 = 2;
 pub const ACTION_L7: u8 = 3;
 pub const ACTION_AUDIT: u8 = 4;
 
+/// `SIGNET_PROTO_OTHER`: the policy key's protocol for everything but TCP and UDP.
+pub const PROTO_OTHER: u8 = 0;
+
 /// `ipcache_value.flags`: a mesh workload, whose connections are captured.
 pub const IPCACHE_MESH: u32 = 1;
 
@@ -25,11 +28,15 @@ pub enum Reason {
     Allowed,
     Audit,
     Redirected,
+    Unparseable,
+    Fragment,
+    L7Bypass,
     Unknown(u8),
 }
 
 impl Reason {
-    pub const COUNT: usize = 8;
+    /// `SIGNET_REASON_MAX`: the size of the drop-counter array.
+    pub const COUNT: usize = 16;
 
     pub fn from_code(c: u8) -> Self {
         match c {
@@ -39,6 +46,9 @@ impl Reason {
             3 => Reason::Allowed,
             4 => Reason::Audit,
             5 => Reason::Redirected,
+            6 => Reason::Unparseable,
+            7 => Reason::Fragment,
+            8 => Reason::L7Bypass,
             other => Reason::Unknown(other),
         }
     }
@@ -51,6 +61,9 @@ impl Reason {
             Reason::Allowed => "allowed",
             Reason::Audit => "audit",
             Reason::Redirected => "redirected",
+            Reason::Unparseable => "unparseable",
+            Reason::Fragment => "fragment-unmatched",
+            Reason::L7Bypass => "l7-bypass",
             Reason::Unknown(_) => "unknown",
         }
     }
@@ -159,17 +172,30 @@ pub struct ClientKey {
 }
 const _: () = assert!(size_of::<ClientKey>() == 20);
 
-/// C `struct udp_ct_key`.
+/// C `struct ct_key`: a flow a workload sent, keyed as it sent it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UdpCtKey {
+pub struct CtKey {
     pub remote: [u8; 16],
     pub local: [u8; 16],
     pub remote_port: u16,
     pub local_port: u16,
-    pub _pad: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<UdpCtKey>() == 40);
+const _: () = assert!(size_of::<CtKey>() == 40);
+
+/// C `struct frag_key`: a datagram whose first fragment was admitted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
 
 /// C `struct config`.
 #[repr(C)]
@@ -257,7 +283,9 @@ unsafe impl aya::Pod for Config {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowEvent {}
 // SAFETY: as above.
-unsafe impl aya::Pod for UdpCtKey {}
+unsafe impl aya::Pod for CtKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FragKey {}
 
 #[cfg(test)]
 mod tests {

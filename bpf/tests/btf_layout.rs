@@ -48,7 +48,7 @@ fn btf_structs(btf: &[u8]) -> BTreeMap<String, (u32, u32)> {
 
 #[test]
 fn mirrors_match_the_btf_of_every_object() {
-    let expected: [(&str, usize, u32); 10] = [
+    let expected: [(&str, usize, u32); 11] = [
         ("ipcache_key", size_of::<IpcacheKey>(), 2),
         ("ipcache_value", size_of::<IpcacheValue>(), 2),
         ("endpoint_value", size_of::<EndpointValue>(), 4),
@@ -58,7 +58,8 @@ fn mirrors_match_the_btf_of_every_object() {
         ("client_key", size_of::<ClientKey>(), 3),
         ("config", size_of::<Config>(), 7),
         ("flow_event", size_of::<FlowEvent>(), 13),
-        ("udp_ct_key", size_of::<UdpCtKey>(), 5),
+        ("ct_key", size_of::<CtKey>(), 6),
+        ("frag_key", size_of::<FragKey>(), 5),
     ];
     let mut seen = BTreeMap::new();
     for obj in signet_bpf::OBJECTS {

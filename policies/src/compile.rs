@@ -452,7 +452,7 @@ fn endpoint_range(e: u32) -> std::ops::RangeInclusive<Key> {
     let hi = Key {
         endpoint: e,
         direction: Direction::Egress,
-        proto: Protocol::Udp,
+        proto: Protocol::Other,
         peer: u32::MAX,
         port: u16::MAX,
     };
@@ -557,7 +557,7 @@ fn cells_into(
     for r in allows.iter().chain(denies) {
         peers.extend(r.peers.as_ref().iter().flatten());
     }
-    for proto in [Protocol::Tcp, Protocol::Udp] {
+    for proto in Protocol::ALL {
         let mut ports: BTreeSet<u16> = BTreeSet::from([0]);
         for r in allows.iter().chain(denies) {
             ports.extend(

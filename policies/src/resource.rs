@@ -184,21 +184,32 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+    /// Every IP protocol but TCP and UDP (ICMP echo, SCTP, ESP...), which has no ports: only
+    /// rules without `ports` govern it. Not a value a policy can name; it exists so that
+    /// compiled entries, the evaluator and `policy explain` can speak of such traffic.
+    #[serde(skip)]
+    #[schemars(skip)]
+    Other,
 }
 
 impl Protocol {
+    /// Every protocol the datapath keys separately, in key order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Other];
+
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Other => "other",
         }
     }
 
-    /// The IP protocol number, as the datapath keys it.
+    /// The IP protocol number as the datapath keys it; 0 (`SIGNET_PROTO_OTHER`) for the rest.
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::Other => 0,
         }
     }
 }

@@ -277,8 +277,13 @@ fn check(
     let mut flows = 0;
     for (endpoint, w) in &endpoints {
         for peer in &peers {
-            for port in [80u16, 443, 53, 8080] {
-                for proto in [Protocol::Tcp, Protocol::Udp] {
+            // Protocols without ports (ICMP echo and the rest) are looked up at port 0.
+            let cells = [80u16, 443, 53, 8080]
+                .into_iter()
+                .flat_map(|port| [(port, Protocol::Tcp), (port, Protocol::Udp)])
+                .chain([(0, Protocol::Other)]);
+            for (port, proto) in cells {
+                {
                     for dir in [Direction::Ingress, Direction::Egress] {
                         let q = Query {
                             peer,

@@ -183,7 +183,7 @@ fn parse_from<'a>(state: &'a State, from: &str) -> Result<Source<'a>, String> {
 fn parse_to(to: &str) -> Result<(&str, u16, Protocol), String> {
     let (pod, rest) = to
         .rsplit_once(':')
-        .ok_or_else(|| format!("--to `{to}` is not NS/POD:PORT[/tcp|/udp]"))?;
+        .ok_or_else(|| format!("--to `{to}` is not NS/POD:PORT[/tcp|/udp|/icmp]"))?;
     let (port, proto) = match rest.split_once('/') {
         Some((p, proto)) => (p, proto),
         None => (rest, "tcp"),
@@ -191,9 +191,11 @@ fn parse_to(to: &str) -> Result<(&str, u16, Protocol), String> {
     let proto = match proto.to_ascii_lowercase().as_str() {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
+        "icmp" | "other" => Protocol::Other,
         other => {
             return Err(format!(
-                "--to `{to}`: unknown protocol `{other}`; use tcp or udp"
+                "--to `{to}`: unknown protocol `{other}`; use tcp, udp or icmp (every protocol \
+                 without ports, at port 0)"
             ));
         }
     };

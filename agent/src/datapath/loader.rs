@@ -83,6 +83,8 @@ pub struct KernelDatapath {
     orig: OriginalDestinations,
     events: RingBuf<MapData>,
     policy_capacity: usize,
+    /// The kernel's id of `signet_ep_ifindex`: tells our tc programs from anyone else's.
+    ep_ifindex_map_id: u32,
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -189,6 +191,11 @@ impl KernelDatapath {
         )?;
 
         let policy_map = open_map(&maps_dir, names::POLICY, Map::HashMap)?;
+        let ep_ifindex = open_map(&maps_dir, names::EP_IFINDEX, Map::HashMap)?;
+        let ep_ifindex_map_id = match &ep_ifindex {
+            Map::HashMap(d) => d.info().map_err(map_err(names::EP_IFINDEX))?.id(),
+            _ => 0,
+        };
         let policy_capacity = match &policy_map {
             Map::HashMap(d) => d.info().map(|i| i.max_entries() as usize).unwrap_or(0),
             _ => 0,
@@ -207,8 +214,7 @@ impl KernelDatapath {
                 .map_err(map_err(names::IPCACHE))?,
             ep_cgroup: HashMap::try_from(open_map(&maps_dir, names::EP_CGROUP, Map::HashMap)?)
                 .map_err(map_err(names::EP_CGROUP))?,
-            ep_ifindex: HashMap::try_from(open_map(&maps_dir, names::EP_IFINDEX, Map::HashMap)?)
-                .map_err(map_err(names::EP_IFINDEX))?,
+            ep_ifindex: HashMap::try_from(ep_ifindex).map_err(map_err(names::EP_IFINDEX))?,
             policy: HashMap::try_from(policy_map).map_err(map_err(names::POLICY))?,
             config: Array::try_from(open_map(&maps_dir, names::CONFIG, Map::Array)?)
                 .map_err(map_err(names::CONFIG))?,
@@ -216,6 +222,7 @@ impl KernelDatapath {
             events: RingBuf::try_from(open_map(&maps_dir, names::EVENTS, Map::RingBuf)?)
                 .map_err(map_err(names::EVENTS))?,
             policy_capacity,
+            ep_ifindex_map_id,
         })
     }
 
@@ -244,42 +251,56 @@ impl KernelDatapath {
     }
 
     /// Attaches the tc programs to an endpoint's host-side interface: towards the pod (TCX
-    /// egress of the host side: ingress policy) and from it (TCX ingress: the UDP connection
-    /// table). Pinned links from an earlier run are reused.
+    /// egress of the host side: ingress policy) and from it (TCX ingress: the connection
+    /// table). Whether they are attached already is asked of the kernel (a program of ours, using
+    /// this datapath's maps, on the interface), not read from pin names: a veth deleted and
+    /// re-created under the same name gets the programs again.
     pub fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let links = self.pin_dir.join("links");
-        attach_tc(
-            &mut self.tc_to,
-            programs::TO_ENDPOINT,
-            ifname,
-            TcAttachType::Egress,
-            &links.join(format!("tc-to-{ifname}")),
-        )?;
-        attach_tc(
-            &mut self.tc_from,
-            programs::FROM_ENDPOINT,
-            ifname,
-            TcAttachType::Ingress,
-            &links.join(format!("tc-from-{ifname}")),
-        )
+        let ours = self.ep_ifindex_map_id;
+        for (obj, name, at, dir) in [
+            (
+                &mut self.tc_to,
+                programs::TO_ENDPOINT,
+                TcAttachType::Egress,
+                "to",
+            ),
+            (
+                &mut self.tc_from,
+                programs::FROM_ENDPOINT,
+                TcAttachType::Ingress,
+                "from",
+            ),
+        ] {
+            let pin = links.join(format!("{TC_PIN_PREFIX}{dir}-{ifname}"));
+            attach_tc(obj, name, ifname, at, &pin, ours)?;
+        }
+        Ok(())
     }
 
-    /// Detaches the tc programs from an interface that went away or is no longer an endpoint.
-    pub fn detach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        for dir in ["to", "from"] {
-            let pin = self
-                .pin_dir
-                .join("links")
-                .join(format!("tc-{dir}-{ifname}"));
-            match fs::remove_file(&pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(DatapathError::Io {
-                        path: pin,
-                        source: e,
-                    });
+    /// Unpins (and so detaches) the tc programs of every interface not in `keep`: endpoints that
+    /// went away, and pins left by interfaces that no longer exist.
+    pub fn detach_endpoint_interfaces_except(
+        &mut self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(), DatapathError> {
+        let links = self.pin_dir.join("links");
+        let entries = fs::read_dir(&links).map_err(io(&links))?;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = tc_pin_interface(&file) else {
+                continue;
+            };
+            if keep.contains(ifname) {
+                continue;
+            }
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(interface = ifname, pin = %path.display(), "tc program detached")
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Io { path, source }),
             }
         }
         Ok(())
@@ -304,17 +325,74 @@ impl KernelDatapath {
     }
 }
 
+/// Pins of tc links are `tc-to-<ifname>` and `tc-from-<ifname>` (or a `.clsact` marker).
+const TC_PIN_PREFIX: &str = "tc-";
+
+/// The interface a tc pin file belongs to.
+fn tc_pin_interface(file: &str) -> Option<&str> {
+    let rest = file.strip_prefix(TC_PIN_PREFIX)?;
+    let name = rest
+        .strip_prefix("to-")
+        .or_else(|| rest.strip_prefix("from-"))?;
+    Some(name.strip_suffix(".clsact").unwrap_or(name))
+}
+
+/// Whether the kernel has program `name` attached to `ifname` at `at` over TCX, loaded by this
+/// datapath (it uses the map with id `our_map`): not another node's copy, not a stale one.
+fn tcx_attached(
+    name: &'static str,
+    ifname: &str,
+    at: TcAttachType,
+    our_map: u32,
+) -> Result<bool, DatapathError> {
+    let (_, progs) = SchedClassifier::query_tcx(ifname, at).map_err(|e| DatapathError::Attach {
+        program: name,
+        target: ifname.to_owned(),
+        reason: format!("listing the programs attached: {}", chain(&e)),
+    })?;
+    Ok(progs.iter().any(|p| {
+        // The kernel keeps 15 characters of a program's name.
+        let named = p
+            .name_as_str()
+            .is_some_and(|n| !n.is_empty() && name.starts_with(n));
+        named
+            && p.map_ids()
+                .ok()
+                .flatten()
+                .is_some_and(|ids| ids.contains(&our_map))
+    }))
+}
+
 fn attach_tc(
     obj: &mut Ebpf,
     name: &'static str,
     ifname: &str,
     at: TcAttachType,
     pin: &Path,
+    our_map: u32,
 ) -> Result<(), DatapathError> {
-    // A TCX link is pinned; a netlink (clsact) filter lives on the interface itself, so a
-    // marker file records it. Either way an attached program is never attached twice.
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    // A netlink (clsact) filter lives on the interface itself and cannot be queried here, so a
+    // marker file records it; a TCX attachment is read from the kernel. Either way an attached
+    // program is never attached twice.
     let marker = pin.with_extension("clsact");
-    if PinnedLink::from_pin(pin).is_ok() || marker.exists() {
+    if tcx {
+        if tcx_attached(name, ifname, at, our_map)? {
+            return Ok(());
+        }
+        // A pin of this name is left from an interface that went away (its link is defunct).
+        match fs::remove_file(pin) {
+            Ok(()) => tracing::info!(interface = ifname, "stale tc pin replaced"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DatapathError::Io {
+                    path: pin.to_owned(),
+                    source,
+                });
+            }
+        }
+    } else if marker.exists() {
         return Ok(());
     }
     let prog: &mut SchedClassifier = obj
@@ -335,8 +413,6 @@ fn attach_tc(
         target: ifname.to_owned(),
         reason,
     };
-    let tcx = aya::util::KernelVersion::current()
-        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
     if !tcx {
         // Before TCX: a clsact qdisc carries the filter (it may already be there).
         if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {

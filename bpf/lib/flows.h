@@ -1,0 +1,94 @@
+/* The small flow tables of the tc programs: the connection table (flows a workload took part in,
+ * so replies and ICMP errors about them come back in) and the fragment table (later fragments
+ * follow their first fragment's verdict). */
+#pragma once
+
+#include "packet.h"
+
+/* The ct key of a packet as the workload sent it. */
+static __always_inline void ct_key_sent(struct ct_key *k, const struct l4 *p)
+{
+	__builtin_memcpy(k->remote, p->dst, 16);
+	__builtin_memcpy(k->local, p->src, 16);
+	k->protocol = p->proto;
+	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+		k->remote_port = 0;
+		k->local_port = p->dport; /* the echo identifier */
+	} else {
+		k->remote_port = p->dport;
+		k->local_port = p->sport;
+	}
+}
+
+/* Remembers a flow the workload is sending: every UDP datagram, TCP SYN and SYN-ACK (its own
+ * connections and the ones it accepted), ICMP echo requests. */
+static __always_inline void ct_record(const struct l4 *p)
+{
+	int icmp_echo = (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHO) ||
+			(p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
+	if (p->proto != IPPROTO_UDP && !(p->proto == IPPROTO_TCP && p->tcp_syn) && !icmp_echo)
+		return;
+	struct ct_key k = {};
+	ct_key_sent(&k, p);
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&signet_ct, &k, &now, BPF_ANY);
+}
+
+/* Whether a packet towards the workload answers a flow it started: a UDP reply, an ICMP echo
+ * reply, or an ICMP error about a packet it sent (checked on the packet inside the error). */
+static __always_inline int ct_is_reply(struct __sk_buff *skb, const struct l4 *p)
+{
+	struct ct_key k = {};
+	if (p->proto == IPPROTO_UDP) {
+		__builtin_memcpy(k.remote, p->src, 16);
+		__builtin_memcpy(k.local, p->dst, 16);
+		k.remote_port = p->sport;
+		k.local_port = p->dport;
+		k.protocol = IPPROTO_UDP;
+		return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+	}
+	if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
+		return 0;
+	int echo_reply = p->ipv6 ? p->icmp_type == ICMPV6_ECHO_REPLY : p->icmp_type == ICMP_ECHOREPLY;
+	if (echo_reply) {
+		__builtin_memcpy(k.remote, p->src, 16);
+		__builtin_memcpy(k.local, p->dst, 16);
+		k.local_port = p->dport;
+		k.protocol = p->proto;
+		return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+	}
+	if (!icmp_is_error(p))
+		return 0;
+	struct l4 inner = {};
+	if (parse_icmp_inner(skb, p, &inner) != PARSE_OK)
+		return 0;
+	/* The error must be about a packet this workload sent. */
+	if (!addr_eq(inner.src, p->dst))
+		return 0;
+	ct_key_sent(&k, &inner);
+	return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+}
+
+static __always_inline void frag_key_of(struct frag_key *k, const struct l4 *p)
+{
+	__builtin_memcpy(k->src, p->src, 16);
+	__builtin_memcpy(k->dst, p->dst, 16);
+	k->id = p->frag_id;
+	k->protocol = p->proto;
+}
+
+/* The first fragment of a datagram was admitted: its later fragments may follow. */
+static __always_inline void frag_admit(const struct l4 *p)
+{
+	struct frag_key k = {};
+	frag_key_of(&k, p);
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&signet_frags, &k, &now, BPF_ANY);
+}
+
+static __always_inline int frag_admitted(const struct l4 *p)
+{
+	struct frag_key k = {};
+	frag_key_of(&k, p);
+	return bpf_map_lookup_elem(&signet_frags, &k) != NULL;
+}
