@@ -4,97 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
+use common::tc::{PEER_IDENTITY, POD_IDENTITY, PROXY_MARK, Setup, entry, tcp};
 use common::{Env, NetEnv, privileged};
-use signet_agent::datapath::loader::KernelDatapath;
-use signet_agent::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
-use signet_bpf::maps::{ACTION_DENY, DIRECTION_INGRESS, EndpointValue};
-use signet_policy::compile::{Action, Compiled, Entry, Key};
-use signet_policy::eval::Direction;
+use signet_agent::datapath::{Datapath, IpcacheEntry};
+use signet_bpf::maps::{ACTION_DENY, DIRECTION_INGRESS};
+use signet_policy::compile::Action;
 use signet_policy::resource::Protocol;
-
-const PROXY_MARK: u32 = 0x5167;
-const POD_IDENTITY: u32 = 300;
-const PEER_IDENTITY: u32 = 400;
-
-fn entry(proto: Protocol, peer: u32, port: u16, action: Action, rule: u32) -> (Key, Entry) {
-    (
-        Key {
-            endpoint: 1,
-            direction: Direction::Ingress,
-            proto,
-            peer,
-            port,
-        },
-        Entry { action, rule },
-    )
-}
-
-/// Loads the datapath, attaches tc to the pod's veth inside the node namespace, and fills the
-/// maps: the pod is endpoint 1, the peer has identity 400 (`peer_mesh` marks it a mesh workload).
-fn setup(
-    env: &Env,
-    net: &NetEnv,
-    strict: bool,
-    peer_mesh: bool,
-    policy: &[(Key, Entry)],
-) -> KernelDatapath {
-    let ifindex = net.pod_host_ifindex();
-    net.in_node(|| {
-        let mut dp = KernelDatapath::load(&env.loader()).expect("load");
-        dp.attach_endpoint_interface(&net.pod_host_if)
-            .expect("attach tc");
-        dp.set_config(&DatapathConfig {
-            proxy_v4: net.node_pod_side_ip.parse().expect("ip"),
-            proxy_v6: None,
-            proxy_port: 15001,
-            strict,
-            proxy_mark: PROXY_MARK,
-            event_sample: 0,
-        })
-        .expect("config");
-        dp.reconcile_endpoints(&BTreeMap::from([(
-            EndpointKey::Ifindex(ifindex),
-            EndpointValue {
-                endpoint_id: 1,
-                identity: POD_IDENTITY,
-                flags: 0,
-                _pad: 0,
-            },
-        )]))
-        .expect("endpoints");
-        dp.reconcile_ipcache(&[
-            IpcacheEntry {
-                ip: net.pod_ip.parse().expect("ip"),
-                prefix: 32,
-                identity: POD_IDENTITY,
-                mesh: true,
-            },
-            IpcacheEntry {
-                ip: net.peer_ip.parse().expect("ip"),
-                prefix: 32,
-                identity: PEER_IDENTITY,
-                mesh: peer_mesh,
-            },
-        ])
-        .expect("ipcache");
-        let mut compiled = Compiled::default();
-        compiled.entries.extend(policy.iter().copied());
-        dp.reconcile_policy(&compiled).expect("policy");
-        dp
-    })
-}
-
-fn tcp(net: &NetEnv, from_ns: &str, port: u16, extra: &[&str]) -> serde_json::Value {
-    let mut server = net.serve(&net.pod, &format!("{}:{port}", net.pod_ip), false, 1, 3000);
-    let mut args = vec!["--timeout-ms", "800"];
-    args.extend_from_slice(extra);
-    let report = net.client(from_ns, &format!("{}:{port}", net.pod_ip), &args);
-    let _ = server.kill();
-    let _ = server.wait();
-    report
-}
 
 #[test]
 fn ingress_allows_and_denies_by_identity_and_port() {
@@ -102,17 +17,16 @@ fn ingress_allows_and_denies_by_identity_and_port() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let mut dp = setup(
-        &env,
-        &net,
-        false,
-        false,
-        &[
+    let mut dp = Setup {
+        strict: false,
+        peer_mesh: false,
+        policy: &[
             entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::Allow, 3),
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
             entry(Protocol::Udp, 0, 0, Action::Deny, 0),
         ],
-    );
+    }
+    .load(&env, &net);
     assert_eq!(
         tcp(&net, &net.peer, 8080, &[])["ok"],
         true,
@@ -144,13 +58,12 @@ fn strict_mode_drops_plaintext_from_mesh_workloads_but_passes_the_proxy() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let mut dp = setup(
-        &env,
-        &net,
-        true,
-        true,
-        &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
-    );
+    let mut dp = Setup {
+        strict: true,
+        peer_mesh: true,
+        policy: &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
+    }
+    .load(&env, &net);
     let plain = tcp(&net, &net.peer, 8080, &[]);
     assert_eq!(
         plain["ok"], false,
@@ -178,13 +91,12 @@ fn strict_mode_drops_plaintext_from_outside_the_mesh_but_not_from_the_host() {
     }
     let (env, net) = (Env::new(), NetEnv::new());
     // The peer is not a mesh workload, and policy allows everything.
-    let mut dp = setup(
-        &env,
-        &net,
-        true,
-        false,
-        &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
-    );
+    let mut dp = Setup {
+        strict: true,
+        peer_mesh: false,
+        policy: &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
+    }
+    .load(&env, &net);
     let plain = tcp(&net, &net.peer, 8080, &[]);
     assert_eq!(
         plain["ok"], false,
@@ -229,16 +141,15 @@ fn permissive_mode_applies_policy_by_ipcache_identity() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let _dp = setup(
-        &env,
-        &net,
-        false,
-        true,
-        &[
+    let _dp = Setup {
+        strict: false,
+        peer_mesh: true,
+        policy: &[
             entry(Protocol::Tcp, PEER_IDENTITY, 0, Action::Allow, 5),
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
         ],
-    );
+    }
+    .load(&env, &net);
     assert_eq!(
         tcp(&net, &net.peer, 8080, &[])["ok"],
         true,
@@ -257,16 +168,15 @@ fn udp_follows_the_policy_entries() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let _dp = setup(
-        &env,
-        &net,
-        false,
-        false,
-        &[
+    let _dp = Setup {
+        strict: false,
+        peer_mesh: false,
+        policy: &[
             entry(Protocol::Udp, PEER_IDENTITY, 5353, Action::Deny, 8),
             entry(Protocol::Udp, 0, 0, Action::Allow, 0),
         ],
-    );
+    }
+    .load(&env, &net);
     for (port, ok) in [(5354u16, true), (5353, false)] {
         let mut server = net.serve(&net.pod, &format!("{}:{port}", net.pod_ip), true, 1, 3000);
         let report = net.client(
@@ -286,16 +196,15 @@ fn replies_to_udp_flows_the_pod_started_pass_a_default_deny() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let _dp = setup(
-        &env,
-        &net,
-        false,
-        false,
-        &[
+    let _dp = Setup {
+        strict: false,
+        peer_mesh: false,
+        policy: &[
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
             entry(Protocol::Udp, 0, 0, Action::Deny, 0),
         ],
-    );
+    }
+    .load(&env, &net);
     // Unsolicited UDP to the pod is denied...
     let mut server = net.serve(&net.pod, &format!("{}:5400", net.pod_ip), true, 1, 3000);
     let report = net.client(

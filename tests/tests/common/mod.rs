@@ -4,6 +4,8 @@
 #![allow(dead_code)] // each suite uses part of it
 
 pub mod fake_api;
+pub mod packets;
+pub mod tc;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -164,6 +166,13 @@ pub struct NetEnv {
     pub pod_ip: String,
     pub peer_ip: String,
     pub node_pod_side_ip: String,
+    /// IPv6 addresses beside the IPv4 ones, so both paths are proven.
+    pub pod_ip6: String,
+    pub peer_ip6: String,
+    /// The pod's veth name inside the pod namespace.
+    pod_inner_if: String,
+    /// The third octet of this environment's subnets.
+    n: u32,
 }
 
 impl NetEnv {
@@ -178,51 +187,17 @@ impl NetEnv {
             pod_ip: format!("10.250.{n}.2"),
             peer_ip: format!("10.251.{n}.2"),
             node_pod_side_ip: format!("10.250.{n}.1"),
+            pod_ip6: format!("fd00:250:{n}::2"),
+            peer_ip6: format!("fd00:251:{n}::2"),
+            pod_inner_if: format!("sgp{id}"),
+            n,
         };
         for ns in [&env.node, &env.pod, &env.peer] {
             ip(&["netns", "add", ns]);
         }
         let peer_host_if = format!("sgq{id}");
-        let links = [
-            (&env.pod, &env.pod_host_if, format!("sgp{id}"), 250),
-            (&env.peer, &peer_host_if, format!("sgr{id}"), 251),
-        ];
-        for (ns, host_if, inner_if, net) in &links {
-            ip(&[
-                "-n", &env.node, "link", "add", host_if, "type", "veth", "peer", "name", inner_if,
-                "netns", ns,
-            ]);
-            ip(&[
-                "-n",
-                &env.node,
-                "addr",
-                "add",
-                &format!("10.{net}.{n}.1/24"),
-                "dev",
-                host_if,
-            ]);
-            ip(&["-n", &env.node, "link", "set", host_if, "up"]);
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.{net}.{n}.2/24"),
-                "dev",
-                inner_if,
-            ]);
-            ip(&["-n", ns, "link", "set", inner_if, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.{net}.{n}.1"),
-            ]);
-        }
+        env.link(&env.pod, &env.pod_host_if, &env.pod_inner_if, 250);
+        env.link(&env.peer, &peer_host_if, &format!("sgr{id}"), 251);
         ip(&["-n", &env.node, "link", "set", "lo", "up"]);
         let out = Command::new("ip")
             .args([
@@ -232,6 +207,7 @@ impl NetEnv {
                 "sysctl",
                 "-qw",
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ])
             .output()
             .expect("sysctl");
@@ -241,6 +217,50 @@ impl NetEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         env
+    }
+
+    /// A veth from the node to `ns` on subnets `10.<net>.<n>.0/24` and `fd00:<net>:<n>::/64`
+    /// (node `.1`/`::1`, far side `.2`/`::2`), the node being the far side's default route.
+    fn link(&self, ns: &str, host_if: &str, inner_if: &str, net: u32) {
+        let n = self.n;
+        let node = self.node.as_str();
+        ip(&[
+            "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", inner_if, "netns",
+            ns,
+        ]);
+        for (side, dev, host) in [(node, host_if, 1), (ns, inner_if, 2)] {
+            ip(&[
+                "-n",
+                side,
+                "addr",
+                "add",
+                &format!("10.{net}.{n}.{host}/24"),
+                "dev",
+                dev,
+            ]);
+            let v6 = format!("fd00:{net}:{n}::{host}/64");
+            ip(&["-n", side, "addr", "add", &v6, "dev", dev, "nodad"]);
+            ip(&["-n", side, "link", "set", dev, "up"]);
+        }
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{net}.{n}.1"),
+        ]);
+        let via6 = format!("fd00:{net}:{n}::1");
+        ip(&["-n", ns, "-6", "route", "add", "default", "via", &via6]);
+    }
+
+    /// Deletes the pod's veth and makes a new one under the same names, as a pod re-created
+    /// under its old name gets (Calico names host veths after the pod).
+    pub fn recreate_pod_veth(&self) {
+        ip(&["-n", &self.node, "link", "del", &self.pod_host_if]);
+        self.link(&self.pod, &self.pod_host_if, &self.pod_inner_if, 250);
     }
 
     /// The ifindex of the pod's host-side veth in the node namespace.
