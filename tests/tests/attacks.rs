@@ -88,6 +88,25 @@ fn answered(
     })
 }
 
+/// Ingress that admits only the peer, only on `port`, with `action`: the rest of `proto` is
+/// default-denied.
+fn only_peer_on(proto: Protocol, port: u16, action: Action) -> [(Key, Entry); 2] {
+    [
+        entry(proto, PEER_IDENTITY, port, action, 3),
+        entry(proto, 0, 0, Action::Deny, 0),
+    ]
+}
+
+/// The datapath for a peer outside the mesh, in permissive mode, with `policy`.
+fn permissive(env: &Env, net: &NetEnv, policy: &[(Key, Entry)]) -> KernelDatapath {
+    Setup {
+        strict: false,
+        peer_mesh: false,
+        policy,
+    }
+    .load(env, net)
+}
+
 fn set_policy(dp: &mut KernelDatapath, policy: &[(Key, Entry)]) {
     let mut compiled = Compiled::default();
     compiled.entries.extend(policy.iter().copied());
@@ -100,15 +119,11 @@ fn a_syn_split_into_tiny_ipv4_fragments_gets_no_syn_ack_while_a_whole_syn_does()
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let dp = Setup {
-        strict: false,
-        peer_mesh: false,
-        policy: &[
-            entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::Allow, 3),
-            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
-        ],
-    }
-    .load(&env, &net);
+    let dp = permissive(
+        &env,
+        &net,
+        &only_peer_on(Protocol::Tcp, 8080, Action::Allow),
+    );
     let _servers = Servers::start(&net, &[8080], false);
     let (peer, pod) = (ip(&net.peer_ip), ip(&net.pod_ip));
     let watch = Watch::open(&net.peer);
@@ -153,15 +168,11 @@ fn udp_fragments_follow_their_first_fragments_verdict_and_orphans_are_dropped() 
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let dp = Setup {
-        strict: false,
-        peer_mesh: false,
-        policy: &[
-            entry(Protocol::Udp, PEER_IDENTITY, 5353, Action::Allow, 3),
-            entry(Protocol::Udp, 0, 0, Action::Deny, 0),
-        ],
-    }
-    .load(&env, &net);
+    let dp = permissive(
+        &env,
+        &net,
+        &only_peer_on(Protocol::Udp, 5353, Action::Allow),
+    );
     let _servers = Servers::start(&net, &[5353, 5354], true);
     let (peer, pod) = (ip(&net.peer_ip), ip(&net.pod_ip));
     let watch = Watch::open(&net.peer);
@@ -211,15 +222,11 @@ fn ipv6_extension_headers_are_walked_to_the_tcp_header() {
         return;
     }
     let (env, net) = (Env::new(), NetEnv::new());
-    let dp = Setup {
-        strict: false,
-        peer_mesh: false,
-        policy: &[
-            entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::Allow, 3),
-            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
-        ],
-    }
-    .load(&env, &net);
+    let dp = permissive(
+        &env,
+        &net,
+        &only_peer_on(Protocol::Tcp, 8080, Action::Allow),
+    );
     let _servers = Servers::start(&net, &[8080, 8081], false);
     let (peer, pod) = (ip(&net.peer_ip6), ip(&net.pod_ip6));
     let watch = Watch::open(&net.peer);
@@ -286,12 +293,7 @@ fn icmp_echo_follows_policy_and_the_pods_own_pings_come_back() {
         entry(Protocol::Udp, 0, 0, Action::Deny, 0),
         entry(Protocol::Other, 0, 0, Action::Deny, 0),
     ];
-    let mut dp = Setup {
-        strict: false,
-        peer_mesh: false,
-        policy: &deny_all,
-    }
-    .load(&env, &net);
+    let mut dp = permissive(&env, &net, &deny_all);
     let echo_reply = |from: IpAddr, id: u16| {
         move |s: &packets::Seen| {
             s.src == from
@@ -364,10 +366,7 @@ fn an_l7_port_is_reachable_only_through_the_proxy() {
     let dp = Setup {
         strict: false,
         peer_mesh: true,
-        policy: &[
-            entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::L7, 9),
-            entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
-        ],
+        policy: &only_peer_on(Protocol::Tcp, 8080, Action::L7),
     }
     .load(&env, &net);
     let plain = tcp(&net, &net.peer, 8080, &[]);
