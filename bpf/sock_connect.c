@@ -18,8 +18,10 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 {
 	if (ctx->protocol != IPPROTO_TCP)
 		return SYS_PROCEED;
-	__u64 cgroup = bpf_get_current_cgroup_id();
-	struct endpoint_value *ep = bpf_map_lookup_elem(&signet_ep_cgroup, &cgroup);
+	/* The socket's network namespace is the pod: every process in it, whatever its cgroup.
+	 * The node's own namespace (the agent, the kubelet) is never an endpoint. */
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct endpoint_value *ep = bpf_map_lookup_elem(&signet_ep_netns, &netns);
 	if (!ep)
 		return SYS_PROCEED; /* not a mesh workload */
 	struct ipcache_value *peer = ipcache_lookup(dst);

@@ -23,7 +23,7 @@ use crate::admin::{self, AdminState};
 use crate::certs::{BundleFollower, CaEndpoint, CertManager};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
-use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry};
+use crate::datapath::{Datapath, DatapathConfig, EndpointKey, IpcacheEntry, netns};
 use crate::identity::gc::Collector;
 use crate::identity::kube::KubeIdentities;
 use crate::proxy::conns::Connections;
@@ -59,6 +59,8 @@ struct Reconciler {
     endpoint_ids: EndpointIds,
     /// The Kubernetes source, in that mode.
     kube: Option<KubeSource>,
+    /// The cookie of the node's own network namespace, which is never an endpoint.
+    node_netns: Option<u64>,
 }
 
 /// Numeric identities: a shared file (standalone) or `SignetIdentity` objects (Kubernetes), the
@@ -143,6 +145,7 @@ impl Reconciler {
         ipcache.dedup_by_key(|e| e.ip);
         let mut endpoints = BTreeMap::new();
         let mut interfaces = std::collections::BTreeSet::new();
+        let mut namespaces = Vec::new();
         for ep in &snap.local {
             let w = snap.workload(ep.workload);
             let value = EndpointValue {
@@ -151,30 +154,19 @@ impl Reconciler {
                 flags: 0,
                 _pad: 0,
             };
-            // Annotations (the local topology) first, else the kubelet's layout and host routes.
-            let cgroup = ep.cgroup.clone().or_else(|| {
-                ep.uid
-                    .as_deref()
-                    .and_then(|uid| discover::pod_cgroup(&self.config.cgroup_root, uid))
-            });
+            match self.pod_netns(ep) {
+                Some(path) => namespaces.push((w.key(), path, value)),
+                None => tracing::warn!(
+                    pod = %w.key(),
+                    "pod network namespace not found (no annotation, no process in its cgroup): \
+                     its connections are not captured until it is"
+                ),
+            }
+            // Annotations (the local topology) first, else the host route to the pod.
             let interface = ep
                 .host_interface
                 .clone()
                 .or_else(|| w.ips.first().and_then(|ip| discover::pod_interface(*ip)));
-            if let Some(cg) = &cgroup {
-                let path = self.config.cgroup_root.join(cg);
-                match std::fs::metadata(&path) {
-                    Ok(m) => {
-                        endpoints.insert(
-                            EndpointKey::Cgroup(std::os::unix::fs::MetadataExt::ino(&m)),
-                            value,
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %w.key(), cgroup = %path.display(), error = %e, "pod cgroup missing")
-                    }
-                }
-            }
             if let Some(ifname) = &interface {
                 match ifindex(ifname) {
                     Some(i) => {
@@ -190,6 +182,24 @@ impl Reconciler {
                 }
             }
         }
+        let paths: Vec<_> = namespaces.iter().map(|(_, p, _)| p.clone()).collect();
+        for ((pod, path, value), cookie) in namespaces.iter().zip(netns::cookies(&paths)) {
+            match cookie {
+                // A pod in the node's own namespace (hostNetwork) is the node: capturing it
+                // would capture the agent and the kubelet.
+                Ok(c) if Some(c) == self.node_netns => tracing::warn!(
+                    pod = %pod,
+                    netns = %path.display(),
+                    "pod shares the node's network namespace: not captured"
+                ),
+                Ok(c) => {
+                    endpoints.insert(EndpointKey::Netns(c), *value);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod, error = %e, "pod network namespace unreadable")
+                }
+            }
+        }
         // Policy first (new entries before the endpoints and identities that use them), then
         // the maps that make traffic reach them.
         self.datapath.reconcile_policy(&snap.compiled)?;
@@ -198,6 +208,22 @@ impl Reconciler {
         self.datapath
             .detach_endpoint_interfaces_except(&interfaces)?;
         Ok(snap)
+    }
+}
+
+impl Reconciler {
+    /// Where a local pod's network namespace is: its annotation, else a process in its cgroup
+    /// (annotated, or found by UID in the kubelet's layout).
+    fn pod_netns(&self, ep: &snapshot::LocalEndpoint) -> Option<std::path::PathBuf> {
+        if let Some(ns) = &ep.netns {
+            return Some(netns::path_of(ns));
+        }
+        let cgroup = ep.cgroup.clone().or_else(|| {
+            ep.uid
+                .as_deref()
+                .and_then(|uid| discover::pod_cgroup(&self.config.cgroup_root, uid))
+        })?;
+        discover::pod_netns(&self.config.cgroup_root.join(cgroup))
     }
 }
 
@@ -349,6 +375,13 @@ impl Agent {
             endpoint_ids: EndpointIds::default(),
             config: config.clone(),
             kube,
+            node_netns: match netns::current_cookie() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read this node's network namespace cookie");
+                    None
+                }
+            },
         };
         let first = reconciler
             .apply(None)

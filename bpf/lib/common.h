@@ -64,7 +64,8 @@ struct ipcache_value {
 	__u32 flags;
 };
 
-/* endpoints: cgroup id (connect side) or ifindex (tc side) -> endpoint. */
+/* endpoints: network namespace cookie (connect side: every process of the pod, whatever its
+ * cgroup) or host-side ifindex (tc side) -> endpoint. */
 struct endpoint_value {
 	__u32 endpoint_id;
 	__u32 identity;
@@ -172,10 +173,10 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SIGNET_ENDPOINTS_MAX);
-	__type(key, __u64);
+	__type(key, __u64); /* bpf_get_netns_cookie() */
 	__type(value, struct endpoint_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} signet_ep_cgroup SEC(".maps");
+} signet_ep_netns SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -58,7 +58,7 @@ pub mod programs {
 /// Map names, as in `bpf/lib/common.h`; also their pin file names.
 pub mod map_names {
     pub const IPCACHE: &str = "signet_ipcache";
-    pub const EP_CGROUP: &str = "signet_ep_cgroup";
+    pub const EP_NETNS: &str = "signet_ep_netns";
     pub const EP_IFINDEX: &str = "signet_ep_ifindex";
     pub const POLICY: &str = "signet_policy";
     pub const ORIG_BY_COOKIE: &str = "signet_orig_by_cookie";
@@ -71,7 +71,7 @@ pub mod map_names {
     pub const EXCLUDED_PORTS: &str = "signet_excluded_ports";
     pub const ALL: [&str; 12] = [
         IPCACHE,
-        EP_CGROUP,
+        EP_NETNS,
         EP_IFINDEX,
         POLICY,
         ORIG_BY_COOKIE,

@@ -132,7 +132,7 @@ metadata:
   name: $pod
   namespace: $kns
   labels: {app: $sa}
-  annotations: {signet.dev/cgroup: $pod, signet.dev/host-interface: $host}
+  annotations: {signet.dev/cgroup: $pod, signet.dev/netns: $pns, signet.dev/host-interface: $host}
 spec: {nodeName: node-$n, serviceAccountName: $sa, containers: [{name: app, image: app, ports: [{containerPort: $port}]}]}
 status: {podIP: $ip}
 ---

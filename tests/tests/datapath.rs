@@ -80,6 +80,20 @@ fn egress_deny(peer: u32, port: u16, rule: u32) -> Compiled {
     c
 }
 
+/// Makes the network namespace with `cookie` endpoint 1 (identity 300), the only one.
+fn endpoint_at(dp: &mut KernelDatapath, cookie: u64) {
+    let endpoints = BTreeMap::from([(
+        EndpointKey::Netns(cookie),
+        EndpointValue {
+            endpoint_id: 1,
+            identity: 300,
+            flags: 0,
+            _pad: 0,
+        },
+    )]);
+    dp.reconcile_endpoints(&endpoints).expect("endpoints");
+}
+
 fn setup(env: &Env, proxy_port: u16) -> KernelDatapath {
     let mut dp = KernelDatapath::load(&env.loader()).expect("load datapath");
     dp.set_config(&DatapathConfig {
@@ -91,16 +105,10 @@ fn setup(env: &Env, proxy_port: u16) -> KernelDatapath {
         event_sample: 0,
     })
     .expect("config");
-    let endpoints = BTreeMap::from([(
-        EndpointKey::Cgroup(env.cgroup_id()),
-        EndpointValue {
-            endpoint_id: 1,
-            identity: 300,
-            flags: 0,
-            _pad: 0,
-        },
-    )]);
-    dp.reconcile_endpoints(&endpoints).expect("endpoints");
+    // The programs run only for the test's cgroup, so the test's own network namespace can stand
+    // for a pod's there.
+    let here = signet_agent::datapath::netns::current_cookie().expect("netns cookie");
+    endpoint_at(&mut dp, here);
     dp.reconcile_ipcache(&[
         IpcacheEntry {
             ip: "127.0.0.2".parse().expect("ip"),
@@ -326,6 +334,7 @@ fn ipv6_connects_are_captured_too() {
         event_sample: 0,
     })
     .expect("config");
+    endpoint_at(&mut dp, ns.cookie());
     dp.reconcile_ipcache(&[IpcacheEntry {
         ip: "fd00:5167::2".parse().expect("ip"),
         prefix: 128,
@@ -379,4 +388,148 @@ fn excluded_ports_are_not_captured() {
         report["reply"], "direct",
         "not redirected to the proxy: {report}"
     );
+}
+
+/// Cgroup directories made below the test's cgroup (the node's root), removed deepest first.
+struct PodCgroups(Vec<std::path::PathBuf>);
+
+impl PodCgroups {
+    fn make(env: &Env, layouts: &[&str]) -> Self {
+        let mut made = vec![];
+        for layout in layouts {
+            let mut dir = env.cgroup.clone();
+            for part in layout.split('/') {
+                dir.push(part);
+                if !dir.exists() {
+                    std::fs::create_dir(&dir)
+                        .unwrap_or_else(|e| panic!("cgroup {}: {e}", dir.display()));
+                    made.push(dir.clone());
+                }
+            }
+        }
+        Self(made)
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+const POD_UID: &str = "5167aaaa-0000-4000-8000-000000000001";
+
+/// Where a pod's processes live: its own directory, a child and a grandchild of it, and both
+/// kubelet layouts (systemd driver with a containerd scope, cgroupfs driver).
+const LAYOUTS: [&str; 5] = [
+    "pod",
+    "pod/child",
+    "pod/child/grandchild",
+    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5167aaaa_0000_4000_8000_000000000001.slice/cri-containerd-0a1b2c.scope",
+    "kubepods/burstable/pod5167aaaa-0000-4000-8000-000000000001/0a1b2c",
+];
+
+fn client_in(env: &Env, cgroup: &str, ns: &common::NetNs, target: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+        .arg("--cgroup")
+        .arg(env.cgroup.join(cgroup))
+        .args([
+            "--netns",
+            &ns.name,
+            "--connect",
+            target,
+            "--timeout-ms",
+            "2000",
+        ])
+        .output()
+        .expect("client");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("client: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn every_process_of_a_pod_is_captured_whatever_its_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let _cgroups = PodCgroups::make(&env, &LAYOUTS);
+    let ns = common::NetNs::new();
+    let listener = common::in_netns(&ns.name, || TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let port = listener.local_addr().expect("addr").port();
+    let mut dp = setup(&env, port);
+    // The pod is its network namespace; the test's own namespace is now nobody's.
+    endpoint_at(&mut dp, ns.cookie());
+
+    dp.reconcile_policy(&egress_deny(302, 0, 7))
+        .expect("policy");
+    for layout in LAYOUTS {
+        let report = client_in(&env, layout, &ns, "127.0.0.3:9999");
+        assert_eq!(
+            report["errno"], 1,
+            "a process in {layout} is the pod: its egress deny is EPERM: {report}"
+        );
+    }
+    // The node's own traffic (the agent's, the kubelet's) is never captured, even from inside
+    // the node's cgroup subtree: the test's namespace is not an endpoint any more.
+    let node = env.connect("127.0.0.3:9");
+    assert_ne!(node["errno"], 1, "the node's connect is untouched: {node}");
+
+    dp.reconcile_policy(&Compiled::default()).expect("policy");
+    for layout in LAYOUTS {
+        let listener = listener.try_clone().expect("listener");
+        let ((_, orig), report) = std::thread::scope(|s| {
+            let h = s.spawn(|| proxy_once(listener, &dp));
+            let report = client_in(&env, layout, &ns, "127.0.0.2:9999");
+            (h.join().expect("proxy"), report)
+        });
+        assert_eq!(
+            report["reply"], "proxied to 127.0.0.2:9999",
+            "{layout}: {report}"
+        );
+        assert_eq!(orig, Some(("127.0.0.2:9999".parse().expect("addr"), 301)));
+    }
+}
+
+#[test]
+fn the_agent_finds_a_pods_namespace_from_a_process_in_the_kubelets_layout() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let ns = common::NetNs::new();
+    for layout in &LAYOUTS[3..] {
+        // One kubelet layout at a time, as a node has.
+        let _cgroups = PodCgroups::make(&env, &[layout]);
+        // A container's process: in its scope cgroup, inside the pod's namespace.
+        let scope = env.cgroup.join(layout);
+        let mut holder = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" sleep 30"#)
+            .args(["sh", &scope.display().to_string(), &ns.name])
+            .spawn()
+            .expect("holder");
+        let found = (0..50).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let pod = signet_agent::state::discover::pod_cgroup(&env.cgroup, POD_UID)?;
+            let path = signet_agent::state::discover::pod_netns(&env.cgroup.join(pod))?;
+            let cookie = signet_agent::datapath::netns::cookies(std::slice::from_ref(&path))
+                .remove(0)
+                .ok()?;
+            (cookie == ns.cookie()).then_some(path)
+        });
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(
+            found.is_some(),
+            "{layout}: the pod's namespace is found from its container's process"
+        );
+    }
 }

@@ -76,7 +76,7 @@ pub struct KernelDatapath {
     tc_from: Ebpf,
     excluded_ports: HashMap<MapData, u16, u8>,
     ipcache: LpmTrie<MapData, [u8; 16], IpcacheValue>,
-    ep_cgroup: HashMap<MapData, u64, EndpointValue>,
+    ep_netns: HashMap<MapData, u64, EndpointValue>,
     ep_ifindex: HashMap<MapData, u32, EndpointValue>,
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     config: Array<MapData, Config>,
@@ -110,7 +110,7 @@ fn load_object(
     EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
         .map_max_entries(names::IPCACHE, sizes.ipcache)
-        .map_max_entries(names::EP_CGROUP, sizes.endpoints)
+        .map_max_entries(names::EP_NETNS, sizes.endpoints)
         .map_max_entries(names::EP_IFINDEX, sizes.endpoints)
         .map_max_entries(names::POLICY, sizes.policy)
         .map_max_entries(names::ORIG_BY_COOKIE, sizes.orig)
@@ -212,8 +212,8 @@ impl KernelDatapath {
             .map_err(map_err(names::EXCLUDED_PORTS))?,
             ipcache: LpmTrie::try_from(open_map(&maps_dir, names::IPCACHE, Map::LpmTrie)?)
                 .map_err(map_err(names::IPCACHE))?,
-            ep_cgroup: HashMap::try_from(open_map(&maps_dir, names::EP_CGROUP, Map::HashMap)?)
-                .map_err(map_err(names::EP_CGROUP))?,
+            ep_netns: HashMap::try_from(open_map(&maps_dir, names::EP_NETNS, Map::HashMap)?)
+                .map_err(map_err(names::EP_NETNS))?,
             ep_ifindex: HashMap::try_from(ep_ifindex).map_err(map_err(names::EP_IFINDEX))?,
             policy: HashMap::try_from(policy_map).map_err(map_err(names::POLICY))?,
             config: Array::try_from(open_map(&maps_dir, names::CONFIG, Map::Array)?)
@@ -617,16 +617,16 @@ impl Datapath for KernelDatapath {
         &mut self,
         endpoints: &BTreeMap<EndpointKey, EndpointValue>,
     ) -> Result<(), DatapathError> {
-        let current_cg: BTreeMap<u64, EndpointValue> =
-            self.ep_cgroup.iter().filter_map(Result::ok).collect();
+        let current_ns: BTreeMap<u64, EndpointValue> =
+            self.ep_netns.iter().filter_map(Result::ok).collect();
         let current_if: BTreeMap<u32, EndpointValue> =
             self.ep_ifindex.iter().filter_map(Result::ok).collect();
         for (k, v) in endpoints {
             match k {
-                EndpointKey::Cgroup(id) if current_cg.get(id) != Some(v) => self
-                    .ep_cgroup
+                EndpointKey::Netns(id) if current_ns.get(id) != Some(v) => self
+                    .ep_netns
                     .insert(id, v, 0)
-                    .map_err(map_err(names::EP_CGROUP))?,
+                    .map_err(map_err(names::EP_NETNS))?,
                 EndpointKey::Ifindex(i) if current_if.get(i) != Some(v) => self
                     .ep_ifindex
                     .insert(i, v, 0)
@@ -634,13 +634,11 @@ impl Datapath for KernelDatapath {
                 _ => {}
             }
         }
-        for id in current_cg
+        for id in current_ns
             .keys()
-            .filter(|id| !endpoints.contains_key(&EndpointKey::Cgroup(**id)))
+            .filter(|id| !endpoints.contains_key(&EndpointKey::Netns(**id)))
         {
-            self.ep_cgroup
-                .remove(id)
-                .map_err(map_err(names::EP_CGROUP))?;
+            self.ep_netns.remove(id).map_err(map_err(names::EP_NETNS))?;
         }
         for i in current_if
             .keys()

@@ -9,6 +9,7 @@ pub mod bpffs;
 pub mod events;
 pub mod fake;
 pub mod loader;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -48,6 +49,8 @@ pub enum DatapathError {
         needed: usize,
         capacity: usize,
     },
+    #[error("network namespace {path}: {reason}")]
+    Netns { path: PathBuf, reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -80,10 +83,11 @@ pub struct IpcacheEntry {
     pub mesh: bool,
 }
 
-/// Where an endpoint is found: its cgroup (connect side) and/or host-side interface (tc side).
+/// Where an endpoint is found: its network namespace's cookie (connect side: every process of
+/// the pod, whatever its cgroup) and/or its host-side interface (tc side).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum EndpointKey {
-    Cgroup(u64),
+    Netns(u64),
     Ifindex(u32),
 }
 

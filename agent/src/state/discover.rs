@@ -39,6 +39,28 @@ pub fn pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     None
 }
 
+/// The network namespace of a pod, from the first process found in its cgroup directory or
+/// below it (the kubelet puts containers, and the sandbox's pause process, in child cgroups):
+/// `/proc/<pid>/ns/net`. `None` when the subtree holds no process.
+pub fn pod_netns(cgroup_dir: &Path) -> Option<PathBuf> {
+    let mut stack = vec![(cgroup_dir.to_owned(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse::<u32>().ok()) {
+            return Some(PathBuf::from(format!("/proc/{pid}/ns/net")));
+        }
+        if depth >= 4 {
+            continue;
+        }
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    None
+}
+
 /// The interface of the host route to exactly `ip` (`/proc/net/route` for IPv4,
 /// `/proc/net/ipv6_route` for IPv6), in this thread's network namespace.
 pub fn pod_interface(ip: IpAddr) -> Option<String> {
@@ -97,6 +119,18 @@ mod tests {
             Some(PathBuf::from("kubepods/besteffort/pod5678-ef00"))
         );
         assert_eq!(pod_cgroup(root.path(), "0000-0000"), None);
+    }
+
+    #[test]
+    fn a_pods_namespace_comes_from_a_process_in_a_child_cgroup() {
+        let root = tempfile::tempdir().expect("tmp");
+        let pod = root.path().join("kubepods-burstable-pod1234_abcd.slice");
+        let container = pod.join("cri-containerd-0a1b.scope");
+        std::fs::create_dir_all(&container).expect("dirs");
+        std::fs::write(pod.join("cgroup.procs"), "").expect("procs");
+        assert_eq!(pod_netns(&pod), None, "no process yet");
+        std::fs::write(container.join("cgroup.procs"), "4242\n").expect("procs");
+        assert_eq!(pod_netns(&pod), Some(PathBuf::from("/proc/4242/ns/net")));
     }
 
     #[test]

@@ -21,6 +21,8 @@ use super::services::ServiceTable;
 /// pod lives on its node.
 pub const CGROUP_ANNOTATION: &str = "signet.dev/cgroup";
 pub const HOST_INTERFACE_ANNOTATION: &str = "signet.dev/host-interface";
+/// The pod's network namespace: a name under `/run/netns` or a path.
+pub const NETNS_ANNOTATION: &str = "signet.dev/netns";
 
 /// A pod of this node, with its datapath id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct LocalEndpoint {
     pub cgroup: Option<PathBuf>,
     /// Its veth's host-side interface.
     pub host_interface: Option<String>,
+    /// Its network namespace (a name under `/run/netns` or a path), when an annotation says;
+    /// otherwise it is found from a process in the pod's cgroup.
+    pub netns: Option<String>,
     /// The pod's UID, to find its cgroup when no annotation names it (`discover`).
     pub uid: Option<String>,
 }
@@ -413,6 +418,7 @@ pub fn build_loaded(
                     .and_then(|a| a.get(CGROUP_ANNOTATION))
                     .map(PathBuf::from),
                 host_interface: ann.and_then(|a| a.get(HOST_INTERFACE_ANNOTATION)).cloned(),
+                netns: ann.and_then(|a| a.get(NETNS_ANNOTATION)).cloned(),
                 uid: extra.uids.get(&w.key()).cloned(),
             });
         }

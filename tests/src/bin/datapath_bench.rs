@@ -129,9 +129,11 @@ fn main() {
         event_sample: 0,
     })
     .expect("config");
-    let with_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&with).expect("cgroup"));
+    // The programs run only for the "with" cgroup, so this process's own network namespace can
+    // stand for a pod's there.
+    let netns = signet_agent::datapath::netns::current_cookie().expect("netns cookie");
     dp.reconcile_endpoints(&BTreeMap::from([(
-        EndpointKey::Cgroup(with_id),
+        EndpointKey::Netns(netns),
         EndpointValue {
             endpoint_id: 1,
             identity: 300,

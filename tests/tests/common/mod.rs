@@ -385,6 +385,14 @@ impl NetNs {
         Self { name }
     }
 
+    /// The namespace's cookie, as the connect programs see it.
+    pub fn cookie(&self) -> u64 {
+        let path = signet_agent::datapath::netns::path_of(&self.name);
+        signet_agent::datapath::netns::cookies(&[path])
+            .remove(0)
+            .expect("netns cookie")
+    }
+
     pub fn add_addr(&self, cidr: &str) {
         ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]);
     }

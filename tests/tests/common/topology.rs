@@ -200,8 +200,9 @@ impl Topology {
         }
         y += "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n";
         for (node, pod, sa) in [('a', "client-0", "client"), ('b', "server-0", "server")] {
+            let netns = self.ns(&format!("pod-{node}"));
             y += &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: shop\n  labels: {{app: {sa}}}\n  annotations: {{signet.dev/cgroup: pod, signet.dev/host-interface: sgh{n}{node}}}\n\
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: shop\n  labels: {{app: {sa}}}\n  annotations: {{signet.dev/cgroup: pod, signet.dev/netns: {netns}, signet.dev/host-interface: sgh{n}{node}}}\n\
                  spec: {{nodeName: node-{node}, serviceAccountName: {sa}, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: {}}}\n---\n",
                 self.pod_ip(node)
             );
@@ -308,7 +309,9 @@ impl Topology {
         self.client_with(target, &[])
     }
 
-    /// Plaintext from the client pod's namespace but outside its cgroup: bypasses the proxy.
+    /// Plaintext from the client pod's namespace by a process outside the node's cgroup subtree,
+    /// where the connect programs do not run: it bypasses the proxy, and only tc stands in the
+    /// way. (Every process under the node's subtree, in any cgroup, is captured.)
     pub fn bypassing_client(&self, target: &str) -> serde_json::Value {
         let out = Command::new("ip")
             .args([
