@@ -1,7 +1,8 @@
-/* cgroup/connect4 and cgroup/connect6: capture a workload's TCP connect() to a mesh
- * destination. Egress policy is decided here, before any packet leaves: deny fails connect()
- * with EPERM; allow rewrites the destination to the node proxy's outbound listener and records
- * the original destination under the socket's cookie (sockops re-keys it by client address). */
+/* cgroup/connect4 and cgroup/connect6: a workload's TCP connect(), to any destination. Egress
+ * policy is decided here, before any packet leaves: deny fails connect() with EPERM. An allowed
+ * connect to a mesh destination is rewritten to the node proxy's outbound listener, its original
+ * destination recorded under the socket's cookie (sockops re-keys it by client address); one to
+ * anywhere else (world, this node, other nodes) goes out untouched. */
 #include "lib/helpers.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -17,26 +18,30 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 					  __u16 family)
 {
 	if (ctx->protocol != IPPROTO_TCP)
-		return SYS_PROCEED;
+		return SYS_PROCEED; /* UDP and the rest: egress is decided by tc_from_endpoint */
 	/* The socket's network namespace is the pod: every process in it, whatever its cgroup.
 	 * The node's own namespace (the agent, the kubelet) is never an endpoint. */
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct endpoint_value *ep = bpf_map_lookup_elem(&signet_ep_netns, &netns);
 	if (!ep)
 		return SYS_PROCEED; /* not a mesh workload */
-	struct ipcache_value *peer = ipcache_lookup(dst);
-	if (!peer || !(peer->flags & SIGNET_IPCACHE_MESH))
-		return SYS_PROCEED; /* not a mesh destination: untouched */
-	if (bpf_map_lookup_elem(&signet_excluded_ports, &dport))
-		return SYS_PROCEED; /* an excluded port: untouched */
 	struct config *cfg = config_get();
-	if (!cfg || cfg->proxy_port == 0)
-		return SYS_REJECT; /* fail closed: no proxy configured */
+	if (!cfg)
+		return SYS_REJECT; /* fail closed: not configured */
+	/* Every destination has an identity: the ipcache's (mesh pods, Services, this node, other
+	 * nodes, CIDRs named by policy), else world. */
+	struct ipcache_value *peer = ipcache_lookup(dst);
+	if (!peer && addr_is_loopback(dst))
+		return SYS_PROCEED; /* within the pod */
+	__u32 identity = peer ? peer->identity : SIGNET_WORLD;
+	__u32 flags = peer ? peer->flags : 0;
+	int capture = (flags & SIGNET_IPCACHE_MESH) &&
+		      !bpf_map_lookup_elem(&signet_excluded_ports, &dport);
 
 	struct flow_event ev = {
 		.timestamp_ns = bpf_ktime_get_ns(),
 		.src_identity = ep->identity,
-		.dst_identity = peer->identity,
+		.dst_identity = identity,
 		.endpoint_id = ep->endpoint_id,
 		.dst_port = dport,
 		.protocol = IPPROTO_TCP,
@@ -44,25 +49,39 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 	};
 	__builtin_memcpy(ev.dst_addr, dst, 16);
 
-	/* A Service ClusterIP has no identity of its own (SIGNET_ANY): the proxy picks the
-	 * endpoint and checks egress against that endpoint's identity, so only a real peer is
-	 * checked here. */
-	struct policy_value *pv = peer->identity == SIGNET_ANY
+	/* A captured connection to a Service is checked by the proxy against the endpoint it
+	 * picks; everything else is checked here, before a packet leaves. */
+	struct policy_value *pv = capture && (flags & SIGNET_IPCACHE_SERVICE)
 					  ? NULL
-					  : policy_lookup(ep->endpoint_id, peer->identity, dport,
-							  IPPROTO_TCP, SIGNET_EGRESS);
+					  : policy_lookup(ep->endpoint_id, identity, dport, IPPROTO_TCP,
+							  SIGNET_EGRESS);
 	__u8 action = pv ? pv->action : SIGNET_ACTION_ALLOW;
 	ev.action = action;
 	ev.rule_id = pv ? pv->rule_id : 0;
+	if (action == SIGNET_ACTION_L7 && !capture)
+		action = SIGNET_ACTION_DENY; /* requests to check, and no proxy to check them */
 	if (action == SIGNET_ACTION_DENY) {
+		ev.action = SIGNET_ACTION_DENY;
 		ev.reason = ev.rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY;
+		if (pv && pv->action == SIGNET_ACTION_L7)
+			ev.reason = SIGNET_REASON_L7_BYPASS;
 		count_drop(ev.reason);
 		emit(&ev);
 		return SYS_REJECT;
 	}
+	if (action == SIGNET_ACTION_AUDIT) {
+		ev.reason = SIGNET_REASON_AUDIT;
+		emit(&ev);
+	}
+	if (!capture)
+		return SYS_PROCEED; /* allowed, and not for the mesh: untouched */
+	if (cfg->proxy_port == 0)
+		return SYS_REJECT; /* fail closed: no proxy configured */
 
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst orig = { .port = dport, .family = family, .identity = peer->identity };
+	struct orig_dst orig = { .port = dport,
+				 .family = family,
+				 .identity = (flags & SIGNET_IPCACHE_SERVICE) ? SIGNET_ANY : identity };
 	__builtin_memcpy(orig.addr, dst, 16);
 	if (bpf_map_update_elem(&signet_orig_by_cookie, &cookie, &orig, BPF_ANY) != 0)
 		return SYS_REJECT; /* fail closed: the proxy could not find the destination */
@@ -81,10 +100,8 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 	}
 	ctx->user_port = bpf_htons(cfg->proxy_port);
 
-	if (action == SIGNET_ACTION_AUDIT) {
-		ev.reason = SIGNET_REASON_AUDIT;
-		emit(&ev);
-	} else if (cfg->event_sample && (bpf_get_prandom_u32() % cfg->event_sample) == 0) {
+	if (action != SIGNET_ACTION_AUDIT && cfg->event_sample &&
+	    (bpf_get_prandom_u32() % cfg->event_sample) == 0) {
 		ev.reason = SIGNET_REASON_REDIRECTED;
 		emit(&ev);
 	}

@@ -1,19 +1,99 @@
-/* tc on an endpoint's host-side veth, traffic from the pod: remembers the flows a workload takes
- * part in (UDP datagrams, TCP SYN and SYN-ACK, ICMP echo requests), so their replies and the
- * ICMP errors about them pass the ingress check in tc_to_endpoint.c. Never drops: egress policy
- * is enforced at connect() and sendmsg() and by the proxy. */
+/* tc on an endpoint's host-side veth, traffic from the pod: egress policy for what the socket
+ * programs do not decide, and the connection table.
+ *
+ * - TCP: connect() already decided (EPERM) and redirected mesh connections to the proxy. A SYN
+ *   that reaches here for anywhere but the proxy (a raw socket, a process whose cgroup the
+ *   socket programs do not cover) is checked again; later segments pass.
+ * - UDP per datagram, and every other protocol at port 0 of SIGNET_PROTO_OTHER: answers to a
+ *   flow that came in (the ct table), ICMP errors about packets sent to the pod and IPv6
+ *   neighbour discovery pass; the rest goes through the pod's egress entries. A denied datagram
+ *   is dropped here: a UDP socket gets no EPERM.
+ * - Whatever passes is remembered (UDP datagrams, TCP SYN and SYN-ACK, ICMP echo requests), so
+ *   replies and ICMP errors about it pass the ingress check in tc_to_endpoint.c.
+ * - Fragments follow their first fragment; what cannot be classified is dropped. */
 #include "lib/flows.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* Whether a TCP SYN goes to the node proxy's outbound listener: connect() captured it. */
+static __always_inline int to_proxy(const struct config *cfg, const struct l4 *p)
+{
+	if (p->dport != cfg->proxy_port)
+		return 0;
+	if (!p->ipv6) {
+		__u32 want, got;
+		__builtin_memcpy(&want, cfg->proxy_addr4, 4);
+		__builtin_memcpy(&got, p->dst + 12, 4);
+		return want == got;
+	}
+	return addr_eq(cfg->proxy_addr6, p->dst);
+}
+
+static __always_inline int decide(struct __sk_buff *skb, const struct endpoint_value *ep,
+				  const struct config *cfg, const struct l4 *p,
+				  struct flow_event *ev)
+{
+	if (p->proto == IPPROTO_TCP && (!p->syn || to_proxy(cfg, p)))
+		return TC_ACT_OK;
+	if (icmp6_is_link_control(p) || ct_is_answer(skb, p))
+		return TC_ACT_OK;
+	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
+	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
+	__u16 dport = ported ? p->dport : 0;
+	struct policy_value *pv =
+		policy_lookup(ep->endpoint_id, ev->dst_identity, dport, key_proto, SIGNET_EGRESS);
+	if (!pv)
+		return TC_ACT_OK;
+	ev->rule_id = pv->rule_id;
+	if (pv->action == SIGNET_ACTION_L7)
+		return drop(ev, SIGNET_REASON_L7_BYPASS);
+	if (pv->action == SIGNET_ACTION_DENY)
+		return drop(ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
+	if (pv->action == SIGNET_ACTION_AUDIT) {
+		ev->action = SIGNET_ACTION_AUDIT;
+		ev->reason = SIGNET_REASON_AUDIT;
+		emit(ev);
+	}
+	return TC_ACT_OK;
+}
+
 static __always_inline int handle_from_endpoint(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
-	if (!bpf_map_lookup_elem(&signet_ep_ifindex, &ifindex))
+	struct endpoint_value *ep = bpf_map_lookup_elem(&signet_ep_ifindex, &ifindex);
+	if (!ep)
 		return TC_ACT_OK;
+	struct config *cfg = config_get();
+	if (!cfg)
+		return TC_ACT_SHOT; /* fail closed: not configured */
 	struct l4 p = {};
-	if (parse(skb, &p) != PARSE_OK || p.frag == FRAG_LATER)
-		return TC_ACT_OK;
+	int parsed = parse(skb, &p);
+	if (parsed == PARSE_NOT_IP)
+		return TC_ACT_OK; /* ARP */
+
+	struct ipcache_value *dst = ipcache_lookup(p.dst);
+	struct flow_event ev = {
+		.timestamp_ns = bpf_ktime_get_ns(),
+		.src_identity = ep->identity,
+		.dst_identity = dst ? dst->identity : SIGNET_WORLD,
+		.endpoint_id = ep->endpoint_id,
+		.src_port = p.sport,
+		.dst_port = p.dport,
+		.protocol = p.proto,
+		.direction = SIGNET_EGRESS,
+	};
+	__builtin_memcpy(ev.src_addr, p.src, 16);
+	__builtin_memcpy(ev.dst_addr, p.dst, 16);
+
+	if (parsed != PARSE_OK)
+		return drop(&ev, SIGNET_REASON_UNPARSEABLE);
+	if (p.frag == FRAG_LATER)
+		return frag_admitted(&p) ? TC_ACT_OK : drop(&ev, SIGNET_REASON_FRAGMENT);
+	int verdict = decide(skb, ep, cfg, &p, &ev);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (p.frag == FRAG_FIRST)
+		frag_admit(&p);
 	ct_record(&p);
 	return TC_ACT_OK;
 }

@@ -17,15 +17,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-static __always_inline int drop(struct flow_event *ev, __u8 reason)
-{
-	ev->reason = reason;
-	ev->action = SIGNET_ACTION_DENY;
-	count_drop(reason);
-	emit(ev);
-	return TC_ACT_SHOT;
-}
-
 static __always_inline int decide(struct __sk_buff *skb, const struct endpoint_value *ep,
 				  const struct config *cfg, const struct l4 *p,
 				  struct flow_event *ev)
@@ -93,9 +84,12 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	if (p.frag == FRAG_LATER)
 		return frag_admitted(&p) ? TC_ACT_OK : drop(&ev, SIGNET_REASON_FRAGMENT);
 	int verdict = decide(skb, ep, cfg, &p, &ev);
-	if (verdict == TC_ACT_OK && p.frag == FRAG_FIRST)
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (p.frag == FRAG_FIRST)
 		frag_admit(&p);
-	return verdict;
+	ct_record_inbound(&p); /* so the pod's answers pass its egress check */
+	return TC_ACT_OK;
 }
 
 SEC("classifier")

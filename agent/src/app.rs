@@ -106,30 +106,51 @@ impl Reconciler {
             previous.map(|s| &s.compiled),
             MapSizes::default().policy as usize,
         )?;
-        // Pod addresses carry their workload's identity; a ClusterIP has none of its own (the
-        // proxy checks the chosen endpoint's), so it is ANY. Both are captured (mesh).
-        let pods = snap.state.cluster.workloads.iter().flat_map(|w| {
-            let identity = snap
-                .identities
+        // Pod addresses carry their workload's identity. A ClusterIP carries its backends' one
+        // identity, so what the proxy does not decide (UDP, excluded ports) is checked against
+        // it, or ANY when they have several: then only rules for everyone admit it. Both are
+        // captured (mesh).
+        let number = |w: &signet_policy::cluster::Workload| {
+            snap.identities
                 .get(&w.identity)
                 .copied()
-                .unwrap_or(signet_policy::identity::WORLD);
-            w.ips.iter().map(move |ip| (*ip, identity))
-        });
-        let vips = snap
-            .services
-            .cluster_ips()
-            .into_iter()
-            .map(|ip| (ip, signet_policy::identity::ANY));
-        let mut ipcache: Vec<IpcacheEntry> = pods
-            .chain(vips)
-            .map(|(ip, identity)| host_entry(ip, identity, true))
+                .unwrap_or(signet_policy::identity::WORLD)
+        };
+        let mut ipcache: Vec<IpcacheEntry> = snap
+            .state
+            .cluster
+            .workloads
+            .iter()
+            .flat_map(|w| w.ips.iter().map(move |ip| host_entry(*ip, number(w), true)))
             .collect();
+        for vip in snap.services.cluster_ips() {
+            let mut behind: Vec<u32> = snap
+                .services
+                .endpoint_ips(vip)
+                .iter()
+                .filter_map(|ip| snap.pod_by_ip(*ip))
+                .map(number)
+                .collect();
+            behind.sort_unstable();
+            behind.dedup();
+            let identity = match behind.as_slice() {
+                [one] => *one,
+                _ => signet_policy::identity::ANY,
+            };
+            ipcache.push(IpcacheEntry {
+                service: true,
+                ..host_entry(vip, identity, true)
+            });
+        }
         // This node's own addresses are the host (strict mode lets its plaintext probes in);
         // the other nodes are remote-node. Neither is captured.
         let taken: std::collections::HashSet<std::net::IpAddr> =
             ipcache.iter().map(|e| e.ip).collect();
-        let local = local_addresses();
+        // Loopback stays out: a pod's own 127.0.0.1 is not this node.
+        let local: Vec<std::net::IpAddr> = local_addresses()
+            .into_iter()
+            .filter(|ip| !ip.is_loopback())
+            .collect();
         let nodes = snap
             .nodes
             .values()
@@ -233,6 +254,7 @@ fn host_entry(ip: std::net::IpAddr, identity: u32, mesh: bool) -> IpcacheEntry {
         prefix: if ip.is_ipv4() { 32 } else { 128 },
         identity,
         mesh,
+        service: false,
     }
 }
 

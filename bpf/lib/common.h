@@ -58,6 +58,9 @@ struct ipcache_key {
 };
 
 #define SIGNET_IPCACHE_MESH 1 /* a mesh workload: capture connections to it */
+/* A Service ClusterIP: identity is its backends' one identity, or SIGNET_ANY when they have
+ * several (or none). Captured TCP to it is decided by the proxy on the endpoint it picks. */
+#define SIGNET_IPCACHE_SERVICE 2
 
 struct ipcache_value {
 	__u32 identity;

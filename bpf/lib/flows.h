@@ -20,6 +20,74 @@ static __always_inline void ct_key_sent(struct ct_key *k, const struct l4 *p)
 	}
 }
 
+/* Drops a packet: counted under its reason and reported. */
+static __always_inline int drop(struct flow_event *ev, __u8 reason)
+{
+	ev->reason = reason;
+	ev->action = SIGNET_ACTION_DENY;
+	count_drop(reason);
+	emit(ev);
+	return TC_ACT_SHOT;
+}
+
+/* A flow not seen for this long no longer lets replies in (the LRU forgets the rest). */
+#define SIGNET_CT_IDLE_NS (120ULL * 1000000000ULL)
+
+static __always_inline int ct_fresh(const struct ct_key *k)
+{
+	__u64 *seen = bpf_map_lookup_elem(&signet_ct, k);
+	return seen && bpf_ktime_get_ns() - *seen < SIGNET_CT_IDLE_NS;
+}
+
+static __always_inline void ct_put(const struct ct_key *k)
+{
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&signet_ct, k, &now, BPF_ANY);
+}
+
+/* An inbound UDP datagram or ICMP echo request was admitted: the workload's answers to it are
+ * part of that flow, recorded as the workload will send them. */
+static __always_inline void ct_record_inbound(const struct l4 *p)
+{
+	int echo = (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHO) ||
+		   (p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
+	if (p->proto != IPPROTO_UDP && !echo)
+		return;
+	struct ct_key k = { .protocol = p->proto };
+	__builtin_memcpy(k.remote, p->src, 16);
+	__builtin_memcpy(k.local, p->dst, 16);
+	if (echo) {
+		k.local_port = p->dport; /* the echo identifier */
+	} else {
+		k.remote_port = p->sport;
+		k.local_port = p->dport;
+	}
+	ct_put(&k);
+}
+
+/* Whether a packet from the workload answers a flow that came in: a UDP reply, an ICMP echo
+ * reply, or an ICMP error about a packet sent to the workload. */
+static __always_inline int ct_is_answer(struct __sk_buff *skb, const struct l4 *p)
+{
+	if (p->proto == IPPROTO_UDP) {
+		struct ct_key k = {};
+		ct_key_sent(&k, p);
+		return ct_fresh(&k);
+	}
+	if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
+		return 0;
+	int echo_reply = p->ipv6 ? p->icmp_type == ICMPV6_ECHO_REPLY : p->icmp_type == ICMP_ECHOREPLY;
+	if (echo_reply) {
+		struct ct_key k = {};
+		ct_key_sent(&k, p);
+		return ct_fresh(&k);
+	}
+	if (!icmp_is_error(p))
+		return 0;
+	struct l4 inner = {};
+	return parse_icmp_inner(skb, p, &inner) == PARSE_OK && addr_eq(inner.dst, p->src);
+}
+
 /* Remembers a flow the workload is sending: every UDP datagram, TCP SYN and SYN-ACK (its own
  * connections and the ones it accepted), ICMP echo requests. */
 static __always_inline void ct_record(const struct l4 *p)
@@ -30,8 +98,7 @@ static __always_inline void ct_record(const struct l4 *p)
 		return;
 	struct ct_key k = {};
 	ct_key_sent(&k, p);
-	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&signet_ct, &k, &now, BPF_ANY);
+	ct_put(&k);
 }
 
 /* Whether a packet towards the workload answers a flow it started: a UDP reply, an ICMP echo
@@ -45,7 +112,7 @@ static __always_inline int ct_is_reply(struct __sk_buff *skb, const struct l4 *p
 		k.remote_port = p->sport;
 		k.local_port = p->dport;
 		k.protocol = IPPROTO_UDP;
-		return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+		return ct_fresh(&k);
 	}
 	if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
 		return 0;
@@ -55,7 +122,7 @@ static __always_inline int ct_is_reply(struct __sk_buff *skb, const struct l4 *p
 		__builtin_memcpy(k.local, p->dst, 16);
 		k.local_port = p->dport;
 		k.protocol = p->proto;
-		return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+		return ct_fresh(&k);
 	}
 	if (!icmp_is_error(p))
 		return 0;
@@ -66,7 +133,7 @@ static __always_inline int ct_is_reply(struct __sk_buff *skb, const struct l4 *p
 	if (!addr_eq(inner.src, p->dst))
 		return 0;
 	ct_key_sent(&k, &inner);
-	return bpf_map_lookup_elem(&signet_ct, &k) != NULL;
+	return ct_fresh(&k);
 }
 
 static __always_inline void frag_key_of(struct frag_key *k, const struct l4 *p)

@@ -20,6 +20,18 @@ static __always_inline int addr_eq(const __u8 a[16], const __u8 b[16])
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
+/* 127.0.0.0/8 (as ::ffff:127.x.y.z) or ::1: traffic that never leaves the pod. */
+static __always_inline int addr_is_loopback(const __u8 a[16])
+{
+	__u32 w[4];
+	__builtin_memcpy(w, a, 16);
+	if (w[0] || w[1])
+		return 0;
+	if (w[2] == bpf_htonl(0xffff))
+		return a[12] == 127;
+	return !w[2] && w[3] == bpf_htonl(1);
+}
+
 static __always_inline struct ipcache_value *ipcache_lookup(const __u8 addr[16])
 {
 	struct ipcache_key key = { .prefixlen = 128 };

@@ -18,6 +18,8 @@ pub const PROTO_OTHER: u8 = 0;
 
 /// `ipcache_value.flags`: a mesh workload, whose connections are captured.
 pub const IPCACHE_MESH: u32 = 1;
+/// `ipcache_value.flags`: a Service ClusterIP (identity: its backends' one identity, or ANY).
+pub const IPCACHE_SERVICE: u32 = 2;
 
 /// `enum signet_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

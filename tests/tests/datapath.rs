@@ -115,12 +115,14 @@ fn setup(env: &Env, proxy_port: u16) -> KernelDatapath {
             prefix: 32,
             identity: 301,
             mesh: true,
+            service: false,
         },
         IpcacheEntry {
             ip: "127.0.0.3".parse().expect("ip"),
             prefix: 32,
             identity: 302,
             mesh: true,
+            service: false,
         },
     ])
     .expect("ipcache");
@@ -340,6 +342,7 @@ fn ipv6_connects_are_captured_too() {
         prefix: 128,
         identity: 303,
         mesh: true,
+        service: false,
     }])
     .expect("ipcache");
     let ((_, orig), report) = std::thread::scope(|s| {

@@ -111,12 +111,14 @@ fn strict_mode_drops_plaintext_from_outside_the_mesh_but_not_from_the_host() {
                 prefix: 32,
                 identity: POD_IDENTITY,
                 mesh: true,
+                service: false,
             },
             IpcacheEntry {
                 ip: ip(&net.node_pod_side_ip),
                 prefix: 32,
                 identity: signet_policy::identity::HOST,
                 mesh: false,
+                service: false,
             },
         ])
         .expect("ipcache");

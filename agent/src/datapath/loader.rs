@@ -17,8 +17,8 @@ use aya::programs::{CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use signet_bpf::map_names as names;
 use signet_bpf::maps::{
-    ClientKey, Config, EndpointValue, FlowEvent, IPCACHE_MESH, IpcacheValue, OrigDst, PolicyKey,
-    PolicyValue, addr16, ip_from16,
+    ClientKey, Config, EndpointValue, FlowEvent, IPCACHE_MESH, IPCACHE_SERVICE, IpcacheValue,
+    OrigDst, PolicyKey, PolicyValue, addr16, ip_from16,
 };
 use signet_bpf::programs;
 use signet_policy::compile::Compiled;
@@ -587,7 +587,8 @@ impl Datapath for KernelDatapath {
                 let k = signet_bpf::maps::IpcacheKey::new(e.ip, e.prefix);
                 let v = IpcacheValue {
                     identity: e.identity,
-                    flags: if e.mesh { IPCACHE_MESH } else { 0 },
+                    flags: if e.mesh { IPCACHE_MESH } else { 0 }
+                        | if e.service { IPCACHE_SERVICE } else { 0 },
                 };
                 ((k.prefixlen, k.addr), v)
             })

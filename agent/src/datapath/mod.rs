@@ -79,8 +79,11 @@ pub struct IpcacheEntry {
     pub ip: IpAddr,
     pub prefix: u8,
     pub identity: u32,
-    /// A mesh workload: connections to it are captured.
+    /// A mesh workload or Service: connections to it are captured.
     pub mesh: bool,
+    /// A Service ClusterIP: `identity` is its backends' one identity, or ANY when they have
+    /// several or none; captured TCP to it is decided by the proxy.
+    pub service: bool,
 }
 
 /// Where an endpoint is found: its network namespace's cookie (connect side: every process of

@@ -115,6 +115,19 @@ impl ServiceTable {
         self.by_vip.get(&vip)
     }
 
+    /// The ready endpoint addresses behind a ClusterIP, over all its ports.
+    pub fn endpoint_ips(&self, vip: IpAddr) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .by_vip
+            .iter()
+            .filter(|(addr, _)| addr.ip() == vip)
+            .flat_map(|(_, b)| b.endpoints.iter().map(SocketAddr::ip))
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+
     /// Every ClusterIP (for the ipcache, so connects to them are captured).
     pub fn cluster_ips(&self) -> Vec<IpAddr> {
         let mut ips: Vec<IpAddr> = self.by_vip.keys().map(SocketAddr::ip).collect();

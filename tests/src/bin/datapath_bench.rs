@@ -147,6 +147,7 @@ fn main() {
         prefix: 32,
         identity: 301,
         mesh: true,
+        service: false,
     }])
     .expect("ipcache");
     let mesh: SocketAddr = "127.0.0.2:9999".parse().expect("addr");

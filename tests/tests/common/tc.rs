@@ -73,6 +73,7 @@ impl Setup<'_> {
             prefix,
             identity,
             mesh,
+            service: false,
         };
         vec![
             host(&net.pod_ip, 32, POD_IDENTITY, true),
