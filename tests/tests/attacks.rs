@@ -14,7 +14,7 @@ use common::packets::{
     self, ACK, DSTOPTS, FRAGMENT, ICMP, ICMPV6, SYN, TCP, UDP, Watch, dst_opts, echo_request,
     frag6, ipv4, ipv6,
 };
-use common::tc::{PEER_IDENTITY, PROXY_MARK, Setup, entry, pod_endpoint, tcp};
+use common::tc::{PEER_IDENTITY, PROXY_MARK, Peer, Setup, egress, entry, pod_endpoint, tcp};
 use common::{Env, NetEnv, privileged};
 use signet_agent::datapath::Datapath;
 use signet_agent::datapath::loader::KernelDatapath;
@@ -101,7 +101,7 @@ fn only_peer_on(proto: Protocol, port: u16, action: Action) -> [(Key, Entry); 2]
 fn permissive(env: &Env, net: &NetEnv, policy: &[(Key, Entry)]) -> KernelDatapath {
     Setup {
         strict: false,
-        peer_mesh: false,
+        peer: Peer::Outside,
         policy,
     }
     .load(env, net)
@@ -365,7 +365,7 @@ fn an_l7_port_is_reachable_only_through_the_proxy() {
     let (env, net) = (Env::new(), NetEnv::new());
     let dp = Setup {
         strict: false,
-        peer_mesh: true,
+        peer: Peer::Mesh,
         policy: &only_peer_on(Protocol::Tcp, 8080, Action::L7),
     }
     .load(&env, &net);
@@ -388,7 +388,7 @@ fn a_veth_recreated_under_the_same_name_is_enforced_again_and_detaching_unpins()
     let (env, net) = (Env::new(), NetEnv::new());
     let mut dp = Setup {
         strict: true,
-        peer_mesh: true,
+        peer: Peer::Mesh,
         policy: &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
     }
     .load(&env, &net);
@@ -404,7 +404,7 @@ fn a_veth_recreated_under_the_same_name_is_enforced_again_and_detaching_unpins()
     net.in_node(|| {
         dp.attach_endpoint_interface(&net.pod_host_if)
             .expect("attach to the new veth");
-        pod_endpoint(&mut dp, ifindex);
+        pod_endpoint(&mut dp, ifindex, common::netns_cookie(&net.pod));
     });
     let again = tcp(&net, &net.peer, 8080, &[]);
     assert_eq!(
@@ -440,5 +440,195 @@ fn a_veth_recreated_under_the_same_name_is_enforced_again_and_detaching_unpins()
         attached,
         [0, 0],
         "programs left on the veth (egress, ingress)"
+    );
+}
+
+/// A client in the pod's namespace outside every hooked cgroup (`ip netns exec` from the test's
+/// own cgroup): connect() is not seen by the socket programs, only by tc.
+fn unhooked_client(net: &NetEnv, target: &str, extra: &[&str]) -> serde_json::Value {
+    net.client(&net.pod, target, extra)
+}
+
+#[test]
+fn egress_default_deny_refuses_tcp_to_the_world_and_a_world_rule_admits_it() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let deny = [egress(Protocol::Tcp, 0, 0, Action::Deny, 0)];
+    let mut dp = Setup {
+        strict: false,
+        peer: Peer::World,
+        policy: &deny,
+    }
+    .load(&env, &net);
+    let target = format!("{}:8080", net.peer_ip);
+    let mut server = net.serve(&net.peer, &target, false, 10, 20_000);
+    let quick = ["--timeout-ms", "800"];
+
+    let refused = net.pod_client(&env.cgroup, &target, &quick);
+    assert_eq!(
+        refused["errno"], 1,
+        "connect() to the world is EPERM: {refused}"
+    );
+    assert!(drops(&dp, "default-deny") > 0, "{:?}", dp.drop_counts());
+    let unhooked = unhooked_client(&net, &target, &quick);
+    assert_eq!(
+        unhooked["ok"], false,
+        "a process of the pod the socket programs do not see is stopped by tc: {unhooked}"
+    );
+
+    let world = signet_policy::identity::WORLD;
+    set_policy(
+        &mut dp,
+        &[
+            egress(Protocol::Tcp, world, 8080, Action::Allow, 5),
+            egress(Protocol::Tcp, 0, 0, Action::Deny, 0),
+        ],
+    );
+    let allowed = net.pod_client(&env.cgroup, &target, &quick);
+    assert_eq!(allowed["ok"], true, "a world rule admits it: {allowed}");
+    assert_eq!(unhooked_client(&net, &target, &quick)["ok"], true);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_raw_syn_from_the_pod_is_checked_like_a_connect() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let deny = [egress(Protocol::Tcp, 0, 0, Action::Deny, 0)];
+    let mut dp = Setup {
+        strict: false,
+        peer: Peer::World,
+        policy: &deny,
+    }
+    .load(&env, &net);
+    let (pod, peer) = (ip(&net.pod_ip), ip(&net.peer_ip));
+    let mut server = net.serve(&net.peer, &format!("{peer}:8080"), false, 10, 20_000);
+    let watch = Watch::open(&net.pod);
+    let syn = |sport| {
+        ipv4(
+            pod,
+            peer,
+            TCP,
+            sport,
+            0,
+            false,
+            &packets::tcp(pod, peer, sport, 8080, SYN),
+        )
+    };
+
+    packets::send(&net.pod, peer, &[syn(43001)]);
+    assert!(
+        !watch.saw(WAIT, syn_ack(peer, 8080, 43001)),
+        "a crafted SYN does not get around the egress deny"
+    );
+    set_policy(
+        &mut dp,
+        &[egress(
+            Protocol::Tcp,
+            signet_policy::identity::WORLD,
+            8080,
+            Action::Allow,
+            5,
+        )],
+    );
+    assert!(
+        answered(
+            &watch,
+            &net.pod,
+            peer,
+            &[syn(43002)],
+            syn_ack(peer, 8080, 43002)
+        ),
+        "allowed, the same SYN is answered"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn udp_and_icmp_from_a_default_deny_pod_are_dropped_but_answers_to_admitted_flows_pass() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let deny_all = [
+        egress(Protocol::Tcp, 0, 0, Action::Deny, 0),
+        egress(Protocol::Udp, 0, 0, Action::Deny, 0),
+        egress(Protocol::Other, 0, 0, Action::Deny, 0),
+    ];
+    let mut dp = permissive(&env, &net, &deny_all);
+    let udp_query = |from_ns: &str, to: &str| {
+        let mut server = net.serve(
+            if from_ns == net.pod {
+                &net.peer
+            } else {
+                &net.pod
+            },
+            to,
+            true,
+            1,
+            3000,
+        );
+        let report = net.client(from_ns, to, &["--udp", "--timeout-ms", "800"]);
+        let _ = server.kill();
+        let _ = server.wait();
+        report
+    };
+    let to_peer = format!("{}:5353", net.peer_ip);
+    let before = drops(&dp, "default-deny");
+    assert_eq!(
+        udp_query(&net.pod, &to_peer)["ok"],
+        false,
+        "a datagram from a default-deny pod is dropped"
+    );
+    assert!(
+        drops(&dp, "default-deny") > before,
+        "{:?}",
+        dp.drop_counts()
+    );
+    let to_pod = format!("{}:5300", net.pod_ip);
+    assert_eq!(
+        udp_query(&net.peer, &to_pod)["ok"],
+        true,
+        "the pod still answers a query ingress admits"
+    );
+
+    let (pod, peer) = (ip(&net.pod_ip), ip(&net.peer_ip));
+    let echo = |src, dst, id| ipv4(src, dst, ICMP, id, 0, false, &echo_request(src, dst, id));
+    let echo_reply = |from: IpAddr, id: u16| {
+        move |s: &packets::Seen| {
+            s.src == from && s.proto == ICMP && s.icmp_type == 0 && s.dport == id
+        }
+    };
+    let at_pod = Watch::open(&net.pod);
+    packets::send(&net.pod, peer, &[echo(pod, peer, 0x0b01)]);
+    assert!(
+        !at_pod.saw(WAIT, echo_reply(peer, 0x0b01)),
+        "the pod's ping does not get out"
+    );
+    let at_peer = Watch::open(&net.peer);
+    assert!(
+        answered(
+            &at_peer,
+            &net.peer,
+            pod,
+            &[echo(peer, pod, 0x0b02)],
+            echo_reply(pod, 0x0b02)
+        ),
+        "the pod answers a ping ingress admits"
+    );
+
+    let mut dns = deny_all.to_vec();
+    dns.push(egress(Protocol::Udp, PEER_IDENTITY, 5353, Action::Allow, 6));
+    set_policy(&mut dp, &dns);
+    assert_eq!(
+        udp_query(&net.pod, &to_peer)["ok"],
+        true,
+        "a rule for the resolver lets queries out"
     );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tc::{PEER_IDENTITY, POD_IDENTITY, PROXY_MARK, Setup, entry, tcp};
+use common::tc::{PEER_IDENTITY, POD_IDENTITY, PROXY_MARK, Peer, Setup, entry, tcp};
 use common::{Env, NetEnv, privileged};
 use signet_agent::datapath::{Datapath, IpcacheEntry};
 use signet_bpf::maps::{ACTION_DENY, DIRECTION_INGRESS};
@@ -19,7 +19,7 @@ fn ingress_allows_and_denies_by_identity_and_port() {
     let (env, net) = (Env::new(), NetEnv::new());
     let mut dp = Setup {
         strict: false,
-        peer_mesh: false,
+        peer: Peer::Outside,
         policy: &[
             entry(Protocol::Tcp, PEER_IDENTITY, 8080, Action::Allow, 3),
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
@@ -60,7 +60,7 @@ fn strict_mode_drops_plaintext_from_mesh_workloads_but_passes_the_proxy() {
     let (env, net) = (Env::new(), NetEnv::new());
     let mut dp = Setup {
         strict: true,
-        peer_mesh: true,
+        peer: Peer::Mesh,
         policy: &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
     }
     .load(&env, &net);
@@ -93,7 +93,7 @@ fn strict_mode_drops_plaintext_from_outside_the_mesh_but_not_from_the_host() {
     // The peer is not a mesh workload, and policy allows everything.
     let mut dp = Setup {
         strict: true,
-        peer_mesh: false,
+        peer: Peer::Outside,
         policy: &[entry(Protocol::Tcp, 0, 0, Action::Allow, 0)],
     }
     .load(&env, &net);
@@ -145,7 +145,7 @@ fn permissive_mode_applies_policy_by_ipcache_identity() {
     let (env, net) = (Env::new(), NetEnv::new());
     let _dp = Setup {
         strict: false,
-        peer_mesh: true,
+        peer: Peer::Mesh,
         policy: &[
             entry(Protocol::Tcp, PEER_IDENTITY, 0, Action::Allow, 5),
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
@@ -172,7 +172,7 @@ fn udp_follows_the_policy_entries() {
     let (env, net) = (Env::new(), NetEnv::new());
     let _dp = Setup {
         strict: false,
-        peer_mesh: false,
+        peer: Peer::Outside,
         policy: &[
             entry(Protocol::Udp, PEER_IDENTITY, 5353, Action::Deny, 8),
             entry(Protocol::Udp, 0, 0, Action::Allow, 0),
@@ -200,7 +200,7 @@ fn replies_to_udp_flows_the_pod_started_pass_a_default_deny() {
     let (env, net) = (Env::new(), NetEnv::new());
     let _dp = Setup {
         strict: false,
-        peer_mesh: false,
+        peer: Peer::Outside,
         policy: &[
             entry(Protocol::Tcp, 0, 0, Action::Deny, 0),
             entry(Protocol::Udp, 0, 0, Action::Deny, 0),

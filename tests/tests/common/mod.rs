@@ -263,6 +263,25 @@ impl NetEnv {
         self.link(&self.pod, &self.pod_host_if, &self.pod_inner_if, 250);
     }
 
+    /// Runs `signet-test-client` as a process of the pod: in `cgroup` (where the connect
+    /// programs are attached), then in the pod's namespace.
+    pub fn pod_client(
+        &self,
+        cgroup: &std::path::Path,
+        target: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--netns", &self.pod, "--connect", target])
+            .args(extra)
+            .output()
+            .expect("client");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("client: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
     /// The ifindex of the pod's host-side veth in the node namespace.
     pub fn pod_host_ifindex(&self) -> u32 {
         let out = Command::new("ip")
@@ -358,6 +377,14 @@ impl Drop for NetEnv {
     }
 }
 
+/// The cookie of network namespace `/run/netns/<name>`, as the connect programs see it.
+pub fn netns_cookie(name: &str) -> u64 {
+    let path = signet_agent::datapath::netns::path_of(name);
+    signet_agent::datapath::netns::cookies(&[path])
+        .remove(0)
+        .expect("netns cookie")
+}
+
 /// Runs `f` on a thread inside network namespace `ns` (sockets it creates stay there).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     let path = format!("/run/netns/{ns}");
@@ -387,10 +414,7 @@ impl NetNs {
 
     /// The namespace's cookie, as the connect programs see it.
     pub fn cookie(&self) -> u64 {
-        let path = signet_agent::datapath::netns::path_of(&self.name);
-        signet_agent::datapath::netns::cookies(&[path])
-            .remove(0)
-            .expect("netns cookie")
+        netns_cookie(&self.name)
     }
 
     pub fn add_addr(&self, cidr: &str) {

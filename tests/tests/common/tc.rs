@@ -18,10 +18,26 @@ pub const PEER_IDENTITY: u32 = 400;
 
 /// An ingress entry of endpoint 1.
 pub fn entry(proto: Protocol, peer: u32, port: u16, action: Action, rule: u32) -> (Key, Entry) {
+    directed(Direction::Ingress, proto, peer, port, action, rule)
+}
+
+/// An egress entry of endpoint 1.
+pub fn egress(proto: Protocol, peer: u32, port: u16, action: Action, rule: u32) -> (Key, Entry) {
+    directed(Direction::Egress, proto, peer, port, action, rule)
+}
+
+fn directed(
+    direction: Direction,
+    proto: Protocol,
+    peer: u32,
+    port: u16,
+    action: Action,
+    rule: u32,
+) -> (Key, Entry) {
     (
         Key {
             endpoint: 1,
-            direction: Direction::Ingress,
+            direction,
             proto,
             peer,
             port,
@@ -30,13 +46,23 @@ pub fn entry(proto: Protocol, peer: u32, port: u16, action: Action, rule: u32) -
     )
 }
 
+/// What the peer namespace is to the datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A mesh workload, identity 400.
+    Mesh,
+    /// Known to the ipcache as identity 400, not in the mesh.
+    Outside,
+    /// Not in the ipcache at all: world.
+    World,
+}
+
 /// How the datapath is set up for a test.
 #[derive(Debug)]
 pub struct Setup<'a> {
     /// Strict mTLS: plaintext TCP from anyone but the proxy and the host is dropped.
     pub strict: bool,
-    /// The peer is a mesh workload (else a client outside the mesh).
-    pub peer_mesh: bool,
+    pub peer: Peer,
     pub policy: &'a [(Key, Entry)],
 }
 
@@ -58,7 +84,7 @@ impl Setup<'_> {
                 event_sample: 0,
             })
             .expect("config");
-            pod_endpoint(&mut dp, ifindex);
+            pod_endpoint(&mut dp, ifindex, super::netns_cookie(&net.pod));
             dp.reconcile_ipcache(&self.ipcache(net)).expect("ipcache");
             let mut compiled = Compiled::default();
             compiled.entries.extend(self.policy.iter().copied());
@@ -75,26 +101,32 @@ impl Setup<'_> {
             mesh,
             service: false,
         };
-        vec![
+        let mut entries = vec![
             host(&net.pod_ip, 32, POD_IDENTITY, true),
             host(&net.pod_ip6, 128, POD_IDENTITY, true),
-            host(&net.peer_ip, 32, PEER_IDENTITY, self.peer_mesh),
-            host(&net.peer_ip6, 128, PEER_IDENTITY, self.peer_mesh),
-        ]
+        ];
+        if self.peer != Peer::World {
+            let mesh = self.peer == Peer::Mesh;
+            entries.push(host(&net.peer_ip, 32, PEER_IDENTITY, mesh));
+            entries.push(host(&net.peer_ip6, 128, PEER_IDENTITY, mesh));
+        }
+        entries
     }
 }
 
-/// Makes the interface with `ifindex` endpoint 1, the only one.
-pub fn pod_endpoint(dp: &mut KernelDatapath, ifindex: u32) {
-    dp.reconcile_endpoints(&BTreeMap::from([(
-        EndpointKey::Ifindex(ifindex),
-        EndpointValue {
-            endpoint_id: 1,
-            identity: POD_IDENTITY,
-            flags: 0,
-            _pad: 0,
-        },
-    )]))
+/// Makes the pod endpoint 1, the only one: its host-side interface `ifindex` (tc) and its
+/// network namespace (connect).
+pub fn pod_endpoint(dp: &mut KernelDatapath, ifindex: u32, netns: u64) {
+    let value = EndpointValue {
+        endpoint_id: 1,
+        identity: POD_IDENTITY,
+        flags: 0,
+        _pad: 0,
+    };
+    dp.reconcile_endpoints(&BTreeMap::from([
+        (EndpointKey::Ifindex(ifindex), value),
+        (EndpointKey::Netns(netns), value),
+    ]))
     .expect("endpoints");
 }
 
