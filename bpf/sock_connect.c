@@ -31,8 +31,8 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 	/* Every destination has an identity: the ipcache's (mesh pods, Services, this node, other
 	 * nodes, CIDRs named by policy), else world. */
 	struct ipcache_value *peer = ipcache_lookup(dst);
-	if (!peer && addr_is_loopback(dst))
-		return SYS_PROCEED; /* within the pod */
+	if (addr_is_loopback(dst) && !(peer && (peer->flags & SIGNET_IPCACHE_MESH)))
+		return SYS_PROCEED; /* within the pod (whatever prefix covers it) */
 	__u32 identity = peer ? peer->identity : SIGNET_WORLD;
 	__u32 flags = peer ? peer->flags : 0;
 	int capture = (flags & SIGNET_IPCACHE_MESH) &&

@@ -162,8 +162,29 @@ impl Reconciler {
                 ipcache.push(host_entry(ip, identity, false));
             }
         }
-        ipcache.sort_by_key(|e| e.ip);
-        ipcache.dedup_by_key(|e| e.ip);
+        // Prefixes named by `cidr:` peers: an address outside the cluster takes the identity of
+        // the longest one containing it (the trie's longest match), pods and nodes being /32s.
+        ipcache.extend(snap.compiled.cidrs.iter().map(|(c, n)| IpcacheEntry {
+            ip: c.addr(),
+            prefix: c.prefix(),
+            identity: *n,
+            mesh: false,
+            service: false,
+        }));
+        // IPv4 addresses live in the trie as ::ffff:a.b.c.d; a short IPv6 prefix (`::/0`) would
+        // cover them too. Unless a policy names all of IPv4 itself, its /96 is world.
+        let v4_all = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        if !ipcache.iter().any(|e| e.ip == v4_all && e.prefix == 0) {
+            ipcache.push(IpcacheEntry {
+                ip: v4_all,
+                prefix: 0,
+                identity: signet_policy::identity::WORLD,
+                mesh: false,
+                service: false,
+            });
+        }
+        ipcache.sort_by_key(|e| (e.ip, e.prefix));
+        ipcache.dedup_by_key(|e| (e.ip, e.prefix));
         let mut endpoints = BTreeMap::new();
         let mut interfaces = std::collections::BTreeSet::new();
         let mut namespaces = Vec::new();

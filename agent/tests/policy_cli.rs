@@ -42,6 +42,47 @@ fn explain(from: &str, to: &str, extra: &[&str], code: i32, needles: &[&str]) {
 }
 
 #[test]
+fn world_destinations_are_explained_by_address() {
+    explain(
+        "checkout/checkout-0",
+        "world:203.0.113.10:443",
+        &[],
+        0,
+        &[
+            "ALLOW  checkout/checkout-0",
+            "-> world:203.0.113.10:443/TCP",
+            "allow: checkout/checkout-egress egress[2]",
+            "ingress: not checked: the destination is outside the cluster",
+        ],
+    );
+    for to in [
+        "world:203.0.113.200:443",
+        "world:198.51.100.1:443",
+        "world:[2001:db8::1]:443",
+    ] {
+        explain(
+            "checkout/checkout-0",
+            to,
+            &[],
+            2,
+            &["DENY", "default deny: selected by checkout/checkout-egress"],
+        );
+    }
+    let out = signet(&[
+        "policy",
+        "explain",
+        "--state",
+        &examples(),
+        "--from",
+        "world",
+        "--to",
+        "world:203.0.113.10:443",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--from must be a pod"));
+}
+
+#[test]
 fn the_examples_are_valid() {
     let out = signet(&["policy", "validate", &examples()]);
     assert!(

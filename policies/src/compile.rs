@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use signet_ca::SpiffeId;
 
+use crate::cidr::{CIDR_IDENTITY_BASE, Cidr};
 use crate::cluster::{Cluster, Workload};
 use crate::eval::{Direction, PeerInfo, RuleRef, peer_matches, selects};
 use crate::identity::{ANY, HEALTH, HOST, INGRESS, REMOTE_NODE, UNMANAGED, WORLD};
@@ -79,6 +80,9 @@ pub struct Compiled {
     pub rules: BTreeMap<u32, RuleRef>,
     /// Endpoint id → `namespace/name`.
     pub endpoints: BTreeMap<u32, String>,
+    /// Every prefix a `cidr:` peer names (with its `except`s) → its node-local identity, for
+    /// the ipcache: an address takes the identity of the longest prefix containing it.
+    pub cidrs: BTreeMap<Cidr, u32>,
 }
 
 impl Compiled {
@@ -184,12 +188,58 @@ struct Universe {
     peers: Vec<(PeerInfo, Option<crate::resource::Labels>)>,
 }
 
+/// Numbers for every prefix the policies name, from `CIDR_IDENTITY_BASE`: `previous`'s number
+/// where the prefix had one, new prefixes after the highest ever given, so an edit renumbers
+/// nothing in force.
+fn cidr_identities(policies: &[&Policy], previous: Option<&Compiled>) -> BTreeMap<Cidr, u32> {
+    let named: BTreeSet<Cidr> = policies
+        .iter()
+        .flat_map(|p| {
+            p.ingress
+                .iter()
+                .flatten()
+                .chain(p.egress.iter().flatten())
+                .chain(&p.ingress_deny)
+                .chain(&p.egress_deny)
+        })
+        .flat_map(|r| r.peers.iter().flat_map(PeerMatch::prefixes))
+        .copied()
+        .collect();
+    let known = previous.map(|c| &c.cidrs);
+    let mut next = known
+        .and_then(|k| k.values().max().copied())
+        .map_or(CIDR_IDENTITY_BASE, |n| n + 1);
+    named
+        .into_iter()
+        .map(|c| {
+            let n = known.and_then(|k| k.get(&c).copied()).unwrap_or_else(|| {
+                next += 1;
+                next - 1
+            });
+            (c, n)
+        })
+        .collect()
+}
+
 impl Universe {
-    fn new(identities: &BTreeMap<SpiffeId, u32>, cluster: &Cluster) -> Self {
+    fn new(
+        identities: &BTreeMap<SpiffeId, u32>,
+        cidrs: &BTreeMap<Cidr, u32>,
+        cluster: &Cluster,
+    ) -> Self {
         let mut peers: Vec<(PeerInfo, Option<crate::resource::Labels>)> =
             [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
                 .into_iter()
-                .map(|number| (PeerInfo { number, id: None }, None))
+                .map(|number| {
+                    (
+                        PeerInfo {
+                            number,
+                            id: None,
+                            cidr: None,
+                        },
+                        None,
+                    )
+                })
                 .collect();
         peers.extend(identities.iter().map(|(id, n)| {
             let labels = cluster
@@ -199,9 +249,18 @@ impl Universe {
                 PeerInfo {
                     number: *n,
                     id: Some(id.clone()),
+                    cidr: None,
                 },
                 labels,
             )
+        }));
+        peers.extend(cidrs.iter().map(|(c, n)| {
+            let peer = PeerInfo {
+                number: *n,
+                id: None,
+                cidr: Some(*c),
+            };
+            (peer, None)
         }));
         Self { peers }
     }
@@ -329,6 +388,7 @@ struct Compiler<'a> {
     by_namespace: HashMap<&'a str, Vec<usize>>,
     /// Resolved peers by rule order.
     resolved: HashMap<usize, Arc<PeerSet>>,
+    cidrs: BTreeMap<Cidr, u32>,
 }
 
 impl<'a> Compiler<'a> {
@@ -340,12 +400,14 @@ impl<'a> Compiler<'a> {
                 .or_default()
                 .push(i);
         }
+        let cidrs = cidr_identities(input.policies, previous);
         Self {
             input,
             table: rule_table(input.policies, previous),
-            universe: Universe::new(input.identities, input.cluster),
+            universe: Universe::new(input.identities, &cidrs, input.cluster),
             by_namespace,
             resolved: HashMap::new(),
+            cidrs,
         }
     }
 
@@ -384,6 +446,7 @@ pub fn compile(input: &Input<'_>) -> Result<Compiled, CompileError> {
         c.endpoint(*endpoint, w, &mut out);
     }
     out.rules = std::mem::take(&mut c.table.ids);
+    out.cidrs = std::mem::take(&mut c.cidrs);
     check_capacity(&out, input.capacity)?;
     Ok(out)
 }
@@ -397,7 +460,13 @@ pub fn update(
     endpoints: &[u32],
 ) -> Result<Diff, CompileError> {
     let mut c = Compiler::new(input, Some(current));
-    let wanted: BTreeSet<u32> = endpoints.iter().copied().collect();
+    // A prefix named or dropped moves addresses between CIDR identities under every endpoint's
+    // rules, not only under the edited policy's.
+    let wanted: BTreeSet<u32> = if c.cidrs.keys().ne(current.cidrs.keys()) {
+        input.endpoints.iter().map(|(e, _)| *e).collect()
+    } else {
+        endpoints.iter().copied().collect()
+    };
     let mut fresh = Compiled::default();
     for (endpoint, w) in input.endpoints.iter().filter(|(e, _)| wanted.contains(e)) {
         c.endpoint(*endpoint, w, &mut fresh);
@@ -438,6 +507,7 @@ pub fn update(
     }
     current.endpoints.extend(fresh.endpoints);
     current.rules = std::mem::take(&mut c.table.ids);
+    current.cidrs = std::mem::take(&mut c.cidrs);
     Ok(d)
 }
 

@@ -16,6 +16,7 @@ use std::fmt;
 
 use signet_ca::SpiffeId;
 
+use crate::cidr::Cidr;
 use crate::cluster::{Cluster, Workload};
 use crate::identity::{HOST, INGRESS, WORLD};
 use crate::model::{PeerMatch, Policy, Request, Rule};
@@ -63,6 +64,9 @@ impl fmt::Display for RuleRef {
 pub struct PeerInfo {
     pub number: u32,
     pub id: Option<SpiffeId>,
+    /// A world peer known by address or prefix: a `world:IP` destination (its /32 or /128), or
+    /// one of the compiler's CIDR identities.
+    pub cidr: Option<Cidr>,
 }
 
 /// What one direction decided at connection level.
@@ -125,14 +129,17 @@ pub fn peer_matches(m: &PeerMatch, peer: &PeerInfo, cluster: &Cluster) -> bool {
             .as_ref()
             .and_then(|id| cluster.namespace_of(id))
             .is_some_and(|ns| sel.matches(&cluster.namespace_labels(ns))),
+        PeerMatch::Cidr { .. } => peer.cidr.is_some_and(|p| m.matches_prefix(&p)),
         PeerMatch::Entity(Entity::Any) => true,
-        PeerMatch::Entity(Entity::World) => peer.number == WORLD,
+        PeerMatch::Entity(Entity::World) => peer.number == WORLD || peer.cidr.is_some(),
         PeerMatch::Entity(Entity::Host) => peer.number == HOST,
         PeerMatch::Entity(Entity::Gateway) => {
             peer.number == INGRESS || peer.id.as_ref().is_some_and(|id| is_gateway(id, td))
         }
         PeerMatch::Entity(Entity::Cluster) => {
-            peer.number != WORLD && peer.id.as_ref().is_none_or(|id| id.is_member_of(td))
+            peer.number != WORLD
+                && peer.cidr.is_none()
+                && peer.id.as_ref().is_none_or(|id| id.is_member_of(td))
         }
     }
 }
@@ -388,6 +395,7 @@ mod tests {
         PeerInfo {
             number,
             id: id.map(|s| SpiffeId::parse(s).expect("id")),
+            cidr: None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! compiles; the `signet policy` commands print what it decides.
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 pub mod cluster;
 pub mod compile;
 pub mod eval;

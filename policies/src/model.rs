@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use signet_ca::SpiffeId;
 
+use crate::cidr::Cidr;
 use crate::resource::{Entity, HttpRule, IdentityPolicy, Labels, Mode, Peer, PortSpec, Protocol};
 
 /// Regexes are compiled with this size limit; the engine is linear-time (no backtracking).
@@ -57,6 +58,31 @@ pub enum PeerMatch {
     Identity(SpiffePattern),
     Namespaces(Selector),
     Entity(Entity),
+    /// World addresses in `net` but in none of `except` (each inside `net`).
+    Cidr {
+        net: Cidr,
+        except: Vec<Cidr>,
+    },
+}
+
+impl PeerMatch {
+    /// Whether this matches a peer known by its prefix (an address is its /32 or /128): the
+    /// prefix lies in `net` and in no `except`.
+    pub fn matches_prefix(&self, p: &Cidr) -> bool {
+        match self {
+            PeerMatch::Cidr { net, except } => p.within(net) && !except.iter().any(|e| p.within(e)),
+            _ => false,
+        }
+    }
+
+    /// The prefixes this peer names (its `cidr` and `except`s).
+    pub fn prefixes(&self) -> impl Iterator<Item = &Cidr> {
+        let (net, except): (Option<&Cidr>, &[Cidr]) = match self {
+            PeerMatch::Cidr { net, except } => (Some(net), except),
+            _ => (None, &[]),
+        };
+        net.into_iter().chain(except)
+    }
 }
 
 /// An exact SPIFFE ID, or a prefix ending in one wildcard segment (`spiffe://td/ns/ops/sa/*`).
@@ -468,13 +494,26 @@ fn rule(
 fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
     let set = usize::from(p.identity.is_some())
         + usize::from(p.namespace_selector.is_some())
-        + usize::from(p.entity.is_some());
+        + usize::from(p.entity.is_some())
+        + usize::from(p.cidr.is_some());
     if set != 1 {
         errs.push(err(
             path,
-            format!("a peer needs exactly one of `identity`, `namespaceSelector` or `entity`; found {set}"),
+            format!(
+                "a peer needs exactly one of `identity`, `namespaceSelector`, `entity` or `cidr`; found {set}"
+            ),
         ));
         return None;
+    }
+    if p.cidr.is_none() && !p.except.is_empty() {
+        errs.push(err(
+            &format!("{path}.except"),
+            "`except` needs a `cidr` to carve from",
+        ));
+        return None;
+    }
+    if let Some(c) = &p.cidr {
+        return cidr_peer(c, &p.except, path, errs);
     }
     if let Some(id) = &p.identity {
         return match SpiffePattern::parse(id) {
@@ -493,6 +532,34 @@ fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
         )));
     }
     p.entity.map(PeerMatch::Entity)
+}
+
+fn cidr_peer(
+    cidr: &str,
+    except: &[String],
+    path: &str,
+    errs: &mut Vec<FieldError>,
+) -> Option<PeerMatch> {
+    let net = match Cidr::parse(cidr) {
+        Ok(n) => n,
+        Err(m) => {
+            errs.push(err(&format!("{path}.cidr"), m));
+            return None;
+        }
+    };
+    let mut carved = Vec::new();
+    for (i, e) in except.iter().enumerate() {
+        let at = format!("{path}.except[{i}]");
+        match Cidr::parse(e) {
+            Ok(c) if c.within(&net) => carved.push(c),
+            Ok(c) => errs.push(err(&at, format!("{c} is not inside {net}"))),
+            Err(m) => errs.push(err(&at, m)),
+        }
+    }
+    (carved.len() == except.len()).then_some(PeerMatch::Cidr {
+        net,
+        except: carved,
+    })
 }
 
 fn http_match(h: &HttpRule, path: &str, errs: &mut Vec<FieldError>) -> HttpMatch {

@@ -600,6 +600,36 @@ spec:
     }
 
     #[test]
+    fn cidr_peers_are_checked_where_they_are_written() {
+        let bad = r#"apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: bad}
+spec:
+  selector: {}
+  egress:
+  - to:
+    - {cidr: 203.0.113.9/24}
+    - {cidr: 198.51.100.0/24, except: [198.51.101.0/28, nope]}
+    - {entity: world, except: [10.0.0.0/8]}
+    - {cidr: 2001:db8::/32, except: ["2001:db8:1::/48"]}
+"#;
+        let d = diags(bad);
+        let expect = [
+            "p.yaml:8:14: `203.0.113.9/24` has host bits set; the network is 203.0.113.0/24",
+            "p.yaml:9:40: 198.51.101.0/28 is not inside 198.51.100.0/24",
+            "p.yaml:9:57: `nope` is not a CIDR",
+            "p.yaml:10:31: `except` needs a `cidr`",
+        ];
+        for e in expect {
+            assert!(
+                d.iter().any(|x| x.starts_with(e)),
+                "missing `{e}` in {d:#?}"
+            );
+        }
+        assert_eq!(d.len(), expect.len(), "{d:#?}");
+    }
+
+    #[test]
     fn syntax_errors_and_bad_documents() {
         let d = diags("apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nspec: [\n");
         assert_eq!(d.len(), 1);

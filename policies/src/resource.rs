@@ -112,7 +112,7 @@ pub struct EgressDenyRule {
     pub ports: Vec<PortSpec>,
 }
 
-/// One peer: exactly one of `identity`, `namespaceSelector` or `entity`.
+/// One peer: exactly one of `identity`, `namespaceSelector`, `entity` or `cidr`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Peer {
@@ -124,6 +124,13 @@ pub struct Peer {
     pub namespace_selector: Option<LabelSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity: Option<Entity>,
+    /// World addresses in this prefix (`203.0.113.0/24`, `2001:db8::/32`), as Cilium's
+    /// `toCIDRSet`. Never matches the cluster's own pods and nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// With `cidr`: prefixes inside it that the peer does not include.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
 }
 
 /// Peers that are not named by identity.

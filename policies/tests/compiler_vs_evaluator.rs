@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use proptest::prelude::*;
 use signet_ca::{SpiffeId, TrustDomain};
+use signet_policy::cidr::{Cidr, longest_match};
 use signet_policy::cluster::Cluster;
 use signet_policy::compile::{self, Action, Compiled, Input};
 use signet_policy::eval::{
@@ -26,6 +27,27 @@ use signet_policy::resource::{
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
 const APPS: [&str; 3] = ["web", "db", "api"];
 const SAS: [&str; 2] = ["sa1", "sa2"];
+/// `cidr:` peers: nested, overlapping, carved by `except`, IPv4 and IPv6, and all of IPv4.
+const CIDRS: [(&str, &[&str]); 6] = [
+    ("203.0.113.0/24", &[]),
+    ("203.0.113.128/25", &[]),
+    ("203.0.113.0/24", &["203.0.113.192/26"]),
+    ("198.51.100.0/24", &["198.51.100.0/28"]),
+    ("2001:db8::/32", &["2001:db8:1::/48"]),
+    ("0.0.0.0/0", &["10.0.0.0/8"]),
+];
+/// World destinations the datapath knows by address only.
+const ADDRESSES: [&str; 9] = [
+    "203.0.113.5",
+    "203.0.113.130",
+    "203.0.113.200",
+    "198.51.100.3",
+    "198.51.100.77",
+    "192.0.2.1",
+    "2001:db8::1",
+    "2001:db8:1::1",
+    "10.1.2.3",
+];
 const PORTS: [(u16, Protocol); 3] = [
     (80, Protocol::Tcp),
     (443, Protocol::Tcp),
@@ -90,6 +112,11 @@ fn peer() -> impl Strategy<Value = Peer> {
         }),
         prop::sample::select(Entity::ALL.to_vec()).prop_map(|e| Peer {
             entity: Some(e),
+            ..Default::default()
+        }),
+        prop::sample::select(CIDRS.to_vec()).prop_map(|(cidr, except)| Peer {
+            cidr: Some(cidr.into()),
+            except: except.iter().map(|e| (*e).to_owned()).collect(),
             ..Default::default()
         }),
     ]
@@ -268,15 +295,34 @@ fn check(
 
     let mut peers: Vec<PeerInfo> = [HOST, WORLD, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS]
         .into_iter()
-        .map(|number| PeerInfo { number, id: None })
+        .map(|number| PeerInfo {
+            number,
+            id: None,
+            cidr: None,
+        })
         .collect();
     peers.extend(identities.iter().map(|(id, n)| PeerInfo {
         number: *n,
         id: Some(id.clone()),
+        cidr: None,
     }));
+    // What the datapath looks up (the number) and what the evaluator is asked about (the peer):
+    // the same for identities; for a world address, the identity of the longest compiled prefix
+    // containing it against the address itself.
+    let mut queries: Vec<(u32, PeerInfo)> = peers.into_iter().map(|p| (p.number, p)).collect();
+    for addr in ADDRESSES {
+        let ip: std::net::IpAddr = addr.parse().expect("ip");
+        let number = longest_match(compiled.cidrs.keys(), ip).map_or(WORLD, |c| compiled.cidrs[c]);
+        let asked = PeerInfo {
+            number: WORLD,
+            id: None,
+            cidr: Some(Cidr::host(ip)),
+        };
+        queries.push((number, asked));
+    }
     let mut flows = 0;
     for (endpoint, w) in &endpoints {
-        for peer in &peers {
+        for (number, peer) in &queries {
             // Protocols without ports (ICMP echo and the rest) are looked up at port 0.
             let cells = [80u16, 443, 53, 8080]
                 .into_iter()
@@ -292,7 +338,7 @@ fn check(
                             dir,
                         };
                         let want = expected(&evaluate_direction(&sorted, w, &q, &cluster), &ids);
-                        let got = match compiled.lookup(*endpoint, dir, peer.number, port, proto) {
+                        let got = match compiled.lookup(*endpoint, dir, *number, port, proto) {
                             Some((key, e)) => (
                                 e.action,
                                 e.rule,
@@ -303,11 +349,12 @@ fn check(
                         prop_assert_eq!(
                             &got,
                             &want,
-                            "{} {} peer {} ({:?}) port {}/{}",
+                            "{} {} peer {} ({:?} {:?}) port {}/{}",
                             w.key(),
                             dir.name(),
-                            peer.number,
+                            number,
                             peer.id,
+                            peer.cidr,
                             port,
                             proto.name()
                         );

@@ -312,3 +312,56 @@ fn certificates_rotate_under_continuous_traffic_with_a_30_second_ttl() {
     );
     assert!(ok > 100, "continuous traffic: {ok} requests");
 }
+
+#[test]
+fn egress_policy_governs_every_destination_kind() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.add_world_address("203.0.113.7");
+    t.add_world_address("203.0.113.200");
+    // The client may reach the server over the mesh and 203.0.113.0/24 but its upper half on
+    // port 9000; nothing else: not the world, not either node (the Gateway and the proxy listen
+    // there), not UDP.
+    t.write_state(&format!(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {{name: client-egress, namespace: shop}}\n\
+         spec:\n  selector: {{matchLabels: {{app: client}}}}\n  egress:\n\
+         \x20 - to: [{{identity: {SERVER}}}]\n    ports: [{{port: 8080}}]\n\
+         \x20 - to: [{{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}}]\n    ports: [{{port: 9000}}]\n"
+    ));
+    let _running = start(&t, "", "");
+    let _server = t.server(8080);
+    let mut world = [
+        t.node_b_server("203.0.113.7:9000", false),
+        t.node_b_server("203.0.113.200:9000", false),
+        t.node_b_server("203.0.113.7:9001", true),
+    ];
+
+    let mesh = t.client(&format!("{}:8080", t.pod_ip('b')));
+    assert_eq!(mesh["ok"], true, "the mesh rule still tunnels: {mesh}");
+    let allowed = t.client("203.0.113.7:9000");
+    assert_eq!(allowed["ok"], true, "inside the CIDR: {allowed}");
+    assert!(
+        allowed["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("hi {}:", t.pod_ip('a')))),
+        "a world destination is reached directly, not through the proxy: {allowed}"
+    );
+    for refused in [
+        "203.0.113.200:9000".to_owned(),
+        format!("{}:15008", t.node_ip('b')),
+        format!("{}:15001", t.node_ip('a')),
+        format!("{}:8443", t.node_ip('a')),
+    ] {
+        let r = t.client(&refused);
+        assert_eq!(r["errno"], 1, "{refused} is refused at connect(): {r}");
+    }
+    let udp = t.client_with("203.0.113.7:9001", &["--udp"]);
+    assert_eq!(udp["ok"], false, "UDP has no rule: {udp}");
+    for s in &mut world {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}

@@ -40,7 +40,8 @@ pub struct ExplainArgs {
     /// `NS/POD`, a SPIFFE ID, or an entity: host, world, gateway.
     #[arg(long)]
     from: String,
-    /// `NS/POD:PORT`, optionally `/tcp` or `/udp`.
+    /// `NS/POD:PORT` or `world:IP:PORT` (IPv6 in brackets), optionally `/tcp`, `/udp` or
+    /// `/icmp`.
     #[arg(long)]
     to: String,
     #[arg(long)]
@@ -231,10 +232,77 @@ fn request(args: &ExplainArgs) -> Result<Option<Request>, String> {
     }))
 }
 
+/// A `world:IP` destination's address.
+fn world_address(spec: &str) -> Option<Result<std::net::IpAddr, String>> {
+    let addr = spec.strip_prefix("world:")?;
+    let bare = addr.trim_start_matches('[').trim_end_matches(']');
+    Some(
+        bare.parse()
+            .map_err(|_| format!("--to `{spec}`: `{addr}` is not an IP address")),
+    )
+}
+
+/// Egress of a pod to a world address: the destination has no policies of its own.
+fn explain_world(
+    state: &State,
+    source: &Source<'_>,
+    ip: std::net::IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> Result<u8, String> {
+    let Source::Pod(w) = source else {
+        return Err("--to world:...: --from must be a pod (only pods have egress policy)".into());
+    };
+    let models: Vec<Policy> = state.policies.iter().map(|l| l.policy.clone()).collect();
+    let sorted = compile::sorted_policies(&models);
+    let peer = PeerInfo {
+        number: identity::WORLD,
+        id: None,
+        cidr: Some(signet_policy::cidr::Cidr::host(ip)),
+    };
+    let q = eval::Query {
+        peer: &peer,
+        port,
+        proto,
+        dir: eval::Direction::Egress,
+    };
+    let decision = eval::evaluate_direction(&sorted, w, &q, &state.cluster);
+    let (verdict, note) = match &decision {
+        Decision::Deny(_) => (Verdict::Deny, None),
+        Decision::Audit(_) => (Verdict::Audit, None),
+        Decision::Allow(_) => (Verdict::Allow, None),
+        Decision::L7(_) => (
+            Verdict::Deny,
+            Some(
+                "the proxy does not carry traffic to the world, so its requests cannot be checked",
+            ),
+        ),
+    };
+    let addr = std::net::SocketAddr::new(ip, port);
+    println!(
+        "{verdict}  {} ({}) -> world:{addr}/{}",
+        w.key(),
+        w.identity,
+        proto.name()
+    );
+    println!(
+        "  egress  (source's policies):      {}",
+        describe(&decision)
+    );
+    if let Some(n) = note {
+        println!("  denied: {n}");
+    }
+    println!("  ingress: not checked: the destination is outside the cluster");
+    Ok(if verdict == Verdict::Deny { 2 } else { 0 })
+}
+
 fn explain(args: &ExplainArgs) -> Result<u8, String> {
     let (_, state) = load(&args.state, &args.trust_domain)?;
     let source = parse_from(&state, &args.from)?;
     let (dst_spec, port, proto) = parse_to(&args.to)?;
+    if let Some(ip) = world_address(dst_spec) {
+        return explain_world(&state, &source, ip?, port, proto);
+    }
     let dst = find_pod(&state, dst_spec).map_err(|e| format!("--to: {e}"))?;
     let req = request(args)?;
     let extra = match &source {
@@ -245,6 +313,7 @@ fn explain(args: &ExplainArgs) -> Result<u8, String> {
     let peer_of = |id: &SpiffeId| PeerInfo {
         number: ids.get(id).copied().unwrap_or(identity::WORLD),
         id: Some(id.clone()),
+        cidr: None,
     };
     let (source_workload, source_peer, source_name) = match &source {
         Source::Pod(w) => (
@@ -258,6 +327,7 @@ fn explain(args: &ExplainArgs) -> Result<u8, String> {
             PeerInfo {
                 number: *n,
                 id: None,
+                cidr: None,
             },
             (*name).to_owned(),
         ),

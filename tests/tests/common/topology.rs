@@ -182,6 +182,43 @@ impl Topology {
         t
     }
 
+    /// An address outside the cluster (no pod, no node): on node B's loopback, routed to from
+    /// node A over the underlay. The namespaces are the test's own.
+    pub fn add_world_address(&self, addr: &str) {
+        let (na, nb) = (self.ns("node-a"), self.ns("node-b"));
+        ip(&["-n", &nb, "addr", "add", &format!("{addr}/32"), "dev", "lo"]);
+        ip(&[
+            "-n",
+            &na,
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "via",
+            &self.node_ip('b'),
+        ]);
+    }
+
+    /// `signet-test-client` as a server in node B's namespace, on one of its addresses.
+    pub fn node_b_server(&self, addr: &str, udp: bool) -> std::process::Child {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns("node-b")])
+            .arg(env!("CARGO_BIN_EXE_signet-test-client"))
+            .args(["--listen", addr, "--count", "1000", "--timeout-ms", "60000"]);
+        if udp {
+            c.arg("--udp");
+        }
+        let mut child = c
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("server");
+        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut err, &mut line);
+        assert_eq!(line.trim(), "listening", "server on {addr}: {line}");
+        child
+    }
+
     pub fn write_state(&self, extra: &str) {
         let state = self.dir.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
