@@ -39,7 +39,6 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, const __u8 
 		      !bpf_map_lookup_elem(&signet_excluded_ports, &dport);
 
 	struct flow_event ev = {
-		.timestamp_ns = bpf_ktime_get_ns(),
 		.src_identity = ep->identity,
 		.dst_identity = identity,
 		.endpoint_id = ep->endpoint_id,

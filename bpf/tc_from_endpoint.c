@@ -29,14 +29,20 @@ static __always_inline int to_proxy(const struct config *cfg, const struct l4 *p
 	return addr_eq(cfg->proxy_addr6, p->dst);
 }
 
-static __always_inline int decide(struct __sk_buff *skb, const struct endpoint_value *ep,
-				  const struct config *cfg, const struct l4 *p,
+/* What passes without a policy lookup: TCP after its SYN and SYNs connect() sent to the proxy,
+ * answers to flows that came in (and later datagrams of flows already admitted), ICMP errors
+ * about packets sent to the pod, neighbour discovery. */
+static __always_inline int passes_unchecked(struct __sk_buff *skb, const struct config *cfg,
+					    const struct l4 *p)
+{
+	if (p->proto == IPPROTO_TCP)
+		return !p->syn || to_proxy(cfg, p);
+	return icmp6_is_link_control(p) || ct_is_answer(skb, p);
+}
+
+static __always_inline int decide(const struct endpoint_value *ep, const struct l4 *p,
 				  struct flow_event *ev)
 {
-	if (p->proto == IPPROTO_TCP && (!p->syn || to_proxy(cfg, p)))
-		return TC_ACT_OK;
-	if (icmp6_is_link_control(p) || ct_is_answer(skb, p))
-		return TC_ACT_OK;
 	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
 	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
 	__u16 dport = ported ? p->dport : 0;
@@ -70,10 +76,20 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb)
 	int parsed = parse(skb, &p);
 	if (parsed == PARSE_NOT_IP)
 		return TC_ACT_OK; /* ARP */
+	if (parsed == PARSE_OK) {
+		if (p.frag == FRAG_LATER && frag_admitted(&p))
+			return TC_ACT_OK;
+		if (p.frag != FRAG_LATER && passes_unchecked(skb, cfg, &p)) {
+			if (p.frag == FRAG_FIRST)
+				frag_admit(&p);
+			if (p.tcp_syn)
+				ct_record(&p); /* its connections and the ones it accepted, for ICMP errors */
+			return TC_ACT_OK;
+		}
+	}
 
 	struct ipcache_value *dst = ipcache_lookup(p.dst);
 	struct flow_event ev = {
-		.timestamp_ns = bpf_ktime_get_ns(),
 		.src_identity = ep->identity,
 		.dst_identity = dst ? dst->identity : SIGNET_WORLD,
 		.endpoint_id = ep->endpoint_id,
@@ -88,8 +104,8 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb)
 	if (parsed != PARSE_OK)
 		return drop(&ev, SIGNET_REASON_UNPARSEABLE);
 	if (p.frag == FRAG_LATER)
-		return frag_admitted(&p) ? TC_ACT_OK : drop(&ev, SIGNET_REASON_FRAGMENT);
-	int verdict = decide(skb, ep, cfg, &p, &ev);
+		return drop(&ev, SIGNET_REASON_FRAGMENT);
+	int verdict = decide(ep, &p, &ev);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (p.frag == FRAG_FIRST)

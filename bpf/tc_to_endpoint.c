@@ -17,14 +17,17 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-static __always_inline int decide(struct __sk_buff *skb, const struct endpoint_value *ep,
-				  const struct config *cfg, const struct l4 *p,
-				  struct flow_event *ev)
+/* What passes without a policy lookup: later segments of TCP connections (decided on their
+ * SYN), replies and ICMP errors for flows the pod took part in, neighbour discovery. */
+static __always_inline int passes_unchecked(struct __sk_buff *skb, const struct l4 *p)
 {
-	if (p->proto == IPPROTO_TCP && !p->syn)
-		return TC_ACT_OK; /* decided on the SYN */
-	if (icmp6_is_link_control(p) || ct_is_reply(skb, p))
-		return TC_ACT_OK;
+	return (p->proto == IPPROTO_TCP && !p->syn) || icmp6_is_link_control(p) ||
+	       ct_is_reply(skb, p);
+}
+
+static __always_inline int decide(const struct endpoint_value *ep, const struct config *cfg,
+				  const struct l4 *p, struct flow_event *ev)
+{
 	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
 	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
 	__u16 dport = ported ? p->dport : 0;
@@ -64,10 +67,18 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	int parsed = parse(skb, &p);
 	if (parsed == PARSE_NOT_IP)
 		return TC_ACT_OK; /* ARP */
+	if (parsed == PARSE_OK) {
+		if (p.frag == FRAG_LATER && frag_admitted(&p))
+			return TC_ACT_OK;
+		if (p.frag != FRAG_LATER && passes_unchecked(skb, &p)) {
+			if (p.frag == FRAG_FIRST)
+				frag_admit(&p);
+			return TC_ACT_OK;
+		}
+	}
 
 	struct ipcache_value *src = ipcache_lookup(p.src);
 	struct flow_event ev = {
-		.timestamp_ns = bpf_ktime_get_ns(),
 		.src_identity = src ? src->identity : SIGNET_WORLD,
 		.dst_identity = ep->identity,
 		.endpoint_id = ep->endpoint_id,
@@ -82,8 +93,8 @@ static __always_inline int handle_to_endpoint(struct __sk_buff *skb)
 	if (parsed != PARSE_OK)
 		return drop(&ev, SIGNET_REASON_UNPARSEABLE);
 	if (p.frag == FRAG_LATER)
-		return frag_admitted(&p) ? TC_ACT_OK : drop(&ev, SIGNET_REASON_FRAGMENT);
-	int verdict = decide(skb, ep, cfg, &p, &ev);
+		return drop(&ev, SIGNET_REASON_FRAGMENT);
+	int verdict = decide(ep, cfg, &p, &ev);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (p.frag == FRAG_FIRST)

@@ -32,16 +32,34 @@ static __always_inline int drop(struct flow_event *ev, __u8 reason)
 
 /* A flow not seen for this long no longer lets replies in (the LRU forgets the rest). */
 #define SIGNET_CT_IDLE_NS (120ULL * 1000000000ULL)
+/* How stale a last-seen time may get before it is written again. */
+#define SIGNET_CT_REFRESH_NS (1000000000ULL)
 
+/* Whether the flow was seen within the idle time; a live flow's last-seen time is refreshed in
+ * place (at most once a second), so its packets cost a lookup, not a map update. */
 static __always_inline int ct_fresh(const struct ct_key *k)
 {
 	__u64 *seen = bpf_map_lookup_elem(&signet_ct, k);
-	return seen && bpf_ktime_get_ns() - *seen < SIGNET_CT_IDLE_NS;
+	if (!seen)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 age = now - *seen;
+	if (age >= SIGNET_CT_IDLE_NS)
+		return 0;
+	if (age > SIGNET_CT_REFRESH_NS)
+		*seen = now;
+	return 1;
 }
 
 static __always_inline void ct_put(const struct ct_key *k)
 {
 	__u64 now = bpf_ktime_get_ns();
+	__u64 *seen = bpf_map_lookup_elem(&signet_ct, k);
+	if (seen) {
+		if (now - *seen > SIGNET_CT_REFRESH_NS)
+			*seen = now;
+		return;
+	}
 	bpf_map_update_elem(&signet_ct, k, &now, BPF_ANY);
 }
 

@@ -88,5 +88,6 @@ static __always_inline void emit(const struct flow_event *ev)
 	if (!slot)
 		return;
 	__builtin_memcpy(slot, ev, sizeof(*slot));
+	slot->timestamp_ns = bpf_ktime_get_ns(); /* taken here: most packets never emit */
 	bpf_ringbuf_submit(slot, BPF_RB_NO_WAKEUP);
 }

@@ -412,7 +412,37 @@ YAML
     echo "signet gateway status (Gateway API conditions):"
     "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^  - namespace|^    name|reason" | head -n 14 | sed 's/^/  /'
 
-    say "5. signet policy explain"
+    say "5. egress: ops/deployer may reach nothing (egress: [])"
+    # A web server outside the mesh, for the egress checks.
+    ip netns exec "$NS-outside" python3 -m http.server 8080 --bind "$OUTSIDE_IP" >"$WORK/outside-http.log" 2>&1 &
+    echo $! > "$WORK/outside-http.pid"
+    local i
+    for i in $(seq 1 50); do
+        [ "$(pod_status web-0 "http://$OUTSIDE_IP:8080/")" = 200 ] && break
+        sleep 0.1
+    done
+    code=$(pod_status web-0 "http://$OUTSIDE_IP:8080/")
+    echo "web-0      -> outside (no egress policy): HTTP $code"; [ "$code" = 200 ] || die "web-0 should reach outside"
+    cat > "$WORK/state/deployer-egress.yaml" <<'YAML'
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: deployer-egress, namespace: ops}
+spec:
+  selector: {}
+  egress: []
+YAML
+    sleep 2
+    code=$(pod_status deployer-0 "http://$OUTSIDE_IP:8080/")
+    echo "deployer-0 -> outside: refused at connect() (curl got ${code:-nothing})"; [ "$code" != 200 ] || die "deployer-0 must not reach outside"
+    code=$(in_pod deployer-0 curl -sS -o /dev/null -w '%{http_code}' --max-time 5 --cacert "$WORK/edge-ca.pem" \
+        --resolve "shop.example.test:$GATEWAY_PORT:$(node_ip a)" "https://shop.example.test:$GATEWAY_PORT/" 2>/dev/null || true)
+    echo "deployer-0 -> the Gateway on node-a: refused (curl got ${code:-nothing}): the node is host to it"
+    [ "$code" != 200 ] || die "deployer-0 must not get back into the mesh through the Gateway"
+    in_pod deployer-0 python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('10.99.21.2', 5353))" 2>/dev/null || true
+    "$BIN/signet" datapath drops --pin-dir "/sys/fs/bpf/signet/$NAME-node-a" | sed 's/^/  node-a drops: /' || true
+
+    say "6. signet policy explain"
+    "$BIN/signet" policy explain --state "$WORK/state" --from ops/deployer-0 --to "world:$OUTSIDE_IP:8080" || true
     "$BIN/signet" policy explain --state "$WORK/state" --from ops/deployer-0 --to payments/api-0:8080 || true
     "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 --method POST --path / || true
 }
