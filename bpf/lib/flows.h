@@ -81,6 +81,11 @@ static __always_inline void ct_record_inbound(const struct l4 *p)
 		k.local_port = p->dport;
 	}
 	ct_put(&k);
+	if (p->proto == IPPROTO_UDP) {
+		/* Again without the pod's address, for sendmsg() on a wildcard-bound socket. */
+		__builtin_memset(k.local, 0, 16);
+		ct_put(&k);
+	}
 }
 
 /* Whether a packet from the workload answers a flow that came in: a UDP reply, an ICMP echo

@@ -25,7 +25,7 @@ macro_rules! object {
     };
 }
 
-/// `cgroup/connect4` and `cgroup/connect6` (`signet_connect4`, `signet_connect6`).
+/// `cgroup/connect4|6` and `cgroup/sendmsg4|6` (`signet_connect4`, `signet_sendmsg4`, ...).
 pub const SOCK_CONNECT: Object = object!("sock_connect");
 /// `cgroup/getpeername4` and `cgroup/getpeername6`.
 pub const SOCK_GETPEERNAME: Object = object!("sock_getpeername");
@@ -48,6 +48,8 @@ pub const OBJECTS: [Object; 5] = [
 pub mod programs {
     pub const CONNECT4: &str = "signet_connect4";
     pub const CONNECT6: &str = "signet_connect6";
+    pub const SENDMSG4: &str = "signet_sendmsg4";
+    pub const SENDMSG6: &str = "signet_sendmsg6";
     pub const GETPEERNAME4: &str = "signet_getpeername4";
     pub const GETPEERNAME6: &str = "signet_getpeername6";
     pub const SOCKOPS: &str = "signet_sockops";

@@ -632,3 +632,42 @@ fn udp_and_icmp_from_a_default_deny_pod_are_dropped_but_answers_to_admitted_flow
         "a rule for the resolver lets queries out"
     );
 }
+
+#[test]
+fn udp_from_a_hooked_process_is_refused_with_eperm_and_its_answers_pass() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let mut dp = permissive(&env, &net, &[egress(Protocol::Udp, 0, 0, Action::Deny, 0)]);
+    let to_peer = format!("{}:5353", net.peer_ip);
+    let mut server = net.serve(&net.peer, &to_peer, true, 10, 10_000);
+    let query = || net.pod_client(&env.cgroup, &to_peer, &["--udp", "--timeout-ms", "800"]);
+    let refused = query();
+    assert_eq!(
+        refused["errno"], 1,
+        "sendmsg() from a default-deny pod is EPERM: {refused}"
+    );
+
+    // The pod serving a query ingress admits answers it, from the same default deny.
+    let to_pod = format!("{}:5300", net.pod_ip);
+    let mut pod_server = net.serve_in_pod(&env.cgroup, &to_pod, true, 1);
+    let answered = net.client(&net.peer, &to_pod, &["--udp", "--timeout-ms", "2000"]);
+    let _ = pod_server.kill();
+    let _ = pod_server.wait();
+    assert_eq!(
+        answered["ok"], true,
+        "its answer is not a new flow: {answered}"
+    );
+
+    set_policy(
+        &mut dp,
+        &[
+            egress(Protocol::Udp, PEER_IDENTITY, 5353, Action::Allow, 6),
+            egress(Protocol::Udp, 0, 0, Action::Deny, 0),
+        ],
+    );
+    assert_eq!(query()["ok"], true, "a rule for the resolver lets it query");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -183,6 +183,9 @@ impl KernelDatapath {
         ] {
             attach_sock_addr(obj, name, &cgroup, &links_dir.join(name), &target)?;
         }
+        for name in [programs::SENDMSG4, programs::SENDMSG6] {
+            attach_sock_addr(&mut connect, name, &cgroup, &links_dir.join(name), &target)?;
+        }
         attach_sockops(
             &mut sockops,
             &cgroup,

@@ -321,29 +321,22 @@ impl NetEnv {
             "exec",
             ns,
             env!("CARGO_BIN_EXE_signet-test-client"),
-            "--listen",
-            addr,
-        ])
-        .args([
-            "--count",
-            &count.to_string(),
-            "--timeout-ms",
-            &timeout_ms.to_string(),
         ]);
-        if udp {
-            cmd.arg("--udp");
-        }
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("server");
-        // Wait for "listening" on stderr.
-        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut err, &mut line);
-        assert_eq!(line.trim(), "listening", "server did not start: {line}");
-        child
+        spawn_server(cmd, addr, udp, count, timeout_ms)
+    }
+
+    /// Starts `signet-test-client` as a server that is a process of the pod: in `cgroup` (where
+    /// the socket programs are attached), then in the pod's namespace.
+    pub fn serve_in_pod(
+        &self,
+        cgroup: &std::path::Path,
+        addr: &str,
+        udp: bool,
+        count: usize,
+    ) -> std::process::Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_signet-test-client"));
+        cmd.arg("--cgroup").arg(cgroup).args(["--netns", &self.pod]);
+        spawn_server(cmd, addr, udp, count, 3000)
     }
 
     /// Runs `signet-test-client` as a client in `ns`.
@@ -375,6 +368,33 @@ impl Drop for NetEnv {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// Starts the server `cmd` (a `signet-test-client` invocation) on `addr` and waits until it
+/// listens.
+fn spawn_server(
+    mut cmd: Command,
+    addr: &str,
+    udp: bool,
+    count: usize,
+    timeout_ms: u64,
+) -> std::process::Child {
+    cmd.args(["--listen", addr])
+        .args(["--count", &count.to_string()])
+        .args(["--timeout-ms", &timeout_ms.to_string()]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("server");
+    let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let _ = std::io::BufRead::read_line(&mut err, &mut line);
+    assert_eq!(line.trim(), "listening", "server did not start: {line}");
+    child
 }
 
 /// The cookie of network namespace `/run/netns/<name>`, as the connect programs see it.
