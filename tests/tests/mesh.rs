@@ -365,3 +365,50 @@ fn egress_policy_governs_every_destination_kind() {
         let _ = s.wait();
     }
 }
+
+#[test]
+fn a_process_in_a_child_cgroup_of_the_pod_is_tunnelled() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state("");
+    let _running = start(&t, "", "");
+    let _server = t.server(8080);
+    // A container's cgroup below the pod's, as the kubelet makes them; removed before the
+    // topology removes the pod's.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let child = Dir(t
+        .cgroup_root('a')
+        .join("pod")
+        .join("cri-containerd-0a1b.scope"));
+    std::fs::create_dir(&child.0).expect("child cgroup");
+    let target = format!("{}:8080", t.pod_ip('b'));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
+        .arg("--cgroup")
+        .arg(&child.0)
+        .args([
+            "--netns",
+            &t.ns("pod-a"),
+            "--connect",
+            &target,
+            "--timeout-ms",
+            "3000",
+        ])
+        .output()
+        .expect("client");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("hi 10.79.{}.1:", t.n))),
+        "it arrived through node B's proxy, over HBONE: {report}"
+    );
+}

@@ -9,7 +9,6 @@ pub mod tc;
 pub mod topology;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -76,10 +75,6 @@ impl Env {
             cgroup,
             pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
         }
-    }
-
-    pub fn cgroup_id(&self) -> u64 {
-        std::fs::metadata(&self.cgroup).expect("cgroup").ino()
     }
 
     pub fn loader(&self) -> LoaderConfig {
