@@ -40,29 +40,6 @@ static __always_inline int passes_unchecked(struct __sk_buff *skb, const struct 
 	return icmp6_is_link_control(p) || ct_is_answer(skb, p);
 }
 
-static __always_inline int decide(const struct endpoint_value *ep, const struct l4 *p,
-				  struct flow_event *ev)
-{
-	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
-	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
-	__u16 dport = ported ? p->dport : 0;
-	struct policy_value *pv =
-		policy_lookup(ep->endpoint_id, ev->dst_identity, dport, key_proto, SIGNET_EGRESS);
-	if (!pv)
-		return TC_ACT_OK;
-	ev->rule_id = pv->rule_id;
-	if (pv->action == SIGNET_ACTION_L7)
-		return drop(ev, SIGNET_REASON_L7_BYPASS);
-	if (pv->action == SIGNET_ACTION_DENY)
-		return drop(ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
-	if (pv->action == SIGNET_ACTION_AUDIT) {
-		ev->action = SIGNET_ACTION_AUDIT;
-		ev->reason = SIGNET_REASON_AUDIT;
-		emit(ev);
-	}
-	return TC_ACT_OK;
-}
-
 static __always_inline int handle_from_endpoint(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
@@ -105,7 +82,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb)
 		return drop(&ev, SIGNET_REASON_UNPARSEABLE);
 	if (p.frag == FRAG_LATER)
 		return drop(&ev, SIGNET_REASON_FRAGMENT);
-	int verdict = decide(ep, &p, &ev);
+	int verdict = tc_policy(ep, &p, ev.dst_identity, SIGNET_EGRESS, &ev);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (p.frag == FRAG_FIRST)

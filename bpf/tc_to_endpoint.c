@@ -28,28 +28,9 @@ static __always_inline int passes_unchecked(struct __sk_buff *skb, const struct 
 static __always_inline int decide(const struct endpoint_value *ep, const struct config *cfg,
 				  const struct l4 *p, struct flow_event *ev)
 {
-	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
-	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
-	__u16 dport = ported ? p->dport : 0;
-
 	if (p->proto == IPPROTO_TCP && cfg->strict && ev->src_identity != SIGNET_HOST)
 		return drop(ev, SIGNET_REASON_STRICT_PLAINTEXT);
-
-	struct policy_value *pv =
-		policy_lookup(ep->endpoint_id, ev->src_identity, dport, key_proto, SIGNET_INGRESS);
-	if (!pv)
-		return TC_ACT_OK;
-	ev->rule_id = pv->rule_id;
-	if (pv->action == SIGNET_ACTION_L7)
-		return drop(ev, SIGNET_REASON_L7_BYPASS);
-	if (pv->action == SIGNET_ACTION_DENY)
-		return drop(ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
-	if (pv->action == SIGNET_ACTION_AUDIT) {
-		ev->action = SIGNET_ACTION_AUDIT;
-		ev->reason = SIGNET_REASON_AUDIT;
-		emit(ev);
-	}
-	return TC_ACT_OK;
+	return tc_policy(ep, p, ev->src_identity, SIGNET_INGRESS, ev);
 }
 
 static __always_inline int handle_to_endpoint(struct __sk_buff *skb)

@@ -30,6 +30,31 @@ static __always_inline int drop(struct flow_event *ev, __u8 reason)
 	return TC_ACT_SHOT;
 }
 
+/* The policy verdict on a packet tc must decide: `peer` on the far side, the packet's port and
+ * protocol as the policy keys them. Traffic for an L7 port is dropped: only the proxy, which
+ * checks its requests, may carry it. */
+static __always_inline int tc_policy(const struct endpoint_value *ep, const struct l4 *p,
+				     __u32 peer, __u8 direction, struct flow_event *ev)
+{
+	int ported = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
+	__u8 key_proto = ported ? p->proto : SIGNET_PROTO_OTHER;
+	__u16 dport = ported ? p->dport : 0;
+	struct policy_value *pv = policy_lookup(ep->endpoint_id, peer, dport, key_proto, direction);
+	if (!pv)
+		return TC_ACT_OK;
+	ev->rule_id = pv->rule_id;
+	if (pv->action == SIGNET_ACTION_L7)
+		return drop(ev, SIGNET_REASON_L7_BYPASS);
+	if (pv->action == SIGNET_ACTION_DENY)
+		return drop(ev, pv->rule_id ? SIGNET_REASON_POLICY : SIGNET_REASON_DEFAULT_DENY);
+	if (pv->action == SIGNET_ACTION_AUDIT) {
+		ev->action = SIGNET_ACTION_AUDIT;
+		ev->reason = SIGNET_REASON_AUDIT;
+		emit(ev);
+	}
+	return TC_ACT_OK;
+}
+
 /* A flow not seen for this long no longer lets replies in (the LRU forgets the rest). */
 #define SIGNET_CT_IDLE_NS (120ULL * 1000000000ULL)
 /* How stale a last-seen time may get before it is written again. */

@@ -367,7 +367,7 @@ impl Drop for NetEnv {
 
 /// Starts the server `cmd` (a `signet-test-client` invocation) on `addr` and waits until it
 /// listens.
-fn spawn_server(
+pub fn spawn_server(
     mut cmd: Command,
     addr: &str,
     udp: bool,
@@ -432,8 +432,14 @@ impl NetNs {
         netns_cookie(&self.name)
     }
 
+    /// Adds an address to the namespace's loopback; an IPv6 one without duplicate address
+    /// detection, so it can be bound at once.
     pub fn add_addr(&self, cidr: &str) {
-        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]);
+        let mut args = vec!["-n", &self.name, "addr", "add", cidr, "dev", "lo"];
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        ip(&args);
     }
 }
 

@@ -202,21 +202,8 @@ impl Topology {
     pub fn node_b_server(&self, addr: &str, udp: bool) -> std::process::Child {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns("node-b")])
-            .arg(env!("CARGO_BIN_EXE_signet-test-client"))
-            .args(["--listen", addr, "--count", "1000", "--timeout-ms", "60000"]);
-        if udp {
-            c.arg("--udp");
-        }
-        let mut child = c
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("server");
-        let mut err = std::io::BufReader::new(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut err, &mut line);
-        assert_eq!(line.trim(), "listening", "server on {addr}: {line}");
-        child
+            .arg(env!("CARGO_BIN_EXE_signet-test-client"));
+        super::spawn_server(c, addr, udp, 1000, 60_000)
     }
 
     pub fn write_state(&self, extra: &str) {
