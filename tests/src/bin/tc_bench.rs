@@ -15,7 +15,7 @@
 //! uses, ipcache, endpoints by ifindex, policy and config, keep their layout).
 //!
 //! All traffic stays inside the two namespaces it creates; they, the veth and the pin folder are
-//! removed at the end.
+//! removed at the end, also when it fails (failures panic, so the guard's drop runs).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::OwnedFd;
@@ -46,11 +46,11 @@ fn ip(args: &[&str]) {
         .output()
         .expect("ip (iproute2)");
     if !out.status.success() {
-        fail(format!(
+        panic!(
             "ip {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
-        ));
+        );
     }
 }
 
@@ -118,17 +118,17 @@ fn enter(ns: &str) {
 fn load(objects: Option<&Path>, name: &str, embedded: &'static [u8], pins: &Path) -> Ebpf {
     let bytes = match objects {
         Some(dir) => std::fs::read(dir.join(format!("{name}.o")))
-            .unwrap_or_else(|e| fail(format!("{}/{name}.o: {e}", dir.display()))),
+            .unwrap_or_else(|e| panic!("{}/{name}.o: {e}", dir.display())),
         None => embedded.to_vec(),
     };
     EbpfLoader::new()
         .default_map_pin_directory(pins)
         .load(&bytes)
-        .unwrap_or_else(|e| fail(format!("loading {name}: {e}")))
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
 }
 
 fn map(pins: &Path, name: &str) -> MapData {
-    MapData::from_pin(pins.join(name)).unwrap_or_else(|e| fail(format!("map {name}: {e}")))
+    MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("map {name}: {e}"))
 }
 
 /// Fills the maps: the pod is endpoint 1 behind `ifindex`; the node (identity 400) may send to
@@ -201,17 +201,17 @@ fn attach(obj: &mut Ebpf, name: &str, ifname: &str, at: TcAttachType) -> FdLink 
     let prog: &mut SchedClassifier = obj
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
-        .unwrap_or_else(|| fail(format!("{name} not in the object")));
+        .unwrap_or_else(|| panic!("{name} not in the object"));
     if prog.fd().is_err() {
-        prog.load().unwrap_or_else(|e| fail(format!("{name}: {e}")));
+        prog.load().unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let id = prog
         .attach(ifname, at)
-        .unwrap_or_else(|e| fail(format!("attach {name}: {e}")));
+        .unwrap_or_else(|e| panic!("attach {name}: {e}"));
     prog.take_link(id)
         .expect("link")
         .try_into()
-        .unwrap_or_else(|_| fail("not a TCX link (kernel >= 6.6?)".into()))
+        .unwrap_or_else(|_| panic!("not a TCX link (kernel >= 6.6?)"))
 }
 
 fn run_stats(obj: &Ebpf, name: &str) -> (Duration, u64) {
@@ -288,7 +288,7 @@ fn main() {
     let to_node: SocketAddr = ([10, 253, 0, 1], FROM_POD_PORT).into();
 
     let _stats: OwnedFd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .unwrap_or_else(|e| fail(format!("BPF_ENABLE_STATS: {e}")));
+        .unwrap_or_else(|e| panic!("BPF_ENABLE_STATS: {e}"));
     let (mut with_in, mut without_in, mut with_out, mut without_out) =
         (vec![], vec![], vec![], vec![]);
     let (mut prog_to, mut prog_from) = ((Duration::ZERO, 0u64), (Duration::ZERO, 0u64));
