@@ -272,12 +272,34 @@ impl HttpMatch {
                     PathMatcher::Prefix(pre) => path_has_prefix(path, pre),
                     PathMatcher::Regex(r) => r.is_match(path),
                 }))
-            && self.headers.iter().all(|(name, value)| {
-                req.headers
-                    .iter()
-                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
-            })
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| header_matches(req, name, value))
     }
+}
+
+/// A header rule holds when the request carries the header and every value of it is the one
+/// named: a second `x-tenant: evil` beside `x-tenant: acme` does not pass. A `_` spelling of the
+/// name (`x_tenant`), which some servers and CGI gateways read as the same header, fails the rule
+/// whatever its value, so it cannot smuggle a second value past it.
+fn header_matches(req: &Request, name: &str, value: &str) -> bool {
+    let mut seen = false;
+    for (n, v) in &req.headers {
+        if n.eq_ignore_ascii_case(name) {
+            if v != value {
+                return false;
+            }
+            seen = true;
+        } else if n.len() == name.len()
+            && n.bytes().zip(name.bytes()).all(|(a, b)| {
+                a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-') || (a == b'-' && b == b'_')
+            })
+        {
+            return false;
+        }
+    }
+    seen
 }
 
 /// `/v1/charges` is a prefix of `/v1/charges` and `/v1/charges/7`, not of `/v1/chargesX`
@@ -716,5 +738,38 @@ mod tests {
         assert!(!m.matches(&req("GET", "/v1/refunds/42/x", "acme")));
         assert!(!m.matches(&req("POST", "/v1/charges", "acme")));
         assert!(!m.matches(&req("GET", "/v1/charges", "evil")));
+    }
+
+    #[test]
+    fn a_header_rule_needs_every_value_and_refuses_underscore_spellings() {
+        let m = HttpMatch {
+            methods: vec![],
+            paths: vec![],
+            headers: vec![("x-tenant".into(), "acme".into())],
+        };
+        let req = |headers: &[(&str, &str)]| Request {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        assert!(m.matches(&req(&[("X-TENANT", "acme")])));
+        assert!(m.matches(&req(&[("x-tenant", "acme"), ("x-tenant", "acme")])));
+        assert!(!m.matches(&req(&[])), "the header is required");
+        assert!(
+            !m.matches(&req(&[("x-tenant", "acme"), ("x-tenant", "evil")])),
+            "a second value must match too"
+        );
+        assert!(
+            !m.matches(&req(&[("x-tenant", "evil"), ("X-Tenant", "acme")])),
+            "whichever comes first"
+        );
+        assert!(
+            !m.matches(&req(&[("x-tenant", "acme"), ("x_tenant", "evil")])),
+            "an underscore spelling is refused"
+        );
+        assert!(!m.matches(&req(&[("x-tenant", "acme, evil")])));
     }
 }

@@ -412,3 +412,38 @@ fn a_process_in_a_child_cgroup_of_the_pod_is_tunnelled() {
         "it arrived through node B's proxy, over HBONE: {report}"
     );
 }
+
+#[test]
+fn a_header_rule_holds_against_a_second_value_an_opaque_one_and_an_underscore_spelling() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: api, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n\
+         \x20 - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]\n    ports: [{port: 8080}]\n\
+         \x20   http: [{methods: [GET], headers: [{name: x-tenant, value: acme}]}]\n",
+    );
+    let _running = start(&t, "", "");
+    let _http = t.server_with(8080, &["--http"]);
+    let web = format!("{}:8080", t.pod_ip('b'));
+    let get = |headers: &[&str]| {
+        let mut args = vec!["--request", "GET /v1/items"];
+        for h in headers {
+            args.extend(["--header", h]);
+        }
+        t.client_with(&web, &args)["status"].clone()
+    };
+    assert_eq!(get(&["X-Tenant: acme"]), 200, "the tenant's request passes");
+    assert_eq!(get(&[]), 403, "the header is required");
+    for attack in [
+        &["x-tenant: acme", "x-tenant: evil"][..],
+        &["x-tenant: evil", "x-tenant: acme"],
+        &["x-tenant: acme", "x_tenant: evil"],
+        &["x-tenant: acme", "x-tenant: \\xffevil"],
+    ] {
+        assert_eq!(get(attack), 403, "{attack:?} must not pass the header rule");
+    }
+}

@@ -98,10 +98,15 @@ where
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_owned(),
+                // Every value, opaque ones too (lossily): dropping one the policy cannot read
+                // would let it past a header rule while the workload still receives it.
                 headers: req
                     .headers()
                     .iter()
-                    .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                    .map(|(n, v)| {
+                        let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                        (n.as_str().to_owned(), value)
+                    })
                     .collect(),
             };
             match (flow.check)(&policy_req) {

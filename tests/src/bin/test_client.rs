@@ -2,7 +2,8 @@
 //! JSON line describing what happened.
 //!
 //!     signet-test-client [--cgroup DIR] [--netns NAME] --connect ADDR:PORT [--udp] [--mark N]
-//!                        [--timeout-ms N] [--request "METHOD /path"] [--hold-ms N]
+//!                        [--timeout-ms N] [--request "METHOD /path" [--header "Name: value"]...]
+//!                        [--hold-ms N]
 //!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N] [--http] [--hold]
 //!
 //! With `--cgroup` it first moves itself into that cgroup, as a pod's process would be, then
@@ -45,7 +46,13 @@ fn main() {
         if udp {
             udp_client(addr(target), timeout)
         } else if let Some(request) = args.value("--request") {
-            http_client(addr(target), request, timeout)
+            let headers: Vec<String> = args
+                .0
+                .windows(2)
+                .filter(|w| w[0] == "--header")
+                .map(|w| w[1].clone())
+                .collect();
+            http_client(addr(target), request, &headers, timeout)
         } else {
             tcp_client(addr(target), mark, timeout, hold)
         }
@@ -137,16 +144,25 @@ fn tcp_client(
 }
 
 /// One HTTP/1.1 request (`METHOD /path`), `Connection: close`; reports status and body.
-fn http_client(target: SocketAddr, request: &str, timeout: Duration) -> serde_json::Value {
+fn http_client(
+    target: SocketAddr,
+    request: &str,
+    headers: &[String],
+    timeout: Duration,
+) -> serde_json::Value {
     let (method, path) = request
         .split_once(' ')
         .unwrap_or_else(|| fail(format!("--request `{request}`: give `METHOD /path`")));
     let result = (|| {
         let mut s = connect(target, None, timeout)?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {target}\r\n").into_bytes();
+        for h in headers {
+            // `\xff` in a value stands for that byte, so a test can send an opaque value.
+            head.extend(h.replace("\\xff", "\u{ff}").chars().map(|c| c as u8));
+            head.extend(b"\r\n");
+        }
+        head.extend(b"Content-Length: 0\r\nConnection: close\r\n\r\n");
+        s.write_all(&head)?;
         let mut response = String::new();
         std::io::Read::read_to_string(&mut s, &mut response)?;
         Ok::<_, std::io::Error>(response)
