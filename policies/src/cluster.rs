@@ -183,6 +183,9 @@ fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
         .unwrap_or_else(|| "default".into());
     let spec = pod.spec.clone().unwrap_or_default();
     let status = pod.status.clone().unwrap_or_default();
+    // A pod that has finished owns no address: the kubelet may already have given it to a new
+    // pod, which must not be taken for the old one.
+    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
     let mut ips = Vec::new();
     for ip in status
         .pod_ips
@@ -190,6 +193,7 @@ fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
         .flatten()
         .map(|p| p.ip.clone())
         .chain(status.pod_ip.clone())
+        .filter(|_| !finished)
     {
         let parsed: IpAddr = ip.parse().map_err(|_| {
             format!("Pod {namespace}/{name}: status.podIP `{ip}` is not an IP address")
@@ -294,6 +298,38 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::parse("cluster.local").expect("td")
+    }
+
+    #[test]
+    fn a_finished_pod_owns_no_address() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pod = |name: &str, phase: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{nodeName: node-a, serviceAccountName: {name}, containers: []}}\n\
+                 status: {{phase: {phase}, podIP: 10.0.0.7}}\n---\n"
+            )
+        };
+        let yaml = [
+            pod("job-0", "Succeeded"),
+            pod("crashed-0", "Failed"),
+            pod("web-0", "Running"),
+        ];
+        std::fs::write(dir.path().join("pods.yaml"), yaml.concat()).expect("write");
+        let state = load_state(dir.path(), &td()).expect("valid state");
+        let ips = |name: &str| {
+            state
+                .cluster
+                .workload("shop", name)
+                .expect("pod")
+                .ips
+                .clone()
+        };
+        assert!(ips("job-0").is_empty() && ips("crashed-0").is_empty());
+        assert_eq!(
+            ips("web-0"),
+            vec!["10.0.0.7".parse::<IpAddr>().expect("ip")]
+        );
     }
 
     #[test]
