@@ -5,7 +5,7 @@
  *   that reaches here for anywhere but the proxy (a raw socket, a process whose cgroup the
  *   socket programs do not cover) is checked again; later segments pass.
  * - UDP per datagram, and every other protocol at port 0 of SIGNET_PROTO_OTHER: answers to a
- *   flow that came in (the ct table), ICMP errors about packets sent to the pod and IPv6
+ *   flow that came in (the ct table), ICMP errors about flows that came in and IPv6
  *   neighbour discovery pass; the rest goes through the pod's egress entries. A denied datagram
  *   is dropped here: a UDP socket gets no EPERM.
  * - Whatever passes is remembered (UDP datagrams, TCP SYN and SYN-ACK, ICMP echo requests), so
@@ -31,7 +31,7 @@ static __always_inline int to_proxy(const struct config *cfg, const struct l4 *p
 
 /* What passes without a policy lookup: TCP after its SYN and SYNs connect() sent to the proxy,
  * answers to flows that came in (and later datagrams of flows already admitted), ICMP errors
- * about packets sent to the pod, neighbour discovery. */
+ * about flows that came in, neighbour discovery. */
 static __always_inline int passes_unchecked(struct __sk_buff *skb, const struct config *cfg,
 					    const struct l4 *p)
 {

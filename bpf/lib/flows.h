@@ -5,20 +5,24 @@
 
 #include "packet.h"
 
-/* The ct key of a packet as the workload sent it. */
-static __always_inline void ct_key_sent(struct ct_key *k, const struct l4 *p)
+/* The ct key of a packet the workload sent, and of one it received: either way the flow's key,
+ * remote being the workload's peer. ICMP echo: local_port is the identifier, remote_port 0. */
+static __always_inline void ct_key_of(struct ct_key *k, const struct l4 *p, int sent)
 {
-	__builtin_memcpy(k->remote, p->dst, 16);
-	__builtin_memcpy(k->local, p->src, 16);
+	__builtin_memcpy(k->remote, sent ? p->dst : p->src, 16);
+	__builtin_memcpy(k->local, sent ? p->src : p->dst, 16);
 	k->protocol = p->proto;
 	if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
 		k->remote_port = 0;
 		k->local_port = p->dport; /* the echo identifier */
 	} else {
-		k->remote_port = p->dport;
-		k->local_port = p->sport;
+		k->remote_port = sent ? p->dport : p->sport;
+		k->local_port = sent ? p->sport : p->dport;
 	}
 }
+
+#define CT_SENT 1
+#define CT_RECEIVED 0
 
 /* Drops a packet: counted under its reason and reported. */
 static __always_inline int drop(struct flow_event *ev, __u8 reason)
@@ -62,17 +66,21 @@ static __always_inline int tc_policy(const struct endpoint_value *ep, const stru
 
 /* Whether the flow was seen within the idle time; a live flow's last-seen time is refreshed in
  * place (at most once a second), so its packets cost a lookup, not a map update. */
+static __always_inline void ct_refresh(__u64 *seen, __u64 now)
+{
+	if (now - *seen > SIGNET_CT_REFRESH_NS)
+		*seen = now;
+}
+
 static __always_inline int ct_fresh(const struct ct_key *k)
 {
 	__u64 *seen = bpf_map_lookup_elem(&signet_ct, k);
 	if (!seen)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
-	__u64 age = now - *seen;
-	if (age >= SIGNET_CT_IDLE_NS)
+	if (now - *seen >= SIGNET_CT_IDLE_NS)
 		return 0;
-	if (age > SIGNET_CT_REFRESH_NS)
-		*seen = now;
+	ct_refresh(seen, now);
 	return 1;
 }
 
@@ -80,31 +88,20 @@ static __always_inline void ct_put(const struct ct_key *k)
 {
 	__u64 now = bpf_ktime_get_ns();
 	__u64 *seen = bpf_map_lookup_elem(&signet_ct, k);
-	if (seen) {
-		if (now - *seen > SIGNET_CT_REFRESH_NS)
-			*seen = now;
-		return;
-	}
-	bpf_map_update_elem(&signet_ct, k, &now, BPF_ANY);
+	if (seen)
+		ct_refresh(seen, now);
+	else
+		bpf_map_update_elem(&signet_ct, k, &now, BPF_ANY);
 }
 
 /* An inbound UDP datagram or ICMP echo request was admitted: the workload's answers to it are
- * part of that flow, recorded as the workload will send them. */
+ * part of that flow. */
 static __always_inline void ct_record_inbound(const struct l4 *p)
 {
-	int echo = (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHO) ||
-		   (p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
-	if (p->proto != IPPROTO_UDP && !echo)
+	if (p->proto != IPPROTO_UDP && !icmp_is_echo_request(p))
 		return;
-	struct ct_key k = { .protocol = p->proto };
-	__builtin_memcpy(k.remote, p->src, 16);
-	__builtin_memcpy(k.local, p->dst, 16);
-	if (echo) {
-		k.local_port = p->dport; /* the echo identifier */
-	} else {
-		k.remote_port = p->sport;
-		k.local_port = p->dport;
-	}
+	struct ct_key k = {};
+	ct_key_of(&k, p, CT_RECEIVED);
 	ct_put(&k);
 	if (p->proto == IPPROTO_UDP) {
 		/* Again without the pod's address, for sendmsg() on a wildcard-bound socket. */
@@ -113,75 +110,60 @@ static __always_inline void ct_record_inbound(const struct l4 *p)
 	}
 }
 
-/* Whether a packet from the workload answers a flow that came in: a UDP reply, an ICMP echo
- * reply, or an ICMP error about a packet sent to the workload. */
-static __always_inline int ct_is_answer(struct __sk_buff *skb, const struct l4 *p)
-{
-	if (p->proto == IPPROTO_UDP) {
-		struct ct_key k = {};
-		ct_key_sent(&k, p);
-		return ct_fresh(&k);
-	}
-	if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
-		return 0;
-	int echo_reply = p->ipv6 ? p->icmp_type == ICMPV6_ECHO_REPLY : p->icmp_type == ICMP_ECHOREPLY;
-	if (echo_reply) {
-		struct ct_key k = {};
-		ct_key_sent(&k, p);
-		return ct_fresh(&k);
-	}
-	if (!icmp_is_error(p))
-		return 0;
-	struct l4 inner = {};
-	return parse_icmp_inner(skb, p, &inner) == PARSE_OK && addr_eq(inner.dst, p->src);
-}
-
 /* Remembers a flow the workload is sending: every UDP datagram, TCP SYN and SYN-ACK (its own
  * connections and the ones it accepted), ICMP echo requests. */
 static __always_inline void ct_record(const struct l4 *p)
 {
-	int icmp_echo = (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHO) ||
-			(p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
-	if (p->proto != IPPROTO_UDP && !(p->proto == IPPROTO_TCP && p->tcp_syn) && !icmp_echo)
+	if (p->proto != IPPROTO_UDP && !(p->proto == IPPROTO_TCP && p->tcp_syn) &&
+	    !icmp_is_echo_request(p))
 		return;
 	struct ct_key k = {};
-	ct_key_sent(&k, p);
+	ct_key_of(&k, p, CT_SENT);
 	ct_put(&k);
 }
 
+/* Whether an ICMP error is about a flow the workload took part in, and that flow is in the
+ * table: an error naming any other flow could carry anything anywhere.
+ * - Towards the workload: the inner packet is one it sent (any router on the path may report
+ *   it, so only the inner source is checked against the workload).
+ * - From the workload: the inner packet is one it received, and the error goes back to that
+ *   packet's sender. */
+static __always_inline int ct_icmp_error_known(struct __sk_buff *skb, const struct l4 *p,
+					       int towards)
+{
+	struct l4 inner = {};
+	if (!icmp_is_error(p) || parse_icmp_inner(skb, p, &inner) != PARSE_OK)
+		return 0;
+	if (towards ? !addr_eq(inner.src, p->dst)
+		    : !addr_eq(inner.dst, p->src) || !addr_eq(inner.src, p->dst))
+		return 0;
+	struct ct_key k = {};
+	ct_key_of(&k, &inner, towards ? CT_SENT : CT_RECEIVED);
+	return ct_fresh(&k);
+}
+
 /* Whether a packet towards the workload answers a flow it started: a UDP reply, an ICMP echo
- * reply, or an ICMP error about a packet it sent (checked on the packet inside the error). */
+ * reply, or an ICMP error about a packet it sent. */
 static __always_inline int ct_is_reply(struct __sk_buff *skb, const struct l4 *p)
 {
-	struct ct_key k = {};
-	if (p->proto == IPPROTO_UDP) {
-		__builtin_memcpy(k.remote, p->src, 16);
-		__builtin_memcpy(k.local, p->dst, 16);
-		k.remote_port = p->sport;
-		k.local_port = p->dport;
-		k.protocol = IPPROTO_UDP;
+	if (p->proto == IPPROTO_UDP || icmp_is_echo_reply(p)) {
+		struct ct_key k = {};
+		ct_key_of(&k, p, CT_RECEIVED);
 		return ct_fresh(&k);
 	}
-	if (p->proto != IPPROTO_ICMP && p->proto != IPPROTO_ICMPV6)
-		return 0;
-	int echo_reply = p->ipv6 ? p->icmp_type == ICMPV6_ECHO_REPLY : p->icmp_type == ICMP_ECHOREPLY;
-	if (echo_reply) {
-		__builtin_memcpy(k.remote, p->src, 16);
-		__builtin_memcpy(k.local, p->dst, 16);
-		k.local_port = p->dport;
-		k.protocol = p->proto;
+	return ct_icmp_error_known(skb, p, 1);
+}
+
+/* Whether a packet from the workload answers a flow that came in (or continues one already
+ * admitted): a UDP datagram, an ICMP echo reply, or an ICMP error about a packet it received. */
+static __always_inline int ct_is_answer(struct __sk_buff *skb, const struct l4 *p)
+{
+	if (p->proto == IPPROTO_UDP || icmp_is_echo_reply(p)) {
+		struct ct_key k = {};
+		ct_key_of(&k, p, CT_SENT);
 		return ct_fresh(&k);
 	}
-	if (!icmp_is_error(p))
-		return 0;
-	struct l4 inner = {};
-	if (parse_icmp_inner(skb, p, &inner) != PARSE_OK)
-		return 0;
-	/* The error must be about a packet this workload sent. */
-	if (!addr_eq(inner.src, p->dst))
-		return 0;
-	ct_key_sent(&k, &inner);
-	return ct_fresh(&k);
+	return ct_icmp_error_known(skb, p, 0);
 }
 
 static __always_inline void frag_key_of(struct frag_key *k, const struct l4 *p)

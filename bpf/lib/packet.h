@@ -212,6 +212,18 @@ static __always_inline int parse(struct __sk_buff *skb, struct l4 *out)
 	return parse_l4(skb, out);
 }
 
+static __always_inline int icmp_is_echo_request(const struct l4 *p)
+{
+	return (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHO) ||
+	       (p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REQUEST);
+}
+
+static __always_inline int icmp_is_echo_reply(const struct l4 *p)
+{
+	return (p->proto == IPPROTO_ICMP && !p->ipv6 && p->icmp_type == ICMP_ECHOREPLY) ||
+	       (p->proto == IPPROTO_ICMPV6 && p->ipv6 && p->icmp_type == ICMPV6_ECHO_REPLY);
+}
+
 /* ICMP errors carry the start of the packet they are about. */
 static __always_inline int icmp_is_error(const struct l4 *p)
 {

@@ -671,3 +671,70 @@ fn udp_from_a_hooked_process_is_refused_with_eperm_and_its_answers_pass() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+#[test]
+fn an_icmp_error_about_no_known_flow_does_not_leave_a_default_deny_pod() {
+    if !privileged() {
+        return;
+    }
+    let (env, net) = (Env::new(), NetEnv::new());
+    let dp = permissive(
+        &env,
+        &net,
+        &[
+            egress(Protocol::Udp, 0, 0, Action::Deny, 0),
+            egress(Protocol::Other, 0, 0, Action::Deny, 0),
+        ],
+    );
+    let (pod, peer) = (ip(&net.pod_ip), ip(&net.peer_ip));
+    let at_peer = Watch::open(&net.peer);
+    let unreachable_from_pod =
+        |s: &packets::Seen| s.src == pod && s.proto == ICMP && s.icmp_type == 3;
+
+    // A raw socket in the pod forges an error about a datagram the pod never received: its
+    // payload would be a channel out of the egress lockdown.
+    let forged_inner = ipv4(
+        peer,
+        pod,
+        UDP,
+        7301,
+        0,
+        false,
+        &packets::udp(peer, pod, 7777, 8888, b"x"),
+    );
+    let forged = ipv4(
+        pod,
+        peer,
+        ICMP,
+        7302,
+        0,
+        false,
+        &packets::port_unreachable(&forged_inner),
+    );
+    let before = drops(&dp, "default-deny");
+    packets::send(&net.pod, peer, &[forged]);
+    assert!(
+        !at_peer.saw(WAIT, unreachable_from_pod),
+        "a forged ICMP error must not get out"
+    );
+    assert!(
+        drops(&dp, "default-deny") > before,
+        "{:?}",
+        dp.drop_counts()
+    );
+
+    // The pod's own kernel answering a datagram to a closed port (ingress admits it) does.
+    let probe = ipv4(
+        peer,
+        pod,
+        UDP,
+        7303,
+        0,
+        false,
+        &packets::udp(peer, pod, 7778, 5999, b"y"),
+    );
+    assert!(
+        answered(&at_peer, &net.peer, pod, &[probe], unreachable_from_pod),
+        "the pod's port-unreachable about an admitted datagram reaches its sender"
+    );
+}

@@ -93,6 +93,16 @@ pub fn echo_request(src: IpAddr, dst: IpAddr, id: u16) -> Vec<u8> {
     m
 }
 
+/// An ICMP (IPv4) destination-unreachable (port unreachable) error about `inner`: its IP header
+/// and the first 8 bytes after it.
+pub fn port_unreachable(inner: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    m.extend(&inner[..inner.len().min(28)]);
+    let sum = ones_complement(&[&m]);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
 /// An IPv4 header and payload. `offset` is the fragment offset in bytes (a multiple of 8),
 /// `more` the MF flag. The kernel fills in the header checksum.
 pub fn ipv4(
