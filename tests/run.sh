@@ -18,6 +18,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # deploy/ is validated with kubernetes-validate (PyPI) in a virtual environment.
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# ... as the kustomization renders it, with a real kustomize (kubectl's, or Debian's kubectl).
+command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1 || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${missing[*]}" >&2
     sudo_if_needed apt-get update -qq
@@ -39,12 +41,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
-# Every manifest in deploy/ against the Kubernetes OpenAPI schemas, and custom resources
-# against their CRDs.
+# The rendered kustomization against the Kubernetes OpenAPI schemas, the agents' admission
+# policy through a CEL interpreter, and custom resources against their CRDs.
 venv="$CARGO_TARGET_DIR/manifest-venv"
-if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+if ! "$venv/bin/python3" -c 'import kubernetes_validate, celpy' >/dev/null 2>&1; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q kubernetes-validate
+    "$venv/bin/pip" install -q kubernetes-validate cel-python
 fi
 "$venv/bin/python3" tests/validate_manifests.py
 # The README's demo, end to end, as a smoke test (root only: it builds network namespaces).

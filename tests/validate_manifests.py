@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Validates deploy/: every Kubernetes manifest against the Kubernetes OpenAPI schemas
-(kubernetes-validate, strict: unknown fields fail), and custom resources against their own
-CRD's openAPIV3Schema (the IdentityPolicy examples, a SignetIdentity). Exit 1 on any failure.
+"""Validates deploy/ as it is installed: the kustomization rendered by a real kustomize
+(`kubectl kustomize`, or `kustomize build`), every rendered Kubernetes object against the Kubernetes
+OpenAPI schemas (kubernetes-validate, strict: unknown fields fail), the rendered set against the
+files (nothing missing, nothing extra), the agents' ValidatingAdmissionPolicy evaluated with a CEL
+interpreter on requests it must refuse and admit, and custom resources against their own CRD's
+openAPIV3Schema (the IdentityPolicy examples, a SignetIdentity). Exit 1 on any failure.
 
     python3 tests/validate_manifests.py [--kubernetes-version 1.34]
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
+import celpy
 import jsonschema
 import yaml
 
@@ -19,22 +25,98 @@ if "--kubernetes-version" in sys.argv:
 
 failures = []
 
-manifests = sorted(glob.glob("deploy/kubernetes/*.yaml")) + sorted(glob.glob("deploy/crds/*.yaml"))
-manifests = [m for m in manifests if not m.endswith("kustomization.yaml")]
+
+def render(root):
+    if shutil.which("kubectl"):
+        cmd = ["kubectl", "kustomize", root]
+    elif shutil.which("kustomize"):
+        cmd = ["kustomize", "build", root]
+    else:
+        sys.exit("validate_manifests: no kustomize (kubectl kustomize or kustomize build) found")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"validate_manifests: `{' '.join(cmd)}` failed:\n{result.stderr}")
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def key(doc):
+    m = doc.get("metadata", {})
+    return (doc.get("kind"), m.get("namespace"), m.get("name"))
+
+
+rendered = render("deploy/kubernetes")
+files = [f for d in ("deploy/kubernetes", "deploy/crds", "deploy/gateway")
+         for f in sorted(glob.glob(f"{d}/*.yaml")) if not f.endswith("kustomization.yaml")]
+in_files = {key(d) for f in files for d in yaml.safe_load_all(open(f)) if d}
+in_render = {key(d) for d in rendered}
+for k in sorted(in_files - in_render, key=str):
+    failures.append(f"{k} is in deploy/ but not in the rendered kustomization")
+for k in sorted(in_render - in_files, key=str):
+    failures.append(f"{k} is rendered by the kustomization but in no file of deploy/")
+
+# Kubernetes' own kinds against its schemas; the GatewayClass is the Gateway API's.
+core = [d for d in rendered if not d["apiVersion"].startswith("gateway.networking.k8s.io/")]
+with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as out:
+    yaml.safe_dump_all(core, out)
 result = subprocess.run(
-    [os.path.join(os.path.dirname(sys.executable), "kubernetes-validate"), "--strict", "--quiet", "-k", VERSION, *manifests],
+    [os.path.join(os.path.dirname(sys.executable), "kubernetes-validate"), "--strict", "--quiet", "-k", VERSION, out.name],
     capture_output=True, text=True)
+os.unlink(out.name)
 print(result.stdout, end="")
 print(result.stderr, end="", file=sys.stderr)
 if result.returncode != 0:
-    failures.append(f"kubernetes-validate failed on {' '.join(manifests)}")
+    failures.append("kubernetes-validate failed on the rendered kustomization")
+for gc in (d for d in rendered if d["kind"] == "GatewayClass"):
+    if not gc.get("spec", {}).get("controllerName", "").startswith("signet.dev/"):
+        failures.append(f"GatewayClass {gc['metadata']['name']}: controllerName is not Signet's")
 
-# The kustomization lists every manifest (and nothing missing).
-kustomization = yaml.safe_load(open("deploy/kubernetes/kustomization.yaml"))
-listed = {r.split("/")[-1] for r in kustomization["resources"]}
-for m in manifests + ["deploy/gateway/gatewayclass.yaml"]:
-    if m.split("/")[-1] not in listed:
-        failures.append(f"{m} is not in deploy/kubernetes/kustomization.yaml")
+
+def admission(policy, operation, user, name):
+    """What `policy` (a ValidatingAdmissionPolicy) answers to `user` doing `operation` on a
+    SignetIdentity named `name`: None when it does not apply, else the list of failed messages."""
+    env = celpy.Environment()
+    obj = {"metadata": {"name": name}, "spec": {"spiffeId": "spiffe://cluster.local/ns/a/sa/b"}}
+    ctx = {
+        "request": {"operation": operation, "userInfo": {"username": user}},
+        "object": None if operation == "DELETE" else obj,
+        "oldObject": None if operation == "CREATE" else obj,
+    }
+    run = lambda expr, c: env.program(env.compile(expr)).evaluate(celpy.json_to_cel(c))
+    spec = policy["spec"]
+    if not all(run(m["expression"], ctx) for m in spec.get("matchConditions", [])):
+        return None
+    variables = {}
+    for v in spec.get("variables", []):
+        variables[v["name"]] = run(v["expression"], {**ctx, "variables": variables})
+    scope = {**ctx, "variables": variables}
+    return [v["message"] for v in spec["validations"] if not run(v["expression"], scope)]
+
+
+AGENT = "system:serviceaccount:signet-system:signet-agent"
+vaps = [d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy"]
+bound = {d["spec"]["policyName"] for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding"
+         and "Deny" in d["spec"]["validationActions"]}
+identity_vaps = [v for v in vaps if v["metadata"]["name"] in bound and any(
+    "signetidentities" in r["resources"] for r in v["spec"]["matchConstraints"]["resourceRules"])]
+if not identity_vaps:
+    failures.append("no bound ValidatingAdmissionPolicy denies agents' writes of SignetIdentities")
+for vap in identity_vaps:
+    cases = [  # (operation, user, name, admitted)
+        ("CREATE", AGENT, "256", True), ("CREATE", AGENT, "70000", True),
+        ("DELETE", AGENT, "300", True),
+        ("CREATE", AGENT, "1", False), ("CREATE", AGENT, "8", False), ("DELETE", AGENT, "6", False),
+        ("CREATE", AGENT, "255", False), ("CREATE", AGENT, "0256", False),
+        ("CREATE", AGENT, "16777216", False), ("CREATE", AGENT, "-300", False),
+        ("UPDATE", AGENT, "300", False),
+        # Not an agent: the policy does not apply (the cluster admin may fix things by hand).
+        ("DELETE", "kubernetes-admin", "1", True),
+    ]
+    for op, user, name, admitted in cases:
+        refused = admission(vap, op, user, name) or []
+        if admitted == bool(refused):
+            failures.append(f"{vap['metadata']['name']}: {op} of SignetIdentity {name} by {user}: "
+                            f"{'refused ' + str(refused) if refused else 'admitted'}, expected "
+                            f"{'admitted' if admitted else 'refused'}")
 
 
 def crd_schema(path):
@@ -52,7 +134,7 @@ def check(kind, schema, obj, where):
         failures.append(f"{where}: {kind} does not match its CRD: {e.message} at {list(e.absolute_path)}")
 
 
-schemas = dict(crd_schema(p) for p in glob.glob("deploy/crds/*.yaml"))
+schemas = dict(crd_schema(p) for p in glob.glob("deploy/crds/*.yaml") if not p.endswith("kustomization.yaml"))
 checked = 0
 for path in sorted(glob.glob("policies/examples/*.yaml")):
     for doc in yaml.safe_load_all(open(path)):
@@ -70,7 +152,7 @@ if len(failures) == before:
 else:
     failures.pop()  # refused, as it should be
 
-print(f"validated {len(manifests)} manifest files against Kubernetes {VERSION} and {checked + 1} custom resources against their CRDs")
+print(f"validated {len(rendered)} rendered objects against Kubernetes {VERSION}, {len(identity_vaps)} admission policy on 12 requests, and {checked + 1} custom resources against their CRDs")
 for f in failures:
     print(f"FAIL: {f}", file=sys.stderr)
 sys.exit(1 if failures else 0)

@@ -388,7 +388,8 @@ impl Agent {
                 let client = signet_ca::server::kube::client(config.kubeconfig.as_deref())
                     .await
                     .context("connecting to the Kubernetes API")?;
-                let source = KubeSource::start(client.clone(), &config.agent_namespace, &stop);
+                let source =
+                    KubeSource::start(client.clone(), &config.gateway_tls_namespace, &stop);
                 // Not ready, and nothing applied, before every resource has been listed once.
                 {
                     let started = std::time::Instant::now();

@@ -80,6 +80,9 @@ struct Raw {
     mtls_mode: MtlsMode,
     #[serde(default = "default_agent_ns")]
     agent_namespace: String,
+    /// Kubernetes mode: where the CA copies the TLS Secrets Gateways reference.
+    #[serde(default = "default_tls_ns")]
+    gateway_tls_namespace: String,
     #[serde(default = "default_svid_ttl")]
     svid_ttl_seconds: u64,
     #[serde(default = "default_grace")]
@@ -200,6 +203,9 @@ fn default_td() -> String {
 fn default_agent_ns() -> String {
     "signet-system".into()
 }
+fn default_tls_ns() -> String {
+    "signet-gateway-tls".into()
+}
 fn default_server_name() -> String {
     "localhost".into()
 }
@@ -251,8 +257,10 @@ pub struct AgentConfig {
     pub node: String,
     pub trust_domain: TrustDomain,
     pub agent_identity: SpiffeId,
-    /// The agent's namespace (its service account, and where Gateway TLS Secrets are copied).
+    /// The agent's namespace (its service account and Leases).
     pub agent_namespace: String,
+    /// Where the CA copies Gateway TLS Secrets (the only Secrets an agent reads).
+    pub gateway_tls_namespace: String,
     pub source: ClusterSource,
     /// How to reach the API server when not in-cluster.
     pub kubeconfig: Option<PathBuf>,
@@ -410,6 +418,7 @@ impl AgentConfig {
             source,
             kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
             agent_namespace: raw.agent_namespace.clone(),
+            gateway_tls_namespace: raw.gateway_tls_namespace.clone(),
             ca_address: raw.ca.address,
             ca_server_name: raw.ca.server_name,
             ca_root_pem,

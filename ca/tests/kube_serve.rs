@@ -181,8 +181,10 @@ async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infall
             c.root_configmap = Some(cm.clone());
             reply(StatusCode::OK, &cm)
         }
-        // The Gateway TLS copies (labelled); the CA's own Secret carries no label.
-        p if p == secrets && parts.method == Method::GET => list("Secret", vec![]),
+        // The Gateway TLS copies, in their own namespace (the CA never lists its own).
+        "/api/v1/namespaces/signet-gateway-tls/secrets" if parts.method == Method::GET => {
+            list("Secret", vec![])
+        }
         p if p == secrets => {
             c.secret_creates += 1;
             crud(&mut c.secrets, &mut c.version, &parts.method, "", &body)

@@ -8,7 +8,7 @@
 //! allocated as SignetIdentity objects and collected when unused, the Lease holders,
 //! IdentityPolicy and Gateway status written back, policy changes made through the API reaching
 //! the datapath on both nodes (also after every watch was cut), and a Gateway served with the
-//! TLS Secret the CA copied into signet-system.
+//! TLS Secret the CA copied into signet-gateway-tls.
 
 mod common;
 
@@ -180,8 +180,8 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (t.client(&target)["ok"] == true).then_some(())
     });
 
-    // A Gateway through the API: the CA copies its TLS Secret into signet-system (agents may read
-    // nothing else), the agents serve it, and its status is written back.
+    // A Gateway through the API: the CA copies its TLS Secret into signet-gateway-tls (agents may
+    // read no other Secret), the agents serve it, and its status is written back.
     let (cert_pem, gateway) = gateway_objects();
     for o in gateway {
         api.put(o);
@@ -218,7 +218,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         .objects("Secret")
         .into_iter()
         .filter(|s| {
-            s["metadata"]["namespace"] == "signet-system" && s["type"] == "kubernetes.io/tls"
+            s["metadata"]["namespace"] == "signet-gateway-tls" && s["type"] == "kubernetes.io/tls"
         })
         .collect();
     assert_eq!(copies.len(), 1, "one copy of shop/shop-tls: {copies:?}");

@@ -93,8 +93,9 @@ fn as_original(mut secret: Secret) -> Secret {
 }
 
 impl KubeSource {
-    /// Starts every reflector. `agent_namespace` is where the TLS Secrets Gateways use are.
-    pub fn start(client: kube::Client, agent_namespace: &str, stop: &CancellationToken) -> Self {
+    /// Starts every reflector. `tls_namespace` is where the CA copies the TLS Secrets Gateways
+    /// use (the only Secrets an agent reads).
+    pub fn start(client: kube::Client, tls_namespace: &str, stop: &CancellationToken) -> Self {
         let changed = Arc::new(watch::channel(0u64).0);
         let all = watcher::Config::default();
         let c = &client;
@@ -111,7 +112,7 @@ impl KubeSource {
             routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
-                Api::namespaced(c.clone(), agent_namespace),
+                Api::namespaced(c.clone(), tls_namespace),
                 all.fields("type=kubernetes.io/tls"),
                 &changed,
                 stop,

@@ -8,6 +8,7 @@
 //! root: {ttlSeconds: 31536000, rotationOverlapSeconds: 604800, intermediate: false}
 //! clusterStateDir: /etc/signet/state  # Kubernetes manifests: which pod runs on which node
 //! agentNamespace: signet-system
+//! gatewayTlsNamespace: signet-gateway-tls # Kubernetes mode: where Gateway TLS Secrets are copied
 //! servingNames: [localhost, 127.0.0.1]
 //! svid: {defaultTtlSeconds: 3600, maxTtlSeconds: 86400}
 //! nodes:
@@ -54,6 +55,11 @@ struct RawConfig {
     kubernetes: bool,
     #[serde(default = "default_agent_namespace")]
     agent_namespace: String,
+    /// Kubernetes mode: the namespace the Gateway TLS copies go to. It holds nothing else, so
+    /// the agents' read access there reaches no other Secret (the CA's keys stay in
+    /// `agentNamespace`, where agents read no Secret).
+    #[serde(default = "default_tls_namespace")]
+    gateway_tls_namespace: String,
     #[serde(default = "default_serving_names")]
     serving_names: Vec<String>,
     #[serde(default)]
@@ -164,6 +170,9 @@ fn default_listen() -> SocketAddr {
 fn default_agent_namespace() -> String {
     "signet-system".into()
 }
+fn default_tls_namespace() -> String {
+    "signet-gateway-tls".into()
+}
 fn default_serving_names() -> Vec<String> {
     vec!["localhost".into(), "127.0.0.1".into()]
 }
@@ -227,6 +236,8 @@ pub struct ServerConfig {
     pub agent_namespace: String,
     /// The Secret (in `agent_namespace`) that holds a generated CA, in Kubernetes mode.
     pub ca_secret: Option<String>,
+    /// Where the TLS Secrets Signet's Gateways reference are copied for the agents.
+    pub gateway_tls_namespace: String,
     /// Every node agent's own identity: `spiffe://<td>/ns/<agentNamespace>/sa/signet-agent`.
     pub agent_identity: SpiffeId,
     /// The CA server's identity in its serving certificate.
@@ -336,6 +347,7 @@ impl ServerConfig {
             cluster,
             agent_namespace: raw.agent_namespace.clone(),
             ca_secret: raw.ca_secret.clone(),
+            gateway_tls_namespace: raw.gateway_tls_namespace.clone(),
             agent_identity,
             server_identity,
             serving_names: raw.serving_names,

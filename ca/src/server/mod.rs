@@ -130,6 +130,7 @@ impl CaServer {
         shutdown: CancellationToken,
     ) -> Result<Self, InClusterError> {
         let namespace = config.agent_namespace.clone();
+        let copies = config.gateway_tls_namespace.clone();
         let keys = match (&config.ca_secret, &config.ca.source) {
             (Some(secret), crate::CaSource::SharedStateDir(dir)) => {
                 let (keys, created) =
@@ -163,7 +164,7 @@ impl CaServer {
             ));
         }
         // Serve only once the view of who runs where is loaded.
-        kube::watch_cluster(client, server.authorizer(), namespace, shutdown).await;
+        kube::watch_cluster(client, server.authorizer(), copies, shutdown).await;
         Ok(server)
     }
 
