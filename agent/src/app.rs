@@ -100,12 +100,27 @@ impl Reconciler {
         };
         let snap = snapshot::build_loaded(
             loaded,
+            self.config.pod_annotations,
             &self.config.node,
             allocator,
             &mut self.endpoint_ids,
             previous.map(|s| &s.compiled),
             MapSizes::default().policy as usize,
         )?;
+        for (ip, why) in &snap.refused_ips {
+            if previous.is_none_or(|p| p.refused_ips.get(ip) != Some(why)) {
+                tracing::warn!(%ip, "address refused to every pod until one owns it: {why}");
+            }
+        }
+        for pod in &snap.ignored_annotations {
+            if previous.is_none_or(|p| !p.ignored_annotations.contains(pod)) {
+                tracing::warn!(
+                    pod,
+                    "placement annotations (signet.dev/cgroup, -netns, -host-interface) ignored: \
+                     this agent does not run the local topology (localTopology: true)"
+                );
+            }
+        }
         // Pod addresses carry their workload's identity. A ClusterIP carries its backends' one
         // identity, so what the proxy does not decide (UDP, excluded ports) is checked against
         // it, or ANY when they have several: then only rules for everyone admit it. Both are
@@ -141,6 +156,13 @@ impl Reconciler {
                 service: true,
                 ..host_entry(vip, identity, true)
             });
+        }
+        // An address two pods claim is captured (so nothing reaches it in plaintext) and the
+        // proxy refuses it; arriving, it is world, and plaintext from it is strict mode's to drop.
+        for ip in snap.refused_ips.keys() {
+            if !snap.nodes.values().any(|n| n == ip) {
+                ipcache.push(host_entry(*ip, signet_policy::identity::WORLD, true));
+            }
         }
         // This node's own addresses are the host (strict mode lets its plaintext probes in);
         // the other nodes are remote-node. Neither is captured.
@@ -542,9 +564,18 @@ impl Agent {
             Arc::new(move || readiness(&snapshot, &certs))
         };
         let gauges = {
-            let (connections, certs, readiness) =
-                (connections.clone(), certs.clone(), readiness.clone());
+            let (connections, certs, readiness, snapshot) = (
+                connections.clone(),
+                certs.clone(),
+                readiness.clone(),
+                snapshot.clone(),
+            );
             Arc::new(move || Gauges {
+                refused_addresses: snapshot
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .refused_ips
+                    .len(),
                 certificate_expiry: certs.expiries(),
                 open_connections: [Reporter::Outbound, Reporter::Inbound]
                     .into_iter()

@@ -8,6 +8,9 @@
 //! identityTable: /var/lib/signet/identities.json
 //! # kubernetes: true                        # instead of the two above: the API server
 //! # kubeconfig: /etc/signet/kubeconfig      # with kubernetes: true, outside a pod
+//! # localTopology: true                     # believe signet.dev/cgroup, -netns and
+//! #                                         # -host-interface pod annotations (default: only
+//! #                                         # with clusterStateDir)
 //! ca:
 //!   address: 10.77.0.1:15012
 //!   serverName: localhost                   # name in the CA's serving certificate
@@ -73,6 +76,9 @@ struct Raw {
     /// With `kubernetes: true`: a kubeconfig to reach the API with, instead of the in-cluster
     /// service account (an agent run outside a pod).
     kubeconfig: Option<PathBuf>,
+    /// The node runs the local topology (the demo's network namespaces), where pod annotations
+    /// say where a pod lives. Default: true with a state directory, false with the API.
+    local_topology: Option<bool>,
     ca: RawCa,
     datapath: RawDatapath,
     listen: RawListen,
@@ -262,6 +268,8 @@ pub struct AgentConfig {
     /// Where the CA copies Gateway TLS Secrets (the only Secrets an agent reads).
     pub gateway_tls_namespace: String,
     pub source: ClusterSource,
+    /// Whether pods' placement annotations are believed (`localTopology`).
+    pub pod_annotations: crate::state::snapshot::PodAnnotations,
     /// How to reach the API server when not in-cluster.
     pub kubeconfig: Option<PathBuf>,
     pub ca_address: String,
@@ -416,6 +424,11 @@ impl AgentConfig {
             trust_domain,
             agent_identity,
             source,
+            pod_annotations: if raw.local_topology.unwrap_or(!raw.kubernetes) {
+                crate::state::snapshot::PodAnnotations::Trusted
+            } else {
+                crate::state::snapshot::PodAnnotations::Ignored
+            },
             kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
             agent_namespace: raw.agent_namespace.clone(),
             gateway_tls_namespace: raw.gateway_tls_namespace.clone(),

@@ -3,7 +3,9 @@
 //! hold), must build the same snapshot — workloads, node addresses, numeric identities, this
 //! node's endpoints, Services, compiled policy and Gateway status.
 
-use signet_agent::state::snapshot::{self, ClusterObjects, EndpointIds, Snapshot, Source};
+use signet_agent::state::snapshot::{
+    self, ClusterObjects, EndpointIds, PodAnnotations, Snapshot, Source,
+};
 use signet_ca::TrustDomain;
 use signet_policy::identity::MemoryAllocator;
 
@@ -102,9 +104,14 @@ fn objects_of(text: &str) -> ClusterObjects {
 }
 
 fn build(source: Source<'_>, node: &str) -> Snapshot {
-    snapshot::build(
-        source,
-        &TrustDomain::parse("cluster.local").expect("td"),
+    build_with(source, PodAnnotations::Trusted, node)
+}
+
+fn build_with(source: Source<'_>, annotations: PodAnnotations, node: &str) -> Snapshot {
+    snapshot::build_loaded(
+        snapshot::load_source(source, &TrustDomain::parse("cluster.local").expect("td"))
+            .expect("loads"),
+        annotations,
         node,
         &MemoryAllocator::default(),
         &mut EndpointIds::default(),
@@ -178,14 +185,9 @@ fn invalid_api_objects_are_named_and_refused_whole() {
         .from[0]
         .identity = Some("not-a-spiffe-id".into());
     objects.nodes[1].status = None;
-    let err = snapshot::build(
+    let err = snapshot::load_source(
         Source::Objects(&objects),
         &TrustDomain::parse("cluster.local").expect("td"),
-        "node-a",
-        &MemoryAllocator::default(),
-        &mut EndpointIds::default(),
-        None,
-        1 << 16,
     )
     .expect_err("refused")
     .to_string();
@@ -194,6 +196,141 @@ fn invalid_api_objects_are_named_and_refused_whole() {
         "{err}"
     );
     assert!(err.contains("Node node-b: needs status.addresses"), "{err}");
+}
+
+#[test]
+fn placement_annotations_are_believed_only_in_the_local_topology() {
+    let objects = objects_of(CLUSTER);
+    let trusted = build_with(Source::Objects(&objects), PodAnnotations::Trusted, "node-a");
+    assert_eq!(trusted.local[0].cgroup.as_deref(), Some("web-0".as_ref()));
+    assert!(trusted.ignored_annotations.is_empty());
+    // In a cluster a tenant writes its pod's annotations: web-0 stays an endpoint, found by its
+    // UID, and the annotation naming a cgroup is reported, not followed.
+    let cluster = build_with(Source::Objects(&objects), PodAnnotations::Ignored, "node-a");
+    assert_eq!(cluster.local.len(), 1);
+    assert_eq!(cluster.local[0].cgroup, None);
+    assert_eq!(cluster.local[0].host_interface, None);
+    assert_eq!(cluster.ignored_annotations, ["shop/web-0"]);
+    // The agent's configuration decides: API source without `localTopology` ignores them.
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = |extra: &str| {
+        let root = dir.path().join("root.pem");
+        std::fs::write(
+            &root,
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        )
+        .expect("root");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").expect("token");
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let text = format!(
+            "node: node-a\nkubernetes: true\n{extra}ca: {{address: '127.0.0.1:15012', rootCertFile: {}, tokenFile: {}}}\n\
+             datapath: {{cgroupRoot: /sys/fs/cgroup}}\n\
+             listen: {{outbound: '127.0.0.1:15001', inbound: '127.0.0.1:15008', admin: '127.0.0.1:15020'}}\n",
+            root.display(),
+            token.display()
+        );
+        signet_agent::config::AgentConfig::parse(&text, &dir.path().join("agent.yaml"), dir.path())
+            .expect("config")
+            .pod_annotations
+    };
+    assert_eq!(config(""), PodAnnotations::Ignored);
+    assert_eq!(config("localTopology: true\n"), PodAnnotations::Trusted);
+}
+
+/// Two live pods on one address, a pod on a node's own address, one outside its node's
+/// podCIDRs, and a hostNetwork pod beside them.
+const CLAIMS: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDRs: [10.1.0.0/24]}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: c}]}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop}
+spec: {nodeName: node-b, serviceAccountName: db, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: impostor-0, namespace: evil}
+spec: {nodeName: node-b, serviceAccountName: evil, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: thief-0, namespace: evil}
+spec: {nodeName: node-a, serviceAccountName: evil, containers: [{name: c, image: c}]}
+status: {podIP: 10.2.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-b-squatter, namespace: evil}
+spec: {nodeName: node-b, serviceAccountName: evil, containers: [{name: c, image: c}]}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: exporter-a, namespace: monitoring}
+spec: {nodeName: node-a, hostNetwork: true, serviceAccountName: exporter, containers: [{name: c, image: c}]}
+status: {podIP: 10.0.0.1}
+---
+";
+
+#[test]
+fn an_address_has_one_owner_or_none() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("all.yaml"), CLAIMS).expect("write");
+    let objects = objects_of(CLAIMS);
+    for snap in [
+        build(Source::Dir(dir.path()), "node-a"),
+        build(Source::Objects(&objects), "node-a"),
+    ] {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        // Two pods on 10.2.0.9: neither gets it, whatever their order.
+        assert!(snap.pod_by_ip(ip("10.2.0.9")).is_none());
+        assert!(snap.refused_ips[&ip("10.2.0.9")].contains("evil/impostor-0, shop/db-0"));
+        // node-a may not hand out an address outside its podCIDRs.
+        assert!(snap.pod_by_ip(ip("10.2.0.7")).is_none());
+        assert!(snap.refused_ips[&ip("10.2.0.7")].contains("outside node-a's podCIDRs"));
+        // No pod is a node.
+        assert!(snap.pod_by_ip(ip("10.0.0.2")).is_none());
+        assert!(snap.refused_ips[&ip("10.0.0.2")].contains("node node-b's own address"));
+        // A hostNetwork pod is the node: no workload, no claim, no identity of its own.
+        assert!(snap.pod_by_ip(ip("10.0.0.1")).is_none());
+        assert!(!snap.refused_ips.contains_key(&ip("10.0.0.1")));
+        assert!(
+            !snap
+                .identities
+                .keys()
+                .any(|id| id.as_str().ends_with("/sa/exporter"))
+        );
+        assert_eq!(
+            snap.local.len(),
+            2,
+            "web-0 and thief-0 are node-a's endpoints"
+        );
+        // The legitimate pod beside them keeps its address.
+        assert_eq!(
+            snap.pod_by_ip(ip("10.1.0.2")).map(|w| w.key()).as_deref(),
+            Some("shop/web-0")
+        );
+        assert_eq!(snap.refused_ips.len(), 3, "{:?}", snap.refused_ips);
+    }
 }
 
 mod kubernetes {

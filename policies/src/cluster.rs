@@ -183,9 +183,19 @@ fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
         .unwrap_or_else(|| "default".into());
     let spec = pod.spec.clone().unwrap_or_default();
     let status = pod.status.clone().unwrap_or_default();
-    // A pod that has finished owns no address: the kubelet may already have given it to a new
-    // pod, which must not be taken for the old one.
-    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    // hostNetwork, static and mirror pods, and pods naming no service account, are not
+    // workloads. Finished pods stay selectable (their labels still name them) but own no
+    // address: the kubelet may already have given it to a new pod, which must not be taken for
+    // the old one.
+    use signet_ca::server::authz::{NotAWorkload, not_a_workload};
+    let finished = match not_a_workload(pod) {
+        None => false,
+        Some(NotAWorkload::Finished) => true,
+        Some(_) => return Ok(()),
+    };
+    let Some(service_account) = spec.service_account_name.as_deref() else {
+        return Ok(());
+    };
     let mut ips = Vec::new();
     for ip in status
         .pod_ips
@@ -207,7 +217,7 @@ fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
             &namespace,
             &name,
             pod.metadata.labels.clone().unwrap_or_default(),
-            spec.service_account_name.as_deref().unwrap_or("default"),
+            service_account,
             spec.node_name.as_deref(),
             ips,
         )
@@ -333,6 +343,35 @@ mod tests {
     }
 
     #[test]
+    fn host_network_static_and_unnamed_pods_are_not_workloads() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: probe-0, namespace: kube-system}\n\
+             spec: {nodeName: node-a, hostNetwork: true, serviceAccountName: probe, containers: []}\n\
+             status: {phase: Running, podIP: 10.0.0.1}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: etcd-node-a, namespace: kube-system, annotations: {kubernetes.io/config.mirror: abc}}\n\
+             spec: {nodeName: node-a, serviceAccountName: etcd, containers: []}\n\
+             status: {phase: Running, podIP: 10.0.0.9}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: bare-0, namespace: shop}\n\
+             spec: {nodeName: node-a, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.8}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\n\
+             spec: {nodeName: node-a, serviceAccountName: web, containers: []}\n\
+             status: {phase: Running, podIP: 10.0.0.7}\n";
+        std::fs::write(dir.path().join("pods.yaml"), yaml).expect("write");
+        let state = load_state(dir.path(), &td()).expect("valid state");
+        let names: Vec<String> = state.cluster.workloads.iter().map(Workload::key).collect();
+        // The node's own address (hostNetwork) and a pod naming no account are not taken for a
+        // workload, and nothing became `sa/default`.
+        assert_eq!(names, ["shop/web-0"]);
+        assert!(
+            state
+                .cluster
+                .workloads
+                .iter()
+                .all(|w| w.service_account != "default")
+        );
+    }
+
+    #[test]
     fn loads_namespaces_pods_and_policies_from_one_directory() {
         let dir = tempfile::tempdir().expect("tmp");
         std::fs::write(
@@ -366,7 +405,7 @@ mod tests {
     #[test]
     fn bad_pods_are_reported_with_file_and_position() {
         let dir = tempfile::tempdir().expect("tmp");
-        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec: {containers: []}\n";
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec: {serviceAccountName: web, containers: []}\n";
         std::fs::write(dir.path().join("a.yaml"), format!("{pod}---\n{pod}")).expect("write");
         let d = load_state(dir.path(), &td()).expect_err("duplicate pod");
         assert!(
@@ -377,8 +416,8 @@ mod tests {
         std::fs::write(
             dir.path().join("a.yaml"),
             pod.replace(
-                "spec: {containers: []}",
-                "spec: {containers: []}\nstatus: {podIP: not-an-ip}",
+                "spec: {serviceAccountName: web, containers: []}",
+                "spec: {serviceAccountName: web, containers: []}\nstatus: {podIP: not-an-ip}",
             ),
         )
         .expect("write");

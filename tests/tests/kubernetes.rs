@@ -92,7 +92,11 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
     };
     assert_eq!(holder("signet-ca-rotation").as_deref(), Some("signet-ca-0"));
-    let source = format!("kubernetes: true\nkubeconfig: {}\n", kubeconfig.display());
+    // The local topology: its pods are network namespaces the annotations name.
+    let source = format!(
+        "kubernetes: true\nkubeconfig: {}\nlocalTopology: true\n",
+        kubeconfig.display()
+    );
     let ca_addr = format!("{}:15012", t.node_ip('a'));
     // Unused numeric identities go after 2 s (600 by default), looked for every second.
     let gc = "identityGc: {graceSeconds: 2, intervalSeconds: 1}\n";

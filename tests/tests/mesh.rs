@@ -447,3 +447,67 @@ fn a_header_rule_holds_against_a_second_value_an_opaque_one_and_an_underscore_sp
         assert_eq!(get(attack), 403, "{attack:?} must not pass the header rule");
     }
 }
+
+#[test]
+fn an_address_two_pods_claim_belongs_to_neither_until_one_is_gone() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state("");
+    let _running = start(&t, "", "");
+    let _server = t.server(8080);
+    let target = format!("{}:8080", t.pod_ip('b'));
+    assert_eq!(t.client(&target)["ok"], true, "before the claim");
+
+    // A second live pod (another tenant's, on node B) claims the server's address: neither the
+    // proxy nor the kernel takes it for either pod, and node A refuses the connection rather
+    // than send it anywhere in plaintext.
+    let impostor = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: impostor-0, namespace: evil, labels: {{app: server}}}}\n\
+         spec: {{nodeName: node-b, serviceAccountName: evil, containers: [{{name: c, image: c}}]}}\n\
+         status: {{podIP: {}}}\n",
+        t.pod_ip('b')
+    );
+    t.write_state(&impostor);
+    settle();
+    let report = t.client(&target);
+    assert!(
+        report["ok"] == false || report["reply"] == "",
+        "an address with two owners is refused: {report}"
+    );
+    let (_, body) = t.admin_get('a', "/metrics");
+    assert_eq!(
+        sample(&body, "signet_refused_addresses"),
+        Some(1.0),
+        "{body}"
+    );
+    let refused = format!(
+        "signet_connections_failed_total{{reporter=\"outbound\",source=\"{CLIENT}\",destination=\"unknown\",reason=\"address_conflict\"}}"
+    );
+    assert_eq!(sample(&body, &refused), Some(1.0), "{body}");
+    let (_, body) = t.admin_get('b', "/metrics");
+    assert_eq!(
+        sample(&body, "signet_refused_addresses"),
+        Some(1.0),
+        "{body}"
+    );
+    // Plaintext from outside the proxy does not get through either.
+    assert_eq!(t.bypassing_client(&target)["ok"], false);
+
+    // Once the claim is gone the address is the server's again.
+    t.write_state("");
+    settle();
+    assert_eq!(
+        t.client(&target)["ok"],
+        true,
+        "after the claim is withdrawn"
+    );
+    let (_, body) = t.admin_get('a', "/metrics");
+    assert_eq!(
+        sample(&body, "signet_refused_addresses"),
+        Some(0.0),
+        "{body}"
+    );
+}

@@ -64,6 +64,8 @@ pub struct Gauges {
     pub open_connections: Vec<(Reporter, usize)>,
     /// Open pooled HBONE connections to other nodes.
     pub hbone_pool_connections: usize,
+    /// Addresses no pod owns because their claims conflict (`Snapshot::refused_ips`).
+    pub refused_addresses: usize,
     pub ready: bool,
 }
 
@@ -255,6 +257,18 @@ impl Metrics {
         );
         header(
             &mut out,
+            "signet_refused_addresses",
+            "Pod addresses refused until their claims are resolved (two pods, a node's own, outside the node's podCIDRs).",
+            "gauge",
+        );
+        sample(
+            &mut out,
+            "signet_refused_addresses",
+            "",
+            gauges.refused_addresses as u64,
+        );
+        header(
+            &mut out,
             "signet_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate in force, per workload identity.",
             "gauge",
@@ -353,6 +367,7 @@ mod tests {
             certificate_expiry: vec![("we\"ird".into(), 1_800_000_000)],
             open_connections: vec![(Reporter::Outbound, 3)],
             hbone_pool_connections: 1,
+            refused_addresses: 2,
             ready: true,
         });
         let want = [

@@ -97,6 +97,9 @@ async fn handle(
     };
     let src = snap.workload(src_ep.workload).identity.clone();
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
+    if let Some(why) = snap.refused_ips.get(&dst_addr.ip()) {
+        return deny(src.as_str(), UNKNOWN, asked, "address_conflict", why);
+    }
     let Some(dst_pod) = snap.pod_by_ip(dst_addr.ip()) else {
         return deny(
             src.as_str(),

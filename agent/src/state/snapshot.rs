@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use signet_ca::{SpiffeId, TrustDomain};
-use signet_policy::cluster::{State, Workload, load_state, state_from_objects};
+use signet_policy::cidr::Cidr;
+use signet_policy::cluster::{Cluster, State, Workload, load_state, state_from_objects};
 use signet_policy::compile::{self, Compiled, Input};
 use signet_policy::identity::IdentityAllocator;
 use signet_policy::model::Policy;
@@ -23,6 +24,16 @@ pub const CGROUP_ANNOTATION: &str = "signet.dev/cgroup";
 pub const HOST_INTERFACE_ANNOTATION: &str = "signet.dev/host-interface";
 /// The pod's network namespace: a name under `/run/netns` or a path.
 pub const NETNS_ANNOTATION: &str = "signet.dev/netns";
+
+/// Whether the placement annotations above are believed. Only the local topology (an admin's
+/// state directory, or a test bed whose agent configuration says `localTopology: true`) may use
+/// them: in a cluster anyone who can create a Pod writes its annotations, and could point
+/// enforcement at the node's uplink or at another pod's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodAnnotations {
+    Trusted,
+    Ignored,
+}
 
 /// A pod of this node, with its datapath id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +60,11 @@ pub struct Snapshot {
     pub nodes: HashMap<String, IpAddr>,
     pub identities: BTreeMap<SpiffeId, u32>,
     pub pods_by_ip: HashMap<IpAddr, usize>,
+    /// Addresses no pod owns until their claims are resolved (`resolve_claims`), and why. The
+    /// proxy refuses them; the kernel captures them and the proxy refuses them there too.
+    pub refused_ips: BTreeMap<IpAddr, String>,
+    /// This node's pods whose placement annotations were ignored (`PodAnnotations::Ignored`).
+    pub ignored_annotations: Vec<String>,
     pub local: Vec<LocalEndpoint>,
     pub compiled: Compiled,
     /// Gateway API listeners this node serves (every node serves every Signet Gateway).
@@ -115,6 +131,8 @@ struct Extra {
     endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
     gateway: crate::gateway::model::Resources,
     nodes: HashMap<String, IpAddr>,
+    /// Node name → the prefixes its pods' addresses come from (`spec.podCIDRs`), when set.
+    pod_cidrs: HashMap<String, Vec<Cidr>>,
     annotations: HashMap<String, BTreeMap<String, String>>,
     uids: HashMap<String, String>,
 }
@@ -187,7 +205,28 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
 /// Node addresses and pod annotations, and the rest as it is.
 fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
     let mut nodes = HashMap::new();
+    let mut pod_cidrs = HashMap::new();
     for n in &objects.nodes {
+        let spec = n.spec.as_ref();
+        let cidrs: Vec<Cidr> = spec
+            .and_then(|s| s.pod_cidrs.clone())
+            .into_iter()
+            .flatten()
+            .chain(spec.and_then(|s| s.pod_cidr.clone()))
+            .filter_map(|c| match Cidr::parse(&c) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(format!(
+                        "Node {}: spec.podCIDRs `{c}`: {e}",
+                        n.metadata.name.as_deref().unwrap_or_default()
+                    ));
+                    None
+                }
+            })
+            .collect();
+        if let (Some(name), false) = (&n.metadata.name, cidrs.is_empty()) {
+            pod_cidrs.insert(name.clone(), cidrs);
+        }
         let ip = n
             .status
             .as_ref()
@@ -243,8 +282,56 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
         endpoints: objects.endpoints.clone(),
         gateway: objects.gateway.clone(),
         nodes,
+        pod_cidrs,
         annotations,
     }
+}
+
+/// One owner per address. An address is refused (taken from every pod claiming it, so neither
+/// the proxy nor the kernel takes it for anyone) while two live pods claim it, while it is a
+/// node's own, or when it lies outside its node's `podCIDRs`: a kubelet writes only its own
+/// pods' status, so this is how a node would claim another node's pod. Returns address → why.
+fn resolve_claims(cluster: &mut Cluster, extra: &Extra) -> BTreeMap<IpAddr, String> {
+    let mut claims: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    let mut refused = BTreeMap::new();
+    for w in &cluster.workloads {
+        for ip in &w.ips {
+            claims.entry(*ip).or_default().push(w.key());
+            let node = w.node.as_deref().unwrap_or_default();
+            if let Some(cidrs) = extra.pod_cidrs.get(node)
+                && !cidrs.iter().any(|c| c.contains(*ip))
+            {
+                refused.insert(
+                    *ip,
+                    format!(
+                        "pod {} on {node} claims {ip}, outside {node}'s podCIDRs",
+                        w.key()
+                    ),
+                );
+            }
+        }
+    }
+    for (ip, pods) in &claims {
+        if pods.len() > 1 {
+            refused.insert(
+                *ip,
+                format!("{} pods claim {ip}: {}", pods.len(), pods.join(", ")),
+            );
+        }
+        if let Some((node, _)) = extra.nodes.iter().find(|(_, n)| *n == ip) {
+            refused.insert(
+                *ip,
+                format!(
+                    "pod {} claims {ip}, node {node}'s own address",
+                    pods.join(", ")
+                ),
+            );
+        }
+    }
+    for w in &mut cluster.workloads {
+        w.ips.retain(|ip| !refused.contains_key(ip));
+    }
+    refused
 }
 
 /// The state policy sees, and the rest, from either source.
@@ -322,6 +409,7 @@ fn services_and_gateway(
 pub struct Loaded {
     state: State,
     extra: Extra,
+    refused: BTreeMap<IpAddr, String>,
     services: ServiceTable,
     gateway: crate::gateway::model::GatewayConfig,
 }
@@ -351,11 +439,13 @@ impl Loaded {
 
 /// Reads and checks `source`.
 pub fn load_source(source: Source<'_>, td: &TrustDomain) -> Result<Loaded, SnapshotError> {
-    let (state, mut extra) = load(source, td)?;
+    let (mut state, mut extra) = load(source, td)?;
+    let refused = resolve_claims(&mut state.cluster, &extra);
     let (services, gateway) = services_and_gateway(&mut extra, td);
     Ok(Loaded {
         state,
         extra,
+        refused,
         services,
         gateway,
     })
@@ -369,23 +459,10 @@ pub fn identities_needed(
     Ok(load_source(source, td)?.identities_needed())
 }
 
-/// Builds the snapshot for `node` from either source.
-pub fn build(
-    source: Source<'_>,
-    td: &TrustDomain,
-    node: &str,
-    allocator: &dyn IdentityAllocator,
-    endpoint_ids: &mut EndpointIds,
-    previous: Option<&Compiled>,
-    capacity: usize,
-) -> Result<Snapshot, SnapshotError> {
-    let loaded = load_source(source, td)?;
-    build_loaded(loaded, node, allocator, endpoint_ids, previous, capacity)
-}
-
 /// Builds the snapshot for `node` from a loaded source.
 pub fn build_loaded(
     loaded: Loaded,
+    annotations: PodAnnotations,
     node: &str,
     allocator: &dyn IdentityAllocator,
     endpoint_ids: &mut EndpointIds,
@@ -399,18 +476,37 @@ pub fn build_loaded(
     let Loaded {
         state,
         extra,
+        refused,
         services,
         gateway,
     } = loaded;
     let identities = allocator.snapshot()?;
     let mut pods_by_ip = HashMap::new();
     let mut local = Vec::new();
+    let mut ignored_annotations = Vec::new();
     for (i, w) in state.cluster.workloads.iter().enumerate() {
         for ip in &w.ips {
             pods_by_ip.insert(*ip, i);
         }
         if w.node.as_deref() == Some(node) {
-            let ann = extra.annotations.get(&w.key());
+            let placed = extra.annotations.get(&w.key()).filter(|a| {
+                [
+                    CGROUP_ANNOTATION,
+                    HOST_INTERFACE_ANNOTATION,
+                    NETNS_ANNOTATION,
+                ]
+                .iter()
+                .any(|k| a.contains_key(*k))
+            });
+            let ann = match annotations {
+                PodAnnotations::Trusted => placed,
+                PodAnnotations::Ignored => {
+                    if placed.is_some() {
+                        ignored_annotations.push(w.key());
+                    }
+                    None
+                }
+            };
             local.push(LocalEndpoint {
                 id: endpoint_ids.id(&w.key()),
                 workload: i,
@@ -443,6 +539,8 @@ pub fn build_loaded(
         nodes: extra.nodes,
         identities,
         pods_by_ip,
+        refused_ips: refused,
+        ignored_annotations,
         local,
         compiled,
         state,

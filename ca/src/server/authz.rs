@@ -143,23 +143,59 @@ fn collect(value: serde_yaml::Value, pods: &mut Vec<ScheduledPod>) -> Result<(),
     }
 }
 
-/// A pod as authorisation sees it, if it is scheduled and not finished.
+/// Why a pod is not a mesh workload: it holds no identity of its own, the CA issues it nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotAWorkload {
+    /// It shares the node's addresses and is the node (`host`/`remote-node`).
+    #[error("it runs in the node's network namespace (hostNetwork)")]
+    HostNetwork,
+    /// A kubelet's static pod: no service account can be named for it.
+    #[error("it is the mirror of a static pod")]
+    Mirror,
+    /// Nothing says whose it is; `sa/default` would be a guess anyone's pod could match.
+    #[error("it names no serviceAccountName")]
+    NoServiceAccount,
+    /// Phase Succeeded or Failed: its address may already be another pod's.
+    #[error("it has finished")]
+    Finished,
+}
+
+/// Why `pod` is not a mesh workload, if it is not one.
+pub fn not_a_workload(pod: &Pod) -> Option<NotAWorkload> {
+    let spec = pod.spec.as_ref()?;
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if spec.host_network == Some(true) {
+        Some(NotAWorkload::HostNetwork)
+    } else if mirror {
+        Some(NotAWorkload::Mirror)
+    } else if spec
+        .service_account_name
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        Some(NotAWorkload::NoServiceAccount)
+    } else if matches!(phase, Some("Succeeded" | "Failed")) {
+        Some(NotAWorkload::Finished)
+    } else {
+        None
+    }
+}
+
+/// A pod as authorisation sees it, if it is scheduled and a mesh workload (`not_a_workload`).
 pub fn scheduled(pod: Pod) -> Option<ScheduledPod> {
-    let spec = pod.spec?;
-    let node = spec.node_name?;
-    let finished = matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    );
-    if finished {
+    if not_a_workload(&pod).is_some() {
         return None;
     }
+    let spec = pod.spec?;
     Some(ScheduledPod {
-        node,
+        node: spec.node_name?,
         namespace: pod.metadata.namespace.unwrap_or_else(|| "default".into()),
-        service_account: spec
-            .service_account_name
-            .unwrap_or_else(|| "default".into()),
+        service_account: spec.service_account_name?,
         name: pod.metadata.name.unwrap_or_default(),
     })
 }
@@ -427,6 +463,33 @@ spec:
 
     fn node(n: &str) -> NodeName {
         NodeName(n.into())
+    }
+
+    #[test]
+    fn no_identity_for_host_network_static_or_unnamed_pods() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let extra = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: probe, namespace: shop}\n\
+             spec: {nodeName: node-a, hostNetwork: true, serviceAccountName: probe, containers: []}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: bare, namespace: shop}\n\
+             spec: {nodeName: node-a, containers: []}\n\
+             ---\napiVersion: v1\nkind: Pod\n\
+             metadata: {name: static, namespace: shop, annotations: {kubernetes.io/config.mirror: x}}\n\
+             spec: {nodeName: node-a, serviceAccountName: static, containers: []}\n";
+        std::fs::write(dir.path().join("pods.yaml"), format!("{PODS}{extra}")).expect("write");
+        let a = authorizer(dir.path());
+        let td = TrustDomain::parse("cluster.local").expect("td");
+        for sa in ["probe", "default", "static"] {
+            let id = SpiffeId::workload(&td, "shop", sa).expect("id");
+            assert!(
+                a.authorize(&node("node-a"), Some(id.as_str())).is_err(),
+                "node-a got {id} for a pod that is not a workload"
+            );
+        }
+        let web = SpiffeId::workload(&td, "shop", "web").expect("id");
+        assert!(
+            a.authorize(&node("node-a"), Some(web.as_str())).is_ok(),
+            "the workload beside them"
+        );
     }
 
     #[test]
