@@ -26,7 +26,8 @@
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
-//!           maxBodyBytes: 10485760}          # no body limit unless set
+//!           maxBodyBytes: 10485760,          # no body limit unless set
+//!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
 //! identityGc: {graceSeconds: 600, intervalSeconds: 60}   # Kubernetes mode
 //! ```
 //! Relative paths are taken relative to the configuration file.
@@ -114,6 +115,10 @@ struct RawGateway {
     max_headers: Option<usize>,
     max_concurrent_streams: Option<u32>,
     max_body_bytes: Option<u64>,
+    /// Proxies in front of the Gateway (CIDRs) whose `X-Forwarded-For`/`Forwarded` are kept and
+    /// appended to; from anyone else they are replaced.
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,6 +425,15 @@ impl AgentConfig {
             .bpffs_dir
             .map(|d| resolve(&d))
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/signet").join(&raw.node));
+        let trusted_proxies = raw
+            .gateway
+            .trusted_proxies
+            .iter()
+            .map(|c| {
+                signet_policy::cidr::Cidr::parse(c)
+                    .map_err(|e| invalid(format!("gateway.trustedProxies `{c}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             trust_domain,
             agent_identity,
@@ -467,6 +481,7 @@ impl AgentConfig {
                     max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
                     max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
                     max_body_bytes: raw.gateway.max_body_bytes,
+                    trusted_proxies: trusted_proxies.clone(),
                 }
             },
             node: raw.node,

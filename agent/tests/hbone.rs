@@ -402,6 +402,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
             let mut accepted = Accepted::tcp(tcp, record(&peer, target));
             accepted.l7 = Some(L7Flow {
                 check,
+                paths: Default::default(),
                 source: peer.to_string(),
                 destination: DB.into(),
                 metrics: None,
@@ -449,6 +450,36 @@ async fn l7_streams_check_every_request_and_answer_403() {
     let other = String::from_utf8(through_pump(&c, &route, origin, &get("/admin", "GET")).await)
         .expect("utf8");
     assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    // Spellings of a path outside /v1/ are that path, and are refused; what servers would split
+    // differently is a 400; an odd spelling of an allowed path reaches the workload normalised.
+    for attack in [
+        "/v1/../admin",
+        "/v1/%2e%2e/admin",
+        "/v1/.%2E/admin",
+        "//v1/../../admin",
+    ] {
+        let r = String::from_utf8(through_pump(&c, &route, origin, &get(attack, "GET")).await)
+            .expect("utf8");
+        assert!(r.starts_with("HTTP/1.1 403"), "{attack}: {r}");
+    }
+    for attack in [
+        "/v1%2f..%2fadmin",
+        "/v1/..%5Cadmin",
+        "/v1/caf%C3%A9",
+        "/v1/%00",
+    ] {
+        let r = String::from_utf8(through_pump(&c, &route, origin, &get(attack, "GET")).await)
+            .expect("utf8");
+        assert!(r.starts_with("HTTP/1.1 400"), "{attack}: {r}");
+    }
+    let odd = String::from_utf8(
+        through_pump(&c, &route, origin, &get("/v1//charges/./%7e7?x=..", "GET")).await,
+    )
+    .expect("utf8");
+    assert!(
+        odd.starts_with("HTTP/1.1 200") && odd.ends_with("hello /v1/charges/~7"),
+        "{odd}"
+    );
     // Two requests on one keep-alive connection: each is checked on its own.
     let two = b"GET /v1/a HTTP/1.1\r\nHost: db\r\n\r\nDELETE /v1/a HTTP/1.1\r\nHost: db\r\n\r\n";
     let both = String::from_utf8(through_pump(&c, &route, origin, two).await).expect("utf8");

@@ -116,6 +116,7 @@ fn policy(i: usize, rng: &mut Lcg, port_shift: u16) -> Policy {
                 http,
             }]),
             egress: None,
+            path_normalization: Default::default(),
             ingress_deny: if rng.next(10) == 0 {
                 vec![IngressDenyRule {
                     from: vec![Peer {

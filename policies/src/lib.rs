@@ -12,6 +12,7 @@ pub mod eval;
 pub mod identity;
 pub mod model;
 pub mod parse;
+pub mod path;
 pub mod resource;
 pub mod yaml;
 

@@ -230,6 +230,8 @@ pub struct HttpMatch {
     pub paths: Vec<PathMatcher>,
     /// Lowercase names, exact values.
     pub headers: Vec<(String, String)>,
+    /// The owning policy's `pathNormalization`: what the proxy refuses before matching.
+    pub normalization: crate::path::PathNormalization,
 }
 
 #[derive(Debug, Clone)]
@@ -395,9 +397,28 @@ impl Policy {
                 (&r.from, &r.ports, r.http.as_deref())
             })
         });
+        let mut ingress = ingress;
+        for h in ingress
+            .iter_mut()
+            .flatten()
+            .flat_map(|r| r.http.iter_mut().flatten())
+        {
+            h.normalization = spec.path_normalization;
+        }
+        // A source's proxy does not parse its requests: an egress `http` rule would be accepted
+        // and ignored, so it is refused (the destination's ingress `http` rules hold).
+        for (i, r) in spec.egress.iter().flatten().enumerate() {
+            if r.http.is_some() {
+                errs.push(err(
+                    &format!("spec.egress[{i}].http"),
+                    "egress `http` rules are not enforced: write them as ingress `http` rules \
+                     of the destination's policy",
+                ));
+            }
+        }
         let egress = spec.egress.as_ref().map(|list| {
             rules(list, "spec.egress", "to", &mut errs, |r| {
-                (&r.to, &r.ports, r.http.as_deref())
+                (&r.to, &r.ports, None)
             })
         });
         let ingress_deny = rules(
@@ -644,12 +665,24 @@ fn http_match(h: &HttpRule, path: &str, errs: &mut Vec<FieldError>) -> HttpMatch
         methods,
         paths,
         headers,
+        normalization: crate::path::PathNormalization::default(),
     }
 }
 
+/// A rule's path is written as requests are matched: normalised, so `/a/../b` cannot be a rule
+/// no request can meet.
 fn check_path(p: &str, path: &str, errs: &mut Vec<FieldError>) {
     if !p.starts_with('/') {
         errs.push(err(path, format!("path `{p}` must start with `/`")));
+        return;
+    }
+    match crate::path::normalize(p, crate::path::PathNormalization::KEEP_ALL) {
+        Ok(n) if n == p => {}
+        Ok(n) => errs.push(err(
+            path,
+            format!("path `{p}` is not in normal form: requests are matched as `{n}`"),
+        )),
+        Err(e) => errs.push(err(path, format!("path `{p}`: {e}"))),
     }
 }
 
@@ -717,6 +750,34 @@ mod tests {
     }
 
     #[test]
+    fn egress_http_rules_and_unnormalised_rule_paths_are_refused() {
+        let p = |spec: &str| {
+            let r: IdentityPolicy = serde_yaml::from_str(&format!(
+                "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
+            ))
+            .expect("yaml");
+            Policy::from_resource(&r)
+        };
+        let errs = p(
+            "  selector: {}\n  egress:\n  - to: [{entity: world}]\n    http: [{methods: [GET]}]\n",
+        )
+        .expect_err("egress http is refused");
+        assert_eq!(errs[0].path, "spec.egress[0].http");
+        assert!(errs[0].message.contains("not enforced"), "{errs:?}");
+        let errs = p("  selector: {}\n  ingress:\n  - from: [{entity: any}]\n    ports: [{port: 80}]\n    http: [{paths: [{prefix: /a/../b}]}]\n")
+            .expect_err("a rule path no normalised request can meet");
+        assert_eq!(errs[0].path, "spec.ingress[0].http[0].paths[0].prefix");
+        assert!(errs[0].message.contains("matched as `/b`"), "{errs:?}");
+        // The opt-out is carried to every http rule of the policy.
+        let ok = p("  selector: {}\n  pathNormalization: {escapedSlashes: Keep}\n  ingress:\n  - from: [{entity: any}]\n    ports: [{port: 80}]\n    http: [{methods: [GET]}]\n")
+            .expect("valid");
+        let ingress = ok.ingress.expect("ingress");
+        let h = &ingress[0].http.as_ref().expect("http")[0];
+        assert_eq!(h.normalization.escaped_slashes, crate::path::Spelling::Keep);
+        assert_eq!(h.normalization.non_ascii, crate::path::Spelling::Reject);
+    }
+
+    #[test]
     fn http_matching() {
         let m = HttpMatch {
             methods: vec!["GET".into()],
@@ -725,6 +786,7 @@ mod tests {
                 PathMatcher::Regex(regex::Regex::new("^(?:/v1/refunds/[0-9]+)$").expect("re")),
             ],
             headers: vec![("x-tenant".into(), "acme".into())],
+            normalization: Default::default(),
         };
         let req = |method: &str, path: &str, tenant: &str| Request {
             method: method.into(),
@@ -746,6 +808,7 @@ mod tests {
             methods: vec![],
             paths: vec![],
             headers: vec![("x-tenant".into(), "acme".into())],
+            normalization: Default::default(),
         };
         let req = |headers: &[(&str, &str)]| Request {
             method: "GET".into(),

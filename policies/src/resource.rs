@@ -41,6 +41,12 @@ pub struct IdentityPolicySpec {
     /// Denied destinations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_deny: Vec<EgressDenyRule>,
+    /// Request paths are normalised before `http` rules match them (dot segments, merged
+    /// slashes, decoded unreserved escapes), and paths servers read differently (an encoded `/`
+    /// or `\`, non-ASCII) are refused with 400. These opt out of the refusals, for this
+    /// policy's `http` rules; where several policies' rules apply, all must opt out.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub path_normalization: crate::path::PathNormalization,
 }
 
 /// What Signet says of a policy: `Valid` (with the field path of each problem when not) and
@@ -88,6 +94,8 @@ pub struct EgressRule {
     pub to: Vec<Peer>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    /// Refused: the destination's ingress `http` rules are what is enforced. (Kept in the schema
+    /// so that a policy carrying it is refused by name rather than pruned into a broader rule.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<Vec<HttpRule>>,
 }

@@ -171,6 +171,7 @@ fn policy(i: usize) -> impl Strategy<Value = IdentityPolicy> {
                         ..Default::default()
                     },
                     spec: IdentityPolicySpec {
+                        path_normalization: Default::default(),
                         selector,
                         mode: if audit { Mode::Audit } else { Mode::Enforce },
                         ingress: ingress.map(|rules| {
@@ -182,7 +183,12 @@ fn policy(i: usize) -> impl Strategy<Value = IdentityPolicy> {
                         egress: egress.map(|rules| {
                             rules
                                 .into_iter()
-                                .map(|(to, ports, http)| EgressRule { to, ports, http })
+                                .map(|(to, ports, _)| EgressRule {
+                                    to,
+                                    ports,
+                                    // Egress `http` rules are refused (not enforced).
+                                    http: None,
+                                })
                                 .collect()
                         }),
                         ingress_deny: ingress_deny

@@ -581,3 +581,98 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     let allowed = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
     assert_eq!(allowed.status, 200, "{allowed:?}");
 }
+
+#[test]
+fn the_gateway_matches_normalised_paths_refuses_misdirected_hosts_and_forged_forwarding() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state("");
+    let dir = t.dir.path().to_owned();
+    let edge = EdgeCa::new("edge one");
+    let pem = dir.join("edge-one.pem");
+    std::fs::write(&pem, &edge.pem).expect("ca");
+    let secrets = edge.secret("edge", "cert-a", "a.example.test")
+        + &edge.secret("certs", "cert-b", "b.example.test");
+    write(&dir, "secrets.yaml", &secrets);
+    write(&dir, "gateway.yaml", GATEWAY);
+    let _running = start(&t, "", "");
+    let _main = t.server_with(8080, &["--http"]);
+    let _alt = t.server_with(8081, &["--http"]);
+    let a = |path: &str, extra: &[&str]| {
+        let mut args = vec!["--path-as-is"];
+        args.extend(extra);
+        curl(
+            &t,
+            &pem,
+            &format!("https://a.example.test:8443{path}"),
+            &args,
+        )
+    };
+    let received = |r: &Reply| r.body.split(' ').nth(2).unwrap_or_default().to_owned();
+
+    // Routes see the normalised path and the backend receives it: `/api/../exact` is `/exact`
+    // (Exact route, no rewrite to /v1), however the dots are spelled.
+    for attack in [
+        "/api/../exact",
+        "/api/%2e%2e/exact",
+        "/api/.%2E/exact",
+        "//api/../exact",
+    ] {
+        let r = a(attack, &[]);
+        assert_eq!(
+            (r.status, received(&r).as_str()),
+            (200, "/exact"),
+            "{attack}: {r:?}"
+        );
+    }
+    // What servers split differently is refused before any route.
+    for attack in ["/api/..%2fexact", "/api/..%5Cexact", "/api/caf%C3%A9"] {
+        let r = a(attack, &[]);
+        assert_eq!(r.status, 400, "{attack}: {r:?}");
+    }
+    // The legitimate request beside them, oddly spelled, is rewritten from its normal form.
+    let r = a("/api//orders/./7", &[]);
+    assert_eq!(
+        (r.status, received(&r).as_str()),
+        (200, "/v1/orders/7"),
+        "{r:?}"
+    );
+
+    // A request on a.example.test's connection for a host another certificate serves: 421,
+    // over HTTP/1.1 and HTTP/2; the same host on its own connection is served.
+    for version in ["--http1.1", "--http2"] {
+        let r = a("/exact", &[version, "-H", "Host: b.example.test"]);
+        assert_eq!(r.status, 421, "{version}: {r:?}");
+        let r = a("/exact", &[version, "-H", "Host: a.example.test"]);
+        assert_eq!(r.status, 200, "{version}: {r:?}");
+    }
+    let r = curl(&t, &pem, "https://b.example.test:8443/exact", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Forwarding headers a client writes are replaced by what the Gateway saw.
+    let forged = [
+        "-H",
+        "X-Forwarded-For: 10.0.0.1",
+        "-H",
+        "Forwarded: for=10.0.0.1;proto=https",
+        "-H",
+        "X-Real-IP: 10.0.0.1",
+        "-H",
+        "X-Forwarded-Host: admin.internal",
+    ];
+    let r = a("/exact", &forged);
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = r.body.to_ascii_lowercase();
+    assert!(
+        body.contains(&format!("x-forwarded-for: {}\n", t.node_ip('a'))),
+        "{r:?}"
+    );
+    assert!(
+        !body.contains("10.0.0.1"),
+        "a forged address reached the backend: {r:?}"
+    );
+    assert!(!body.contains("admin.internal"), "{r:?}");
+}

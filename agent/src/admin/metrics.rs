@@ -102,7 +102,8 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// One policy decision: `allow`, `deny`, `audit`, or `l7_deny` for a refused request.
+    /// One policy decision: `allow`, `deny`, `audit`, `l7_deny` for a refused request, or
+    /// `l7_bad_path` for one whose path servers would read differently (400).
     pub fn verdict(
         &self,
         reporter: Reporter,

@@ -44,6 +44,9 @@ pub struct EdgeLimits {
     pub max_streams: u32,
     /// Request bodies larger than this get 413; `None`: no limit.
     pub max_body_bytes: Option<u64>,
+    /// Peers whose forwarding headers are believed and appended to; from every other peer
+    /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are replaced with what the Gateway saw.
+    pub trusted_proxies: Vec<signet_policy::cidr::Cidr>,
 }
 
 impl Default for EdgeLimits {
@@ -56,6 +59,7 @@ impl Default for EdgeLimits {
             max_headers: 100,
             max_streams: 100,
             max_body_bytes: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -114,13 +118,15 @@ pub async fn serve_port(
                     (Protocol::Https, None) => return,
                 };
                 drop(snap);
-                let handler = Handler {
+                let mut handler = Handler {
                     ctx,
                     upstreams: Upstreams::default(),
                     max_body: limits.max_body_bytes,
                     port,
                     peer,
                     scheme: if tls.is_some() { "https" } else { "http" },
+                    sni: None,
+                    trusted_peer: limits.trusted_proxies.iter().any(|c| c.contains(peer.ip())),
                 };
                 match tls {
                     None => {
@@ -129,7 +135,11 @@ pub async fn serve_port(
                     }
                     Some(tls) => {
                         let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
-                        match tokio::time::timeout(limits.handshake, accept).await {
+                        let accepted = tokio::time::timeout(limits.handshake, accept).await;
+                        if let Ok(Ok(s)) = &accepted {
+                            handler.sni = s.get_ref().1.server_name().map(str::to_ascii_lowercase);
+                        }
+                        match accepted {
                             // HTTP/2 frames carry their own lengths; only HTTP/1 needs the guard.
                             Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                 serve_http(TokioIo::new(s), handler, &limits, stop).await
@@ -202,6 +212,10 @@ struct Handler {
     port: u16,
     peer: SocketAddr,
     scheme: &'static str,
+    /// The TLS connection's server name, lowercase.
+    sni: Option<String>,
+    /// The peer is a proxy the configuration trusts (`trustedProxies`).
+    trusted_peer: bool,
 }
 
 impl Handler {
@@ -238,8 +252,34 @@ impl Handler {
                 format!("no listener for host {host}\n"),
             );
         };
-        let path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("").to_owned();
+        // A connection is for the name its certificate was chosen by: a request for a host that
+        // another certificate serves goes to a new connection (RFC 9110 section 15.5.20).
+        if let Some(sni) = self.sni.as_deref().filter(|s| *s != host) {
+            let for_sni = super::tls::certificate_for(&port.listeners, Some(sni));
+            let for_host = super::tls::certificate_for(&port.listeners, Some(&host));
+            if let (Some(a), Some(b)) = (for_sni, for_host)
+                && !Arc::ptr_eq(&a, &b)
+            {
+                tracing::info!(%host, %sni, "gateway: misdirected request");
+                return text(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!("{host} is not served on a connection for {sni}\n"),
+                );
+            }
+        }
+        // Routes match the normalised path, and the backend receives it.
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let normal = match signet_policy::path::normalize(target, Default::default()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::info!(%host, path = %target, reason = %e, "gateway: bad request path");
+                return text(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
+            }
+        };
+        let (path, query) = match normal.split_once('?') {
+            Some((p, q)) => (p.to_owned(), q.to_owned()),
+            None => (normal.clone(), String::new()),
+        };
         let view = RequestView {
             host: &host,
             method: req.method(),
@@ -336,29 +376,13 @@ impl Handler {
         if let Ok(h) = HeaderValue::from_str(&new_host) {
             parts.headers.insert(HOST, h);
         }
-        let client = self.peer.ip().to_string();
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {client}"),
-            None => client.clone(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts.headers.insert("x-forwarded-for", v);
-        }
-        let forwarded = format!(
-            "for={};proto={};host={host}",
-            forwarded_for(self.peer.ip()),
-            self.scheme
+        forwarding_headers(
+            &mut parts.headers,
+            self.peer.ip(),
+            self.trusted_peer,
+            self.scheme,
+            &host,
         );
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            parts.headers.append("forwarded", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(self.scheme) {
-            parts.headers.insert("x-forwarded-proto", v);
-        }
         // A declared length over the limit is refused up front; a chunked body is cut off when
         // it crosses the limit (the backend sees an aborted request).
         let body = match self.max_body {
@@ -431,6 +455,70 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => v4.to_string(),
         std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// What the backend learns of the client. From a trusted proxy the chain it sent is kept and
+/// this hop appended; from anyone else every forwarding header the client wrote is dropped, so
+/// a client cannot pose as someone it is not (`X-Forwarded-For: 10.0.0.1` to an allowlist).
+fn forwarding_headers(
+    headers: &mut http::HeaderMap,
+    peer: std::net::IpAddr,
+    trusted: bool,
+    scheme: &str,
+    host: &str,
+) {
+    const SET_BY_US: [&str; 6] = [
+        "x-forwarded-for",
+        "forwarded",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+    ];
+    let joined = |headers: &http::HeaderMap, name: &str| {
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    };
+    let (xff_before, forwarded_before) = if trusted {
+        (
+            joined(headers, "x-forwarded-for"),
+            joined(headers, "forwarded"),
+        )
+    } else {
+        (None, None)
+    };
+    for name in SET_BY_US {
+        if !trusted || name == "x-forwarded-for" || name == "forwarded" {
+            headers.remove(name);
+        }
+    }
+    let client = peer.to_string();
+    let xff = match xff_before {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client,
+    };
+    let this_hop = format!("for={};proto={scheme};host={host}", forwarded_for(peer));
+    let forwarded = match forwarded_before {
+        Some(prev) => format!("{prev}, {this_hop}"),
+        None => this_hop,
+    };
+    for (name, value) in [
+        ("x-forwarded-for", xff.as_str()),
+        ("forwarded", forwarded.as_str()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    }
+    if !headers.contains_key("x-forwarded-proto")
+        && let Ok(v) = HeaderValue::from_str(scheme)
+    {
+        headers.insert("x-forwarded-proto", v);
     }
 }
 
@@ -537,4 +625,52 @@ async fn forward(
         upstreams.put(target, route.source.clone(), sender);
     }
     Ok(resp.map(|b| b.boxed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarding_headers;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, v.parse().expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn a_clients_forwarding_headers_are_replaced_a_trusted_proxys_appended_to() {
+        let sent = [
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-forwarded-proto", "http"),
+        ];
+        let peer = "192.0.2.7".parse().expect("ip");
+        let mut h = headers(&sent);
+        forwarding_headers(&mut h, peer, false, "https", "a.example.test");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7;proto=https;host=a.example.test"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("x-real-ip"));
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+
+        let mut h = headers(&sent);
+        forwarding_headers(&mut h, peer, true, "https", "a.example.test");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 192.0.2.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.1, for=192.0.2.7;proto=https;host=a.example.test"
+        );
+        assert_eq!(
+            h["x-forwarded-proto"], "http",
+            "the proxy in front saw the client's scheme"
+        );
+        assert_eq!(h["x-real-ip"], "10.0.0.1");
+    }
 }

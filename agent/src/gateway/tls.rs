@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::model::{Certificate, Port, Resources, ns_of};
+use super::model::{Certificate, Listener, Port, Resources, ns_of};
 use super::routes::specificity;
 
 /// A certificate's DNS names and its key.
@@ -26,25 +26,55 @@ struct SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = hello.server_name().map(str::to_ascii_lowercase);
-        let listener = match &sni {
-            None => self.listeners.first(),
-            Some(name) => self
-                .listeners
+        pick(
+            self.listeners
                 .iter()
-                .filter_map(|l| Some((specificity(l.0.as_deref(), name)?, l)))
-                .max_by_key(|(score, _)| *score)
-                .map(|(_, l)| l),
-        }?;
-        let certs = &listener.1;
-        sni.as_ref()
-            .and_then(|name| {
-                certs
-                    .iter()
-                    .find(|(names, _)| names.iter().any(|n| specificity(Some(n), name).is_some()))
-            })
-            .or_else(|| certs.first())
-            .map(|(_, k)| k.clone())
+                .map(|(host, certs)| (host.as_deref(), certs.as_slice())),
+            sni.as_deref(),
+        )
     }
+}
+
+/// The certificate a name selects among `(listener hostname, certificates)`: the most specific
+/// listener hostname that covers it, then a certificate valid for it (or that listener's first).
+fn pick<'a>(
+    listeners: impl Iterator<Item = (Option<&'a str>, &'a [NamedKey])>,
+    name: Option<&str>,
+) -> Option<Arc<CertifiedKey>> {
+    let mut listeners = listeners.peekable();
+    let certs = match name {
+        None => listeners.next()?.1,
+        Some(name) => {
+            listeners
+                .filter_map(|l| Some((specificity(l.0, name)?, l)))
+                .max_by_key(|(score, _)| *score)?
+                .1
+                .1
+        }
+    };
+    name.and_then(|name| {
+        certs
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| specificity(Some(n), name).is_some()))
+    })
+    .or_else(|| certs.first())
+    .map(|(_, k)| k.clone())
+}
+
+/// The certificate the TLS handshake would present for `name` on a port with these listeners.
+pub fn certificate_for(listeners: &[Listener], name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    let named: Vec<(Option<&str>, Vec<NamedKey>)> = listeners
+        .iter()
+        .map(|l| {
+            let keys = l
+                .certificates
+                .iter()
+                .map(|c| (c.names.clone(), c.key.clone()))
+                .collect();
+            (l.hostname.as_deref(), keys)
+        })
+        .collect();
+    pick(named.iter().map(|(h, k)| (*h, k.as_slice())), name)
 }
 
 /// The TLS configuration of an HTTPS port.

@@ -238,6 +238,7 @@ mod tests {
                 methods: vec!["GET".into()],
                 paths: vec![signet_policy::model::PathMatcher::Prefix(path.into())],
                 headers: vec![],
+                normalization: Default::default(),
             }],
         )]))
     }

@@ -149,6 +149,7 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             let l7 = match &decision.verdict {
                 Verdict::L7(rules) => Some(L7Flow {
                     check: check_for(rules.clone()),
+                    paths: super::l7::normalization_for(rules),
                     source: src.clone(),
                     destination: dst.to_string(),
                     metrics: Some(ctx.metrics.clone()),

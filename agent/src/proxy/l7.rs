@@ -1,6 +1,8 @@
 //! L7 enforcement on inbound streams whose port has `http` rules: each HTTP/1.1 or HTTP/2
-//! request is parsed (hyper), checked against the rules, and either forwarded to the workload
-//! or answered with 403. Nothing reaches the workload unchecked.
+//! request is parsed (hyper), its path normalised (`signet_policy::path`; 400 for a path servers
+//! would read differently), checked against the rules, and either forwarded to the workload
+//! with the normalised path or answered with 403. Nothing reaches the workload unchecked, and
+//! what it receives is what the rules matched.
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use signet_policy::model::Request as PolicyRequest;
+use signet_policy::path::{PathNormalization, normalize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -20,6 +23,8 @@ pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, String> + S
 #[derive(Clone)]
 pub struct L7Flow {
     pub check: RequestCheck,
+    /// The opt-outs every rule on this port takes (`normalization_for`).
+    pub paths: PathNormalization,
     pub source: String,
     pub destination: String,
     pub metrics: Option<Arc<crate::admin::metrics::Metrics>>,
@@ -51,7 +56,27 @@ pub fn check_for(rules: Arc<super::conns::L7Rules>) -> RequestCheck {
     })
 }
 
+/// The path opt-outs that hold for a connection with these rules: only those all of them take.
+pub fn normalization_for(rules: &super::conns::L7Rules) -> PathNormalization {
+    let mut all = rules.iter().flat_map(|(_, http)| http).peekable();
+    if all.peek().is_none() {
+        return PathNormalization::default();
+    }
+    all.fold(PathNormalization::KEEP_ALL, |acc, h| {
+        acc.and(h.normalization)
+    })
+}
+
 type Body = BoxBody<Bytes, hyper::Error>;
+
+fn bad_request(reason: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("bad request path: {reason}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp
+}
 
 fn forbidden(reason: &str) -> Response<Body> {
     let body = Full::new(Bytes::from(format!("RBAC: access denied: {reason}\n")))
@@ -91,13 +116,26 @@ where
     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
         let (flow, sender) = (flow.clone(), sender.clone());
         async move {
+            let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let path = match normalize(target, flow.paths) {
+                Ok(path) => path,
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::info!(source = %flow.source, destination = %flow.destination, method = %req.method(), path = %target, %reason, verdict = "deny", "http request refused: its path is ambiguous");
+                    if let Some(m) = &flow.metrics {
+                        m.verdict(
+                            crate::admin::metrics::Reporter::Inbound,
+                            &flow.source,
+                            &flow.destination,
+                            "l7_bad_path",
+                        );
+                    }
+                    return Ok(bad_request(&reason));
+                }
+            };
             let policy_req = PolicyRequest {
                 method: req.method().as_str().to_owned(),
-                path: req
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_owned(),
+                path,
                 // Every value, opaque ones too (lossily): dropping one the policy cannot read
                 // would let it past a header rule while the workload still receives it.
                 headers: req
@@ -133,8 +171,10 @@ where
                         parts.headers.insert(http::header::HOST, host);
                     }
                     parts.version = http::Version::HTTP_11;
-                    if let Some(pq) = parts.uri.path_and_query().cloned() {
-                        parts.uri = pq.as_str().parse().unwrap_or_default();
+                    // The workload gets the path the rules matched, not the spelling that came.
+                    match policy_req.path.parse() {
+                        Ok(uri) => parts.uri = uri,
+                        Err(_) => return Ok(bad_request("the normalised path is not a URI")),
                     }
                     let upstream_req = http::Request::from_parts(parts, body);
                     let mut sender = sender.lock().await;
