@@ -31,6 +31,7 @@ use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Limits, ProxyContext, inbound, outbound, tls};
 use crate::state::discover;
 use crate::state::kube::KubeSource;
+use crate::state::lastgood::{LastGood, Refused};
 use crate::state::snapshot::{self, EndpointIds, Snapshot};
 use signet_ca::lease::Elector;
 
@@ -61,6 +62,9 @@ struct Reconciler {
     kube: Option<KubeSource>,
     /// The cookie of the node's own network namespace, which is never an endpoint.
     node_netns: Option<u64>,
+    /// Kubernetes mode: the last valid version of each object, and what was refused last.
+    last_good: LastGood,
+    refused: Vec<Refused>,
 }
 
 /// Numeric identities: a shared file (standalone) or `SignetIdentity` objects (Kubernetes), the
@@ -76,7 +80,19 @@ enum Identities {
 impl Reconciler {
     /// Builds a snapshot and writes it into the datapath. On error nothing is written.
     async fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
-        let objects = self.kube.as_ref().map(KubeSource::objects);
+        let mut objects = self.kube.as_ref().map(KubeSource::objects);
+        if let Some(objects) = &mut objects {
+            let refused = self.last_good.settle(objects);
+            for r in refused.iter().filter(|r| !self.refused.contains(r)) {
+                let in_force = if r.kept_previous {
+                    "its last valid version stays in force"
+                } else {
+                    "left out (no valid version seen)"
+                };
+                tracing::warn!(object = %r.object, reason = %r.reason, "{} refused: {in_force}", r.object);
+            }
+            self.refused = refused;
+        }
         let source = match (&self.config.source, &objects) {
             (ClusterSource::Dir { state_dir, .. }, _) => snapshot::Source::Dir(state_dir),
             (ClusterSource::Kubernetes, Some(o)) => snapshot::Source::Objects(o),
@@ -448,6 +464,8 @@ impl Agent {
                     None
                 }
             },
+            last_good: LastGood::default(),
+            refused: Vec::new(),
         };
         let first = reconciler
             .apply(None)
@@ -678,6 +696,7 @@ async fn collect_identities(
     // The Lease is renewed more often than it expires, whatever the collection interval.
     let mut tick = tokio::time::interval(every.min(Duration::from_secs(10)));
     let mut last_collect: Option<std::time::Instant> = None;
+    let mut last_good = LastGood::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -696,9 +715,10 @@ async fn collect_identities(
         }
         last_collect = Some(std::time::Instant::now());
         let mut objects = source.objects();
-        // Identities in use are those of workloads and Gateways; policies do not change them,
-        // so a broken policy (which keeps the whole state from loading) must not stop collection.
+        // Identities in use are those of workloads and Gateways; policies do not change them.
+        // An invalid Node or Pod counts in its last valid version, as the reconciler has it.
         objects.policy.policies.clear();
+        last_good.settle(&mut objects);
         let in_use = match snapshot::identities_needed(snapshot::Source::Objects(&objects), &td) {
             Ok(ids) => ids.into_iter().map(|i| i.as_str().to_owned()).collect(),
             // Never collect from a view that does not load: it may be missing live identities.

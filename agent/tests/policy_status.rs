@@ -114,10 +114,12 @@ async fn policies_get_valid_and_in_force_conditions() {
     let good = of("good");
     assert_eq!(cond(&good, "Valid")["status"], "True");
     assert_eq!(cond(&good, "Valid")["observedGeneration"], 3);
-    // A valid policy is not in force while another resource keeps the state from loading.
-    assert_eq!(cond(&good, "InForce")["status"], "False");
-    assert_eq!(cond(&good, "InForce")["reason"], "StateRefused");
+    // One invalid policy does not hold a valid one back.
+    assert_eq!(cond(&good, "InForce")["status"], "True");
+    assert_eq!(cond(&good, "InForce")["reason"], "Applied");
     let bad = of("bad");
+    assert_eq!(cond(&bad, "InForce")["status"], "False");
+    assert_eq!(cond(&bad, "InForce")["reason"], "LastValidVersion");
     assert_eq!(cond(&bad, "Valid")["status"], "False");
     assert!(
         cond(&bad, "Valid")["message"]

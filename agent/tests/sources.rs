@@ -3,9 +3,11 @@
 //! hold), must build the same snapshot — workloads, node addresses, numeric identities, this
 //! node's endpoints, Services, compiled policy and Gateway status.
 
+use signet_agent::state::lastgood::LastGood;
 use signet_agent::state::snapshot::{
     self, ClusterObjects, EndpointIds, PodAnnotations, Snapshot, Source,
 };
+use signet_agent::state::status;
 use signet_ca::TrustDomain;
 use signet_policy::identity::MemoryAllocator;
 
@@ -196,6 +198,159 @@ fn invalid_api_objects_are_named_and_refused_whole() {
         "{err}"
     );
     assert!(err.contains("Node node-b: needs status.addresses"), "{err}");
+}
+
+/// What `snap` enforces for shop/api: the policy's ingress peers, if it is there at all.
+fn api_policy(snap: &Snapshot) -> Option<Vec<String>> {
+    snap.state
+        .policies
+        .iter()
+        .find(|p| p.resource.metadata.name.as_deref() == Some("api"))
+        .map(|p| {
+            p.resource
+                .spec
+                .ingress
+                .iter()
+                .flatten()
+                .flat_map(|r| r.from.iter())
+                .map(|f| {
+                    f.identity
+                        .clone()
+                        .unwrap_or_else(|| format!("{:?}", f.entity))
+                })
+                .collect()
+        })
+}
+
+#[test]
+fn one_invalid_object_keeps_its_last_valid_version_and_holds_nothing_else_back() {
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let settle_and_build = |last_good: &mut LastGood, mut objects: ClusterObjects| {
+        // Status speaks of the objects as listed; the snapshot is built from the settled ones.
+        let status = status::policy_conditions(&objects, &td);
+        let refused = last_good.settle(&mut objects);
+        let snap = build(Source::Objects(&objects), "node-b");
+        (refused, snap, status)
+    };
+    let mut last_good = LastGood::default();
+    let (refused, before, _) = settle_and_build(&mut last_good, objects_of(CLUSTER));
+    assert!(refused.is_empty(), "{refused:?}");
+    let enforced = api_policy(&before).expect("shop/api is in force");
+    assert_eq!(
+        before.nodes.get("node-b"),
+        Some(&"10.0.0.2".parse().expect("ip"))
+    );
+
+    // The policy gets an invalid peer, node-b loses its InternalIP, and beside them a valid
+    // change: a second policy, and a new pod.
+    let broken = format!(
+        "{CLUSTER}\
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {{name: db, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: db}}}}
+  ingress: [{{from: [{{identity: spiffe://cluster.local/ns/shop/sa/api}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: db-0, namespace: shop, labels: {{app: db}}}}
+spec: {{nodeName: node-b, serviceAccountName: db, containers: [{{name: c, image: c}}]}}
+status: {{podIP: 10.2.0.3}}
+"
+    );
+    let mut objects = objects_of(&broken);
+    let api = objects
+        .policy
+        .policies
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("api"))
+        .expect("api");
+    api.spec.ingress.as_mut().expect("ingress")[0].from[0].identity =
+        Some("not-a-spiffe-id".into());
+    objects
+        .nodes
+        .iter_mut()
+        .find(|n| n.metadata.name.as_deref() == Some("node-b"))
+        .expect("node-b")
+        .status = None;
+    let (refused, after, status) = settle_and_build(&mut last_good, objects.clone());
+    let mut names: Vec<_> = refused
+        .iter()
+        .map(|r| (r.object.as_str(), r.kept_previous))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [("IdentityPolicy shop/api", true), ("Node node-b", true)]
+    );
+    assert!(
+        refused[0]
+            .reason
+            .contains("`spec.ingress[0].from[0].identity`"),
+        "{refused:?}"
+    );
+    // The last valid versions stay in force...
+    assert_eq!(api_policy(&after).as_ref(), Some(&enforced));
+    assert_eq!(
+        after.nodes.get("node-b"),
+        Some(&"10.0.0.2".parse().expect("ip"))
+    );
+    // ...and the valid changes take effect.
+    assert!(
+        after
+            .state
+            .policies
+            .iter()
+            .any(|p| p.resource.metadata.name.as_deref() == Some("db")),
+        "the new policy is in force"
+    );
+    assert_eq!(after.local.len(), 2, "db-0 is node-b's second endpoint");
+    // Status says which is which.
+    let said = |name: &str| status[&("shop".to_owned(), name.to_owned())].clone();
+    assert_eq!(
+        (said("api")[1].1, said("api")[1].2),
+        (false, "LastValidVersion")
+    );
+    assert_eq!((said("db")[1].1, said("db")[1].2), (true, "Applied"));
+
+    // An agent that starts with the invalid objects present starts with the others.
+    let (refused, fresh, _) = settle_and_build(&mut LastGood::default(), objects);
+    assert!(refused.iter().all(|r| !r.kept_previous), "{refused:?}");
+    assert_eq!(api_policy(&fresh), None, "never seen valid: left out");
+    assert!(!fresh.nodes.contains_key("node-b"));
+    assert!(fresh.nodes.contains_key("node-a"));
+    assert_eq!(fresh.local.len(), 2);
+
+    // Fixed, the object's new version replaces the remembered one; deleted, it is forgotten.
+    let (refused, fixed, _) = settle_and_build(&mut last_good, objects_of(&broken));
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(api_policy(&fixed).as_ref(), Some(&enforced));
+    let mut gone = objects_of(&broken);
+    gone.policy
+        .policies
+        .retain(|p| p.metadata.name.as_deref() != Some("api"));
+    last_good.settle(&mut gone);
+    let mut again = objects_of(&broken);
+    again
+        .policy
+        .policies
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("api"))
+        .expect("api")
+        .spec
+        .ingress
+        .as_mut()
+        .expect("ingress")[0]
+        .from[0]
+        .identity = Some("bad".into());
+    let (refused, back, _) = settle_and_build(&mut last_good, again);
+    assert_eq!(refused.len(), 1);
+    assert!(
+        !refused[0].kept_previous,
+        "a deleted policy's old version does not come back"
+    );
+    assert_eq!(api_policy(&back), None);
 }
 
 #[test]

@@ -25,6 +25,8 @@ pub const REMOTE_NODE: u32 = 6;
 /// Signet's gateways as a group (`entity: gateway`).
 pub const INGRESS: u32 = 8;
 pub const FIRST_ALLOCATED: u32 = 256;
+/// The last number a workload or Gateway may get: CIDR identities start above it.
+pub const LAST_ALLOCATED: u32 = crate::cidr::CIDR_IDENTITY_BASE - 1;
 
 /// Reserved identities that are part of the cluster (`entity: cluster`), i.e. all but world.
 pub const RESERVED_IN_CLUSTER: [u32; 5] = [HOST, UNMANAGED, HEALTH, REMOTE_NODE, INGRESS];
@@ -52,7 +54,10 @@ pub enum AllocError {
     },
     #[error("{path}: not an identity table: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("identity numbers exhausted")]
+    #[error(
+        "identity numbers exhausted: every number from {FIRST_ALLOCATED} to {LAST_ALLOCATED} \
+         has been issued (numbers are never re-issued)"
+    )]
     Exhausted,
     #[error("no number has been allocated for {0} yet")]
     NotAllocated(SpiffeId),
@@ -103,6 +108,7 @@ pub fn next_claim(existing: &[(u32, String)], id: &SpiffeId) -> Result<Claim, Al
     let highest = existing.iter().map(|(n, _)| *n).max().unwrap_or(0);
     let next = highest
         .checked_add(1)
+        .filter(|n| *n <= LAST_ALLOCATED)
         .ok_or(AllocError::Exhausted)?
         .max(FIRST_ALLOCATED);
     Ok(Claim::Create(next))
@@ -158,6 +164,7 @@ fn next_number(t: &mut BTreeMap<SpiffeId, u32>, id: &SpiffeId) -> Result<u32, Al
         .values()
         .max()
         .map_or(Some(FIRST_ALLOCATED), |m| m.checked_add(1))
+        .filter(|n| *n <= LAST_ALLOCATED)
         .ok_or(AllocError::Exhausted)?;
     t.insert(id.clone(), n);
     Ok(n)
@@ -281,6 +288,15 @@ mod tests {
         assert_eq!(
             next_claim(&listed, &id("spiffe://td/ns/x/sa/y")).expect("claim"),
             Claim::Create(301)
+        );
+        // Numbers stop below the CIDR identities, which start at 2^24.
+        assert_eq!(
+            next_claim(&[(LAST_ALLOCATED - 1, db.clone())], &web).expect("claim"),
+            Claim::Create(LAST_ALLOCATED)
+        );
+        assert!(
+            next_claim(&[(LAST_ALLOCATED, db.clone())], &web).is_err(),
+            "exhausted"
         );
         assert!(next_claim(&[(u32::MAX, db)], &web).is_err(), "exhausted");
     }

@@ -251,6 +251,36 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         "{refused}"
     );
     assert_eq!(t.client(&target)["ok"], true, "still allowed: {refused}");
+    // It holds nothing else back: a valid change made beside it takes effect...
+    api.put(policy("gate", "spiffe://cluster.local/ns/shop/sa/admin"));
+    wait_for("a valid policy beside the broken one to take effect", || {
+        let report = t.client(&target);
+        (report["ok"] == false || report["reply"] == "").then_some(())
+    });
+    // ...and a policy updated to an invalid version keeps its last valid one in force (the
+    // client stays denied; dropping the policy would let it in), its status saying so.
+    let mut gate = policy("gate", "spiffe://cluster.local/ns/shop/sa/admin");
+    gate["spec"]["ingress"][0]["from"][0]["identity"] = json!("not-a-spiffe-id");
+    api.put(gate);
+    let kept = wait_for("the broken gate's status", || {
+        let p = api
+            .objects("IdentityPolicy")
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == "gate")?;
+        condition(&p, "InForce")
+            .filter(|c| c["reason"] == "LastValidVersion")
+            .cloned()
+    });
+    assert_eq!(kept["status"], "False", "{kept}");
+    let report = t.client(&target);
+    assert!(
+        report["ok"] == false || report["reply"] == "",
+        "the last valid version of gate still denies: {report}"
+    );
+    api.delete("signet.dev/v1alpha1", "IdentityPolicy", "shop", "gate");
+    wait_for("gate deleted: allowed again", || {
+        (t.client(&target)["ok"] == true).then_some(())
+    });
 
     // A pod gone for longer than the grace period gives its number back; the others keep theirs.
     let numbered = |id: &str| {
@@ -258,7 +288,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
             .iter()
             .any(|o| o["spec"]["spiffeId"] == id)
     };
-    // (Also while the broken policy keeps the cluster state from loading.)
+    // (Also while the broken policy is there.)
     api.delete("v1", "Pod", "shop", "client-0");
     wait_for("the client's identity to be collected", || {
         (!numbered(CLIENT)).then_some(())

@@ -174,14 +174,19 @@ impl<S> H1Guard<S> {
                     };
                     let line = self.pending.split_to(end + 2);
                     self.ready.extend_from_slice(&line);
+                    // Hex digits only (`from_str_radix` also takes a sign); a size it cannot
+                    // follow, or one too large to add the CRLF to, is passed for hyper to judge.
                     let size = std::str::from_utf8(&line[..end])
                         .ok()
                         .map(|l| l.split(';').next().unwrap_or("").trim())
+                        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
                         .and_then(|h| u64::from_str_radix(h, 16).ok());
                     self.state = match size {
                         None => State::Passthrough,
                         Some(0) => State::Trailers,
-                        Some(n) => State::ChunkData(n + 2),
+                        Some(n) => n
+                            .checked_add(2)
+                            .map_or(State::Passthrough, State::ChunkData),
                     };
                 }
                 State::ChunkData(left) => {
@@ -390,5 +395,17 @@ mod tests {
     async fn what_it_cannot_parse_passes_for_hyper_to_judge() {
         let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04";
         assert_eq!(through(preface).await, preface);
+        // Chunk sizes it cannot follow: the largest u64 (adding the CRLF to it overflowed), one
+        // beyond u64, signed ones, an empty one. Passed unchanged, no panic.
+        for size in ["ffffffffffffffff", "fffffffffffffffff", "+5", "-0", ""] {
+            let input = format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\n"
+            );
+            assert_eq!(
+                through(input.as_bytes()).await,
+                input.as_bytes(),
+                "{size:?}"
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod discover;
 pub mod kube;
+pub mod lastgood;
 pub mod services;
 pub mod snapshot;
 pub mod status;

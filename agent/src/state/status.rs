@@ -1,8 +1,8 @@
 //! Status in Kubernetes mode, written with server-side apply to the status subresources by the
 //! one agent holding the status Lease, only when something changed:
-//! - `IdentityPolicy`: `Valid` (false with each problem's field path) and `InForce` (whether the
-//!   cluster state it belongs to loaded: one invalid resource keeps the previous state in force
-//!   for everything, and says so);
+//! - `IdentityPolicy`: `Valid` (false with each problem's field path) and `InForce` (false for
+//!   an invalid version, whose last valid version agents keep enforcing; one invalid policy
+//!   does not hold the others back);
 //! - Gateways (conditions, and per listener attached routes, conditions and supported kinds) and
 //!   HTTPRoutes (conditions per parent), as `gateway::model` computes them.
 
@@ -12,36 +12,25 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use signet_ca::TrustDomain;
 use signet_policy::IdentityPolicy;
-use signet_policy::model::Policy;
 
 use super::snapshot::ClusterObjects;
 
 /// (type, status, reason, message) of one condition, before timestamps.
 type Said = (&'static str, bool, &'static str, String);
 
-/// What to say about every policy: `namespace/name` → its two conditions.
+/// What to say about every policy: `namespace/name` → its two conditions. An invalid policy
+/// is refused on its own (`lastgood`): the others stay in force and go on being updated.
 pub fn policy_conditions(
     objects: &ClusterObjects,
     td: &TrustDomain,
 ) -> BTreeMap<(String, String), [Said; 2]> {
-    let state = signet_policy::cluster::state_from_objects(&objects.policy, td);
-    let in_force = match &state {
-        Ok(_) => (
-            "InForce",
-            true,
-            "Applied",
-            "part of the cluster state the agents enforce".to_owned(),
-        ),
-        Err(errors) => (
-            "InForce",
-            false,
-            "StateRefused",
-            format!(
-                "the cluster state does not load, so the previous one stays in force: {}",
-                errors.first().cloned().unwrap_or_default()
-            ),
-        ),
-    };
+    // The valid policies still fail to load together only for a reason beyond any one of them
+    // (a namespace or pod problem): then the previous state stays in force for all, as said.
+    let mut valid = objects.policy.clone();
+    valid
+        .policies
+        .retain(|p| super::lastgood::policy_problems(p).is_none());
+    let together = signet_policy::cluster::state_from_objects(&valid, td).err();
     objects
         .policy
         .policies
@@ -54,20 +43,42 @@ pub fn policy_conditions(
                     .unwrap_or_else(|| "default".into()),
                 r.metadata.name.clone().unwrap_or_default(),
             );
-            let valid = match Policy::from_resource(r) {
-                Ok(_) => ("Valid", true, "Valid", String::new()),
-                Err(fields) => (
-                    "Valid",
-                    false,
-                    "Invalid",
-                    fields
-                        .iter()
-                        .map(|f| format!("`{}`: {}", f.path, f.message))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ),
+            let conditions = match super::lastgood::policy_problems(r) {
+                None => [
+                    ("Valid", true, "Valid", String::new()),
+                    match &together {
+                        None => (
+                            "InForce",
+                            true,
+                            "Applied",
+                            "part of the cluster state the agents enforce".to_owned(),
+                        ),
+                        Some(errors) => (
+                            "InForce",
+                            false,
+                            "StateRefused",
+                            format!(
+                                "the cluster state does not load, so the previous one stays \
+                                 in force: {}",
+                                errors.first().cloned().unwrap_or_default()
+                            ),
+                        ),
+                    },
+                ],
+                Some(problems) => [
+                    ("Valid", false, "Invalid", problems),
+                    (
+                        "InForce",
+                        false,
+                        "LastValidVersion",
+                        "this version is refused: agents keep enforcing the last valid version \
+                         they saw of this policy (none if they never saw one); every other \
+                         policy stays in force"
+                            .to_owned(),
+                    ),
+                ],
             };
-            (key, [valid, in_force.clone()])
+            (key, conditions)
         })
         .collect()
 }

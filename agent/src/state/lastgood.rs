@@ -1,0 +1,158 @@
+//! One invalid object does not freeze the cluster state (Kubernetes mode). Each IdentityPolicy,
+//! Node and Pod is checked on its own before the snapshot is built: a valid one is remembered; an
+//! invalid one is replaced by the last valid version this agent saw of it, or left out when
+//! there is none (an agent that starts with an invalid object present starts with the others).
+//! Everything else goes on being updated. What was refused is returned, so it is logged, and the
+//! object's status says why (`status::policy_conditions`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use signet_policy::IdentityPolicy;
+use signet_policy::model::Policy;
+
+use super::snapshot::ClusterObjects;
+
+/// One object refused this round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// `IdentityPolicy shop/api`, `Node node-b`, `Pod shop/web-0`.
+    pub object: String,
+    pub reason: String,
+    /// Whether its last valid version stays in force (otherwise it is left out).
+    pub kept_previous: bool,
+}
+
+/// The last valid version of each object, by kind and `namespace/name`.
+#[derive(Debug, Default)]
+pub struct LastGood {
+    policies: HashMap<String, IdentityPolicy>,
+    nodes: HashMap<String, Node>,
+    pods: HashMap<String, Pod>,
+}
+
+fn key(ns: Option<&str>, name: Option<&str>) -> String {
+    match ns {
+        Some(ns) => format!("{ns}/{}", name.unwrap_or_default()),
+        None => name.unwrap_or_default().to_owned(),
+    }
+}
+
+/// Why a policy is refused, as its status says it (`field`: reason; ...).
+pub fn policy_problems(p: &IdentityPolicy) -> Option<String> {
+    Policy::from_resource(p).err().map(|fields| {
+        fields
+            .iter()
+            .map(|f| format!("`{}`: {}", f.path, f.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+fn node_problems(n: &Node) -> Option<String> {
+    let internal = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|a| a.type_ == "InternalIP");
+    match internal {
+        None => Some("needs status.addresses with an InternalIP".into()),
+        Some(a) if a.address.parse::<IpAddr>().is_err() => Some(format!(
+            "status.addresses InternalIP `{}` is not an IP address",
+            a.address
+        )),
+        Some(_) => {
+            let spec = n.spec.as_ref();
+            spec.and_then(|s| s.pod_cidrs.clone())
+                .into_iter()
+                .flatten()
+                .chain(spec.and_then(|s| s.pod_cidr.clone()))
+                .find_map(|c| {
+                    signet_policy::cidr::Cidr::parse(&c)
+                        .err()
+                        .map(|e| format!("spec.podCIDRs `{c}`: {e}"))
+                })
+        }
+    }
+}
+
+fn pod_problems(p: &Pod) -> Option<String> {
+    let status = p.status.as_ref()?;
+    status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|i| i.ip.clone())
+        .chain(status.pod_ip.clone())
+        .find(|ip| ip.parse::<IpAddr>().is_err())
+        .map(|ip| format!("status.podIP `{ip}` is not an IP address"))
+}
+
+/// Keeps the valid objects of `list` (remembering them in `store`), puts the last valid version
+/// in place of an invalid one, and forgets objects no longer listed.
+fn settle<T: Clone>(
+    kind: &str,
+    list: &mut Vec<T>,
+    store: &mut HashMap<String, T>,
+    key_of: impl Fn(&T) -> String,
+    problems: impl Fn(&T) -> Option<String>,
+    refused: &mut Vec<Refused>,
+) {
+    let listed: std::collections::HashSet<String> = list.iter().map(&key_of).collect();
+    store.retain(|k, _| listed.contains(k));
+    let mut out = Vec::with_capacity(list.len());
+    for obj in list.drain(..) {
+        let k = key_of(&obj);
+        match problems(&obj) {
+            None => {
+                store.insert(k, obj.clone());
+                out.push(obj);
+            }
+            Some(reason) => {
+                let previous = store.get(&k).cloned();
+                refused.push(Refused {
+                    object: format!("{kind} {k}"),
+                    reason,
+                    kept_previous: previous.is_some(),
+                });
+                out.extend(previous);
+            }
+        }
+    }
+    *list = out;
+}
+
+impl LastGood {
+    /// Settles every checked kind of `objects` in place; returns what was refused.
+    pub fn settle(&mut self, objects: &mut ClusterObjects) -> Vec<Refused> {
+        let mut refused = Vec::new();
+        settle(
+            "IdentityPolicy",
+            &mut objects.policy.policies,
+            &mut self.policies,
+            |p| key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
+            policy_problems,
+            &mut refused,
+        );
+        settle(
+            "Node",
+            &mut objects.nodes,
+            &mut self.nodes,
+            |n| key(None, n.metadata.name.as_deref()),
+            node_problems,
+            &mut refused,
+        );
+        settle(
+            "Pod",
+            &mut objects.policy.pods,
+            &mut self.pods,
+            |p| key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
+            pod_problems,
+            &mut refused,
+        );
+        refused
+    }
+}
