@@ -68,7 +68,7 @@ struct Reconciler {
 }
 
 /// Numeric identities: a shared file (standalone) or `SignetIdentity` objects (Kubernetes), the
-/// latter allocated before each build and cached.
+/// latter read from their reflector before each build, missing ones allocated.
 enum Identities {
     File(FileAllocator),
     Kube {
@@ -105,6 +105,11 @@ impl Reconciler {
         {
             Identities::File(f) => f,
             Identities::Kube { api, known } => {
+                // What the SignetIdentity objects say now: a number deleted since the last
+                // build no longer stands for its old SPIFFE ID here.
+                if let Some(source) = &self.kube {
+                    known.0 = source.numbers();
+                }
                 for id in loaded.identities_needed() {
                     if let std::collections::btree_map::Entry::Vacant(slot) = known.0.entry(id) {
                         let n = api.allocate(slot.key()).await?;

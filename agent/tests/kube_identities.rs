@@ -286,32 +286,66 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
 }
 
 #[tokio::test]
-async fn unused_identities_are_deleted_after_the_grace_period_only() {
+async fn unused_identities_are_deleted_after_the_grace_period_and_numbers_are_never_reissued() {
     use signet_agent::identity::gc::Collector;
     let store = Store::default();
     let client = fake_api(store.clone());
     let ids = KubeIdentities::new(client.clone());
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let gone = id("spiffe://cluster.local/ns/shop/sa/gone");
+    let last = id("spiffe://cluster.local/ns/shop/sa/last");
     assert_eq!(ids.allocate(&web).await.expect("web"), 256);
     assert_eq!(ids.allocate(&gone).await.expect("gone"), 257);
-    let in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
+    assert_eq!(ids.allocate(&last).await.expect("last"), 258);
+    let numbers =
+        |store: &Store| -> Vec<String> { store.lock().expect("store").keys().cloned().collect() };
+    let mut in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
 
     let mut patient = Collector::new(client.clone(), std::time::Duration::from_secs(3600));
     assert!(
         patient.collect(&in_use).await.expect("collect").is_empty(),
         "still in its grace period"
     );
-    assert_eq!(store.lock().expect("store").len(), 2);
+    assert_eq!(store.lock().expect("store").len(), 3);
 
+    // gone's number goes; last's stays although unused: it is the highest, and the next number
+    // is one above the highest that exists.
     let mut eager = Collector::new(client, std::time::Duration::ZERO);
     assert_eq!(eager.collect(&in_use).await.expect("collect"), [257]);
-    let left: Vec<String> = store.lock().expect("store").keys().cloned().collect();
-    assert_eq!(left, ["256"], "the identity in use stays");
-    // A new identity gets a number above every one in use.
-    let next = ids
-        .allocate(&id("spiffe://cluster.local/ns/shop/sa/new"))
-        .await
-        .expect("new");
-    assert_eq!(next, 257);
+    assert_eq!(
+        numbers(&store),
+        ["256", "258"],
+        "the identity in use and the highest stay"
+    );
+    // So a new identity never gets a number another SPIFFE ID had: not 257, not 258.
+    let new = id("spiffe://cluster.local/ns/shop/sa/new");
+    assert_eq!(ids.allocate(&new).await.expect("new"), 259);
+    // Once it is not the highest, the unused one goes like any other.
+    in_use.insert(new.as_str().to_owned());
+    assert_eq!(eager.collect(&in_use).await.expect("collect"), [258]);
+    assert_eq!(numbers(&store), ["256", "259"]);
+    assert_eq!(
+        ids.allocate(&last).await.expect("last again"),
+        260,
+        "a new number, not its old one"
+    );
+    // What the objects say is what a number means: deleted ones mean nothing.
+    let objects: Vec<SignetIdentity> = store
+        .lock()
+        .expect("store")
+        .values()
+        .map(|(_, o)| o.clone())
+        .collect();
+    let meaning = signet_agent::identity::kube::numbers(&objects);
+    assert_eq!(meaning.get(&gone), None);
+    assert_eq!(meaning.get(&last), Some(&260));
+    let mut terminating = objects[0].clone();
+    terminating.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+    );
+    assert_eq!(
+        signet_agent::identity::kube::numbers([&terminating]).len(),
+        0,
+        "an object being deleted means nothing"
+    );
 }

@@ -544,11 +544,11 @@ mod kubernetes {
                     send.send_response(Response::new(body));
                     continue;
                 }
-                let items = if path == "/api/v1/namespaces/signet-system/secrets" {
+                let items = if path == "/api/v1/namespaces/signet-gateway-tls/secrets" {
                     // The CA's copy of shop/shop-tls (see `tls_copies`).
                     let mut copy: serde_json::Value = serde_yaml::from_str(
                         super::tls_secret(
-                            "signet-system",
+                            "signet-gateway-tls",
                             "gateway-tls.shop.shop-tls",
                             "shop.example.test",
                         )
@@ -601,7 +601,7 @@ mod kubernetes {
     #[tokio::test]
     async fn after_its_first_sync_the_kubernetes_source_holds_what_the_manifests_say() {
         let stop = CancellationToken::new();
-        let source = KubeSource::start(api_server(super::CLUSTER), "signet-system", &stop);
+        let source = KubeSource::start(api_server(super::CLUSTER), "signet-gateway-tls", &stop);
         tokio::time::timeout(std::time::Duration::from_secs(10), source.synced())
             .await
             .expect("every reflector synced");
@@ -625,7 +625,7 @@ mod kubernetes {
         assert_eq!(names(&got.gateway.gateways), names(&want.gateway.gateways));
         assert_eq!(names(&got.gateway.routes), names(&want.gateway.routes));
         assert!(!got.policy.pods.is_empty());
-        // The CA's copy in signet-system reads as the Secret the Gateway names.
+        // The CA's copy in signet-gateway-tls reads as the Secret the Gateway names.
         assert_eq!(names(&got.gateway.secrets), names(&want.gateway.secrets));
         assert_eq!(names(&got.gateway.secrets), ["\"shop\"/\"shop-tls\""]);
         let status = super::build(super::Source::Objects(&got), "node-a")

@@ -5,10 +5,11 @@
 //!
 //! It checks what only the API source does: keys generated into a Secret, agents admitted by
 //! TokenReview, an agent live but not ready until its first full list, numeric identities
-//! allocated as SignetIdentity objects and collected when unused, the Lease holders,
-//! IdentityPolicy and Gateway status written back, policy changes made through the API reaching
-//! the datapath on both nodes (also after every watch was cut), and a Gateway served with the
-//! TLS Secret the CA copied into signet-gateway-tls.
+//! allocated as SignetIdentity objects, collected when unused and never issued twice, the Lease
+//! holders, IdentityPolicy and Gateway status written back (one invalid policy holding nothing
+//! else back), policy changes made through the API reaching the datapath on both nodes (also
+//! after every watch was cut), and a Gateway served with the TLS Secret the CA copied into
+//! signet-gateway-tls.
 
 mod common;
 
@@ -253,10 +254,13 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     assert_eq!(t.client(&target)["ok"], true, "still allowed: {refused}");
     // It holds nothing else back: a valid change made beside it takes effect...
     api.put(policy("gate", "spiffe://cluster.local/ns/shop/sa/admin"));
-    wait_for("a valid policy beside the broken one to take effect", || {
-        let report = t.client(&target);
-        (report["ok"] == false || report["reply"] == "").then_some(())
-    });
+    wait_for(
+        "a valid policy beside the broken one to take effect",
+        || {
+            let report = t.client(&target);
+            (report["ok"] == false || report["reply"] == "").then_some(())
+        },
+    );
     // ...and a policy updated to an invalid version keeps its last valid one in force (the
     // client stays denied; dropping the policy would let it in), its status saying so.
     let mut gate = policy("gate", "spiffe://cluster.local/ns/shop/sa/admin");
@@ -295,6 +299,57 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     });
     assert!(numbered(SERVER), "the server still runs");
     assert!(numbered("spiffe://cluster.local/ns/shop/gateway/public"));
+
+    // A number is never issued to a second identity. `old` runs in the client's pod, the only
+    // one a policy admits; its pod goes for longer than the grace period; `intruder` takes the
+    // pod's place and gets a number old's rule does not admit, on either node.
+    const OLD: &str = "spiffe://cluster.local/ns/shop/sa/old";
+    const INTRUDER: &str = "spiffe://cluster.local/ns/shop/sa/intruder";
+    let number_of = |id: &str| -> Option<u32> {
+        api.objects("SignetIdentity")
+            .iter()
+            .find(|o| o["spec"]["spiffeId"] == id)
+            .and_then(|o| o["metadata"]["name"].as_str()?.parse().ok())
+    };
+    let client_pod = |sa: &str| {
+        let mut pod = objects(&t.cluster_yaml())
+            .into_iter()
+            .find(|o| o["kind"] == "Pod" && o["metadata"]["name"] == "client-0")
+            .expect("client-0");
+        pod["spec"]["serviceAccountName"] = json!(sa);
+        pod
+    };
+    api.put(policy("server-from-old", OLD));
+    api.put(client_pod("old"));
+    wait_for("old to be admitted", || {
+        (t.client(&target)["ok"] == true).then_some(())
+    });
+    let old_number = number_of(OLD).expect("old has a number");
+    api.delete("v1", "Pod", "shop", "client-0");
+    // Grace 2 s, a pass every second: what the collector would take, it has taken by now.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        number_of(OLD),
+        Some(old_number),
+        "the highest number stays, unused, so the next one is above it"
+    );
+    // To know the intruder's pod is up (certificate and all) before judging the denial, a
+    // second policy admits it for a moment.
+    api.put(policy("probe", INTRUDER));
+    api.put(client_pod("intruder"));
+    wait_for("the intruder's pod to be up", || {
+        (t.client(&target)["ok"] == true).then_some(())
+    });
+    let intruder_number = number_of(INTRUDER).expect("intruder has a number");
+    assert!(
+        intruder_number > old_number,
+        "{intruder_number} after {old_number}"
+    );
+    api.delete("signet.dev/v1alpha1", "IdentityPolicy", "shop", "probe");
+    wait_for("old's rule not to admit the intruder", || {
+        let report = t.client(&target);
+        (report["ok"] == false || report["reply"] == "").then_some(())
+    });
 }
 
 /// A GatewayClass of Signet's, an HTTPS Gateway in `shop` with a self-signed certificate in a

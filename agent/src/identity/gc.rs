@@ -2,7 +2,9 @@
 //! ID no workload or Gateway uses any more is deleted once it has stayed unused for a grace
 //! period (a pod being rescheduled keeps its number). Run by the one agent holding the Lease
 //! (`lease`), so collectors never race; deletes carry the uid seen, so an object re-created
-//! meanwhile is left alone.
+//! meanwhile is left alone. The highest number is never deleted, unused or not: new numbers are
+//! one above the highest that exists, so keeping it means no number is ever issued again to
+//! another SPIFFE ID while some agent may still hold its old meaning.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -39,6 +41,11 @@ impl Collector {
     pub async fn collect(&mut self, in_use: &BTreeSet<String>) -> Result<Vec<u32>, kube::Error> {
         let now = Instant::now();
         let listed = self.api.list(&ListParams::default()).await?;
+        let highest = listed
+            .items
+            .iter()
+            .filter_map(|o| o.metadata.name.as_ref()?.parse::<u32>().ok())
+            .max();
         let mut seen = BTreeSet::new();
         let mut deleted = Vec::new();
         for o in listed.items {
@@ -46,7 +53,8 @@ impl Collector {
                 continue;
             };
             seen.insert(uid.clone());
-            if in_use.contains(&o.spec.spiffe_id) {
+            // The high-water mark stays, so the next number is above it.
+            if in_use.contains(&o.spec.spiffe_id) || name.parse().ok() == highest {
                 self.unused_since.remove(&uid);
                 continue;
             }

@@ -5,8 +5,11 @@
 //! and settle on the lower one (`signet_policy::identity::next_claim`), and each deletes the
 //! higher one it created itself.
 //!
-//! What this does not do yet: garbage-collect unused identities under a Lease (the elected
-//! collector comes with the Kubernetes source).
+//! What a number means is what the `SignetIdentity` objects say now: agents read it from a
+//! reflector (`numbers`, through `state::kube::KubeSource`), so a number the collector (`gc`)
+//! deleted stops meaning its old SPIFFE ID on every node as soon as the deletion is seen. And a
+//! number is never issued twice: a new one is one above the highest that exists, and the
+//! collector never deletes the highest, so numbers only grow.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +29,35 @@ pub enum KubeIdentityError {
     Contended { id: SpiffeId, attempts: usize },
     #[error(transparent)]
     Numbers(#[from] signet_policy::identity::AllocError),
+}
+
+/// SPIFFE ID → number, the lowest where a race left several; names that are no number and
+/// SPIFFE IDs that do not parse mean nothing.
+fn lowest(listed: impl IntoIterator<Item = (u32, String)>) -> BTreeMap<SpiffeId, u32> {
+    let mut out = BTreeMap::new();
+    for (n, id) in listed {
+        if let Ok(id) = SpiffeId::parse(&id) {
+            let e = out.entry(id).or_insert(n);
+            *e = (*e).min(n);
+        }
+    }
+    out
+}
+
+/// What `objects` (a reflector's view) say each SPIFFE ID's number is. An object being deleted
+/// already means nothing.
+pub fn numbers<'a>(
+    objects: impl IntoIterator<Item = &'a SignetIdentity>,
+) -> BTreeMap<SpiffeId, u32> {
+    lowest(objects.into_iter().filter_map(|o| {
+        if o.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        Some((
+            o.metadata.name.as_ref()?.parse().ok()?,
+            o.spec.spiffe_id.clone(),
+        ))
+    }))
 }
 
 /// Numeric identities kept as `SignetIdentity` objects.
@@ -52,14 +84,7 @@ impl KubeIdentities {
 
     /// Every allocated identity (the lowest number wins where a race left two).
     pub async fn snapshot(&self) -> Result<BTreeMap<SpiffeId, u32>, KubeIdentityError> {
-        let mut out = BTreeMap::new();
-        for (n, id) in self.list().await? {
-            if let Ok(id) = SpiffeId::parse(&id) {
-                let e = out.entry(id).or_insert(n);
-                *e = (*e).min(n);
-            }
-        }
-        Ok(out)
+        Ok(lowest(self.list().await?))
     }
 
     /// The number of `id`, creating one if it has none.

@@ -22,7 +22,7 @@ use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde::de::DeserializeOwned;
-use signet_policy::IdentityPolicy;
+use signet_policy::{IdentityPolicy, SignetIdentity};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +43,8 @@ pub struct KubeSource {
     routes: Store<HttpRoute>,
     grants: Store<ReferenceGrant>,
     secrets: Store<Secret>,
+    /// Numeric identities: what each number means is what these say now.
+    identities: Store<SignetIdentity>,
     /// Bumped on every change; each consumer keeps its own receiver, so none misses one.
     changed: Arc<watch::Sender<u64>>,
 }
@@ -111,6 +113,7 @@ impl KubeSource {
             gateways: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            identities: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
                 Api::namespaced(c.clone(), tls_namespace),
                 all.fields("type=kubernetes.io/tls"),
@@ -119,6 +122,12 @@ impl KubeSource {
             ),
             changed,
         }
+    }
+
+    /// SPIFFE ID → number, as the `SignetIdentity` objects say now (deleted ones dropped).
+    pub fn numbers(&self) -> std::collections::BTreeMap<signet_ca::SpiffeId, u32> {
+        let state = self.identities.state();
+        crate::identity::kube::numbers(state.iter().map(|o| &**o))
     }
 
     /// Waits until every reflector has listed its resource once.
@@ -136,6 +145,7 @@ impl KubeSource {
             self.routes.wait_until_ready(),
             self.grants.wait_until_ready(),
             self.secrets.wait_until_ready(),
+            self.identities.wait_until_ready(),
         );
     }
 
