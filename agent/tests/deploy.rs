@@ -257,6 +257,14 @@ fn no_agent_verb_reaches_the_ca_keys_or_any_secret_but_the_gateway_copies() {
     // ... and gets other Secrets only one by one, never listing or watching them cluster-wide.
     let ca_elsewhere = rbac.verbs(CA, "", "secrets", Some("shop"), "shop-tls");
     assert_eq!(ca_elsewhere, ["get"]);
+    // Node labels place Gateways, so the CA's authoriser reflects Nodes.
+    let ca_nodes = rbac.verbs(CA, "", "nodes", None, "");
+    assert!(
+        ["list", "watch"]
+            .iter()
+            .all(|v| ca_nodes.iter().any(|h| h == v)),
+        "the CA reflects Nodes: {ca_nodes:?}"
+    );
     // Nothing else lives in the copies' namespace: no workload, no ConfigMap, no other Secret.
     for doc in installed() {
         let ns = doc["metadata"]["namespace"].as_str();

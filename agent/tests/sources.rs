@@ -200,6 +200,61 @@ fn invalid_api_objects_are_named_and_refused_whole() {
     assert!(err.contains("Node node-b: needs status.addresses"), "{err}");
 }
 
+#[test]
+fn a_gateway_is_served_and_its_identity_held_only_where_it_is_placed() {
+    use signet_ca::server::placement::NODES_ANNOTATION;
+    let text = format!(
+        "{CLUSTER}{}",
+        tls_secret("shop", "shop-tls", "shop.example.test")
+    );
+    let mut objects = objects_of(&text);
+    let gw = "spiffe://cluster.local/ns/shop/gateway/public";
+    let holds = |snap: &Snapshot| snap.local_identities().iter().any(|i| i.as_str() == gw);
+    // Without a placement every node serves it.
+    for node in ["node-a", "node-b"] {
+        let snap = build(Source::Objects(&objects), node);
+        assert!(!snap.gateway.ports.is_empty() && holds(&snap), "{node}");
+    }
+    objects.nodes[0].metadata.labels =
+        Some([("signet.dev/edge".to_owned(), "true".to_owned())].into());
+    let place = |objects: &mut ClusterObjects, selector: &str| {
+        objects.gateway.gateways[0].metadata.annotations =
+            Some([(NODES_ANNOTATION.to_owned(), selector.to_owned())].into());
+    };
+    place(&mut objects, "signet.dev/edge=true");
+    let a = build(Source::Objects(&objects), "node-a");
+    let b = build(Source::Objects(&objects), "node-b");
+    assert_eq!(a.gateway.ports.len(), 1, "node-a is an edge node");
+    assert!(a.gateway.ports[0].tls.is_some());
+    assert!(holds(&a));
+    assert!(b.gateway.ports.is_empty(), "node-b serves nothing");
+    assert!(!holds(&b), "node-b asks for no certificate of the Gateway");
+    // Policy on every node can still name it: it has a number everywhere.
+    assert!(b.identities.keys().any(|i| i.as_str() == gw));
+    let accepted = &a.gateway.status.gateways[0].conditions[0];
+    assert!(
+        accepted
+            .message
+            .contains("nodes labelled signet.dev/edge=true"),
+        "{accepted:?}"
+    );
+    // A placement that does not parse: served nowhere, and the status says why.
+    place(&mut objects, "signet.dev/edge!=true");
+    for node in ["node-a", "node-b"] {
+        let snap = build(Source::Objects(&objects), node);
+        assert!(snap.gateway.ports.is_empty() && !holds(&snap), "{node}");
+        let accepted = &snap.gateway.status.gateways[0].conditions[0];
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", "InvalidParameters")
+        );
+        assert!(
+            accepted.message.contains("signet.dev/edge!=true"),
+            "{accepted:?}"
+        );
+    }
+}
+
 /// What `snap` enforces for shop/api: the policy's ingress peers, if it is there at all.
 fn api_policy(snap: &Snapshot) -> Option<Vec<String>> {
     snap.state

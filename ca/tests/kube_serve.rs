@@ -168,9 +168,42 @@ async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infall
                 ),
             ],
         ),
-        "/apis/gateway.networking.k8s.io/v1/gatewayclasses"
-        | "/apis/gateway.networking.k8s.io/v1/gateways"
-        | "/apis/gateway.networking.k8s.io/v1/referencegrants" => list("Dynamic", vec![]),
+        // node-a is an edge node; node-b is not.
+        "/api/v1/nodes" => list(
+            "Node",
+            vec![
+                serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "node-a", "labels": {"signet.dev/edge": "true"}}}),
+                serde_json::json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "node-b", "labels": {}}}),
+            ],
+        ),
+        "/apis/gateway.networking.k8s.io/v1/gatewayclasses" => list(
+            "GatewayClass",
+            vec![serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                "metadata": {"name": "signet"},
+                "spec": {"controllerName": "signet.dev/gateway-controller"}})],
+        ),
+        // One Gateway on the edge nodes, one on nodes of another role.
+        "/apis/gateway.networking.k8s.io/v1/gateways" => list(
+            "Gateway",
+            [
+                ("public", "signet.dev/edge=true"),
+                ("internal", "role=internal"),
+            ]
+            .iter()
+            .map(|(name, nodes)| {
+                serde_json::json!({
+                        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                        "metadata": {"name": name, "namespace": "edge",
+                                     "annotations": {"signet.dev/nodes": nodes}},
+                        "spec": {"gatewayClassName": "signet", "listeners": [
+                            {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
+            })
+            .collect(),
+        ),
+        "/apis/gateway.networking.k8s.io/v1/referencegrants" => list("Dynamic", vec![]),
         "/apis/authentication.k8s.io/v1/tokenreviews" => {
             c.token_reviews += 1;
             review(&body)
@@ -377,6 +410,24 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
         .await
         .expect_err("db-0 runs on node-b");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    // A Gateway's identity goes only to a node that serves it.
+    let public = SpiffeId::parse("spiffe://cluster.local/ns/edge/gateway/public").expect("id");
+    client
+        .create_certificate(&csr(), Duration::from_secs(600), Some(&public))
+        .await
+        .expect("node-a is an edge node: it serves edge/public");
+    let internal = SpiffeId::parse("spiffe://cluster.local/ns/edge/gateway/internal").expect("id");
+    let refused = client
+        .create_certificate(&csr(), Duration::from_secs(600), Some(&internal))
+        .await
+        .expect_err("edge/internal is served by other nodes");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("served by nodes labelled role=internal"),
+        "{refused}"
+    );
     let mut stranger = connect(&mut a, &root, "not-a-token").await;
     let refused = stranger
         .create_certificate(&csr(), Duration::from_secs(600), Some(&web))

@@ -401,13 +401,13 @@ metadata: {name: payments-api, namespace: payments}
 spec:
   selector: {matchLabels: {app: api}}
   ingress:
-  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}, {entity: gateway}]
+  - from: [{identity: spiffe://cluster.local/ns/shop/sa/web}, {gateway: {namespace: edge, name: public}}]
     ports: [{port: 8080}]
     http: [{methods: [GET]}]
 YAML
     sleep 2
     code=$(gateway_status pay.example.test /api/)
-    echo "pay.example.test once the policy names entity: gateway: HTTP $code"
+    echo "pay.example.test once the policy names the Gateway edge/public: HTTP $code"
     [ "$code" = 200 ] || die "the gateway should reach api-0 now (got $code)"
     echo "signet gateway status (Gateway API conditions):"
     "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^  - namespace|^    name|reason" | head -n 14 | sed 's/^/  /'

@@ -124,6 +124,12 @@ pub fn peer_matches(m: &PeerMatch, peer: &PeerInfo, cluster: &Cluster) -> bool {
     let td = &cluster.trust_domain;
     match m {
         PeerMatch::Identity(pattern) => peer.id.as_ref().is_some_and(|id| pattern.matches(id)),
+        PeerMatch::Gateway { namespace, name } => peer.id.as_ref().is_some_and(|id| {
+            is_gateway(id, td)
+                && id
+                    .segments()
+                    .eq(["ns", namespace.as_str(), "gateway", name.as_str()])
+        }),
         PeerMatch::Namespaces(sel) => peer
             .id
             .as_ref()
@@ -443,6 +449,27 @@ mod tests {
             !peer_matches(&PeerMatch::Namespaces(Selector::default()), &gw, &c),
             "gateways are not workloads"
         );
+        // `gateway: {namespace, name}` is that Gateway only: not another, not one of the same
+        // name in a foreign trust domain, not a workload whose service account spells it, not
+        // the group number.
+        let public = PeerMatch::Gateway {
+            namespace: "edge".into(),
+            name: "public".into(),
+        };
+        assert!(peer_matches(&public, &gw, &c));
+        for other in [
+            "spiffe://cluster.local/ns/edge/gateway/internal",
+            "spiffe://cluster.local/ns/shop/gateway/public",
+            "spiffe://partner.org/ns/edge/gateway/public",
+            "spiffe://cluster.local/ns/edge/sa/public",
+            "spiffe://cluster.local/ns/edge/gateway/public/x",
+        ] {
+            assert!(
+                !peer_matches(&public, &peer(311, Some(other)), &c),
+                "{other}"
+            );
+        }
+        assert!(!peer_matches(&public, &peer(INGRESS, None), &c));
         assert!(peer_matches(
             &PeerMatch::Entity(Entity::World),
             &peer(WORLD, None),

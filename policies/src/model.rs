@@ -56,6 +56,11 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub enum PeerMatch {
     Identity(SpiffePattern),
+    /// One Signet Gateway: `spiffe://<cluster trust domain>/ns/<namespace>/gateway/<name>`.
+    Gateway {
+        namespace: String,
+        name: String,
+    },
     Namespaces(Selector),
     Entity(Entity),
     /// World addresses in `net` but in none of `except` (each inside `net`).
@@ -536,6 +541,7 @@ fn rule(
 
 fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
     let set = usize::from(p.identity.is_some())
+        + usize::from(p.gateway.is_some())
         + usize::from(p.namespace_selector.is_some())
         + usize::from(p.entity.is_some())
         + usize::from(p.cidr.is_some());
@@ -543,10 +549,26 @@ fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
         errs.push(err(
             path,
             format!(
-                "a peer needs exactly one of `identity`, `namespaceSelector`, `entity` or `cidr`; found {set}"
+                "a peer needs exactly one of `identity`, `gateway`, `namespaceSelector`, `entity` or `cidr`; found {set}"
             ),
         ));
         return None;
+    }
+    if let Some(g) = &p.gateway {
+        let mut ok = true;
+        for (field, value) in [("namespace", &g.namespace), ("name", &g.name)] {
+            if !is_dns_label(value) {
+                errs.push(err(
+                    &format!("{path}.gateway.{field}"),
+                    format!("`{value}` is not a Kubernetes name (an RFC 1123 label)"),
+                ));
+                ok = false;
+            }
+        }
+        return ok.then(|| PeerMatch::Gateway {
+            namespace: g.namespace.clone(),
+            name: g.name.clone(),
+        });
     }
     if p.cidr.is_none() && !p.except.is_empty() {
         errs.push(err(
@@ -775,6 +797,28 @@ mod tests {
         let h = &ingress[0].http.as_ref().expect("http")[0];
         assert_eq!(h.normalization.escaped_slashes, crate::path::Spelling::Keep);
         assert_eq!(h.normalization.non_ascii, crate::path::Spelling::Reject);
+    }
+
+    #[test]
+    fn a_gateway_peer_names_one_gateway_by_kubernetes_names() {
+        let p = |peer: &str| {
+            let r: IdentityPolicy = serde_yaml::from_str(&format!(
+                "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {{name: p, namespace: shop}}\n\
+                 spec:\n  selector: {{}}\n  ingress:\n  - from: [{peer}]\n"
+            ))
+            .expect("yaml");
+            Policy::from_resource(&r)
+        };
+        let ok = p("{gateway: {namespace: edge, name: public}}").expect("valid");
+        assert!(matches!(
+            &ok.ingress.expect("ingress")[0].peers[0],
+            PeerMatch::Gateway { namespace, name } if namespace == "edge" && name == "public"
+        ));
+        let errs = p("{gateway: {namespace: edge, name: Public/x}}").expect_err("not a name");
+        assert_eq!(errs[0].path, "spec.ingress[0].from[0].gateway.name");
+        let errs = p("{gateway: {namespace: edge, name: public}, entity: gateway}")
+            .expect_err("two kinds of peer");
+        assert!(errs[0].message.contains("exactly one"), "{errs:?}");
     }
 
     #[test]

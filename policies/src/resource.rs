@@ -120,13 +120,17 @@ pub struct EgressDenyRule {
     pub ports: Vec<PortSpec>,
 }
 
-/// One peer: exactly one of `identity`, `namespaceSelector`, `entity` or `cidr`.
+/// One peer: exactly one of `identity`, `gateway`, `namespaceSelector`, `entity` or `cidr`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Peer {
     /// A SPIFFE ID, or one with a trailing `*` segment (`spiffe://td/ns/ops/sa/*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// One Signet Gateway by name (its identity is `spiffe://<td>/ns/<namespace>/gateway/<name>`);
+    /// `entity: gateway` is any of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayRef>,
     /// Workloads in namespaces whose labels match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
@@ -139,6 +143,14 @@ pub struct Peer {
     /// With `cidr`: prefixes inside it that the peer does not include.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub except: Vec<String>,
+}
+
+/// A Gateway API `Gateway` of Signet's class.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// Peers that are not named by identity.

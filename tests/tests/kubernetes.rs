@@ -194,7 +194,8 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     let _http = t.server_with(8081, &["--http"]);
     let ca_file = t.dir.path().join("gateway-ca.pem");
     std::fs::write(&ca_file, &cert_pem).expect("gateway CA");
-    let answer = wait_for("the Gateway to answer over HTTPS", || {
+    // The Gateway over HTTPS at `node`'s address, from node A's namespace: the body, if any.
+    let https = |node: char| {
         let out = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -207,7 +208,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
             ])
             .args([
                 "--resolve",
-                &format!("shop.example.test:8443:{}", t.node_ip('a')),
+                &format!("shop.example.test:8443:{}", t.node_ip(node)),
             ])
             .arg("--cacert")
             .arg(&ca_file)
@@ -217,7 +218,12 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    });
+    };
+    let answer = wait_for("the Gateway to answer over HTTPS", || https('a'));
+    assert!(
+        https('b').is_some(),
+        "without a placement every node serves it"
+    );
     assert!(answer.contains("/hello"), "the backend answered: {answer}");
     let copies: Vec<Value> = api
         .objects("Secret")
@@ -231,6 +237,28 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         let gw = api.objects("Gateway").into_iter().next()?;
         (condition(&gw, "Programmed")?["status"] == "True").then_some(())
     });
+    // Placed on edge nodes (node-a), node-b stops serving it: only a node serving a Gateway
+    // holds its identity (the CA refuses others; its unit and API tests show the refusal).
+    let mut node_a = objects(&t.cluster_yaml())
+        .into_iter()
+        .find(|o| o["kind"] == "Node" && o["metadata"]["name"] == "node-a")
+        .expect("node-a");
+    node_a["metadata"]["labels"] = json!({"signet.dev/edge": "true"});
+    api.put(node_a);
+    let mut gw = api
+        .objects("Gateway")
+        .into_iter()
+        .next()
+        .expect("the Gateway");
+    gw["metadata"]["annotations"] = json!({"signet.dev/nodes": "signet.dev/edge=true"});
+    api.put(gw);
+    wait_for("node-b to stop serving the Gateway", || {
+        https('b').is_none().then_some(())
+    });
+    assert!(
+        https('a').is_some_and(|a| a.contains("/hello")),
+        "node-a serves it"
+    );
 
     // An invalid policy is refused by name with its field path; the state in force stays.
     let mut bad = policy("broken", CLIENT);

@@ -16,6 +16,7 @@ use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::Secret;
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
+use signet_ca::server::placement::Placement;
 use signet_ca::{SpiffeId, TrustDomain};
 
 use super::routes::{Route, Router, intersect};
@@ -60,6 +61,8 @@ pub struct Listener {
     pub hostname: Option<String>,
     pub certificates: Vec<Certificate>,
     pub router: Router,
+    /// The nodes that serve its Gateway (`signet.dev/nodes`).
+    pub placement: Placement,
 }
 
 /// The listeners that share one port (distinct hostnames; SNI and Host pick among them).
@@ -147,6 +150,27 @@ pub struct GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// Keeps what a node with `labels` serves: the listeners of Gateways placed on it (status
+    /// stays the cluster's). HTTPS ports whose listeners changed get their TLS configuration
+    /// again.
+    pub fn place_on(&mut self, labels: &BTreeMap<String, String>) {
+        for p in &mut self.ports {
+            let before = p.listeners.len();
+            p.listeners.retain(|l| l.placement.admits(labels));
+            if p.listeners.len() != before
+                && p.protocol == Protocol::Https
+                && !p.listeners.is_empty()
+            {
+                p.tls = super::tls::config(p)
+                    .inspect_err(|e| {
+                        tracing::error!(port = p.port, error = %e, "gateway TLS configuration");
+                    })
+                    .ok();
+            }
+        }
+        self.ports.retain(|p| !p.listeners.is_empty());
+    }
+
     /// Identities of every Gateway served (the certificates the node needs).
     pub fn identities(&self) -> Vec<SpiffeId> {
         let mut ids: Vec<SpiffeId> = self
@@ -247,6 +271,23 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             });
             continue;
         };
+        let placement = match Placement::of(gw.metadata.annotations.as_ref()) {
+            Ok(p) => p,
+            Err(reason) => {
+                status.gateways.push(GatewayStatus {
+                    namespace: gns.clone(),
+                    name: gname.clone(),
+                    conditions: vec![cond(
+                        "Accepted",
+                        false,
+                        "InvalidParameters",
+                        format!("served by no node: {reason}"),
+                    )],
+                    listeners: vec![],
+                });
+                continue;
+            }
+        };
         let mut listener_status = Vec::new();
         let mut all_programmed = true;
         for l in &gw.spec.listeners {
@@ -264,7 +305,8 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 .iter()
                 .any(|c| c.type_ == "Programmed" && c.status == "True");
             listener_status.push(ls);
-            if let Some((port, protocol, listener)) = served {
+            if let Some((port, protocol, mut listener)) = served {
+                listener.placement = placement.clone();
                 ports
                     .entry(port)
                     .or_insert_with(|| Port {
@@ -281,7 +323,12 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             namespace: gns,
             name: gname,
             conditions: vec![
-                cond("Accepted", true, "Accepted", "handled by Signet"),
+                cond(
+                    "Accepted",
+                    true,
+                    "Accepted",
+                    format!("handled by Signet, on {placement}"),
+                ),
                 if all_programmed {
                     cond("Programmed", true, "Programmed", "every listener is served")
                 } else {
@@ -656,6 +703,7 @@ fn listener(
                 hostname,
                 certificates,
                 router: Router::new(routes),
+                placement: Placement::default(),
             },
         )),
     )

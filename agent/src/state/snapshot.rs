@@ -67,7 +67,8 @@ pub struct Snapshot {
     pub ignored_annotations: Vec<String>,
     pub local: Vec<LocalEndpoint>,
     pub compiled: Compiled,
-    /// Gateway API listeners this node serves (every node serves every Signet Gateway).
+    /// Gateway API listeners this node serves: those of the Signet Gateways placed on it
+    /// (`signet.dev/nodes`; all of them without).
     pub gateway: crate::gateway::model::GatewayConfig,
 }
 
@@ -131,6 +132,8 @@ struct Extra {
     endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
     gateway: crate::gateway::model::Resources,
     nodes: HashMap<String, IpAddr>,
+    /// Node name → its labels (they place Gateways: `signet.dev/nodes`).
+    node_labels: HashMap<String, BTreeMap<String, String>>,
     /// Node name → the prefixes its pods' addresses come from (`spec.podCIDRs`), when set.
     pod_cidrs: HashMap<String, Vec<Cidr>>,
     annotations: HashMap<String, BTreeMap<String, String>>,
@@ -206,7 +209,11 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
 fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
     let mut nodes = HashMap::new();
     let mut pod_cidrs = HashMap::new();
+    let mut node_labels = HashMap::new();
     for n in &objects.nodes {
+        if let Some(name) = &n.metadata.name {
+            node_labels.insert(name.clone(), n.metadata.labels.clone().unwrap_or_default());
+        }
         let spec = n.spec.as_ref();
         let cidrs: Vec<Cidr> = spec
             .and_then(|s| s.pod_cidrs.clone())
@@ -282,6 +289,7 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
         endpoints: objects.endpoints.clone(),
         gateway: objects.gateway.clone(),
         nodes,
+        node_labels,
         pod_cidrs,
         annotations,
     }
@@ -478,8 +486,10 @@ pub fn build_loaded(
         extra,
         refused,
         services,
-        gateway,
+        mut gateway,
     } = loaded;
+    // Numbers go to every Gateway (policy names them); this node serves those placed on it.
+    gateway.place_on(extra.node_labels.get(node).unwrap_or(&BTreeMap::new()));
     let identities = allocator.snapshot()?;
     let mut pods_by_ip = HashMap::new();
     let mut local = Vec::new();

@@ -1,13 +1,14 @@
 //! Which identities a node may obtain: its own agent identity, the service accounts of pods
-//! scheduled on it, and the identities of Gateways of Signet's GatewayClass (every node's proxy
-//! serves every such Gateway). Nothing else, so a compromised node cannot mint identities for
-//! workloads that run elsewhere.
+//! scheduled on it, and the identities of the Gateways of Signet's GatewayClass it serves (all of
+//! them, unless a Gateway's `signet.dev/nodes` selector names fewer: `placement`). Nothing
+//! else, so a compromised node cannot mint identities for workloads or Gateways served
+//! elsewhere.
 //!
 //! Pods come from the cluster-state directory of ordinary Kubernetes manifests (DESIGN.md,
 //! "Cluster state"), parsed with k8s-openapi's `Pod` and re-read when the files change. A
 //! directory that fails to parse is reported and the previous state stays in force.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
@@ -16,6 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 
 use crate::server::auth::NodeName;
+use crate::server::placement::Placement;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,14 @@ pub enum AuthzError {
         name: String,
         controller: &'static str,
     },
+    #[error("node {node} may not obtain {id}: that Gateway is served by {placement}")]
+    GatewayNotOnNode {
+        id: SpiffeId,
+        node: NodeName,
+        placement: String,
+    },
+    #[error("{id}: that Gateway is served by no node: {reason}")]
+    GatewayPlacedNowhere { id: SpiffeId, reason: String },
     #[error(
         "node {node} may not obtain {id}: no pod with service account {namespace}/{service_account} is scheduled on {node}"
     )]
@@ -220,17 +230,40 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
 /// The `controllerName` of Signet's GatewayClass (the agent's `gateway::model::CONTROLLER`).
 pub const GATEWAY_CONTROLLER: &str = "signet.dev/gateway-controller";
 
-/// What may be issued: `(node, namespace, service account)` triples, and `(namespace, name)`
-/// of Signet Gateways.
+/// Node name → its labels.
+pub type NodeLabels = HashMap<String, BTreeMap<String, String>>;
+
+/// What may be issued: `(node, namespace, service account)` triples, and the Signet Gateways
+/// with the nodes that serve them (by the nodes' labels).
 #[derive(Debug, Default)]
 struct Index {
     pods: HashSet<(String, String, String)>,
-    gateways: HashSet<(String, String)>,
+    gateways: HashMap<(String, String), Result<Placement, String>>,
+    node_labels: NodeLabels,
 }
 
-/// `(namespace, name)` of every Gateway whose GatewayClass is Signet's.
-pub fn load_gateways(dir: &Path) -> Result<Vec<(String, String)>, StateError> {
+/// A Gateway of Signet's GatewayClass and where it is served (an error when its
+/// `signet.dev/nodes` annotation does not parse: nowhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedGateway {
+    pub namespace: String,
+    pub name: String,
+    pub placement: Result<Placement, String>,
+}
+
+/// What the CA authorises from: scheduled pods, Signet Gateways, and each Node's labels.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub pods: Vec<ScheduledPod>,
+    pub gateways: Vec<PlacedGateway>,
+    pub node_labels: NodeLabels,
+}
+
+/// Every Gateway whose GatewayClass is Signet's, and every Node's labels, from the manifests
+/// under `dir`.
+fn load_gateways_and_nodes(dir: &Path) -> Result<(Vec<PlacedGateway>, NodeLabels), StateError> {
     let (mut classes, mut gateways) = (HashSet::new(), Vec::new());
+    let mut node_labels = HashMap::new();
     for file in manifest_files(dir)? {
         let text = std::fs::read_to_string(&file).map_err(|e| StateError {
             path: file.clone(),
@@ -246,6 +279,12 @@ pub fn load_gateways(dir: &Path) -> Result<Vec<(String, String)>, StateError> {
                     .and_then(|v| v.as_str())
                     .map(str::to_owned)
             };
+            let strings = |v: &serde_yaml::Value, path: &[&str]| -> BTreeMap<String, String> {
+                path.iter()
+                    .try_fold(v, |v, k| v.get(k))
+                    .and_then(|m| serde_yaml::from_value(m.clone()).ok())
+                    .unwrap_or_default()
+            };
             match s(&v, &["kind"]).as_deref() {
                 Some("GatewayClass")
                     if s(&v, &["spec", "controllerName"]).as_deref()
@@ -260,18 +299,42 @@ pub fn load_gateways(dir: &Path) -> Result<Vec<(String, String)>, StateError> {
                     ) {
                         let ns =
                             s(&v, &["metadata", "namespace"]).unwrap_or_else(|| "default".into());
-                        gateways.push((ns, name, class));
+                        let annotations = strings(&v, &["metadata", "annotations"]);
+                        gateways.push((
+                            class,
+                            PlacedGateway {
+                                namespace: ns,
+                                name,
+                                placement: Placement::of(Some(&annotations)),
+                            },
+                        ));
+                    }
+                }
+                Some("Node") => {
+                    if let Some(name) = s(&v, &["metadata", "name"]) {
+                        node_labels.insert(name, strings(&v, &["metadata", "labels"]));
                     }
                 }
                 _ => {}
             }
         }
     }
-    Ok(gateways
+    let gateways = gateways
         .into_iter()
-        .filter(|(_, _, class)| classes.contains(class))
-        .map(|(ns, name, _)| (ns, name))
-        .collect())
+        .filter(|(class, _)| classes.contains(class))
+        .map(|(_, g)| g)
+        .collect();
+    Ok((gateways, node_labels))
+}
+
+fn load_view(dir: &Path) -> Result<ClusterView, StateError> {
+    let pods = load_pods(dir)?;
+    let (gateways, node_labels) = load_gateways_and_nodes(dir)?;
+    Ok(ClusterView {
+        pods,
+        gateways,
+        node_labels,
+    })
 }
 
 /// Decides which identity a node may obtain.
@@ -293,13 +356,12 @@ impl NodeAuthorizer {
         dir: &Path,
     ) -> Result<Self, StateError> {
         let seen = fingerprint(dir);
-        let pods = load_pods(dir)?;
-        let gateways = load_gateways(dir)?;
+        let view = load_view(dir)?;
         Ok(Self {
             trust_domain,
             agent_identity,
             dir: Some(dir.to_owned()),
-            index: RwLock::new(Arc::new(index(&pods, gateways))),
+            index: RwLock::new(Arc::new(index(view))),
             seen: Mutex::new(seen),
         })
     }
@@ -316,10 +378,9 @@ impl NodeAuthorizer {
         }
     }
 
-    /// Puts a new view of the cluster in force: scheduled pods, and `(namespace, name)` of the
-    /// Gateways of Signet's GatewayClass.
-    pub fn replace(&self, pods: &[ScheduledPod], gateways: Vec<(String, String)>) {
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(pods, gateways));
+    /// Puts a new view of the cluster in force.
+    pub fn replace(&self, view: ClusterView) {
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(view));
     }
 
     /// Re-reads the directory if any file changed. On a parse error the previous pods stay in
@@ -335,9 +396,8 @@ impl NodeAuthorizer {
         }
         // Remember the fingerprint even on failure, so a broken file is reported once per change.
         *seen = now;
-        let pods = load_pods(dir)?;
-        let gateways = load_gateways(dir)?;
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(&pods, gateways));
+        let view = load_view(dir)?;
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index(view));
         Ok(true)
     }
 
@@ -367,15 +427,29 @@ impl NodeAuthorizer {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner()).clone();
         let segments: Vec<&str> = id.segments().collect();
         if let ["ns", ns, "gateway", name] = segments[..] {
-            return if index.gateways.contains(&(ns.to_owned(), name.to_owned())) {
-                Ok(id.clone())
-            } else {
-                Err(AuthzError::NoSuchGateway {
-                    namespace: ns.to_owned(),
-                    name: name.to_owned(),
+            let (namespace, name) = (ns.to_owned(), name.to_owned());
+            return match index.gateways.get(&(namespace.clone(), name.clone())) {
+                None => Err(AuthzError::NoSuchGateway {
+                    namespace,
+                    name,
                     controller: GATEWAY_CONTROLLER,
                     id: id.clone(),
-                })
+                }),
+                Some(Err(reason)) => Err(AuthzError::GatewayPlacedNowhere {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                }),
+                Some(Ok(p))
+                    if p.everywhere()
+                        || index.node_labels.get(&node.0).is_some_and(|l| p.admits(l)) =>
+                {
+                    Ok(id.clone())
+                }
+                Some(Ok(p)) => Err(AuthzError::GatewayNotOnNode {
+                    id: id.clone(),
+                    node: node.clone(),
+                    placement: p.to_string(),
+                }),
             };
         }
         let Some((ns, sa)) = id.namespace_and_service_account() else {
@@ -397,9 +471,10 @@ impl NodeAuthorizer {
     }
 }
 
-fn index(pods: &[ScheduledPod], gateways: Vec<(String, String)>) -> Index {
+fn index(view: ClusterView) -> Index {
     Index {
-        pods: pods
+        pods: view
+            .pods
             .iter()
             .map(|p| {
                 (
@@ -409,7 +484,12 @@ fn index(pods: &[ScheduledPod], gateways: Vec<(String, String)>) -> Index {
                 )
             })
             .collect(),
-        gateways: gateways.into_iter().collect(),
+        gateways: view
+            .gateways
+            .into_iter()
+            .map(|g| ((g.namespace, g.name), g.placement))
+            .collect(),
+        node_labels: view.node_labels,
     }
 }
 
@@ -564,7 +644,15 @@ spec:
              apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: public, namespace: edge}\n\
              spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
              apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: theirs, namespace: edge}\n\
-             spec: {gatewayClassName: other, listeners: [{name: http, port: 80, protocol: HTTP}]}\n",
+             spec: {gatewayClassName: other, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {name: pinned, namespace: edge, annotations: {signet.dev/nodes: signet.dev/edge=true}}\n\
+             spec: {gatewayClassName: signet, listeners: [{name: http, port: 81, protocol: HTTP}]}\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+             metadata: {name: broken, namespace: edge, annotations: {signet.dev/nodes: 'zone!=a'}}\n\
+             spec: {gatewayClassName: signet, listeners: [{name: http, port: 82, protocol: HTTP}]}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {signet.dev/edge: 'true'}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: node-b, labels: {signet.dev/edge: 'false'}}\n",
         )
         .expect("write");
         let a = authorizer(dir.path());
@@ -573,8 +661,33 @@ spec:
                 &node("node-b"),
                 Some("spiffe://cluster.local/ns/edge/gateway/public"),
             )
-            .expect("any node serves Signet's Gateways");
+            .expect("without a placement every node serves a Signet Gateway");
         assert_eq!(ok.as_str(), "spiffe://cluster.local/ns/edge/gateway/public");
+        // A Gateway placed on edge nodes: node-a's identity to hold, not node-b's, nor that of
+        // a node the CA knows no labels of.
+        let pinned = Some("spiffe://cluster.local/ns/edge/gateway/pinned");
+        a.authorize(&node("node-a"), pinned)
+            .expect("node-a is an edge node");
+        for other in ["node-b", "node-c"] {
+            let e = a
+                .authorize(&node(other), pinned)
+                .expect_err("not an edge node");
+            assert!(matches!(e, AuthzError::GatewayNotOnNode { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("served by nodes labelled signet.dev/edge=true"),
+                "{e}"
+            );
+        }
+        // A placement that does not parse places it nowhere.
+        let e = a
+            .authorize(
+                &node("node-a"),
+                Some("spiffe://cluster.local/ns/edge/gateway/broken"),
+            )
+            .expect_err("nowhere");
+        assert!(matches!(e, AuthzError::GatewayPlacedNowhere { .. }), "{e}");
+        assert!(e.to_string().contains("zone!=a"), "{e}");
         for refused in ["theirs", "missing"] {
             let e = a
                 .authorize(

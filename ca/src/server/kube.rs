@@ -1,5 +1,6 @@
-//! The CA's view of the cluster in Kubernetes mode: reflectors on Pods (who runs where) and on
-//! Gateways and GatewayClasses (whose identities nodes may obtain), rebuilt into the
+//! The CA's view of the cluster in Kubernetes mode: reflectors on Pods (who runs where), Nodes
+//! (their labels place Gateways) and on Gateways and GatewayClasses (whose identities nodes may
+//! obtain), rebuilt into the
 //! authoriser's index on every change; and the copies of the Gateways' TLS Secrets
 //! (`tls_copies`). Gateway API objects are read as dynamic objects: the CA needs a few fields of
 //! them, not the gateway-api crate.
@@ -7,14 +8,17 @@
 use std::sync::Arc;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::authz::{GATEWAY_CONTROLLER, NodeAuthorizer, scheduled};
+use crate::server::authz::{
+    ClusterView, GATEWAY_CONTROLLER, NodeAuthorizer, PlacedGateway, scheduled,
+};
+use crate::server::placement::Placement;
 use crate::server::tls_copies;
 
 /// A client for the API server: from `kubeconfig` when given (a process outside a pod), else the
@@ -122,6 +126,15 @@ pub async fn watch_cluster(
         notify(&changed),
         stop.clone(),
     );
+    let (nodes, w) = reflector::store::<Node>();
+    drive(
+        "Node".into(),
+        watcher(Api::<Node>::all(client.clone()), config.clone())
+            .default_backoff()
+            .reflect(w),
+        notify(&changed),
+        stop.clone(),
+    );
     let mut dynamic = Vec::new();
     for kind in ["GatewayClass", "Gateway", "ReferenceGrant"] {
         let resource = gateway_resource(kind);
@@ -139,6 +152,7 @@ pub async fn watch_cluster(
     let (classes, gateways, grants) = (dynamic[0].clone(), dynamic[1].clone(), dynamic[2].clone());
     let _ = tokio::join!(
         pods.wait_until_ready(),
+        nodes.wait_until_ready(),
         classes.wait_until_ready(),
         gateways.wait_until_ready(),
         grants.wait_until_ready(),
@@ -150,13 +164,34 @@ pub async fn watch_cluster(
             .filter_map(|p| scheduled((**p).clone()))
             .collect();
         let ours = signet_gateways(&classes, &gateways);
-        let names = ours
+        let placed = ours
             .iter()
-            .filter_map(|g| Some((g.metadata.namespace.clone()?, g.metadata.name.clone()?)))
+            .filter_map(|g| {
+                Some(PlacedGateway {
+                    namespace: g.metadata.namespace.clone()?,
+                    name: g.metadata.name.clone()?,
+                    placement: Placement::of(g.metadata.annotations.as_ref()),
+                })
+            })
             .collect();
-        authz.replace(&scheduled, names);
+        let node_labels = nodes
+            .state()
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n.metadata.name.clone()?,
+                    n.metadata.labels.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let n = scheduled.len();
+        authz.replace(ClusterView {
+            pods: scheduled,
+            gateways: placed,
+            node_labels,
+        });
         let grants: Vec<DynamicObject> = grants.state().iter().map(|g| (**g).clone()).collect();
-        (scheduled.len(), tls_copies::wanted(&ours, &grants))
+        (n, tls_copies::wanted(&ours, &grants))
     };
     let (n, wanted) = apply();
     tracing::info!(pods = n, "cluster view loaded from the Kubernetes API");

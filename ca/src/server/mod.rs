@@ -9,6 +9,7 @@ pub mod ca_secret;
 pub mod config;
 pub mod grpc;
 pub mod kube;
+pub mod placement;
 pub mod tls;
 pub mod tls_copies;
 pub mod tokenreview;
