@@ -515,7 +515,11 @@ impl Agent {
             limits: Limits::new(
                 config.idle_timeout,
                 config.handshake_timeout,
-                config.max_connections,
+                crate::proxy::Caps {
+                    mesh: config.max_connections,
+                    per_pod: config.max_connections_per_pod,
+                    gateway: config.gateway_max_connections,
+                },
             ),
         };
         let out_l = TcpListener::bind(config.outbound)

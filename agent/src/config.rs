@@ -24,8 +24,11 @@
 //! mtlsMode: strict                          # or permissive
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
+//!         maxConnectionsPerPod: 4096,      # one pod's share of maxConnections (default 1/4)
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
+//!           maxConnections: 16384,           # the edge's own budget (default: as the mesh's)
+//!           maxConnectionAgeSeconds: 3600,   # then closed gracefully (GOAWAY)
 //!           maxBodyBytes: 10485760,          # no body limit unless set
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
 //! identityGc: {graceSeconds: 600, intervalSeconds: 60}   # Kubernetes mode
@@ -115,6 +118,8 @@ struct RawGateway {
     max_headers: Option<usize>,
     max_concurrent_streams: Option<u32>,
     max_body_bytes: Option<u64>,
+    max_connections: Option<usize>,
+    max_connection_age_seconds: Option<u64>,
     /// Proxies in front of the Gateway (CIDRs) whose `X-Forwarded-For`/`Forwarded` are kept and
     /// appended to; from anyone else they are replaced.
     #[serde(default)]
@@ -130,6 +135,8 @@ struct RawProxy {
     handshake_timeout_seconds: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    /// Default: a quarter of `max_connections`.
+    max_connections_per_pod: Option<usize>,
     #[serde(default = "default_workers")]
     worker_threads: usize,
 }
@@ -168,6 +175,7 @@ impl Default for RawProxy {
             idle_timeout_seconds: default_idle(),
             handshake_timeout_seconds: default_handshake(),
             max_connections: default_max_connections(),
+            max_connections_per_pod: None,
             worker_threads: default_workers(),
         }
     }
@@ -307,6 +315,10 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     /// Per direction.
     pub max_connections: usize,
+    /// One source address's share of the outbound connections.
+    pub max_connections_per_pod: usize,
+    /// The Gateway listeners' own connection budget.
+    pub gateway_max_connections: usize,
     /// Threads of the agent's runtime.
     pub worker_threads: usize,
     pub gateway_limits: crate::gateway::server::EdgeLimits,
@@ -371,6 +383,23 @@ impl AgentConfig {
         }
         if raw.proxy.max_connections == 0 {
             return Err(invalid("proxy.maxConnections must be above 0".into()));
+        }
+        if raw
+            .proxy
+            .max_connections_per_pod
+            .is_some_and(|n| n == 0 || n > raw.proxy.max_connections)
+        {
+            return Err(invalid(
+                "proxy.maxConnectionsPerPod must be above 0 and at most proxy.maxConnections"
+                    .into(),
+            ));
+        }
+        if raw.gateway.max_connections == Some(0)
+            || raw.gateway.max_connection_age_seconds == Some(0)
+        {
+            return Err(invalid(
+                "gateway.maxConnections and gateway.maxConnectionAgeSeconds must be above 0".into(),
+            ));
         }
         let g = &raw.gateway;
         if [
@@ -469,6 +498,14 @@ impl AgentConfig {
             idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
             handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
             max_connections: raw.proxy.max_connections,
+            max_connections_per_pod: raw
+                .proxy
+                .max_connections_per_pod
+                .unwrap_or((raw.proxy.max_connections / 4).max(1)),
+            gateway_max_connections: raw
+                .gateway
+                .max_connections
+                .unwrap_or(raw.proxy.max_connections),
             worker_threads: raw.proxy.worker_threads,
             gateway_limits: {
                 let d = crate::gateway::server::EdgeLimits::default();
@@ -477,6 +514,7 @@ impl AgentConfig {
                     handshake: secs(raw.gateway.handshake_timeout_seconds, d.handshake),
                     header_read: secs(raw.gateway.header_read_timeout_seconds, d.header_read),
                     idle: secs(raw.gateway.idle_timeout_seconds, d.idle),
+                    max_age: secs(raw.gateway.max_connection_age_seconds, d.max_age),
                     max_header_bytes: raw.gateway.max_header_bytes.unwrap_or(d.max_header_bytes),
                     max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
                     max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),

@@ -67,7 +67,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {ns}"))?;
     }
-    raise_fd_limit(config.max_connections);
+    raise_fd_limit(config.max_connections + config.gateway_max_connections);
     let grace = config.shutdown_grace;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)

@@ -199,13 +199,8 @@ fn cross_namespace_by_label() {
 
 #[test]
 fn allow_only_from_the_gateway() {
-    explain(
-        "gateway",
-        "storefront/web-0:8080",
-        &[],
-        0,
-        &["ALLOW", "storefront/web-from-gateway ingress[0]"],
-    );
+    // The example names one Gateway (`gateway: {namespace: edge, name: public}`): that one is
+    // admitted, another Gateway and "some Gateway" (`entity: gateway`'s group) are not.
     explain(
         "spiffe://cluster.local/ns/edge/gateway/public",
         "storefront/web-0:8080",
@@ -214,6 +209,14 @@ fn allow_only_from_the_gateway() {
         &["ALLOW", "storefront/web-from-gateway ingress[0]"],
     );
     explain(
+        "spiffe://cluster.local/ns/edge/gateway/internal",
+        "storefront/web-0:8080",
+        &[],
+        2,
+        &["DENY"],
+    );
+    explain("gateway", "storefront/web-0:8080", &[], 2, &["DENY"]);
+    explain(
         "checkout/checkout-0",
         "storefront/web-0:8080",
         &[],
@@ -221,7 +224,7 @@ fn allow_only_from_the_gateway() {
         &["DENY"],
     );
     explain(
-        "gateway",
+        "spiffe://cluster.local/ns/edge/gateway/public",
         "storefront/web-0:9090",
         &[],
         2,

@@ -676,3 +676,210 @@ fn the_gateway_matches_normalised_paths_refuses_misdirected_hosts_and_forged_for
     );
     assert!(!body.contains("admin.internal"), "{r:?}");
 }
+
+/// An HTTP/2 connection to a.example.test on node A's Gateway, from node A's namespace: one
+/// `GET /exact`, then one every `every` (if given), until the connection ends or `limit` has
+/// passed. Returns the requests answered and how long the connection lived.
+fn h2_session(
+    t: &Topology,
+    ca_pem: &str,
+    every: Option<Duration>,
+    limit: Duration,
+) -> (usize, Duration) {
+    let node = t.node_ip('a');
+    in_netns(&t.ns("node-a"), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut roots = rustls::RootCertStore::empty();
+            for block in pem::parse_many(ca_pem).expect("pem") {
+                roots
+                    .add(rustls_pki_types::CertificateDer::from(
+                        block.into_contents(),
+                    ))
+                    .expect("root");
+            }
+            let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            let tcp = tokio::net::TcpStream::connect((node.as_str(), 8443))
+                .await
+                .expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("a.example.test").expect("name");
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(name, tcp)
+                .await
+                .expect("TLS");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            let (mut send, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .expect("HTTP/2 handshake");
+            let started = Instant::now();
+            let mut conn = tokio::spawn(conn);
+            let mut answered = 0;
+            while started.elapsed() < limit {
+                let req = http::Request::get("https://a.example.test:8443/exact")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                let Ok(resp) = send.send_request(req).await else {
+                    break;
+                };
+                if resp.status() != 200 {
+                    break;
+                }
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                answered += 1;
+                let Some(every) = every else { break };
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = &mut conn => return (answered, started.elapsed()),
+                }
+            }
+            let left = limit.saturating_sub(started.elapsed());
+            let _ = tokio::time::timeout(left, &mut conn).await;
+            (answered, started.elapsed())
+        })
+    })
+}
+
+#[test]
+fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let t = Topology::new();
+    t.write_state("");
+    let dir = t.dir.path().to_owned();
+    let edge = EdgeCa::new("edge one");
+    let pem = dir.join("edge-one.pem");
+    std::fs::write(&pem, &edge.pem).expect("ca");
+    let secrets = edge.secret("edge", "cert-a", "a.example.test")
+        + &edge.secret("certs", "cert-b", "b.example.test");
+    write(&dir, "secrets.yaml", &secrets);
+    write(&dir, "gateway.yaml", GATEWAY);
+    let _running = start(
+        &t,
+        "",
+        "proxy: {maxConnections: 8, maxConnectionsPerPod: 2}\n\
+         gateway: {maxConnections: 2, idleTimeoutSeconds: 2, maxConnectionAgeSeconds: 5}\n",
+    );
+    let _http = t.server_with(8080, &["--http"]);
+    let _held = t.server_with(8081, &["--hold"]);
+    let mesh = format!("{}:8081", t.pod_ip('b'));
+    let refusals = |reason: &str| {
+        let (_, metrics) = t.admin_get('a', "/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.contains(&format!("reason=\"{reason}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+
+    // The edge's budget: two Gateway connections held, a third is refused (counted), and the
+    // mesh beside them is untouched. With one shared budget the third would be served.
+    let (opened, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let holder = {
+        let (ns, node, ca) = (t.ns("node-a"), t.node_ip('a'), edge.pem.clone());
+        let (opened, go) = (opened.0, go.1);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut held: Vec<_> = (0..2).map(|_| kept_alive_client(&node, &ca)).collect();
+            let first: Vec<String> = held.iter_mut().map(get_on).collect();
+            opened.send(first).expect("signal");
+            go.recv().expect("go");
+        })
+    };
+    let first = opened
+        .1
+        .recv_timeout(Duration::from_secs(15))
+        .expect("two Gateway connections");
+    assert!(
+        first.iter().all(|r| r.starts_with("HTTP/1.1 200")),
+        "{first:?}"
+    );
+    let third = curl(&t, &pem, "https://a.example.test:8443/exact", &[]);
+    assert_ne!(
+        third.exit, 0,
+        "a third Gateway connection is refused: {third:?}"
+    );
+    assert!(refusals("gateway_connection_limit") >= 1);
+    assert_eq!(t.client(&mesh)["ok"], true, "the mesh has its own budget");
+    go.0.send(()).expect("go");
+    holder.join().expect("holder");
+    let again = wait_for_status(&t, &pem, 200);
+    assert_eq!(
+        again.status, 200,
+        "served again once a slot is free: {again:?}"
+    );
+
+    // One pod's share of the node's outbound slots: two held, a third is reset (counted); once
+    // they end the pod connects again.
+    let holding: Vec<_> = (0..2)
+        .map(|_| {
+            t.client_command(&mesh, &["--hold-ms", "4000"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("held client")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let over = t.client(&mesh);
+    assert_ne!(
+        over["ok"], true,
+        "a third connection of one pod is refused: {over}"
+    );
+    assert!(refusals("pod_connection_share") >= 1);
+    for child in holding {
+        let out = child.wait_with_output().expect("held client");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(
+            report["ok"], true,
+            "the held connections were served: {report}"
+        );
+    }
+    assert_eq!(t.client(&mesh)["ok"], true, "and the pod connects again");
+
+    // HTTP/2 at the edge: an idle connection is closed although it answers every ping, and a
+    // busy one is closed at its maximum age.
+    let (answered, lived) = h2_session(&t, &edge.pem, None, Duration::from_secs(12));
+    assert_eq!(answered, 1);
+    assert!(
+        lived >= Duration::from_millis(1500) && lived < Duration::from_secs(6),
+        "an idle HTTP/2 connection lives its idle timeout (2 s), not for ever: {lived:?}"
+    );
+    let (answered, lived) = h2_session(
+        &t,
+        &edge.pem,
+        Some(Duration::from_millis(400)),
+        Duration::from_secs(15),
+    );
+    assert!(answered >= 5, "{answered} requests");
+    assert!(
+        lived >= Duration::from_millis(4500) && lived < Duration::from_secs(10),
+        "a busy HTTP/2 connection ends at its maximum age (5 s): {lived:?}"
+    );
+}
+
+/// curl until the Gateway answers `status` (a slot frees when the connection's task ends).
+fn wait_for_status(t: &Topology, ca: &Path, status: u16) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = curl(t, ca, "https://a.example.test:8443/exact", &[]);
+        if r.status == status || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -38,7 +38,11 @@ type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::E
 pub struct EdgeLimits {
     pub handshake: Duration,
     pub header_read: Duration,
+    /// A connection with no request started for this long is closed (HTTP/2 included, whose
+    /// pings would otherwise keep it open for ever).
     pub idle: Duration,
+    /// A connection this old is closed, gracefully: requests in flight get `DRAIN` to finish.
+    pub max_age: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_streams: u32,
@@ -55,6 +59,7 @@ impl Default for EdgeLimits {
             handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(300),
+            max_age: Duration::from_secs(3600),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_streams: 100,
@@ -97,8 +102,14 @@ pub async fn serve_port(
         let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
             return;
         };
-        let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, port, "gateway connection refused: the connection cap is reached");
+        let Ok(slot) = ctx.limits.gateway_slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, port, "gateway connection refused: the Gateway's connection cap is reached");
+            ctx.metrics.failed(
+                crate::admin::metrics::Reporter::Inbound,
+                crate::admin::metrics::UNKNOWN,
+                crate::admin::metrics::UNKNOWN,
+                "gateway_connection_limit",
+            );
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -170,9 +181,16 @@ async fn serve_http<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handler = Arc::new(handler);
+    let activity = Arc::new(Activity::new());
+    let seen = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req).await) }
+        let busy = seen.begin();
+        async move {
+            let response = handler.handle(req).await;
+            drop(busy);
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -192,18 +210,92 @@ async fn serve_http<I>(
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "gateway connection ended");
+    let (why, drain) = loop {
+        let age = activity.opened.elapsed();
+        let wake = limits
+            .idle
+            .saturating_sub(activity.quiet_for())
+            .min(limits.max_age.saturating_sub(age))
+            .max(Duration::from_millis(50));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "gateway connection ended");
+                }
+                return;
+            }
+            () = stop.cancelled() => break ("the agent is stopping", DRAIN),
+            () = tokio::time::sleep(wake) => {
+                if activity.opened.elapsed() >= limits.max_age {
+                    break ("it reached its maximum age", DRAIN);
+                }
+                // Idle: no request in a handler, none begun or ended for `idle`. A response
+                // body still streaming gets another `idle` to end.
+                if activity.in_flight() == 0 && activity.quiet_for() >= limits.idle {
+                    break ("it was idle", limits.idle);
+                }
             }
         }
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    };
+    tracing::debug!("gateway connection closing: {why}");
+    // GOAWAY (HTTP/2), or close once the response in flight is sent (HTTP/1).
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(drain, conn).await;
+}
+
+/// What a connection is doing: requests in a handler, and when one last began or ended.
+struct Activity {
+    opened: std::time::Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds from `opened` to the last request's start or end.
+    last: std::sync::atomic::AtomicU64,
+}
+
+/// One request in a handler, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: std::time::Instant::now(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last: std::sync::atomic::AtomicU64::new(0),
         }
     }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(std::sync::atomic::Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last)
+    }
 }
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How long requests in flight may take to finish once a connection is closing.
+const DRAIN: Duration = Duration::from_secs(10);
 
 struct Handler {
     ctx: ProxyContext,

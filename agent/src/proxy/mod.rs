@@ -1,6 +1,6 @@
 //! The node proxy: outbound (captured connections into HBONE tunnels) and inbound (HBONE
-//! streams authorised by identity policy and connected to workloads). Gateway listeners come
-//! with issue 6.
+//! streams authorised by identity policy and connected to workloads); the Gateway listeners
+//! (`crate::gateway::server`) share its context with a connection budget of their own.
 
 pub mod conns;
 pub mod hbone;
@@ -9,9 +9,10 @@ pub mod l7;
 pub mod outbound;
 pub mod tls;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use signet_ca::TrustDomain;
@@ -49,17 +50,85 @@ pub struct Limits {
     pub handshake: Duration,
     /// Captured workload connections open at once; more are reset.
     pub outbound_slots: Arc<Semaphore>,
+    /// ... of which one pod (one source address) may hold this many.
+    pub per_pod: Arc<PerSource>,
     /// Inbound mTLS connections open at once; more are closed before the handshake.
     pub inbound_slots: Arc<Semaphore>,
+    /// Gateway (edge) connections open at once, a budget of their own: clients outside the
+    /// mesh cannot take the mesh's slots, nor the mesh the edge's.
+    pub gateway_slots: Arc<Semaphore>,
+}
+
+/// Connection counts by source address, each capped.
+#[derive(Debug)]
+pub struct PerSource {
+    cap: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection counted against its source's cap until dropped.
+#[derive(Debug)]
+pub struct SourceSlot {
+    share: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl PerSource {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `ip`, unless it already holds its cap.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            share: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.share.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut e) = open.entry(self.ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// The connection caps (`Limits`): each at least 1.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub mesh: usize,
+    pub per_pod: usize,
+    pub gateway: usize,
 }
 
 impl Limits {
-    pub fn new(idle: Duration, handshake: Duration, max_connections: usize) -> Self {
+    pub fn new(idle: Duration, handshake: Duration, caps: Caps) -> Self {
         Self {
             idle,
             handshake,
-            outbound_slots: Arc::new(Semaphore::new(max_connections)),
-            inbound_slots: Arc::new(Semaphore::new(max_connections)),
+            outbound_slots: Arc::new(Semaphore::new(caps.mesh)),
+            per_pod: PerSource::new(caps.per_pod),
+            inbound_slots: Arc::new(Semaphore::new(caps.mesh)),
+            gateway_slots: Arc::new(Semaphore::new(caps.gateway)),
         }
     }
 }

@@ -38,12 +38,24 @@ pub async fn serve(
             reset(&sock);
             continue;
         };
+        // One pod may not take every slot of its node.
+        let Some(share) = ctx.limits.per_pod.try_take(client.ip()) else {
+            tracing::warn!(
+                %client,
+                cap = ctx.limits.per_pod.cap(),
+                "outbound connection reset: this pod holds its share of the node's connections"
+            );
+            ctx.metrics
+                .failed(Reporter::Outbound, UNKNOWN, UNKNOWN, "pod_connection_share");
+            reset(&sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let (ctx, orig) = (ctx.clone(), orig.clone());
         let span = tracing::info_span!("outbound", %client);
         tracker.spawn(
             async move {
-                let _slot = slot;
+                let _slots = (slot, share);
                 handle(sock, client, ctx, &orig).await;
             }
             .instrument(span),
