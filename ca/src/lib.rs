@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod csr;
 pub mod issuer;
 pub mod lease;
+pub mod peers;
 pub mod spiffe;
 pub mod store;
 pub mod svid;

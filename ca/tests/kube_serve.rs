@@ -428,6 +428,42 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
             .contains("served by nodes labelled role=internal"),
         "{refused}"
     );
+    // One token costs one TokenReview, however many requests carry it.
+    assert_eq!(
+        cluster.lock().expect("cluster").token_reviews,
+        1,
+        "four requests, one review of the agent's token"
+    );
+    // A pod flooding the CA with half-open connections (from 127.0.0.2) takes only its own
+    // share of them: the agent connecting beside it is served.
+    let ca_addr: std::net::SocketAddr = a.addr.parse().expect("addr");
+    let flood: Vec<socket2::Socket> = (0..300)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+                .expect("bind 127.0.0.2");
+            s.connect(&ca_addr.into()).expect("connect");
+            s
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once, not retried: with one budget for everyone this connection would be dropped.
+    let mut beside = tokio::time::timeout(
+        Duration::from_secs(3),
+        CaClient::connect(&a.addr, "localhost", &root, AGENT_TOKEN),
+    )
+    .await
+    .expect("connected in time beside the flood")
+    .expect("connected beside the flood");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        beside.create_certificate(&csr(), Duration::from_secs(600), Some(&web)),
+    )
+    .await
+    .expect("served in time beside the flood")
+    .expect("served beside the flood");
+    drop(flood);
     let mut stranger = connect(&mut a, &root, "not-a-token").await;
     let refused = stranger
         .create_certificate(&csr(), Duration::from_secs(600), Some(&web))

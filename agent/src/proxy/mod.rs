@@ -9,13 +9,13 @@ pub mod l7;
 pub mod outbound;
 pub mod tls;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use signet_ca::TrustDomain;
+use signet_ca::peers::PerSource;
 use signet_ca::verify::SvidRoots;
 use tokio::sync::Semaphore;
 
@@ -57,59 +57,6 @@ pub struct Limits {
     /// Gateway (edge) connections open at once, a budget of their own: clients outside the
     /// mesh cannot take the mesh's slots, nor the mesh the edge's.
     pub gateway_slots: Arc<Semaphore>,
-}
-
-/// Connection counts by source address, each capped.
-#[derive(Debug)]
-pub struct PerSource {
-    cap: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One connection counted against its source's cap until dropped.
-#[derive(Debug)]
-pub struct SourceSlot {
-    share: Arc<PerSource>,
-    ip: IpAddr,
-}
-
-impl PerSource {
-    pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Self {
-            cap,
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A slot for `ip`, unless it already holds its cap.
-    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.cap {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            share: self.clone(),
-            ip,
-        })
-    }
-
-    pub fn cap(&self) -> usize {
-        self.cap
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.share.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let std::collections::hash_map::Entry::Occupied(mut e) = open.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
 }
 
 /// The connection caps (`Limits`): each at least 1.

@@ -149,6 +149,19 @@ pub struct Limits {
     pub handshake_timeout_seconds: u64,
     #[serde(default = "request_timeout")]
     pub request_timeout_seconds: u64,
+    /// Connections (handshaking or open) one peer address may hold.
+    #[serde(default = "per_peer_connections")]
+    pub max_connections_per_peer: usize,
+    /// Token checks (TokenReviews) one peer address may run at once.
+    #[serde(default = "per_peer_checks")]
+    pub max_auth_checks_per_peer: usize,
+    /// Failed authentications one peer address may have per minute; then it is refused with
+    /// `ResourceExhausted` until the minute ends.
+    #[serde(default = "per_peer_failures")]
+    pub max_auth_failures_per_peer: u32,
+    /// How long an accepted token's verdict is kept (one token costs one TokenReview).
+    #[serde(default = "token_cache")]
+    pub token_cache_seconds: u64,
 }
 
 impl Default for Limits {
@@ -160,6 +173,10 @@ impl Default for Limits {
             max_streams_per_connection: max_streams(),
             handshake_timeout_seconds: handshake_timeout(),
             request_timeout_seconds: request_timeout(),
+            max_connections_per_peer: per_peer_connections(),
+            max_auth_checks_per_peer: per_peer_checks(),
+            max_auth_failures_per_peer: per_peer_failures(),
+            token_cache_seconds: token_cache(),
         }
     }
 }
@@ -196,6 +213,18 @@ fn overlap() -> u64 {
 }
 fn default_grace() -> u64 {
     10
+}
+fn per_peer_connections() -> usize {
+    32
+}
+fn per_peer_checks() -> usize {
+    8
+}
+fn per_peer_failures() -> u32 {
+    30
+}
+fn token_cache() -> u64 {
+    30
 }
 fn max_concurrent() -> usize {
     512
@@ -338,7 +367,13 @@ impl ServerConfig {
         if raw.serving_names.is_empty() {
             return Err(invalid("servingNames must name at least one host".into()));
         }
-        if raw.limits.max_concurrent_requests == 0 || raw.limits.max_streams_per_connection == 0 {
+        let l = &raw.limits;
+        if l.max_concurrent_requests == 0
+            || l.max_streams_per_connection == 0
+            || l.max_connections_per_peer == 0
+            || l.max_auth_checks_per_peer == 0
+            || l.max_auth_failures_per_peer == 0
+        {
             return Err(invalid("limits must be positive".into()));
         }
         Ok(Self {

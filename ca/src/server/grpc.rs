@@ -3,7 +3,8 @@
 //!
 //! Status codes follow what Istio clients expect: a missing or wrong token is
 //! `Unauthenticated`, an identity the node may not have is `PermissionDenied`, a bad CSR or TTL
-//! is `InvalidArgument`, and a CA at its concurrency limit is `ResourceExhausted`.
+//! is `InvalidArgument`, and a CA at its concurrency limit, or a peer past its authentication
+//! budget (`gate`), is `ResourceExhausted`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,9 @@ use crate::proto::istio::istio_certificate_service_server::IstioCertificateServi
 use crate::proto::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::proto::signet::trust_bundle_service_server::TrustBundleService;
 use crate::proto::signet::{TrustBundleRequest, TrustBundleResponse};
-use crate::server::auth::{AuthError, Authenticator, NodeName, bearer_token};
+use crate::server::auth::{AuthError, NodeName, bearer_token};
 use crate::server::authz::{AuthzError, NodeAuthorizer};
+use crate::server::gate::{AuthGate, GateError};
 
 /// The metadata key ztunnel uses to ask for a workload's identity.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -28,7 +30,7 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 #[derive(Debug, Clone)]
 pub struct CaService {
     pub(crate) ca: Arc<CertificateAuthority>,
-    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) gate: Arc<AuthGate>,
     pub(crate) authz: Arc<NodeAuthorizer>,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) queue_timeout: Duration,
@@ -36,20 +38,23 @@ pub struct CaService {
 
 impl CaService {
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeName, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .map(|v| {
-                v.to_str()
-                    .map_err(|_| Status::unauthenticated("`authorization` is not ASCII"))
+        let peer = req.remote_addr().map(|a| a.ip());
+        let token = match req.metadata().get("authorization").map(|v| v.to_str()) {
+            None => Err(AuthError::Missing),
+            Some(Err(_)) => Err(AuthError::Malformed),
+            Some(Ok(v)) => bearer_token(Some(v)),
+        };
+        self.gate
+            .authenticate(peer, token)
+            .await
+            .map_err(|e| match e {
+                // The caller may well be legitimate: tell it to retry, not that it is unknown.
+                GateError::Auth(AuthError::Unavailable(_)) => Status::unavailable(e.to_string()),
+                GateError::Auth(_) => Status::unauthenticated(e.to_string()),
+                GateError::TooManyFailures { .. } | GateError::TooManyChecks { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
             })
-            .transpose()?;
-        let token = bearer_token(header).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        self.auth.authenticate(token).await.map_err(|e| match e {
-            // The caller may well be legitimate: tell it to retry, not that it is unknown.
-            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
-            _ => Status::unauthenticated(e.to_string()),
-        })
     }
 }
 

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod authz;
 pub mod ca_secret;
 pub mod config;
+pub mod gate;
 pub mod grpc;
 pub mod kube;
 pub mod placement;
@@ -193,6 +194,7 @@ impl CaServer {
             tls,
             tx,
             Duration::from_secs(limits.handshake_timeout_seconds),
+            crate::peers::PerSource::new(limits.max_connections_per_peer),
             shutdown.clone(),
         ));
         let upkeep = tokio::spawn(upkeep(
@@ -201,9 +203,18 @@ impl CaServer {
             self.serving.clone(),
             shutdown.clone(),
         ));
+        let gate = gate::AuthGate::new(
+            self.auth,
+            gate::GateLimits {
+                cache: Duration::from_secs(limits.token_cache_seconds),
+                checks_per_peer: limits.max_auth_checks_per_peer,
+                failures_per_peer: limits.max_auth_failures_per_peer,
+                window: Duration::from_secs(60),
+            },
+        );
         let service = CaService {
             ca: self.ca,
-            auth: self.auth,
+            gate: Arc::new(gate),
             authz: self.authz,
             slots: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
             queue_timeout: Duration::from_secs(limits.queue_timeout_seconds),
@@ -232,15 +243,72 @@ impl CaServer {
 
 type TlsConn = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// A TLS connection counted against its peer address's connection cap while it is open.
+struct PeerConn {
+    inner: TlsConn,
+    _slot: crate::peers::SourceSlot,
+}
+
+impl tokio::io::AsyncRead for PeerConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for PeerConn {
+    type ConnectInfo = <TlsConn as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: TlsAcceptor,
-    tx: mpsc::Sender<Result<TlsConn, std::io::Error>>,
+    tx: mpsc::Sender<Result<PeerConn, std::io::Error>>,
     handshake_timeout: Duration,
+    per_peer: Arc<crate::peers::PerSource>,
     shutdown: CancellationToken,
 ) {
     // Handshakes run concurrently, but not without bound: a flood of half-open connections
-    // must not exhaust memory.
+    // must not exhaust memory. And one address (a pod) may hold only so many connections,
+    // handshaking or open, so it cannot take the budget every agent shares.
     let handshakes = Arc::new(Semaphore::new(256));
     loop {
         let (stream, peer) = tokio::select! {
@@ -254,6 +322,10 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(slot) = per_peer.try_take(peer.ip()) else {
+            tracing::warn!(%peer, cap = per_peer.cap(), "connection refused: this address holds its share of the CA's connections");
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "too many TLS handshakes in progress; dropping connection");
             continue;
@@ -266,7 +338,12 @@ async fn accept_loop(
                 let _permit = permit;
                 match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                     Ok(Ok(conn)) => {
-                        let _ = tx.send(Ok(conn)).await;
+                        let _ = tx
+                            .send(Ok(PeerConn {
+                                inner: conn,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::info!("TLS handshake timed out"),

@@ -1,0 +1,280 @@
+//! In front of the authenticator: what an unauthenticated caller may cost the CA. A token's
+//! verdict is kept briefly (`tokenCacheSeconds` when accepted, a few seconds when refused), and
+//! concurrent requests with one token share one check, so one token costs one TokenReview. A
+//! peer address may run only a few checks at once and fail only so often in a window; past
+//! that it gets `ResourceExhausted` before any check runs, while every other peer is served.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::peers::{FailureBudget, PerSource};
+use crate::server::auth::{AuthError, Authenticator, NodeName};
+
+/// How long a refused token's verdict is kept.
+const REFUSED_TTL: Duration = Duration::from_secs(5);
+/// Verdicts kept at most; expired ones go first.
+const CACHED: usize = 16_384;
+
+/// One token's verdict, once known, and when.
+type Verdict = (Instant, Result<NodeName, AuthError>);
+
+/// Why the gate refused before the authenticator answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    #[error(
+        "{ip} failed to authenticate too often; retry in {}s",
+        .retry_in.as_secs() + 1
+    )]
+    TooManyFailures { ip: IpAddr, retry_in: Duration },
+    #[error("{ip} has {cap} token checks in flight already; retry with backoff")]
+    TooManyChecks { ip: IpAddr, cap: usize },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// Budgets for a gate.
+#[derive(Debug, Clone, Copy)]
+pub struct GateLimits {
+    /// How long an accepted token's verdict is kept.
+    pub cache: Duration,
+    /// Token checks one peer address may run at once.
+    pub checks_per_peer: usize,
+    /// Failures one peer address may have per `window`.
+    pub failures_per_peer: u32,
+    pub window: Duration,
+}
+
+pub struct AuthGate {
+    auth: Arc<dyn Authenticator>,
+    limits: GateLimits,
+    verdicts: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
+    checks: Arc<PerSource>,
+    failures: FailureBudget,
+}
+
+impl std::fmt::Debug for AuthGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthGate")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthGate {
+    pub fn new(auth: Arc<dyn Authenticator>, limits: GateLimits) -> Self {
+        Self {
+            auth,
+            checks: PerSource::new(limits.checks_per_peer),
+            failures: FailureBudget::new(limits.failures_per_peer, limits.window),
+            verdicts: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    fn fresh(&self, v: &Verdict) -> bool {
+        let ttl = match &v.1 {
+            Ok(_) => self.limits.cache,
+            Err(_) => REFUSED_TTL,
+        };
+        v.0.elapsed() < ttl
+    }
+
+    /// The verdict cell for `key`: the cached one while fresh, else a new one.
+    fn cell(&self, key: [u8; 32]) -> Arc<OnceCell<Verdict>> {
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cell) = verdicts.get(&key)
+            && cell.get().is_none_or(|v| self.fresh(v))
+        {
+            return cell.clone();
+        }
+        if verdicts.len() >= CACHED {
+            verdicts.retain(|_, c| c.get().is_none_or(|v| self.fresh(v)));
+            if verdicts.len() >= CACHED {
+                verdicts.clear();
+            }
+        }
+        let cell = Arc::new(OnceCell::new());
+        verdicts.insert(key, cell.clone());
+        cell
+    }
+
+    /// Who `token` (from `peer`, when known) belongs to. `header` errors (no or malformed
+    /// token) count as failures of the peer too.
+    pub async fn authenticate(
+        &self,
+        peer: Option<IpAddr>,
+        token: Result<&str, AuthError>,
+    ) -> Result<NodeName, GateError> {
+        if let Some(ip) = peer
+            && let Err(retry_in) = self.failures.check(ip)
+        {
+            return Err(GateError::TooManyFailures { ip, retry_in });
+        }
+        let result = match token {
+            Err(e) => Err(GateError::Auth(e)),
+            Ok(token) => self.verdict(peer, token).await,
+        };
+        if let (Some(ip), Err(GateError::Auth(e))) = (peer, &result)
+            && !matches!(e, AuthError::Unavailable(_))
+        {
+            self.failures.failed(ip);
+        }
+        result
+    }
+
+    async fn verdict(&self, peer: Option<IpAddr>, token: &str) -> Result<NodeName, GateError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cell = self.cell(key);
+        let verdict = cell
+            .get_or_try_init(|| async {
+                // Only the request that runs the check needs a check slot; the others wait.
+                let _slot = match peer {
+                    Some(ip) => Some(self.checks.try_take(ip).ok_or(GateError::TooManyChecks {
+                        ip,
+                        cap: self.checks.cap(),
+                    })?),
+                    None => None,
+                };
+                Ok::<_, GateError>((Instant::now(), self.auth.authenticate(token).await))
+            })
+            .await?;
+        let result = verdict.1.clone();
+        if matches!(result, Err(AuthError::Unavailable(_))) {
+            // Not a verdict on the token: the next request asks again.
+            let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+            if verdicts.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                verdicts.remove(&key);
+            }
+        }
+        result.map_err(GateError::Auth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::auth::AuthFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Accepts `good` after `delay`, refuses everything else; counts the checks.
+    #[derive(Debug)]
+    struct Counting {
+        checks: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl Authenticator for Counting {
+        fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(self.delay).await;
+                if token == "good" {
+                    Ok(NodeName("node-a".into()))
+                } else {
+                    Err(AuthError::Rejected("invalid bearer token".into()))
+                }
+            })
+        }
+    }
+
+    fn gate(delay: Duration) -> (Arc<AuthGate>, Arc<Counting>) {
+        let auth = Arc::new(Counting {
+            checks: AtomicUsize::new(0),
+            delay,
+        });
+        let limits = GateLimits {
+            cache: Duration::from_secs(30),
+            checks_per_peer: 2,
+            failures_per_peer: 5,
+            window: Duration::from_secs(60),
+        };
+        (Arc::new(AuthGate::new(auth.clone(), limits)), auth)
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().expect("ip"))
+    }
+
+    #[tokio::test]
+    async fn one_token_costs_one_check_however_many_requests_carry_it() {
+        let (gate, auth) = gate(Duration::from_millis(50));
+        let mut all = Vec::new();
+        for _ in 0..20 {
+            let gate = gate.clone();
+            all.push(tokio::spawn(async move {
+                gate.authenticate(ip("10.0.0.1"), Ok("good")).await
+            }));
+        }
+        for r in all {
+            assert_eq!(r.await.expect("task"), Ok(NodeName("node-a".into())));
+        }
+        assert_eq!(
+            auth.checks.load(Ordering::SeqCst),
+            1,
+            "concurrent requests share it"
+        );
+        gate.authenticate(ip("10.0.0.2"), Ok("good"))
+            .await
+            .expect("cached");
+        assert_eq!(auth.checks.load(Ordering::SeqCst), 1, "and later ones too");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_keeps_failing_is_refused_before_any_check_and_others_are_not() {
+        let (gate, auth) = gate(Duration::ZERO);
+        for i in 0..5 {
+            let e = gate
+                .authenticate(ip("10.0.0.9"), Ok(&format!("forged-{i}")))
+                .await
+                .expect_err("forged");
+            assert!(matches!(e, GateError::Auth(AuthError::Rejected(_))), "{e}");
+        }
+        let e = gate
+            .authenticate(ip("10.0.0.9"), Ok("forged-6"))
+            .await
+            .expect_err("budget used up");
+        assert!(matches!(e, GateError::TooManyFailures { .. }), "{e}");
+        let e = gate
+            .authenticate(ip("10.0.0.9"), Err(AuthError::Missing))
+            .await
+            .expect_err("still");
+        assert!(matches!(e, GateError::TooManyFailures { .. }), "{e}");
+        assert_eq!(
+            auth.checks.load(Ordering::SeqCst),
+            5,
+            "no check for refused peers"
+        );
+        // The agent beside it is served, also with a token never seen before.
+        gate.authenticate(ip("10.0.0.1"), Ok("good"))
+            .await
+            .expect("another peer");
+    }
+
+    #[tokio::test]
+    async fn a_peer_runs_only_so_many_checks_at_once() {
+        let (gate, _) = gate(Duration::from_millis(300));
+        let mut all = Vec::new();
+        for i in 0..4 {
+            let gate = gate.clone();
+            all.push(tokio::spawn(async move {
+                gate.authenticate(ip("10.0.0.9"), Ok(&format!("forged-{i}")))
+                    .await
+            }));
+        }
+        let mut busy = 0;
+        for r in all {
+            if matches!(r.await.expect("task"), Err(GateError::TooManyChecks { .. })) {
+                busy += 1;
+            }
+        }
+        assert_eq!(busy, 2, "two checks run, two are refused");
+        gate.authenticate(ip("10.0.0.1"), Ok("good"))
+            .await
+            .expect("another peer is not affected");
+    }
+}
