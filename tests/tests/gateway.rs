@@ -259,6 +259,21 @@ fn listener_status(
         .unwrap_or_else(|| panic!("listener {name}"))
 }
 
+/// The state directory with GATEWAY, and cert-a and cert-b from one edge CA; the CA and the
+/// file its certificate is in (a client's trust anchor).
+fn edge_state(t: &Topology) -> (EdgeCa, PathBuf) {
+    t.write_state("");
+    let dir = t.dir.path();
+    let edge = EdgeCa::new("edge one");
+    let pem = dir.join("edge-one.pem");
+    std::fs::write(&pem, &edge.pem).expect("ca");
+    let secrets = edge.secret("edge", "cert-a", "a.example.test")
+        + &edge.secret("certs", "cert-b", "b.example.test");
+    write(dir, "secrets.yaml", &secrets);
+    write(dir, "gateway.yaml", GATEWAY);
+    (edge, pem)
+}
+
 fn write(dir: &Path, file: &str, text: &str) {
     std::fs::write(dir.join("state").join(file), text).expect("write state");
 }
@@ -589,15 +604,7 @@ fn the_gateway_matches_normalised_paths_refuses_misdirected_hosts_and_forged_for
     }
     let _serial = serial();
     let t = Topology::new();
-    t.write_state("");
-    let dir = t.dir.path().to_owned();
-    let edge = EdgeCa::new("edge one");
-    let pem = dir.join("edge-one.pem");
-    std::fs::write(&pem, &edge.pem).expect("ca");
-    let secrets = edge.secret("edge", "cert-a", "a.example.test")
-        + &edge.secret("certs", "cert-b", "b.example.test");
-    write(&dir, "secrets.yaml", &secrets);
-    write(&dir, "gateway.yaml", GATEWAY);
+    let (_edge, pem) = edge_state(&t);
     let _running = start(&t, "", "");
     let _main = t.server_with(8080, &["--http"]);
     let _alt = t.server_with(8081, &["--http"]);
@@ -678,11 +685,12 @@ fn the_gateway_matches_normalised_paths_refuses_misdirected_hosts_and_forged_for
 }
 
 /// An HTTP/2 connection to a.example.test on node A's Gateway, from node A's namespace: one
-/// `GET /exact`, then one every `every` (if given), until the connection ends or `limit` has
-/// passed. Returns the requests answered and how long the connection lived.
+/// `GET first`, then `GET /exact` every `every` (if given), until the connection ends or
+/// `limit` has passed. Returns the requests answered whole and how long the connection lived.
 fn h2_session(
     t: &Topology,
     ca_pem: &str,
+    first: &str,
     every: Option<Duration>,
     limit: Duration,
 ) -> (usize, Duration) {
@@ -728,7 +736,8 @@ fn h2_session(
             let mut conn = tokio::spawn(conn);
             let mut answered = 0;
             while started.elapsed() < limit {
-                let req = http::Request::get("https://a.example.test:8443/exact")
+                let path = if answered == 0 { first } else { "/exact" };
+                let req = http::Request::get(format!("https://a.example.test:8443{path}"))
                     .body(http_body_util::Empty::<bytes::Bytes>::new())
                     .expect("request");
                 let Ok(resp) = send.send_request(req).await else {
@@ -737,7 +746,12 @@ fn h2_session(
                 if resp.status() != 200 {
                     break;
                 }
-                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                if http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
                 answered += 1;
                 let Some(every) = every else { break };
                 tokio::select! {
@@ -759,15 +773,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
     }
     let _serial = serial();
     let t = Topology::new();
-    t.write_state("");
-    let dir = t.dir.path().to_owned();
-    let edge = EdgeCa::new("edge one");
-    let pem = dir.join("edge-one.pem");
-    std::fs::write(&pem, &edge.pem).expect("ca");
-    let secrets = edge.secret("edge", "cert-a", "a.example.test")
-        + &edge.secret("certs", "cert-b", "b.example.test");
-    write(&dir, "secrets.yaml", &secrets);
-    write(&dir, "gateway.yaml", GATEWAY);
+    let (edge, pem) = edge_state(&t);
     let _running = start(
         &t,
         "",
@@ -775,8 +781,10 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
          gateway: {maxConnections: 2, idleTimeoutSeconds: 2, maxConnectionAgeSeconds: 5}\n",
     );
     let _http = t.server_with(8080, &["--http"]);
-    let _held = t.server_with(8081, &["--hold"]);
-    let mesh = format!("{}:8081", t.pod_ip('b'));
+    // /items/N goes to 8081: a backend that takes 3 s to send each body.
+    let _slow = t.server_with(8081, &["--http", "--slow-body-ms", "3000"]);
+    let _held = t.server_with(9090, &["--hold"]);
+    let mesh = format!("{}:9090", t.pod_ip('b'));
     let refusals = |reason: &str| {
         let (_, metrics) = t.admin_get('a', "/metrics");
         metrics
@@ -853,15 +861,26 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
 
     // HTTP/2 at the edge: an idle connection is closed although it answers every ping, and a
     // busy one is closed at its maximum age.
-    let (answered, lived) = h2_session(&t, &edge.pem, None, Duration::from_secs(12));
+    let (answered, lived) = h2_session(&t, &edge.pem, "/exact", None, Duration::from_secs(12));
     assert_eq!(answered, 1);
     assert!(
         lived >= Duration::from_millis(1500) && lived < Duration::from_secs(6),
         "an idle HTTP/2 connection lives its idle timeout (2 s), not for ever: {lived:?}"
     );
+    // A response still being sent is not idle: the 3 s body arrives whole and the connection
+    // serves the requests after it (a GOAWAY at 2 s would refuse them).
     let (answered, lived) = h2_session(
         &t,
         &edge.pem,
+        "/items/1",
+        Some(Duration::from_millis(100)),
+        Duration::from_millis(4000),
+    );
+    assert!(answered >= 3, "{answered} requests in {lived:?}");
+    let (answered, lived) = h2_session(
+        &t,
+        &edge.pem,
+        "/exact",
         Some(Duration::from_millis(400)),
         Duration::from_secs(15),
     );

@@ -320,6 +320,13 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
             .iter()
             .any(|o| o["spec"]["spiffeId"] == id)
     };
+    let number_of = |id: &str| -> Option<u32> {
+        api.objects("SignetIdentity")
+            .iter()
+            .find(|o| o["spec"]["spiffeId"] == id)
+            .and_then(|o| o["metadata"]["name"].as_str()?.parse().ok())
+    };
+    let collected = number_of(CLIENT).expect("the client's number");
     // (Also while the broken policy is there.)
     api.delete("v1", "Pod", "shop", "client-0");
     wait_for("the client's identity to be collected", || {
@@ -333,12 +340,6 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     // pod's place and gets a number old's rule does not admit, on either node.
     const OLD: &str = "spiffe://cluster.local/ns/shop/sa/old";
     const INTRUDER: &str = "spiffe://cluster.local/ns/shop/sa/intruder";
-    let number_of = |id: &str| -> Option<u32> {
-        api.objects("SignetIdentity")
-            .iter()
-            .find(|o| o["spec"]["spiffeId"] == id)
-            .and_then(|o| o["metadata"]["name"].as_str()?.parse().ok())
-    };
     let client_pod = |sa: &str| {
         let mut pod = objects(&t.cluster_yaml())
             .into_iter()
@@ -369,6 +370,10 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (t.client(&target)["ok"] == true).then_some(())
     });
     let intruder_number = number_of(INTRUDER).expect("intruder has a number");
+    assert_ne!(
+        intruder_number, collected,
+        "the collected number is not issued again"
+    );
     assert!(
         intruder_number > old_number,
         "{intruder_number} after {old_number}"

@@ -257,34 +257,23 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             ns_of(&gw.metadata),
             gw.metadata.name.clone().unwrap_or_default(),
         );
-        let Some(identity) = gateway_identity(td, &gns, &gname) else {
+        // A Gateway refused whole: not Accepted, and why.
+        let mut refuse = |reason: &str, message: String| {
             status.gateways.push(GatewayStatus {
                 namespace: gns.clone(),
                 name: gname.clone(),
-                conditions: vec![cond(
-                    "Accepted",
-                    false,
-                    "Invalid",
-                    "the name makes no valid SPIFFE ID",
-                )],
+                conditions: vec![cond("Accepted", false, reason, message)],
                 listeners: vec![],
             });
+        };
+        let Some(identity) = gateway_identity(td, &gns, &gname) else {
+            refuse("Invalid", "the name makes no valid SPIFFE ID".into());
             continue;
         };
         let placement = match Placement::of(gw.metadata.annotations.as_ref()) {
             Ok(p) => p,
             Err(reason) => {
-                status.gateways.push(GatewayStatus {
-                    namespace: gns.clone(),
-                    name: gname.clone(),
-                    conditions: vec![cond(
-                        "Accepted",
-                        false,
-                        "InvalidParameters",
-                        format!("served by no node: {reason}"),
-                    )],
-                    listeners: vec![],
-                });
+                refuse("InvalidParameters", format!("served by no node: {reason}"));
                 continue;
             }
         };

@@ -187,8 +187,14 @@ async fn serve_http<I>(
         let handler = handler.clone();
         let busy = seen.begin();
         async move {
-            let response = handler.handle(req).await;
-            drop(busy);
+            // Busy until the response body has been sent (or dropped), not just produced.
+            let response = handler.handle(req).await.map(|body| {
+                Tracked {
+                    inner: body,
+                    _busy: busy,
+                }
+                .boxed()
+            });
             Ok::<_, Infallible>(response)
         }
     });
@@ -210,11 +216,14 @@ async fn serve_http<I>(
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let (why, drain) = loop {
+    let why = loop {
         let age = activity.opened.elapsed();
-        let wake = limits
-            .idle
-            .saturating_sub(activity.quiet_for())
+        let idle_left = if activity.in_flight() > 0 {
+            limits.idle
+        } else {
+            limits.idle.saturating_sub(activity.quiet_for())
+        };
+        let wake = idle_left
             .min(limits.max_age.saturating_sub(age))
             .max(Duration::from_millis(50));
         tokio::select! {
@@ -224,15 +233,15 @@ async fn serve_http<I>(
                 }
                 return;
             }
-            () = stop.cancelled() => break ("the agent is stopping", DRAIN),
+            () = stop.cancelled() => break "the agent is stopping",
             () = tokio::time::sleep(wake) => {
                 if activity.opened.elapsed() >= limits.max_age {
-                    break ("it reached its maximum age", DRAIN);
+                    break "it reached its maximum age";
                 }
-                // Idle: no request in a handler, none begun or ended for `idle`. A response
-                // body still streaming gets another `idle` to end.
+                // Idle: no request in flight (read, answered or its body still being sent),
+                // and none begun or ended for `idle`.
                 if activity.in_flight() == 0 && activity.quiet_for() >= limits.idle {
-                    break ("it was idle", limits.idle);
+                    break "it was idle";
                 }
             }
         }
@@ -240,10 +249,36 @@ async fn serve_http<I>(
     tracing::debug!("gateway connection closing: {why}");
     // GOAWAY (HTTP/2), or close once the response in flight is sent (HTTP/1).
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(drain, conn).await;
+    let _ = tokio::time::timeout(DRAIN, conn).await;
 }
 
-/// What a connection is doing: requests in a handler, and when one last began or ended.
+/// A response body that keeps its request counted as in flight until it is sent or dropped.
+struct Tracked {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a connection is doing: requests in flight, and when one last began or ended.
 struct Activity {
     opened: std::time::Instant,
     in_flight: std::sync::atomic::AtomicUsize,

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use signet_policy::IdentityPolicy;
 use signet_policy::model::Policy;
 
-use super::snapshot::ClusterObjects;
+use super::snapshot::{self, ClusterObjects};
 
 /// One object refused this round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,31 +51,16 @@ pub fn policy_problems(p: &IdentityPolicy) -> Option<String> {
 }
 
 fn node_problems(n: &Node) -> Option<String> {
-    let internal = n
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .find(|a| a.type_ == "InternalIP");
-    match internal {
+    match snapshot::internal_ip(n) {
         None => Some("needs status.addresses with an InternalIP".into()),
-        Some(a) if a.address.parse::<IpAddr>().is_err() => Some(format!(
-            "status.addresses InternalIP `{}` is not an IP address",
-            a.address
+        Some(a) if a.parse::<IpAddr>().is_err() => Some(format!(
+            "status.addresses InternalIP `{a}` is not an IP address"
         )),
-        Some(_) => {
-            let spec = n.spec.as_ref();
-            spec.and_then(|s| s.pod_cidrs.clone())
-                .into_iter()
-                .flatten()
-                .chain(spec.and_then(|s| s.pod_cidr.clone()))
-                .find_map(|c| {
-                    signet_policy::cidr::Cidr::parse(&c)
-                        .err()
-                        .map(|e| format!("spec.podCIDRs `{c}`: {e}"))
-                })
-        }
+        Some(_) => snapshot::pod_cidrs_of(n).find_map(|c| {
+            signet_policy::cidr::Cidr::parse(&c)
+                .err()
+                .map(|e| format!("spec.podCIDRs `{c}`: {e}"))
+        }),
     }
 }
 

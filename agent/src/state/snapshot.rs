@@ -205,6 +205,26 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
     objects
 }
 
+/// A Node's `InternalIP`, as written.
+pub(super) fn internal_ip(n: &Node) -> Option<&str> {
+    n.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+}
+
+/// A Node's `spec.podCIDRs` (and the older `spec.podCIDR`), as written.
+pub(super) fn pod_cidrs_of(n: &Node) -> impl Iterator<Item = String> + '_ {
+    let spec = n.spec.as_ref();
+    spec.and_then(|s| s.pod_cidrs.clone())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()))
+}
+
 /// Node addresses and pod annotations, and the rest as it is.
 fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
     let mut nodes = HashMap::new();
@@ -214,12 +234,7 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
         if let Some(name) = &n.metadata.name {
             node_labels.insert(name.clone(), n.metadata.labels.clone().unwrap_or_default());
         }
-        let spec = n.spec.as_ref();
-        let cidrs: Vec<Cidr> = spec
-            .and_then(|s| s.pod_cidrs.clone())
-            .into_iter()
-            .flatten()
-            .chain(spec.and_then(|s| s.pod_cidr.clone()))
+        let cidrs: Vec<Cidr> = pod_cidrs_of(n)
             .filter_map(|c| match Cidr::parse(&c) {
                 Ok(c) => Some(c),
                 Err(e) => {
@@ -234,14 +249,7 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
         if let (Some(name), false) = (&n.metadata.name, cidrs.is_empty()) {
             pod_cidrs.insert(name.clone(), cidrs);
         }
-        let ip = n
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .find(|a| a.type_ == "InternalIP")
-            .and_then(|a| a.address.parse().ok());
+        let ip = internal_ip(n).and_then(|a| a.parse().ok());
         match (&n.metadata.name, ip) {
             (Some(name), Some(ip)) => {
                 nodes.insert(name.clone(), ip);

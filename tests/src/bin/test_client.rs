@@ -4,7 +4,8 @@
 //!     signet-test-client [--cgroup DIR] [--netns NAME] --connect ADDR:PORT [--udp] [--mark N]
 //!                        [--timeout-ms N] [--request "METHOD /path" [--header "Name: value"]...]
 //!                        [--hold-ms N]
-//!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N] [--http] [--hold]
+//!     signet-test-client --listen ADDR:PORT [--udp] [--count N] [--timeout-ms N] [--http]
+//!                        [--slow-body-ms N] [--hold]
 //!
 //! With `--cgroup` it first moves itself into that cgroup, as a pod's process would be, then
 //! with `--netns` into that network namespace (`ip netns exec` would hide the cgroup tree). A client
@@ -12,7 +13,8 @@
 //! `count` hellos (then exits), or reports a timeout.
 //!
 //! `--request` makes the client send one HTTP/1.1 request instead and report the status and
-//! body; `--http` makes the server answer HTTP requests. `--hold-ms` keeps the client's connection
+//! body; `--http` makes the server answer HTTP requests (`--slow-body-ms` sends each body in ten
+//! pieces spread over that long). `--hold-ms` keeps the client's connection
 //! open after the reply and reports how it ended (`eof`, `reset`, `timeout`) and when; `--hold`
 //! makes the server keep each connection open until the client closes it.
 
@@ -67,6 +69,10 @@ fn main() {
             let mode = Mode {
                 http: args.flag("--http"),
                 hold: args.flag("--hold"),
+                slow_body: args
+                    .value("--slow-body-ms")
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis),
             };
             tcp_server(addr(local), count, timeout, mode)
         }
@@ -217,6 +223,7 @@ fn udp_client(target: SocketAddr, timeout: Duration) -> serde_json::Value {
 struct Mode {
     http: bool,
     hold: bool,
+    slow_body: Option<Duration>,
 }
 
 fn tcp_server(local: SocketAddr, count: usize, timeout: Duration, mode: Mode) -> serde_json::Value {
@@ -275,9 +282,22 @@ fn answer(mut s: std::net::TcpStream, peer: SocketAddr, mode: Mode) {
         let body = format!("hi {request} at {local} from {peer}\n{headers}");
         let _ = write!(
             s,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
+        match mode.slow_body {
+            None => {
+                let _ = s.write_all(body.as_bytes());
+            }
+            Some(over) => {
+                let piece = body.len().div_ceil(10);
+                for chunk in body.as_bytes().chunks(piece) {
+                    std::thread::sleep(over / 10);
+                    let _ = s.write_all(chunk);
+                    let _ = s.flush();
+                }
+            }
+        }
         return;
     }
     let _ = s.write_all(format!("hi {peer}\n").as_bytes());
