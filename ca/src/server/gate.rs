@@ -103,6 +103,14 @@ impl AuthGate {
         cell
     }
 
+    /// The node of `token` if it was accepted recently.
+    fn accepted(&self, token: &str) -> Option<NodeName> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, verdict) = verdicts.get(&key)?.get().filter(|v| self.fresh(v))?;
+        verdict.clone().ok()
+    }
+
     /// Who `token` (from `peer`, when known) belongs to. `header` errors (no or malformed
     /// token) count as failures of the peer too.
     pub async fn authenticate(
@@ -110,6 +118,13 @@ impl AuthGate {
         peer: Option<IpAddr>,
         token: Result<&str, AuthError>,
     ) -> Result<NodeName, GateError> {
+        // A token already accepted is served even from an address past its failure budget:
+        // the address may be shared (a node's, with its hostNetwork pods).
+        if let Ok(token) = token
+            && let Some(node) = self.accepted(token)
+        {
+            return Ok(node);
+        }
         if let Some(ip) = peer
             && let Err(retry_in) = self.failures.check(ip)
         {
@@ -253,6 +268,15 @@ mod tests {
         gate.authenticate(ip("10.0.0.1"), Ok("good"))
             .await
             .expect("another peer");
+        // And a token already accepted is served from the refused address too (a node's
+        // address is shared with its hostNetwork pods); an unknown one is not.
+        gate.authenticate(ip("10.0.0.9"), Ok("good"))
+            .await
+            .expect("accepted before");
+        assert!(matches!(
+            gate.authenticate(ip("10.0.0.9"), Ok("never-seen")).await,
+            Err(GateError::TooManyFailures { .. })
+        ));
     }
 
     #[tokio::test]
