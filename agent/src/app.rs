@@ -84,12 +84,7 @@ impl Reconciler {
         if let Some(objects) = &mut objects {
             let refused = self.last_good.settle(objects);
             for r in refused.iter().filter(|r| !self.refused.contains(r)) {
-                let in_force = if r.kept_previous {
-                    "its last valid version stays in force"
-                } else {
-                    "left out (no valid version seen)"
-                };
-                tracing::warn!(object = %r.object, reason = %r.reason, "{} refused: {in_force}", r.object);
+                tracing::warn!(object = %r.object, reason = %r.reason, "{} refused: {}", r.object, r.in_force);
             }
             self.refused = refused;
         }
@@ -519,6 +514,7 @@ impl Agent {
                     mesh: config.max_connections,
                     per_pod: config.max_connections_per_pod,
                     gateway: config.gateway_max_connections,
+                    gateway_per_client: config.gateway_max_connections_per_client,
                 },
             ),
         };

@@ -28,6 +28,7 @@
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
 //!           maxConnections: 16384,           # the edge's own budget (default: as the mesh's)
+//!           maxConnectionsPerClient: 1024,   # one client address's share (default 1/16)
 //!           maxConnectionAgeSeconds: 3600,   # then closed gracefully (GOAWAY)
 //!           maxBodyBytes: 10485760,          # no body limit unless set
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
@@ -119,6 +120,7 @@ struct RawGateway {
     max_concurrent_streams: Option<u32>,
     max_body_bytes: Option<u64>,
     max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
     max_connection_age_seconds: Option<u64>,
     /// Proxies in front of the Gateway (CIDRs) whose `X-Forwarded-For`/`Forwarded` are kept and
     /// appended to; from anyone else they are replaced.
@@ -319,6 +321,8 @@ pub struct AgentConfig {
     pub max_connections_per_pod: usize,
     /// The Gateway listeners' own connection budget.
     pub gateway_max_connections: usize,
+    /// One client address's share of it.
+    pub gateway_max_connections_per_client: usize,
     /// Threads of the agent's runtime.
     pub worker_threads: usize,
     pub gateway_limits: crate::gateway::server::EdgeLimits,
@@ -398,7 +402,7 @@ impl AgentConfig {
             || raw.gateway.max_connection_age_seconds == Some(0)
         {
             return Err(invalid(
-                "gateway.maxConnections and gateway.maxConnectionAgeSeconds must be above 0".into(),
+                "gateway.maxConnections, maxConnectionsPerClient and maxConnectionAgeSeconds must be above 0".into(),
             ));
         }
         let g = &raw.gateway;
@@ -506,6 +510,13 @@ impl AgentConfig {
                 .gateway
                 .max_connections
                 .unwrap_or(raw.proxy.max_connections),
+            gateway_max_connections_per_client: raw.gateway.max_connections_per_client.unwrap_or(
+                (raw.gateway
+                    .max_connections
+                    .unwrap_or(raw.proxy.max_connections)
+                    / 16)
+                    .max(1),
+            ),
             worker_threads: raw.proxy.worker_threads,
             gateway_limits: {
                 let d = crate::gateway::server::EdgeLimits::default();

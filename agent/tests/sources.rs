@@ -3,7 +3,7 @@
 //! hold), must build the same snapshot — workloads, node addresses, numeric identities, this
 //! node's endpoints, Services, compiled policy and Gateway status.
 
-use signet_agent::state::lastgood::LastGood;
+use signet_agent::state::lastgood::{InForce, LastGood};
 use signet_agent::state::snapshot::{
     self, ClusterObjects, EndpointIds, PodAnnotations, Snapshot, Source,
 };
@@ -215,13 +215,18 @@ fn a_gateway_is_served_and_its_identity_held_only_where_it_is_placed() {
         let snap = build(Source::Objects(&objects), node);
         assert!(!snap.gateway.ports.is_empty() && holds(&snap), "{node}");
     }
-    objects.nodes[0].metadata.labels =
-        Some([("signet.dev/edge".to_owned(), "true".to_owned())].into());
+    objects.nodes[0].metadata.labels = Some(
+        [(
+            "node-restriction.kubernetes.io/edge".to_owned(),
+            "true".to_owned(),
+        )]
+        .into(),
+    );
     let place = |objects: &mut ClusterObjects, selector: &str| {
         objects.gateway.gateways[0].metadata.annotations =
             Some([(NODES_ANNOTATION.to_owned(), selector.to_owned())].into());
     };
-    place(&mut objects, "signet.dev/edge=true");
+    place(&mut objects, "node-restriction.kubernetes.io/edge=true");
     let a = build(Source::Objects(&objects), "node-a");
     let b = build(Source::Objects(&objects), "node-b");
     assert_eq!(a.gateway.ports.len(), 1, "node-a is an edge node");
@@ -235,11 +240,11 @@ fn a_gateway_is_served_and_its_identity_held_only_where_it_is_placed() {
     assert!(
         accepted
             .message
-            .contains("nodes labelled signet.dev/edge=true"),
+            .contains("nodes labelled node-restriction.kubernetes.io/edge=true"),
         "{accepted:?}"
     );
     // A placement that does not parse: served nowhere, and the status says why.
-    place(&mut objects, "signet.dev/edge!=true");
+    place(&mut objects, "node-restriction.kubernetes.io/edge!=true");
     for node in ["node-a", "node-b"] {
         let snap = build(Source::Objects(&objects), node);
         assert!(snap.gateway.ports.is_empty() && !holds(&snap), "{node}");
@@ -249,7 +254,9 @@ fn a_gateway_is_served_and_its_identity_held_only_where_it_is_placed() {
             ("False", "InvalidParameters")
         );
         assert!(
-            accepted.message.contains("signet.dev/edge!=true"),
+            accepted
+                .message
+                .contains("node-restriction.kubernetes.io/edge!=true"),
             "{accepted:?}"
         );
     }
@@ -332,12 +339,15 @@ status: {{podIP: 10.2.0.3}}
     let (refused, after, status) = settle_and_build(&mut last_good, objects.clone());
     let mut names: Vec<_> = refused
         .iter()
-        .map(|r| (r.object.as_str(), r.kept_previous))
+        .map(|r| (r.object.as_str(), r.in_force))
         .collect();
-    names.sort();
+    names.sort_by_key(|n| n.0);
     assert_eq!(
         names,
-        [("IdentityPolicy shop/api", true), ("Node node-b", true)]
+        [
+            ("IdentityPolicy shop/api", InForce::Previous),
+            ("Node node-b", InForce::Previous)
+        ]
     );
     assert!(
         refused[0]
@@ -370,9 +380,30 @@ status: {{podIP: 10.2.0.3}}
     assert_eq!((said("db")[1].1, said("db")[1].2), (true, "Applied"));
 
     // An agent that starts with the invalid objects present starts with the others.
-    let (refused, fresh, _) = settle_and_build(&mut LastGood::default(), objects);
-    assert!(refused.iter().all(|r| !r.kept_previous), "{refused:?}");
-    assert_eq!(api_policy(&fresh), None, "never seen valid: left out");
+    // Never seen valid, the policy fails closed: a deny-all for what it selects and declares
+    // (here ingress to app: api); the Node is left out.
+    let (refused, fresh, _) = settle_and_build(&mut LastGood::default(), objects.clone());
+    let stand_ins: Vec<_> = refused.iter().map(|r| r.in_force).collect();
+    assert!(stand_ins.contains(&InForce::DenyAll) && stand_ins.contains(&InForce::Nothing));
+    assert_eq!(
+        api_policy(&fresh),
+        Some(vec![]),
+        "never seen valid: deny-all"
+    );
+    let deny = fresh
+        .state
+        .policies
+        .iter()
+        .find(|p| p.resource.metadata.name.as_deref() == Some("api"))
+        .expect("stand-in");
+    assert!(
+        deny.resource.spec.egress.is_none(),
+        "only the directions it declares"
+    );
+    assert_eq!(
+        deny.resource.spec.selector.match_labels,
+        objects.policy.policies[0].spec.selector.match_labels
+    );
     assert!(!fresh.nodes.contains_key("node-b"));
     assert!(fresh.nodes.contains_key("node-a"));
     assert_eq!(fresh.local.len(), 2);
@@ -399,13 +430,32 @@ status: {{podIP: 10.2.0.3}}
         .expect("ingress")[0]
         .from[0]
         .identity = Some("bad".into());
-    let (refused, back, _) = settle_and_build(&mut last_good, again);
+    let (refused, back, _) = settle_and_build(&mut last_good, again.clone());
     assert_eq!(refused.len(), 1);
-    assert!(
-        !refused[0].kept_previous,
+    assert_eq!(
+        refused[0].in_force,
+        InForce::DenyAll,
         "a deleted policy's old version does not come back"
     );
-    assert_eq!(api_policy(&back), None);
+    assert_eq!(api_policy(&back), Some(vec![]));
+    // A selector that is itself invalid: the whole namespace is denied, not nobody.
+    let api = again
+        .policy
+        .policies
+        .iter_mut()
+        .find(|p| p.metadata.name.as_deref() == Some("api"))
+        .expect("api");
+    api.spec.selector.match_labels = Some([("not a key!".to_owned(), "x".to_owned())].into());
+    let mut fresh = LastGood::default();
+    let (refused, whole, _) = settle_and_build(&mut fresh, again);
+    assert_eq!(refused[0].in_force, InForce::DenyAll, "{refused:?}");
+    let deny = whole
+        .state
+        .policies
+        .iter()
+        .find(|p| p.resource.metadata.name.as_deref() == Some("api"))
+        .expect("stand-in");
+    assert_eq!(deny.resource.spec.selector, Default::default());
 }
 
 #[test]

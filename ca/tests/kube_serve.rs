@@ -173,7 +173,7 @@ async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infall
             "Node",
             vec![
                 serde_json::json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": "node-a", "labels": {"signet.dev/edge": "true"}}}),
+                    "metadata": {"name": "node-a", "labels": {"node-restriction.kubernetes.io/edge": "true"}}}),
                 serde_json::json!({"apiVersion": "v1", "kind": "Node",
                     "metadata": {"name": "node-b", "labels": {}}}),
             ],
@@ -189,8 +189,8 @@ async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infall
         "/apis/gateway.networking.k8s.io/v1/gateways" => list(
             "Gateway",
             [
-                ("public", "signet.dev/edge=true"),
-                ("internal", "role=internal"),
+                ("public", "node-restriction.kubernetes.io/edge=true"),
+                ("internal", "node-restriction.kubernetes.io/role=internal"),
             ]
             .iter()
             .map(|(name, nodes)| {
@@ -425,7 +425,7 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
     assert!(
         refused
             .message()
-            .contains("served by nodes labelled role=internal"),
+            .contains("served by nodes labelled node-restriction.kubernetes.io/role=internal"),
         "{refused}"
     );
     // One token costs one TokenReview, however many requests carry it.

@@ -143,6 +143,11 @@ struct Reply {
 
 /// Runs curl in node A's namespace against node A's Gateway address.
 fn curl(t: &Topology, ca: &Path, url: &str, extra: &[&str]) -> Reply {
+    curl_from(t, 'a', ca, url, extra)
+}
+
+/// Runs curl in node `from`'s namespace against node A's Gateway address.
+fn curl_from(t: &Topology, from: char, ca: &Path, url: &str, extra: &[&str]) -> Reply {
     let node = t.node_ip('a');
     let host = url
         .split("://")
@@ -154,7 +159,7 @@ fn curl(t: &Topology, ca: &Path, url: &str, extra: &[&str]) -> Reply {
         .args([
             "netns",
             "exec",
-            &t.ns("node-a"),
+            &t.ns(&format!("node-{from}")),
             "curl",
             "-sS",
             "--max-time",
@@ -778,7 +783,8 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
         &t,
         "",
         "proxy: {maxConnections: 8, maxConnectionsPerPod: 2}\n\
-         gateway: {maxConnections: 2, idleTimeoutSeconds: 2, maxConnectionAgeSeconds: 5}\n",
+         gateway: {maxConnections: 3, maxConnectionsPerClient: 2, idleTimeoutSeconds: 2,\n\
+         \x20         maxConnectionAgeSeconds: 5}\n",
     );
     let _http = t.server_with(8080, &["--http"]);
     // /items/N goes to 8081: a backend that takes 3 s to send each body.
@@ -794,38 +800,54 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
             .sum::<u64>()
     };
 
-    // The edge's budget: two Gateway connections held, a third is refused (counted), and the
-    // mesh beside them is untouched. With one shared budget the third would be served.
-    let (opened, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
-    let holder = {
-        let (ns, node, ca) = (t.ns("node-a"), t.node_ip('a'), edge.pem.clone());
-        let (opened, go) = (opened.0, go.1);
-        std::thread::spawn(move || {
+    // The edge's budgets: node A's address holds its two (a third is refused, counted); node B
+    // beside it is served, until the Gateway's three are taken; the mesh is untouched all along.
+    // With one shared budget, or none per client, the refusals would be served.
+    let hold = |from: char, n: usize| {
+        let (opened, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let (ns, node, ca) = (
+            t.ns(&format!("node-{from}")),
+            t.node_ip('a'),
+            edge.pem.clone(),
+        );
+        let (opened_tx, go_rx) = (opened.0, go.1);
+        let holder = std::thread::spawn(move || {
             let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let mut held: Vec<_> = (0..2).map(|_| kept_alive_client(&node, &ca)).collect();
+            let mut held: Vec<_> = (0..n).map(|_| kept_alive_client(&node, &ca)).collect();
             let first: Vec<String> = held.iter_mut().map(get_on).collect();
-            opened.send(first).expect("signal");
-            go.recv().expect("go");
-        })
+            opened_tx.send(first).expect("signal");
+            go_rx.recv().expect("go");
+        });
+        let first = opened
+            .1
+            .recv_timeout(Duration::from_secs(15))
+            .expect("Gateway connections held");
+        assert!(
+            first.iter().all(|r| r.starts_with("HTTP/1.1 200")),
+            "{first:?}"
+        );
+        (holder, go.0)
     };
-    let first = opened
-        .1
-        .recv_timeout(Duration::from_secs(15))
-        .expect("two Gateway connections");
-    assert!(
-        first.iter().all(|r| r.starts_with("HTTP/1.1 200")),
-        "{first:?}"
-    );
-    let third = curl(&t, &pem, "https://a.example.test:8443/exact", &[]);
+    let url = "https://a.example.test:8443/exact";
+    let (from_a, release_a) = hold('a', 2);
+    let third = curl(&t, &pem, url, &[]);
     assert_ne!(
         third.exit, 0,
-        "a third Gateway connection is refused: {third:?}"
+        "node A's third connection is refused: {third:?}"
     );
+    assert!(refusals("gateway_client_share") >= 1);
+    let b = curl_from(&t, 'b', &pem, url, &[]);
+    assert_eq!(b.status, 200, "another client is served: {b:?}");
+    let (from_b, release_b) = hold('b', 1);
+    let over = curl_from(&t, 'b', &pem, url, &[]);
+    assert_ne!(over.exit, 0, "the Gateway's three are taken: {over:?}");
     assert!(refusals("gateway_connection_limit") >= 1);
     assert_eq!(t.client(&mesh)["ok"], true, "the mesh has its own budget");
-    go.0.send(()).expect("go");
-    holder.join().expect("holder");
+    for (holder, release) in [(from_a, release_a), (from_b, release_b)] {
+        release.send(()).expect("go");
+        holder.join().expect("holder");
+    }
     let again = wait_for_status(&t, &pem, 200);
     assert_eq!(
         again.status, 200,

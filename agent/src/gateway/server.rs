@@ -112,12 +112,31 @@ pub async fn serve_port(
             );
             continue;
         };
+        // One client may not take the whole edge; proxies in front of it (trusted) may.
+        let trusted = limits.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+        let share = if trusted {
+            None
+        } else {
+            match ctx.limits.gateway_per_client.try_take(peer.ip()) {
+                Some(s) => Some(s),
+                None => {
+                    tracing::warn!(%peer, port, cap = ctx.limits.gateway_per_client.cap(), "gateway connection refused: this client holds its share of the Gateway's connections");
+                    ctx.metrics.failed(
+                        crate::admin::metrics::Reporter::Inbound,
+                        crate::admin::metrics::UNKNOWN,
+                        crate::admin::metrics::UNKNOWN,
+                        "gateway_client_share",
+                    );
+                    continue;
+                }
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let (ctx, limits, stop) = (ctx.clone(), limits.clone(), stop.clone());
         let span = tracing::info_span!("gateway", %peer, port);
         tracker.spawn(
             async move {
-                let _slot = slot;
+                let _slots = (slot, share);
                 let snap = ctx.snapshot();
                 let Some(cfg) = snap.gateway.ports.iter().find(|p| p.port == port) else {
                     return;
@@ -137,7 +156,7 @@ pub async fn serve_port(
                     peer,
                     scheme: if tls.is_some() { "https" } else { "http" },
                     sni: None,
-                    trusted_peer: limits.trusted_proxies.iter().any(|c| c.contains(peer.ip())),
+                    trusted_peer: trusted,
                 };
                 match tls {
                     None => {

@@ -57,6 +57,8 @@ pub struct Limits {
     /// Gateway (edge) connections open at once, a budget of their own: clients outside the
     /// mesh cannot take the mesh's slots, nor the mesh the edge's.
     pub gateway_slots: Arc<Semaphore>,
+    /// ... of which one client address may hold this many (`gateway.trustedProxies` excepted).
+    pub gateway_per_client: Arc<PerSource>,
 }
 
 /// The connection caps (`Limits`): each at least 1.
@@ -65,6 +67,7 @@ pub struct Caps {
     pub mesh: usize,
     pub per_pod: usize,
     pub gateway: usize,
+    pub gateway_per_client: usize,
 }
 
 impl Limits {
@@ -76,6 +79,7 @@ impl Limits {
             per_pod: PerSource::new(caps.per_pod),
             inbound_slots: Arc::new(Semaphore::new(caps.mesh)),
             gateway_slots: Arc::new(Semaphore::new(caps.gateway)),
+            gateway_per_client: PerSource::new(caps.gateway_per_client),
         }
     }
 }

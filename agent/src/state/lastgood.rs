@@ -1,9 +1,12 @@
 //! One invalid object does not freeze the cluster state (Kubernetes mode). Each IdentityPolicy,
 //! Node and Pod is checked on its own before the snapshot is built: a valid one is remembered; an
-//! invalid one is replaced by the last valid version this agent saw of it, or left out when
-//! there is none (an agent that starts with an invalid object present starts with the others).
-//! Everything else goes on being updated. What was refused is returned, so it is logged, and the
-//! object's status says why (`status::policy_conditions`).
+//! invalid one is replaced by the last valid version this agent saw of it (an agent that starts
+//! with an invalid object present starts with the others). Without one, it fails closed: an
+//! invalid policy becomes a deny-all for the directions it declares, of the workloads its
+//! selector picks (the whole namespace when the selector itself is invalid); an invalid Node or
+//! Pod is left out (its addresses own no identity, so no rule admits them). Everything else goes
+//! on being updated. What was refused is returned, so it is logged, and the object's status says
+//! why (`status::policy_conditions`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,8 +23,30 @@ pub struct Refused {
     /// `IdentityPolicy shop/api`, `Node node-b`, `Pod shop/web-0`.
     pub object: String,
     pub reason: String,
-    /// Whether its last valid version stays in force (otherwise it is left out).
-    pub kept_previous: bool,
+    pub in_force: InForce,
+}
+
+/// What stands in for a refused object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InForce {
+    /// Its last valid version.
+    Previous,
+    /// A policy never seen valid: deny-all for what it would have governed.
+    DenyAll,
+    /// Nothing (a Node or Pod never seen valid).
+    Nothing,
+}
+
+impl std::fmt::Display for InForce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InForce::Previous => "its last valid version stays in force",
+            InForce::DenyAll => {
+                "never seen valid: its workloads are denied the directions it declares until it is fixed"
+            }
+            InForce::Nothing => "left out (no valid version seen)",
+        })
+    }
 }
 
 /// The last valid version of each object, by kind and `namespace/name`.
@@ -77,13 +102,15 @@ fn pod_problems(p: &Pod) -> Option<String> {
 }
 
 /// Keeps the valid objects of `list` (remembering them in `store`), puts the last valid version
-/// in place of an invalid one, and forgets objects no longer listed.
+/// in place of an invalid one (or what `fallback` makes of it), and forgets objects no longer
+/// listed.
 fn settle<T: Clone>(
     kind: &str,
     list: &mut Vec<T>,
     store: &mut HashMap<String, T>,
     key_of: impl Fn(&T) -> String,
     problems: impl Fn(&T) -> Option<String>,
+    fallback: impl Fn(&T) -> Option<T>,
     refused: &mut Vec<Refused>,
 ) {
     let listed: std::collections::HashSet<String> = list.iter().map(&key_of).collect();
@@ -97,17 +124,44 @@ fn settle<T: Clone>(
                 out.push(obj);
             }
             Some(reason) => {
-                let previous = store.get(&k).cloned();
+                let (stand_in, in_force) = match store.get(&k) {
+                    Some(previous) => (Some(previous.clone()), InForce::Previous),
+                    None => match fallback(&obj) {
+                        Some(f) => (Some(f), InForce::DenyAll),
+                        None => (None, InForce::Nothing),
+                    },
+                };
                 refused.push(Refused {
                     object: format!("{kind} {k}"),
                     reason,
-                    kept_previous: previous.is_some(),
+                    in_force,
                 });
-                out.extend(previous);
+                out.extend(stand_in);
             }
         }
     }
     *list = out;
+}
+
+/// What an invalid policy never seen valid is enforced as: its selector (the whole namespace
+/// when that is what is invalid) denied every direction it declares, in its mode.
+fn deny_all(p: &IdentityPolicy) -> Option<IdentityPolicy> {
+    let mut deny = IdentityPolicy {
+        metadata: p.metadata.clone(),
+        spec: signet_policy::resource::IdentityPolicySpec {
+            selector: p.spec.selector.clone(),
+            mode: p.spec.mode,
+            // A direction it allows or denies anything in is denied whole.
+            ingress: (p.spec.ingress.is_some() || !p.spec.ingress_deny.is_empty()).then(Vec::new),
+            egress: (p.spec.egress.is_some() || !p.spec.egress_deny.is_empty()).then(Vec::new),
+            ..Default::default()
+        },
+        status: None,
+    };
+    if policy_problems(&deny).is_some() {
+        deny.spec.selector = Default::default();
+    }
+    policy_problems(&deny).is_none().then_some(deny)
 }
 
 impl LastGood {
@@ -120,6 +174,7 @@ impl LastGood {
             &mut self.policies,
             |p| key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
             policy_problems,
+            deny_all,
             &mut refused,
         );
         settle(
@@ -128,6 +183,7 @@ impl LastGood {
             &mut self.nodes,
             |n| key(None, n.metadata.name.as_deref()),
             node_problems,
+            |_| None,
             &mut refused,
         );
         settle(
@@ -136,6 +192,7 @@ impl LastGood {
             &mut self.pods,
             |p| key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()),
             pod_problems,
+            |_| None,
             &mut refused,
         );
         refused

@@ -72,8 +72,9 @@ pub fn policy_conditions(
                         false,
                         "LastValidVersion",
                         "this version is refused: agents keep enforcing the last valid version \
-                         they saw of this policy (none if they never saw one); every other \
-                         policy stays in force"
+                         they saw of this policy, and one that never saw a valid version denies \
+                         the directions it declares to the workloads it selects (its whole \
+                         namespace if the selector is invalid); every other policy stays in force"
                             .to_owned(),
                     ),
                 ],

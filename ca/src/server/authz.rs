@@ -646,13 +646,13 @@ spec:
              apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: theirs, namespace: edge}\n\
              spec: {gatewayClassName: other, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
              apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
-             metadata: {name: pinned, namespace: edge, annotations: {signet.dev/nodes: signet.dev/edge=true}}\n\
+             metadata: {name: pinned, namespace: edge, annotations: {signet.dev/nodes: node-restriction.kubernetes.io/edge=true}}\n\
              spec: {gatewayClassName: signet, listeners: [{name: http, port: 81, protocol: HTTP}]}\n---\n\
              apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
              metadata: {name: broken, namespace: edge, annotations: {signet.dev/nodes: 'zone!=a'}}\n\
              spec: {gatewayClassName: signet, listeners: [{name: http, port: 82, protocol: HTTP}]}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {signet.dev/edge: 'true'}}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata: {name: node-b, labels: {signet.dev/edge: 'false'}}\n",
+             apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {node-restriction.kubernetes.io/edge: 'true'}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: node-b, labels: {node-restriction.kubernetes.io/edge: 'false'}}\n",
         )
         .expect("write");
         let a = authorizer(dir.path());
@@ -675,7 +675,7 @@ spec:
             assert!(matches!(e, AuthzError::GatewayNotOnNode { .. }), "{e}");
             assert!(
                 e.to_string()
-                    .contains("served by nodes labelled signet.dev/edge=true"),
+                    .contains("served by nodes labelled node-restriction.kubernetes.io/edge=true"),
                 "{e}"
             );
         }

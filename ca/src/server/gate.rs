@@ -93,7 +93,9 @@ impl AuthGate {
             return cell.clone();
         }
         if verdicts.len() >= CACHED {
-            verdicts.retain(|_, c| c.get().is_none_or(|v| self.fresh(v)));
+            // Full: keep the fresh acceptances, which no one can make without a valid token;
+            // refusals and checks in flight (whose waiters keep their cell) go first.
+            verdicts.retain(|_, c| c.get().is_some_and(|v| v.1.is_ok() && self.fresh(v)));
             if verdicts.len() >= CACHED {
                 verdicts.clear();
             }
@@ -145,6 +147,12 @@ impl AuthGate {
     async fn verdict(&self, peer: Option<IpAddr>, token: &str) -> Result<NodeName, GateError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cell = self.cell(key);
+        let forget = || {
+            let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+            if verdicts.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                verdicts.remove(&key);
+            }
+        };
         let verdict = cell
             .get_or_try_init(|| async {
                 // Only the request that runs the check needs a check slot; the others wait.
@@ -157,14 +165,21 @@ impl AuthGate {
                 };
                 Ok::<_, GateError>((Instant::now(), self.auth.authenticate(token).await))
             })
-            .await?;
+            .await;
+        let verdict = match verdict {
+            Ok(v) => v,
+            Err(e) => {
+                // No check ran: leave no empty cell behind for a flood to fill the map with.
+                if cell.get().is_none() {
+                    forget();
+                }
+                return Err(e);
+            }
+        };
         let result = verdict.1.clone();
         if matches!(result, Err(AuthError::Unavailable(_))) {
             // Not a verdict on the token: the next request asks again.
-            let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-            if verdicts.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                verdicts.remove(&key);
-            }
+            forget();
         }
         result.map_err(GateError::Auth)
     }
@@ -297,6 +312,11 @@ mod tests {
             }
         }
         assert_eq!(busy, 2, "two checks run, two are refused");
+        assert_eq!(
+            gate.verdicts.lock().expect("verdicts").len(),
+            2,
+            "the refused ones leave nothing behind"
+        );
         gate.authenticate(ip("10.0.0.1"), Ok("good"))
             .await
             .expect("another peer is not affected");

@@ -1,8 +1,13 @@
 //! Which nodes serve a Gateway: the Gateway's `signet.dev/nodes` annotation, a Kubernetes
-//! equality-based label selector on Nodes (`signet.dev/edge=true,zone=a`, or a bare key for
-//! "has this label"). Without it every node serves the Gateway. The CA issues a Gateway's
-//! identity only to a node the selector admits, and an agent serves (and asks for) only the
-//! Gateways placed on its node, so a node that serves no Gateway can hold no Gateway's identity.
+//! equality-based label selector on Nodes (`node-restriction.kubernetes.io/edge=true`, or a bare
+//! key for "has this label"). Without it every node serves the Gateway. The CA issues a
+//! Gateway's identity only to a node the selector admits, and an agent serves (and asks for)
+//! only the Gateways placed on its node, so a node that serves no Gateway can hold no Gateway's
+//! identity (past the TTL of one it was issued before).
+//!
+//! Only labels under `node-restriction.kubernetes.io/` may place a Gateway: the NodeRestriction
+//! admission plugin keeps a kubelet from setting those on its own Node, while it may set most
+//! others, so a compromised node could label itself into any other selector.
 //!
 //! An annotation that does not parse places the Gateway nowhere: it is not served, its status
 //! says why, and no node may hold its identity.
@@ -11,6 +16,9 @@ use std::collections::BTreeMap;
 
 /// The annotation on a Gateway naming the nodes that serve it.
 pub const NODES_ANNOTATION: &str = "signet.dev/nodes";
+
+/// The label prefix kubelets cannot set on their own Node (NodeRestriction).
+pub const TRUSTED_PREFIX: &str = "node-restriction.kubernetes.io/";
 
 /// One requirement: the label exists (`None`) or has this value.
 type Term = (String, Option<String>);
@@ -52,6 +60,12 @@ impl Placement {
             };
             if !is_label_key(key) {
                 return Err(format!("`{key}` is not a label key"));
+            }
+            if !key.starts_with(TRUSTED_PREFIX) {
+                return Err(format!(
+                    "`{key}`: a node may set that label on itself; place Gateways by labels under \
+                     {TRUSTED_PREFIX}, which only administrators can set"
+                ));
             }
             terms.push((key.to_owned(), value));
         }
@@ -134,25 +148,40 @@ mod tests {
         Placement::of(Some(&labels(&[(NODES_ANNOTATION, selector)])))
     }
 
+    const EDGE: &str = "node-restriction.kubernetes.io/edge";
+    const ZONE: &str = "node-restriction.kubernetes.io/zone";
+
     #[test]
     fn a_selector_admits_the_nodes_whose_labels_match_it() {
-        let edge = labels(&[("signet.dev/edge", "true"), ("zone", "a")]);
-        let worker = labels(&[("zone", "a")]);
+        let edge = labels(&[(EDGE, "true"), (ZONE, "a")]);
+        let worker = labels(&[(ZONE, "a")]);
         assert!(
             Placement::of(None).expect("none").admits(&worker),
             "no annotation: every node"
         );
-        let p = placement("signet.dev/edge=true, zone==a").expect("parses");
+        let p = placement(&format!("{EDGE}=true, {ZONE}==a")).expect("parses");
         assert!(p.admits(&edge));
         assert!(!p.admits(&worker));
-        assert!(!p.admits(&labels(&[("signet.dev/edge", "false"), ("zone", "a")])));
-        let exists = placement("signet.dev/edge").expect("parses");
+        assert!(!p.admits(&labels(&[(EDGE, "false"), (ZONE, "a")])));
+        let exists = placement(EDGE).expect("parses");
         assert!(exists.admits(&edge) && !exists.admits(&worker));
-        assert_eq!(p.to_string(), "nodes labelled signet.dev/edge=true,zone=a");
+        assert_eq!(
+            p.to_string(),
+            format!("nodes labelled {EDGE}=true,{ZONE}=a")
+        );
     }
 
     #[test]
-    fn a_selector_that_does_not_parse_is_an_error_naming_it() {
+    fn a_selector_that_does_not_parse_or_trusts_a_nodes_own_labels_is_an_error() {
+        // Labels a kubelet may set on its own Node cannot place a Gateway.
+        for bad in [
+            "signet.dev/edge=true",
+            "kubernetes.io/hostname=node-a",
+            "zone",
+        ] {
+            let e = placement(bad).expect_err(bad);
+            assert!(e.contains(TRUSTED_PREFIX) && e.contains(bad), "{e}");
+        }
         for bad in [
             "",
             "zone!=a",
@@ -160,10 +189,11 @@ mod tests {
             "-x=1",
             "a=b c",
             "UPPER.example/x=1",
-            "k=-v",
         ] {
             let e = placement(bad).expect_err(bad);
             assert!(e.contains(NODES_ANNOTATION) && e.contains(bad), "{e}");
         }
+        let e = placement(&format!("{EDGE}=-v")).expect_err("value");
+        assert!(e.contains("not a label value"), "{e}");
     }
 }
