@@ -71,15 +71,18 @@ for gc in (d for d in rendered if d["kind"] == "GatewayClass"):
         failures.append(f"GatewayClass {gc['metadata']['name']}: controllerName is not Signet's")
 
 
-def admission(policy, operation, user, name):
+def admission(policy, operation, user, name, obj=None, old=None):
     """What `policy` (a ValidatingAdmissionPolicy) answers to `user` doing `operation` on a
-    SignetIdentity named `name`: None when it does not apply, else the list of failed messages."""
+    SignetIdentity named `name` (`obj` and `old` as the request carries them; by default a
+    well-formed one with the quarantine finalizer): None when it does not apply, else the list
+    of failed messages."""
     env = celpy.Environment()
-    obj = {"metadata": {"name": name}, "spec": {"spiffeId": "spiffe://cluster.local/ns/a/sa/b"}}
+    default = {"metadata": {"name": name, "finalizers": [QUARANTINE]},
+               "spec": {"spiffeId": "spiffe://cluster.local/ns/a/sa/b"}}
     ctx = {
         "request": {"operation": operation, "userInfo": {"username": user}},
-        "object": None if operation == "DELETE" else obj,
-        "oldObject": None if operation == "CREATE" else obj,
+        "object": None if operation == "DELETE" else (obj or default),
+        "oldObject": None if operation == "CREATE" else (old or default),
     }
     run = lambda expr, c: env.program(env.compile(expr)).evaluate(celpy.json_to_cel(c))
     spec = policy["spec"]
@@ -92,6 +95,7 @@ def admission(policy, operation, user, name):
     return [v["message"] for v in spec["validations"] if not run(v["expression"], scope)]
 
 
+QUARANTINE = "signet.dev/quarantine"
 AGENT = "system:serviceaccount:signet-system:signet-agent"
 vaps = [d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy"]
 bound = {d["spec"]["policyName"] for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding"
@@ -101,18 +105,34 @@ identity_vaps = [v for v in vaps if v["metadata"]["name"] in bound and any(
 if not identity_vaps:
     failures.append("no bound ValidatingAdmissionPolicy denies agents' writes of SignetIdentities")
 for vap in identity_vaps:
-    cases = [  # (operation, user, name, admitted)
-        ("CREATE", AGENT, "256", True), ("CREATE", AGENT, "70000", True),
-        ("DELETE", AGENT, "300", True),
-        ("CREATE", AGENT, "1", False), ("CREATE", AGENT, "8", False), ("DELETE", AGENT, "6", False),
-        ("CREATE", AGENT, "255", False), ("CREATE", AGENT, "0256", False),
-        ("CREATE", AGENT, "16777216", False), ("CREATE", AGENT, "-300", False),
-        ("UPDATE", AGENT, "300", False),
+    spiffe = {"spiffeId": "spiffe://cluster.local/ns/a/sa/b"}
+    live = {"metadata": {"name": "300", "finalizers": [QUARANTINE]}, "spec": spiffe}
+    dying = {"metadata": {"name": "300", "finalizers": [QUARANTINE],
+                          "deletionTimestamp": "2026-12-01T10:00:00Z"}, "spec": spiffe}
+    lifted = {"metadata": {"name": "300", "deletionTimestamp": "2026-12-01T10:00:00Z"},
+              "spec": spiffe}
+    rewritten = {"metadata": {"name": "300", "deletionTimestamp": "2026-12-01T10:00:00Z"},
+                 "spec": {"spiffeId": "spiffe://cluster.local/ns/x/sa/y"}}
+    bare = {"metadata": {"name": "300"}, "spec": spiffe}
+    cases = [  # (operation, user, name, admitted, object, old object)
+        ("CREATE", AGENT, "256", True, None, None), ("CREATE", AGENT, "70000", True, None, None),
+        ("DELETE", AGENT, "300", True, None, None),
+        ("CREATE", AGENT, "1", False, None, None), ("CREATE", AGENT, "8", False, None, None),
+        ("DELETE", AGENT, "6", False, None, None),
+        ("CREATE", AGENT, "255", False, None, None), ("CREATE", AGENT, "0256", False, None, None),
+        ("CREATE", AGENT, "16777216", False, None, None),
+        ("CREATE", AGENT, "-300", False, None, None),
+        # Without the quarantine finalizer a deleted number would be free at once.
+        ("CREATE", AGENT, "300", False, bare, None),
+        # The one update: lifting the quarantine of a number being deleted.
+        ("UPDATE", AGENT, "300", True, lifted, dying),
+        ("UPDATE", AGENT, "300", False, live, live),
+        ("UPDATE", AGENT, "300", False, rewritten, dying),
         # Not an agent: the policy does not apply (the cluster admin may fix things by hand).
-        ("DELETE", "kubernetes-admin", "1", True),
+        ("DELETE", "kubernetes-admin", "1", True, None, None),
     ]
-    for op, user, name, admitted in cases:
-        refused = admission(vap, op, user, name) or []
+    for op, user, name, admitted, obj, old in cases:
+        refused = admission(vap, op, user, name, obj, old) or []
         if admitted == bool(refused):
             failures.append(f"{vap['metadata']['name']}: {op} of SignetIdentity {name} by {user}: "
                             f"{'refused ' + str(refused) if refused else 'admitted'}, expected "
@@ -152,7 +172,7 @@ if len(failures) == before:
 else:
     failures.pop()  # refused, as it should be
 
-print(f"validated {len(rendered)} rendered objects against Kubernetes {VERSION}, {len(identity_vaps)} admission policy on 12 requests, and {checked + 1} custom resources against their CRDs")
+print(f"validated {len(rendered)} rendered objects against Kubernetes {VERSION}, {len(identity_vaps)} admission policy on 15 requests, and {checked + 1} custom resources against their CRDs")
 for f in failures:
     print(f"FAIL: {f}", file=sys.stderr)
 sys.exit(1 if failures else 0)

@@ -553,7 +553,11 @@ impl Agent {
                     &config.node,
                     30,
                 ),
-                Collector::new(client, config.identity_gc_grace),
+                Collector::new(
+                    client,
+                    config.identity_gc_grace,
+                    config.identity_gc_quarantine,
+                ),
                 source,
                 config.trust_domain.clone(),
                 config.identity_gc_interval,

@@ -32,7 +32,8 @@
 //!           maxConnectionAgeSeconds: 3600,   # then closed gracefully (GOAWAY)
 //!           maxBodyBytes: 10485760,          # no body limit unless set
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
-//! identityGc: {graceSeconds: 600, intervalSeconds: 60}   # Kubernetes mode
+//! identityGc: {graceSeconds: 600, intervalSeconds: 60,  # Kubernetes mode
+//!              quarantineSeconds: 1800}       # a deleted number is not issued again before (3 x grace)
 //! ```
 //! Relative paths are taken relative to the configuration file.
 
@@ -153,6 +154,8 @@ struct RawIdentityGc {
     /// How often the Lease holder looks for unused numbers.
     #[serde(default = "default_gc_interval")]
     interval_seconds: u64,
+    /// How long a deleted number stays quarantined (longer than the grace period).
+    quarantine_seconds: Option<u64>,
 }
 
 impl Default for RawIdentityGc {
@@ -160,6 +163,7 @@ impl Default for RawIdentityGc {
         Self {
             grace_seconds: default_gc_grace(),
             interval_seconds: default_gc_interval(),
+            quarantine_seconds: None,
         }
     }
 }
@@ -299,6 +303,8 @@ pub struct AgentConfig {
     /// Kubernetes mode: how long an unused numeric identity is kept, and how often to look.
     pub identity_gc_grace: Duration,
     pub identity_gc_interval: Duration,
+    /// How long a deleted number stays quarantined.
+    pub identity_gc_quarantine: Duration,
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub proxy_mark: u32,
@@ -383,6 +389,12 @@ impl AgentConfig {
         if raw.proxy.idle_timeout_seconds == 0 || raw.proxy.handshake_timeout_seconds == 0 {
             return Err(invalid(
                 "proxy.idleTimeoutSeconds and proxy.handshakeTimeoutSeconds must be above 0".into(),
+            ));
+        }
+        let gc = &raw.identity_gc;
+        if gc.quarantine_seconds.is_some_and(|q| q <= gc.grace_seconds) {
+            return Err(invalid(
+                "identityGc.quarantineSeconds must be longer than identityGc.graceSeconds".into(),
             ));
         }
         if raw.proxy.max_connections == 0 {
@@ -487,6 +499,11 @@ impl AgentConfig {
             bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds.max(1)),
             identity_gc_grace: Duration::from_secs(raw.identity_gc.grace_seconds),
             identity_gc_interval: Duration::from_secs(raw.identity_gc.interval_seconds.max(1)),
+            identity_gc_quarantine: Duration::from_secs(
+                raw.identity_gc
+                    .quarantine_seconds
+                    .unwrap_or((raw.identity_gc.grace_seconds * 3).max(60)),
+            ),
             cgroup_root: resolve(&raw.datapath.cgroup_root),
             bpffs_dir,
             proxy_mark: raw.datapath.proxy_mark,

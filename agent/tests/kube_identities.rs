@@ -160,11 +160,48 @@ async fn answer(store: &Store, req: Request<Body>, next_uid: &mut u64) -> Respon
                     "Conflict",
                     "Precondition failed: UID in precondition does not match".into(),
                 ),
+                // As the API server does: with finalizers the object stays, terminating.
+                Some((_, obj))
+                    if obj
+                        .metadata
+                        .finalizers
+                        .as_ref()
+                        .is_some_and(|f| !f.is_empty()) =>
+                {
+                    let (uid, mut obj) = store.remove(&name).expect("present");
+                    obj.metadata.deletion_timestamp.get_or_insert_with(|| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
+                    });
+                    store.insert(name, (uid, obj.clone()));
+                    json(StatusCode::OK, &obj)
+                }
                 Some(_) => {
                     let (_, obj) = store.remove(&name).expect("present");
                     json(StatusCode::OK, &obj)
                 }
             }
+        }
+        // A merge patch of the finalizers; a terminating object left without any is gone.
+        (Method::PATCH, Some(rest)) => {
+            let name = rest.trim_start_matches('/').to_owned();
+            let patch: serde_json::Value = serde_json::from_slice(&body).expect("a patch");
+            let mut store = store.lock().expect("store");
+            let Some((uid, mut obj)) = store.remove(&name) else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("\"{name}\" not found"),
+                );
+            };
+            if let Some(f) = patch["metadata"].get("finalizers") {
+                obj.metadata.finalizers = serde_json::from_value(f.clone()).expect("finalizers");
+            }
+            let gone = obj.metadata.deletion_timestamp.is_some()
+                && obj.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+            if !gone {
+                store.insert(name, (uid, obj.clone()));
+            }
+            json(StatusCode::OK, &obj)
         }
         _ => status(
             StatusCode::NOT_FOUND,
@@ -286,66 +323,89 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
 }
 
 #[tokio::test]
-async fn unused_identities_are_deleted_after_the_grace_period_and_numbers_are_never_reissued() {
-    use signet_agent::identity::gc::Collector;
+async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() {
+    use signet_agent::identity::gc::{Collected, Collector};
     let store = Store::default();
     let client = fake_api(store.clone());
     let ids = KubeIdentities::new(client.clone());
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let gone = id("spiffe://cluster.local/ns/shop/sa/gone");
-    let last = id("spiffe://cluster.local/ns/shop/sa/last");
     assert_eq!(ids.allocate(&web).await.expect("web"), 256);
     assert_eq!(ids.allocate(&gone).await.expect("gone"), 257);
-    assert_eq!(ids.allocate(&last).await.expect("last"), 258);
-    let numbers =
-        |store: &Store| -> Vec<String> { store.lock().expect("store").keys().cloned().collect() };
-    let mut in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
-
-    let mut patient = Collector::new(client.clone(), std::time::Duration::from_secs(3600));
+    let objects = |store: &Store| -> Vec<SignetIdentity> {
+        store
+            .lock()
+            .expect("store")
+            .values()
+            .map(|(_, o)| o.clone())
+            .collect()
+    };
     assert!(
-        patient.collect(&in_use).await.expect("collect").is_empty(),
+        objects(&store).iter().all(|o| o.metadata.finalizers
+            == Some(vec![signet_agent::identity::kube::QUARANTINE.to_owned()])),
+        "every number is created quarantinable"
+    );
+    let in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
+    let quarantine = std::time::Duration::from_millis(1500);
+
+    let mut patient = Collector::new(
+        client.clone(),
+        std::time::Duration::from_secs(3600),
+        quarantine,
+    );
+    assert_eq!(
+        patient.collect(&in_use).await.expect("collect"),
+        Collected::default(),
         "still in its grace period"
     );
-    assert_eq!(store.lock().expect("store").len(), 3);
 
-    // gone's number goes; last's stays although unused: it is the highest, and the next number
-    // is one above the highest that exists.
-    let mut eager = Collector::new(client, std::time::Duration::ZERO);
-    assert_eq!(eager.collect(&in_use).await.expect("collect"), [257]);
+    // gone's number (the highest) is deleted: it stays, terminating, meaning nothing...
+    let mut eager = Collector::new(client, std::time::Duration::ZERO, quarantine);
+    let done = eager.collect(&in_use).await.expect("collect");
+    assert_eq!(done.deleted, [257]);
+    let now = objects(&store);
+    assert_eq!(now.len(), 2, "quarantined, not gone");
+    let meaning = signet_agent::identity::kube::numbers(&now);
     assert_eq!(
-        numbers(&store),
-        ["256", "258"],
-        "the identity in use and the highest stay"
+        meaning.get(&gone),
+        None,
+        "a number being deleted means nothing"
     );
-    // So a new identity never gets a number another SPIFFE ID had: not 257, not 258.
+    assert_eq!(meaning.get(&web), Some(&256));
+    // ...and is not issued again: not to a new identity, not to its own old one.
     let new = id("spiffe://cluster.local/ns/shop/sa/new");
-    assert_eq!(ids.allocate(&new).await.expect("new"), 259);
-    // Once it is not the highest, the unused one goes like any other.
-    in_use.insert(new.as_str().to_owned());
-    assert_eq!(eager.collect(&in_use).await.expect("collect"), [258]);
-    assert_eq!(numbers(&store), ["256", "259"]);
-    assert_eq!(
-        ids.allocate(&last).await.expect("last again"),
-        260,
-        "a new number, not its old one"
-    );
-    // What the objects say is what a number means: deleted ones mean nothing.
-    let objects: Vec<SignetIdentity> = store
+    assert_eq!(ids.allocate(&new).await.expect("new"), 258);
+    assert_eq!(ids.allocate(&gone).await.expect("gone again"), 259);
+    // Its quarantine over, the collector lifts it and it is gone.
+    tokio::time::sleep(quarantine).await;
+    let done = eager
+        .collect(
+            &[web.as_str(), new.as_str(), gone.as_str()]
+                .map(str::to_owned)
+                .into(),
+        )
+        .await
+        .expect("collect");
+    assert_eq!(done.released, [257]);
+    let names: Vec<String> = store.lock().expect("store").keys().cloned().collect();
+    assert_eq!(names, ["256", "258", "259"]);
+    // A number created without the finalizer (an older agent's) is kept while it is the
+    // highest: deleting it would free it at once.
+    let mut legacy = objects(&store)[0].clone();
+    legacy.metadata.name = Some("300".into());
+    legacy.metadata.finalizers = None;
+    legacy.spec.spiffe_id = "spiffe://cluster.local/ns/shop/sa/legacy".into();
+    store
         .lock()
         .expect("store")
-        .values()
-        .map(|(_, o)| o.clone())
-        .collect();
-    let meaning = signet_agent::identity::kube::numbers(&objects);
-    assert_eq!(meaning.get(&gone), None);
-    assert_eq!(meaning.get(&last), Some(&260));
-    let mut terminating = objects[0].clone();
-    terminating.metadata.deletion_timestamp = Some(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
-    );
-    assert_eq!(
-        signet_agent::identity::kube::numbers([&terminating]).len(),
-        0,
-        "an object being deleted means nothing"
-    );
+        .insert("300".into(), ("uid-legacy".into(), legacy));
+    let done = eager
+        .collect(
+            &[web.as_str(), new.as_str(), gone.as_str()]
+                .map(str::to_owned)
+                .into(),
+        )
+        .await
+        .expect("collect");
+    assert_eq!(done, Collected::default(), "the highest bare number stays");
 }

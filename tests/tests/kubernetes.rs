@@ -328,16 +328,26 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     });
 
     // A pod gone for longer than the grace period gives its number back; the others keep theirs.
+    // (A number being deleted is quarantined: it stays, terminating, and means nothing.)
     let numbered = |id: &str| {
         api.objects("SignetIdentity")
             .iter()
-            .any(|o| o["spec"]["spiffeId"] == id)
+            .any(|o| o["spec"]["spiffeId"] == id && o["metadata"]["deletionTimestamp"].is_null())
     };
     let number_of = |id: &str| -> Option<u32> {
         api.objects("SignetIdentity")
             .iter()
             .find(|o| o["spec"]["spiffeId"] == id)
             .and_then(|o| o["metadata"]["name"].as_str()?.parse().ok())
+    };
+    let quarantined = |n: u32| {
+        api.objects("SignetIdentity").iter().any(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .and_then(|s| s.parse::<u32>().ok())
+                == Some(n)
+                && !o["metadata"]["deletionTimestamp"].is_null()
+        })
     };
     let collected = number_of(CLIENT).expect("the client's number");
     // (Also while the broken policy is there.)
@@ -368,13 +378,11 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     });
     let old_number = number_of(OLD).expect("old has a number");
     api.delete("v1", "Pod", "shop", "client-0");
-    // Grace 2 s, a pass every second: what the collector would take, it has taken by now.
-    std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(
-        number_of(OLD),
-        Some(old_number),
-        "the highest number stays, unused, so the next one is above it"
-    );
+    // Grace 2 s, a pass every second: old's number is deleted, and quarantined (60 s) rather
+    // than freed, although it is the highest.
+    wait_for("old's number to be quarantined", || {
+        quarantined(old_number).then_some(())
+    });
     // To know the intruder's pod is up (certificate and all) before judging the denial, a
     // second policy admits it for a moment.
     api.put(policy("probe", INTRUDER));
@@ -387,6 +395,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         intruder_number, collected,
         "the collected number is not issued again"
     );
+    assert!(quarantined(old_number), "still in quarantine");
     assert!(
         intruder_number > old_number,
         "{intruder_number} after {old_number}"

@@ -2,20 +2,27 @@
 //! ID no workload or Gateway uses any more is deleted once it has stayed unused for a grace
 //! period (a pod being rescheduled keeps its number). Run by the one agent holding the Lease
 //! (`lease`), so collectors never race; deletes carry the uid seen, so an object re-created
-//! meanwhile is left alone. The highest number is never deleted, unused or not: new numbers are
-//! one above the highest that exists, so keeping it means no number is ever issued again to
-//! another SPIFFE ID while some agent may still hold its old meaning.
+//! meanwhile is left alone.
+//!
+//! A deleted number is quarantined: its finalizer (`kube::QUARANTINE`) keeps it, terminating and
+//! meaning nothing, so it is not issued again while some node may still hold its old meaning.
+//! After `quarantine` (longer than the grace period) the collector lifts the finalizer and the
+//! number is gone. A number created without the finalizer (by an older agent) is deleted at
+//! once, so the highest of those is kept, as before: the next number is above it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use signet_policy::SignetIdentity;
+
+use super::kube::QUARANTINE;
 
 #[derive(Clone)]
 pub struct Collector {
     api: Api<SignetIdentity>,
     grace: Duration,
+    quarantine: Duration,
     /// uid → when it was first seen unused.
     unused_since: HashMap<String, Instant>,
 }
@@ -24,37 +31,69 @@ impl std::fmt::Debug for Collector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Collector")
             .field("grace", &self.grace)
+            .field("quarantine", &self.quarantine)
             .finish_non_exhaustive()
     }
 }
 
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Numbers deleted: now quarantined (or gone, without the finalizer).
+    pub deleted: Vec<u32>,
+    /// Numbers whose quarantine ended: gone, free to be issued again.
+    pub released: Vec<u32>,
+}
+
 impl Collector {
-    pub fn new(client: kube::Client, grace: Duration) -> Self {
+    pub fn new(client: kube::Client, grace: Duration, quarantine: Duration) -> Self {
         Self {
             api: Api::all(client),
             grace,
+            quarantine,
             unused_since: HashMap::new(),
         }
     }
 
-    /// One pass: `in_use` are the SPIFFE IDs the cluster needs now. Returns the numbers deleted.
-    pub async fn collect(&mut self, in_use: &BTreeSet<String>) -> Result<Vec<u32>, kube::Error> {
+    /// One pass: `in_use` are the SPIFFE IDs the cluster needs now.
+    pub async fn collect(&mut self, in_use: &BTreeSet<String>) -> Result<Collected, kube::Error> {
         let now = Instant::now();
         let listed = self.api.list(&ListParams::default()).await?;
-        let highest = listed
+        let quarantined = |o: &SignetIdentity| {
+            o.metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|f| f == QUARANTINE))
+        };
+        // Without the finalizer a deleted number is free at once: keep the highest of those.
+        let highest_bare = listed
             .items
             .iter()
+            .filter(|o| !quarantined(o))
             .filter_map(|o| o.metadata.name.as_ref()?.parse::<u32>().ok())
             .max();
         let mut seen = BTreeSet::new();
-        let mut deleted = Vec::new();
-        for o in listed.items {
+        let mut done = Collected::default();
+        for o in &listed.items {
             let (Some(name), Some(uid)) = (o.metadata.name.clone(), o.metadata.uid.clone()) else {
                 continue;
             };
             seen.insert(uid.clone());
-            // The high-water mark stays, so the next number is above it.
-            if in_use.contains(&o.spec.spiffe_id) || name.parse().ok() == highest {
+            if let Some(deleted_at) = &o.metadata.deletion_timestamp {
+                let waited = jiff::Timestamp::now().duration_since(deleted_at.0);
+                if quarantined(o)
+                    && waited
+                        >= jiff::SignedDuration::try_from(self.quarantine)
+                            .unwrap_or(jiff::SignedDuration::MAX)
+                {
+                    self.release(o).await?;
+                    done.released.extend(name.parse::<u32>().ok());
+                }
+                continue;
+            }
+            if in_use.contains(&o.spec.spiffe_id)
+                || (!quarantined(o) && name.parse().ok() == highest_bare)
+            {
                 self.unused_since.remove(&uid);
                 continue;
             }
@@ -71,11 +110,9 @@ impl Collector {
             };
             match self.api.delete(&name, &params).await {
                 Ok(_) => {
-                    tracing::info!(number = %name, identity = %o.spec.spiffe_id, "unused numeric identity deleted");
+                    tracing::info!(number = %name, identity = %o.spec.spiffe_id, quarantine_seconds = self.quarantine.as_secs(), "unused numeric identity deleted; quarantined");
                     self.unused_since.remove(&uid);
-                    if let Ok(n) = name.parse() {
-                        deleted.push(n);
-                    }
+                    done.deleted.extend(name.parse::<u32>().ok());
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
                 Err(e) => return Err(e),
@@ -83,6 +120,34 @@ impl Collector {
         }
         // Forget objects that are gone.
         self.unused_since.retain(|uid, _| seen.contains(uid));
-        Ok(deleted)
+        Ok(done)
+    }
+
+    /// Lifts the quarantine of a number being deleted (only if it is still the version seen).
+    async fn release(&self, o: &SignetIdentity) -> Result<(), kube::Error> {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let rest: Vec<String> = o
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != QUARANTINE)
+            .cloned()
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {"finalizers": rest, "resourceVersion": o.metadata.resource_version},
+        });
+        match self
+            .api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(number = %name, "numeric identity released after its quarantine");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -8,8 +8,10 @@
 //! What a number means is what the `SignetIdentity` objects say now: agents read it from a
 //! reflector (`numbers`, through `state::kube::KubeSource`), so a number the collector (`gc`)
 //! deleted stops meaning its old SPIFFE ID on every node as soon as the deletion is seen. And a
-//! number is never issued twice: a new one is one above the highest that exists, and the
-//! collector never deletes the highest, so numbers only grow.
+//! number is not issued again while any node may still hold its old meaning: every number is
+//! created with the finalizer [`QUARANTINE`], so a deleted one stays, terminating and meaning
+//! nothing, until the collector lifts the finalizer after its quarantine; new numbers are one
+//! above the highest that exists, terminating ones included.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +32,10 @@ pub enum KubeIdentityError {
     #[error(transparent)]
     Numbers(#[from] signet_policy::identity::AllocError),
 }
+
+/// The finalizer every number is created with: it keeps a deleted number from being issued
+/// again until the collector lifts it (`gc`).
+pub const QUARANTINE: &str = "signet.dev/quarantine";
 
 /// SPIFFE ID → number, the lowest where a race left several; names that are no number and
 /// SPIFFE IDs that do not parse mean nothing.
@@ -104,6 +110,7 @@ impl KubeIdentities {
                     let object = SignetIdentity {
                         metadata: ObjectMeta {
                             name: Some(n.to_string()),
+                            finalizers: Some(vec![QUARANTINE.to_owned()]),
                             ..ObjectMeta::default()
                         },
                         spec: SignetIdentitySpec {
@@ -142,10 +149,17 @@ impl KubeIdentities {
                 what: "listing SignetIdentities",
                 source,
             })?;
+        // A number being deleted is taken (no one may create it) but stands for no one.
         Ok(list
             .items
             .into_iter()
-            .filter_map(|o| Some((o.metadata.name?.parse().ok()?, o.spec.spiffe_id)))
+            .filter_map(|o| {
+                let id = match o.metadata.deletion_timestamp {
+                    Some(_) => String::new(),
+                    None => o.spec.spiffe_id,
+                };
+                Some((o.metadata.name?.parse().ok()?, id))
+            })
             .collect())
     }
 

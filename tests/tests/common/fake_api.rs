@@ -4,7 +4,8 @@
 //! (Pods, Services, IdentityPolicies, Leases, ...) in their JSON form:
 //! - list with label selectors, and watch as a stream of ADDED/MODIFIED/DELETED events;
 //! - get, create (409 when the name exists), replace (409 on a stale resourceVersion), patch
-//!   (server-side apply and merge patch, on the object or its `status`), delete;
+//!   (server-side apply and merge patch, on the object or its `status`), delete (an object with
+//!   finalizers stays, terminating, until an update removes the last one);
 //! - TokenReview, answering for the agents' tokens with the bound pod's node.
 
 use std::collections::BTreeMap;
@@ -378,6 +379,20 @@ impl Handle {
         Some(removed)
     }
 
+    /// Stores an updated object, or, when it is terminating and its last finalizer went,
+    /// removes it as the API server does.
+    fn finish(&self, key: &Key, object: Value) -> Reply {
+        let terminating = !object["metadata"]["deletionTimestamp"].is_null();
+        let finalized = object["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty());
+        if terminating && finalized {
+            self.remove(key);
+            return reply(StatusCode::OK, &object);
+        }
+        reply(StatusCode::OK, &self.store_object(object))
+    }
+
     fn get(&self, key: &Key) -> Option<Value> {
         self.with_store(|s| s.objects.get(key).cloned()).flatten()
     }
@@ -450,7 +465,7 @@ impl Handle {
                     whole["status"] = object["status"].take();
                     object = whole;
                 }
-                reply(StatusCode::OK, &self.store_object(object))
+                self.finish(&key, object)
             }
             Method::PATCH => {
                 let patch: Value = serde_json::from_slice(&body).expect("a JSON patch");
@@ -479,13 +494,28 @@ impl Handle {
                     }
                     merge(&mut object, &patch);
                 }
-                reply(StatusCode::OK, &self.store_object(object))
+                self.finish(&key, object)
             }
-            Method::DELETE => match self.remove(&key) {
-                Some(_) => reply(
-                    StatusCode::OK,
-                    &json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success"}),
-                ),
+            Method::DELETE => match self.get(&key) {
+                // With finalizers the object stays, terminating, until they are removed.
+                Some(mut o)
+                    if o["metadata"]["finalizers"]
+                        .as_array()
+                        .is_some_and(|f| !f.is_empty()) =>
+                {
+                    if o["metadata"]["deletionTimestamp"].is_null() {
+                        o["metadata"]["deletionTimestamp"] =
+                            json!(jiff::Timestamp::now().to_string());
+                    }
+                    reply(StatusCode::OK, &self.store_object(o))
+                }
+                Some(_) => {
+                    self.remove(&key);
+                    reply(
+                        StatusCode::OK,
+                        &json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success"}),
+                    )
+                }
                 None => failure(StatusCode::NOT_FOUND, "NotFound", name),
             },
             _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", path),
