@@ -394,6 +394,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     let mut legacy = objects(&store)[0].clone();
     legacy.metadata.name = Some("300".into());
     legacy.metadata.finalizers = None;
+    legacy.metadata.uid = Some("uid-legacy".into());
     legacy.spec.spiffe_id = "spiffe://cluster.local/ns/shop/sa/legacy".into();
     store
         .lock()
@@ -408,4 +409,25 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
         .await
         .expect("collect");
     assert_eq!(done, Collected::default(), "the highest bare number stays");
+    // A higher duplicate of a number in use (a forged 2^24-1 for web, say) is no one's number:
+    // it goes, so it cannot hold the number space for ever.
+    let mut forged = objects(&store)
+        .into_iter()
+        .find(|o| o.metadata.name.as_deref() == Some("256"))
+        .expect("web");
+    forged.metadata.name = Some("16777215".into());
+    forged.metadata.uid = Some("uid-forged".into());
+    store
+        .lock()
+        .expect("store")
+        .insert("16777215".into(), ("uid-forged".into(), forged));
+    let done = eager
+        .collect(
+            &[web.as_str(), new.as_str(), gone.as_str()]
+                .map(str::to_owned)
+                .into(),
+        )
+        .await
+        .expect("collect");
+    assert_eq!(done.deleted, [16_777_215], "web keeps 256");
 }

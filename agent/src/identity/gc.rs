@@ -72,6 +72,9 @@ impl Collector {
             .filter(|o| !quarantined(o))
             .filter_map(|o| o.metadata.name.as_ref()?.parse::<u32>().ok())
             .max();
+        // A SPIFFE ID's number is its lowest (`kube::numbers`): a higher duplicate (a lost race,
+        // or an agent's forgery) is no one's and goes like an unused one.
+        let lowest = super::kube::numbers(listed.items.iter());
         let mut seen = BTreeSet::new();
         let mut done = Collected::default();
         for o in &listed.items {
@@ -91,7 +94,11 @@ impl Collector {
                 }
                 continue;
             }
-            if in_use.contains(&o.spec.spiffe_id)
+            let is_its_number = signet_ca::SpiffeId::parse(&o.spec.spiffe_id)
+                .ok()
+                .and_then(|id| lowest.get(&id).copied())
+                == name.parse().ok();
+            if (in_use.contains(&o.spec.spiffe_id) && is_its_number)
                 || (!quarantined(o) && name.parse().ok() == highest_bare)
             {
                 self.unused_since.remove(&uid);
