@@ -3,6 +3,10 @@
 //! concurrent requests with one token share one check, so one token costs one TokenReview. A
 //! peer address may run only a few checks at once and fail only so often in a window; past
 //! that it gets `ResourceExhausted` before any check runs, while every other peer is served.
+//! A token accepted in the last `KNOWN_GOOD` is exempt from both per-address budgets (it is
+//! still checked again once its verdict expires): an address may be shared (a node's, with its
+//! hostNetwork pods, or the CA node's proxy when the mesh captures the CA), and the agent
+//! behind it, which asks at least every minute, must not be locked out by its neighbours.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +23,8 @@ use crate::server::auth::{AuthError, Authenticator, NodeName};
 const REFUSED_TTL: Duration = Duration::from_secs(5);
 /// Verdicts kept at most; expired ones go first.
 const CACHED: usize = 16_384;
+/// How long an accepted token stays exempt from the per-address budgets.
+const KNOWN_GOOD: Duration = Duration::from_secs(600);
 
 /// One token's verdict, once known, and when.
 type Verdict = (Instant, Result<NodeName, AuthError>);
@@ -55,6 +61,8 @@ pub struct AuthGate {
     verdicts: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
     checks: Arc<PerSource>,
     failures: FailureBudget,
+    /// Tokens accepted recently (by hash), and when.
+    known_good: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 impl std::fmt::Debug for AuthGate {
@@ -72,6 +80,7 @@ impl AuthGate {
             checks: PerSource::new(limits.checks_per_peer),
             failures: FailureBudget::new(limits.failures_per_peer, limits.window),
             verdicts: Mutex::new(HashMap::new()),
+            known_good: Mutex::new(HashMap::new()),
             limits,
         }
     }
@@ -113,6 +122,12 @@ impl AuthGate {
         verdict.clone().ok()
     }
 
+    fn known_good(&self, token: &str) -> bool {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let known = self.known_good.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(&key).is_some_and(|at| at.elapsed() < KNOWN_GOOD)
+    }
+
     /// Who `token` (from `peer`, when known) belongs to. `header` errors (no or malformed
     /// token) count as failures of the peer too.
     pub async fn authenticate(
@@ -127,16 +142,27 @@ impl AuthGate {
         {
             return Ok(node);
         }
-        if let Some(ip) = peer
+        let known = token.as_ref().is_ok_and(|t| self.known_good(t));
+        let budgeted = if known { None } else { peer };
+        if let Some(ip) = budgeted
             && let Err(retry_in) = self.failures.check(ip)
         {
             return Err(GateError::TooManyFailures { ip, retry_in });
         }
-        let result = match token {
-            Err(e) => Err(GateError::Auth(e)),
-            Ok(token) => self.verdict(peer, token).await,
+        let result = match &token {
+            Err(e) => Err(GateError::Auth(e.clone())),
+            Ok(token) => self.verdict(budgeted, token).await,
         };
-        if let (Some(ip), Err(GateError::Auth(e))) = (peer, &result)
+        if let (Ok(token), Ok(_)) = (token, &result) {
+            let mut known = self.known_good.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() >= CACHED {
+                known.retain(|_, at| at.elapsed() < KNOWN_GOOD);
+            }
+            if known.len() < CACHED {
+                known.insert(Sha256::digest(token.as_bytes()).into(), Instant::now());
+            }
+        }
+        if let (Some(ip), Err(GateError::Auth(e))) = (budgeted, &result)
             && !matches!(e, AuthError::Unavailable(_))
         {
             self.failures.failed(ip);
@@ -213,12 +239,16 @@ mod tests {
     }
 
     fn gate(delay: Duration) -> (Arc<AuthGate>, Arc<Counting>) {
+        gate_caching(delay, Duration::from_secs(30))
+    }
+
+    fn gate_caching(delay: Duration, cache: Duration) -> (Arc<AuthGate>, Arc<Counting>) {
         let auth = Arc::new(Counting {
             checks: AtomicUsize::new(0),
             delay,
         });
         let limits = GateLimits {
-            cache: Duration::from_secs(30),
+            cache,
             checks_per_peer: 2,
             failures_per_peer: 5,
             window: Duration::from_secs(60),
@@ -283,7 +313,7 @@ mod tests {
         gate.authenticate(ip("10.0.0.1"), Ok("good"))
             .await
             .expect("another peer");
-        // And a token already accepted is served from the refused address too (a node's
+        // And a token accepted before is served from the refused address too (a node's
         // address is shared with its hostNetwork pods); an unknown one is not.
         gate.authenticate(ip("10.0.0.9"), Ok("good"))
             .await
@@ -292,6 +322,47 @@ mod tests {
             gate.authenticate(ip("10.0.0.9"), Ok("never-seen")).await,
             Err(GateError::TooManyFailures { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn neighbours_on_a_shared_address_cannot_lock_out_an_agent_that_has_been_accepted() {
+        // Verdicts expire at once: every request of the agent is checked again.
+        let (gate, auth) = gate_caching(Duration::from_millis(200), Duration::ZERO);
+        let node = ip("10.0.0.5");
+        gate.authenticate(node, Ok("good"))
+            .await
+            .expect("the agent");
+        let checks = || auth.checks.load(Ordering::SeqCst);
+        // Its neighbours on the address hold both check slots: the agent is checked anyway.
+        let mut holding = Vec::new();
+        for i in 0..2 {
+            let gate = gate.clone();
+            holding.push(tokio::spawn(async move {
+                gate.authenticate(node, Ok(&format!("slow-{i}"))).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = checks();
+        gate.authenticate(node, Ok("good"))
+            .await
+            .expect("beside the held slots");
+        assert_eq!(checks(), before + 1, "checked again");
+        for h in holding {
+            assert!(h.await.expect("task").is_err());
+        }
+        // They use up the address's failures: the agent is still checked and served.
+        for i in 0..3 {
+            let _ = gate.authenticate(node, Ok(&format!("forged-{i}"))).await;
+        }
+        assert!(matches!(
+            gate.authenticate(node, Ok("forged-6")).await,
+            Err(GateError::TooManyFailures { .. })
+        ));
+        let before = checks();
+        gate.authenticate(node, Ok("good"))
+            .await
+            .expect("past the failure budget");
+        assert_eq!(checks(), before + 1, "checked again");
     }
 
     #[tokio::test]
