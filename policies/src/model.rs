@@ -556,11 +556,21 @@ fn peer(p: &Peer, path: &str, errs: &mut Vec<FieldError>) -> Option<PeerMatch> {
     }
     if let Some(g) = &p.gateway {
         let mut ok = true;
-        for (field, value) in [("namespace", &g.namespace), ("name", &g.name)] {
-            if !is_dns_label(value) {
+        // A namespace is an RFC 1123 label; a Gateway's name a DNS subdomain (dots allowed).
+        let subdomain = |v: &str| v.len() <= 253 && v.split('.').all(is_dns_label);
+        for (field, value, valid, what) in [
+            (
+                "namespace",
+                &g.namespace,
+                is_dns_label(&g.namespace),
+                "an RFC 1123 label",
+            ),
+            ("name", &g.name, subdomain(&g.name), "an RFC 1123 subdomain"),
+        ] {
+            if !valid {
                 errs.push(err(
                     &format!("{path}.gateway.{field}"),
-                    format!("`{value}` is not a Kubernetes name (an RFC 1123 label)"),
+                    format!("`{value}` is not a Kubernetes name ({what})"),
                 ));
                 ok = false;
             }
@@ -816,6 +826,14 @@ mod tests {
         ));
         let errs = p("{gateway: {namespace: edge, name: Public/x}}").expect_err("not a name");
         assert_eq!(errs[0].path, "spec.ingress[0].from[0].gateway.name");
+        // Gateway names are DNS subdomains; namespaces are labels.
+        p("{gateway: {namespace: edge, name: public.example}}").expect("a dotted name");
+        for bad in [
+            "{gateway: {namespace: edge.x, name: public}}",
+            "{gateway: {namespace: edge, name: a..b}}",
+        ] {
+            p(bad).expect_err(bad);
+        }
         let errs = p("{gateway: {namespace: edge, name: public}, entity: gateway}")
             .expect_err("two kinds of peer");
         assert!(errs[0].message.contains("exactly one"), "{errs:?}");
