@@ -378,14 +378,11 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     assert_eq!(ids.allocate(&gone).await.expect("gone again"), 259);
     // Its quarantine over, the collector lifts it and it is gone.
     tokio::time::sleep(quarantine).await;
-    let done = eager
-        .collect(
-            &[web.as_str(), new.as_str(), gone.as_str()]
-                .map(str::to_owned)
-                .into(),
-        )
-        .await
-        .expect("collect");
+    let all_in_use: std::collections::BTreeSet<String> =
+        [web.as_str(), new.as_str(), gone.as_str()]
+            .map(str::to_owned)
+            .into();
+    let done = eager.collect(&all_in_use).await.expect("collect");
     assert_eq!(done.released, [257]);
     let names: Vec<String> = store.lock().expect("store").keys().cloned().collect();
     assert_eq!(names, ["256", "258", "259"]);
@@ -400,14 +397,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
         .lock()
         .expect("store")
         .insert("300".into(), ("uid-legacy".into(), legacy));
-    let done = eager
-        .collect(
-            &[web.as_str(), new.as_str(), gone.as_str()]
-                .map(str::to_owned)
-                .into(),
-        )
-        .await
-        .expect("collect");
+    let done = eager.collect(&all_in_use).await.expect("collect");
     assert_eq!(done, Collected::default(), "the highest bare number stays");
     // A higher duplicate of a number in use (a forged 2^24-1 for web, say) is no one's number:
     // it goes, so it cannot hold the number space for ever.
@@ -421,13 +411,6 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
         .lock()
         .expect("store")
         .insert("16777215".into(), ("uid-forged".into(), forged));
-    let done = eager
-        .collect(
-            &[web.as_str(), new.as_str(), gone.as_str()]
-                .map(str::to_owned)
-                .into(),
-        )
-        .await
-        .expect("collect");
+    let done = eager.collect(&all_in_use).await.expect("collect");
     assert_eq!(done.deleted, [16_777_215], "web keeps 256");
 }

@@ -102,14 +102,15 @@ pub async fn serve_port(
         let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
             return;
         };
+        // Refusals before anything is known of the connection, counted by reason.
+        let refused = |reason| {
+            use crate::admin::metrics::{Reporter, UNKNOWN};
+            ctx.metrics
+                .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, reason);
+        };
         let Ok(slot) = ctx.limits.gateway_slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, port, "gateway connection refused: the Gateway's connection cap is reached");
-            ctx.metrics.failed(
-                crate::admin::metrics::Reporter::Inbound,
-                crate::admin::metrics::UNKNOWN,
-                crate::admin::metrics::UNKNOWN,
-                "gateway_connection_limit",
-            );
+            refused("gateway_connection_limit");
             continue;
         };
         // One client may not take the whole edge; proxies in front of it (trusted) may.
@@ -121,12 +122,7 @@ pub async fn serve_port(
                 Some(s) => Some(s),
                 None => {
                     tracing::warn!(%peer, port, cap = ctx.limits.gateway_per_client.cap(), "gateway connection refused: this client holds its share of the Gateway's connections");
-                    ctx.metrics.failed(
-                        crate::admin::metrics::Reporter::Inbound,
-                        crate::admin::metrics::UNKNOWN,
-                        crate::admin::metrics::UNKNOWN,
-                        "gateway_client_share",
-                    );
+                    refused("gateway_client_share");
                     continue;
                 }
             }
