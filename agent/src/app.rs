@@ -532,7 +532,7 @@ impl Agent {
             tracker.clone(),
         ));
         if let (Some(client), Some(source)) = (kube_client, reconciler.kube.clone()) {
-            tracker.spawn(write_policy_status(
+            tracker.spawn(crate::state::status::keep_current(
                 Elector::new(
                     client.clone(),
                     &config.agent_namespace,
@@ -545,7 +545,7 @@ impl Agent {
                 config.trust_domain.clone(),
                 stop.clone(),
             ));
-            tracker.spawn(collect_identities(
+            tracker.spawn(crate::identity::gc::run(
                 Elector::new(
                     client.clone(),
                     &config.agent_namespace,
@@ -565,7 +565,7 @@ impl Agent {
             ));
         }
         let hbone = ctx.hbone.clone();
-        let mut gateways = GatewayListeners {
+        let mut gateways = crate::gateway::ports::GatewayPorts {
             ip: config.gateway_ip,
             limits: config.gateway_limits.clone(),
             ctx: ctx.clone(),
@@ -649,99 +649,6 @@ impl Agent {
     }
 }
 
-/// While this agent holds the status Lease, keeps IdentityPolicy, Gateway and HTTPRoute status
-/// current.
-async fn write_policy_status(
-    elector: Elector,
-    client: kube::Client,
-    source: KubeSource,
-    td: signet_ca::TrustDomain,
-    stop: CancellationToken,
-) {
-    let (mut written, mut written_gateways) = (BTreeMap::new(), BTreeMap::new());
-    let mut tick = tokio::time::interval(Duration::from_secs(15));
-    let mut changes = source.subscribe();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-            r = changes.changed() => if r.is_err() { return },
-        }
-        match elector.try_lead().await {
-            Ok(true) => {}
-            // Another agent writes; if it stops, this one starts over from nothing.
-            Ok(false) => {
-                written.clear();
-                written_gateways.clear();
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "status Lease");
-                continue;
-            }
-        }
-        let objects = source.objects();
-        if let Err(e) = crate::state::status::write(&client, &objects, &td, &mut written).await {
-            tracing::warn!(error = %e, "writing IdentityPolicy status failed; retrying");
-        }
-        if let Err(e) =
-            crate::state::status::write_gateways(&client, &objects, &td, &mut written_gateways)
-                .await
-        {
-            tracing::warn!(error = %e, "writing Gateway API status failed; retrying");
-        }
-    }
-}
-
-/// While this agent holds the Lease, deletes numeric identities unused for the grace period.
-async fn collect_identities(
-    elector: Elector,
-    mut collector: Collector,
-    source: KubeSource,
-    td: signet_ca::TrustDomain,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    // The Lease is renewed more often than it expires, whatever the collection interval.
-    let mut tick = tokio::time::interval(every.min(Duration::from_secs(10)));
-    let mut last_collect: Option<std::time::Instant> = None;
-    let mut last_good = LastGood::default();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match elector.try_lead().await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "identity collector Lease");
-                continue;
-            }
-        }
-        if last_collect.is_some_and(|t| t.elapsed() < every) {
-            continue;
-        }
-        last_collect = Some(std::time::Instant::now());
-        let mut objects = source.objects();
-        // Identities in use are those of workloads and Gateways; policies do not change them.
-        // An invalid Node or Pod counts in its last valid version, as the reconciler has it.
-        objects.policy.policies.clear();
-        last_good.settle(&mut objects);
-        let in_use = match snapshot::identities_needed(snapshot::Source::Objects(&objects), &td) {
-            Ok(ids) => ids.into_iter().map(|i| i.as_str().to_owned()).collect(),
-            // Never collect from a view that does not load: it may be missing live identities.
-            Err(e) => {
-                tracing::warn!(error = %e, "identity collection skipped: the cluster view does not load");
-                continue;
-            }
-        };
-        if let Err(e) = collector.collect(&in_use).await {
-            tracing::warn!(error = %e, "identity collection failed");
-        }
-    }
-}
-
 fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<(), String> {
     let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
     let missing = certs.missing(snap.local_identities().iter());
@@ -757,58 +664,7 @@ fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<()
 struct Recheck {
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
-    gateways: GatewayListeners,
-}
-
-/// One accept loop per Gateway port, started and stopped as Gateways come and go.
-struct GatewayListeners {
-    ip: std::net::IpAddr,
-    limits: crate::gateway::server::EdgeLimits,
-    ctx: ProxyContext,
-    running: HashMap<u16, CancellationToken>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-}
-
-impl GatewayListeners {
-    fn sync(&mut self, snap: &Snapshot) {
-        let wanted: Vec<u16> = snap.gateway.ports.iter().map(|p| p.port).collect();
-        self.running.retain(|port, token| {
-            let keep = wanted.contains(port);
-            if !keep {
-                tracing::info!(port, "gateway port no longer served");
-                token.cancel();
-            }
-            keep
-        });
-        for port in wanted {
-            if self.running.contains_key(&port) {
-                continue;
-            }
-            let addr = std::net::SocketAddr::new(self.ip, port);
-            let listener = match std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(TcpListener::from_std)
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "gateway port cannot be bound; its listeners are not served");
-                    continue;
-                }
-            };
-            tracing::info!(%addr, "gateway port served");
-            let token = self.stop.child_token();
-            self.running.insert(port, token.clone());
-            self.tracker.spawn(crate::gateway::server::serve_port(
-                listener,
-                port,
-                self.ctx.clone(),
-                self.limits.clone(),
-                token,
-                self.tracker.clone(),
-            ));
-        }
-    }
+    gateways: crate::gateway::ports::GatewayPorts,
 }
 
 async fn watch_state(

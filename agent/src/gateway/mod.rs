@@ -7,6 +7,7 @@
 
 pub mod h1guard;
 pub mod model;
+pub mod ports;
 pub mod routes;
 pub mod server;
 pub mod tls;

@@ -158,3 +158,55 @@ impl Collector {
         }
     }
 }
+
+/// While this agent holds the Lease, deletes numeric identities unused for the grace period.
+pub async fn run(
+    elector: signet_ca::lease::Elector,
+    mut collector: Collector,
+    source: crate::state::kube::KubeSource,
+    td: signet_ca::TrustDomain,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // The Lease is renewed more often than it expires, whatever the collection interval.
+    let mut tick = tokio::time::interval(every.min(Duration::from_secs(10)));
+    let mut last_collect: Option<std::time::Instant> = None;
+    let mut last_good = crate::state::lastgood::LastGood::default();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match elector.try_lead().await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "identity collector Lease");
+                continue;
+            }
+        }
+        if last_collect.is_some_and(|t| t.elapsed() < every) {
+            continue;
+        }
+        last_collect = Some(std::time::Instant::now());
+        let mut objects = source.objects();
+        // Identities in use are those of workloads and Gateways; policies do not change them.
+        // An invalid Node or Pod counts in its last valid version, as the reconciler has it.
+        objects.policy.policies.clear();
+        last_good.settle(&mut objects);
+        let in_use = match crate::state::snapshot::identities_needed(
+            crate::state::snapshot::Source::Objects(&objects),
+            &td,
+        ) {
+            Ok(ids) => ids.into_iter().map(|i| i.as_str().to_owned()).collect(),
+            // Never collect from a view that does not load: it may be missing live identities.
+            Err(e) => {
+                tracing::warn!(error = %e, "identity collection skipped: the cluster view does not load");
+                continue;
+            }
+        };
+        if let Err(e) = collector.collect(&in_use).await {
+            tracing::warn!(error = %e, "identity collection failed");
+        }
+    }
+}

@@ -308,3 +308,44 @@ pub async fn write_gateways(
     }
     Ok(n)
 }
+
+/// While this agent holds the status Lease, keeps IdentityPolicy, Gateway and HTTPRoute status
+/// current.
+pub async fn keep_current(
+    elector: signet_ca::lease::Elector,
+    client: kube::Client,
+    source: super::kube::KubeSource,
+    td: signet_ca::TrustDomain,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (mut written, mut written_gateways) = (BTreeMap::new(), BTreeMap::new());
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+    let mut changes = source.subscribe();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+        match elector.try_lead().await {
+            Ok(true) => {}
+            // Another agent writes; if it stops, this one starts over from nothing.
+            Ok(false) => {
+                written.clear();
+                written_gateways.clear();
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "status Lease");
+                continue;
+            }
+        }
+        let objects = source.objects();
+        if let Err(e) = write(&client, &objects, &td, &mut written).await {
+            tracing::warn!(error = %e, "writing IdentityPolicy status failed; retrying");
+        }
+        if let Err(e) = write_gateways(&client, &objects, &td, &mut written_gateways).await {
+            tracing::warn!(error = %e, "writing Gateway API status failed; retrying");
+        }
+    }
+}
