@@ -6,6 +6,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// The `controllerName` of Signet's GatewayClass: Gateways of a class naming it are Signet's,
+/// and their identities are `SpiffeId::gateway`.
+pub const GATEWAY_CONTROLLER: &str = "signet.dev/gateway-controller";
+
 /// The longest SPIFFE ID the standard allows, in bytes.
 pub const MAX_SPIFFE_ID_BYTES: usize = 2048;
 /// The longest trust domain name the standard allows, in bytes.
@@ -178,6 +182,21 @@ impl SpiffeId {
         self.path().split('/').skip(1)
     }
 
+    /// A Signet Gateway's identity: `spiffe://<td>/ns/<ns>/gateway/<name>`.
+    pub fn gateway(td: &TrustDomain, namespace: &str, name: &str) -> Result<Self, SpiffeIdError> {
+        Self::from_segments(td, &["ns", namespace, "gateway", name])
+    }
+
+    /// `(namespace, name)` when the path is exactly `/ns/<ns>/gateway/<name>`: the form of a
+    /// Signet Gateway's identity (a member of the caller's trust domain or not: check that too).
+    pub fn namespace_and_gateway(&self) -> Option<(&str, &str)> {
+        let mut it = self.segments();
+        match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+            (Some("ns"), Some(ns), Some("gateway"), Some(name), None) => Some((ns, name)),
+            _ => None,
+        }
+    }
+
     /// `(namespace, service account)` when the path is exactly `/ns/<ns>/sa/<sa>`.
     pub fn namespace_and_service_account(&self) -> Option<(&str, &str)> {
         let mut it = self.segments();
@@ -319,6 +338,28 @@ mod tests {
             SpiffeId::workload(&td, "payments", "api").expect("valid"),
             id
         );
+    }
+
+    #[test]
+    fn a_gateway_identity_has_exactly_its_form() {
+        let td = TrustDomain::parse("cluster.local").expect("valid");
+        let gw = SpiffeId::gateway(&td, "edge", "public.example").expect("valid");
+        assert_eq!(
+            gw.as_str(),
+            "spiffe://cluster.local/ns/edge/gateway/public.example"
+        );
+        assert_eq!(gw.namespace_and_gateway(), Some(("edge", "public.example")));
+        assert_eq!(gw.namespace_and_service_account(), None);
+        for other in [
+            "spiffe://cluster.local/ns/edge/sa/public",
+            "spiffe://cluster.local/ns/edge/gateway/public/x",
+            "spiffe://cluster.local/ns/edge/gateway",
+        ] {
+            let id = SpiffeId::parse(other).expect("valid");
+            assert_eq!(id.namespace_and_gateway(), None, "{other}");
+        }
+        // A `/` in a name cannot make extra segments.
+        SpiffeId::gateway(&td, "edge", "a/b").expect_err("a slash");
     }
 
     #[test]

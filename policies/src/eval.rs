@@ -125,10 +125,8 @@ pub fn peer_matches(m: &PeerMatch, peer: &PeerInfo, cluster: &Cluster) -> bool {
     match m {
         PeerMatch::Identity(pattern) => peer.id.as_ref().is_some_and(|id| pattern.matches(id)),
         PeerMatch::Gateway { namespace, name } => peer.id.as_ref().is_some_and(|id| {
-            is_gateway(id, td)
-                && id
-                    .segments()
-                    .eq(["ns", namespace.as_str(), "gateway", name.as_str()])
+            id.is_member_of(td)
+                && id.namespace_and_gateway() == Some((namespace.as_str(), name.as_str()))
         }),
         PeerMatch::Namespaces(sel) => peer
             .id
@@ -152,8 +150,7 @@ pub fn peer_matches(m: &PeerMatch, peer: &PeerInfo, cluster: &Cluster) -> bool {
 
 /// `spiffe://<td>/ns/<ns>/gateway/<name>`.
 pub fn is_gateway(id: &SpiffeId, td: &signet_ca::TrustDomain) -> bool {
-    let s: Vec<&str> = id.segments().collect();
-    id.is_member_of(td) && s.len() == 4 && s[0] == "ns" && s[2] == "gateway"
+    id.is_member_of(td) && id.namespace_and_gateway().is_some()
 }
 
 pub fn selects(policy: &Policy, w: &Workload) -> bool {

@@ -22,7 +22,7 @@ use signet_ca::{SpiffeId, TrustDomain};
 use super::routes::{Route, Router, intersect};
 
 /// The `controllerName` of Signet's GatewayClass.
-pub const CONTROLLER: &str = "signet.dev/gateway-controller";
+pub use signet_ca::spiffe::GATEWAY_CONTROLLER as CONTROLLER;
 
 /// The resources the gateway reads, as the state directory (or the API server) has them.
 #[derive(Debug, Default, Clone)]
@@ -186,7 +186,7 @@ impl GatewayConfig {
 
 /// The identity of Gateway `ns/name`.
 pub fn gateway_identity(td: &TrustDomain, ns: &str, name: &str) -> Option<SpiffeId> {
-    SpiffeId::parse(&format!("spiffe://{td}/ns/{ns}/gateway/{name}")).ok()
+    SpiffeId::gateway(td, ns, name).ok()
 }
 
 pub(super) fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {

@@ -227,8 +227,7 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// The `controllerName` of Signet's GatewayClass (the agent's `gateway::model::CONTROLLER`).
-pub const GATEWAY_CONTROLLER: &str = "signet.dev/gateway-controller";
+pub use crate::spiffe::GATEWAY_CONTROLLER;
 
 /// Node name → its labels.
 pub type NodeLabels = HashMap<String, BTreeMap<String, String>>;
@@ -425,8 +424,7 @@ impl NodeAuthorizer {
             return Ok(id);
         }
         let index = self.index.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let segments: Vec<&str> = id.segments().collect();
-        if let ["ns", ns, "gateway", name] = segments[..] {
+        if let Some((ns, name)) = id.namespace_and_gateway() {
             let (namespace, name) = (ns.to_owned(), name.to_owned());
             return match index.gateways.get(&(namespace.clone(), name.clone())) {
                 None => Err(AuthzError::NoSuchGateway {
