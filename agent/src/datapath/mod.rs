@@ -10,6 +10,7 @@ pub mod events;
 pub mod fake;
 pub mod loader;
 pub mod netns;
+pub mod translate;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
