@@ -19,14 +19,22 @@
 //!   bundleRefreshSeconds: 60                # the CA's bundle replaces rootCertFile's roots
 //! datapath:
 //!   cgroupRoot: /sys/fs/cgroup/unified/signet/node-a
+//!   bpffsDir: /sys/fs/bpf/signet/node-a     # pins (default: under /sys/fs/bpf, by node name)
+//!   proxyMark: 20839                        # SO_MARK (0x5167) of the proxy's connections to pods
+//!   excludedPorts: [15020]                  # destination ports never captured
 //! listen: {outbound: 10.77.0.2:15001, inbound: 10.77.0.2:15008, admin: 127.0.0.1:15020,
 //!          gateway: 10.77.0.2}                # Gateway listeners; default: inbound's IP
 //! mtlsMode: strict                          # or permissive
 //! svidTtlSeconds: 3600                      # asked of the CA, which may cap it
+//! agentNamespace: signet-system             # the agent's own (Leases, its identity)
+//! gatewayTlsNamespace: signet-gateway-tls   # where the CA copies Gateway TLS Secrets
+//! shutdownGraceSeconds: 10                  # open connections' time to finish on SIGTERM
+//! maxStreamsPerConnection: 100              # HBONE streams per pooled connection
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
 //!         maxConnectionsPerPod: 4096,      # one pod's share of maxConnections (default 1/4)
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
+//!           handshakeTimeoutSeconds: 10, maxHeaders: 100, maxConcurrentStreams: 100,
 //!           maxConnections: 16384,           # the edge's own budget (default: as the mesh's)
 //!           maxConnectionsPerClient: 1024,   # one client address's share (default 1/16)
 //!           maxConnectionAgeSeconds: 3600,   # then closed gracefully (GOAWAY)
@@ -607,6 +615,68 @@ fn read_secret(path: &Path) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every field the parser accepts, at every level, is in the module documentation's example
+    /// (commented or not), so a new setting cannot land undocumented. The fields are what serde
+    /// itself lists when it meets an unknown one.
+    #[test]
+    fn every_configuration_field_is_documented() {
+        let doc: String = include_str!("config.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let accepted = |yaml: &str| -> Vec<String> {
+            let e = serde_yaml::from_str::<Raw>(yaml)
+                .expect_err("an unknown field")
+                .to_string();
+            let list = e
+                .split("expected one of ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{e}"));
+            let list = list.split(" at line ").next().unwrap_or(list);
+            list.split(", ")
+                .map(|f| {
+                    f.trim_matches(|c: char| c == '`' || !c.is_ascii_alphanumeric())
+                        .to_owned()
+                })
+                .filter(|f| !f.is_empty())
+                .collect()
+        };
+        let mut missing = Vec::new();
+        for (section, yaml) in [
+            ("", "zzUnknown: 1"),
+            ("ca", "ca: {zzUnknown: 1}"),
+            ("datapath", "datapath: {zzUnknown: 1}"),
+            ("listen", "listen: {zzUnknown: 1}"),
+            ("proxy", "proxy: {zzUnknown: 1}"),
+            ("gateway", "gateway: {zzUnknown: 1}"),
+            ("identityGc", "identityGc: {zzUnknown: 1}"),
+        ] {
+            let fields = accepted(yaml);
+            assert!(fields.len() > 1, "{section}: {fields:?}");
+            for f in fields {
+                if !doc.contains(&format!("{f}:")) {
+                    missing.push(format!("{section}.{f}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "undocumented configuration fields: {missing:?}"
+        );
+        // And the example itself is a configuration the parser takes, field for field.
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.contains("```yaml"))
+            .skip(1)
+            .take_while(|l| !l.contains("```"))
+            .map(|l| l.trim_start_matches("//!").strip_prefix(' ').unwrap_or(""))
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap_or(l)))
+            .collect();
+        serde_yaml::from_str::<Raw>(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    }
+
     use super::*;
 
     const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n";
