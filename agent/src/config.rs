@@ -31,6 +31,7 @@
 //! shutdownGraceSeconds: 10                  # open connections' time to finish on SIGTERM
 //! maxStreamsPerConnection: 100              # HBONE streams per pooled connection
 //! proxy: {idleTimeoutSeconds: 3600, handshakeTimeoutSeconds: 10, maxConnections: 16384,
+//!         connectTimeoutSeconds: 5,        # TCP connect to a peer node or a workload
 //!         maxConnectionsPerPod: 4096,      # one pod's share of maxConnections (default 1/4)
 //!         workerThreads: 2}
 //! gateway: {headerReadTimeoutSeconds: 10, idleTimeoutSeconds: 300, maxHeaderBytes: 65536,
@@ -144,6 +145,8 @@ struct RawProxy {
     idle_timeout_seconds: u64,
     #[serde(default = "default_handshake")]
     handshake_timeout_seconds: u64,
+    #[serde(default = "default_connect")]
+    connect_timeout_seconds: u64,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
     /// Default: a quarter of `max_connections`.
@@ -176,6 +179,9 @@ impl Default for RawIdentityGc {
     }
 }
 
+fn default_connect() -> u64 {
+    5
+}
 fn default_gc_grace() -> u64 {
     600
 }
@@ -188,6 +194,7 @@ impl Default for RawProxy {
         Self {
             idle_timeout_seconds: default_idle(),
             handshake_timeout_seconds: default_handshake(),
+            connect_timeout_seconds: default_connect(),
             max_connections: default_max_connections(),
             max_connections_per_pod: None,
             worker_threads: default_workers(),
@@ -329,6 +336,8 @@ pub struct AgentConfig {
     /// A tunnel idle this long is closed.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// TCP connect to a peer node's HBONE port, and from inbound to a workload.
+    pub connect_timeout: Duration,
     /// Per direction.
     pub max_connections: usize,
     /// One source address's share of the outbound connections.
@@ -394,9 +403,14 @@ impl AgentConfig {
         if raw.svid_ttl_seconds < 10 {
             return Err(invalid("svidTtlSeconds must be at least 10".into()));
         }
-        if raw.proxy.idle_timeout_seconds == 0 || raw.proxy.handshake_timeout_seconds == 0 {
+        if raw.proxy.idle_timeout_seconds == 0
+            || raw.proxy.handshake_timeout_seconds == 0
+            || raw.proxy.connect_timeout_seconds == 0
+        {
             return Err(invalid(
-                "proxy.idleTimeoutSeconds and proxy.handshakeTimeoutSeconds must be above 0".into(),
+                "proxy.idleTimeoutSeconds, proxy.handshakeTimeoutSeconds and \
+                 proxy.connectTimeoutSeconds must be above 0"
+                    .into(),
             ));
         }
         let gc = &raw.identity_gc;
@@ -526,6 +540,7 @@ impl AgentConfig {
             max_streams_per_connection: raw.max_streams_per_connection.max(1),
             idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
             handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
+            connect_timeout: Duration::from_secs(raw.proxy.connect_timeout_seconds),
             max_connections: raw.proxy.max_connections,
             max_connections_per_pod: raw
                 .proxy
@@ -556,6 +571,7 @@ impl AgentConfig {
                     max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
                     max_body_bytes: raw.gateway.max_body_bytes,
                     trusted_proxies: trusted_proxies.clone(),
+                    ..d
                 }
             },
             node: raw.node,

@@ -3,9 +3,13 @@
 //! one arrives, and refusal (with retries, never a certificate) for a pod on another node; and
 //! a root rotation followed through the CA's trust bundle.
 
+// Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use signet_agent::certs::{CertManager, fetch};
+use signet_agent::drain::Drain;
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 use signet_ca::server::CaServer;
@@ -109,7 +113,7 @@ async fn certificates_rotate_at_half_life_and_the_old_one_serves_until_then() {
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let db = id("spiffe://cluster.local/ns/shop/sa/db");
     // 4 s certificates (the CA allows down to 2 s here), renewed at ~2 s.
-    let mgr = CertManager::new(client, agent.clone(), Duration::from_secs(4));
+    let mgr = CertManager::new(client, agent.clone(), Duration::from_secs(4), Drain::new());
     mgr.set_identities(&[web.clone(), agent.clone(), db.clone()]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !mgr.ready([&web, &agent]) {
@@ -159,7 +163,12 @@ async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_roo
     let old_root = ca.authority.bundle().roots[0].clone();
     let roots = SvidRoots::new(td.clone(), std::slice::from_ref(&old_root)).expect("roots");
     let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
-    let certs = CertManager::new(client, agent.clone(), Duration::from_secs(600));
+    let certs = CertManager::new(
+        client,
+        agent.clone(),
+        Duration::from_secs(600),
+        Drain::new(),
+    );
     let follower = BundleFollower::new(
         CaEndpoint {
             address: ca.addr.clone(),

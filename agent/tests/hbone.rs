@@ -2,6 +2,9 @@
 //! half-close, connections are pooled with a stream cap, the server authorises by the peer's
 //! SPIFFE ID, and a client refuses a server that is not the destination it expects.
 
+// Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
+#![allow(clippy::disallowed_methods)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +14,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use signet_agent::admin::metrics::{Metrics, Reporter};
+use signet_agent::drain::Drain;
 use signet_agent::proxy::FlowRecord;
 use signet_agent::proxy::conns::{Decision, Verdict};
 use signet_agent::proxy::hbone::{
@@ -138,7 +142,11 @@ async fn hbone_server(
                 );
             }
             match TcpStream::connect(target).await {
-                Ok(s) => Admission::Accept(Box::new(Accepted::tcp(s, record(&peer, target)))),
+                Ok(s) => Admission::Accept(Box::new(Accepted::tcp(
+                    s,
+                    record(&peer, target),
+                    Duration::from_secs(3600),
+                ))),
                 Err(e) => Admission::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         })
@@ -157,7 +165,7 @@ async fn hbone_server(
                 counter.fetch_add(1, Ordering::SeqCst);
                 let peer =
                     peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("verified peer");
-                let _ = serve_connection(tls, peer, inbound, Default::default()).await;
+                let _ = serve_connection(tls, peer, inbound, &Drain::new()).await;
             });
         }
     });
@@ -196,6 +204,8 @@ fn client(pki: &Pki, max_streams: usize) -> HboneClient {
             ))
         }),
         max_streams,
+        Duration::from_secs(5),
+        Drain::new(),
     )
 }
 
@@ -399,7 +409,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                 }
             });
             let tcp = TcpStream::connect(target).await.expect("origin");
-            let mut accepted = Accepted::tcp(tcp, record(&peer, target));
+            let mut accepted = Accepted::tcp(tcp, record(&peer, target), Duration::from_secs(3600));
             accepted.l7 = Some(L7Flow {
                 check,
                 paths: Default::default(),
@@ -420,7 +430,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                     return;
                 };
                 let peer = peer_spiffe_id(tls.get_ref().1.peer_certificates()).expect("peer");
-                let _ = serve_connection(tls, peer, inbound, Default::default()).await;
+                let _ = serve_connection(tls, peer, inbound, &Drain::new()).await;
             });
         }
     });

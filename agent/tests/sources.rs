@@ -3,6 +3,9 @@
 //! hold), must build the same snapshot — workloads, node addresses, numeric identities, this
 //! node's endpoints, Services, compiled policy and Gateway status.
 
+// Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
+#![allow(clippy::disallowed_methods)]
+
 use signet_agent::state::lastgood::{InForce, LastGood};
 use signet_agent::state::snapshot::{
     self, ClusterObjects, EndpointIds, PodAnnotations, Snapshot, Source,

@@ -521,8 +521,8 @@ fn the_agent_finds_a_pods_namespace_from_a_process_in_the_kubelets_layout() {
             .expect("holder");
         let found = (0..50).find_map(|_| {
             std::thread::sleep(Duration::from_millis(20));
-            let pod = signet_agent::state::discover::pod_cgroup(&env.cgroup, POD_UID)?;
-            let path = signet_agent::state::discover::pod_netns(&env.cgroup.join(pod))?;
+            let pod = signet_agent::datapath::discover::pod_cgroup(&env.cgroup, POD_UID)?;
+            let path = signet_agent::datapath::discover::pod_netns(&env.cgroup.join(pod))?;
             let cookie = signet_agent::datapath::netns::cookies(std::slice::from_ref(&path))
                 .remove(0)
                 .ok()?;

@@ -16,8 +16,6 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use metrics::{Gauges, Metrics};
 
@@ -73,25 +71,24 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes
     }
 }
 
-/// Serves until `stop`.
-pub async fn serve(
-    listener: TcpListener,
-    state: AdminState,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// A client that has not sent its request head within this is disconnected.
+const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves until the drain stops.
+pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain::Drain) {
+    let stop = drain.stop_token();
     loop {
         let Some((sock, peer)) = crate::proxy::accept_next(&listener, &stop, "admin").await else {
             return;
         };
         let state = state.clone();
-        tracker.spawn(async move {
+        drain.spawn("admin connection", async move {
             let service = hyper::service::service_fn(move |req: http::Request<_>| {
                 let resp = route(&state, req.method(), req.uri().path());
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(std::time::Duration::from_secs(10))
+                .header_read_timeout(HEADER_READ)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(sock), service);
             if let Err(e) = conn.await {

@@ -148,6 +148,8 @@ pub struct CertManager {
     ttl: Duration,
     certs: Arc<RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>>,
     tasks: Arc<RwLock<HashMap<SpiffeId, CancellationToken>>>,
+    /// Rotation tasks start here; each also ends when the agent stops.
+    drain: crate::drain::Drain,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -160,13 +162,19 @@ impl std::fmt::Debug for CertManager {
 }
 
 impl CertManager {
-    pub fn new(client: CaClient, agent_identity: SpiffeId, ttl: Duration) -> Self {
+    pub fn new(
+        client: CaClient,
+        agent_identity: SpiffeId,
+        ttl: Duration,
+        drain: crate::drain::Drain,
+    ) -> Self {
         Self {
             client: Arc::new(RwLock::new(client)),
             agent_identity,
             ttl,
             certs: Arc::default(),
             tasks: Arc::default(),
+            drain,
         }
     }
 
@@ -245,9 +253,12 @@ impl CertManager {
             if tasks.contains_key(id) {
                 continue;
             }
-            let token = CancellationToken::new();
+            let token = self.drain.stop_token().child_token();
             tasks.insert(id.clone(), token.clone());
-            tokio::spawn(self.clone().rotate(id.clone(), token));
+            self.drain.spawn(
+                "certificate rotation",
+                self.clone().rotate(id.clone(), token),
+            );
         }
     }
 

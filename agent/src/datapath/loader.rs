@@ -25,7 +25,7 @@ use signet_policy::compile::Compiled;
 
 use super::{
     Datapath, DatapathConfig, DatapathError, EndpointKey, IpcacheEntry, PolicyChanges,
-    PolicyKeyOrd, bpffs, desired_policy,
+    PolicyKeyOrd, bpffs, desired_policy, fits,
 };
 
 /// Map sizes, applied when the maps are created (pinned maps keep the size they were made with).
@@ -82,7 +82,7 @@ pub struct KernelDatapath {
     config: Array<MapData, Config>,
     orig: OriginalDestinations,
     events: RingBuf<MapData>,
-    policy_capacity: usize,
+    capacity: super::Capacity,
     /// The kernel's id of `signet_ep_ifindex`: tells our tc programs from anyone else's.
     ep_ifindex_map_id: u32,
 }
@@ -199,9 +199,18 @@ impl KernelDatapath {
             Map::HashMap(d) => d.info().map_err(map_err(names::EP_IFINDEX))?.id(),
             _ => 0,
         };
-        let policy_capacity = match &policy_map {
-            Map::HashMap(d) => d.info().map(|i| i.max_entries() as usize).unwrap_or(0),
+        let ipcache_map = open_map(&maps_dir, names::IPCACHE, Map::LpmTrie)?;
+        let ep_netns = open_map(&maps_dir, names::EP_NETNS, Map::HashMap)?;
+        let max_entries = |m: &Map| match m {
+            Map::HashMap(d) | Map::LpmTrie(d) => {
+                d.info().map(|i| i.max_entries() as usize).unwrap_or(0)
+            }
             _ => 0,
+        };
+        let capacity = super::Capacity {
+            ipcache: max_entries(&ipcache_map),
+            endpoints: max_entries(&ep_netns).min(max_entries(&ep_ifindex)),
+            policy: max_entries(&policy_map),
         };
         Ok(Self {
             pin_dir: cfg.pin_dir.clone(),
@@ -213,10 +222,8 @@ impl KernelDatapath {
                 Map::HashMap,
             )?)
             .map_err(map_err(names::EXCLUDED_PORTS))?,
-            ipcache: LpmTrie::try_from(open_map(&maps_dir, names::IPCACHE, Map::LpmTrie)?)
-                .map_err(map_err(names::IPCACHE))?,
-            ep_netns: HashMap::try_from(open_map(&maps_dir, names::EP_NETNS, Map::HashMap)?)
-                .map_err(map_err(names::EP_NETNS))?,
+            ipcache: LpmTrie::try_from(ipcache_map).map_err(map_err(names::IPCACHE))?,
+            ep_netns: HashMap::try_from(ep_netns).map_err(map_err(names::EP_NETNS))?,
             ep_ifindex: HashMap::try_from(ep_ifindex).map_err(map_err(names::EP_IFINDEX))?,
             policy: HashMap::try_from(policy_map).map_err(map_err(names::POLICY))?,
             config: Array::try_from(open_map(&maps_dir, names::CONFIG, Map::Array)?)
@@ -224,7 +231,7 @@ impl KernelDatapath {
             orig: OriginalDestinations::open(&cfg.pin_dir)?,
             events: RingBuf::try_from(open_map(&maps_dir, names::EVENTS, Map::RingBuf)?)
                 .map_err(map_err(names::EVENTS))?,
-            policy_capacity,
+            capacity,
             ep_ifindex_map_id,
         })
     }
@@ -251,62 +258,6 @@ impl KernelDatapath {
     /// agent calls this on a timer.
     pub fn drain_events(&mut self) -> Vec<FlowEvent> {
         super::events::drain_ring(&mut self.events)
-    }
-
-    /// Attaches the tc programs to an endpoint's host-side interface: towards the pod (TCX
-    /// egress of the host side: ingress policy) and from it (TCX ingress: the connection
-    /// table). Whether they are attached already is asked of the kernel (a program of ours, using
-    /// this datapath's maps, on the interface), not read from pin names: a veth deleted and
-    /// re-created under the same name gets the programs again.
-    pub fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let links = self.pin_dir.join("links");
-        let ours = self.ep_ifindex_map_id;
-        for (obj, name, at, dir) in [
-            (
-                &mut self.tc_to,
-                programs::TO_ENDPOINT,
-                TcAttachType::Egress,
-                "to",
-            ),
-            (
-                &mut self.tc_from,
-                programs::FROM_ENDPOINT,
-                TcAttachType::Ingress,
-                "from",
-            ),
-        ] {
-            let pin = links.join(format!("{TC_PIN_PREFIX}{dir}-{ifname}"));
-            attach_tc(obj, name, ifname, at, &pin, ours)?;
-        }
-        Ok(())
-    }
-
-    /// Unpins (and so detaches) the tc programs of every interface not in `keep`: endpoints that
-    /// went away, and pins left by interfaces that no longer exist.
-    pub fn detach_endpoint_interfaces_except(
-        &mut self,
-        keep: &std::collections::BTreeSet<String>,
-    ) -> Result<(), DatapathError> {
-        let links = self.pin_dir.join("links");
-        let entries = fs::read_dir(&links).map_err(io(&links))?;
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(ifname) = tc_pin_interface(&file) else {
-                continue;
-            };
-            if keep.contains(ifname) {
-                continue;
-            }
-            let path = entry.path();
-            match fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(interface = ifname, pin = %path.display(), "tc program detached")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Io { path, source }),
-            }
-        }
-        Ok(())
     }
 
     /// Destination ports never captured (e.g. a probe port the kubelet uses).
@@ -602,6 +553,8 @@ impl Datapath for KernelDatapath {
             .filter_map(Result::ok)
             .map(|(k, v)| ((k.prefix_len(), k.data()), v))
             .collect();
+        let stale = current.keys().filter(|k| !desired.contains_key(k)).count();
+        fits(names::IPCACHE, desired.len() + stale, self.capacity.ipcache)?;
         for ((len, addr), v) in &desired {
             if current.get(&(*len, *addr)) != Some(v) {
                 self.ipcache
@@ -625,6 +578,23 @@ impl Datapath for KernelDatapath {
             self.ep_netns.iter().filter_map(Result::ok).collect();
         let current_if: BTreeMap<u32, EndpointValue> =
             self.ep_ifindex.iter().filter_map(Result::ok).collect();
+        let (mut by_ns, mut by_if) = (0, 0);
+        for k in endpoints.keys() {
+            match k {
+                EndpointKey::Netns(_) => by_ns += 1,
+                EndpointKey::Ifindex(_) => by_if += 1,
+            }
+        }
+        let stale_ns = current_ns
+            .keys()
+            .filter(|id| !endpoints.contains_key(&EndpointKey::Netns(**id)))
+            .count();
+        let stale_if = current_if
+            .keys()
+            .filter(|i| !endpoints.contains_key(&EndpointKey::Ifindex(**i)))
+            .count();
+        fits(names::EP_NETNS, by_ns + stale_ns, self.capacity.endpoints)?;
+        fits(names::EP_IFINDEX, by_if + stale_if, self.capacity.endpoints)?;
         for (k, v) in endpoints {
             match k {
                 EndpointKey::Netns(id) if current_ns.get(id) != Some(v) => self
@@ -657,23 +627,11 @@ impl Datapath for KernelDatapath {
 
     fn reconcile_policy(&mut self, compiled: &Compiled) -> Result<PolicyChanges, DatapathError> {
         let desired = desired_policy(compiled);
-        if desired.len() > self.policy_capacity {
-            return Err(DatapathError::Full {
-                map: names::POLICY,
-                needed: desired.len(),
-                capacity: self.policy_capacity,
-            });
-        }
+        fits(names::POLICY, desired.len(), self.capacity.policy)?;
         let current = self.policy_entries()?;
         // The map must hold old and new entries together for a moment.
         let stale = current.keys().filter(|k| !desired.contains_key(k)).count();
-        if desired.len() + stale > self.policy_capacity {
-            return Err(DatapathError::Full {
-                map: names::POLICY,
-                needed: desired.len() + stale,
-                capacity: self.policy_capacity,
-            });
-        }
+        fits(names::POLICY, desired.len() + stale, self.capacity.policy)?;
         let mut changes = PolicyChanges::default();
         for (k, v) in &desired {
             if current.get(k) != Some(v) {
@@ -688,6 +646,66 @@ impl Datapath for KernelDatapath {
             changes.removed += 1;
         }
         Ok(changes)
+    }
+
+    fn capacity(&self) -> super::Capacity {
+        self.capacity
+    }
+
+    /// Attaches the tc programs to an endpoint's host-side interface: towards the pod (TCX
+    /// egress of the host side: ingress policy) and from it (TCX ingress: the connection
+    /// table). Whether they are attached already is asked of the kernel (a program of ours, using
+    /// this datapath's maps, on the interface), not read from pin names: a veth deleted and
+    /// re-created under the same name gets the programs again.
+    fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let links = self.pin_dir.join("links");
+        let ours = self.ep_ifindex_map_id;
+        for (obj, name, at, dir) in [
+            (
+                &mut self.tc_to,
+                programs::TO_ENDPOINT,
+                TcAttachType::Egress,
+                "to",
+            ),
+            (
+                &mut self.tc_from,
+                programs::FROM_ENDPOINT,
+                TcAttachType::Ingress,
+                "from",
+            ),
+        ] {
+            let pin = links.join(format!("{TC_PIN_PREFIX}{dir}-{ifname}"));
+            attach_tc(obj, name, ifname, at, &pin, ours)?;
+        }
+        Ok(())
+    }
+
+    /// Unpins (and so detaches) the tc programs of every interface not in `keep`: endpoints that
+    /// went away, and pins left by interfaces that no longer exist.
+    fn detach_endpoint_interfaces_except(
+        &mut self,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<(), DatapathError> {
+        let links = self.pin_dir.join("links");
+        let entries = fs::read_dir(&links).map_err(io(&links))?;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(ifname) = tc_pin_interface(&file) else {
+                continue;
+            };
+            if keep.contains(ifname) {
+                continue;
+            }
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(interface = ifname, pin = %path.display(), "tc program detached")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Io { path, source }),
+            }
+        }
+        Ok(())
     }
 
     fn policy_entries(&self) -> Result<BTreeMap<PolicyKeyOrd, PolicyValue>, DatapathError> {

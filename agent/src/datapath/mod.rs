@@ -6,13 +6,15 @@
 //! [`Datapath`] trait, which [`fake::FakeDatapath`] implements in memory for tests without root.
 
 pub mod bpffs;
+pub mod discover;
 pub mod events;
 pub mod fake;
 pub mod loader;
 pub mod netns;
+pub mod sync;
 pub mod translate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -111,6 +113,37 @@ pub trait Datapath: Send {
     fn reconcile_policy(&mut self, compiled: &Compiled) -> Result<PolicyChanges, DatapathError>;
     /// The policy entries in force.
     fn policy_entries(&self) -> Result<BTreeMap<PolicyKeyOrd, PolicyValue>, DatapathError>;
+    /// How many entries each map holds at most (as created: pinned maps keep their size).
+    fn capacity(&self) -> Capacity;
+    /// Attaches the tc programs to an endpoint's host-side interface (a no-op when ours are
+    /// attached already).
+    fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError>;
+    /// Detaches the tc programs from every interface not in `keep`.
+    fn detach_endpoint_interfaces_except(
+        &mut self,
+        keep: &BTreeSet<String>,
+    ) -> Result<(), DatapathError>;
+}
+
+/// Refuses a set of `needed` entries for a map of `capacity`, before anything is written.
+pub fn fits(map: &'static str, needed: usize, capacity: usize) -> Result<(), DatapathError> {
+    if needed > capacity {
+        return Err(DatapathError::Full {
+            map,
+            needed,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
+/// Map capacities, read from the maps themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub ipcache: usize,
+    /// Each of the two endpoint maps (by network namespace, by interface).
+    pub endpoints: usize,
+    pub policy: usize,
 }
 
 /// What a policy reconciliation wrote.

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::proxy::ProxyContext;
 use crate::state::snapshot::Snapshot;
@@ -16,8 +15,6 @@ pub struct GatewayPorts {
     pub limits: super::server::EdgeLimits,
     pub ctx: ProxyContext,
     pub running: HashMap<u16, CancellationToken>,
-    pub stop: CancellationToken,
-    pub tracker: TaskTracker,
 }
 
 impl std::fmt::Debug for GatewayPorts {
@@ -59,16 +56,18 @@ impl GatewayPorts {
                 }
             };
             tracing::info!(%addr, "gateway port served");
-            let token = self.stop.child_token();
+            let token = self.ctx.drain.stop_token().child_token();
             self.running.insert(port, token.clone());
-            self.tracker.spawn(super::server::serve_port(
-                listener,
-                port,
-                self.ctx.clone(),
-                self.limits.clone(),
-                token,
-                self.tracker.clone(),
-            ));
+            self.ctx.drain.spawn(
+                "gateway port",
+                super::server::serve_port(
+                    listener,
+                    port,
+                    self.ctx.clone(),
+                    self.limits.clone(),
+                    token,
+                ),
+            );
         }
     }
 }

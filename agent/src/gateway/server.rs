@@ -17,10 +17,9 @@ use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::h1guard::{H1Guard, HeadLimits};
@@ -41,8 +40,13 @@ pub struct EdgeLimits {
     /// A connection with no request started for this long is closed (HTTP/2 included, whose
     /// pings would otherwise keep it open for ever).
     pub idle: Duration,
-    /// A connection this old is closed, gracefully: requests in flight get `DRAIN` to finish.
+    /// A connection this old is closed, gracefully: requests in flight get `drain` to finish.
     pub max_age: Duration,
+    /// How long requests in flight may take to finish once a connection closes for its age or
+    /// idleness (when the agent stops, its grace period applies instead).
+    pub drain: Duration,
+    /// An HTTP/2 client that does not answer a PING within this is disconnected.
+    pub ping_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_streams: u32,
@@ -60,6 +64,8 @@ impl Default for EdgeLimits {
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(300),
             max_age: Duration::from_secs(3600),
+            drain: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_streams: 100,
@@ -96,7 +102,6 @@ pub async fn serve_port(
     ctx: ProxyContext,
     limits: EdgeLimits,
     stop: CancellationToken,
-    tracker: TaskTracker,
 ) {
     loop {
         let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
@@ -130,7 +135,9 @@ pub async fn serve_port(
         let _ = tcp.set_nodelay(true);
         let (ctx, limits, stop) = (ctx.clone(), limits.clone(), stop.clone());
         let span = tracing::info_span!("gateway", %peer, port);
-        tracker.spawn(
+        let drain = ctx.drain.clone();
+        drain.spawn(
+            "gateway connection",
             async move {
                 let _slots = (slot, share);
                 let snap = ctx.snapshot();
@@ -195,6 +202,7 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let drain = handler.ctx.drain.clone();
     let handler = Arc::new(handler);
     let activity = Arc::new(Activity::new());
     let seen = activity.clone();
@@ -213,7 +221,7 @@ async fn serve_http<I>(
             Ok::<_, Infallible>(response)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(drain.clone());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -228,7 +236,7 @@ async fn serve_http<I>(
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(100))
         .keep_alive_interval(Some(limits.idle / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(limits.ping_timeout);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let why = loop {
@@ -262,9 +270,14 @@ async fn serve_http<I>(
         }
     };
     tracing::debug!("gateway connection closing: {why}");
-    // GOAWAY (HTTP/2), or close once the response in flight is sent (HTTP/1).
+    // GOAWAY (HTTP/2), or close once the response in flight is sent (HTTP/1). When the agent
+    // stops, requests in flight have until the drain's force deadline; otherwise `drain`.
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(DRAIN, conn).await;
+    if drain.is_stopping() {
+        let _ = conn.await;
+    } else {
+        let _ = tokio::time::timeout(limits.drain, conn).await;
+    }
 }
 
 /// A response body that keeps its request counted as in flight until it is sent or dropped.
@@ -343,9 +356,6 @@ impl Drop for Busy {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
-
-/// How long requests in flight may take to finish once a connection is closing.
-const DRAIN: Duration = Duration::from_secs(10);
 
 struct Handler {
     ctx: ProxyContext,
@@ -728,14 +738,14 @@ async fn dial(
         .map_err(|e| e.to_string())?;
     let (near, far) = tokio::io::duplex(64 * 1024);
     let idle = ctx.limits.idle;
-    tokio::spawn(async move {
+    ctx.drain.spawn("gateway upstream tunnel", async move {
         let meter = crate::proxy::hbone::Meter::default();
         let _ = crate::proxy::hbone::pump(far, tunnel.send, tunnel.recv, idle, &meter).await;
     });
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
         .await
         .map_err(|e| format!("backend {target}: {e}"))?;
-    tokio::spawn(async move {
+    ctx.drain.spawn("gateway upstream", async move {
         let _ = conn.await;
     });
     Ok(sender)

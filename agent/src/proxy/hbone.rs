@@ -218,6 +218,8 @@ pub struct HboneClient {
     max_streams: usize,
     pool: Arc<Mutex<HashMap<Route, Vec<PooledConn>>>>,
     connect_timeout: Duration,
+    /// The connections' driver tasks start here.
+    drain: crate::drain::Drain,
 }
 
 impl std::fmt::Debug for HboneClient {
@@ -246,12 +248,20 @@ impl Drop for Slot {
 }
 
 impl HboneClient {
-    pub fn new(tls: ClientTls, max_streams: usize) -> Self {
+    /// A pool that opens at most `max_streams` streams per connection and gives a TCP connect
+    /// `connect_timeout`.
+    pub fn new(
+        tls: ClientTls,
+        max_streams: usize,
+        connect_timeout: Duration,
+        drain: crate::drain::Drain,
+    ) -> Self {
         Self {
             tls,
             max_streams: max_streams.max(1),
             pool: Arc::default(),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout,
+            drain,
         }
     }
 
@@ -367,7 +377,7 @@ impl HboneClient {
             .map_err(|source| HboneError::H2 { node, source })?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let closed_by_task = closed.clone();
-        tokio::spawn(async move {
+        self.drain.spawn("hbone connection", async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%node, error = %e, "HBONE connection closed");
             }
@@ -418,14 +428,14 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    /// A plain TCP stream with nothing but the default idle timeout.
-    pub fn tcp(tcp: TcpStream, record: super::FlowRecord) -> Self {
+    /// A plain TCP stream with nothing but an idle timeout.
+    pub fn tcp(tcp: TcpStream, record: super::FlowRecord, idle: Duration) -> Self {
         Self {
             tcp,
             l7: None,
             registration: None,
             record,
-            idle: Duration::from_secs(3600),
+            idle,
         }
     }
 }
@@ -450,7 +460,7 @@ pub async fn serve_connection<T>(
     io: T,
     peer: SpiffeId,
     inbound: Inbound,
-    drain: tokio_util::sync::CancellationToken,
+    drain: &crate::drain::Drain,
 ) -> Result<(), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -466,7 +476,7 @@ where
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
-            () = drain.cancelled(), if !draining => {
+            () = drain.stopping(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
@@ -475,7 +485,8 @@ where
         let Some(next) = next else { break };
         let (req, respond) = next?;
         let (peer, inbound) = (peer.clone(), inbound.clone());
-        tokio::spawn(async move { handle_stream(req, respond, peer, inbound).await });
+        let stream = handle_stream(req, respond, peer, inbound, drain.clone());
+        drain.spawn("hbone stream", stream);
     }
     Ok(())
 }
@@ -485,6 +496,7 @@ async fn handle_stream(
     mut respond: h2::server::SendResponse<Bytes>,
     peer: SpiffeId,
     inbound: Inbound,
+    drain: crate::drain::Drain,
 ) {
     let reply = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let resp = Response::builder()
@@ -522,13 +534,18 @@ async fn handle_stream(
                     return;
                 }
             };
-            tunnel(*accepted, send, req.into_body()).await;
+            tunnel(*accepted, send, req.into_body(), drain).await;
         }
     }
 }
 
 /// Runs an admitted stream until it ends, idles out, or policy closes it.
-async fn tunnel(accepted: Accepted, send: SendStream<Bytes>, recv: RecvStream) {
+async fn tunnel(
+    accepted: Accepted,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    drain: crate::drain::Drain,
+) {
     let Accepted {
         mut tcp,
         l7,
@@ -561,7 +578,7 @@ async fn tunnel(accepted: Accepted, send: SendStream<Bytes>, recv: RecvStream) {
             let work = async {
                 tokio::join!(
                     pump(near, send, recv, idle, &meter),
-                    super::l7::serve(far, tcp, flow)
+                    super::l7::serve(far, tcp, flow, drain)
                 )
             };
             tokio::select! {

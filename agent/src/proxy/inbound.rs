@@ -12,8 +12,6 @@ use http::StatusCode;
 use signet_ca::SpiffeId;
 use signet_ca::verify::peer_spiffe_id;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::conns::{Tracked, Verdict, decide};
@@ -23,12 +21,9 @@ use super::tls::id_from_sni;
 use super::{FlowRecord, ProxyContext, refuse};
 use crate::admin::metrics::{Reporter, UNKNOWN};
 
-pub async fn serve(
-    listener: TcpListener,
-    ctx: ProxyContext,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// Accepts until the drain stops; each connection runs in its own task.
+pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
+    let stop = ctx.drain.stop_token();
     let tls = match super::tls::server_config(
         ctx.certs.clone(),
         ctx.roots.clone(),
@@ -52,9 +47,11 @@ pub async fn serve(
         };
         // Small HBONE frames (a CONNECT's 200, a one-byte reply) must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
-        let (tls, ctx, stop) = (tls.clone(), ctx.clone(), stop.clone());
+        let (tls, ctx) = (tls.clone(), ctx.clone());
         let span = tracing::info_span!("inbound", %peer);
-        tracker.spawn(
+        let drain = ctx.drain.clone();
+        drain.spawn(
+            "inbound connection",
             async move {
                 let _slot = slot;
                 let handshake = tokio::time::timeout(ctx.limits.handshake, tls.accept(tcp)).await;
@@ -82,8 +79,9 @@ pub async fn serve(
                     ctx.metrics.handshake_failed(Reporter::Inbound, "no_sni");
                     return tracing::info!(%source, "no destination workload named in SNI");
                 };
+                let drain = ctx.drain.clone();
                 let inbound = admission(ctx, served);
-                if let Err(e) = serve_connection(stream, source, inbound, stop).await {
+                if let Err(e) = serve_connection(stream, source, inbound, &drain).await {
                     tracing::debug!(error = %e, "HBONE connection ended");
                 }
             }
@@ -138,7 +136,7 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 let why = format!("denied by {}", decision.rule);
                 return deny(dst.as_str(), "policy", StatusCode::FORBIDDEN, why);
             }
-            let tcp = match connect_marked(target, ctx.proxy_mark).await {
+            let tcp = match connect_marked(target, ctx.proxy_mark, ctx.limits.connect).await {
                 Ok(s) => s,
                 Err(e) => {
                     let why = format!("{target}: {e}");
@@ -185,7 +183,11 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
 }
 
 /// Connects to a workload with `SO_MARK`, so the tc program knows the proxy authorised it.
-async fn connect_marked(target: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+async fn connect_marked(
+    target: SocketAddr,
+    mark: u32,
+    within: std::time::Duration,
+) -> std::io::Result<TcpStream> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(target),
         socket2::Type::STREAM,
@@ -194,7 +196,7 @@ async fn connect_marked(target: SocketAddr, mark: u32) -> std::io::Result<TcpStr
     sock.set_mark(mark)?;
     sock.set_nonblocking(true)?;
     let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let stream = tokio::time::timeout(std::time::Duration::from_secs(5), sock.connect(target))
+    let stream = tokio::time::timeout(within, sock.connect(target))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = stream.set_nodelay(true);

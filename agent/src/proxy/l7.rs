@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use signet_policy::model::Request as PolicyRequest;
 use signet_policy::path::{PathNormalization, normalize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -98,7 +98,7 @@ fn bad_gateway(reason: String) -> Response<Body> {
 
 /// Serves HTTP (1.1 or 2, detected) on `downstream`, forwarding allowed requests over one
 /// HTTP/1.1 connection to the workload.
-pub async fn serve<S>(downstream: S, upstream: TcpStream, flow: L7Flow)
+pub async fn serve<S>(downstream: S, upstream: TcpStream, flow: L7Flow, drain: crate::drain::Drain)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -109,7 +109,8 @@ where
             return;
         }
     };
-    tokio::spawn(async move {
+    // Driven in its own task; it ends once the server (which holds its sender) is done.
+    drain.spawn("l7 upstream", async move {
         let _ = conn.await;
     });
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
@@ -186,7 +187,7 @@ where
             }
         }
     });
-    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut server = hyper_util::server::conn::auto::Builder::new(drain.clone());
     // A client that half-closes after its request still gets the response.
     server.http1().half_close(true);
     if let Err(e) = server

@@ -39,6 +39,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     pub conns: Arc<conns::Connections>,
     pub limits: Limits,
+    /// Every task of the proxy starts here, so shutdown reaches it.
+    pub drain: crate::drain::Drain,
 }
 
 /// Timeouts and caps that keep one misbehaving peer from exhausting the proxy.
@@ -48,6 +50,8 @@ pub struct Limits {
     pub idle: Duration,
     /// TLS handshake (inbound) and connect + handshake (outbound).
     pub handshake: Duration,
+    /// TCP connect: to a peer node's HBONE port, and from the inbound side to a workload.
+    pub connect: Duration,
     /// Captured workload connections open at once; more are reset.
     pub outbound_slots: Arc<Semaphore>,
     /// ... of which one pod (one source address) may hold this many.
@@ -71,10 +75,11 @@ pub struct Caps {
 }
 
 impl Limits {
-    pub fn new(idle: Duration, handshake: Duration, caps: Caps) -> Self {
+    pub fn new(idle: Duration, handshake: Duration, connect: Duration, caps: Caps) -> Self {
         Self {
             idle,
             handshake,
+            connect,
             outbound_slots: Arc::new(Semaphore::new(caps.mesh)),
             per_pod: PerSource::new(caps.per_pod),
             inbound_slots: Arc::new(Semaphore::new(caps.mesh)),

@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use super::conns::{Tracked, Verdict, decide};
@@ -19,14 +17,9 @@ use super::{FlowRecord, ProxyContext, refuse};
 use crate::admin::metrics::{Reporter, UNKNOWN};
 use crate::datapath::loader::OriginalDestinations;
 
-/// Accepts until `stop`; each connection runs in its own task on `tracker`.
-pub async fn serve(
-    listener: TcpListener,
-    ctx: ProxyContext,
-    orig: Arc<OriginalDestinations>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
+/// Accepts until the drain stops; each connection runs in its own task.
+pub async fn serve(listener: TcpListener, ctx: ProxyContext, orig: Arc<OriginalDestinations>) {
+    let stop = ctx.drain.stop_token();
     loop {
         let Some((sock, client)) = super::accept_next(&listener, &stop, "outbound").await else {
             return;
@@ -53,7 +46,9 @@ pub async fn serve(
         let _ = sock.set_nodelay(true);
         let (ctx, orig) = (ctx.clone(), orig.clone());
         let span = tracing::info_span!("outbound", %client);
-        tracker.spawn(
+        let drain = ctx.drain.clone();
+        drain.spawn(
+            "outbound connection",
             async move {
                 let _slots = (slot, share);
                 handle(sock, client, ctx, &orig).await;

@@ -1,0 +1,182 @@
+//! Builds each new snapshot from the cluster source: reads it (a state directory, or the
+//! Kubernetes reflectors with the last valid version of each object), numbers the identities it
+//! names (a shared file, or `SignetIdentity` objects read from their reflector and allocated
+//! through the API when missing), and compiles policy against the datapath's capacity.
+//!
+//! Nothing here touches the kernel; `datapath::sync` writes what this builds.
+
+use std::collections::btree_map::Entry;
+use std::path::PathBuf;
+
+use signet_ca::TrustDomain;
+use signet_policy::identity::{FileAllocator, FixedAllocator, IdentityAllocator};
+
+use super::kube::KubeSource;
+use super::lastgood::{LastGood, Refused};
+use super::snapshot::{self, EndpointIds, PodAnnotations, Snapshot};
+use crate::identity::kube::KubeIdentities;
+
+/// Where the cluster state comes from.
+pub enum Source {
+    /// A directory of manifests and the identity table beside it.
+    Dir {
+        state_dir: PathBuf,
+        numbers: FileAllocator,
+    },
+    /// The API server.
+    Kube(Box<Kube>),
+}
+
+/// The Kubernetes source: reflectors, and numbers allocated as `SignetIdentity` objects.
+pub struct Kube {
+    pub objects: KubeSource,
+    pub numbers: KubeIdentities,
+    /// What the `SignetIdentity` reflector said at the last build, with what was allocated
+    /// since.
+    pub known: FixedAllocator,
+    /// The last valid version of each object, and what was refused last.
+    pub last_good: LastGood,
+    pub refused: Vec<Refused>,
+}
+
+impl std::fmt::Debug for Kube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kube")
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kube {
+    pub fn new(objects: KubeSource, numbers: KubeIdentities) -> Self {
+        Self {
+            objects,
+            numbers,
+            known: FixedAllocator::default(),
+            last_good: LastGood::default(),
+            refused: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Dir { state_dir, .. } => f
+                .debug_struct("Dir")
+                .field("state_dir", state_dir)
+                .finish_non_exhaustive(),
+            Source::Kube(k) => k.fmt(f),
+        }
+    }
+}
+
+/// Builds snapshots for one node.
+#[derive(Debug)]
+pub struct Builder {
+    pub source: Source,
+    pub trust_domain: TrustDomain,
+    pub node: String,
+    pub annotations: PodAnnotations,
+    endpoint_ids: EndpointIds,
+}
+
+impl Builder {
+    pub fn new(
+        source: Source,
+        trust_domain: TrustDomain,
+        node: String,
+        annotations: PodAnnotations,
+    ) -> Self {
+        Self {
+            source,
+            trust_domain,
+            node,
+            annotations,
+            endpoint_ids: EndpointIds::default(),
+        }
+    }
+
+    /// The Kubernetes source, in that mode.
+    pub fn kube(&self) -> Option<&KubeSource> {
+        match &self.source {
+            Source::Kube(k) => Some(&k.objects),
+            Source::Dir { .. } => None,
+        }
+    }
+
+    /// The state directory, in standalone mode.
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        match &self.source {
+            Source::Dir { state_dir, .. } => Some(state_dir),
+            Source::Kube(_) => None,
+        }
+    }
+
+    /// The next snapshot, whose policy fits `policy_capacity` entries. `previous` is the one in
+    /// force: its compiled policy is the base of the new one, and only what changed since it
+    /// is logged.
+    pub async fn build(
+        &mut self,
+        previous: Option<&Snapshot>,
+        policy_capacity: usize,
+    ) -> anyhow::Result<Snapshot> {
+        let td = &self.trust_domain;
+        let (loaded, allocator): (_, &dyn IdentityAllocator) = match &mut self.source {
+            Source::Dir { state_dir, numbers } => (
+                snapshot::load_source(snapshot::Source::Dir(state_dir), td)?,
+                numbers,
+            ),
+            Source::Kube(k) => {
+                let Kube {
+                    objects,
+                    numbers,
+                    known,
+                    last_good,
+                    refused,
+                } = &mut **k;
+                let mut current = objects.objects();
+                let now = last_good.settle(&mut current);
+                for r in now.iter().filter(|r| !refused.contains(r)) {
+                    tracing::warn!(object = %r.object, reason = %r.reason, "{} refused: {}", r.object, r.in_force);
+                }
+                *refused = now;
+                let loaded = snapshot::load_source(snapshot::Source::Objects(&current), td)?;
+                // What the SignetIdentity objects say now: a number deleted since the last
+                // build no longer stands for its old SPIFFE ID here.
+                known.0 = objects.numbers();
+                for id in loaded.identities_needed() {
+                    if let Entry::Vacant(slot) = known.0.entry(id) {
+                        let n = numbers.allocate(slot.key()).await?;
+                        slot.insert(n);
+                    }
+                }
+                (loaded, &*known)
+            }
+        };
+        let snap = snapshot::build_loaded(
+            loaded,
+            self.annotations,
+            &self.node,
+            allocator,
+            &mut self.endpoint_ids,
+            previous.map(|s| &s.compiled),
+            policy_capacity,
+        )?;
+        for (ip, why) in &snap.refused_ips {
+            if previous.is_none_or(|p| p.refused_ips.get(ip) != Some(why)) {
+                tracing::warn!(%ip, "address refused to every pod until one owns it: {why}");
+            }
+        }
+        for pod in &snap.ignored_annotations {
+            if previous.is_none_or(|p| !p.ignored_annotations.contains(pod)) {
+                tracing::warn!(
+                    pod,
+                    "placement annotations (signet.dev/cgroup, -netns, -host-interface) ignored: \
+                     this agent does not run the local topology (localTopology: true)"
+                );
+            }
+        }
+        Ok(snap)
+    }
+}
