@@ -22,6 +22,7 @@ use crate::admin::metrics::{Gauges, Metrics, Reporter};
 use crate::admin::{self, AdminState};
 use crate::certs::{BundleFollower, CaEndpoint, CertManager};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
+use crate::datapath::events::EventReader;
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::sync::NodeHost;
 use crate::datapath::{Datapath, DatapathConfig};
@@ -67,6 +68,7 @@ impl Agent {
         let stop_on_error = drain.stop_token().drop_guard();
         let datapath = load_datapath(&config)?;
         let orig = Arc::new(OriginalDestinations::open(&config.bpffs_dir)?);
+        let events = EventReader::open(&config.bpffs_dir, crate::observe::POLL)?;
         let (certs, roots) = connect_ca(&config, &drain).await?;
         let metrics = Arc::new(Metrics::default());
         let (admin_address, running) = serve_admin(&config, &metrics, &drain).await?;
@@ -88,6 +90,10 @@ impl Agent {
             .context("loading the cluster state")?;
         certs.set_identities(&first.local_identities());
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
+        drain.spawn(
+            "kernel flows",
+            crate::observe::follow(events, snapshot.clone(), metrics.clone(), drain.clone()),
+        );
 
         drain.spawn(
             "bundle follower",

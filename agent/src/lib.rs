@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod drain;
 pub mod gateway;
 pub mod identity;
+pub mod observe;
 pub mod proxy;
 pub mod reconcile;
 pub mod state;

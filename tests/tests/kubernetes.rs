@@ -13,11 +13,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
 
 use common::fake_api::FakeApi;
-use common::privileged;
 use common::topology::{Topology, serial, start_agent, start_ca_in_cluster};
+use common::{privileged, wait_for};
 use serde_json::{Value, json};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
@@ -35,17 +34,6 @@ fn policy(name: &str, from: &str) -> Value {
         "metadata": {"name": name, "namespace": "shop"},
         "spec": {"selector": {"matchLabels": {"app": "server"}},
                  "ingress": [{"from": [{"identity": from}], "ports": [{"port": 8080}]}]}})
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn condition<'a>(object: &'a Value, kind: &str) -> Option<&'a Value> {

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::topology::{Topology, serial, settle, start};
-use common::{in_netns, privileged};
+use common::{in_netns, privileged, wait_for};
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 
@@ -113,6 +113,27 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     assert_eq!(
         report["ok"], false,
         "plaintext bypassing the proxy is dropped: {report}"
+    );
+    // Both refusals reach the agents from the kernel's ring buffer: the egress denial on node A
+    // and the strict-mode drop on node B, named by identity.
+    let kernel = |node: char, labels: &str| {
+        let name = format!("signet_datapath_flows_total{{{labels}}}");
+        wait_for(&name.clone(), || {
+            let (_, body) = t.admin_get(node, "/metrics");
+            sample(&body, &name).filter(|n| *n >= 1.0)
+        })
+    };
+    kernel(
+        'a',
+        &format!(
+            "direction=\"egress\",verdict=\"deny\",reason=\"default-deny\",source=\"{CLIENT}\",destination=\"{SERVER}\""
+        ),
+    );
+    kernel(
+        'b',
+        &format!(
+            "direction=\"ingress\",verdict=\"deny\",reason=\"strict-mtls-plaintext\",source=\"{CLIENT}\",destination=\"{SERVER}\""
+        ),
     );
 
     // Node A's agent cannot obtain the server's identity: that pod runs on node B.

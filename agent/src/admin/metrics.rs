@@ -81,6 +81,21 @@ pub struct Metrics {
     handshake_failures: Mutex<BTreeMap<(Reporter, &'static str), u64>>,
     /// Connections closed because a policy change no longer allowed them.
     closed_by_policy: AtomicU64,
+    /// Flows the kernel reported, by what it did and why.
+    kernel: Mutex<BTreeMap<KernelLabels, u64>>,
+    /// Kernel flow events not logged because the log was over its rate (still counted).
+    kernel_unlogged: AtomicU64,
+}
+
+/// Labels of a flow the datapath reported: the direction it was decided in, the verdict, the
+/// reason, and both sides' identities (SPIFFE IDs, or reserved names such as `world`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelLabels {
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub source: String,
+    pub destination: String,
 }
 
 impl Metrics {
@@ -124,6 +139,16 @@ impl Metrics {
 
     pub fn closed_by_policy(&self, n: u64) {
         self.closed_by_policy.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One flow event from the kernel.
+    pub fn kernel_flow(&self, labels: KernelLabels) {
+        *lock(&self.kernel).entry(labels).or_default() += 1;
+    }
+
+    /// Kernel flow events that were counted but not logged.
+    pub fn kernel_unlogged(&self, n: u64) {
+        self.kernel_unlogged.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The exposition text.
@@ -229,6 +254,39 @@ impl Metrics {
             "signet_connections_closed_by_policy_total",
             "",
             self.closed_by_policy.load(Ordering::Relaxed),
+        );
+        header(
+            &mut out,
+            "signet_datapath_flows_total",
+            "Flows the kernel datapath reported (every refusal; allowed ones when sampled), by direction, verdict and reason.",
+            "counter",
+        );
+        for (l, n) in lock(&self.kernel).iter() {
+            sample(
+                &mut out,
+                "signet_datapath_flows_total",
+                &format!(
+                    "direction=\"{}\",verdict=\"{}\",reason=\"{}\",source=\"{}\",destination=\"{}\"",
+                    l.direction,
+                    l.verdict,
+                    l.reason,
+                    escape(&l.source),
+                    escape(&l.destination)
+                ),
+                *n,
+            );
+        }
+        header(
+            &mut out,
+            "signet_datapath_flow_log_suppressed_total",
+            "Kernel flow events counted but not logged: the flow log was over its rate.",
+            "counter",
+        );
+        sample(
+            &mut out,
+            "signet_datapath_flow_log_suppressed_total",
+            "",
+            self.kernel_unlogged.load(Ordering::Relaxed),
         );
         header(
             &mut out,

@@ -23,6 +23,18 @@ pub enum Verdict {
     Unknown(u8),
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::L7 => "l7",
+            Verdict::Audit => "audit",
+            Verdict::Unknown(_) => "unknown",
+        }
+    }
+}
+
 /// One decoded flow event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {

@@ -19,6 +19,22 @@ use signet_agent::datapath::loader::{LoaderConfig, MapSizes, cleanup};
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test or test run uses.
+/// `f`'s first `Some`, asked every 200 ms for up to 30 s; panics naming `what` after that.
+#[allow(dead_code)]
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn unique() -> String {
     format!(
         "{}-{}",
