@@ -13,7 +13,6 @@
 
 mod common;
 
-
 use common::fake_api::FakeApi;
 use common::topology::{Topology, serial, start_agent, start_ca_in_cluster};
 use common::{privileged, wait_for};

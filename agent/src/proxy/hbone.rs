@@ -36,7 +36,7 @@ const MAX_FRAME: u32 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
-    #[error("connecting to {node}:15008: {source} (is the agent running there?)")]
+    #[error("connecting to {node}: {source} (is the agent running on that node?)")]
     Connect {
         node: SocketAddr,
         source: std::io::Error,

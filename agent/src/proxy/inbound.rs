@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::StatusCode;
 use signet_ca::SpiffeId;
 use signet_ca::verify::peer_spiffe_id;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,8 +16,9 @@ use tracing::Instrument as _;
 use super::conns::{Tracked, Verdict, decide};
 use super::hbone::{Accepted, Admission, Inbound, serve_connection};
 use super::l7::{L7Flow, check_for};
+use super::refusal::Refusal;
 use super::tls::id_from_sni;
-use super::{FlowRecord, ProxyContext, refuse};
+use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
 use crate::admin::metrics::{Reporter, UNKNOWN};
 
 /// Accepts until the drain stops; each connection runs in its own task.
@@ -40,9 +40,8 @@ pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
             return;
         };
         let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "inbound connection refused: the connection cap is reached");
-            ctx.metrics
-                .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, "connection_limit");
+            let why = Refusal::ConnectionLimit;
+            refuse_unidentified(&ctx.metrics, Reporter::Inbound, peer, &why);
             continue;
         };
         // Small HBONE frames (a CONNECT's 200, a one-byte reply) must not wait for Nagle.
@@ -98,31 +97,28 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             let snap = ctx.snapshot();
             let src = source.to_string();
             // Refusals are counted, logged as a flow and answered on the stream with a status.
-            let deny = |destination: &str, reason, status, why: String| {
+            let deny = |destination: &str, why: Refusal| {
                 refuse(
                     &ctx.metrics,
                     Reporter::Inbound,
                     &src,
                     destination,
                     target,
-                    reason,
                     &why,
                 );
-                Admission::Refuse(status, why)
+                Admission::Refuse(why.status(), why.to_string())
             };
             let Some(ep) = snap.local_by_ip(target.ip()) else {
-                let why = format!("{target} is not a pod of this node");
-                return deny(UNKNOWN, "no_pod", StatusCode::NOT_FOUND, why);
+                return deny(UNKNOWN, Refusal::NotLocal(target));
             };
             let dst = snap.workload(ep.workload).identity.clone();
             if dst != served {
-                let why = format!("{target} is {dst}, but the connection was made to {served}");
-                return deny(
-                    dst.as_str(),
-                    "wrong_destination",
-                    StatusCode::FORBIDDEN,
-                    why,
-                );
+                let why = Refusal::WrongDestination {
+                    target,
+                    is: dst.clone(),
+                    served,
+                };
+                return deny(dst.as_str(), why);
             }
             let decision = decide(
                 &snap,
@@ -133,15 +129,16 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             );
             drop(snap);
             if decision.verdict == Verdict::Deny {
-                let why = format!("denied by {}", decision.rule);
-                return deny(dst.as_str(), "policy", StatusCode::FORBIDDEN, why);
+                let why = Refusal::Policy {
+                    rule: decision.rule.clone(),
+                };
+                return deny(dst.as_str(), why);
             }
             let tcp = match connect_marked(target, ctx.proxy_mark, ctx.limits.connect).await {
                 Ok(s) => s,
-                Err(e) => {
-                    let why = format!("{target}: {e}");
-                    let status = StatusCode::SERVICE_UNAVAILABLE;
-                    return deny(dst.as_str(), "workload_unreachable", status, why);
+                Err(error) => {
+                    let why = Refusal::WorkloadUnreachable { target, error };
+                    return deny(dst.as_str(), why);
                 }
             };
             let l7 = match &decision.verdict {

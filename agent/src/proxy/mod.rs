@@ -7,6 +7,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod l7;
 pub mod outbound;
+pub mod refusal;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -203,13 +204,12 @@ pub fn refuse(
     source: &str,
     destination: &str,
     target: SocketAddr,
-    reason: &'static str,
-    detail: &str,
+    why: &refusal::Refusal,
 ) {
-    if reason == "policy" {
+    if why.is_policy() {
         metrics.verdict(reporter, source, destination, "deny");
     } else {
-        metrics.failed(reporter, source, destination, reason);
+        metrics.failed(reporter, source, destination, why.label());
     }
     tracing::info!(
         reporter = reporter.as_str(),
@@ -217,9 +217,30 @@ pub fn refuse(
         %destination,
         dst = %target,
         verdict = "deny",
-        reason,
-        detail,
+        reason = why.label(),
+        detail = %why,
         "flow"
+    );
+}
+
+/// Logs and counts a connection refused before anything was known of it but its peer.
+pub fn refuse_unidentified(
+    metrics: &Metrics,
+    reporter: Reporter,
+    peer: SocketAddr,
+    why: &refusal::Refusal,
+) {
+    metrics.failed(
+        reporter,
+        crate::admin::metrics::UNKNOWN,
+        crate::admin::metrics::UNKNOWN,
+        why.label(),
+    );
+    tracing::warn!(
+        reporter = reporter.as_str(),
+        %peer,
+        reason = why.label(),
+        "connection refused: {why}"
     );
 }
 

@@ -13,7 +13,8 @@ use tracing::Instrument as _;
 
 use super::conns::{Tracked, Verdict, decide};
 use super::hbone::{HboneError, Route, pump};
-use super::{FlowRecord, ProxyContext, refuse};
+use super::refusal::Refusal;
+use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
 use crate::admin::metrics::{Reporter, UNKNOWN};
 use crate::datapath::loader::OriginalDestinations;
 
@@ -25,21 +26,24 @@ pub async fn serve(listener: TcpListener, ctx: ProxyContext, orig: Arc<OriginalD
             return;
         };
         let Ok(slot) = ctx.limits.outbound_slots.clone().try_acquire_owned() else {
-            tracing::warn!(%client, "outbound connection reset: the connection cap is reached");
-            ctx.metrics
-                .failed(Reporter::Outbound, UNKNOWN, UNKNOWN, "connection_limit");
+            refuse_unidentified(
+                &ctx.metrics,
+                Reporter::Outbound,
+                client,
+                &Refusal::ConnectionLimit,
+            );
             reset(&sock);
             continue;
         };
         // One pod may not take every slot of its node.
         let Some(share) = ctx.limits.per_pod.try_take(client.ip()) else {
-            tracing::warn!(
-                %client,
-                cap = ctx.limits.per_pod.cap(),
-                "outbound connection reset: this pod holds its share of the node's connections"
+            let cap = ctx.limits.per_pod.cap();
+            refuse_unidentified(
+                &ctx.metrics,
+                Reporter::Outbound,
+                client,
+                &Refusal::PodShare { cap },
             );
-            ctx.metrics
-                .failed(Reporter::Outbound, UNKNOWN, UNKNOWN, "pod_connection_share");
             reset(&sock);
             continue;
         };
@@ -70,51 +74,34 @@ async fn handle(
     orig: &OriginalDestinations,
 ) {
     let Some((asked, _)) = orig.lookup(client) else {
-        tracing::warn!("refused: no original destination recorded for this connection");
-        ctx.metrics.failed(
-            Reporter::Outbound,
-            UNKNOWN,
-            UNKNOWN,
-            "no_original_destination",
-        );
+        let why = Refusal::NoOriginalDestination;
+        refuse_unidentified(&ctx.metrics, Reporter::Outbound, client, &why);
         return reset(&sock);
     };
     // Refusals are counted, logged as a flow and answered with a reset.
-    let deny = |source: &str, destination: &str, target, reason, detail: &str| {
+    let deny = |source: &str, destination: &str, target, why: Refusal| {
         refuse(
             &ctx.metrics,
             Reporter::Outbound,
             source,
             destination,
             target,
-            reason,
-            detail,
+            &why,
         );
         reset(&sock);
     };
     let snap = ctx.snapshot();
     let Some(src_ep) = snap.local_by_ip(client.ip()) else {
-        return deny(
-            UNKNOWN,
-            UNKNOWN,
-            asked,
-            "unknown_source",
-            "the client is not a pod of this node",
-        );
+        return deny(UNKNOWN, UNKNOWN, asked, Refusal::UnknownSource);
     };
     let src = snap.workload(src_ep.workload).identity.clone();
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
     if let Some(why) = snap.refused_ips.get(&dst_addr.ip()) {
-        return deny(src.as_str(), UNKNOWN, asked, "address_conflict", why);
+        let why = Refusal::AddressConflict(why.clone());
+        return deny(src.as_str(), UNKNOWN, asked, why);
     }
     let Some(dst_pod) = snap.pod_by_ip(dst_addr.ip()) else {
-        return deny(
-            src.as_str(),
-            UNKNOWN,
-            asked,
-            "no_endpoint",
-            "no pod has this address, or the Service has no ready endpoint",
-        );
+        return deny(src.as_str(), UNKNOWN, asked, Refusal::NoEndpoint);
     };
     let dst = dst_pod.identity.clone();
     let decision = decide(
@@ -125,22 +112,16 @@ async fn handle(
         dst_addr.port(),
     );
     if decision.verdict == Verdict::Deny {
-        return deny(
-            src.as_str(),
-            dst.as_str(),
-            dst_addr,
-            "policy",
-            &decision.rule,
-        );
+        let why = Refusal::Policy {
+            rule: decision.rule.clone(),
+        };
+        return deny(src.as_str(), dst.as_str(), dst_addr, why);
     }
     let Some(node_ip) = dst_pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
-        return deny(
-            src.as_str(),
-            dst.as_str(),
-            dst_addr,
-            "unknown_node",
-            "the destination's node has no known address",
-        );
+        let why = Refusal::UnknownNode {
+            node: dst_pod.node.clone(),
+        };
+        return deny(src.as_str(), dst.as_str(), dst_addr, why);
     };
     let route = Route {
         source: src.clone(),
@@ -156,23 +137,16 @@ async fn handle(
                 ctx.metrics
                     .handshake_failed(Reporter::Outbound, "tls_error");
             }
-            let reason = if matches!(e, HboneError::Refused { status, .. } if status == http::StatusCode::FORBIDDEN)
-            {
-                "policy"
-            } else {
-                "tunnel_failed"
-            };
-            return deny(src.as_str(), dst.as_str(), dst_addr, reason, &e.to_string());
-        }
-        Err(_) => {
-            ctx.metrics.handshake_failed(Reporter::Outbound, "timeout");
             return deny(
                 src.as_str(),
                 dst.as_str(),
                 dst_addr,
-                "tunnel_failed",
-                "timed out opening the tunnel",
+                Refusal::from_tunnel(e),
             );
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failed(Reporter::Outbound, "timeout");
+            return deny(src.as_str(), dst.as_str(), dst_addr, Refusal::TunnelTimeout);
         }
     };
     let registration = ctx.conns.register(Tracked {
