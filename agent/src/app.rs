@@ -18,9 +18,10 @@ use signet_ca::verify::SvidRoots;
 use signet_policy::identity::FileAllocator;
 use tokio::net::TcpListener;
 
+use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
 use crate::admin::metrics::{Gauges, Metrics, Reporter};
 use crate::admin::{self, AdminState};
-use crate::certs::{BundleFollower, CaEndpoint, CertManager};
+use crate::certs::{BundleFollower, CaEndpoint, CertManager, CertState};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::events::EventReader;
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
@@ -33,7 +34,7 @@ use crate::identity::kube::KubeIdentities;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Caps, Limits, ProxyContext, inbound, outbound, tls};
-use crate::reconcile::{Followers, Reconciler};
+use crate::reconcile::{Followers, Progress, Reconciler};
 use crate::state::build::{Builder, Kube, Source};
 use crate::state::kube::KubeSource;
 use crate::state::snapshot::Snapshot;
@@ -74,16 +75,17 @@ impl Agent {
         let (admin_address, running) = serve_admin(&config, &metrics, &drain).await?;
 
         let (source, kube_client) = cluster_source(&config, &drain).await?;
-        let mut reconciler = Reconciler {
-            builder: Builder::new(
+        let mut reconciler = Reconciler::new(
+            Builder::new(
                 source,
                 config.trust_domain.clone(),
                 config.node.clone(),
                 config.pod_annotations,
             ),
-            datapath: Box::new(datapath),
-            host: Box::new(NodeHost::new(&config.cgroup_root)),
-        };
+            Box::new(datapath),
+            Box::new(NodeHost::new(&config.cgroup_root)),
+        );
+        let progress = reconciler.progress.clone();
         let first = reconciler
             .apply(None)
             .await
@@ -150,7 +152,9 @@ impl Agent {
             ),
         );
         let _ = running.set(running_state(
+            &config.node,
             &snapshot,
+            &progress,
             &certs,
             &connections,
             hbone,
@@ -243,13 +247,21 @@ async fn serve_admin(
     let listener = bind(config.admin, "admin").await?;
     let address = listener.local_addr().context("admin address")?;
     let running: Arc<OnceLock<AdminState>> = Arc::default();
-    let (gauges, readiness) = (running.clone(), running.clone());
+    let (gauges, readiness, debug) = (running.clone(), running.clone(), running.clone());
+    let node = config.node.clone();
     let state = AdminState {
         metrics: metrics.clone(),
         gauges: Arc::new(move || gauges.get().map(|r| (r.gauges)()).unwrap_or_default()),
         readiness: Arc::new(move || match readiness.get() {
             Some(r) => (r.readiness)(),
             None => Err("starting: waiting for the first sync of the cluster state".into()),
+        }),
+        debug: Arc::new(move || match debug.get() {
+            Some(r) => (r.debug)(),
+            None => DebugState {
+                node: node.clone(),
+                ..DebugState::default()
+            },
         }),
     };
     drain.spawn("admin", admin::serve(listener, state, drain.clone()));
@@ -404,14 +416,26 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
         .with_context(|| format!("binding {what} {addr}"))
 }
 
-/// Readiness and gauges of a started agent.
+/// Readiness, gauges and debug state of a started agent.
 fn running_state(
+    node: &str,
     snapshot: &Arc<RwLock<Arc<Snapshot>>>,
+    progress: &Arc<RwLock<Progress>>,
     certs: &CertManager,
     connections: &Arc<Connections>,
     hbone: HboneClient,
     metrics: &Arc<Metrics>,
 ) -> AdminState {
+    let debug = {
+        let (node, snapshot, progress, certs, connections) = (
+            node.to_owned(),
+            snapshot.clone(),
+            progress.clone(),
+            certs.clone(),
+            connections.clone(),
+        );
+        Arc::new(move || debug_state(&node, &snapshot, &progress, &certs, &connections))
+    };
     let readiness = {
         let (snapshot, certs) = (snapshot.clone(), certs.clone());
         Arc::new(move || readiness(&snapshot, &certs))
@@ -442,6 +466,67 @@ fn running_state(
         metrics: metrics.clone(),
         gauges,
         readiness,
+        debug,
+    }
+}
+
+fn debug_state(
+    node: &str,
+    snapshot: &RwLock<Arc<Snapshot>>,
+    progress: &RwLock<Progress>,
+    certs: &CertManager,
+    connections: &Connections,
+) -> DebugState {
+    let generation = snapshot
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .generation;
+    let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let identities = certs
+        .states()
+        .into_iter()
+        .map(|(id, state)| {
+            let (state, serial, not_after, error) = match state {
+                CertState::Initializing => ("initializing", None, None, None),
+                CertState::Available { cert, last_error } => (
+                    "available",
+                    Some(cert.serial.clone()),
+                    Some(unix(cert.not_after)),
+                    last_error,
+                ),
+                CertState::Unavailable(e) => ("unavailable", None, None, Some(e)),
+            };
+            IdentityState {
+                identity: id.to_string(),
+                state,
+                serial,
+                not_after,
+                error,
+            }
+        })
+        .collect();
+    let flows = connections
+        .open_flows()
+        .into_iter()
+        .map(|(reporter, source, destination, port, verdict)| OpenFlow {
+            reporter: reporter.as_str(),
+            source,
+            destination,
+            port,
+            verdict,
+        })
+        .collect();
+    DebugState {
+        node: node.to_owned(),
+        generation,
+        revision: progress.revision,
+        refused: progress.refused,
+        identities,
+        flows,
     }
 }
 

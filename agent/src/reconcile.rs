@@ -24,11 +24,40 @@ const DIR_POLL: Duration = Duration::from_millis(500);
 /// How long a burst of watch events may take to settle before one build covers them all.
 const WATCH_SETTLE: Duration = Duration::from_millis(100);
 
+/// What the control loop has done with the cluster state, for `/debug/state` and for anyone
+/// waiting for a change to be applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The revision of the source last looked at, applied or refused: [`dir_revision`] of the
+    /// state directory, or `watch:<n>` for the n-th burst of Kubernetes watch events.
+    pub revision: String,
+    /// Why that revision was refused (the snapshot in force is an older one), if it was.
+    pub refused: Option<String>,
+}
+
+/// A state directory's revision: a digest of its manifests' names, sizes and mtimes (what the
+/// loop polls).
+pub fn dir_revision(dir: &std::path::Path) -> String {
+    revision_of(&signet_ca::server::authz::fingerprint(dir))
+}
+
+fn revision_of(fp: &signet_ca::server::authz::Fingerprint) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    fp.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 /// Builds snapshots and writes them into a datapath.
 pub struct Reconciler {
     pub builder: Builder,
     pub datapath: Box<dyn Datapath>,
     pub host: Box<dyn Host + Send>,
+    pub progress: Arc<RwLock<Progress>>,
+    /// The state directory's fingerprint at the last build (standalone mode).
+    seen: Option<signet_ca::server::authz::Fingerprint>,
+    /// Builds so far (Kubernetes mode's revision).
+    builds: u64,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -40,11 +69,52 @@ impl std::fmt::Debug for Reconciler {
 }
 
 impl Reconciler {
+    pub fn new(builder: Builder, datapath: Box<dyn Datapath>, host: Box<dyn Host + Send>) -> Self {
+        Self {
+            builder,
+            datapath,
+            host,
+            progress: Arc::default(),
+            seen: None,
+            builds: 0,
+        }
+    }
+
+    /// Whether the source changed since the last build (standalone: the directory's
+    /// fingerprint; Kubernetes: always, the watch said so).
+    fn changed(&self) -> bool {
+        match self.builder.state_dir() {
+            Some(dir) => self.seen.as_ref() != Some(&signet_ca::server::authz::fingerprint(dir)),
+            None => true,
+        }
+    }
+
     /// Builds the next snapshot and writes it into the datapath. On error nothing is swapped
     /// in, and no map that could not hold its new contents was written.
     pub async fn apply(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
+        // The revision is taken before reading, so a change written meanwhile is seen next time.
+        self.builds += 1;
+        let revision = match self.builder.state_dir() {
+            Some(dir) => {
+                let fp = signet_ca::server::authz::fingerprint(dir);
+                let r = revision_of(&fp);
+                self.seen = Some(fp);
+                r
+            }
+            None => format!("watch:{}", self.builds),
+        };
+        let result = self.build_and_sync(previous).await;
+        *self.progress.write().unwrap_or_else(|p| p.into_inner()) = Progress {
+            revision,
+            refused: result.as_ref().err().map(|e| format!("{e:#}")),
+        };
+        result
+    }
+
+    async fn build_and_sync(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
         let capacity = self.datapath.capacity().policy;
-        let snap = self.builder.build(previous, capacity).await?;
+        let mut snap = self.builder.build(previous, capacity).await?;
+        snap.generation = previous.map_or(0, |p| p.generation + 1);
         sync::sync(&mut *self.datapath, &*self.host, &snap)?;
         Ok(snap)
     }
@@ -76,36 +146,28 @@ pub async fn run(
     mut followers: Followers,
     drain: Drain,
 ) {
-    use signet_ca::server::authz::fingerprint;
-    let dir = reconciler
-        .builder
-        .state_dir()
-        .map(std::path::Path::to_owned);
-    let mut seen = dir.as_deref().map(fingerprint);
+    let standalone = reconciler.builder.state_dir().is_some();
     let mut kube = reconciler.builder.kube().map(KubeSource::subscribe);
     loop {
-        match (&dir, &mut kube) {
+        match (standalone, &mut kube) {
             // Standalone: poll the directory's fingerprint.
-            (Some(dir), _) => {
+            (true, _) => {
                 tokio::select! {
                     () = drain.stopping() => return,
                     () = tokio::time::sleep(DIR_POLL) => {}
                 }
-                let now = Some(fingerprint(dir));
-                if now == seen {
+                if !reconciler.changed() {
                     continue;
                 }
-                seen = now;
             }
-            // Kubernetes: wait for a watch event, then let a burst of them settle.
-            (None, Some(changes)) => {
+            (false, Some(changes)) => {
                 tokio::select! {
                     () = drain.stopping() => return,
                     r = changes.changed() => if r.is_err() { return },
                 }
                 tokio::time::sleep(WATCH_SETTLE).await;
             }
-            (None, None) => return,
+            (false, None) => return,
         }
         let previous = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
         match reconciler.apply(Some(&previous)).await {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::topology::{Topology, serial, settle, start};
+use common::topology::{Topology, serial, start};
 use common::{in_netns, privileged};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
@@ -472,7 +472,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "gateway.yaml",
         &GATEWAY.replace(&format!("{grant}---\n"), ""),
     );
-    settle();
+    t.settle();
     let b = listener_status(&dir, &td, "b");
     assert!(
         b.conditions.iter().any(|c| c.reason == "RefNotPermitted"),
@@ -490,7 +490,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "secrets.yaml",
         &ca_one.secret("edge", "cert-a", "a.example.test"),
     );
-    settle();
+    t.settle();
     let b = listener_status(&dir, &td, "b");
     assert!(
         b.conditions
@@ -527,7 +527,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         &(ca_two.secret("edge", "cert-a", "a.example.test")
             + &ca_one.secret("certs", "cert-b", "b.example.test")),
     );
-    settle();
+    t.settle();
     let old_ca = curl(&t, &pem_one, "https://a.example.test:8443/exact", &[]);
     assert_ne!(
         old_ca.exit, 0,
@@ -586,7 +586,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: clients-only, namespace: shop}\n\
          spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]\n",
     );
-    settle();
+    t.settle();
     let denied = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
     assert_eq!(
         denied.status, 502,
@@ -597,7 +597,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: clients-only, namespace: shop}\n\
          spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}, {entity: gateway}]\n",
     );
-    settle();
+    t.settle();
     let allowed = curl(&t, &pem_two, "https://a.example.test:8443/exact", &[]);
     assert_eq!(allowed.status, 200, "{allowed:?}");
 }
@@ -864,7 +864,16 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
                 .expect("held client")
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_for("the two held connections to be open", || {
+        let (_, body) = t.admin_get('a', "/debug/state");
+        let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let open = state["flows"]
+            .as_array()?
+            .iter()
+            .filter(|f| f["reporter"] == "outbound")
+            .count();
+        (open >= 2).then_some(())
+    });
     let over = t.client(&mesh);
     assert_ne!(
         over["ok"], true,

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::topology::{Topology, serial, settle, start};
+use common::topology::{Topology, serial, start};
 use common::{in_netns, privileged, wait_for};
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
@@ -77,6 +77,43 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     );
     assert_eq!(sample(&body, &inbound), Some(2.0), "{body}");
     assert_eq!(t.admin_get('b', "/healthz/ready").0, 200);
+    // What node B has in force, as /debug/state says: the first snapshot, the server's
+    // certificate, nothing refused.
+    let debug = |node| -> serde_json::Value {
+        serde_json::from_str(&t.admin_get(node, "/debug/state").1).expect("json")
+    };
+    let state = debug('b');
+    assert_eq!(state["node"], "node-b", "{state}");
+    assert_eq!(state["generation"], 0, "{state}");
+    assert!(state["refused"].is_null(), "{state}");
+    let server = state["identities"]
+        .as_array()
+        .and_then(|ids| ids.iter().find(|i| i["identity"] == SERVER))
+        .unwrap_or_else(|| panic!("no {SERVER} in {state}"));
+    assert_eq!(server["state"], "available", "{state}");
+    assert!(
+        server["notAfter"]
+            .as_u64()
+            .is_some_and(|t| t > 1_700_000_000),
+        "{state}"
+    );
+
+    // A state change that does not load is refused by name, and the snapshot in force stays.
+    t.write_state("apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {selector: 7}\n");
+    t.settle();
+    let state = debug('b');
+    assert_eq!(state["generation"], 0, "nothing applied: {state}");
+    assert!(
+        state["refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("policy.yaml")),
+        "the refusal names the file: {state}"
+    );
+    assert_eq!(
+        t.client(&target)["ok"],
+        true,
+        "the state in force still serves"
+    );
 
     // A policy that lets only another identity in: node B's proxy refuses the stream, and
     // counts the deny.
@@ -84,7 +121,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: only-admin, namespace: shop}\n\
          spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n  - from: [{identity: spiffe://cluster.local/ns/shop/sa/admin}]\n",
     );
-    settle();
+    t.settle();
     let report = t.client(&target);
     assert!(
         report["ok"] == false || report["reply"] == "",
@@ -101,14 +138,14 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: no-egress, namespace: shop}\n\
          spec:\n  selector: {matchLabels: {app: client}}\n  egress: []\n",
     );
-    settle();
+    t.settle();
     let report = t.client(&target);
     assert_eq!(report["errno"], 1, "EPERM from connect(): {report}");
 
     // Plaintext straight from the client pod's namespace, bypassing the proxy (no cgroup), is
     // dropped at node B in strict mode.
     t.write_state("");
-    settle();
+    t.settle();
     let report = t.bypassing_client(&target);
     assert_eq!(
         report["ok"], false,
@@ -492,7 +529,7 @@ fn an_address_two_pods_claim_belongs_to_neither_until_one_is_gone() {
         t.pod_ip('b')
     );
     t.write_state(&impostor);
-    settle();
+    t.settle();
     let report = t.client(&target);
     assert!(
         report["ok"] == false || report["reply"] == "",
@@ -519,7 +556,7 @@ fn an_address_two_pods_claim_belongs_to_neither_until_one_is_gone() {
 
     // Once the claim is gone the address is the server's again.
     t.write_state("");
-    settle();
+    t.settle();
     assert_eq!(
         t.client(&target)["ok"],
         true,

@@ -4,9 +4,13 @@
 //! - `GET /healthz/ready`: 200 once every local workload has a certificate and the datapath is
 //!   attached; 503 with the reason otherwise.
 //! - `GET /healthz/live`: 200 while the process serves.
+//! - `GET /debug/state`: JSON ([`debug::DebugState`]): the snapshot generation in force, the
+//!   cluster state's revision last looked at and why it was refused, each identity's
+//!   certificate, the open connections.
 //!
 //! It binds where the configuration says (loopback by default); it reads state and changes none.
 
+pub mod debug;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub struct AdminState {
     pub gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
     /// `Err(reason)` while the agent is not ready.
     pub readiness: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// What `/debug/state` shows.
+    pub debug: Arc<dyn Fn() -> debug::DebugState + Send + Sync>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -63,10 +69,14 @@ fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes
             ),
         },
         "/healthz/live" => respond(StatusCode::OK, TEXT, "live\n".into()),
+        "/debug/state" => match serde_json::to_string_pretty(&(state.debug)()) {
+            Ok(json) => respond(StatusCode::OK, "application/json", json + "\n"),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
+        },
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "try /metrics, /healthz/ready or /healthz/live\n".into(),
+            "try /metrics, /healthz/ready, /healthz/live or /debug/state\n".into(),
         ),
     }
 }
@@ -116,6 +126,11 @@ mod tests {
                     Err("no certificate yet for spiffe://td/ns/a/sa/b".into())
                 }
             }),
+            debug: Arc::new(|| debug::DebugState {
+                node: "node-a".into(),
+                generation: 3,
+                ..Default::default()
+            }),
         }
     }
 
@@ -137,5 +152,8 @@ mod tests {
             route(&state(false), &Method::GET, "/nope").status(),
             StatusCode::NOT_FOUND
         );
+        let r = route(&state(true), &Method::GET, "/debug/state");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
     }
 }

@@ -138,6 +138,20 @@ pub async fn fetch(
     })
 }
 
+/// Where one identity's certificate stands.
+#[derive(Debug, Clone)]
+pub enum CertState {
+    /// Asked for, not answered yet.
+    Initializing,
+    /// In force; `last_error` when the latest renewal failed (the certificate stays in force).
+    Available {
+        cert: Arc<WorkloadCert>,
+        last_error: Option<String>,
+    },
+    /// Every request so far failed; the latest failure.
+    Unavailable(String),
+}
+
 /// Keeps a certificate fresh for every identity it is told about.
 #[derive(Clone)]
 pub struct CertManager {
@@ -148,6 +162,8 @@ pub struct CertManager {
     ttl: Duration,
     certs: Arc<RwLock<HashMap<SpiffeId, Arc<WorkloadCert>>>>,
     tasks: Arc<RwLock<HashMap<SpiffeId, CancellationToken>>>,
+    /// The last failure of each identity's latest request, until one succeeds.
+    errors: Arc<RwLock<HashMap<SpiffeId, String>>>,
     /// Rotation tasks start here; each also ends when the agent stops.
     drain: crate::drain::Drain,
 }
@@ -174,6 +190,7 @@ impl CertManager {
             ttl,
             certs: Arc::default(),
             tasks: Arc::default(),
+            errors: Arc::default(),
             drain,
         }
     }
@@ -234,6 +251,29 @@ impl CertManager {
         v
     }
 
+    /// Every managed identity and where its certificate stands, sorted by identity.
+    pub fn states(&self) -> Vec<(SpiffeId, CertState)> {
+        let tasks = self.tasks.read().unwrap_or_else(|p| p.into_inner());
+        let certs = self.certs.read().unwrap_or_else(|p| p.into_inner());
+        let errors = self.errors.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(SpiffeId, CertState)> = tasks
+            .keys()
+            .map(|id| {
+                let state = match (certs.get(id), errors.get(id)) {
+                    (Some(c), error) => CertState::Available {
+                        cert: c.clone(),
+                        last_error: error.cloned(),
+                    },
+                    (None, Some(e)) => CertState::Unavailable(e.clone()),
+                    (None, None) => CertState::Initializing,
+                };
+                (id.clone(), state)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Makes the set of managed identities exactly `ids`: starts a rotation task for each new one
     /// and stops (and forgets) the ones no longer wanted.
     pub fn set_identities(&self, ids: &[SpiffeId]) {
@@ -243,6 +283,10 @@ impl CertManager {
             if !keep {
                 token.cancel();
                 self.certs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                self.errors
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(id);
@@ -274,6 +318,10 @@ impl CertManager {
                     backoff = Duration::from_millis(500);
                     let renew = cert.renew_at(jitter());
                     tracing::info!(identity = %id, serial = %cert.serial, "certificate loaded");
+                    self.errors
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
                     self.certs
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
@@ -284,6 +332,10 @@ impl CertManager {
                 }
                 Err(e) => {
                     tracing::warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate request failed");
+                    self.errors
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), e.to_string());
                     let w = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w

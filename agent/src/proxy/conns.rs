@@ -200,6 +200,25 @@ impl Connections {
             .count()
     }
 
+    /// (reporter, source, destination, port, verdict) of every open connection, sorted.
+    pub fn open_flows(&self) -> Vec<(Reporter, String, String, u16, &'static str)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .values()
+            .map(|(t, _)| {
+                (
+                    t.reporter,
+                    t.source.clone(),
+                    t.destination.clone(),
+                    t.port,
+                    t.verdict.as_str(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Decides every open connection again under `snap` and closes the ones no longer allowed.
     /// Returns how many were closed.
     pub fn recheck(&self, snap: &Snapshot, metrics: &Metrics) -> usize {

@@ -54,6 +54,8 @@ pub struct LocalEndpoint {
 
 #[derive(Debug)]
 pub struct Snapshot {
+    /// How many snapshots were applied before this one (the first is 0).
+    pub generation: u64,
     pub state: State,
     pub services: ServiceTable,
     /// Node name → address of its proxy.
@@ -552,6 +554,7 @@ pub fn build_loaded(
         previous,
     })?;
     Ok(Snapshot {
+        generation: 0,
         services,
         gateway,
         nodes: extra.nodes,

@@ -280,6 +280,23 @@ impl Topology {
 
     /// GET `path` on node `node`'s agent admin port, from inside the node's namespace: the
     /// status code (0 when nothing answers) and the body.
+    /// Waits until both agents have looked at the state directory as it is now (applied, or
+    /// refused with the snapshot in force kept), by the revision their `/debug/state` reports.
+    pub fn settle(&self) {
+        let dir = self.dir.path().join("state");
+        let want = signet_agent::reconcile::dir_revision(&dir);
+        for node in ['a', 'b'] {
+            super::wait_for(
+                &format!("node-{node} to apply state revision {want}"),
+                || {
+                    let (status, body) = self.admin_get(node, "/debug/state");
+                    let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    (status == 200 && state["revision"] == want.as_str()).then_some(())
+                },
+            );
+        }
+    }
+
     pub fn admin_get(&self, node: char, path: &str) -> (u16, String) {
         in_netns(&self.ns(&format!("node-{node}")), || {
             use std::io::{Read as _, Write as _};
@@ -624,9 +641,4 @@ fn run_ca(
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Waits for the agents to apply a state change (they poll every 500 ms).
-pub fn settle() {
-    std::thread::sleep(Duration::from_millis(1500));
 }

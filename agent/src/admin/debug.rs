@@ -1,0 +1,45 @@
+//! `GET /debug/state`: what the agent has in force, as JSON, for operators and for tests that
+//! wait for a change to be applied instead of sleeping. The agent fills it in (`app.rs`); this
+//! module only says its shape.
+
+use serde::Serialize;
+
+/// The agent's state.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugState {
+    pub node: String,
+    /// Snapshots applied before the one in force (the first is 0).
+    pub generation: u64,
+    /// The cluster state's revision last looked at, applied or not.
+    pub revision: String,
+    /// Why that revision was refused, when it was (the snapshot in force is older).
+    pub refused: Option<String>,
+    pub identities: Vec<IdentityState>,
+    pub flows: Vec<OpenFlow>,
+}
+
+/// One workload identity's certificate.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityState {
+    pub identity: String,
+    /// `initializing`, `available` or `unavailable`.
+    pub state: &'static str,
+    pub serial: Option<String>,
+    /// Unix seconds.
+    pub not_after: Option<u64>,
+    /// The latest request's failure (the certificate, if any, stays in force).
+    pub error: Option<String>,
+}
+
+/// One open proxied connection.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenFlow {
+    pub reporter: &'static str,
+    pub source: String,
+    pub destination: String,
+    pub port: u16,
+    pub verdict: &'static str,
+}
