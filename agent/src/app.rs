@@ -342,10 +342,9 @@ fn proxy_context(
     );
     let hbone = {
         let (certs, roots) = (certs.clone(), roots.clone());
+        let configs = tls::ClientConfigs::default();
         HboneClient::new(
-            Arc::new(move |route| {
-                tls::client_config(&certs, &roots, &route.source, &route.destination)
-            }),
+            Arc::new(move |route| configs.get(&certs, &roots, &route.source, &route.destination)),
             config.max_streams_per_connection,
             limits.connect,
             drain.clone(),

@@ -18,7 +18,8 @@ use signet_agent::drain::Drain;
 use signet_agent::proxy::FlowRecord;
 use signet_agent::proxy::conns::{Decision, Verdict};
 use signet_agent::proxy::hbone::{
-    Accepted, Admission, HboneClient, HboneError, Inbound, Meter, Route, pump, serve_connection,
+    Accepted, Admission, HboneClient, HboneError, Inbound, Keepalive, Meter, Route, pump,
+    serve_connection,
 };
 use signet_agent::proxy::l7::L7Flow;
 use signet_ca::verify::{SpiffeClientVerifier, SpiffeServerVerifier, SvidRoots, peer_spiffe_id};
@@ -311,6 +312,112 @@ async fn connections_are_pooled_with_a_stream_cap() {
         );
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_first_streams_to_a_route_share_one_new_connection() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (node, accepted) = hbone_server(&pki, pki.svid(DB), target).await;
+    let c = client(&pki, 100);
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    // Sixteen streams asked for at once on an empty pool: one dial, the others wait for it.
+    let opens = (0..16).map(|_| {
+        let (c, route) = (c.clone(), route.clone());
+        tokio::spawn(async move { round_trip(&c, &route, target, b"x").await })
+    });
+    for r in futures::future::join_all(opens).await {
+        assert_eq!(r.expect("joined").expect("tunnel"), b"x");
+    }
+    assert_eq!(c.dials(), 1, "one dial for sixteen first streams");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A TCP relay to `to` whose open connections can be frozen: bytes stop moving both ways but
+/// the sockets stay open, as when a peer node dies without a FIN or RST.
+async fn freezable_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = l.accept().await {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(up) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                let copy = |mut r: tokio::net::tcp::OwnedReadHalf,
+                            mut w: tokio::net::tcp::OwnedWriteHalf,
+                            flag: Arc<std::sync::atomic::AtomicBool>| async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = r.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        if flag.load(Ordering::SeqCst) {
+                            // Frozen: swallow, answer nothing, keep the socket.
+                            std::future::pending::<()>().await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::join!(copy(dr, uw, flag.clone()), copy(ur, dw, flag));
+            });
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_to_a_peer_that_stops_answering_leaves_the_pool_in_seconds() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (server, _) = hbone_server(&pki, pki.svid(DB), target).await;
+    let (node, frozen) = freezable_relay(server).await;
+    let c = client(&pki, 100).with_keepalive(Keepalive {
+        interval: Duration::from_millis(200),
+        timeout: Duration::from_millis(500),
+    });
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    assert_eq!(
+        round_trip(&c, &route, target, b"x").await.expect("tunnel"),
+        b"x"
+    );
+    // PINGs are answered while the path works: the connection stays.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(c.connections(), 1, "an answering peer keeps its connection");
+    frozen.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    while c.connections() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a silent peer's connection is still pooled after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New streams dial a new connection (the relay forwards new connections again).
+    frozen.store(false, Ordering::SeqCst);
+    assert_eq!(
+        round_trip(&c, &route, target, b"y").await.expect("tunnel"),
+        b"y"
+    );
+    assert_eq!(c.dials(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+mod common;
+
+use common::Snapshots;
+
 use signet_agent::datapath::fake::FakeDatapath;
 use signet_agent::datapath::sync::{Host, Unplaced, sync};
 use signet_agent::datapath::{DatapathError, EndpointKey, desired_policy};
-use signet_agent::state::snapshot::{
-    self, EndpointIds, LocalEndpoint, PodAnnotations, Snapshot, Source,
-};
-use signet_ca::TrustDomain;
-use signet_policy::identity::MemoryAllocator;
+use signet_agent::state::snapshot::{LocalEndpoint, Snapshot};
 
 /// What the node knows, as a table.
 #[derive(Default)]
@@ -100,40 +100,6 @@ fn cluster(pods: &[String]) -> String {
     text
 }
 
-/// Builds snapshots the way the agent does, with stable endpoint ids and numbers.
-struct Builder {
-    numbers: MemoryAllocator,
-    ids: EndpointIds,
-}
-
-impl Builder {
-    fn new() -> Self {
-        Self {
-            numbers: MemoryAllocator::default(),
-            ids: EndpointIds::default(),
-        }
-    }
-
-    fn build(&mut self, text: &str, previous: Option<&Snapshot>) -> Snapshot {
-        let dir = tempfile::tempdir().expect("tmp");
-        std::fs::write(dir.path().join("all.yaml"), text).expect("write");
-        snapshot::build_loaded(
-            snapshot::load_source(
-                Source::Dir(dir.path()),
-                &TrustDomain::parse("cluster.local").expect("td"),
-            )
-            .expect("loads"),
-            PodAnnotations::Trusted,
-            "node-a",
-            &self.numbers,
-            &mut self.ids,
-            previous.map(|s| &s.compiled),
-            1 << 16,
-        )
-        .expect("snapshot")
-    }
-}
-
 fn host() -> TableHost {
     TableHost {
         addresses: vec![
@@ -160,7 +126,7 @@ fn local<'a>(snap: &'a Snapshot, name: &str) -> &'a LocalEndpoint {
 
 #[test]
 fn local_pods_are_found_by_namespace_and_interface_with_their_endpoint_and_identity() {
-    let mut b = Builder::new();
+    let mut b = Snapshots::for_node("node-a");
     let snap = b.build(
         &cluster(&[
             pod("web", "10.1.0.2", "web", "veth-web"),
@@ -203,7 +169,7 @@ fn local_pods_are_found_by_namespace_and_interface_with_their_endpoint_and_ident
 
 #[test]
 fn pods_that_cannot_be_placed_are_reported_and_never_entered() {
-    let mut b = Builder::new();
+    let mut b = Snapshots::for_node("node-a");
     let snap = b.build(
         &cluster(&[
             // hostNetwork-like: its namespace is the node's.
@@ -244,7 +210,7 @@ fn pods_that_cannot_be_placed_are_reported_and_never_entered() {
 
 #[test]
 fn a_pod_that_leaves_takes_its_entries_and_its_attachment_with_it() {
-    let mut b = Builder::new();
+    let mut b = Snapshots::for_node("node-a");
     let both = b.build(
         &cluster(&[
             pod("web", "10.1.0.2", "web", "veth-web"),
@@ -272,7 +238,7 @@ fn a_pod_that_leaves_takes_its_entries_and_its_attachment_with_it() {
 
 #[test]
 fn a_set_a_map_cannot_hold_is_refused_before_anything_is_written() {
-    let mut b = Builder::new();
+    let mut b = Snapshots::for_node("node-a");
     let one = b.build(&cluster(&[pod("web", "10.1.0.2", "web", "veth-web")]), None);
     let both = b.build(
         &cluster(&[

@@ -8,9 +8,10 @@ use std::net::IpAddr;
 
 use signet_agent::datapath::IpcacheEntry;
 use signet_agent::datapath::translate::ipcache;
-use signet_agent::state::snapshot::{self, EndpointIds, PodAnnotations, Snapshot, Source};
-use signet_ca::TrustDomain;
-use signet_policy::identity::{ANY, HOST, MemoryAllocator, REMOTE_NODE, WORLD};
+mod common;
+
+use common::snapshot_of;
+use signet_policy::identity::{ANY, HOST, REMOTE_NODE, WORLD};
 
 const CLUSTER: &str = "\
 apiVersion: v1
@@ -74,25 +75,6 @@ spec:
   selector: {matchLabels: {app: web}}
   egress: [{to: [{cidr: 203.0.113.0/24}]}]
 ";
-
-fn snapshot_of(text: &str, node: &str) -> Snapshot {
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(dir.path().join("all.yaml"), text).expect("write");
-    snapshot::build_loaded(
-        snapshot::load_source(
-            Source::Dir(dir.path()),
-            &TrustDomain::parse("cluster.local").expect("td"),
-        )
-        .expect("loads"),
-        PodAnnotations::Trusted,
-        node,
-        &MemoryAllocator::default(),
-        &mut EndpointIds::default(),
-        None,
-        1 << 16,
-    )
-    .expect("snapshot")
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")

@@ -100,8 +100,9 @@ impl fmt::Debug for TrustDomain {
 /// A SPIFFE ID: `spiffe://<trust-domain><path>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    /// The whole ID as printed; `path_start` splits it.
-    id: String,
+    /// The whole ID as printed; `path_start` splits it. Shared: a clone (one per connection,
+    /// per flow record, per registry entry) is a reference count, not a copy.
+    id: std::sync::Arc<str>,
     path_start: usize,
 }
 
@@ -132,7 +133,7 @@ impl SpiffeId {
         check_trust_domain(td)?;
         check_path(path)?;
         Ok(Self {
-            id: s.to_owned(),
+            id: std::sync::Arc::from(s),
             path_start: SCHEME.len() + td.len(),
         })
     }

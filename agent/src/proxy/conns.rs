@@ -9,21 +9,19 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use signet_ca::SpiffeId;
 use signet_policy::compile::Action;
 use signet_policy::eval::Direction;
-use signet_policy::model::HttpMatch;
 use signet_policy::resource::Protocol;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::metrics::{Metrics, Reporter};
 use crate::state::snapshot::Snapshot;
 
-/// The `http` rules a connection's requests are checked against: (rule name, matchers).
-pub type L7Rules = Vec<(String, Vec<HttpMatch>)>;
+pub use crate::state::snapshot::L7Rules;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -61,7 +59,35 @@ impl Verdict {
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub verdict: Verdict,
-    pub rule: String,
+    pub rule: Rule,
+}
+
+/// What decided a connection; named only when a line is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    DefaultAllow,
+    DefaultDeny,
+    /// The local address is not a pod of this node.
+    NotLocal(IpAddr),
+    /// A compiled rule, by its name (`namespace/name ingress[0]`).
+    Named(Arc<str>),
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::DefaultAllow => f.write_str("default allow"),
+            Rule::DefaultDeny => f.write_str("default deny"),
+            Rule::NotLocal(ip) => write!(f, "{ip} is not a pod of this node"),
+            Rule::Named(n) => f.write_str(n),
+        }
+    }
+}
+
+impl From<&str> for Rule {
+    fn from(name: &str) -> Self {
+        Rule::Named(Arc::from(name))
+    }
 }
 
 /// Decides a connection between `local` (a workload on this node: the client for `Outbound`,
@@ -76,7 +102,7 @@ pub fn decide(
     let Some(ep) = snap.local_by_ip(local) else {
         return Decision {
             verdict: Verdict::Gone,
-            rule: format!("{local} is not a pod of this node"),
+            rule: Rule::NotLocal(local),
         };
     };
     let direction = match reporter {
@@ -92,14 +118,12 @@ pub fn decide(
         .compiled
         .lookup(ep.id, direction, number, port, Protocol::Tcp);
     let rule = match found {
-        Some((_, e)) => snap.compiled.rule(e.rule).map_or_else(
-            || match e.action {
-                Action::Deny => "default deny".to_owned(),
-                _ => "default allow".to_owned(),
-            },
-            ToString::to_string,
-        ),
-        None => "default allow".to_owned(),
+        Some((_, e)) => match (snap.rules.names.get(&e.rule), e.action) {
+            (Some(name), _) => Rule::Named(name.clone()),
+            (None, Action::Deny) => Rule::DefaultDeny,
+            (None, _) => Rule::DefaultAllow,
+        },
+        None => Rule::DefaultAllow,
     };
     let verdict = match found.map(|(k, e)| (k, e.action)) {
         None | Some((_, Action::Allow)) => Verdict::Allow,
@@ -108,33 +132,18 @@ pub fn decide(
         // Egress `http` rules are not enforced by the source's proxy (the destination's
         // ingress rules are); at L4 the connection is allowed.
         Some((_, Action::L7)) if reporter == Reporter::Outbound => Verdict::Allow,
-        Some((key, Action::L7)) => Verdict::L7(Arc::new(l7_rules(snap, key))),
+        Some((key, Action::L7)) => {
+            Verdict::L7(snap.rules.l7.get(&key).cloned().unwrap_or_default())
+        }
     };
     Decision { verdict, rule }
-}
-
-/// The `http` rules of the allow rules the compiler listed for this key.
-fn l7_rules(snap: &Snapshot, key: signet_policy::compile::Key) -> L7Rules {
-    let policies: Vec<&signet_policy::model::Policy> =
-        snap.state.policies.iter().map(|l| &l.policy).collect();
-    snap.compiled
-        .l7
-        .get(&key)
-        .into_iter()
-        .flatten()
-        .filter_map(|id| snap.compiled.rule(*id))
-        .filter_map(|r| {
-            Some((
-                r.to_string(),
-                signet_policy::eval::http_rules(&policies, r)?.to_vec(),
-            ))
-        })
-        .collect()
 }
 
 /// One open connection, as policy sees it.
 #[derive(Debug, Clone)]
 pub struct Tracked {
+    /// The generation of the snapshot the verdict was decided under.
+    pub generation: u64,
     pub reporter: Reporter,
     /// The workload on this node.
     pub local: IpAddr,
@@ -148,18 +157,28 @@ pub struct Tracked {
     pub destination: String,
 }
 
-/// The open connections of one agent.
+/// The open connections of one agent. The lock is held only to add, remove or copy out
+/// entries: deciding them again after a policy change happens outside it, so a recheck does
+/// not stall accepts and closes; the open counts are atomics, so a scrape takes no lock.
 #[derive(Debug, Default)]
 pub struct Connections {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, (Tracked, CancellationToken)>>,
+    open: Mutex<HashMap<u64, Entry>>,
+    outbound: AtomicUsize,
+    inbound: AtomicUsize,
+    /// The snapshot the last recheck decided under: a connection registered after that
+    /// recheck copied the entries, but decided under an older snapshot, is decided again here.
+    latest: Mutex<Option<Arc<Snapshot>>>,
 }
+
+type Entry = (Arc<Tracked>, CancellationToken);
 
 /// Keeps a connection registered while alive; `closed()` fires when policy closes it.
 #[derive(Debug)]
 pub struct Registration {
     conns: Arc<Connections>,
     id: u64,
+    reporter: Reporter,
     stop: CancellationToken,
 }
 
@@ -173,31 +192,63 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.conns.lock().remove(&self.id);
+        self.conns
+            .counter(self.reporter)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Connections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Tracked, CancellationToken)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn counter(&self, reporter: Reporter) -> &AtomicUsize {
+        match reporter {
+            Reporter::Outbound => &self.outbound,
+            Reporter::Inbound => &self.inbound,
+        }
     }
 
     pub fn register(self: &Arc<Self>, tracked: Tracked) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stop = CancellationToken::new();
-        self.lock().insert(id, (tracked, stop.clone()));
-        Registration {
+        let reporter = tracked.reporter;
+        let tracked = Arc::new(tracked);
+        self.counter(reporter).fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, (tracked.clone(), stop.clone()));
+        let registration = Registration {
             conns: self.clone(),
             id,
+            reporter,
             stop,
+        };
+        // Either the recheck's copy held this entry, or the recheck's snapshot is here.
+        let latest = self
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(snap) = latest.filter(|s| s.generation > tracked.generation) {
+            let now = decide(&snap, reporter, tracked.local, &tracked.peer, tracked.port);
+            if !tracked.verdict.still_allows(&now.verdict) {
+                tracing::info!(
+                    reporter = reporter.as_str(),
+                    source = %tracked.source,
+                    destination = %tracked.destination,
+                    port = tracked.port,
+                    rule = %now.rule,
+                    "flow closed: decided under a policy replaced while it opened"
+                );
+                registration.stop.cancel();
+            }
         }
+        registration
     }
 
     /// Open connections reported by `reporter`.
     pub fn count(&self, reporter: Reporter) -> usize {
-        self.lock()
-            .values()
-            .filter(|(t, _)| t.reporter == reporter)
-            .count()
+        self.counter(reporter).load(Ordering::Relaxed)
     }
 
     /// (reporter, source, destination, port, verdict) of every open connection, sorted.
@@ -221,9 +272,11 @@ impl Connections {
 
     /// Decides every open connection again under `snap` and closes the ones no longer allowed.
     /// Returns how many were closed.
-    pub fn recheck(&self, snap: &Snapshot, metrics: &Metrics) -> usize {
+    pub fn recheck(&self, snap: &Arc<Snapshot>, metrics: &Metrics) -> usize {
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
+        let open: Vec<Entry> = self.lock().values().cloned().collect();
         let mut closed = 0;
-        for (t, stop) in self.lock().values() {
+        for (t, stop) in &open {
             let now = decide(snap, t.reporter, t.local, &t.peer, t.port);
             if t.verdict.still_allows(&now.verdict) {
                 continue;
@@ -249,6 +302,7 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use signet_policy::model::HttpMatch;
 
     fn rules(path: &str) -> Verdict {
         Verdict::L7(Arc::new(vec![(

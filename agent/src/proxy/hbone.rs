@@ -217,9 +217,32 @@ pub struct HboneClient {
     tls: ClientTls,
     max_streams: usize,
     pool: Arc<Mutex<HashMap<Route, Vec<PooledConn>>>>,
+    /// One dial at a time per route: N simultaneous first connections open one HBONE
+    /// connection, not N.
+    dialing: Arc<Mutex<HashMap<Route, Arc<tokio::sync::Mutex<()>>>>>,
+    dials: Arc<AtomicUsize>,
     connect_timeout: Duration,
+    keepalive: Keepalive,
     /// The connections' driver tasks start here.
     drain: crate::drain::Drain,
+}
+
+/// HTTP/2 PINGs on pooled connections: a peer that stops answering (its node died, a link
+/// black-holes) is noticed within `interval + timeout`, and its connection leaves the pool,
+/// instead of waiting for TCP to give up (about 15 minutes).
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 impl std::fmt::Debug for HboneClient {
@@ -260,9 +283,23 @@ impl HboneClient {
             tls,
             max_streams: max_streams.max(1),
             pool: Arc::default(),
+            dialing: Arc::default(),
+            dials: Arc::default(),
             connect_timeout,
+            keepalive: Keepalive::default(),
             drain,
         }
+    }
+
+    /// The same pool with other keepalive settings.
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
+    /// Connections dialled so far (a pool connection each), for tests and metrics.
+    pub fn dials(&self) -> usize {
+        self.dials.load(Ordering::Relaxed)
     }
 
     /// Open HTTP/2 connections in the pool (for tests and metrics).
@@ -278,7 +315,7 @@ impl HboneClient {
     pub async fn open(&self, route: &Route, authority: SocketAddr) -> Result<Tunnel, HboneError> {
         let (send_req, active) = match self.pooled(route) {
             Some(c) => c,
-            None => self.dial(route).await?,
+            None => self.pooled_or_dial(route).await?,
         };
         let slot = Slot(active);
         let mut send_req = send_req.ready().await.map_err(|source| HboneError::H2 {
@@ -335,10 +372,38 @@ impl HboneClient {
         None
     }
 
+    /// Under the route's dial lock: a connection someone else dialled meanwhile, or a new one.
+    async fn pooled_or_dial(
+        &self,
+        route: &Route,
+    ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
+        let lock = self
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(route.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _turn = lock.lock().await;
+            match self.pooled(route) {
+                Some(c) => Ok(c),
+                None => self.dial(route).await,
+            }
+        };
+        // The last one out removes the route's lock (the map holds one reference, we another).
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&lock) == 2 {
+            dialing.remove(route);
+        }
+        result
+    }
+
     async fn dial(
         &self,
         route: &Route,
     ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
+        self.dials.fetch_add(1, Ordering::Relaxed);
         let node = route.node;
         let (tls, own_expiry) = (self.tls)(route).ok_or_else(|| HboneError::Tls {
             node,
@@ -368,7 +433,7 @@ impl HboneClient {
             .and_then(|c| c.first())
             .and_then(not_after)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let (send, conn) = h2::client::Builder::new()
+        let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_frame_size(MAX_FRAME)
@@ -377,9 +442,17 @@ impl HboneClient {
             .map_err(|source| HboneError::H2 { node, source })?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let closed_by_task = closed.clone();
+        let pings = conn.ping_pong();
+        let keepalive = self.keepalive;
         self.drain.spawn("hbone connection", async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%node, error = %e, "HBONE connection closed");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%node, error = %e, "HBONE connection closed");
+                },
+                why = keep_alive(pings, keepalive) => {
+                    // Dropping the connection closes it: its streams fail, and new ones dial.
+                    tracing::warn!(%node, "HBONE connection closed: {why}");
+                }
             }
             closed_by_task.store(true, Ordering::Release);
         });
@@ -396,6 +469,26 @@ impl HboneClient {
                 expires: own_expiry.min(peer_expiry),
             });
         Ok((send, active))
+    }
+}
+
+/// PINGs the peer every `interval` until one goes unanswered for `timeout`; returns why.
+async fn keep_alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> String {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(keepalive.interval).await;
+        match tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("PING failed: {e}"),
+            Err(_) => {
+                return format!(
+                    "the peer did not answer a PING within {:?}",
+                    keepalive.timeout
+                );
+            }
+        }
     }
 }
 

@@ -127,6 +127,7 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 &source,
                 target.port(),
             );
+            let generation = snap.generation;
             drop(snap);
             if decision.verdict == Verdict::Deny {
                 let why = Refusal::Policy {
@@ -152,6 +153,7 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 _ => None,
             };
             let registration = ctx.conns.register(Tracked {
+                generation,
                 reporter: Reporter::Inbound,
                 local: target.ip(),
                 peer: source,

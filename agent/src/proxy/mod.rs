@@ -98,7 +98,7 @@ pub struct FlowRecord {
     pub destination: String,
     pub target: SocketAddr,
     pub verdict: &'static str,
-    pub rule: String,
+    pub rule: conns::Rule,
     started: Instant,
     counters: Arc<FlowCounters>,
 }

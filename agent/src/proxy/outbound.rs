@@ -128,6 +128,7 @@ async fn handle(
         destination: dst.clone(),
         node: SocketAddr::new(*node_ip, ctx.inbound_port),
     };
+    let generation = snap.generation;
     drop(snap);
     let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(&route, dst_addr)).await;
     let t = match tunnel {
@@ -150,6 +151,7 @@ async fn handle(
         }
     };
     let registration = ctx.conns.register(Tracked {
+        generation,
         reporter: Reporter::Outbound,
         local: client.ip(),
         peer: dst.clone(),

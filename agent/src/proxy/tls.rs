@@ -27,8 +27,64 @@ pub fn id_from_sni(sni: &str, td: &TrustDomain) -> Option<SpiffeId> {
     SpiffeId::workload(td, ns, sa).ok()
 }
 
+/// One crypto provider for every configuration.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Routes whose configurations are kept; past this the cache starts over.
+const MAX_CACHED_CONFIGS: usize = 4096;
+
+/// Client configurations, built once per (source, destination) and source certificate rather
+/// than per dial, so the HBONE connections of a route resume TLS sessions (rustls keeps the
+/// tickets in the configuration). A renewed certificate gets a new configuration, and with it a
+/// fresh session store: nothing resumes across a certificate change. The verifier reads the
+/// trust roots in force at each handshake, so a bundle change applies at once.
+#[derive(Debug, Clone, Default)]
+pub struct ClientConfigs {
+    cache: Arc<std::sync::Mutex<ConfigCache>>,
+}
+
+type ConfigCache =
+    std::collections::HashMap<(SpiffeId, SpiffeId), (String, Arc<rustls::ClientConfig>)>;
+
+impl ClientConfigs {
+    /// As [`client_config`], from the cache when `source`'s certificate has not changed.
+    pub fn get(
+        &self,
+        certs: &CertManager,
+        roots: &SvidRoots,
+        source: &SpiffeId,
+        destination: &SpiffeId,
+    ) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
+        let cert = certs.get(source)?;
+        let key = (source.clone(), destination.clone());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, cfg)) = cache.get(&key)
+            && *serial == cert.serial
+        {
+            return Some((cfg.clone(), cert.not_after));
+        }
+        let (cfg, not_after) = client_config_for(&cert, roots, destination)?;
+        if cache.len() >= MAX_CACHED_CONFIGS {
+            cache.clear();
+        }
+        cache.insert(key, (cert.serial.clone(), cfg.clone()));
+        Some((cfg, not_after))
+    }
+
+    /// Configurations held now.
+    pub fn len(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Presents the SVID of the workload named in SNI; no certificate (handshake fails) when this
@@ -70,6 +126,14 @@ pub fn client_config(
     destination: &SpiffeId,
 ) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
     let cert = certs.get(source)?;
+    client_config_for(&cert, roots, destination)
+}
+
+fn client_config_for(
+    cert: &crate::certs::WorkloadCert,
+    roots: &SvidRoots,
+    destination: &SpiffeId,
+) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .ok()?

@@ -68,7 +68,12 @@ pub struct Snapshot {
     /// This node's pods whose placement annotations were ignored (`PodAnnotations::Ignored`).
     pub ignored_annotations: Vec<String>,
     pub local: Vec<LocalEndpoint>,
+    /// Workload index → index into `local`: finding the local endpoint of an address is two
+    /// lookups per connection, not a scan of the node's pods.
+    local_by_workload: HashMap<usize, usize>,
     pub compiled: Compiled,
+    /// The compiled rules as connections use them.
+    pub rules: RuleIndex,
     /// Gateway API listeners this node serves: those of the Signet Gateways placed on it
     /// (`signet.dev/nodes`; all of them without).
     pub gateway: crate::gateway::model::GatewayConfig,
@@ -553,8 +558,16 @@ pub fn build_loaded(
         capacity,
         previous,
     })?;
+    let rules = RuleIndex::new(&compiled, &models);
+    let local_by_workload = local
+        .iter()
+        .enumerate()
+        .map(|(i, ep)| (ep.workload, i))
+        .collect();
     Ok(Snapshot {
         generation: 0,
+        local_by_workload,
+        rules,
         services,
         gateway,
         nodes: extra.nodes,
@@ -568,6 +581,47 @@ pub fn build_loaded(
     })
 }
 
+/// The `http` rules a connection's requests are checked against: (rule name, matchers).
+pub type L7Rules = Vec<(String, Vec<signet_policy::model::HttpMatch>)>;
+
+/// Compiled rules in the form connections use them, made once per snapshot rather than per
+/// connection: each rule's name (for flow lines, shared, never formatted per connection), and
+/// the `http` rules of each L7 key, shared by every connection that key admits.
+#[derive(Debug, Default)]
+pub struct RuleIndex {
+    pub names: HashMap<u32, std::sync::Arc<str>>,
+    pub l7: HashMap<compile::Key, std::sync::Arc<L7Rules>>,
+}
+
+impl RuleIndex {
+    fn new(compiled: &Compiled, policies: &[Policy]) -> Self {
+        let names = compiled
+            .rules
+            .iter()
+            .map(|(id, r)| (*id, std::sync::Arc::from(r.to_string())))
+            .collect();
+        let refs: Vec<&Policy> = policies.iter().collect();
+        let l7 = compiled
+            .l7
+            .iter()
+            .map(|(key, ids)| {
+                let rules: L7Rules = ids
+                    .iter()
+                    .filter_map(|id| compiled.rule(*id))
+                    .filter_map(|r| {
+                        Some((
+                            r.to_string(),
+                            signet_policy::eval::http_rules(&refs, r)?.to_vec(),
+                        ))
+                    })
+                    .collect();
+                (*key, std::sync::Arc::new(rules))
+            })
+            .collect();
+        Self { names, l7 }
+    }
+}
+
 impl Snapshot {
     pub fn workload(&self, i: usize) -> &Workload {
         &self.state.cluster.workloads[i]
@@ -578,8 +632,8 @@ impl Snapshot {
     }
 
     pub fn local_by_ip(&self, ip: IpAddr) -> Option<&LocalEndpoint> {
-        let i = *self.pods_by_ip.get(&ip)?;
-        self.local.iter().find(|e| e.workload == i)
+        let w = self.pods_by_ip.get(&ip)?;
+        self.local_by_workload.get(w).map(|i| &self.local[*i])
     }
 
     /// Identities with a workload on this node, and the Gateways it serves: the certificates
