@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use signet_ca::client::CaClient;
-use signet_ca::lease::Elector;
+use signet_ca::kubernetes::Elector;
 use signet_ca::verify::SvidRoots;
 use signet_policy::identity::FileAllocator;
 use tokio::net::TcpListener;
@@ -280,7 +280,7 @@ async fn cluster_source(
             identity_table,
         } => (state_dir, identity_table),
         ClusterSource::Kubernetes => {
-            let client = signet_ca::server::kube::client(config.kubeconfig.as_deref())
+            let client = signet_ca::kubernetes::client(config.kubeconfig.as_deref())
                 .await
                 .context("connecting to the Kubernetes API")?;
             let objects = KubeSource::start(

@@ -38,10 +38,10 @@ pub struct Progress {
 /// A state directory's revision: a digest of its manifests' names, sizes and mtimes (what the
 /// loop polls).
 pub fn dir_revision(dir: &std::path::Path) -> String {
-    revision_of(&signet_ca::server::authz::fingerprint(dir))
+    revision_of(&signet_ca::files::fingerprint(dir))
 }
 
-fn revision_of(fp: &signet_ca::server::authz::Fingerprint) -> String {
+fn revision_of(fp: &signet_ca::files::Fingerprint) -> String {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::hash::DefaultHasher::new();
     fp.hash(&mut h);
@@ -55,7 +55,7 @@ pub struct Reconciler {
     pub host: Box<dyn Host + Send>,
     pub progress: Arc<RwLock<Progress>>,
     /// The state directory's fingerprint at the last build (standalone mode).
-    seen: Option<signet_ca::server::authz::Fingerprint>,
+    seen: Option<signet_ca::files::Fingerprint>,
     /// Builds so far (Kubernetes mode's revision).
     builds: u64,
 }
@@ -84,7 +84,7 @@ impl Reconciler {
     /// fingerprint; Kubernetes: always, the watch said so).
     fn changed(&self) -> bool {
         match self.builder.state_dir() {
-            Some(dir) => self.seen.as_ref() != Some(&signet_ca::server::authz::fingerprint(dir)),
+            Some(dir) => self.seen.as_ref() != Some(&signet_ca::files::fingerprint(dir)),
             None => true,
         }
     }
@@ -96,7 +96,7 @@ impl Reconciler {
         self.builds += 1;
         let revision = match self.builder.state_dir() {
             Some(dir) => {
-                let fp = signet_ca::server::authz::fingerprint(dir);
+                let fp = signet_ca::files::fingerprint(dir);
                 let r = revision_of(&fp);
                 self.seen = Some(fp);
                 r

@@ -307,7 +307,7 @@ async fn racing_agents_end_with_one_number_per_identity() {
 
 #[tokio::test]
 async fn one_agent_holds_the_lease_until_it_stops_renewing() {
-    use signet_ca::lease::Elector;
+    use signet_ca::kubernetes::Elector;
     let client = fake_api(Store::default());
     let name = "gc-test-lease";
     let a = Elector::new(client.clone(), "signet-system", name, "node-a", 1);

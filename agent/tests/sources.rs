@@ -205,7 +205,7 @@ fn invalid_api_objects_are_named_and_refused_whole() {
 
 #[test]
 fn a_gateway_is_served_and_its_identity_held_only_where_it_is_placed() {
-    use signet_ca::server::placement::NODES_ANNOTATION;
+    use signet_ca::placement::NODES_ANNOTATION;
     let text = format!(
         "{CLUSTER}{}",
         tls_secret("shop", "shop-tls", "shop.example.test")

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::proto::IMPERSONATED_IDENTITY;
 use crate::proto::istio::IstioCertificateRequest;
 use crate::proto::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::proto::signet::trust_bundle_service_client::TrustBundleServiceClient;
 use crate::proto::signet::{TrustBundleRequest, TrustBundleResponse};
-use crate::server::grpc::IMPERSONATED_IDENTITY;
 use crate::spiffe::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]

@@ -95,7 +95,7 @@ down() {
 up() {
     install_missing
     say "building (release)"
-    cargo build --release --locked -p signet-ca -p signet-agent --bins
+    cargo build --release --locked -p signet-ca -p signet-agent --bins --features signet-ca/server
     down
     mkdir -p "$WORK/state" "$CG"
     chmod 700 "$WORK"

@@ -187,7 +187,7 @@ fn add_pod(cluster: &mut Cluster, pod: &Pod) -> Result<(), String> {
     // workloads. Finished pods stay selectable (their labels still name them) but own no
     // address: the kubelet may already have given it to a new pod, which must not be taken for
     // the old one.
-    use signet_ca::server::authz::{NotAWorkload, not_a_workload};
+    use signet_ca::workload::{NotAWorkload, not_a_workload};
     let finished = match not_a_workload(pod) {
         None => false,
         Some(NotAWorkload::Finished) => true,

@@ -62,7 +62,7 @@ pub enum AllocError {
     #[error("no number has been allocated for {0} yet")]
     NotAllocated(SpiffeId),
     #[error("{0}")]
-    Store(#[from] signet_ca::store::StoreError),
+    Write(#[from] signet_ca::files::WriteError),
 }
 
 /// The cluster-wide record of one number in Kubernetes mode: cluster-scoped, named by the number
@@ -255,7 +255,7 @@ impl IdentityAllocator for FileAllocator {
             identities: table,
         })
         .expect("the table serialises");
-        signet_ca::store::write_atomic(&self.path, &json, 0o644)?;
+        signet_ca::files::write_atomic(&self.path, &json, 0o644)?;
         Ok(n)
     }
 

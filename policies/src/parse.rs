@@ -108,14 +108,19 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Located>, Vec<Diagnostic>> {
     }
 }
 
-/// The YAML files named by `paths`, directories expanded.
+/// The YAML files named by `paths`, directories expanded (`signet_ca::files::manifests`).
 pub fn expand(paths: &[PathBuf], diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut found = Vec::new();
-            walk(p, &mut found, diags);
-            found.sort();
+            let (found, unreadable) = signet_ca::files::manifests(p);
+            for (dir, e) in unreadable {
+                diags.push(Diagnostic {
+                    file: dir,
+                    pos: Pos::default(),
+                    message: format!("cannot read directory: {e}"),
+                });
+            }
             files.extend(found);
         } else if p.exists() {
             files.push(p.clone());
@@ -128,31 +133,6 @@ pub fn expand(paths: &[PathBuf], diags: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
         }
     }
     files
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            diags.push(Diagnostic {
-                file: dir.to_owned(),
-                pos: Pos::default(),
-                message: format!("cannot read directory: {e}"),
-            });
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            walk(&path, out, diags);
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            out.push(path);
-        }
-    }
 }
 
 fn check_unique(policies: &[Located], diags: &mut Vec<Diagnostic>) {

@@ -16,7 +16,7 @@ use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::Secret;
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
-use signet_ca::server::placement::Placement;
+use signet_ca::placement::Placement;
 use signet_ca::{SpiffeId, TrustDomain};
 
 use super::routes::{Route, Router, intersect};

@@ -161,7 +161,7 @@ impl Collector {
 
 /// While this agent holds the Lease, deletes numeric identities unused for the grace period.
 pub async fn run(
-    elector: signet_ca::lease::Elector,
+    elector: signet_ca::kubernetes::Elector,
     mut collector: Collector,
     source: crate::state::kube::KubeSource,
     td: signet_ca::TrustDomain,

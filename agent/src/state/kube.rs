@@ -68,7 +68,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let changed = changed.clone();
-    signet_ca::server::kube::drive(
+    signet_ca::kubernetes::drive(
         K::kind(&K::DynamicType::default()).into_owned(),
         watcher(api, config).default_backoff().reflect(writer),
         move || changed.send_modify(|n| *n += 1),
@@ -80,7 +80,9 @@ where
 /// A copy made by the CA (`signet_ca::server::tls_copies`) stands for the Secret it copies, so
 /// Gateways' `certificateRefs` resolve as written.
 fn as_original(mut secret: Secret) -> Secret {
-    use signet_ca::server::tls_copies::{SOURCE_NAME, SOURCE_NAMESPACE};
+    use signet_ca::kubernetes::{
+        TLS_COPY_SOURCE_NAME as SOURCE_NAME, TLS_COPY_SOURCE_NAMESPACE as SOURCE_NAMESPACE,
+    };
     let origin = secret.metadata.annotations.as_ref().and_then(|a| {
         Some((
             a.get(SOURCE_NAMESPACE)?.clone(),

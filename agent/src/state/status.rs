@@ -312,7 +312,7 @@ pub async fn write_gateways(
 /// While this agent holds the status Lease, keeps IdentityPolicy, Gateway and HTTPRoute status
 /// current.
 pub async fn keep_current(
-    elector: signet_ca::lease::Elector,
+    elector: signet_ca::kubernetes::Elector,
     client: kube::Client,
     source: super::kube::KubeSource,
     td: signet_ca::TrustDomain,

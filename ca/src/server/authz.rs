@@ -11,13 +11,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 
+use crate::placement::Placement;
 use crate::server::auth::NodeName;
-use crate::server::placement::Placement;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,27 +92,14 @@ pub fn load_pods(dir: &Path) -> Result<Vec<ScheduledPod>, StateError> {
 }
 
 fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| StateError {
-            path: d.clone(),
+    let (files, unreadable) = crate::files::manifests(dir);
+    match unreadable.into_iter().next() {
+        Some((path, e)) => Err(StateError {
+            path,
             reason: e.to_string(),
-        })?;
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            ) {
-                out.push(path);
-            }
-        }
+        }),
+        None => Ok(files),
     }
-    out.sort();
-    Ok(out)
 }
 
 fn pods_in_file(file: &Path, text: &str, pods: &mut Vec<ScheduledPod>) -> Result<(), StateError> {
@@ -153,48 +139,7 @@ fn collect(value: serde_yaml::Value, pods: &mut Vec<ScheduledPod>) -> Result<(),
     }
 }
 
-/// Why a pod is not a mesh workload: it holds no identity of its own, the CA issues it nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum NotAWorkload {
-    /// It shares the node's addresses and is the node (`host`/`remote-node`).
-    #[error("it runs in the node's network namespace (hostNetwork)")]
-    HostNetwork,
-    /// A kubelet's static pod: no service account can be named for it.
-    #[error("it is the mirror of a static pod")]
-    Mirror,
-    /// Nothing says whose it is; `sa/default` would be a guess anyone's pod could match.
-    #[error("it names no serviceAccountName")]
-    NoServiceAccount,
-    /// Phase Succeeded or Failed: its address may already be another pod's.
-    #[error("it has finished")]
-    Finished,
-}
-
-/// Why `pod` is not a mesh workload, if it is not one.
-pub fn not_a_workload(pod: &Pod) -> Option<NotAWorkload> {
-    let spec = pod.spec.as_ref()?;
-    let mirror = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key("kubernetes.io/config.mirror"));
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if spec.host_network == Some(true) {
-        Some(NotAWorkload::HostNetwork)
-    } else if mirror {
-        Some(NotAWorkload::Mirror)
-    } else if spec
-        .service_account_name
-        .as_deref()
-        .is_none_or(str::is_empty)
-    {
-        Some(NotAWorkload::NoServiceAccount)
-    } else if matches!(phase, Some("Succeeded" | "Failed")) {
-        Some(NotAWorkload::Finished)
-    } else {
-        None
-    }
-}
+pub use crate::workload::{NotAWorkload, not_a_workload};
 
 /// A pod as authorisation sees it, if it is scheduled and a mesh workload (`not_a_workload`).
 pub fn scheduled(pod: Pod) -> Option<ScheduledPod> {
@@ -210,22 +155,7 @@ pub fn scheduled(pod: Pod) -> Option<ScheduledPod> {
     })
 }
 
-/// Path, modification time and size of every manifest file: compared to tell a change.
-pub type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
-
-/// The fingerprint of a state directory (the agent's watcher uses it too).
-pub fn fingerprint(dir: &Path) -> Fingerprint {
-    manifest_files(dir)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| {
-            let meta = std::fs::metadata(&p).ok();
-            let mtime = meta.as_ref().and_then(|m| m.modified().ok());
-            let len = meta.map(|m| m.len()).unwrap_or(0);
-            (p, mtime, len)
-        })
-        .collect()
-}
+pub use crate::files::{Fingerprint, fingerprint};
 
 pub use crate::spiffe::GATEWAY_CONTROLLER;
 

@@ -23,8 +23,7 @@ use crate::server::auth::{AuthError, NodeName, bearer_token};
 use crate::server::authz::{AuthzError, NodeAuthorizer};
 use crate::server::gate::{AuthGate, GateError};
 
-/// The metadata key ztunnel uses to ask for a workload's identity.
-pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+pub use crate::proto::IMPERSONATED_IDENTITY;
 
 /// Shared by both services.
 #[derive(Debug, Clone)]

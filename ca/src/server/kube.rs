@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
@@ -15,34 +14,13 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::placement::Placement;
 use crate::server::authz::{
     ClusterView, GATEWAY_CONTROLLER, NodeAuthorizer, PlacedGateway, scheduled,
 };
-use crate::server::placement::Placement;
 use crate::server::tls_copies;
 
-/// A client for the API server: from `kubeconfig` when given (a process outside a pod), else the
-/// usual inference (`KUBECONFIG`, then the in-cluster service account).
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, KubeconfigError> {
-    let config = match kubeconfig {
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| KubeconfigError(e.to_string()))?,
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| KubeconfigError(format!("{}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| KubeconfigError(format!("{}: {e}", path.display())))?
-        }
-    };
-    kube::Client::try_from(config).map_err(|e| KubeconfigError(e.to_string()))
-}
-
-/// Why no API client could be configured.
-#[derive(Debug, thiserror::Error)]
-#[error("Kubernetes client configuration: {0}")]
-pub struct KubeconfigError(String);
+pub use crate::kubernetes::{KubeconfigError, client, drive};
 
 fn gateway_resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -50,33 +28,6 @@ fn gateway_resource(kind: &str) -> ApiResource {
         "v1",
         kind,
     ))
-}
-
-/// Drives one watch stream (a reflector's) until `stop`, calling `changed` after every event
-/// and logging failures, which the stream's backoff then retries. `what` names it in the log.
-/// Shared by the CA's and the agents' reflectors.
-pub fn drive<S, T, E>(
-    what: String,
-    stream: S,
-    changed: impl Fn() + Send + 'static,
-    stop: CancellationToken,
-) where
-    S: futures::Stream<Item = Result<T, E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(Ok(_)) => changed(),
-                    Some(Err(e)) => tracing::warn!(kind = %what, error = %e, "watch failed; retrying with backoff"),
-                    None => return,
-                },
-            }
-        }
-    });
 }
 
 /// Every Gateway whose class names Signet's controller.

@@ -10,7 +10,7 @@ pub mod config;
 pub mod gate;
 pub mod grpc;
 pub mod kube;
-pub mod placement;
+pub use crate::placement;
 pub mod tls;
 pub mod tls_copies;
 pub mod tokenreview;

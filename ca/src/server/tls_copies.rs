@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams};
 
 /// Annotations naming a copy's origin, and the label that marks copies.
-pub const SOURCE_NAMESPACE: &str = "signet.dev/source-namespace";
-pub const SOURCE_NAME: &str = "signet.dev/source-name";
+pub use crate::kubernetes::{
+    TLS_COPY_SOURCE_NAME as SOURCE_NAME, TLS_COPY_SOURCE_NAMESPACE as SOURCE_NAMESPACE,
+};
 pub const COPY_LABEL: &str = "signet.dev/gateway-tls-copy";
 
 /// The copy's name for Secret `ns/name` (both DNS labels or subdomains, so the result is one).

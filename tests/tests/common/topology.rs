@@ -589,7 +589,7 @@ pub fn start_ca_in_cluster(t: &Topology, kubeconfig: &Path) -> (Component, PathB
     let kubeconfig = kubeconfig.to_owned();
     run_ca(t, move |stop| {
         Box::pin(async move {
-            let client = signet_ca::server::kube::client(Some(&kubeconfig))
+            let client = signet_ca::kubernetes::client(Some(&kubeconfig))
                 .await
                 .expect("client");
             CaServer::start_in_cluster(config, client, "signet-ca-0", stop)
