@@ -15,6 +15,8 @@ command -v clang >/dev/null 2>&1 || [ -n "${BPF_CLANG:-}" ] || missing+=(clang)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || missing+=(bpftool)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# promtool checks the agents' /metrics exposition.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # deploy/ is validated with kubernetes-validate (PyPI) in a virtual environment.
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

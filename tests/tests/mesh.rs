@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::topology::{Topology, serial, start};
-use common::{in_netns, privileged, wait_for};
+use common::{in_netns, privileged, promtool_accepts, wait_for};
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 
@@ -76,6 +76,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "signet_connections_opened_total{{reporter=\"inbound\",source=\"{CLIENT}\",destination=\"{SERVER}\"}}"
     );
     assert_eq!(sample(&body, &inbound), Some(2.0), "{body}");
+    promtool_accepts(&body);
     assert_eq!(t.admin_get('b', "/healthz/ready").0, 200);
     // What node B has in force, as /debug/state says: the first snapshot, the server's
     // certificate, nothing refused.

@@ -1,15 +1,29 @@
-//! The proxy's counters, rendered in the Prometheus text format (version 0.0.4).
+//! The agent's counters, encoded by the `prometheus-client` crate with typed label sets.
 //!
 //! Counters are labelled by reporting direction and by source and destination SPIFFE ID, so the
 //! number of series grows with the pairs of identities that actually talk, not with connections.
-//! A connection looks its [`FlowCounters`] up once and then only touches atomics. Gauges that
-//! describe state owned elsewhere (certificate expiry, open connections, readiness) are read at
-//! scrape time through [`Gauges`] rather than copied here.
+//! A connection looks its [`FlowCounters`] up once and then only touches atomics. A pair that
+//! has had no open connection and no event for `retain_idle` is forgotten at the next scrape
+//! (linkerd's `metrics_retain_idle`): identity churn does not grow memory for ever, and a pair
+//! that comes back starts from zero, which Prometheus reads as a counter reset.
+//!
+//! Gauges that describe state owned elsewhere (certificate expiry, open connections, readiness)
+//! are read at scrape time through [`Gauges`] rather than copied here.
+//!
+//! `/metrics` serves the Prometheus text format (0.0.4), which `promtool check metrics` accepts,
+//! or OpenMetrics to a scraper that asks for it (`Accept: application/openmetrics-text`).
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric as _, LabelValueEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 /// Which side of the proxy reports: the source's node (`outbound`) or the destination's
 /// (`inbound`).
@@ -28,15 +42,103 @@ impl Reporter {
     }
 }
 
+impl EncodeLabelValue for Reporter {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// A label value, escaped as the text formats want (`\\`, `\"`, `\n`); the encoder writes
+/// values as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Value(String);
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value(s.to_owned())
+    }
+}
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Identity label used when one side is not known (a connection refused before it was
 /// identified).
 pub const UNKNOWN: &str = "unknown";
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// How long a pair of identities with nothing open and nothing new keeps its series.
+pub const RETAIN_IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
 struct FlowLabels {
     reporter: Reporter,
-    source: String,
-    destination: String,
+    source: Value,
+    destination: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WithReason {
+    reporter: Reporter,
+    source: Value,
+    destination: Value,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WithVerdict {
+    reporter: Reporter,
+    source: Value,
+    destination: Value,
+    verdict: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HandshakeLabels {
+    reporter: Reporter,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReporterLabel {
+    reporter: Reporter,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: Value,
+}
+
+/// `KernelLabels` as encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KernelSeries {
+    direction: &'static str,
+    verdict: &'static str,
+    reason: &'static str,
+    source: Value,
+    destination: Value,
+}
+
+/// Labels of a flow the datapath reported: the direction it was decided in, the verdict, the
+/// reason, and both sides' identities (SPIFFE IDs, or reserved names such as `world`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelLabels {
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub source: String,
+    pub destination: String,
 }
 
 /// The counters of one (reporter, source, destination).
@@ -69,40 +171,110 @@ pub struct Gauges {
     pub ready: bool,
 }
 
-/// All counters of one agent.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    flows: Mutex<HashMap<FlowLabels, Arc<FlowCounters>>>,
-    /// (reporter, source, destination, reason) → connections that failed after being accepted.
-    failed: Mutex<BTreeMap<(FlowLabels, &'static str), u64>>,
-    /// (reporter, source, destination, verdict) → policy decisions.
-    verdicts: Mutex<BTreeMap<(FlowLabels, &'static str), u64>>,
-    /// (reporter, reason) → TLS handshakes that did not complete.
-    handshake_failures: Mutex<BTreeMap<(Reporter, &'static str), u64>>,
-    /// Connections closed because a policy change no longer allowed them.
-    closed_by_policy: AtomicU64,
-    /// Flows the kernel reported, by what it did and why.
-    kernel: Mutex<BTreeMap<KernelLabels, u64>>,
-    /// Kernel flow events not logged because the log was over its rate (still counted).
-    kernel_unlogged: AtomicU64,
+/// The series of one pair of identities, and when they were last used.
+#[derive(Debug)]
+struct Pair {
+    counters: Arc<FlowCounters>,
+    /// Whether a connection was ever counted here (only then do the connection and byte
+    /// counters have a series).
+    flows: bool,
+    /// reason → connections refused or broken after accept.
+    failed: HashMap<&'static str, u64>,
+    /// verdict → policy decisions counted outside the flow's counters (`deny`, `l7_deny`, ...).
+    verdicts: HashMap<&'static str, u64>,
+    last_used: Instant,
 }
 
-/// Labels of a flow the datapath reported: the direction it was decided in, the verdict, the
-/// reason, and both sides' identities (SPIFFE IDs, or reserved names such as `world`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct KernelLabels {
-    pub direction: &'static str,
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub source: String,
-    pub destination: String,
+impl Pair {
+    fn new() -> Self {
+        Self {
+            counters: Arc::default(),
+            flows: false,
+            failed: HashMap::new(),
+            verdicts: HashMap::new(),
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Nothing open (no connection holds the counters) and nothing new for `retain`.
+    fn idle(&self, retain: Duration) -> bool {
+        Arc::strong_count(&self.counters) == 1 && self.last_used.elapsed() >= retain
+    }
+}
+
+/// All counters of one agent.
+#[derive(Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+    /// Holds one collector: `inner`, encoded at each scrape.
+    registry: prometheus_client::registry::Registry,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pairs: Mutex<HashMap<FlowLabels, Pair>>,
+    /// (reporter, reason) → TLS handshakes that did not complete.
+    handshake_failures: Mutex<HashMap<(Reporter, &'static str), u64>>,
+    /// Connections closed because a policy change no longer allowed them.
+    closed_by_policy: AtomicU64,
+    /// Flows the kernel reported, by what it did and why, and when each was last seen.
+    kernel: Mutex<HashMap<KernelLabels, (u64, Instant)>>,
+    /// Kernel flow events not logged because the log was over its rate (still counted).
+    kernel_unlogged: AtomicU64,
+    retain_idle: Duration,
+    /// The gauges of the scrape being encoded.
+    gauges: Mutex<Gauges>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::with_retention(RETAIN_IDLE)
+    }
 }
 
 impl Metrics {
-    /// The counters for this (reporter, source, destination); created on first use.
+    /// Counters whose idle series are forgotten after `retain_idle`.
+    pub fn with_retention(retain_idle: Duration) -> Self {
+        let inner = Arc::new(Inner {
+            pairs: Mutex::default(),
+            handshake_failures: Mutex::default(),
+            closed_by_policy: AtomicU64::new(0),
+            kernel: Mutex::default(),
+            kernel_unlogged: AtomicU64::new(0),
+            retain_idle,
+            gauges: Mutex::default(),
+        });
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(inner.clone()));
+        Self { inner, registry }
+    }
+
+    /// Runs `f` on the series of (reporter, source, destination), created on first use.
+    fn pair<T>(
+        &self,
+        reporter: Reporter,
+        source: &str,
+        destination: &str,
+        f: impl FnOnce(&mut Pair) -> T,
+    ) -> T {
+        let labels = FlowLabels {
+            reporter,
+            source: source.into(),
+            destination: destination.into(),
+        };
+        let mut pairs = lock(&self.inner.pairs);
+        let pair = pairs.entry(labels).or_insert_with(Pair::new);
+        pair.last_used = Instant::now();
+        f(pair)
+    }
+
+    /// The counters for this (reporter, source, destination); created on first use. Holding
+    /// them keeps the series from being forgotten.
     pub fn flow(&self, reporter: Reporter, source: &str, destination: &str) -> Arc<FlowCounters> {
-        let labels = labels(reporter, source, destination);
-        lock(&self.flows).entry(labels).or_default().clone()
+        self.pair(reporter, source, destination, |p| {
+            p.flows = true;
+            p.counters.clone()
+        })
     }
 
     pub fn failed(
@@ -112,9 +284,9 @@ impl Metrics {
         destination: &str,
         reason: &'static str,
     ) {
-        *lock(&self.failed)
-            .entry((labels(reporter, source, destination), reason))
-            .or_default() += 1;
+        self.pair(reporter, source, destination, |p| {
+            *p.failed.entry(reason).or_default() += 1;
+        });
     }
 
     /// One policy decision: `allow`, `deny`, `audit`, `l7_deny` for a refused request, or
@@ -126,285 +298,357 @@ impl Metrics {
         destination: &str,
         verdict: &'static str,
     ) {
-        *lock(&self.verdicts)
-            .entry((labels(reporter, source, destination), verdict))
-            .or_default() += 1;
+        self.pair(reporter, source, destination, |p| {
+            *p.verdicts.entry(verdict).or_default() += 1;
+        });
     }
 
     pub fn handshake_failed(&self, reporter: Reporter, reason: &'static str) {
-        *lock(&self.handshake_failures)
+        *lock(&self.inner.handshake_failures)
             .entry((reporter, reason))
             .or_default() += 1;
     }
 
     pub fn closed_by_policy(&self, n: u64) {
-        self.closed_by_policy.fetch_add(n, Ordering::Relaxed);
+        self.inner.closed_by_policy.fetch_add(n, Ordering::Relaxed);
     }
 
     /// One flow event from the kernel.
     pub fn kernel_flow(&self, labels: KernelLabels) {
-        *lock(&self.kernel).entry(labels).or_default() += 1;
+        let mut kernel = lock(&self.inner.kernel);
+        let entry = kernel.entry(labels).or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
     }
 
     /// Kernel flow events that were counted but not logged.
     pub fn kernel_unlogged(&self, n: u64) {
-        self.kernel_unlogged.fetch_add(n, Ordering::Relaxed);
+        self.inner.kernel_unlogged.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The exposition text.
+    /// Series held now (pairs of identities and kernel flow label sets).
+    pub fn series(&self) -> usize {
+        lock(&self.inner.pairs).len() + lock(&self.inner.kernel).len()
+    }
+
+    /// The Prometheus text format (0.0.4).
     pub fn render(&self, gauges: &Gauges) -> String {
+        to_prometheus_text(&self.render_openmetrics(gauges))
+    }
+
+    /// The OpenMetrics text format. Idle series are forgotten first.
+    pub fn render_openmetrics(&self, gauges: &Gauges) -> String {
+        let inner = &self.inner;
+        let retain = inner.retain_idle;
+        lock(&inner.pairs).retain(|_, p| !p.idle(retain));
+        lock(&inner.kernel).retain(|_, (_, seen)| seen.elapsed() < retain);
+        *lock(&inner.gauges) = gauges.clone();
         let mut out = String::with_capacity(4096);
-        let mut flows: Vec<(FlowLabels, Arc<FlowCounters>)> = lock(&self.flows)
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Writes one counter or gauge family.
+fn family<'a, S, I>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: I,
+) -> Result<(), std::fmt::Error>
+where
+    S: EncodeLabelSet + 'a,
+    I: IntoIterator<Item = (S, u64)>,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(sample)?,
+            _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(sample)?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes one metric without labels.
+fn single(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, kind)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric),
+    }
+}
+
+impl prometheus_client::collector::Collector for Inner {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter, Gauge};
+        type Row = (
+            FlowLabels,
+            Option<Arc<FlowCounters>>,
+            Vec<(&'static str, u64)>,
+            Vec<(&'static str, u64)>,
+        );
+        let mut pairs: Vec<Row> = lock(&self.pairs)
             .iter()
-            .map(|(l, c)| (l.clone(), c.clone()))
+            .map(|(l, p)| {
+                let mut failed: Vec<_> = p.failed.iter().map(|(k, v)| (*k, *v)).collect();
+                failed.sort();
+                let mut verdicts: Vec<_> = p.verdicts.iter().map(|(k, v)| (*k, *v)).collect();
+                verdicts.sort();
+                (
+                    l.clone(),
+                    p.flows.then(|| p.counters.clone()),
+                    failed,
+                    verdicts,
+                )
+            })
             .collect();
-        flows.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
         let counters: [(&str, &str, CounterOf); 4] = [
             (
-                "signet_connections_opened_total",
+                "signet_connections_opened",
                 "Connections the proxy opened (policy allowed, tunnel established).",
                 |c| &c.opened,
             ),
             (
-                "signet_connections_closed_total",
+                "signet_connections_closed",
                 "Connections that ended after being opened.",
                 |c| &c.closed,
             ),
             (
-                "signet_tcp_sent_bytes_total",
+                "signet_tcp_sent_bytes",
                 "Bytes from source to destination.",
                 |c| &c.sent_bytes,
             ),
             (
-                "signet_tcp_received_bytes_total",
+                "signet_tcp_received_bytes",
                 "Bytes from destination back to source.",
                 |c| &c.received_bytes,
             ),
         ];
         for (name, help, field) in counters {
-            header(&mut out, name, help, "counter");
-            for (l, c) in &flows {
-                sample(
-                    &mut out,
-                    name,
-                    &flow_labels(l, None),
-                    field(c).load(Ordering::Relaxed),
-                );
-            }
+            family(
+                &mut e,
+                name,
+                help,
+                Counter,
+                pairs.iter().filter_map(|(l, c, _, _)| {
+                    c.as_ref()
+                        .map(|c| (l.clone(), field(c).load(Ordering::Relaxed)))
+                }),
+            )?;
         }
-        header(
-            &mut out,
-            "signet_connections_failed_total",
+        family(
+            &mut e,
+            "signet_connections_failed",
             "Connections refused or broken after accept, by reason.",
-            "counter",
-        );
-        for ((l, reason), n) in lock(&self.failed).iter() {
-            sample(
-                &mut out,
-                "signet_connections_failed_total",
-                &flow_labels(l, Some(("reason", reason))),
-                *n,
-            );
-        }
-        header(
-            &mut out,
-            "signet_policy_verdicts_total",
+            Counter,
+            pairs.iter().flat_map(|(l, _, failed, _)| {
+                failed.iter().map(move |(reason, n)| {
+                    (
+                        WithReason {
+                            reporter: l.reporter,
+                            source: l.source.clone(),
+                            destination: l.destination.clone(),
+                            reason,
+                        },
+                        *n,
+                    )
+                })
+            }),
+        )?;
+        family(
+            &mut e,
+            "signet_policy_verdicts",
             "Identity policy decisions, by verdict.",
-            "counter",
-        );
-        let mut verdicts = lock(&self.verdicts).clone();
-        for (l, c) in &flows {
-            for (verdict, n) in [("allow", &c.allowed), ("audit", &c.audited)] {
-                let n = n.load(Ordering::Relaxed);
-                if n > 0 {
-                    *verdicts.entry((l.clone(), verdict)).or_default() += n;
-                }
-            }
-        }
-        for ((l, verdict), n) in &verdicts {
-            sample(
-                &mut out,
-                "signet_policy_verdicts_total",
-                &flow_labels(l, Some(("verdict", verdict))),
-                *n,
-            );
-        }
-        header(
-            &mut out,
-            "signet_tls_handshake_failures_total",
+            Counter,
+            pairs.iter().flat_map(|(l, c, _, verdicts)| {
+                let load = |f: CounterOf| c.as_ref().map_or(0, |c| f(c).load(Ordering::Relaxed));
+                let admitted = [
+                    ("allow", load(|c| &c.allowed)),
+                    ("audit", load(|c| &c.audited)),
+                ];
+                admitted
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .chain(verdicts.iter().copied())
+                    .map(move |(verdict, n)| {
+                        (
+                            WithVerdict {
+                                reporter: l.reporter,
+                                source: l.source.clone(),
+                                destination: l.destination.clone(),
+                                verdict,
+                            },
+                            n,
+                        )
+                    })
+            }),
+        )?;
+        let mut handshakes: Vec<_> = lock(&self.handshake_failures)
+            .iter()
+            .map(|((reporter, reason), n)| (*reporter, *reason, *n))
+            .collect();
+        handshakes.sort();
+        family(
+            &mut e,
+            "signet_tls_handshake_failures",
             "mTLS handshakes that did not complete, by reason.",
-            "counter",
-        );
-        for ((reporter, reason), n) in lock(&self.handshake_failures).iter() {
-            sample(
-                &mut out,
-                "signet_tls_handshake_failures_total",
-                &format!("reporter=\"{}\",reason=\"{}\"", reporter.as_str(), reason),
-                *n,
-            );
-        }
-        header(
-            &mut out,
-            "signet_connections_closed_by_policy_total",
+            Counter,
+            handshakes
+                .into_iter()
+                .map(|(reporter, reason, n)| (HandshakeLabels { reporter, reason }, n)),
+        )?;
+        single(
+            &mut e,
+            "signet_connections_closed_by_policy",
             "Established connections closed because a policy change no longer allowed them.",
-            "counter",
-        );
-        sample(
-            &mut out,
-            "signet_connections_closed_by_policy_total",
-            "",
+            Counter,
             self.closed_by_policy.load(Ordering::Relaxed),
-        );
-        header(
-            &mut out,
-            "signet_datapath_flows_total",
+        )?;
+        let mut kernel: Vec<(KernelLabels, u64)> = lock(&self.kernel)
+            .iter()
+            .map(|(l, (n, _))| (l.clone(), *n))
+            .collect();
+        kernel.sort();
+        let kernel = kernel.into_iter().map(|(l, n)| {
+            (
+                KernelSeries {
+                    direction: l.direction,
+                    verdict: l.verdict,
+                    reason: l.reason,
+                    source: l.source.as_str().into(),
+                    destination: l.destination.as_str().into(),
+                },
+                n,
+            )
+        });
+        family(
+            &mut e,
+            "signet_datapath_flows",
             "Flows the kernel datapath reported (every refusal; allowed ones when sampled), by direction, verdict and reason.",
-            "counter",
-        );
-        for (l, n) in lock(&self.kernel).iter() {
-            sample(
-                &mut out,
-                "signet_datapath_flows_total",
-                &format!(
-                    "direction=\"{}\",verdict=\"{}\",reason=\"{}\",source=\"{}\",destination=\"{}\"",
-                    l.direction,
-                    l.verdict,
-                    l.reason,
-                    escape(&l.source),
-                    escape(&l.destination)
-                ),
-                *n,
-            );
-        }
-        header(
-            &mut out,
-            "signet_datapath_flow_log_suppressed_total",
+            Counter,
+            kernel,
+        )?;
+        single(
+            &mut e,
+            "signet_datapath_flow_log_suppressed",
             "Kernel flow events counted but not logged: the flow log was over its rate.",
-            "counter",
-        );
-        sample(
-            &mut out,
-            "signet_datapath_flow_log_suppressed_total",
-            "",
+            Counter,
             self.kernel_unlogged.load(Ordering::Relaxed),
-        );
-        header(
-            &mut out,
+        )?;
+        let gauges = lock(&self.gauges).clone();
+        family(
+            &mut e,
             "signet_connections_open",
             "Connections open now.",
-            "gauge",
-        );
-        for (reporter, n) in &gauges.open_connections {
-            sample(
-                &mut out,
-                "signet_connections_open",
-                &format!("reporter=\"{}\"", reporter.as_str()),
-                *n as u64,
-            );
-        }
-        header(
-            &mut out,
+            Gauge,
+            gauges.open_connections.iter().map(|(reporter, n)| {
+                (
+                    ReporterLabel {
+                        reporter: *reporter,
+                    },
+                    *n as u64,
+                )
+            }),
+        )?;
+        single(
+            &mut e,
             "signet_hbone_pool_connections",
             "Pooled HTTP/2 connections to other nodes' proxies.",
-            "gauge",
-        );
-        sample(
-            &mut out,
-            "signet_hbone_pool_connections",
-            "",
+            Gauge,
             gauges.hbone_pool_connections as u64,
-        );
-        header(
-            &mut out,
+        )?;
+        single(
+            &mut e,
             "signet_refused_addresses",
             "Pod addresses refused until their claims are resolved (two pods, a node's own, outside the node's podCIDRs).",
-            "gauge",
-        );
-        sample(
-            &mut out,
-            "signet_refused_addresses",
-            "",
+            Gauge,
             gauges.refused_addresses as u64,
-        );
-        header(
-            &mut out,
+        )?;
+        family(
+            &mut e,
             "signet_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate in force, per workload identity.",
-            "gauge",
-        );
-        for (id, t) in &gauges.certificate_expiry {
-            sample(
-                &mut out,
-                "signet_certificate_expiry_timestamp_seconds",
-                &format!("identity=\"{}\"", escape(id)),
-                *t,
-            );
-        }
-        header(
-            &mut out,
+            Gauge,
+            gauges.certificate_expiry.iter().map(|(id, t)| {
+                (
+                    IdentityLabel {
+                        identity: id.as_str().into(),
+                    },
+                    *t,
+                )
+            }),
+        )?;
+        single(
+            &mut e,
             "signet_ready",
             "1 when every local workload has a certificate and the datapath is attached.",
-            "gauge",
-        );
-        sample(&mut out, "signet_ready", "", u64::from(gauges.ready));
-        out
+            Gauge,
+            u64::from(gauges.ready),
+        )?;
+        Ok(())
     }
+}
+
+/// OpenMetrics text as the Prometheus text format (0.0.4): a counter family is named with its
+/// `_total` suffix in `# HELP` and `# TYPE` (as its samples are), and `# UNIT` and `# EOF` go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            // Written once the TYPE line says whether the name gets `_total`.
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let full = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(h) = help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|r| r.strip_prefix(name))
+                    .unwrap_or("");
+                out.push_str(&format!("# HELP {full}{text}\n"));
+            }
+            out.push_str(&format!("# TYPE {full} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Picks one counter out of a flow's.
 type CounterOf = fn(&FlowCounters) -> &AtomicU64;
 
-fn labels(reporter: Reporter, source: &str, destination: &str) -> FlowLabels {
-    FlowLabels {
-        reporter,
-        source: source.to_owned(),
-        destination: destination.to_owned(),
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
-    if labels.is_empty() {
-        let _ = writeln!(out, "{name} {value}");
-    } else {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
-    }
-}
-
-fn flow_labels(l: &FlowLabels, extra: Option<(&str, &str)>) -> String {
-    let mut s = format!(
-        "reporter=\"{}\",source=\"{}\",destination=\"{}\"",
-        l.reporter.as_str(),
-        escape(&l.source),
-        escape(&l.destination)
-    );
-    if let Some((k, v)) = extra {
-        let _ = write!(s, ",{k}=\"{}\"", escape(v));
-    }
-    s
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn counters_render_with_labels_and_escaping() {
-        let m = Metrics::default();
+    fn populated(m: &Metrics) {
         let a = "spiffe://td/ns/shop/sa/web";
         let b = "spiffe://td/ns/pay/sa/api";
         let f = m.flow(Reporter::Outbound, a, b);
@@ -422,13 +666,31 @@ mod tests {
             .fetch_add(4, Ordering::Relaxed);
         m.failed(Reporter::Outbound, a, UNKNOWN, "no_pod");
         m.handshake_failed(Reporter::Inbound, "no_client_certificate");
-        let text = m.render(&Gauges {
+        m.kernel_flow(KernelLabels {
+            direction: "ingress",
+            verdict: "deny",
+            reason: "strict-mtls-plaintext",
+            source: "world".into(),
+            destination: b.into(),
+        });
+    }
+
+    fn gauges() -> Gauges {
+        Gauges {
             certificate_expiry: vec![("we\"ird".into(), 1_800_000_000)],
             open_connections: vec![(Reporter::Outbound, 3)],
             hbone_pool_connections: 1,
             refused_addresses: 2,
             ready: true,
-        });
+        }
+    }
+
+    #[test]
+    fn counters_render_with_typed_labels_and_escaping() {
+        let m = Metrics::default();
+        populated(&m);
+        let text = m.render(&gauges());
+        let (a, b) = ("spiffe://td/ns/shop/sa/web", "spiffe://td/ns/pay/sa/api");
         let want = [
             format!(
                 "signet_connections_opened_total{{reporter=\"outbound\",source=\"{a}\",destination=\"{b}\"}} 3"
@@ -445,11 +707,15 @@ mod tests {
             format!(
                 "signet_connections_failed_total{{reporter=\"outbound\",source=\"{a}\",destination=\"unknown\",reason=\"no_pod\"}} 1"
             ),
+            format!(
+                "signet_datapath_flows_total{{direction=\"ingress\",verdict=\"deny\",reason=\"strict-mtls-plaintext\",source=\"world\",destination=\"{b}\"}} 1"
+            ),
             "signet_tls_handshake_failures_total{reporter=\"inbound\",reason=\"no_client_certificate\"} 1".into(),
             "signet_certificate_expiry_timestamp_seconds{identity=\"we\\\"ird\"} 1800000000".into(),
             "signet_connections_open{reporter=\"outbound\"} 3".into(),
             "signet_ready 1".into(),
             "# TYPE signet_connections_opened_total counter".into(),
+            "# HELP signet_connections_opened_total Connections the proxy opened (policy allowed, tunnel established).".into(),
         ];
         for line in want {
             assert!(
@@ -457,5 +723,87 @@ mod tests {
                 "missing `{line}` in\n{text}"
             );
         }
+        assert!(!text.contains("# EOF"), "{text}");
+        // OpenMetrics keeps the family name without the suffix, and ends with # EOF.
+        let om = m.render_openmetrics(&gauges());
+        assert!(
+            om.contains("# TYPE signet_connections_opened counter\n"),
+            "{om}"
+        );
+        assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    }
+
+    #[test]
+    fn idle_pairs_are_forgotten_and_pairs_in_use_are_kept() {
+        let m = Metrics::with_retention(Duration::ZERO);
+        let held = m.flow(Reporter::Outbound, "spiffe://td/a", "spiffe://td/b");
+        held.opened.fetch_add(1, Ordering::Relaxed);
+        m.verdict(Reporter::Inbound, "spiffe://td/c", "spiffe://td/d", "deny");
+        m.kernel_flow(KernelLabels {
+            direction: "egress",
+            verdict: "deny",
+            reason: "policy",
+            source: "spiffe://td/e".into(),
+            destination: "world".into(),
+        });
+        assert_eq!(m.series(), 3);
+        let text = m.render(&Gauges::default());
+        assert!(text.contains("source=\"spiffe://td/a\""), "held: {text}");
+        assert!(
+            !text.contains("spiffe://td/c"),
+            "idle pair forgotten: {text}"
+        );
+        assert!(
+            !text.contains("spiffe://td/e"),
+            "idle kernel series forgotten: {text}"
+        );
+        assert_eq!(m.series(), 1);
+        drop(held);
+        m.render(&Gauges::default());
+        assert_eq!(m.series(), 0, "released, then forgotten");
+        // With the default retention nothing recent goes.
+        let kept = Metrics::default();
+        kept.verdict(Reporter::Inbound, "spiffe://td/c", "spiffe://td/d", "deny");
+        kept.render(&Gauges::default());
+        assert_eq!(kept.series(), 1);
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counter_families_with_their_suffix() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\n# UNIT x_requests requests\nx_requests_total{a=\"1\"} 2\n# HELP y Y.\n# TYPE y gauge\ny 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"1\"} 2\n# HELP y Y.\n# TYPE y gauge\ny 1\n"
+        );
+    }
+
+    /// `promtool check metrics` (the `prometheus` package, which tests/run.sh installs) on what
+    /// `/metrics` serves.
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let m = Metrics::default();
+        populated(&m);
+        let text = m.render(&gauges());
+        let mut child = match std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                panic!("promtool: {e}: install Debian's prometheus package (tests/run.sh does)")
+            }
+        };
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -49,12 +49,29 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
         .expect("static headers are valid")
 }
 
-fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Whether a scraper asked for OpenMetrics (Prometheus itself does, listing it first).
+fn wants_openmetrics(accept: Option<&http::HeaderValue>) -> bool {
+    accept
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+fn route(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    accept: Option<&http::HeaderValue>,
+) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != Method::GET && method != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
     }
     match path {
+        "/metrics" | "/stats/prometheus" if wants_openmetrics(accept) => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.render_openmetrics(&(state.gauges)()),
+        ),
         "/metrics" | "/stats/prometheus" => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
@@ -94,7 +111,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain
         let state = state.clone();
         drain.spawn("admin connection", async move {
             let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                let resp = route(&state, req.method(), req.uri().path());
+                let accept = req.headers().get(http::header::ACCEPT);
+                let resp = route(&state, req.method(), req.uri().path(), accept);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -136,23 +154,33 @@ mod tests {
 
     #[test]
     fn routes() {
-        let r = route(&state(true), &Method::GET, "/metrics");
+        let r = route(&state(true), &Method::GET, "/metrics", None);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(
-            route(&state(true), &Method::GET, "/healthz/ready").status(),
+            route(&state(true), &Method::GET, "/healthz/ready", None).status(),
             StatusCode::OK
         );
-        let r = route(&state(false), &Method::GET, "/healthz/ready");
+        let r = route(&state(false), &Method::GET, "/healthz/ready", None);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
-            route(&state(false), &Method::POST, "/metrics").status(),
+            route(&state(false), &Method::POST, "/metrics", None).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&state(false), &Method::GET, "/nope").status(),
+            route(&state(false), &Method::GET, "/nope", None).status(),
             StatusCode::NOT_FOUND
         );
-        let r = route(&state(true), &Method::GET, "/debug/state");
+        let om = http::HeaderValue::from_static(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        );
+        let r = route(&state(true), &Method::GET, "/metrics", Some(&om));
+        assert!(
+            r.headers()[http::header::CONTENT_TYPE]
+                .to_str()
+                .is_ok_and(|t| t.starts_with("application/openmetrics-text")),
+            "{r:?}"
+        );
+        let r = route(&state(true), &Method::GET, "/debug/state", None);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
     }
