@@ -41,7 +41,7 @@ impl Workload {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub trust_domain: TrustDomain,
     namespaces: BTreeMap<String, Labels>,

@@ -21,7 +21,7 @@ pub struct FieldError {
 }
 
 /// A validated IdentityPolicy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub namespace: String,
     pub name: String,
@@ -36,7 +36,7 @@ pub struct Policy {
 
 /// One rule: who (peers), where (ports; empty means every port and protocol) and, for allow
 /// rules, which HTTP requests (`None`: not L7).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub peers: Vec<PeerMatch>,
     pub ports: Vec<PortSpec>,
@@ -53,7 +53,7 @@ impl Rule {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMatch {
     Identity(SpiffePattern),
     /// One Signet Gateway: `spiffe://<cluster trust domain>/ns/<namespace>/gateway/<name>`.

@@ -238,11 +238,8 @@ fn expected(d: &Decision, ids: &BTreeMap<RuleRef, u32>) -> (Action, u32, Vec<u32
     }
 }
 
-fn check(
-    resources: &[IdentityPolicy],
-    pods: &[(&str, &str, &str)],
-    team_b: &str,
-) -> Result<usize, TestCaseError> {
+/// The cluster of `pods` with its allocated identities.
+fn world(pods: &[(&str, &str, &str)], team_b: &str) -> (Cluster, BTreeMap<SpiffeId, u32>) {
     let td = TrustDomain::parse("cluster.local").expect("td");
     let mut cluster = Cluster::new(td);
     cluster.add_namespace("a", labels(&[("team", "x")]));
@@ -272,7 +269,106 @@ fn check(
             .allocate(&SpiffeId::parse(extra).expect("id"))
             .expect("alloc");
     }
-    let identities = alloc.snapshot().expect("snapshot");
+    (cluster, alloc.snapshot().expect("snapshot"))
+}
+
+fn models(resources: &[IdentityPolicy]) -> Result<Vec<Policy>, TestCaseError> {
+    resources
+        .iter()
+        .map(|r| Policy::from_resource(r).map_err(|e| TestCaseError::fail(format!("{e:?}"))))
+        .collect()
+}
+
+/// A compilation with rule ids replaced by the rules they stand for, and `cidr:` identity
+/// numbers by the prefixes they stand for: two compilations that number rules or prefixes
+/// differently but decide alike compare equal.
+type Normalized = (
+    BTreeMap<(u32, String, String, u16, PeerKey), (Action, Option<RuleRef>)>,
+    BTreeMap<(u32, String, String, u16, PeerKey), Vec<Option<RuleRef>>>,
+    Vec<Cidr>,
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum PeerKey {
+    Number(u32),
+    Prefix(Cidr),
+}
+
+fn normalized(c: &Compiled) -> Normalized {
+    let rule = |id: u32| c.rules.get(&id).cloned();
+    let prefixes: BTreeMap<u32, Cidr> = c.cidrs.iter().map(|(p, n)| (*n, *p)).collect();
+    let key = |k: &compile::Key| {
+        let peer = prefixes
+            .get(&k.peer)
+            .map_or(PeerKey::Number(k.peer), |p| PeerKey::Prefix(*p));
+        (
+            k.endpoint,
+            k.direction.name().to_owned(),
+            k.proto.name().to_owned(),
+            k.port,
+            peer,
+        )
+    };
+    (
+        c.entries
+            .iter()
+            .map(|(k, e)| (key(k), (e.action, rule(e.rule))))
+            .collect(),
+        c.l7.iter()
+            .map(|(k, ids)| (key(k), ids.iter().map(|id| rule(*id)).collect()))
+            .collect(),
+        c.cidrs.keys().copied().collect(),
+    )
+}
+
+/// The agent's path: the compilation of `before`, then `compile::next` to `after`, which must
+/// decide exactly as a full compilation of `after` does.
+fn check_incremental(
+    before: &[IdentityPolicy],
+    after: &[IdentityPolicy],
+    pods: &[(&str, &str, &str)],
+    team_b: &str,
+) -> Result<(), TestCaseError> {
+    let (cluster, identities) = world(pods, team_b);
+    let endpoints: Vec<(u32, &signet_policy::cluster::Workload)> = cluster
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as u32 + 1, w))
+        .collect();
+    let (old, new) = (models(before)?, models(after)?);
+    let (old_sorted, new_sorted) = (
+        compile::sorted_policies(&old),
+        compile::sorted_policies(&new),
+    );
+    let input = |policies| Input {
+        cluster: &cluster,
+        policies,
+        identities: &identities,
+        endpoints: &endpoints,
+        capacity: usize::MAX,
+        previous: None,
+    };
+    let first =
+        compile::compile(&input(&old_sorted)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let made = compile::Made {
+        compiled: &first,
+        input: input(&old_sorted),
+    };
+    let incremental = compile::next(Some(made), &input(&new_sorted))
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let full =
+        compile::compile(&input(&new_sorted)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(normalized(&incremental), normalized(&full));
+    Ok(())
+}
+
+fn check(
+    resources: &[IdentityPolicy],
+    pods: &[(&str, &str, &str)],
+    team_b: &str,
+) -> Result<usize, TestCaseError> {
+    let (cluster, identities) = world(pods, team_b);
     let models: Vec<Policy> = resources
         .iter()
         .map(|r| Policy::from_resource(r).map_err(|e| TestCaseError::fail(format!("{e:?}"))))
@@ -375,6 +471,26 @@ fn check(
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_incremental_path_decides_as_a_full_compilation(
+        before in policies(),
+        after in policies(),
+        keep in prop::collection::vec(any::<bool>(), 8),
+        pods in workloads(),
+        team_b in prop::sample::select(vec!["x", "y"]),
+    ) {
+        // Edits as they come: some policies kept as they were, others replaced or gone.
+        let after: Vec<IdentityPolicy> = after
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| match (keep.get(i), before.get(i)) {
+                (Some(true), Some(b)) => b.clone(),
+                _ => p,
+            })
+            .collect();
+        check_incremental(&before, &after, &pods, team_b)?;
+    }
 
     #[test]
     fn compiled_lookups_agree_with_the_evaluator(

@@ -160,7 +160,7 @@ impl Builder {
             &self.node,
             allocator,
             &mut self.endpoint_ids,
-            previous.map(|s| &s.compiled),
+            previous,
             policy_capacity,
         )?;
         for (ip, why) in &snap.refused_ips {

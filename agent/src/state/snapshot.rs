@@ -489,7 +489,7 @@ pub fn build_loaded(
     node: &str,
     allocator: &dyn IdentityAllocator,
     endpoint_ids: &mut EndpointIds,
-    previous: Option<&Compiled>,
+    previous: Option<&Snapshot>,
     capacity: usize,
 ) -> Result<Snapshot, SnapshotError> {
     // Gateways are peers too: policy can name them (`entity: gateway` or their SPIFFE ID).
@@ -550,14 +550,40 @@ pub fn build_loaded(
         .iter()
         .map(|e| (e.id, &state.cluster.workloads[e.workload]))
         .collect();
-    let compiled = compile::compile(&Input {
+    let input = Input {
         cluster: &state.cluster,
         policies: &sorted,
         identities: &identities,
         endpoints: &endpoints,
         capacity,
-        previous,
-    })?;
+        previous: None,
+    };
+    // What the snapshot in force was compiled from: when only policies changed, only the
+    // endpoints they select are compiled again.
+    let previous_models: Vec<Policy> = previous
+        .map(|p| p.state.policies.iter().map(|l| l.policy.clone()).collect())
+        .unwrap_or_default();
+    let previous_sorted = compile::sorted_policies(&previous_models);
+    let previous_endpoints: Vec<(u32, &Workload)> = previous
+        .map(|p| {
+            p.local
+                .iter()
+                .map(|e| (e.id, &p.state.cluster.workloads[e.workload]))
+                .collect()
+        })
+        .unwrap_or_default();
+    let made = previous.map(|p| compile::Made {
+        compiled: &p.compiled,
+        input: Input {
+            cluster: &p.state.cluster,
+            policies: &previous_sorted,
+            identities: &p.identities,
+            endpoints: &previous_endpoints,
+            capacity,
+            previous: None,
+        },
+    });
+    let compiled = compile::next(made, &input)?;
     let rules = RuleIndex::new(&compiled, &models);
     let local_by_workload = local
         .iter()

@@ -37,7 +37,7 @@ impl Snapshots {
             &self.node,
             &self.numbers,
             &mut self.ids,
-            previous.map(|s| &s.compiled),
+            previous,
             1 << 16,
         )
         .expect("snapshot");
