@@ -19,7 +19,7 @@ use signet_policy::identity::FileAllocator;
 use tokio::net::TcpListener;
 
 use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
-use crate::admin::metrics::{Gauges, Metrics, Reporter};
+use crate::admin::metrics::{Gauges, Metrics};
 use crate::admin::{self, AdminState};
 use crate::certs::{BundleFollower, CaEndpoint, CertManager, CertState};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
@@ -28,6 +28,7 @@ use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDe
 use crate::datapath::sync::NodeHost;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::drain::Drain;
+use crate::flow::Reporter;
 use crate::gateway::ports::GatewayPorts;
 use crate::identity::gc::Collector;
 use crate::identity::kube::KubeIdentities;

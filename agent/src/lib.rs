@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod drain;
+pub mod flow;
 pub mod gateway;
 pub mod identity;
 pub mod observe;

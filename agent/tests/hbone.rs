@@ -13,8 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use signet_agent::admin::metrics::{Metrics, Reporter};
+use signet_agent::admin::metrics::Metrics;
 use signet_agent::drain::Drain;
+use signet_agent::flow::Reporter;
 use signet_agent::proxy::FlowRecord;
 use signet_agent::proxy::conns::{Decision, Verdict};
 use signet_agent::proxy::hbone::{

@@ -10,7 +10,8 @@ use std::time::Duration;
 mod common;
 
 use common::Snapshots;
-use signet_agent::admin::metrics::{Metrics, Reporter};
+use signet_agent::admin::metrics::Metrics;
+use signet_agent::flow::Reporter;
 use signet_agent::proxy::conns::{Connections, Tracked, Verdict, decide};
 use signet_agent::state::snapshot::Snapshot;
 use signet_ca::SpiffeId;

@@ -25,22 +25,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-/// Which side of the proxy reports: the source's node (`outbound`) or the destination's
-/// (`inbound`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reporter {
-    Outbound,
-    Inbound,
-}
-
-impl Reporter {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reporter::Outbound => "outbound",
-            Reporter::Inbound => "inbound",
-        }
-    }
-}
+use crate::flow::Reporter;
 
 impl EncodeLabelValue for Reporter {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {

@@ -109,7 +109,8 @@ pub async fn serve_port(
         };
         // Refusals before anything is known of the connection, counted by reason.
         let refused = |reason| {
-            use crate::admin::metrics::{Reporter, UNKNOWN};
+            use crate::admin::metrics::UNKNOWN;
+            use crate::flow::Reporter;
             ctx.metrics
                 .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, reason);
         };

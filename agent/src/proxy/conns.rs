@@ -18,7 +18,8 @@ use signet_policy::eval::Direction;
 use signet_policy::resource::Protocol;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::metrics::{Metrics, Reporter};
+use crate::admin::metrics::Metrics;
+use crate::flow::Reporter;
 use crate::state::snapshot::Snapshot;
 
 pub use crate::state::snapshot::L7Rules;

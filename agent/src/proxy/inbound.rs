@@ -19,7 +19,8 @@ use super::l7::{L7Flow, check_for};
 use super::refusal::Refusal;
 use super::tls::id_from_sni;
 use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
-use crate::admin::metrics::{Reporter, UNKNOWN};
+use crate::admin::metrics::UNKNOWN;
+use crate::flow::Reporter;
 
 /// Accepts until the drain stops; each connection runs in its own task.
 pub async fn serve(listener: TcpListener, ctx: ProxyContext) {

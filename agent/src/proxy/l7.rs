@@ -125,7 +125,7 @@ where
                     tracing::info!(source = %flow.source, destination = %flow.destination, method = %req.method(), path = %target, %reason, verdict = "deny", "http request refused: its path is ambiguous");
                     if let Some(m) = &flow.metrics {
                         m.verdict(
-                            crate::admin::metrics::Reporter::Inbound,
+                            crate::flow::Reporter::Inbound,
                             &flow.source,
                             &flow.destination,
                             "l7_bad_path",
@@ -153,7 +153,7 @@ where
                     tracing::info!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %reason, verdict = "deny", "http request");
                     if let Some(m) = &flow.metrics {
                         m.verdict(
-                            crate::admin::metrics::Reporter::Inbound,
+                            crate::flow::Reporter::Inbound,
                             &flow.source,
                             &flow.destination,
                             "l7_deny",

@@ -20,8 +20,9 @@ use signet_ca::peers::PerSource;
 use signet_ca::verify::SvidRoots;
 use tokio::sync::Semaphore;
 
-use crate::admin::metrics::{FlowCounters, Metrics, Reporter};
+use crate::admin::metrics::{FlowCounters, Metrics};
 use crate::certs::CertManager;
+use crate::flow::Reporter;
 use crate::state::snapshot::Snapshot;
 
 /// What both directions of the proxy share.

@@ -15,8 +15,9 @@ use super::conns::{Tracked, Verdict, decide};
 use super::hbone::{HboneError, Route, pump};
 use super::refusal::Refusal;
 use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
-use crate::admin::metrics::{Reporter, UNKNOWN};
+use crate::admin::metrics::UNKNOWN;
 use crate::datapath::loader::OriginalDestinations;
+use crate::flow::Reporter;
 
 /// Accepts until the drain stops; each connection runs in its own task.
 pub async fn serve(listener: TcpListener, ctx: ProxyContext, orig: Arc<OriginalDestinations>) {
