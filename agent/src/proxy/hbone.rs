@@ -26,8 +26,6 @@ use signet_ca::SpiffeId;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::admin::metrics::FlowCounters;
-
 /// Bytes read from a socket at once; each read becomes one or a few DATA frames.
 const CHUNK: usize = 64 * 1024;
 /// Largest DATA frame either side accepts: fewer frames (and wake-ups) per byte than the
@@ -65,14 +63,20 @@ pub struct Meter {
     pub to_h2: AtomicU64,
     /// Bytes received from the HTTP/2 stream and written to the socket side.
     pub from_h2: AtomicU64,
-    /// Where the flow's counters are: which way is "sent" depends on whether the socket side is
-    /// the source (outbound) or the destination (inbound).
-    pub flow: Option<(Arc<FlowCounters>, bool)>,
+    /// Where else the bytes are counted (the flow's metrics, which the transport does not
+    /// know), and whether the socket side is the source (outbound) or the destination (inbound).
+    pub flow: Option<(Arc<dyn ByteCounter>, bool)>,
+}
+
+/// Something that counts a flow's bytes by direction.
+pub trait ByteCounter: Send + Sync + std::fmt::Debug {
+    /// `n` bytes moved from the source towards the destination (`forward`) or back.
+    fn add(&self, forward: bool, n: u64);
 }
 
 impl Meter {
-    /// A meter adding to `flow`; `socket_is_source` for the outbound side.
-    pub fn for_flow(flow: Arc<FlowCounters>, socket_is_source: bool) -> Self {
+    /// A meter adding to `flow` too; `socket_is_source` for the outbound side.
+    pub fn for_flow(flow: Arc<dyn ByteCounter>, socket_is_source: bool) -> Self {
         Self {
             flow: Some((flow, socket_is_source)),
             ..Self::default()
@@ -84,12 +88,7 @@ impl Meter {
         let mine = if to_h2 { &self.to_h2 } else { &self.from_h2 };
         mine.fetch_add(n, Ordering::Relaxed);
         if let Some((flow, socket_is_source)) = &self.flow {
-            let counter = if to_h2 == *socket_is_source {
-                &flow.sent_bytes
-            } else {
-                &flow.received_bytes
-            };
-            counter.fetch_add(n, Ordering::Relaxed);
+            flow.add(to_h2 == *socket_is_source, n);
         }
     }
 

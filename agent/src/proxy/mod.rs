@@ -91,6 +91,17 @@ impl Limits {
     }
 }
 
+impl hbone::ByteCounter for FlowCounters {
+    fn add(&self, forward: bool, n: u64) {
+        let counter = if forward {
+            &self.sent_bytes
+        } else {
+            &self.received_bytes
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// One proxied connection, counted when it opens and logged as one `flow` line when it ends.
 #[derive(Debug)]
 pub struct FlowRecord {
