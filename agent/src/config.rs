@@ -351,6 +351,94 @@ pub struct AgentConfig {
     pub gateway_limits: crate::gateway::server::EdgeLimits,
 }
 
+impl Raw {
+    /// Every check that needs no file: values that cannot work are refused with the field's
+    /// name, none is silently raised or lowered.
+    fn validate(&self) -> Result<(), String> {
+        let listens = [self.listen.outbound, self.listen.inbound, self.listen.admin];
+        for (i, a) in listens.iter().enumerate() {
+            if listens[..i].contains(a) {
+                return Err(format!("listen: {a} is used twice"));
+            }
+        }
+        // The CA enforces its own minimum; this only catches values that cannot work at all.
+        if self.svid_ttl_seconds < 10 {
+            return Err("svidTtlSeconds must be at least 10".into());
+        }
+        if self.proxy.idle_timeout_seconds == 0
+            || self.proxy.handshake_timeout_seconds == 0
+            || self.proxy.connect_timeout_seconds == 0
+        {
+            return Err(
+                "proxy.idleTimeoutSeconds, proxy.handshakeTimeoutSeconds and \
+                 proxy.connectTimeoutSeconds must be above 0"
+                    .into(),
+            );
+        }
+        let gc = &self.identity_gc;
+        if gc.quarantine_seconds.is_some_and(|q| q <= gc.grace_seconds) {
+            return Err(
+                "identityGc.quarantineSeconds must be longer than identityGc.graceSeconds".into(),
+            );
+        }
+        if self.proxy.max_connections == 0 {
+            return Err("proxy.maxConnections must be above 0".into());
+        }
+        if self
+            .proxy
+            .max_connections_per_pod
+            .is_some_and(|n| n == 0 || n > self.proxy.max_connections)
+        {
+            return Err(
+                "proxy.maxConnectionsPerPod must be above 0 and at most proxy.maxConnections"
+                    .into(),
+            );
+        }
+        if self.gateway.max_connections == Some(0)
+            || self.gateway.max_connection_age_seconds == Some(0)
+        {
+            return Err(
+                "gateway.maxConnections, maxConnectionsPerClient and maxConnectionAgeSeconds must be above 0".into(),
+            );
+        }
+        let g = &self.gateway;
+        if [
+            g.handshake_timeout_seconds,
+            g.header_read_timeout_seconds,
+            g.idle_timeout_seconds,
+        ]
+        .contains(&Some(0))
+            || g.max_headers == Some(0)
+            || g.max_concurrent_streams == Some(0)
+            || g.max_header_bytes.is_some_and(|b| b < 1024)
+        {
+            return Err(
+                "gateway: timeouts, maxHeaders and maxConcurrentStreams must be above 0, maxHeaderBytes at least 1024".into(),
+            );
+        }
+        if !(1..=64).contains(&self.proxy.worker_threads) {
+            return Err("proxy.workerThreads must be between 1 and 64".into());
+        }
+        if self.datapath.proxy_mark == 0 {
+            return Err("datapath.proxyMark must not be 0 (unmarked traffic)".into());
+        }
+        if self.kubeconfig.is_some() && !self.kubernetes {
+            return Err("kubeconfig is used only with kubernetes: true".into());
+        }
+        // Zero is refused, never raised to something that works.
+        if self.ca.bundle_refresh_seconds == 0 {
+            return Err("ca.bundleRefreshSeconds must be above 0".into());
+        }
+        if self.identity_gc.interval_seconds == 0 {
+            return Err("identityGc.intervalSeconds must be above 0".into());
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err("maxStreamsPerConnection must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -381,6 +469,8 @@ impl AgentConfig {
         let agent_identity =
             SpiffeId::workload(&trust_domain, &raw.agent_namespace, "signet-agent")
                 .map_err(|e| invalid(format!("agentNamespace `{}`: {e}", raw.agent_namespace)))?;
+        // Everything that needs no file is checked first; files are read once it holds.
+        raw.validate().map_err(invalid)?;
         let root_file = resolve(&raw.ca.root_cert_file);
         let ca_root_pem = std::fs::read_to_string(&root_file)
             .map_err(|e| invalid(format!("ca.rootCertFile {}: {e}", root_file.display())))?;
@@ -393,82 +483,6 @@ impl AgentConfig {
         }
         let token_file = resolve(&raw.ca.token_file);
         let ca_token = read_secret(&token_file).map_err(invalid)?;
-        let listens = [raw.listen.outbound, raw.listen.inbound, raw.listen.admin];
-        for (i, a) in listens.iter().enumerate() {
-            if listens[..i].contains(a) {
-                return Err(invalid(format!("listen: {a} is used twice")));
-            }
-        }
-        // The CA enforces its own minimum; this only catches values that cannot work at all.
-        if raw.svid_ttl_seconds < 10 {
-            return Err(invalid("svidTtlSeconds must be at least 10".into()));
-        }
-        if raw.proxy.idle_timeout_seconds == 0
-            || raw.proxy.handshake_timeout_seconds == 0
-            || raw.proxy.connect_timeout_seconds == 0
-        {
-            return Err(invalid(
-                "proxy.idleTimeoutSeconds, proxy.handshakeTimeoutSeconds and \
-                 proxy.connectTimeoutSeconds must be above 0"
-                    .into(),
-            ));
-        }
-        let gc = &raw.identity_gc;
-        if gc.quarantine_seconds.is_some_and(|q| q <= gc.grace_seconds) {
-            return Err(invalid(
-                "identityGc.quarantineSeconds must be longer than identityGc.graceSeconds".into(),
-            ));
-        }
-        if raw.proxy.max_connections == 0 {
-            return Err(invalid("proxy.maxConnections must be above 0".into()));
-        }
-        if raw
-            .proxy
-            .max_connections_per_pod
-            .is_some_and(|n| n == 0 || n > raw.proxy.max_connections)
-        {
-            return Err(invalid(
-                "proxy.maxConnectionsPerPod must be above 0 and at most proxy.maxConnections"
-                    .into(),
-            ));
-        }
-        if raw.gateway.max_connections == Some(0)
-            || raw.gateway.max_connection_age_seconds == Some(0)
-        {
-            return Err(invalid(
-                "gateway.maxConnections, maxConnectionsPerClient and maxConnectionAgeSeconds must be above 0".into(),
-            ));
-        }
-        let g = &raw.gateway;
-        if [
-            g.handshake_timeout_seconds,
-            g.header_read_timeout_seconds,
-            g.idle_timeout_seconds,
-        ]
-        .contains(&Some(0))
-            || g.max_headers == Some(0)
-            || g.max_concurrent_streams == Some(0)
-            || g.max_header_bytes.is_some_and(|b| b < 1024)
-        {
-            return Err(invalid(
-                "gateway: timeouts, maxHeaders and maxConcurrentStreams must be above 0, maxHeaderBytes at least 1024".into(),
-            ));
-        }
-        if !(1..=64).contains(&raw.proxy.worker_threads) {
-            return Err(invalid(
-                "proxy.workerThreads must be between 1 and 64".into(),
-            ));
-        }
-        if raw.datapath.proxy_mark == 0 {
-            return Err(invalid(
-                "datapath.proxyMark must not be 0 (unmarked traffic)".into(),
-            ));
-        }
-        if raw.kubeconfig.is_some() && !raw.kubernetes {
-            return Err(invalid(
-                "kubeconfig is used only with kubernetes: true".into(),
-            ));
-        }
         let source = match (raw.kubernetes, &raw.cluster_state_dir, &raw.identity_table) {
             (true, None, None) => ClusterSource::Kubernetes,
             (true, _, _) => {
@@ -518,9 +532,9 @@ impl AgentConfig {
             ca_root_pem,
             ca_token,
             ca_token_file: token_file,
-            bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds.max(1)),
+            bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds),
             identity_gc_grace: Duration::from_secs(raw.identity_gc.grace_seconds),
-            identity_gc_interval: Duration::from_secs(raw.identity_gc.interval_seconds.max(1)),
+            identity_gc_interval: Duration::from_secs(raw.identity_gc.interval_seconds),
             identity_gc_quarantine: Duration::from_secs(
                 raw.identity_gc
                     .quarantine_seconds
@@ -537,7 +551,7 @@ impl AgentConfig {
             mtls_mode: raw.mtls_mode,
             svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds),
-            max_streams_per_connection: raw.max_streams_per_connection.max(1),
+            max_streams_per_connection: raw.max_streams_per_connection,
             idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
             handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
             connect_timeout: Duration::from_secs(raw.proxy.connect_timeout_seconds),
@@ -717,6 +731,52 @@ mod tests {
 
     fn parse(dir: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::parse(text, &dir.join("agent.yaml"), dir)
+    }
+
+    #[test]
+    fn zero_is_refused_by_name_never_raised() {
+        let dir = setup();
+        for (extra, field) in [
+            (
+                "ca: {address: '127.0.0.1:15012', rootCertFile: root.pem, tokenFile: node.token, bundleRefreshSeconds: 0}\n",
+                "ca.bundleRefreshSeconds",
+            ),
+            (
+                "identityGc: {intervalSeconds: 0}\n",
+                "identityGc.intervalSeconds",
+            ),
+            ("maxStreamsPerConnection: 0\n", "maxStreamsPerConnection"),
+            (
+                "proxy: {connectTimeoutSeconds: 0}\n",
+                "proxy.connectTimeoutSeconds",
+            ),
+        ] {
+            // A later `ca:` replaces the first one in YAML maps: drop the default for that case.
+            let text = if extra.starts_with("ca:") {
+                yaml("").replace(
+                    "ca: {address: '127.0.0.1:15012', rootCertFile: root.pem, tokenFile: node.token}\n",
+                    extra,
+                )
+            } else {
+                yaml(extra)
+            };
+            let err = parse(dir.path(), &text).expect_err(field).to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn values_are_checked_before_any_file_is_read() {
+        // No root or token file exists: the bad value is what the error names.
+        let dir = tempfile::tempdir().expect("tmp");
+        let err = parse(dir.path(), &yaml("maxStreamsPerConnection: 0\n"))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("maxStreamsPerConnection"), "{err}");
+        let err = parse(dir.path(), &yaml(""))
+            .expect_err("no root file")
+            .to_string();
+        assert!(err.contains("ca.rootCertFile"), "{err}");
     }
 
     #[test]
