@@ -310,8 +310,18 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
     use signet_ca::kubernetes::Elector;
     let client = fake_api(Store::default());
     let name = "gc-test-lease";
-    let a = Elector::new(client.clone(), "signet-system", name, "node-a", 1);
-    let b = Elector::new(client.clone(), "signet-system", name, "node-b", 1);
+    // One clock for both candidates, moved by the test instead of slept through.
+    let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let clock: signet_ca::lease::Clock = {
+        let offset = offset.clone();
+        std::sync::Arc::new(move || {
+            let secs = offset.load(std::sync::atomic::Ordering::SeqCst);
+            jiff::Timestamp::now() + jiff::SignedDuration::from_secs(secs)
+        })
+    };
+    let a =
+        Elector::new(client.clone(), "signet-system", name, "node-a", 1).with_clock(clock.clone());
+    let b = Elector::new(client.clone(), "signet-system", name, "node-b", 1).with_clock(clock);
     assert!(
         a.try_lead().await.expect("a"),
         "the first candidate takes it"
@@ -320,7 +330,7 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
     assert!(a.try_lead().await.expect("a renews"));
     assert!(!b.try_lead().await.expect("b"));
     // node-a stops renewing; after the Lease's duration node-b takes over.
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    offset.store(2, std::sync::atomic::Ordering::SeqCst);
     assert!(b.try_lead().await.expect("b takes over"));
     assert!(!a.try_lead().await.expect("a"), "node-a lost it");
 }

@@ -8,6 +8,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 
+/// What time it is, for the Lease: the wall clock, or a test's.
+pub type Clock = std::sync::Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>;
+
 /// One candidate for one Lease.
 #[derive(Clone)]
 pub struct Elector {
@@ -15,6 +18,7 @@ pub struct Elector {
     name: String,
     holder: String,
     duration_seconds: i32,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Elector {
@@ -24,10 +28,6 @@ impl std::fmt::Debug for Elector {
             .field("holder", &self.holder)
             .finish_non_exhaustive()
     }
-}
-
-fn now() -> MicroTime {
-    MicroTime(jiff::Timestamp::now())
 }
 
 impl Elector {
@@ -43,11 +43,19 @@ impl Elector {
             name: name.to_owned(),
             holder: holder.to_owned(),
             duration_seconds,
+            clock: std::sync::Arc::new(jiff::Timestamp::now),
         }
+    }
+
+    /// The same candidate reading time from `clock` (tests move it instead of sleeping).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Takes or renews the Lease; `Ok(true)` while this candidate holds it.
     pub async fn try_lead(&self) -> Result<bool, kube::Error> {
+        let now = || MicroTime((self.clock)());
         let spec = |transitions: i32| LeaseSpec {
             holder_identity: Some(self.holder.clone()),
             lease_duration_seconds: Some(self.duration_seconds),
@@ -78,7 +86,7 @@ impl Elector {
                     .lease_duration_seconds
                     .unwrap_or(self.duration_seconds),
             );
-            t.0.as_second() + duration < jiff::Timestamp::now().as_second()
+            t.0.as_second() + duration < (self.clock)().as_second()
         });
         if !mine && !expired {
             return Ok(false);
