@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Steps;
+
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -289,6 +291,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         return;
     }
     let _serial = serial();
+    let mut step = Steps::default();
     let t = Topology::new();
     t.write_state("");
     let dir = t.dir.path().to_owned();
@@ -309,6 +312,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     let _main = t.server_with(8080, &["--http"]);
     let _alt = t.server_with(8081, &["--http"]);
 
+    step.to("SNI picks each hostname's certificate");
     // SNI picks each hostname's certificate (curl checks the name), over HTTP/1.1 and HTTP/2;
     // the backend sees the Gateway's tunnel (node B's proxy) and the client in X-Forwarded-For.
     for host in ["a.example.test", "b.example.test"] {
@@ -342,6 +346,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     let wrong = curl(&t, &pem_one, "https://c.example.test:8443/", &[]);
     assert_ne!(wrong.exit, 0, "{wrong:?}");
 
+    step.to("Matches and precedence");
     // Matches and precedence.
     let a = |path: &str, extra: &[&str]| {
         curl(
@@ -378,6 +383,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     let r = a("/", &["-X", "POST"]);
     assert_eq!(at(&r), "8080", "{r:?}");
 
+    step.to("Filters");
     // Filters.
     let r = a("/api/orders?id=1", &["-H", "x-secret: s3cret"]);
     assert_eq!(r.status, 200, "{r:?}");
@@ -401,6 +407,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "RequestRedirect: {r:?}"
     );
 
+    step.to("The configured body limit");
     // The configured body limit.
     let big = "x".repeat(2000);
     // (Over HTTP/1.1: over HTTP/2 the early 413 comes with a stream reset, which curl reports
@@ -410,6 +417,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     let r = a("/exact", &["--data-binary", "small"]);
     assert_eq!(r.status, 200, "{r:?}");
 
+    step.to("Weights 3");
     // Weights 3:1, within a tolerance.
     let n = 80;
     let alt = (0..n).filter(|_| at(&a("/split", &[])) == "8081").count();
@@ -418,6 +426,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "about a quarter of {n} to the weight-1 backend, got {alt}"
     );
 
+    step.to("A backendRef to no Service answers 500 and is reported");
     // A backendRef to no Service answers 500 and is reported; everything else keeps serving.
     let r = a("/missing", &[]);
     assert_eq!(r.status, 500, "{r:?}");
@@ -461,6 +470,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     );
     assert_eq!(gw.listeners[0].attached_routes, 1, "{gw:?}");
 
+    step.to("Without the ReferenceGrant the cross-namespace certificate is...");
     // Without the ReferenceGrant the cross-namespace certificate is refused, and listener `b`
     // (only) stops serving.
     let grant = GATEWAY
@@ -501,6 +511,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     );
     assert_eq!(a("/exact", &[]).status, 200, "listener a keeps serving");
 
+    step.to("Secret rotation");
     // Secret rotation: a kept-alive connection made before it goes on serving, new connections
     // get the new certificate.
     let (opened, go) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
@@ -543,6 +554,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "the connection from before the rotation still serves: {second}"
     );
 
+    step.to("The plain listener");
     // The plain listener: request smuggling shapes get 400, a slow header is cut off.
     let raw = |req: &[u8], wait: Duration| -> (String, Duration) {
         in_netns(&t.ns("node-a"), || {
@@ -581,6 +593,7 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
         "an unfinished header is cut off after the 2 s header timeout (took {took:?}): {slow:?}"
     );
 
+    step.to("A policy that admits only the client pod refuses the Gateway's...");
     // A policy that admits only the client pod refuses the Gateway's identity at node B.
     t.write_state(
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: clients-only, namespace: shop}\n\
@@ -777,6 +790,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
         return;
     }
     let _serial = serial();
+    let mut step = Steps::default();
     let t = Topology::new();
     let (edge, pem) = edge_state(&t);
     let _running = start(
@@ -800,6 +814,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
             .sum::<u64>()
     };
 
+    step.to("The edge's budgets");
     // The edge's budgets: node A's address holds its two (a third is refused, counted); node B
     // beside it is served, until the Gateway's three are taken; the mesh is untouched all along.
     // With one shared budget, or none per client, the refusals would be served.
@@ -854,6 +869,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
         "served again once a slot is free: {again:?}"
     );
 
+    step.to("One pod's share of the node's outbound slots");
     // One pod's share of the node's outbound slots: two held, a third is reset (counted); once
     // they end the pod connects again.
     let holding: Vec<_> = (0..2)
@@ -890,6 +906,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
     }
     assert_eq!(t.client(&mesh)["ok"], true, "and the pod connects again");
 
+    step.to("HTTP/2 at the edge");
     // HTTP/2 at the edge: an idle connection is closed although it answers every ping, and a
     // busy one is closed at its maximum age.
     let (answered, lived) = h2_session(&t, &edge.pem, "/exact", None, Duration::from_secs(12));

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::Steps;
+
 use common::fake_api::FakeApi;
 use common::topology::{Topology, serial, start_agent, start_ca_in_cluster};
 use common::{privileged, wait_for};
@@ -48,6 +50,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         return;
     }
     let _serial = serial();
+    let mut step = Steps::default();
     let t = Topology::new();
     let mut cluster = objects(&t.cluster_yaml());
     cluster.push(policy("server-from-client", CLIENT));
@@ -92,6 +95,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     let gc = "identityGc: {graceSeconds: 2, intervalSeconds: 1}\n";
     let config = |node| t.agent_config_from(node, &source, &ca_addr, &root, gc);
 
+    step.to("Until its first full list, an agent is alive but not ready, and...");
     // Until its first full list, an agent is alive but not ready, and says why.
     api.hold_lists(true);
     let (agent_a, waited) = std::thread::scope(|s| {
@@ -109,12 +113,14 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     // admitted it by TokenReview) for its pods.
     let _agents = [agent_a, start_agent(&t, 'b', config('b'))];
 
+    step.to("One agent holds each cluster-wide chore");
     // One agent holds each cluster-wide chore.
     for lease in ["signet-status", "signet-identity-gc"] {
         let h = wait_for(lease, || holder(lease));
         assert!(h == "node-a" || h == "node-b", "{lease}: {h}");
     }
 
+    step.to("Numbers for both identities, one SignetIdentity each, shared by...");
     // Numbers for both identities, one SignetIdentity each, shared by both nodes.
     let identities = api.objects("SignetIdentity");
     for id in [CLIENT, SERVER] {
@@ -138,6 +144,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         "the policy from the API allows it: {report}"
     );
 
+    step.to("The status writer reports the policy valid and in force");
     // The status writer reports the policy valid and in force.
     wait_for("IdentityPolicy status", || {
         let p = api
@@ -148,6 +155,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (condition(&p, "Valid")?["status"] == "True" && in_force["status"] == "True").then_some(())
     });
 
+    step.to("A change made through the API reaches both datapaths, also after...");
     // A change made through the API reaches both datapaths, also after every watch was cut:
     // the agents watch again.
     let watched = api.watch_requests();
@@ -174,6 +182,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (t.client(&target)["ok"] == true).then_some(())
     });
 
+    step.to("A Gateway through the API");
     // A Gateway through the API: the CA copies its TLS Secret into signet-gateway-tls (agents may
     // read no other Secret), the agents serve it, and its status is written back.
     let (cert_pem, gateway) = gateway_objects();
@@ -250,6 +259,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         "node-a serves it"
     );
 
+    step.to("An invalid policy is refused by name with its field path");
     // An invalid policy is refused by name with its field path. Never seen valid, it fails
     // closed: the server it selects is denied ingress, not left open.
     let mut bad = policy("broken", CLIENT);
@@ -314,6 +324,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         (t.client(&target)["ok"] == true).then_some(())
     });
 
+    step.to("A pod gone for longer than the grace period gives its number back");
     // A pod gone for longer than the grace period gives its number back; the others keep theirs.
     // (A number being deleted is quarantined: it stays, terminating, and means nothing.)
     let numbered = |id: &str| {
@@ -345,6 +356,7 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     assert!(numbered(SERVER), "the server still runs");
     assert!(numbered("spiffe://cluster.local/ns/shop/gateway/public"));
 
+    step.to("A number is never issued to a second identity");
     // A number is never issued to a second identity. `old` runs in the client's pod, the only
     // one a policy admits; its pod goes for longer than the grace period; `intruder` takes the
     // pod's place and gets a number old's rule does not admit, on either node.

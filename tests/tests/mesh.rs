@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Steps;
+
 use std::time::{Duration, Instant};
 
 use common::topology::{Topology, serial, start};
@@ -30,6 +32,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         return;
     }
     let _serial = serial();
+    let mut step = Steps::default();
     let t = Topology::new();
     t.write_state("");
     let _running = start(&t, "", "");
@@ -47,6 +50,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     let via = report["reply"].as_str().expect("reply").to_owned();
     assert!(via.starts_with(&format!("hi 10.79.{}.1:", t.n)), "{report}");
 
+    step.to("The Service's ClusterIP reaches the same pod, through the tunnel too");
     // The Service's ClusterIP reaches the same pod, through the tunnel too.
     let vip = format!("{}:80", t.cluster_ip());
     let report = t.client(&vip);
@@ -59,6 +63,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "{report}"
     );
 
+    step.to("Both agents count it, by identity, on their admin ports");
     // Both agents count it, by identity, on their admin ports; both are ready.
     let (status, body) = t.admin_get('a', "/metrics");
     assert_eq!(status, 200);
@@ -99,6 +104,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "{state}"
     );
 
+    step.to("A state change that does not load is refused by name, and the...");
     // A state change that does not load is refused by name, and the snapshot in force stays.
     t.write_state("apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {selector: 7}\n");
     t.settle();
@@ -116,6 +122,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         "the state in force still serves"
     );
 
+    step.to("A policy that lets only another identity in");
     // A policy that lets only another identity in: node B's proxy refuses the stream, and
     // counts the deny.
     t.write_state(
@@ -134,6 +141,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     );
     assert_eq!(sample(&body, &denied), Some(1.0), "{body}");
 
+    step.to("An egress policy on the client");
     // An egress policy on the client: connect() fails at once with EPERM.
     t.write_state(
         "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: no-egress, namespace: shop}\n\
@@ -143,6 +151,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
     let report = t.client(&target);
     assert_eq!(report["errno"], 1, "EPERM from connect(): {report}");
 
+    step.to("Plaintext straight from the client pod's namespace, bypassing the...");
     // Plaintext straight from the client pod's namespace, bypassing the proxy (no cgroup), is
     // dropped at node B in strict mode.
     t.write_state("");
@@ -174,6 +183,7 @@ fn an_unmodified_client_reaches_a_pod_on_another_node_over_mtls_and_policy_decid
         ),
     );
 
+    step.to("Node A's agent cannot obtain the server's identity");
     // Node A's agent cannot obtain the server's identity: that pod runs on node B.
     let root_pem = std::fs::read_to_string(t.dir.path().join("root.pem")).expect("root");
     let refused = in_netns(&t.ns("node-a"), || {
@@ -210,6 +220,7 @@ fn l7_rules_answer_403_and_a_policy_change_closes_connections_it_no_longer_allow
         return;
     }
     let _serial = serial();
+    let mut step = Steps::default();
     let t = Topology::new();
     // GET under /v1/ on 8080 is allowed to the client; 9090 is plain TCP.
     let l7 = "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: api, namespace: shop}\n\
@@ -247,6 +258,7 @@ fn l7_rules_answer_403_and_a_policy_change_closes_connections_it_no_longer_allow
     );
     assert_eq!(sample(&denials, &l7_denied), Some(2.0), "{denials}");
 
+    step.to("A connection held open on 9090 while the policy stops allowing it...");
     // A connection held open on 9090 while the policy stops allowing it is closed.
     let mut holder = t
         .client_command(&format!("{}:9090", t.pod_ip('b')), &["--hold-ms", "20000"])

@@ -61,6 +61,39 @@ pub fn promtool_accepts(text: &str) {
     );
 }
 
+/// The named steps of a long end-to-end test over one shared topology: a failure says which
+/// behaviour broke and which passed before it (cargo shows a failed test's stderr).
+#[derive(Debug, Default)]
+pub struct Steps {
+    current: Option<&'static str>,
+    passed: Vec<&'static str>,
+}
+
+#[allow(dead_code)]
+impl Steps {
+    /// The previous step passed; `name` starts.
+    pub fn to(&mut self, name: &'static str) {
+        self.passed.extend(self.current.replace(name));
+        eprintln!("step: {name}");
+    }
+}
+
+impl Drop for Steps {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "FAILED in step `{}` (passed before it: {})",
+                self.current.unwrap_or("setup"),
+                if self.passed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.passed.join("; ")
+                }
+            );
+        }
+    }
+}
+
 pub fn unique() -> String {
     format!(
         "{}-{}",
