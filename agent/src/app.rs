@@ -8,7 +8,7 @@
 //! waits for the API server; readiness says what it waits for.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,24 +18,22 @@ use signet_ca::verify::SvidRoots;
 use signet_policy::identity::FileAllocator;
 use tokio::net::TcpListener;
 
-use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
-use crate::admin::metrics::{Gauges, Metrics};
-use crate::admin::{self, AdminState};
-use crate::certs::{BundleFollower, CaEndpoint, CertManager, CertState};
+use crate::admin::metrics::Metrics;
+use crate::certs::{BundleFollower, CaEndpoint, CertManager};
 use crate::config::{AgentConfig, ClusterSource, MtlsMode};
 use crate::datapath::events::EventReader;
 use crate::datapath::loader::{KernelDatapath, LoaderConfig, MapSizes, OriginalDestinations};
 use crate::datapath::sync::NodeHost;
 use crate::datapath::{Datapath, DatapathConfig};
 use crate::drain::Drain;
-use crate::flow::Reporter;
 use crate::gateway::ports::GatewayPorts;
+use crate::health;
 use crate::identity::gc::Collector;
 use crate::identity::kube::KubeIdentities;
 use crate::proxy::conns::Connections;
 use crate::proxy::hbone::HboneClient;
 use crate::proxy::{Caps, Limits, ProxyContext, inbound, outbound, tls};
-use crate::reconcile::{Followers, Progress, Reconciler};
+use crate::reconcile::{Followers, Reconciler};
 use crate::state::build::{Builder, Kube, Source};
 use crate::state::kube::KubeSource;
 use crate::state::snapshot::Snapshot;
@@ -73,7 +71,7 @@ impl Agent {
         let events = EventReader::open(&config.bpffs_dir, crate::observe::POLL)?;
         let (certs, roots) = connect_ca(&config, &drain).await?;
         let metrics = Arc::new(Metrics::default());
-        let (admin_address, running) = serve_admin(&config, &metrics, &drain).await?;
+        let (admin_address, running) = health::serve_admin(&config, &metrics, &drain).await?;
 
         let (source, kube_client) = cluster_source(&config, &drain).await?;
         let mut reconciler = Reconciler::new(
@@ -152,7 +150,7 @@ impl Agent {
                 drain.clone(),
             ),
         );
-        let _ = running.set(running_state(
+        let _ = running.set(health::running_state(
             &config.node,
             &snapshot,
             &progress,
@@ -175,7 +173,7 @@ impl Agent {
     /// Whether every local workload has a certificate (the datapath is attached before `start`
     /// returns).
     pub fn ready(&self) -> bool {
-        readiness(&self.snapshot, &self.certs).is_ok()
+        health::readiness(&self.snapshot, &self.certs).is_ok()
     }
 
     /// Stops accepting, lets in-flight connections finish within `grace`, then closes them.
@@ -236,37 +234,6 @@ async fn connect_ca(
         drain.clone(),
     );
     Ok((certs, roots))
-}
-
-/// Starts the admin port. Until the returned cell is set, readiness reports that the agent is
-/// starting and the gauges are empty.
-async fn serve_admin(
-    config: &AgentConfig,
-    metrics: &Arc<Metrics>,
-    drain: &Drain,
-) -> anyhow::Result<(std::net::SocketAddr, Arc<OnceLock<AdminState>>)> {
-    let listener = bind(config.admin, "admin").await?;
-    let address = listener.local_addr().context("admin address")?;
-    let running: Arc<OnceLock<AdminState>> = Arc::default();
-    let (gauges, readiness, debug) = (running.clone(), running.clone(), running.clone());
-    let node = config.node.clone();
-    let state = AdminState {
-        metrics: metrics.clone(),
-        gauges: Arc::new(move || gauges.get().map(|r| (r.gauges)()).unwrap_or_default()),
-        readiness: Arc::new(move || match readiness.get() {
-            Some(r) => (r.readiness)(),
-            None => Err("starting: waiting for the first sync of the cluster state".into()),
-        }),
-        debug: Arc::new(move || match debug.get() {
-            Some(r) => (r.debug)(),
-            None => DebugState {
-                node: node.clone(),
-                ..DebugState::default()
-            },
-        }),
-    };
-    drain.spawn("admin", admin::serve(listener, state, drain.clone()));
-    Ok((address, running))
 }
 
 /// The cluster source of the configured mode; in Kubernetes mode, once every resource has been
@@ -414,128 +381,4 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {what} {addr}"))
-}
-
-/// Readiness, gauges and debug state of a started agent.
-fn running_state(
-    node: &str,
-    snapshot: &Arc<RwLock<Arc<Snapshot>>>,
-    progress: &Arc<RwLock<Progress>>,
-    certs: &CertManager,
-    connections: &Arc<Connections>,
-    hbone: HboneClient,
-    metrics: &Arc<Metrics>,
-) -> AdminState {
-    let debug = {
-        let (node, snapshot, progress, certs, connections) = (
-            node.to_owned(),
-            snapshot.clone(),
-            progress.clone(),
-            certs.clone(),
-            connections.clone(),
-        );
-        Arc::new(move || debug_state(&node, &snapshot, &progress, &certs, &connections))
-    };
-    let readiness = {
-        let (snapshot, certs) = (snapshot.clone(), certs.clone());
-        Arc::new(move || readiness(&snapshot, &certs))
-    };
-    let gauges = {
-        let (connections, certs, readiness, snapshot) = (
-            connections.clone(),
-            certs.clone(),
-            readiness.clone(),
-            snapshot.clone(),
-        );
-        Arc::new(move || Gauges {
-            refused_addresses: snapshot
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .refused_ips
-                .len(),
-            certificate_expiry: certs.expiries(),
-            open_connections: [Reporter::Outbound, Reporter::Inbound]
-                .into_iter()
-                .map(|r| (r, connections.count(r)))
-                .collect(),
-            hbone_pool_connections: hbone.connections(),
-            ready: readiness().is_ok(),
-        })
-    };
-    AdminState {
-        metrics: metrics.clone(),
-        gauges,
-        readiness,
-        debug,
-    }
-}
-
-fn debug_state(
-    node: &str,
-    snapshot: &RwLock<Arc<Snapshot>>,
-    progress: &RwLock<Progress>,
-    certs: &CertManager,
-    connections: &Connections,
-) -> DebugState {
-    let generation = snapshot
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .generation;
-    let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let unix = |t: std::time::SystemTime| {
-        t.duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    };
-    let identities = certs
-        .states()
-        .into_iter()
-        .map(|(id, state)| {
-            let (state, serial, not_after, error) = match state {
-                CertState::Initializing => ("initializing", None, None, None),
-                CertState::Available { cert, last_error } => (
-                    "available",
-                    Some(cert.serial.clone()),
-                    Some(unix(cert.not_after)),
-                    last_error,
-                ),
-                CertState::Unavailable(e) => ("unavailable", None, None, Some(e)),
-            };
-            IdentityState {
-                identity: id.to_string(),
-                state,
-                serial,
-                not_after,
-                error,
-            }
-        })
-        .collect();
-    let flows = connections
-        .open_flows()
-        .into_iter()
-        .map(|(reporter, source, destination, port, verdict)| OpenFlow {
-            reporter: reporter.as_str(),
-            source,
-            destination,
-            port,
-            verdict,
-        })
-        .collect();
-    DebugState {
-        node: node.to_owned(),
-        generation,
-        revision: progress.revision,
-        refused: progress.refused,
-        identities,
-        flows,
-    }
-}
-
-fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<(), String> {
-    let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let missing = certs.missing(snap.local_identities().iter());
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
-    Err(format!("no certificate yet for {}", names.join(", ")))
 }

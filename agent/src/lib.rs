@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod drain;
 pub mod flow;
 pub mod gateway;
+pub mod health;
 pub mod identity;
 pub mod observe;
 pub mod proxy;

@@ -175,6 +175,10 @@ async fn hbone_server(
 }
 
 fn client(pki: &Pki, max_streams: usize) -> HboneClient {
+    client_in(pki, max_streams, Drain::new())
+}
+
+fn client_in(pki: &Pki, max_streams: usize, drain: Drain) -> HboneClient {
     let roots = pki.roots();
     let svids: std::collections::HashMap<
         String,
@@ -207,7 +211,7 @@ fn client(pki: &Pki, max_streams: usize) -> HboneClient {
         }),
         max_streams,
         Duration::from_secs(5),
-        Drain::new(),
+        drain,
     )
 }
 
@@ -419,6 +423,34 @@ async fn a_pooled_connection_to_a_peer_that_stops_answering_leaves_the_pool_in_s
         b"y"
     );
     assert_eq!(c.dials(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_do_not_hold_up_shutdown() {
+    let pki = Pki::new();
+    let target = echo().await;
+    let (node, _) = hbone_server(&pki, pki.svid(DB), target).await;
+    let drain = Drain::new();
+    let c = client_in(&pki, 8, drain.clone());
+    let route = Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    };
+    assert_eq!(
+        round_trip(&c, &route, target, b"x").await.expect("tunnel"),
+        b"x"
+    );
+    assert_eq!(c.connections(), 1, "pooled and idle");
+    let started = std::time::Instant::now();
+    let dropped = drain.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(dropped, 0, "the idle connection ended by itself");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "shutdown waited {:?} for an idle pooled connection",
+        started.elapsed()
+    );
+    assert_eq!(c.connections(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

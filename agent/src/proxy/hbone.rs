@@ -443,14 +443,32 @@ impl HboneClient {
         let closed_by_task = closed.clone();
         let pings = conn.ping_pong();
         let keepalive = self.keepalive;
+        let (drain, pool, pooled_route) = (self.drain.clone(), self.pool.clone(), route.clone());
         self.drain.spawn("hbone connection", async move {
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%node, error = %e, "HBONE connection closed");
-                },
-                why = keep_alive(pings, keepalive) => {
-                    // Dropping the connection closes it: its streams fail, and new ones dial.
-                    tracing::warn!(%node, "HBONE connection closed: {why}");
+            let pinging = keep_alive(pings, keepalive);
+            tokio::pin!(conn, pinging);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(%node, error = %e, "HBONE connection closed");
+                        }
+                        break;
+                    }
+                    why = &mut pinging => {
+                        // Dropping the connection closes it: its streams fail, and new ones dial.
+                        tracing::warn!(%node, "HBONE connection closed: {why}");
+                        break;
+                    }
+                    // The agent stops: no new streams here. With the pool's handles gone the
+                    // connection ends once its open streams have (or the drain forces it).
+                    () = drain.stopping(), if !draining => {
+                        draining = true;
+                        pool.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&pooled_route);
+                    }
                 }
             }
             closed_by_task.store(true, Ordering::Release);

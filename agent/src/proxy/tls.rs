@@ -53,7 +53,9 @@ type ConfigCache =
     std::collections::HashMap<(SpiffeId, SpiffeId), (String, Arc<rustls::ClientConfig>)>;
 
 impl ClientConfigs {
-    /// As [`client_config`], from the cache when `source`'s certificate has not changed.
+    /// A configuration presenting `source`'s SVID and requiring `destination` from the server,
+    /// and that SVID's notAfter, from the cache when the certificate has not changed; `None`
+    /// while the source has no certificate yet (the caller fails closed).
     pub fn get(
         &self,
         certs: &CertManager,
@@ -116,19 +118,8 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// A client configuration presenting `source`'s SVID and requiring `destination` from the
-/// server, and that SVID's notAfter; `None` while the source has no certificate yet (the caller
-/// fails closed).
-pub fn client_config(
-    certs: &CertManager,
-    roots: &SvidRoots,
-    source: &SpiffeId,
-    destination: &SpiffeId,
-) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
-    let cert = certs.get(source)?;
-    client_config_for(&cert, roots, destination)
-}
-
+/// A client configuration presenting `cert` and requiring `destination` from the server, and
+/// that SVID's notAfter.
 fn client_config_for(
     cert: &crate::certs::WorkloadCert,
     roots: &SvidRoots,

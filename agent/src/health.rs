@@ -1,0 +1,177 @@
+//! What the agent reports about itself on the admin port: readiness (every local workload has a
+//! certificate), the gauges read at scrape time, and `/debug/state`, assembled from the parts
+//! that own the facts (snapshot, reconciler progress, certificates, connection registry). The
+//! admin server itself (`admin`) knows none of these types.
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+use anyhow::Context as _;
+
+use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
+use crate::admin::metrics::{Gauges, Metrics};
+use crate::admin::{self, AdminState};
+use crate::certs::{CertManager, CertState};
+use crate::config::AgentConfig;
+use crate::drain::Drain;
+use crate::flow::Reporter;
+use crate::proxy::conns::Connections;
+use crate::proxy::hbone::HboneClient;
+use crate::reconcile::Progress;
+use crate::state::snapshot::Snapshot;
+
+/// Starts the admin port. Until the returned cell is set, readiness reports that the agent is
+/// starting and the gauges are empty.
+pub async fn serve_admin(
+    config: &AgentConfig,
+    metrics: &Arc<Metrics>,
+    drain: &Drain,
+) -> anyhow::Result<(std::net::SocketAddr, Arc<OnceLock<AdminState>>)> {
+    let listener = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding admin {}", config.admin))?;
+    let address = listener.local_addr().context("admin address")?;
+    let running: Arc<OnceLock<AdminState>> = Arc::default();
+    let (gauges, readiness, debug) = (running.clone(), running.clone(), running.clone());
+    let node = config.node.clone();
+    let state = AdminState {
+        metrics: metrics.clone(),
+        gauges: Arc::new(move || gauges.get().map(|r| (r.gauges)()).unwrap_or_default()),
+        readiness: Arc::new(move || match readiness.get() {
+            Some(r) => (r.readiness)(),
+            None => Err("starting: waiting for the first sync of the cluster state".into()),
+        }),
+        debug: Arc::new(move || match debug.get() {
+            Some(r) => (r.debug)(),
+            None => DebugState {
+                node: node.clone(),
+                ..DebugState::default()
+            },
+        }),
+    };
+    drain.spawn("admin", admin::serve(listener, state, drain.clone()));
+    Ok((address, running))
+}
+
+/// Readiness, gauges and debug state of a started agent.
+pub fn running_state(
+    node: &str,
+    snapshot: &Arc<RwLock<Arc<Snapshot>>>,
+    progress: &Arc<RwLock<Progress>>,
+    certs: &CertManager,
+    connections: &Arc<Connections>,
+    hbone: HboneClient,
+    metrics: &Arc<Metrics>,
+) -> AdminState {
+    let debug = {
+        let (node, snapshot, progress, certs, connections) = (
+            node.to_owned(),
+            snapshot.clone(),
+            progress.clone(),
+            certs.clone(),
+            connections.clone(),
+        );
+        Arc::new(move || debug_state(&node, &snapshot, &progress, &certs, &connections))
+    };
+    let readiness = {
+        let (snapshot, certs) = (snapshot.clone(), certs.clone());
+        Arc::new(move || readiness(&snapshot, &certs))
+    };
+    let gauges = {
+        let (connections, certs, readiness, snapshot) = (
+            connections.clone(),
+            certs.clone(),
+            readiness.clone(),
+            snapshot.clone(),
+        );
+        Arc::new(move || Gauges {
+            refused_addresses: snapshot
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .refused_ips
+                .len(),
+            certificate_expiry: certs.expiries(),
+            open_connections: [Reporter::Outbound, Reporter::Inbound]
+                .into_iter()
+                .map(|r| (r, connections.count(r)))
+                .collect(),
+            hbone_pool_connections: hbone.connections(),
+            ready: readiness().is_ok(),
+        })
+    };
+    AdminState {
+        metrics: metrics.clone(),
+        gauges,
+        readiness,
+        debug,
+    }
+}
+
+fn debug_state(
+    node: &str,
+    snapshot: &RwLock<Arc<Snapshot>>,
+    progress: &RwLock<Progress>,
+    certs: &CertManager,
+    connections: &Connections,
+) -> DebugState {
+    let generation = snapshot
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .generation;
+    let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let identities = certs
+        .states()
+        .into_iter()
+        .map(|(id, state)| {
+            let (state, serial, not_after, error) = match state {
+                CertState::Initializing => ("initializing", None, None, None),
+                CertState::Available { cert, last_error } => (
+                    "available",
+                    Some(cert.serial.clone()),
+                    Some(unix(cert.not_after)),
+                    last_error,
+                ),
+                CertState::Unavailable(e) => ("unavailable", None, None, Some(e)),
+            };
+            IdentityState {
+                identity: id.to_string(),
+                state,
+                serial,
+                not_after,
+                error,
+            }
+        })
+        .collect();
+    let flows = connections
+        .open_flows()
+        .into_iter()
+        .map(|(reporter, source, destination, port, verdict)| OpenFlow {
+            reporter: reporter.as_str(),
+            source,
+            destination,
+            port,
+            verdict,
+        })
+        .collect();
+    DebugState {
+        node: node.to_owned(),
+        generation,
+        revision: progress.revision,
+        refused: progress.refused,
+        identities,
+        flows,
+    }
+}
+
+pub fn readiness(snapshot: &RwLock<Arc<Snapshot>>, certs: &CertManager) -> Result<(), String> {
+    let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let missing = certs.missing(snap.local_identities().iter());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    Err(format!("no certificate yet for {}", names.join(", ")))
+}
