@@ -67,8 +67,8 @@ impl Agent {
         // Should starting fail from here on, the tasks already running stop with it.
         let stop_on_error = drain.stop_token().drop_guard();
         let datapath = load_datapath(&config)?;
-        let orig = Arc::new(OriginalDestinations::open(&config.bpffs_dir)?);
-        let events = EventReader::open(&config.bpffs_dir, crate::observe::POLL)?;
+        let orig = Arc::new(OriginalDestinations::open(&config.datapath.bpffs_dir)?);
+        let events = EventReader::open(&config.datapath.bpffs_dir, crate::observe::POLL)?;
         let (certs, roots) = connect_ca(&config, &drain).await?;
         let metrics = Arc::new(Metrics::default());
         let (admin_address, running) = health::serve_admin(&config, &metrics, &drain).await?;
@@ -79,10 +79,10 @@ impl Agent {
                 source,
                 config.trust_domain.clone(),
                 config.node.clone(),
-                config.pod_annotations,
+                config.cluster.pod_annotations,
             ),
             Box::new(datapath),
-            Box::new(NodeHost::new(&config.cgroup_root)),
+            Box::new(NodeHost::new(&config.datapath.cgroup_root)),
         );
         let progress = reconciler.progress.clone();
         let first = reconciler
@@ -100,16 +100,16 @@ impl Agent {
             "bundle follower",
             BundleFollower::new(
                 CaEndpoint {
-                    address: config.ca_address.clone(),
-                    server_name: config.ca_server_name.clone(),
-                    token: config.ca_token.clone(),
-                    token_file: Some(config.ca_token_file.clone()),
+                    address: config.ca.address.clone(),
+                    server_name: config.ca.server_name.clone(),
+                    token: config.ca.token.clone(),
+                    token_file: Some(config.ca.token_file.clone()),
                 },
                 certs.clone(),
                 roots.clone(),
                 config.trust_domain.clone(),
             )
-            .run(config.bundle_refresh, drain.stop_token()),
+            .run(config.ca.bundle_refresh, drain.stop_token()),
         );
         let connections = Arc::new(Connections::default());
         let ctx = proxy_context(
@@ -121,15 +121,15 @@ impl Agent {
             &connections,
             &drain,
         );
-        let out_l = bind(config.outbound, "outbound").await?;
-        let in_l = bind(config.inbound, "inbound").await?;
+        let out_l = bind(config.listen.outbound, "outbound").await?;
+        let in_l = bind(config.listen.inbound, "inbound").await?;
         drain.spawn("outbound", outbound::serve(out_l, ctx.clone(), orig));
         if let (Some(client), Some(source)) = (kube_client, reconciler.builder.kube().cloned()) {
             start_leader_loops(&config, client, source, &drain);
         }
         let mut gateways = GatewayPorts {
-            ip: config.gateway_ip,
-            limits: config.gateway_limits.clone(),
+            ip: config.listen.gateway_ip,
+            limits: config.gateway.limits.clone(),
             ctx: ctx.clone(),
             running: HashMap::new(),
         };
@@ -186,23 +186,23 @@ impl Agent {
 /// Loads (or finds after a restart) the datapath and configures it for this node.
 fn load_datapath(config: &AgentConfig) -> anyhow::Result<KernelDatapath> {
     let mut datapath = KernelDatapath::load(&LoaderConfig {
-        pin_dir: config.bpffs_dir.clone(),
-        cgroup: config.cgroup_root.clone(),
+        pin_dir: config.datapath.bpffs_dir.clone(),
+        cgroup: config.datapath.cgroup_root.clone(),
         sizes: MapSizes::default(),
     })?;
-    let (proxy_v4, proxy_v6) = match config.outbound.ip() {
+    let (proxy_v4, proxy_v6) = match config.listen.outbound.ip() {
         std::net::IpAddr::V4(v4) => (v4, None),
         std::net::IpAddr::V6(v6) => (std::net::Ipv4Addr::UNSPECIFIED, Some(v6)),
     };
     datapath.set_config(&DatapathConfig {
         proxy_v4,
         proxy_v6,
-        proxy_port: config.outbound.port(),
-        strict: config.mtls_mode == MtlsMode::Strict,
-        proxy_mark: config.proxy_mark,
+        proxy_port: config.listen.outbound.port(),
+        strict: config.datapath.mtls_mode == MtlsMode::Strict,
+        proxy_mark: config.datapath.proxy_mark,
         event_sample: 0,
     })?;
-    datapath.set_excluded_ports(&config.excluded_ports)?;
+    datapath.set_excluded_ports(&config.datapath.excluded_ports)?;
     Ok(datapath)
 }
 
@@ -212,25 +212,25 @@ async fn connect_ca(
     drain: &Drain,
 ) -> anyhow::Result<(CertManager, SvidRoots)> {
     let roots_der: Vec<rustls_pki_types::CertificateDer<'static>> =
-        pem::parse_many(&config.ca_root_pem)
+        pem::parse_many(&config.ca.root_pem)
             .context("CA root PEM")?
             .into_iter()
             .map(|p| rustls_pki_types::CertificateDer::from(p.into_contents()))
             .collect();
     let roots = SvidRoots::new(config.trust_domain.clone(), &roots_der)?;
     let ca = CaClient::connect(
-        &config.ca_address,
-        &config.ca_server_name,
-        &config.ca_root_pem,
-        &config.ca_token,
+        &config.ca.address,
+        &config.ca.server_name,
+        &config.ca.root_pem,
+        &config.ca.token,
     )
     .await
     .context("connecting to the CA")?
-    .with_token_file(config.ca_token_file.clone());
+    .with_token_file(config.ca.token_file.clone());
     let certs = CertManager::new(
         ca,
         config.agent_identity.clone(),
-        config.svid_ttl,
+        config.ca.svid_ttl,
         drain.clone(),
     );
     Ok((certs, roots))
@@ -242,18 +242,18 @@ async fn cluster_source(
     config: &AgentConfig,
     drain: &Drain,
 ) -> anyhow::Result<(Source, Option<kube::Client>)> {
-    let (state_dir, identity_table) = match &config.source {
+    let (state_dir, identity_table) = match &config.cluster.source {
         ClusterSource::Dir {
             state_dir,
             identity_table,
         } => (state_dir, identity_table),
         ClusterSource::Kubernetes => {
-            let client = signet_ca::kubernetes::client(config.kubeconfig.as_deref())
+            let client = signet_ca::kubernetes::client(config.cluster.kubeconfig.as_deref())
                 .await
                 .context("connecting to the Kubernetes API")?;
             let objects = KubeSource::start(
                 client.clone(),
-                &config.gateway_tls_namespace,
+                &config.cluster.gateway_tls_namespace,
                 &drain.stop_token(),
             );
             wait_for_first_list(&objects).await;
@@ -298,14 +298,14 @@ fn proxy_context(
     drain: &Drain,
 ) -> ProxyContext {
     let limits = Limits::new(
-        config.idle_timeout,
-        config.handshake_timeout,
-        config.connect_timeout,
+        config.proxy.idle_timeout,
+        config.proxy.handshake_timeout,
+        config.proxy.connect_timeout,
         Caps {
-            mesh: config.max_connections,
-            per_pod: config.max_connections_per_pod,
-            gateway: config.gateway_max_connections,
-            gateway_per_client: config.gateway_max_connections_per_client,
+            mesh: config.proxy.max_connections,
+            per_pod: config.proxy.max_connections_per_pod,
+            gateway: config.gateway.max_connections,
+            gateway_per_client: config.gateway.max_connections_per_client,
         },
     );
     let hbone = {
@@ -313,7 +313,7 @@ fn proxy_context(
         let configs = tls::ClientConfigs::default();
         HboneClient::new(
             Arc::new(move |route| configs.get(&certs, &roots, &route.source, &route.destination)),
-            config.max_streams_per_connection,
+            config.proxy.max_streams_per_connection,
             limits.connect,
             drain.clone(),
         )
@@ -324,8 +324,8 @@ fn proxy_context(
         roots: roots.clone(),
         trust_domain: config.trust_domain.clone(),
         hbone,
-        proxy_mark: config.proxy_mark,
-        inbound_port: config.inbound.port(),
+        proxy_mark: config.datapath.proxy_mark,
+        inbound_port: config.listen.inbound.port(),
         metrics: metrics.clone(),
         conns: connections.clone(),
         limits,
@@ -366,12 +366,12 @@ fn start_leader_loops(
             lease("signet-identity-gc"),
             Collector::new(
                 client.clone(),
-                config.identity_gc_grace,
-                config.identity_gc_quarantine,
+                config.identity_gc.grace,
+                config.identity_gc.quarantine,
             ),
             source,
             config.trust_domain.clone(),
-            config.identity_gc_interval,
+            config.identity_gc.interval,
             drain.stop_token(),
         ),
     );

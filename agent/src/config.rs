@@ -291,7 +291,7 @@ pub enum ClusterSource {
     Kubernetes,
 }
 
-/// The validated configuration.
+/// The agent's settings, by the component each section builds.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
@@ -299,40 +299,67 @@ pub struct AgentConfig {
     pub agent_identity: SpiffeId,
     /// The agent's namespace (its service account and Leases).
     pub agent_namespace: String,
-    /// Where the CA copies Gateway TLS Secrets (the only Secrets an agent reads).
-    pub gateway_tls_namespace: String,
+    /// Open connections' time to finish on SIGTERM.
+    pub shutdown_grace: Duration,
+    pub cluster: ClusterConfig,
+    pub ca: CaConfig,
+    pub datapath: DatapathSettings,
+    pub listen: ListenConfig,
+    pub proxy: ProxyConfig,
+    pub gateway: GatewaySettings,
+    pub identity_gc: IdentityGcConfig,
+}
+
+/// Where the cluster state comes from.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
     pub source: ClusterSource,
     /// Whether pods' placement annotations are believed (`localTopology`).
     pub pod_annotations: crate::state::snapshot::PodAnnotations,
     /// How to reach the API server when not in-cluster.
     pub kubeconfig: Option<PathBuf>,
-    pub ca_address: String,
-    pub ca_server_name: String,
+    /// Where the CA copies Gateway TLS Secrets (the only Secrets an agent reads).
+    pub gateway_tls_namespace: String,
+}
+
+/// The CA and the certificates asked of it.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub address: String,
+    pub server_name: String,
     /// The trust anchor, PEM.
-    pub ca_root_pem: String,
-    pub ca_token: String,
+    pub root_pem: String,
+    pub token: String,
     /// Where the token is: re-read for every certificate request (projected tokens rotate).
-    pub ca_token_file: PathBuf,
+    pub token_file: PathBuf,
     /// How often the trust bundle is fetched from the CA.
     pub bundle_refresh: Duration,
-    /// Kubernetes mode: how long an unused numeric identity is kept, and how often to look.
-    pub identity_gc_grace: Duration,
-    pub identity_gc_interval: Duration,
-    /// How long a deleted number stays quarantined.
-    pub identity_gc_quarantine: Duration,
+    pub svid_ttl: Duration,
+}
+
+/// The kernel side.
+#[derive(Debug, Clone)]
+pub struct DatapathSettings {
     pub cgroup_root: PathBuf,
     pub bpffs_dir: PathBuf,
     pub proxy_mark: u32,
     pub excluded_ports: Vec<u16>,
+    pub mtls_mode: MtlsMode,
+}
+
+/// Where the agent listens.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
     /// The address Gateway listeners bind to.
     pub gateway_ip: std::net::IpAddr,
-    pub mtls_mode: MtlsMode,
-    pub svid_ttl: Duration,
-    pub shutdown_grace: Duration,
-    pub max_streams_per_connection: usize,
+}
+
+/// The mesh proxy's limits.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
     /// A tunnel idle this long is closed.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -342,13 +369,28 @@ pub struct AgentConfig {
     pub max_connections: usize,
     /// One source address's share of the outbound connections.
     pub max_connections_per_pod: usize,
-    /// The Gateway listeners' own connection budget.
-    pub gateway_max_connections: usize,
-    /// One client address's share of it.
-    pub gateway_max_connections_per_client: usize,
+    pub max_streams_per_connection: usize,
     /// Threads of the agent's runtime.
     pub worker_threads: usize,
-    pub gateway_limits: crate::gateway::server::EdgeLimits,
+}
+
+/// The Gateway listeners' limits and budget.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub limits: crate::gateway::server::EdgeLimits,
+    /// The listeners' own connection budget.
+    pub max_connections: usize,
+    /// One client address's share of it.
+    pub max_connections_per_client: usize,
+}
+
+/// Kubernetes mode: how long an unused numeric identity is kept, how often to look, and how long
+/// a deleted number stays quarantined.
+#[derive(Debug, Clone)]
+pub struct IdentityGcConfig {
+    pub grace: Duration,
+    pub interval: Duration,
+    pub quarantine: Duration,
 }
 
 impl Raw {
@@ -515,78 +557,94 @@ impl AgentConfig {
                     .map_err(|e| invalid(format!("gateway.trustedProxies `{c}`: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let proxy_max = raw.proxy.max_connections;
+        let gateway_max = raw.gateway.max_connections.unwrap_or(proxy_max);
         Ok(Self {
             trust_domain,
             agent_identity,
-            source,
-            pod_annotations: if raw.local_topology.unwrap_or(!raw.kubernetes) {
-                crate::state::snapshot::PodAnnotations::Trusted
-            } else {
-                crate::state::snapshot::PodAnnotations::Ignored
-            },
-            kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
             agent_namespace: raw.agent_namespace.clone(),
-            gateway_tls_namespace: raw.gateway_tls_namespace.clone(),
-            ca_address: raw.ca.address,
-            ca_server_name: raw.ca.server_name,
-            ca_root_pem,
-            ca_token,
-            ca_token_file: token_file,
-            bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds),
-            identity_gc_grace: Duration::from_secs(raw.identity_gc.grace_seconds),
-            identity_gc_interval: Duration::from_secs(raw.identity_gc.interval_seconds),
-            identity_gc_quarantine: Duration::from_secs(
-                raw.identity_gc
-                    .quarantine_seconds
-                    .unwrap_or((raw.identity_gc.grace_seconds * 3).max(60)),
-            ),
-            cgroup_root: resolve(&raw.datapath.cgroup_root),
-            bpffs_dir,
-            proxy_mark: raw.datapath.proxy_mark,
-            excluded_ports: raw.datapath.excluded_ports,
-            outbound: raw.listen.outbound,
-            inbound: raw.listen.inbound,
-            admin: raw.listen.admin,
-            gateway_ip: raw.listen.gateway.unwrap_or(raw.listen.inbound.ip()),
-            mtls_mode: raw.mtls_mode,
-            svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds),
-            max_streams_per_connection: raw.max_streams_per_connection,
-            idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
-            handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
-            connect_timeout: Duration::from_secs(raw.proxy.connect_timeout_seconds),
-            max_connections: raw.proxy.max_connections,
-            max_connections_per_pod: raw
-                .proxy
-                .max_connections_per_pod
-                .unwrap_or((raw.proxy.max_connections / 4).max(1)),
-            gateway_max_connections: raw
-                .gateway
-                .max_connections
-                .unwrap_or(raw.proxy.max_connections),
-            gateway_max_connections_per_client: raw.gateway.max_connections_per_client.unwrap_or(
-                (raw.gateway
-                    .max_connections
-                    .unwrap_or(raw.proxy.max_connections)
-                    / 16)
-                    .max(1),
-            ),
-            worker_threads: raw.proxy.worker_threads,
-            gateway_limits: {
-                let d = crate::gateway::server::EdgeLimits::default();
-                let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
-                crate::gateway::server::EdgeLimits {
-                    handshake: secs(raw.gateway.handshake_timeout_seconds, d.handshake),
-                    header_read: secs(raw.gateway.header_read_timeout_seconds, d.header_read),
-                    idle: secs(raw.gateway.idle_timeout_seconds, d.idle),
-                    max_age: secs(raw.gateway.max_connection_age_seconds, d.max_age),
-                    max_header_bytes: raw.gateway.max_header_bytes.unwrap_or(d.max_header_bytes),
-                    max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
-                    max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
-                    max_body_bytes: raw.gateway.max_body_bytes,
-                    trusted_proxies: trusted_proxies.clone(),
-                    ..d
-                }
+            cluster: ClusterConfig {
+                source,
+                pod_annotations: if raw.local_topology.unwrap_or(!raw.kubernetes) {
+                    crate::state::snapshot::PodAnnotations::Trusted
+                } else {
+                    crate::state::snapshot::PodAnnotations::Ignored
+                },
+                kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
+                gateway_tls_namespace: raw.gateway_tls_namespace.clone(),
+            },
+            ca: CaConfig {
+                address: raw.ca.address,
+                server_name: raw.ca.server_name,
+                root_pem: ca_root_pem,
+                token: ca_token,
+                token_file,
+                bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds),
+                svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
+            },
+            identity_gc: IdentityGcConfig {
+                grace: Duration::from_secs(raw.identity_gc.grace_seconds),
+                interval: Duration::from_secs(raw.identity_gc.interval_seconds),
+                // Derived default: three grace periods, at least a minute.
+                quarantine: Duration::from_secs(
+                    raw.identity_gc
+                        .quarantine_seconds
+                        .unwrap_or((raw.identity_gc.grace_seconds * 3).max(60)),
+                ),
+            },
+            datapath: DatapathSettings {
+                cgroup_root: resolve(&raw.datapath.cgroup_root),
+                bpffs_dir,
+                proxy_mark: raw.datapath.proxy_mark,
+                excluded_ports: raw.datapath.excluded_ports,
+                mtls_mode: raw.mtls_mode,
+            },
+            listen: ListenConfig {
+                outbound: raw.listen.outbound,
+                inbound: raw.listen.inbound,
+                admin: raw.listen.admin,
+                gateway_ip: raw.listen.gateway.unwrap_or(raw.listen.inbound.ip()),
+            },
+            proxy: ProxyConfig {
+                idle_timeout: Duration::from_secs(raw.proxy.idle_timeout_seconds),
+                handshake_timeout: Duration::from_secs(raw.proxy.handshake_timeout_seconds),
+                connect_timeout: Duration::from_secs(raw.proxy.connect_timeout_seconds),
+                max_connections: proxy_max,
+                // Derived default: a quarter of the node's, at least 1.
+                max_connections_per_pod: raw
+                    .proxy
+                    .max_connections_per_pod
+                    .unwrap_or((proxy_max / 4).max(1)),
+                max_streams_per_connection: raw.max_streams_per_connection,
+                worker_threads: raw.proxy.worker_threads,
+            },
+            gateway: GatewaySettings {
+                limits: {
+                    let d = crate::gateway::server::EdgeLimits::default();
+                    let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+                    crate::gateway::server::EdgeLimits {
+                        handshake: secs(raw.gateway.handshake_timeout_seconds, d.handshake),
+                        header_read: secs(raw.gateway.header_read_timeout_seconds, d.header_read),
+                        idle: secs(raw.gateway.idle_timeout_seconds, d.idle),
+                        max_age: secs(raw.gateway.max_connection_age_seconds, d.max_age),
+                        max_header_bytes: raw
+                            .gateway
+                            .max_header_bytes
+                            .unwrap_or(d.max_header_bytes),
+                        max_headers: raw.gateway.max_headers.unwrap_or(d.max_headers),
+                        max_streams: raw.gateway.max_concurrent_streams.unwrap_or(d.max_streams),
+                        max_body_bytes: raw.gateway.max_body_bytes,
+                        trusted_proxies: trusted_proxies.clone(),
+                        ..d
+                    }
+                },
+                max_connections: gateway_max,
+                // Derived default: a sixteenth of the edge's budget, at least 1.
+                max_connections_per_client: raw
+                    .gateway
+                    .max_connections_per_client
+                    .unwrap_or((gateway_max / 16).max(1)),
             },
             node: raw.node,
         })
@@ -608,15 +666,15 @@ impl AgentConfig {
                     reason: format!("`{node}` must be a DNS label"),
                 });
             }
-            if self.bpffs_dir == PathBuf::from("/sys/fs/bpf/signet").join(&self.node) {
-                self.bpffs_dir = PathBuf::from("/sys/fs/bpf/signet").join(node);
+            if self.datapath.bpffs_dir == PathBuf::from("/sys/fs/bpf/signet").join(&self.node) {
+                self.datapath.bpffs_dir = PathBuf::from("/sys/fs/bpf/signet").join(node);
             }
             node.clone_into(&mut self.node);
         }
         if let Some(ip) = ip {
-            self.outbound.set_ip(ip);
-            self.inbound.set_ip(ip);
-            self.gateway_ip = ip;
+            self.listen.outbound.set_ip(ip);
+            self.listen.inbound.set_ip(ip);
+            self.listen.gateway_ip = ip;
         }
         Ok(self)
     }
@@ -783,11 +841,14 @@ mod tests {
     fn a_minimal_config_gets_defaults() {
         let dir = setup();
         let c = parse(dir.path(), &yaml("")).expect("valid");
-        assert_eq!(c.mtls_mode, MtlsMode::Strict);
-        assert_eq!(c.ca_token, "secret");
-        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/signet/node-a"));
+        assert_eq!(c.datapath.mtls_mode, MtlsMode::Strict);
+        assert_eq!(c.ca.token, "secret");
         assert_eq!(
-            c.source,
+            c.datapath.bpffs_dir,
+            PathBuf::from("/sys/fs/bpf/signet/node-a")
+        );
+        assert_eq!(
+            c.cluster.source,
             ClusterSource::Dir {
                 state_dir: dir.path().join("state"),
                 identity_table: dir.path().join("ids.json")
@@ -800,6 +861,7 @@ mod tests {
         assert_eq!(
             parse(dir.path(), &yaml("mtlsMode: permissive\n"))
                 .expect("valid")
+                .datapath
                 .mtls_mode,
             MtlsMode::Permissive
         );
@@ -813,10 +875,13 @@ mod tests {
             .for_node(Some("worker-7"), Some("10.0.3.7".parse().expect("ip")))
             .expect("node");
         assert_eq!(c.node, "worker-7");
-        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/signet/worker-7"));
-        assert_eq!(c.outbound.to_string(), "10.0.3.7:15001");
-        assert_eq!(c.inbound.to_string(), "10.0.3.7:15008");
-        assert_eq!(c.gateway_ip.to_string(), "10.0.3.7");
+        assert_eq!(
+            c.datapath.bpffs_dir,
+            PathBuf::from("/sys/fs/bpf/signet/worker-7")
+        );
+        assert_eq!(c.listen.outbound.to_string(), "10.0.3.7:15001");
+        assert_eq!(c.listen.inbound.to_string(), "10.0.3.7:15008");
+        assert_eq!(c.listen.gateway_ip.to_string(), "10.0.3.7");
         assert!(
             parse(dir.path(), &yaml(""))
                 .expect("valid")
@@ -837,7 +902,7 @@ mod tests {
             .replace("clusterStateDir: state\n", "")
             .replace("identityTable: ids.json\n", "");
         assert_eq!(
-            parse(dir.path(), &k8s).expect("kubernetes").source,
+            parse(dir.path(), &k8s).expect("kubernetes").cluster.source,
             ClusterSource::Kubernetes
         );
         let e = parse(dir.path(), &yaml("mtlsMode: loose\n"))

@@ -26,9 +26,9 @@ pub async fn serve_admin(
     metrics: &Arc<Metrics>,
     drain: &Drain,
 ) -> anyhow::Result<(std::net::SocketAddr, Arc<OnceLock<AdminState>>)> {
-    let listener = tokio::net::TcpListener::bind(config.admin)
+    let listener = tokio::net::TcpListener::bind(config.listen.admin)
         .await
-        .with_context(|| format!("binding admin {}", config.admin))?;
+        .with_context(|| format!("binding admin {}", config.listen.admin))?;
     let address = listener.local_addr().context("admin address")?;
     let running: Arc<OnceLock<AdminState>> = Arc::default();
     let (gauges, readiness, debug) = (running.clone(), running.clone(), running.clone());

@@ -56,8 +56,8 @@ fn main() -> std::process::ExitCode {
 fn run(args: Args) -> anyhow::Result<()> {
     let config = AgentConfig::load(&args.config)?.for_node(args.node.as_deref(), args.node_ip)?;
     if args.cleanup {
-        signet_agent::datapath::loader::cleanup(&config.bpffs_dir)?;
-        println!("removed {}", config.bpffs_dir.display());
+        signet_agent::datapath::loader::cleanup(&config.datapath.bpffs_dir)?;
+        println!("removed {}", config.datapath.bpffs_dir.display());
         return Ok(());
     }
     if let Some(ns) = &args.netns {
@@ -67,10 +67,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {ns}"))?;
     }
-    raise_fd_limit(config.max_connections + config.gateway_max_connections);
+    raise_fd_limit(config.proxy.max_connections + config.gateway.max_connections);
     let grace = config.shutdown_grace;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
+        .worker_threads(config.proxy.worker_threads)
         .enable_all()
         .build()
         .context("starting the runtime")?;

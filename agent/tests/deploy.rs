@@ -392,11 +392,11 @@ fn the_shipped_configurations_parse() {
             .for_node(Some("worker-1"), Some("10.0.0.7".parse().expect("ip")))
             .expect("per node");
     assert_eq!(
-        config.source,
+        config.cluster.source,
         signet_agent::config::ClusterSource::Kubernetes
     );
-    assert_eq!(config.inbound.to_string(), "10.0.0.7:15008");
-    assert_eq!(config.gateway_tls_namespace, "signet-gateway-tls");
+    assert_eq!(config.listen.inbound.to_string(), "10.0.0.7:15008");
+    assert_eq!(config.cluster.gateway_tls_namespace, "signet-gateway-tls");
 
     let ca_map = maps
         .iter()
@@ -413,7 +413,10 @@ fn the_shipped_configurations_parse() {
     // Keys from the Secret: followed by every replica, rotated by the Lease holder, signing
     // through an intermediate.
     assert_eq!(ca.ca_secret.as_deref(), Some("signet-ca-keys"));
-    assert_eq!(ca.gateway_tls_namespace, config.gateway_tls_namespace);
+    assert_eq!(
+        ca.gateway_tls_namespace,
+        config.cluster.gateway_tls_namespace
+    );
     assert!(matches!(
         ca.ca.source,
         signet_ca::CaSource::SharedStateDir(_)

@@ -496,6 +496,7 @@ fn placement_annotations_are_believed_only_in_the_local_topology() {
         );
         signet_agent::config::AgentConfig::parse(&text, &dir.path().join("agent.yaml"), dir.path())
             .expect("config")
+            .cluster
             .pod_annotations
     };
     assert_eq!(config(""), PodAnnotations::Ignored);
