@@ -560,15 +560,24 @@ pub fn update(
     }
     for k in &d.removed {
         current.entries.remove(k);
-        current.l7.remove(k);
     }
     for (k, v) in d.added.iter().chain(&d.changed) {
         current.entries.insert(*k, *v);
-        match fresh.l7.get(k) {
-            Some(ids) => current.l7.insert(*k, ids.clone()),
-            None => current.l7.remove(k),
-        };
     }
+    // The L7 lists of the recompiled endpoints are replaced whole: an entry can keep its action
+    // and deciding rule while the `http` rules behind it change (one added or dropped beside
+    // it), and the map diff above does not see that.
+    for &e in &wanted {
+        let stale: Vec<Key> = current
+            .l7
+            .range(endpoint_range(e))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            current.l7.remove(&k);
+        }
+    }
+    current.l7.extend(fresh.l7);
     current.endpoints.extend(fresh.endpoints);
     current.rules = std::mem::take(&mut c.table.ids);
     current.cidrs = std::mem::take(&mut c.cidrs);

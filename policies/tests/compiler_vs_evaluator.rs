@@ -469,6 +469,33 @@ fn check(
     Ok(flows)
 }
 
+/// The case the property test found: an `http` rule added or dropped beside one that still
+/// decides the entry. The map entry keeps its action and rule, so only the L7 list changes; the
+/// incremental path once kept the old list, which, for a dropped rule, went on admitting what
+/// that rule allowed.
+#[test]
+fn an_http_rule_added_or_dropped_beside_an_unchanged_one_reaches_the_incremental_compilation() {
+    let policy = |name: &str, path: &str| -> IdentityPolicy {
+        serde_yaml::from_str(&format!(
+            "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\n\
+             metadata: {{name: {name}, namespace: c}}\n\
+             spec:\n  selector: {{matchLabels: {{app: web}}}}\n  ingress:\n\
+             \x20 - from: [{{entity: any}}]\n    ports: [{{port: 80}}]\n    http: [{{methods: [GET], paths: [{{prefix: {path}}}]}}]\n"
+        ))
+        .expect("policy")
+    };
+    let (p0, p1) = (policy("p0", "/a/"), policy("p1", "/b/"));
+    let pods = [("c", "web", "sa1")];
+    check_incremental(
+        std::slice::from_ref(&p0),
+        &[p0.clone(), p1.clone()],
+        &pods,
+        "x",
+    )
+    .expect("added");
+    check_incremental(&[p0.clone(), p1], &[p0], &pods, "x").expect("dropped");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 

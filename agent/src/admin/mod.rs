@@ -56,12 +56,20 @@ fn wants_openmetrics(accept: Option<&http::HeaderValue>) -> bool {
         .is_some_and(|a| a.contains("application/openmetrics-text"))
 }
 
+/// Who asked: the request's `Accept` header, and whether it came from this node (loopback).
+#[derive(Debug, Clone, Copy)]
+struct Asker<'a> {
+    accept: Option<&'a http::HeaderValue>,
+    local: bool,
+}
+
 fn route(
     state: &AdminState,
     method: &Method,
     path: &str,
-    accept: Option<&http::HeaderValue>,
+    asker: Asker<'_>,
 ) -> Response<Full<Bytes>> {
+    let accept = asker.accept;
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != Method::GET && method != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
@@ -86,6 +94,13 @@ fn route(
             ),
         },
         "/healthz/live" => respond(StatusCode::OK, TEXT, "live\n".into()),
+        // Open flows and certificate serials are for this node's operators: the port may be
+        // reachable from the network (probes, scrapers), this page is not.
+        "/debug/state" if !asker.local => respond(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "/debug/state answers only on this node's loopback\n".into(),
+        ),
         "/debug/state" => match serde_json::to_string_pretty(&(state.debug)()) {
             Ok(json) => respond(StatusCode::OK, "application/json", json + "\n"),
             Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
@@ -111,8 +126,11 @@ pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain
         let state = state.clone();
         drain.spawn("admin connection", async move {
             let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                let accept = req.headers().get(http::header::ACCEPT);
-                let resp = route(&state, req.method(), req.uri().path(), accept);
+                let asker = Asker {
+                    accept: req.headers().get(http::header::ACCEPT),
+                    local: peer.ip().to_canonical().is_loopback(),
+                };
+                let resp = route(&state, req.method(), req.uri().path(), asker);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -152,35 +170,62 @@ mod tests {
         }
     }
 
+    const LOCAL: Asker<'static> = Asker {
+        accept: None,
+        local: true,
+    };
+
     #[test]
     fn routes() {
-        let r = route(&state(true), &Method::GET, "/metrics", None);
+        let r = route(&state(true), &Method::GET, "/metrics", LOCAL);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(
-            route(&state(true), &Method::GET, "/healthz/ready", None).status(),
+            route(&state(true), &Method::GET, "/healthz/ready", LOCAL).status(),
             StatusCode::OK
         );
-        let r = route(&state(false), &Method::GET, "/healthz/ready", None);
+        let r = route(&state(false), &Method::GET, "/healthz/ready", LOCAL);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
-            route(&state(false), &Method::POST, "/metrics", None).status(),
+            route(&state(false), &Method::POST, "/metrics", LOCAL).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&state(false), &Method::GET, "/nope", None).status(),
+            route(&state(false), &Method::GET, "/nope", LOCAL).status(),
             StatusCode::NOT_FOUND
         );
         let om = http::HeaderValue::from_static(
             "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
         );
-        let r = route(&state(true), &Method::GET, "/metrics", Some(&om));
+        let r = route(
+            &state(true),
+            &Method::GET,
+            "/metrics",
+            Asker {
+                accept: Some(&om),
+                local: true,
+            },
+        );
         assert!(
             r.headers()[http::header::CONTENT_TYPE]
                 .to_str()
                 .is_ok_and(|t| t.starts_with("application/openmetrics-text")),
             "{r:?}"
         );
-        let r = route(&state(true), &Method::GET, "/debug/state", None);
+        let remote = Asker {
+            accept: None,
+            local: false,
+        };
+        assert_eq!(
+            route(&state(true), &Method::GET, "/debug/state", remote).status(),
+            StatusCode::FORBIDDEN,
+            "not from another machine"
+        );
+        assert_eq!(
+            route(&state(true), &Method::GET, "/metrics", remote).status(),
+            StatusCode::OK,
+            "scrapers elsewhere still get the metrics"
+        );
+        let r = route(&state(true), &Method::GET, "/debug/state", LOCAL);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
     }
