@@ -72,6 +72,18 @@ pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
                         .handshake_failed(Reporter::Inbound, "no_client_certificate");
                     return tracing::info!("peer presented no SVID");
                 };
+                // A resumed session carries the certificate of the handshake it resumes, which
+                // nothing verified again: one past its notAfter no longer proves the identity.
+                let expired = conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(super::hbone::not_after)
+                    .is_none_or(|t| t <= std::time::SystemTime::now());
+                if expired {
+                    ctx.metrics
+                        .handshake_failed(Reporter::Inbound, "expired_certificate");
+                    return tracing::info!(%source, "peer's SVID has expired (resumed session)");
+                }
                 let Some(served) = conn
                     .server_name()
                     .and_then(|n| id_from_sni(n, &ctx.trust_domain))

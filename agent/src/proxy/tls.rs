@@ -64,6 +64,11 @@ impl ClientConfigs {
         destination: &SpiffeId,
     ) -> Option<(Arc<rustls::ClientConfig>, std::time::SystemTime)> {
         let cert = certs.get(source)?;
+        // An expired certificate (its renewal failing) gets a full handshake, which the peer
+        // refuses, never a resumed session that would carry the old identity on.
+        if cert.not_after <= std::time::SystemTime::now() {
+            return client_config_for(&cert, roots, destination);
+        }
         let key = (source.clone(), destination.clone());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((serial, cfg)) = cache.get(&key)
