@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use signet_policy::eval::Direction;
 use signet_policy::identity::reserved_name;
 
 use crate::admin::metrics::{KernelLabels, Metrics};
@@ -104,7 +103,7 @@ pub async fn follow(
                 unlogged += 1;
             }
             metrics.kernel_flow(KernelLabels {
-                direction: direction(flow.direction),
+                direction: flow.direction.name(),
                 verdict: flow.verdict.as_str(),
                 reason: flow.reason.name(),
                 source,
@@ -121,13 +120,6 @@ pub async fn follow(
     }
 }
 
-fn direction(d: Direction) -> &'static str {
-    match d {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    }
-}
-
 fn log(flow: &Flow, source: &str, destination: &str) {
     let src = std::net::SocketAddr::new(flow.src, flow.src_port);
     let dst = std::net::SocketAddr::new(flow.dst, flow.dst_port);
@@ -138,7 +130,7 @@ fn log(flow: &Flow, source: &str, destination: &str) {
         %src,
         %dst,
         protocol = flow.protocol,
-        direction = direction(flow.direction),
+        direction = flow.direction.name(),
         verdict = flow.verdict.as_str(),
         reason = flow.reason.name(),
         rule = flow.rule_id,

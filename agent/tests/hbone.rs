@@ -215,6 +215,15 @@ fn client_in(pki: &Pki, max_streams: usize, drain: Drain) -> HboneClient {
     )
 }
 
+/// WEB's streams to DB through `node`.
+fn web_to_db(node: SocketAddr) -> Route {
+    Route {
+        source: id(WEB),
+        destination: id(DB),
+        node,
+    }
+}
+
 async fn round_trip(
     c: &HboneClient,
     route: &Route,
@@ -271,11 +280,7 @@ async fn a_tunnel_carries_bytes_both_ways_with_half_close() {
     let target = echo().await;
     let (node, _) = hbone_server(&pki, pki.svid(DB), target).await;
     let c = client(&pki, 8);
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     // The client ends its side after the message; the echo server answers and closes.
     let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     assert_eq!(through_pump(&c, &route, target, &big).await, big);
@@ -297,11 +302,7 @@ async fn connections_are_pooled_with_a_stream_cap() {
     let target = echo().await;
     let (node, accepted) = hbone_server(&pki, pki.svid(DB), target).await;
     let c = client(&pki, 2);
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     // Three streams open at once with a cap of two per connection: two connections.
     let mut tunnels = Vec::new();
     for _ in 0..3 {
@@ -325,11 +326,7 @@ async fn simultaneous_first_streams_to_a_route_share_one_new_connection() {
     let target = echo().await;
     let (node, accepted) = hbone_server(&pki, pki.svid(DB), target).await;
     let c = client(&pki, 100);
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     // Sixteen streams asked for at once on an empty pool: one dial, the others wait for it.
     let opens = (0..16).map(|_| {
         let (c, route) = (c.clone(), route.clone());
@@ -395,11 +392,7 @@ async fn a_pooled_connection_to_a_peer_that_stops_answering_leaves_the_pool_in_s
         interval: Duration::from_millis(200),
         timeout: Duration::from_millis(500),
     });
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     assert_eq!(
         round_trip(&c, &route, target, b"x").await.expect("tunnel"),
         b"x"
@@ -432,11 +425,7 @@ async fn idle_pooled_connections_do_not_hold_up_shutdown() {
     let (node, _) = hbone_server(&pki, pki.svid(DB), target).await;
     let drain = Drain::new();
     let c = client_in(&pki, 8, drain.clone());
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     assert_eq!(
         round_trip(&c, &route, target, b"x").await.expect("tunnel"),
         b"x"
@@ -469,11 +458,7 @@ async fn the_server_authorises_by_the_peer_identity() {
         other => panic!("expected 403, got {other:?}"),
     }
     let elsewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let as_web = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let as_web = web_to_db(node);
     assert!(matches!(
         round_trip(&c, &as_web, elsewhere, b"x").await,
         Err(HboneError::Refused { .. })
@@ -487,11 +472,7 @@ async fn a_client_refuses_a_server_that_is_not_the_expected_destination() {
     // The node presents OTHER's certificate, the client expects DB.
     let (node, _) = hbone_server(&pki, pki.svid(OTHER), target).await;
     let c = client(&pki, 8);
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     match c.open(&route, target).await {
         Err(HboneError::Tls { source, .. }) => {
             assert!(source.to_string().contains(OTHER), "{source}")
@@ -575,11 +556,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
         }
     });
     let c = client(&pki, 8);
-    let route = Route {
-        source: id(WEB),
-        destination: id(DB),
-        node,
-    };
+    let route = web_to_db(node);
     let get = |path: &str, method: &str| {
         format!("{method} {path} HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n").into_bytes()
     };

@@ -272,6 +272,16 @@ fn world(pods: &[(&str, &str, &str)], team_b: &str) -> (Cluster, BTreeMap<Spiffe
     (cluster, alloc.snapshot().expect("snapshot"))
 }
 
+/// Every workload of `cluster` as an endpoint, numbered from 1.
+fn endpoints_of(cluster: &Cluster) -> Vec<(u32, &signet_policy::cluster::Workload)> {
+    cluster
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i as u32 + 1, w))
+        .collect()
+}
+
 fn models(resources: &[IdentityPolicy]) -> Result<Vec<Policy>, TestCaseError> {
     resources
         .iter()
@@ -330,12 +340,7 @@ fn check_incremental(
     team_b: &str,
 ) -> Result<(), TestCaseError> {
     let (cluster, identities) = world(pods, team_b);
-    let endpoints: Vec<(u32, &signet_policy::cluster::Workload)> = cluster
-        .workloads
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (i as u32 + 1, w))
-        .collect();
+    let endpoints = endpoints_of(&cluster);
     let (old, new) = (models(before)?, models(after)?);
     let (old_sorted, new_sorted) = (
         compile::sorted_policies(&old),
@@ -369,17 +374,9 @@ fn check(
     team_b: &str,
 ) -> Result<usize, TestCaseError> {
     let (cluster, identities) = world(pods, team_b);
-    let models: Vec<Policy> = resources
-        .iter()
-        .map(|r| Policy::from_resource(r).map_err(|e| TestCaseError::fail(format!("{e:?}"))))
-        .collect::<Result<_, _>>()?;
+    let models = models(resources)?;
     let sorted = compile::sorted_policies(&models);
-    let endpoints: Vec<(u32, &signet_policy::cluster::Workload)> = cluster
-        .workloads
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (i as u32 + 1, w))
-        .collect();
+    let endpoints = endpoints_of(&cluster);
     let compiled: Compiled = compile::compile(&Input {
         cluster: &cluster,
         policies: &sorted,

@@ -83,15 +83,6 @@ impl ClientConfigs {
         cache.insert(key, (cert.serial.clone(), cfg.clone()));
         Some((cfg, not_after))
     }
-
-    /// Configurations held now.
-    pub fn len(&self) -> usize {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Presents the SVID of the workload named in SNI; no certificate (handshake fails) when this
