@@ -15,11 +15,12 @@ use common::packets::{
     frag6, ipv4, ipv6,
 };
 use common::tc::{PEER_IDENTITY, PROXY_MARK, Peer, Setup, egress, entry, pod_endpoint, tcp};
-use common::{Env, NetEnv, privileged};
+use common::{Env, NetEnv};
 use signet_agent::datapath::Datapath;
 use signet_agent::datapath::loader::KernelDatapath;
 use signet_policy::compile::{Action, Compiled, Entry, Key};
 use signet_policy::resource::Protocol;
+use signet_test_support::privileged;
 
 const WAIT: Duration = Duration::from_millis(1200);
 

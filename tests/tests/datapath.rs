@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Env, privileged};
+use common::Env;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -24,6 +24,7 @@ use signet_bpf::maps::{ACTION_DENY, DIRECTION_EGRESS, EndpointValue, Reason};
 use signet_policy::compile::{Action, Compiled, Entry, Key};
 use signet_policy::eval::Direction;
 use signet_policy::resource::Protocol;
+use signet_test_support::privileged;
 
 /// A stand-in for the node proxy's outbound listener: answers one connection with what the
 /// datapath says the client originally asked for.
@@ -318,7 +319,7 @@ fn ipv6_connects_are_captured_too() {
         return;
     }
     let env = Env::new();
-    let ns = common::NetNs::new();
+    let ns = signet_test_support::netns::NetNs::new();
     ns.add_addr("fd00:5167::1/128");
     ns.add_addr("fd00:5167::2/128");
     // The proxy listens inside the namespace; the client runs there, in the test cgroup.
@@ -336,7 +337,7 @@ fn ipv6_connects_are_captured_too() {
         event_sample: 0,
     })
     .expect("config");
-    endpoint_at(&mut dp, ns.cookie());
+    endpoint_at(&mut dp, common::netns_cookie(&ns.name));
     dp.reconcile_ipcache(&[IpcacheEntry {
         ip: "fd00:5167::2".parse().expect("ip"),
         prefix: 128,
@@ -400,7 +401,7 @@ impl PodCgroups {
     fn make(env: &Env, layouts: &[&str]) -> Self {
         let mut made = vec![];
         for layout in layouts {
-            let mut dir = env.cgroup.clone();
+            let mut dir = env.cgroup.to_path_buf();
             for part in layout.split('/') {
                 dir.push(part);
                 if !dir.exists() {
@@ -439,7 +440,12 @@ const LAYOUTS: [&str; 5] = [
     "kubepods/burstable/pod5167aaaa-0000-4000-8000-000000000001/0a1b2c",
 ];
 
-fn client_in(env: &Env, cgroup: &str, ns: &common::NetNs, target: &str) -> serde_json::Value {
+fn client_in(
+    env: &Env,
+    cgroup: &str,
+    ns: &signet_test_support::netns::NetNs,
+    target: &str,
+) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
         .arg("--cgroup")
         .arg(env.cgroup.join(cgroup))
@@ -464,12 +470,12 @@ fn every_process_of_a_pod_is_captured_whatever_its_cgroup() {
     }
     let env = Env::new();
     let _cgroups = PodCgroups::make(&env, &LAYOUTS);
-    let ns = common::NetNs::new();
+    let ns = signet_test_support::netns::NetNs::new();
     let listener = common::in_netns(&ns.name, || TcpListener::bind("127.0.0.1:0").expect("bind"));
     let port = listener.local_addr().expect("addr").port();
     let mut dp = setup(&env, port);
     // The pod is its network namespace; the test's own namespace is now nobody's.
-    endpoint_at(&mut dp, ns.cookie());
+    endpoint_at(&mut dp, common::netns_cookie(&ns.name));
 
     dp.reconcile_policy(&egress_deny(302, 0, 7))
         .expect("policy");
@@ -507,7 +513,7 @@ fn the_agent_finds_a_pods_namespace_from_a_process_in_the_kubelets_layout() {
         return;
     }
     let env = Env::new();
-    let ns = common::NetNs::new();
+    let ns = signet_test_support::netns::NetNs::new();
     for layout in &LAYOUTS[3..] {
         // One kubelet layout at a time, as a node has.
         let _cgroups = PodCgroups::make(&env, &[layout]);
@@ -526,7 +532,7 @@ fn the_agent_finds_a_pods_namespace_from_a_process_in_the_kubelets_layout() {
             let cookie = signet_agent::datapath::netns::cookies(std::slice::from_ref(&path))
                 .remove(0)
                 .ok()?;
-            (cookie == ns.cookie()).then_some(path)
+            (cookie == common::netns_cookie(&ns.name)).then_some(path)
         });
         let _ = holder.kill();
         let _ = holder.wait();

@@ -7,7 +7,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{Env, privileged};
+use common::Env;
+use signet_test_support::privileged;
 
 /// Two loaders start together in a fresh mount namespace; prints what they and the namespace
 /// ended with. The namespace, its bpffs and every pin in it go away when the script exits.
@@ -36,7 +37,8 @@ fn agents_starting_together_without_bpffs_mount_it_once_and_keep_their_pins() {
     }
     for round in 0..6 {
         let (a, b) = (Env::new(), Env::new());
-        let out = std::env::temp_dir().join(format!("signet-race-{}", common::unique()));
+        let out =
+            std::env::temp_dir().join(format!("signet-race-{}", signet_test_support::unique()));
         let run = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", RACE])
             .env("LOADER", env!("CARGO_BIN_EXE_signet-test-loader"))

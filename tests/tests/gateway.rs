@@ -5,16 +5,15 @@
 
 mod common;
 
-use common::Steps;
-
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::topology::{Topology, serial, start};
-use common::{in_netns, privileged};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use signet_test_support::netns::in_netns;
+use signet_test_support::{Steps, privileged};
 
 /// A CA for the edge and certificates it issues.
 struct EdgeCa {
@@ -880,7 +879,7 @@ fn the_edge_and_the_mesh_have_their_own_budgets_and_edge_connections_end() {
                 .expect("held client")
         })
         .collect();
-    common::wait_for("the two held connections to be open", || {
+    signet_test_support::wait_for("the two held connections to be open", || {
         let (_, body) = t.admin_get('a', "/debug/state");
         let state: serde_json::Value = serde_json::from_str(&body).ok()?;
         let open = state["flows"]

@@ -1,5 +1,5 @@
 //! Kubernetes mode end to end on the two-node topology: the CA and both agents read the cluster
-//! from an API server (the in-memory fake of `common::fake_api`, served over HTTP inside node
+//! from an API server (the in-memory fake of `signet_test_support::api`, served over HTTP inside node
 //! A's namespace and reached through a kubeconfig) instead of a state directory. Real eBPF, real
 //! namespaces, real mTLS; only the API server is a stand-in.
 //!
@@ -13,12 +13,11 @@
 
 mod common;
 
-use common::Steps;
-
-use common::fake_api::FakeApi;
 use common::topology::{Topology, serial, start_agent, start_ca_in_cluster};
-use common::{privileged, wait_for};
 use serde_json::{Value, json};
+use signet_test_support::api::FakeApi;
+use signet_test_support::netns::in_netns;
+use signet_test_support::{Steps, privileged, wait_for};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
@@ -54,9 +53,13 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
     let t = Topology::new();
     let mut cluster = objects(&t.cluster_yaml());
     cluster.push(policy("server-from-client", CLIENT));
-    let api = FakeApi::new(cluster, &[("token-a", "node-a"), ("token-b", "node-b")]);
+    let api = FakeApi::new(cluster);
+    api.agent_token("token-a", "node-a");
+    api.agent_token("token-b", "node-b");
     let api_addr = format!("{}:6443", t.node_ip('a'));
-    api.serve(&t.ns("node-a"), api_addr.parse().expect("addr"));
+    api.serve(in_netns(&t.ns("node-a"), || {
+        std::net::TcpListener::bind(&api_addr).expect("bind the API server")
+    }));
     let kubeconfig = t.dir.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,

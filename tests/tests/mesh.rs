@@ -5,14 +5,13 @@
 
 mod common;
 
-use common::Steps;
-
 use std::time::{Duration, Instant};
 
 use common::topology::{Topology, serial, start};
-use common::{in_netns, privileged, promtool_accepts, wait_for};
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
+use signet_test_support::netns::in_netns;
+use signet_test_support::{Steps, privileged, promtool_accepts, wait_for};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";

@@ -5,11 +5,12 @@
 mod common;
 
 use common::tc::{PEER_IDENTITY, POD_IDENTITY, PROXY_MARK, Peer, Setup, entry, tcp};
-use common::{Env, NetEnv, privileged};
+use common::{Env, NetEnv};
 use signet_agent::datapath::{Datapath, IpcacheEntry};
 use signet_bpf::maps::{ACTION_DENY, DIRECTION_INGRESS};
 use signet_policy::compile::Action;
 use signet_policy::resource::Protocol;
+use signet_test_support::privileged;
 
 #[test]
 fn ingress_allows_and_denies_by_identity_and_port() {

@@ -3,7 +3,6 @@
 //! test fails.
 #![allow(dead_code)] // each suite uses part of it
 
-pub mod fake_api;
 pub mod packets;
 pub mod tc;
 pub mod topology;
@@ -12,165 +11,35 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
 use signet_agent::datapath::loader::{LoaderConfig, MapSizes, cleanup};
 
+/// Subnets of the `NetEnv`s of this process.
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A name no other test or test run uses.
-/// `f`'s first `Some`, asked every 200 ms for up to 30 s; panics naming `what` after that.
-#[allow(dead_code)]
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Fails unless `promtool check metrics` (Debian's prometheus package) accepts `text`.
-#[allow(dead_code)]
-pub fn promtool_accepts(text: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("promtool: {e} (tests/run.sh installs the prometheus package)"));
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics refused /metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The named steps of a long end-to-end test over one shared topology: a failure says which
-/// behaviour broke and which passed before it (cargo shows a failed test's stderr).
-#[derive(Debug, Default)]
-pub struct Steps {
-    current: Option<&'static str>,
-    passed: Vec<&'static str>,
-}
-
-#[allow(dead_code)]
-impl Steps {
-    /// The previous step passed; `name` starts.
-    pub fn to(&mut self, name: &'static str) {
-        self.passed.extend(self.current.replace(name));
-        eprintln!("step: {name}");
-    }
-}
-
-impl Drop for Steps {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "FAILED in step `{}` (passed before it: {})",
-                self.current.unwrap_or("setup"),
-                if self.passed.is_empty() {
-                    "none".to_owned()
-                } else {
-                    self.passed.join("; ")
-                }
-            );
-        }
-    }
-}
-
-pub fn unique() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-const CGROUP2: &str = "/sys/fs/cgroup/unified";
-
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// `false` means skip (explicitly asked for); panics when privileges are missing otherwise.
-pub fn privileged() -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("SIGNET_SKIP_PRIVILEGED").as_deref() == Ok("1") {
-        let test = std::thread::current()
-            .name()
-            .unwrap_or("unnamed test")
-            .to_owned();
-        eprintln!("skipped: {test} needs root (SIGNET_SKIP_PRIVILEGED=1)");
-        // The harness counts a test that returns as passed: tests/run.sh reads this list to
-        // count it as skipped instead.
-        if let Some(log) = std::env::var_os("SIGNET_SKIP_LOG") {
-            use std::io::Write as _;
-            // One write per line: appends of a line are not interleaved.
-            let _ = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .and_then(|mut f| f.write_all(format!("{test}\n").as_bytes()));
-        }
-        return false;
-    }
-    panic!(
-        "this test loads eBPF programs and needs root; run as root or set SIGNET_SKIP_PRIVILEGED=1 to skip it"
-    );
-}
+pub use signet_test_support::cgroup::Cgroup;
+pub use signet_test_support::netns::in_netns;
+use signet_test_support::{ip, unique};
 
 /// A cgroup and a pin folder of our own, removed on drop.
 pub struct Env {
-    pub cgroup: PathBuf,
+    pub cgroup: Cgroup,
     pub pin_dir: PathBuf,
 }
 
 impl Env {
     pub fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "signet-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let cgroup = PathBuf::from(CGROUP2).join(&name);
-        std::fs::create_dir(&cgroup)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
+        let cgroup = Cgroup::new();
         Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(cgroup.name()),
             cgroup,
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(name),
         }
     }
 
     pub fn loader(&self) -> LoaderConfig {
         LoaderConfig {
             pin_dir: self.pin_dir.clone(),
-            cgroup: self.cgroup.clone(),
+            cgroup: self.cgroup.path.clone(),
             sizes: MapSizes {
                 policy: 1024,
                 ..MapSizes::default()
@@ -182,7 +51,7 @@ impl Env {
     pub fn connect(&self, target: &str) -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_signet-test-client"))
             .arg("--cgroup")
-            .arg(&self.cgroup)
+            .arg(&self.cgroup.path)
             .args(["--connect", target])
             .output()
             .expect("run signet-test-client");
@@ -198,7 +67,7 @@ impl Env {
     pub fn attached(&self) -> BTreeMap<String, usize> {
         let out = Command::new("bpftool")
             .args(["-j", "cgroup", "show"])
-            .arg(&self.cgroup)
+            .arg(&self.cgroup.path)
             .output()
             .expect("bpftool (apt-get install bpftool)");
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -214,29 +83,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // Before the cgroup goes (its own drop): the links pinned here hold it.
         let _ = cleanup(&self.pin_dir);
-        // The client has exited; the kernel may take a moment to let the cgroup go.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("warning: could not remove {}", self.cgroup.display());
     }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (apt-get install iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Three network namespaces: a node, a pod joined to it by a veth, and a peer (another
@@ -488,55 +337,4 @@ pub fn netns_cookie(name: &str) -> u64 {
     signet_agent::datapath::netns::cookies(&[path])
         .remove(0)
         .expect("netns cookie")
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (sockets it creates stay there).
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(&path).expect("netns file");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("thread in namespace")
-    })
-}
-
-/// One network namespace of our own, deleted on drop.
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new() -> Self {
-        let name = format!("signet-t{}", unique());
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name }
-    }
-
-    /// The namespace's cookie, as the connect programs see it.
-    pub fn cookie(&self) -> u64 {
-        netns_cookie(&self.name)
-    }
-
-    /// Adds an address to the namespace's loopback; an IPv6 one without duplicate address
-    /// detection, so it can be bound at once.
-    pub fn add_addr(&self, cidr: &str) {
-        let mut args = vec!["-n", &self.name, "addr", "add", cidr, "dev", "lo"];
-        if cidr.contains(':') {
-            args.push("nodad");
-        }
-        ip(&args);
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
 }

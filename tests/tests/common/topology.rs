@@ -286,7 +286,7 @@ impl Topology {
         let dir = self.dir.path().join("state");
         let want = signet_agent::reconcile::dir_revision(&dir);
         for node in ['a', 'b'] {
-            super::wait_for(
+            signet_test_support::wait_for(
                 &format!("node-{node} to apply state revision {want}"),
                 || {
                     let (status, body) = self.admin_get(node, "/debug/state");
