@@ -1,126 +1,23 @@
-//! The CA's keys in a Kubernetes Secret, against kube-rs's test service (tower-test) answered by
-//! an in-memory API server with its create and update semantics (409 when the Secret exists, 409
-//! when an update carries a stale resourceVersion):
+//! The CA's keys in a Kubernetes Secret, against the shared fake API server with its create and
+//! update semantics (409 when the Secret exists, 409 when an update carries a stale
+//! resourceVersion):
 //! - replicas starting together end with one CA, which signs through an intermediate;
 //! - the Lease holder's rotation reaches the other replicas through the Secret, step by step;
 //! - a replica that loses a write race takes the winner's keys instead of keeping its own;
 //! - a Secret that is not a Signet CA is refused by name and the keys in force stay in force.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt as _;
-use kube::client::Body;
 use signet_ca::server::ca_secret::{CaSecretError, KeySecret};
 use signet_ca::verify::SvidRoots;
 use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
+use signet_test_support::api::FakeApi;
 use time::OffsetDateTime;
 
 const NS: &str = "signet-system";
 const NAME: &str = "signet-ca-keys";
 const DAY: u64 = 86_400;
-
-/// Secrets by name (with their resourceVersion) and the published ConfigMap.
-#[derive(Default)]
-struct Cluster {
-    secrets: BTreeMap<String, (u64, serde_json::Value)>,
-    next_version: u64,
-    root_configmap: Option<serde_json::Value>,
-}
-
-type Shared = Arc<Mutex<Cluster>>;
-
-fn json(code: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(v.to_string().into_bytes()))
-        .expect("response")
-}
-
-fn status(code: StatusCode, reason: &str) -> Response<Body> {
-    json(
-        code,
-        &serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-            "reason": reason, "code": code.as_u16(), "message": reason}),
-    )
-}
-
-fn stored(version: u64, mut secret: serde_json::Value) -> serde_json::Value {
-    secret["metadata"]["resourceVersion"] = serde_json::json!(version.to_string());
-    secret
-}
-
-async fn answer(req: Request<Body>, cluster: &Shared) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    let path = parts.uri.path().to_owned();
-    let mut c = cluster.lock().expect("cluster");
-    if path == format!("/api/v1/namespaces/{NS}/configmaps/signet-ca-root") {
-        assert_eq!(
-            parts.method,
-            Method::PATCH,
-            "the bundle is server-side applied"
-        );
-        let cm: serde_json::Value = serde_json::from_slice(&body).expect("configmap");
-        c.root_configmap = Some(cm.clone());
-        return json(StatusCode::OK, &cm);
-    }
-    let Some(rest) = path.strip_prefix(&format!("/api/v1/namespaces/{NS}/secrets")) else {
-        return status(StatusCode::NOT_FOUND, "NotFound");
-    };
-    let name = rest.trim_start_matches('/').to_owned();
-    match parts.method {
-        Method::GET => match c.secrets.get(&name) {
-            Some((v, s)) => json(StatusCode::OK, &stored(*v, s.clone())),
-            None => status(StatusCode::NOT_FOUND, "NotFound"),
-        },
-        Method::POST => {
-            let secret: serde_json::Value = serde_json::from_slice(&body).expect("secret");
-            let name = secret["metadata"]["name"]
-                .as_str()
-                .expect("named")
-                .to_owned();
-            if c.secrets.contains_key(&name) {
-                return status(StatusCode::CONFLICT, "AlreadyExists");
-            }
-            c.next_version += 1;
-            let v = c.next_version;
-            c.secrets.insert(name, (v, secret.clone()));
-            json(StatusCode::CREATED, &stored(v, secret))
-        }
-        Method::PUT => {
-            let secret: serde_json::Value = serde_json::from_slice(&body).expect("secret");
-            let Some((current, _)) = c.secrets.get(&name) else {
-                return status(StatusCode::NOT_FOUND, "NotFound");
-            };
-            let sent = secret["metadata"]["resourceVersion"].as_str();
-            if sent != Some(current.to_string().as_str()) {
-                return status(StatusCode::CONFLICT, "Conflict");
-            }
-            c.next_version += 1;
-            let v = c.next_version;
-            c.secrets.insert(name, (v, secret.clone()));
-            json(StatusCode::OK, &stored(v, secret))
-        }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
-    }
-}
-
-fn fake_api() -> (kube::Client, Shared) {
-    let cluster = Shared::default();
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let served = cluster.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            send.send_response(answer(req, &served).await);
-        }
-    });
-    (kube::Client::new(service, "default"), cluster)
-}
 
 fn td() -> TrustDomain {
     TrustDomain::parse("cluster.local").expect("td")
@@ -155,23 +52,26 @@ async fn start(client: &kube::Client) -> Replica {
     }
 }
 
-fn published(cluster: &Shared) -> String {
-    let c = cluster.lock().expect("cluster");
-    c.root_configmap.as_ref().expect("published")["data"]["root-cert.pem"]
+fn published(api: &FakeApi) -> String {
+    let root = api
+        .get("ConfigMap", NS, "signet-ca-root")
+        .expect("published");
+    root["data"]["root-cert.pem"]
         .as_str()
         .expect("root-cert.pem")
         .to_owned()
 }
 
-fn secret_keys(cluster: &Shared) -> Vec<String> {
-    let c = cluster.lock().expect("cluster");
-    let data = c.secrets[NAME].1["data"].as_object().expect("data");
+fn secret_keys(api: &FakeApi) -> Vec<String> {
+    let secret = api.get("Secret", NS, NAME).expect("the keys' Secret");
+    let data = secret["data"].as_object().expect("data");
     data.keys().cloned().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_racing_to_create_the_ca_share_one_ca_with_an_intermediate() {
-    let (client, cluster) = fake_api();
+    let api = FakeApi::default();
+    let client = api.client();
     let (a, b) = tokio::join!(start(&client), start(&client));
     assert_eq!(
         [a.created, b.created].iter().filter(|c| **c).count(),
@@ -180,7 +80,7 @@ async fn replicas_racing_to_create_the_ca_share_one_ca_with_an_intermediate() {
     );
     assert_eq!(a.ca.bundle().roots, b.ca.bundle().roots, "one root");
     assert_eq!(
-        secret_keys(&cluster),
+        secret_keys(&api),
         [
             "ca-state.json",
             "roots.1.intermediate-cert.pem",
@@ -193,7 +93,7 @@ async fn replicas_racing_to_create_the_ca_share_one_ca_with_an_intermediate() {
         .publish_bundle(&a.ca.bundle())
         .await
         .expect("publish");
-    assert_eq!(published(&cluster), b.ca.bundle().to_pem());
+    assert_eq!(published(&api), b.ca.bundle().to_pem());
 
     // Replica A's SVID, signed by the shared intermediate, verifies with B's bundle.
     let key = rcgen::KeyPair::generate().expect("key");
@@ -221,7 +121,8 @@ async fn replicas_racing_to_create_the_ca_share_one_ca_with_an_intermediate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_holders_rotation_reaches_the_other_replica() {
-    let (client, cluster) = fake_api();
+    let api = FakeApi::default();
+    let client = api.client();
     let mut leader = start(&client).await;
     let mut follower = start(&client).await;
     let t0 = OffsetDateTime::now_utc();
@@ -238,9 +139,9 @@ async fn the_lease_holders_rotation_reaches_the_other_replica() {
             .await
             .expect("step")
     );
-    assert!(secret_keys(&cluster).contains(&"roots.2.intermediate-key.pem".to_owned()));
+    assert!(secret_keys(&api).contains(&"roots.2.intermediate-key.pem".to_owned()));
     assert_eq!(leader.ca.bundle().roots.len(), 2);
-    assert_eq!(published(&cluster), leader.ca.bundle().to_pem());
+    assert_eq!(published(&api), leader.ca.bundle().to_pem());
     // The follower picks it up from the Secret, without rotating anything itself.
     assert!(
         follower
@@ -287,12 +188,8 @@ async fn the_lease_holders_rotation_reaches_the_other_replica() {
         .expect("follow");
     assert_eq!(follower.ca.bundle().roots, vec![new_root.clone()]);
     assert_eq!(leader.ca.bundle(), follower.ca.bundle());
-    assert!(
-        !secret_keys(&cluster)
-            .iter()
-            .any(|k| k.starts_with("roots.1."))
-    );
-    assert_eq!(published(&cluster), follower.ca.bundle().to_pem());
+    assert!(!secret_keys(&api).iter().any(|k| k.starts_with("roots.1.")));
+    assert_eq!(published(&api), follower.ca.bundle().to_pem());
 
     // A replica started now copies exactly the Secret: no retired root lingers.
     let late_joiner = start(&client).await;
@@ -301,7 +198,7 @@ async fn the_lease_holders_rotation_reaches_the_other_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_loses_the_write_race_takes_the_winners_keys() {
-    let (client, _cluster) = fake_api();
+    let client = FakeApi::default().client();
     let mut a = start(&client).await;
     let mut b = start(&client).await;
     let late = OffsetDateTime::now_utc() + Duration::from_secs(300 * DAY);
@@ -325,17 +222,16 @@ async fn a_replica_that_loses_the_write_race_takes_the_winners_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_that_is_not_a_signet_ca_is_refused_and_the_keys_in_force_stay() {
-    let (client, cluster) = fake_api();
+    let api = FakeApi::default();
+    let client = api.client();
     let mut replica = start(&client).await;
     let before = replica.ca.bundle();
     let now = OffsetDateTime::now_utc();
+    // Someone else rewrites the Secret.
     let replace = |data: serde_json::Value| {
-        let mut c = cluster.lock().expect("cluster");
-        c.next_version += 1;
-        let v = c.next_version;
-        let secret = c.secrets.get_mut(NAME).expect("secret");
-        secret.0 = v;
-        secret.1["data"] = data;
+        let mut secret = api.get("Secret", NS, NAME).expect("secret");
+        secret["data"] = data;
+        api.put(secret);
     };
     replace(serde_json::json!({"tls.crt": "AAAA", "ca-state.json": "e30="}));
     let err = replica
@@ -371,7 +267,7 @@ async fn a_secret_that_is_not_a_signet_ca_is_refused_and_the_keys_in_force_stay(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_holds_exactly_the_secrets_files_not_leftovers_of_its_own_attempt() {
-    let (client, _cluster) = fake_api();
+    let client = FakeApi::default().client();
     // The stored CA signs with its roots directly (a Secret written without intermediates).
     let a_tmp = tempfile::tempdir().expect("tmp");
     let a_dir = a_tmp.path().join("keys");

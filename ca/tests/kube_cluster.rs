@@ -1,67 +1,41 @@
-//! The CA's Kubernetes view against kube-rs's test service (tower-test): Pods, GatewayClasses
-//! and Gateways listed as real API objects feed the authoriser, so a node may obtain exactly the
-//! identities of its own pods and of Signet's Gateways.
+//! The CA's Kubernetes view against the shared fake API server: Pods, GatewayClasses and
+//! Gateways listed as real API objects feed the authoriser, so a node may obtain exactly the
+//! identities of its own pods and of Signet's Gateways, and what changes later reaches it
+//! through the watch.
 
-use std::convert::Infallible;
-
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt as _, StreamBody, combinators::UnsyncBoxBody};
-use hyper::body::Frame;
-use kube::client::Body;
+use serde_json::{Value, json};
 use signet_ca::server::auth::NodeName;
 use signet_ca::server::authz::NodeAuthorizer;
 use signet_ca::server::kube::watch_cluster;
 use signet_ca::{SpiffeId, TrustDomain};
+use signet_test_support::api::FakeApi;
+use signet_test_support::wait_until;
 use tokio_util::sync::CancellationToken;
 
-type Reply = UnsyncBoxBody<Bytes, Infallible>;
-
-fn lists(path: &str) -> serde_json::Value {
-    let items = match path {
-        "/api/v1/pods" => serde_json::json!([
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "web-0", "namespace": "shop"},
-             "spec": {"nodeName": "node-a", "serviceAccountName": "web", "containers": [{"name": "c"}]}},
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "db-0", "namespace": "shop"},
-             "spec": {"nodeName": "node-b", "serviceAccountName": "db", "containers": [{"name": "c"}]}},
-        ]),
-        "/apis/gateway.networking.k8s.io/v1/gatewayclasses" => serde_json::json!([
-            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
-             "metadata": {"name": "signet"}, "spec": {"controllerName": "signet.dev/gateway-controller"}},
-            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
-             "metadata": {"name": "other"}, "spec": {"controllerName": "example.com/other"}},
-        ]),
-        "/apis/gateway.networking.k8s.io/v1/gateways" => serde_json::json!([
-            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-             "metadata": {"name": "public", "namespace": "edge"},
-             "spec": {"gatewayClassName": "signet", "listeners": []}},
-            {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-             "metadata": {"name": "theirs", "namespace": "edge"},
-             "spec": {"gatewayClassName": "other", "listeners": []}},
-        ]),
-        _ => serde_json::json!([]),
-    };
-    serde_json::json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "3"}, "items": items})
+fn pod(name: &str, node: &str, sa: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c"}]}})
 }
 
-fn api_server() -> kube::Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Reply>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            if req.uri().query().unwrap_or("").contains("watch=true") {
-                let quiet = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
-                send.send_response(Response::new(StreamBody::new(quiet).boxed_unsync()));
-                continue;
-            }
-            let body = lists(req.uri().path()).to_string();
-            send.send_response(Response::new(
-                http_body_util::Full::new(Bytes::from(body)).boxed_unsync(),
-            ));
-        }
-    });
-    kube::Client::new(service, "default")
+fn cluster() -> Vec<Value> {
+    let gateway_class = |name: &str, controller: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": name}, "spec": {"controllerName": controller}})
+    };
+    let gateway = |name: &str, class: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": "edge"},
+            "spec": {"gatewayClassName": class, "listeners": []}})
+    };
+    vec![
+        pod("web-0", "node-a", "web"),
+        pod("db-0", "node-b", "db"),
+        gateway_class("signet", "signet.dev/gateway-controller"),
+        gateway_class("other", "example.com/other"),
+        gateway("public", "signet"),
+        gateway("theirs", "other"),
+    ]
 }
 
 #[tokio::test]
@@ -75,11 +49,12 @@ async fn nodes_get_their_own_pods_and_signets_gateways_from_the_api() {
         authz.authorize(&node_a, web).is_err(),
         "nothing before the first sync"
     );
+    let api = FakeApi::new(cluster());
     let stop = CancellationToken::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
         watch_cluster(
-            api_server(),
+            api.client(),
             authz.clone(),
             "signet-system".into(),
             stop.clone(),
@@ -110,5 +85,13 @@ async fn nodes_get_their_own_pods_and_signets_gateways_from_the_api() {
             )
             .is_err()
     );
+    // Followed through the watch: a db pod scheduled on node-a gives node-a db's identity.
+    api.put(pod("db-1", "node-a", "db"));
+    wait_until("node-a to hold db's identity", || {
+        authz
+            .authorize(&node_a, Some("spiffe://cluster.local/ns/shop/sa/db"))
+            .ok()
+    })
+    .await;
     stop.cancel();
 }

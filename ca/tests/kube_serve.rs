@@ -8,256 +8,64 @@
 //! intermediate without creating anything. Agents authenticate with a bound token checked by
 //! TokenReview and get SVIDs only for pods on their own node.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full, StreamBody, combinators::UnsyncBoxBody};
-use hyper::body::{Frame, Incoming};
+use serde_json::{Value, json};
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 use signet_ca::verify::SvidRoots;
-
-type Reply = Response<UnsyncBoxBody<Bytes, Infallible>>;
+use signet_test_support::api::FakeApi;
+use signet_test_support::wait_until;
 
 const NS: &str = "signet-system";
 const AGENT_TOKEN: &str = "agent-on-node-a";
 
-/// What the fake API server holds and saw.
-#[derive(Default)]
-struct Cluster {
-    secrets: BTreeMap<String, (u64, serde_json::Value)>,
-    leases: BTreeMap<String, (u64, serde_json::Value)>,
-    root_configmap: Option<serde_json::Value>,
-    version: u64,
-    secret_creates: usize,
-    token_reviews: usize,
-    unexpected: Vec<String>,
-}
-
-type Shared = Arc<Mutex<Cluster>>;
-
-fn reply(code: StatusCode, v: &serde_json::Value) -> Reply {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(v.to_string())).boxed_unsync())
-        .expect("response")
-}
-
-fn failure(code: StatusCode, reason: &str) -> Reply {
-    reply(
-        code,
-        &serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-            "reason": reason, "code": code.as_u16(), "message": reason}),
-    )
-}
-
-fn list(kind: &str, items: Vec<serde_json::Value>) -> Reply {
-    reply(
-        StatusCode::OK,
-        &serde_json::json!({"apiVersion": "v1", "kind": format!("{kind}List"),
-            "metadata": {"resourceVersion": "1"}, "items": items}),
-    )
-}
-
-fn pod(name: &str, ns: &str, node: &str, sa: &str, uid: &str) -> serde_json::Value {
-    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+fn pod(name: &str, ns: &str, node: &str, sa: &str, uid: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "uid": uid},
         "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c"}]}})
 }
 
-/// Objects by name with the API server's optimistic concurrency: create fails with 409 when the
-/// name exists, update fails with 409 unless it carries the current resourceVersion.
-fn crud(
-    objects: &mut BTreeMap<String, (u64, serde_json::Value)>,
-    version: &mut u64,
-    method: &Method,
-    name: &str,
-    body: &[u8],
-) -> Reply {
-    let stamp = |v: u64, mut o: serde_json::Value| {
-        o["metadata"]["resourceVersion"] = serde_json::json!(v.to_string());
-        o
+/// The cluster the CA reads: pods on two nodes (node-a is an edge node, node-b is not), the
+/// agent's pod, Signet's GatewayClass, and one Gateway on the edge nodes beside one on nodes of
+/// another role. The agent's token is bound to its pod on node-a.
+fn cluster() -> FakeApi {
+    let gateway = |name: &str, nodes: &str| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": "edge", "annotations": {"signet.dev/nodes": nodes}},
+            "spec": {"gatewayClassName": "signet", "listeners": [
+                {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
     };
-    match *method {
-        Method::GET => match objects.get(name) {
-            Some((v, o)) => reply(StatusCode::OK, &stamp(*v, o.clone())),
-            None => failure(StatusCode::NOT_FOUND, "NotFound"),
-        },
-        Method::POST => {
-            let o: serde_json::Value = serde_json::from_slice(body).expect("object");
-            let name = o["metadata"]["name"].as_str().expect("named").to_owned();
-            if objects.contains_key(&name) {
-                return failure(StatusCode::CONFLICT, "AlreadyExists");
-            }
-            *version += 1;
-            objects.insert(name, (*version, o.clone()));
-            reply(StatusCode::CREATED, &stamp(*version, o))
-        }
-        Method::PUT => {
-            let o: serde_json::Value = serde_json::from_slice(body).expect("object");
-            let Some((current, _)) = objects.get(name) else {
-                return failure(StatusCode::NOT_FOUND, "NotFound");
-            };
-            if o["metadata"]["resourceVersion"].as_str() != Some(current.to_string().as_str()) {
-                return failure(StatusCode::CONFLICT, "Conflict");
-            }
-            *version += 1;
-            objects.insert(name.to_owned(), (*version, o.clone()));
-            reply(StatusCode::OK, &stamp(*version, o))
-        }
-        _ => failure(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
-    }
+    let api = FakeApi::new(vec![
+        pod("web-0", "shop", "node-a", "web", "uid-web"),
+        pod("db-0", "shop", "node-b", "db", "uid-db"),
+        pod(
+            "signet-agent-node-a",
+            NS,
+            "node-a",
+            "signet-agent",
+            "uid-agent-node-a",
+        ),
+        json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"node-restriction.kubernetes.io/edge": "true"}}}),
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b", "labels": {}}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": "signet"},
+            "spec": {"controllerName": "signet.dev/gateway-controller"}}),
+        gateway("public", "node-restriction.kubernetes.io/edge=true"),
+        gateway("internal", "node-restriction.kubernetes.io/role=internal"),
+    ]);
+    api.agent_token(AGENT_TOKEN, "node-a");
+    api
 }
 
-fn review(body: &[u8]) -> Reply {
-    let asked: k8s_openapi::api::authentication::v1::TokenReview =
-        serde_json::from_slice(body).expect("a TokenReview");
-    let spec = asked.spec;
-    assert_eq!(
-        spec.audiences.as_deref(),
-        Some(&["signet-ca".to_owned()][..])
-    );
-    let status = if spec.token.as_deref() == Some(AGENT_TOKEN) {
-        serde_json::json!({"authenticated": true, "audiences": ["signet-ca"],
-            "user": {"username": "system:serviceaccount:signet-system:signet-agent",
-                "extra": {"authentication.kubernetes.io/pod-name": ["signet-agent-a"],
-                          "authentication.kubernetes.io/pod-uid": ["uid-agent-a"],
-                          "authentication.kubernetes.io/node-name": ["node-a"]}}})
-    } else {
-        serde_json::json!({"authenticated": false, "error": "invalid bearer token"})
-    };
-    reply(
-        StatusCode::CREATED,
-        &serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-            "metadata": {}, "spec": spec, "status": status}),
-    )
-}
-
-async fn answer(req: Request<Incoming>, cluster: Shared) -> Result<Reply, Infallible> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    let path = parts.uri.path().to_owned();
-    if parts.uri.query().unwrap_or("").contains("watch=true") {
-        // Nothing changes while the test runs: an open, quiet watch.
-        let quiet = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
-        return Ok(Response::new(StreamBody::new(quiet).boxed_unsync()));
-    }
-    let mut c = cluster.lock().expect("cluster");
-    let c = &mut *c;
-    let secrets = format!("/api/v1/namespaces/{NS}/secrets");
-    let leases = format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases");
-    Ok(match path.as_str() {
-        "/api/v1/pods" => list(
-            "Pod",
-            vec![
-                pod("web-0", "shop", "node-a", "web", "uid-web"),
-                pod("db-0", "shop", "node-b", "db", "uid-db"),
-                pod(
-                    "signet-agent-a",
-                    NS,
-                    "node-a",
-                    "signet-agent",
-                    "uid-agent-a",
-                ),
-            ],
-        ),
-        // node-a is an edge node; node-b is not.
-        "/api/v1/nodes" => list(
-            "Node",
-            vec![
-                serde_json::json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": "node-a", "labels": {"node-restriction.kubernetes.io/edge": "true"}}}),
-                serde_json::json!({"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": "node-b", "labels": {}}}),
-            ],
-        ),
-        "/apis/gateway.networking.k8s.io/v1/gatewayclasses" => list(
-            "GatewayClass",
-            vec![serde_json::json!({
-                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
-                "metadata": {"name": "signet"},
-                "spec": {"controllerName": "signet.dev/gateway-controller"}})],
-        ),
-        // One Gateway on the edge nodes, one on nodes of another role.
-        "/apis/gateway.networking.k8s.io/v1/gateways" => list(
-            "Gateway",
-            [
-                ("public", "node-restriction.kubernetes.io/edge=true"),
-                ("internal", "node-restriction.kubernetes.io/role=internal"),
-            ]
-            .iter()
-            .map(|(name, nodes)| {
-                serde_json::json!({
-                        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                        "metadata": {"name": name, "namespace": "edge",
-                                     "annotations": {"signet.dev/nodes": nodes}},
-                        "spec": {"gatewayClassName": "signet", "listeners": [
-                            {"name": "http", "port": 8080, "protocol": "HTTP"}]}})
-            })
-            .collect(),
-        ),
-        "/apis/gateway.networking.k8s.io/v1/referencegrants" => list("Dynamic", vec![]),
-        "/apis/authentication.k8s.io/v1/tokenreviews" => {
-            c.token_reviews += 1;
-            review(&body)
-        }
-        p if p == format!("/api/v1/namespaces/{NS}/configmaps/signet-ca-root") => {
-            assert_eq!(parts.method, Method::PATCH, "server-side apply");
-            let cm: serde_json::Value = serde_json::from_slice(&body).expect("configmap");
-            c.root_configmap = Some(cm.clone());
-            reply(StatusCode::OK, &cm)
-        }
-        // The Gateway TLS copies, in their own namespace (the CA never lists its own).
-        "/api/v1/namespaces/signet-gateway-tls/secrets" if parts.method == Method::GET => {
-            list("Secret", vec![])
-        }
-        p if p == secrets => {
-            c.secret_creates += 1;
-            crud(&mut c.secrets, &mut c.version, &parts.method, "", &body)
-        }
-        p if p.starts_with(&format!("{secrets}/")) => {
-            let name = &p[secrets.len() + 1..];
-            crud(&mut c.secrets, &mut c.version, &parts.method, name, &body)
-        }
-        p if p == leases || p.starts_with(&format!("{leases}/")) => {
-            let name = p.get(leases.len() + 1..).unwrap_or("");
-            crud(&mut c.leases, &mut c.version, &parts.method, name, &body)
-        }
-        other => {
-            c.unexpected.push(format!("{} {other}", parts.method));
-            failure(StatusCode::NOT_FOUND, "NotFound")
-        }
-    })
-}
-
-/// Serves the fake on 127.0.0.1; returns its URL.
-async fn api_server(cluster: Shared) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let cluster = cluster.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| answer(req, cluster.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    url
+fn token_reviews(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/tokenreviews"))
+        .count()
 }
 
 /// One `signet-ca serve` process; killed when dropped.
@@ -318,13 +126,9 @@ fn start(dir: &Path, url: &str, pod_name: &str) -> Replica {
     Replica { child, addr }
 }
 
-fn published_root(cluster: &Shared) -> Option<String> {
-    let c = cluster.lock().expect("cluster");
-    Some(
-        c.root_configmap.as_ref()?["data"]["root-cert.pem"]
-            .as_str()?
-            .to_owned(),
-    )
+fn published_root(api: &FakeApi) -> Option<String> {
+    let root = api.get("ConfigMap", NS, "signet-ca-root")?;
+    Some(root["data"]["root-cert.pem"].as_str()?.to_owned())
 }
 
 /// Connects as the agent on node-a once the replica serves.
@@ -350,31 +154,19 @@ fn csr() -> String {
         .expect("csr")
 }
 
-fn lease_holder(cluster: &Shared) -> Option<String> {
-    let c = cluster.lock().expect("cluster");
-    let (_, lease) = c.leases.get("signet-ca-rotation")?;
+fn lease_holder(api: &FakeApi) -> Option<String> {
+    let lease = api.get("Lease", NS, "signet-ca-rotation")?;
     lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
-}
-
-async fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenreview() {
     let dir = tempfile::tempdir().expect("tmp");
-    let cluster = Shared::default();
-    let url = api_server(cluster.clone()).await;
+    let api = cluster();
+    let url = api.serve_loopback();
 
     let mut a = start(dir.path(), &url, "signet-ca-a");
-    let root = wait_for("the published root", || published_root(&cluster)).await;
+    let root = wait_until("the published root", || published_root(&api)).await;
     let mut client = connect(&mut a, &root, AGENT_TOKEN).await;
     let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").expect("id");
     let chain = client
@@ -430,7 +222,7 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
     );
     // One token costs one TokenReview, however many requests carry it.
     assert_eq!(
-        cluster.lock().expect("cluster").token_reviews,
+        token_reviews(&api),
         1,
         "four requests, one review of the agent's token"
     );
@@ -470,9 +262,9 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
         .await
         .expect_err("unknown token");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
-    assert!(cluster.lock().expect("cluster").token_reviews >= 2);
-    wait_for("replica a to hold the rotation Lease", || {
-        lease_holder(&cluster).filter(|h| h == "signet-ca-a")
+    assert!(token_reviews(&api) >= 2);
+    wait_until("replica a to hold the rotation Lease", || {
+        lease_holder(&api).filter(|h| h == "signet-ca-a")
     })
     .await;
 
@@ -484,18 +276,24 @@ async fn two_replicas_share_the_secrets_keys_and_serve_agents_checked_by_tokenre
         .await
         .expect("replica b issues");
     assert_eq!(chain_b[1..], chain[1..], "same intermediate and root");
-    {
-        let c = cluster.lock().expect("cluster");
-        assert_eq!(c.secrets.len(), 1);
-        assert_eq!(c.secret_creates, 1, "replica b created nothing");
-        assert!(
-            c.unexpected.is_empty(),
-            "unexpected requests: {:?}",
-            c.unexpected
-        );
-    }
+    let requests = api.requests();
+    let secret_creates = requests
+        .iter()
+        .filter(|r| r.verb == "create" && r.path.ends_with("/secrets"))
+        .count();
+    assert_eq!(api.objects("Secret").len(), 1);
+    assert_eq!(secret_creates, 1, "replica b created nothing");
+    let unexpected: Vec<String> = requests
+        .iter()
+        .filter(|r| r.code == 404 && r.verb != "get")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "requests for what the API does not serve: {unexpected:?}"
+    );
     assert_eq!(
-        lease_holder(&cluster).as_deref(),
+        lease_holder(&api).as_deref(),
         Some("signet-ca-a"),
         "one holder"
     );

@@ -1,17 +1,15 @@
-//! The CA's Kubernetes authenticator against kube-rs's test service (tower-test), answered with
+//! The CA's Kubernetes authenticator against the shared fake API server, answered with
 //! real `TokenReview` and `Pod` objects: the caller's node comes from the token's node-name extra
 //! or its bound pod; anything else is refused with a reason, and an API failure is "unavailable".
 
 use std::collections::BTreeMap;
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt as _;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::client::Body;
+use http::StatusCode;
+use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+use serde_json::json;
 use signet_ca::server::auth::{AuthError, Authenticator, NodeName};
 use signet_ca::server::tokenreview::{AUDIENCE, TokenReviewAuthenticator};
+use signet_test_support::api::{FakeApi, Refusal};
 
 const AGENT: &str = "system:serviceaccount:signet-system:signet-agent";
 
@@ -69,87 +67,60 @@ fn status_for(token: &str) -> Option<TokenReviewStatus> {
     })
 }
 
-fn json<T: serde::Serialize>(code: StatusCode, v: &T) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(v).expect("json")))
-        .expect("response")
-}
-
-async fn answer(req: Request<Body>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    match (parts.method, parts.uri.path()) {
-        (Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
-            let mut review: TokenReview = serde_json::from_slice(&body).expect("a TokenReview");
-            assert_eq!(
-                review.spec.audiences.as_deref(),
-                Some(&[AUDIENCE.to_owned()][..]),
-                "the CA asks for its own audience"
-            );
-            let token = review.spec.token.clone().unwrap_or_default();
-            if token == "api-down" {
-                let status = serde_json::json!({"apiVersion": "v1", "kind": "Status",
-                    "status": "Failure", "message": "etcdserver: request timed out", "code": 500});
-                return json(StatusCode::INTERNAL_SERVER_ERROR, &status);
-            }
-            review.status = status_for(&token);
-            json(StatusCode::CREATED, &review)
+/// The API server, knowing the tokens of `status_for` and the agent pod they are bound to (on
+/// node-b); a review of `api-down` fails as an overloaded API server does.
+fn api() -> FakeApi {
+    let api = FakeApi::new(vec![json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "signet-agent-x1", "namespace": "signet-system", "uid": "uid-1"},
+        "spec": {"nodeName": "node-b", "containers": [{"name": "agent"}]},
+    })]);
+    for token in TOKENS {
+        if let Some(status) = status_for(token) {
+            api.token(token, serde_json::to_value(status).expect("status"));
         }
-        (Method::GET, "/api/v1/namespaces/signet-system/pods/signet-agent-x1") => json(
-            StatusCode::OK,
-            &Pod {
-                metadata: ObjectMeta {
-                    name: Some("signet-agent-x1".into()),
-                    namespace: Some("signet-system".into()),
-                    uid: Some("uid-1".into()),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(PodSpec {
-                    node_name: Some("node-b".into()),
-                    ..PodSpec::default()
-                }),
-                ..Pod::default()
-            },
-        ),
-        (method, path) => json(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                "message": format!("{method} {path}"), "reason": "NotFound", "code": 404}),
-        ),
     }
+    api.refuse_when(|seen| {
+        (seen.path == "/apis/authentication.k8s.io/v1/tokenreviews"
+            && seen.body["spec"]["token"] == "api-down")
+            .then(|| Refusal {
+                code: StatusCode::INTERNAL_SERVER_ERROR,
+                reason: "InternalError".into(),
+                message: "etcdserver: request timed out".into(),
+            })
+    });
+    api
 }
 
-fn authenticator() -> TokenReviewAuthenticator {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            send.send_response(answer(req).await);
-        }
-    });
-    TokenReviewAuthenticator::new(
-        kube::Client::new(service, "default"),
-        "signet-system",
-        "signet-agent",
-    )
-}
+const TOKENS: [&str; 8] = [
+    "with-node",
+    "with-pod",
+    "stale-pod",
+    "other-sa",
+    "unbound",
+    "wrong-audience",
+    "expired",
+    "api-down",
+];
 
 #[tokio::test]
 async fn the_caller_is_the_node_its_bound_token_names() {
-    let a = authenticator();
+    let api = api();
+    let a = TokenReviewAuthenticator::new(api.client(), "signet-system", "signet-agent");
     let mut results = BTreeMap::new();
-    for token in [
-        "with-node",
-        "with-pod",
-        "stale-pod",
-        "other-sa",
-        "unbound",
-        "wrong-audience",
-        "expired",
-        "api-down",
-    ] {
+    for token in TOKENS {
         results.insert(token, a.authenticate(token).await);
+    }
+    for review in api
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/tokenreviews"))
+    {
+        assert_eq!(
+            review.body["spec"]["audiences"],
+            json!([AUDIENCE]),
+            "the CA asks for its own audience"
+        );
     }
     assert_eq!(results["with-node"], Ok(NodeName("node-a".into())));
     assert_eq!(

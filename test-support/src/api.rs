@@ -782,6 +782,12 @@ impl Inner {
         if let Some(o) = object.as_object_mut() {
             o.remove("status");
         }
+        if object["apiVersion"].is_null() {
+            object["apiVersion"] = json!(t.api_version);
+        }
+        if object["kind"].is_null() {
+            object["kind"] = json!(t.kind);
+        }
         if object["metadata"]["generation"].is_null() {
             object["metadata"]["generation"] = json!(1);
         }
