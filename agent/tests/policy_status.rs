@@ -1,19 +1,17 @@
-//! IdentityPolicy status in Kubernetes mode, against kube-rs's test service (tower-test): each
-//! policy gets `Valid` (with the field path when not) and `InForce` through a server-side-apply
-//! patch of its status subresource, and nothing is written again until something changes.
+//! IdentityPolicy and Gateway API status in Kubernetes mode, against the shared fake API server:
+//! each policy gets `Valid` (with the field path when not) and `InForce` through a
+//! server-side-apply patch of its status subresource, which the API server then holds, and
+//! nothing is written again until something changes.
 
 // Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
-use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt as _;
-use kube::client::Body;
 use signet_agent::state::snapshot::read_objects;
 use signet_agent::state::status;
 use signet_ca::TrustDomain;
+use signet_test_support::api::FakeApi;
 
 const POLICIES: &str = "\
 apiVersion: v1
@@ -35,33 +33,15 @@ spec:
   ingress: [{from: [{identity: not-a-spiffe-id}]}]
 ";
 
-/// (path, body) of each PATCH.
-type Patches = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+/// The status the API server holds for `kind` `namespace/name`.
+fn status_of(api: &FakeApi, kind: &str, namespace: &str, name: &str) -> serde_json::Value {
+    api.get(kind, namespace, name)
+        .unwrap_or_else(|| panic!("no {kind} {namespace}/{name}"))["status"]
+        .clone()
+}
 
-/// Every PATCH the client sends, recorded as (path, body); each is answered with
-/// `answer(body)` as the object the API server returns.
-fn capture(answer: fn(serde_json::Value) -> serde_json::Value) -> (kube::Client, Patches) {
-    let patches = Patches::default();
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let seen = patches.clone();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let body = body.collect().await.expect("body").to_bytes();
-            let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-            assert_eq!(parts.method, http::Method::PATCH);
-            seen.lock()
-                .expect("patches")
-                .push((parts.uri.path().to_owned(), v.clone()));
-            let resp = Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(Body::from(answer(v).to_string().into_bytes()))
-                .expect("response");
-            send.send_response(resp);
-        }
-    });
-    (kube::Client::new(service, "default"), patches)
+fn patches(api: &FakeApi) -> usize {
+    api.requests().iter().filter(|r| r.verb == "patch").count()
 }
 
 #[tokio::test]
@@ -72,11 +52,8 @@ async fn policies_get_valid_and_in_force_conditions() {
     let objects = read_objects(dir.path(), &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
 
-    // The API server answers with the whole object, status applied.
-    let (client, patches) = capture(|mut object| {
-        object["spec"] = serde_json::json!({"selector": {}});
-        object
-    });
+    let api = FakeApi::from_yaml(POLICIES);
+    let client = api.client();
     let td = TrustDomain::parse("cluster.local").expect("td");
     let mut written = BTreeMap::new();
     assert_eq!(
@@ -93,18 +70,8 @@ async fn policies_get_valid_and_in_force_conditions() {
         0
     );
 
-    let patches = patches.lock().expect("patches");
-    let of = |name: &str| {
-        patches
-            .iter()
-            .find(|(p, _)| {
-                p == &format!(
-                    "/apis/signet.dev/v1alpha1/namespaces/shop/identitypolicies/{name}/status"
-                )
-            })
-            .map(|(_, v)| v["status"]["conditions"].clone())
-            .unwrap_or_else(|| panic!("no status for {name}"))
-    };
+    assert_eq!(patches(&api), 2, "one status patch per policy, then none");
+    let of = |name: &str| status_of(&api, "IdentityPolicy", "shop", name)["conditions"].clone();
     let cond = |conds: &serde_json::Value, t: &str| {
         conds
             .as_array()
@@ -165,7 +132,8 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
     let mut errors = Vec::new();
     let objects = read_objects(dir.path(), &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
-    let (client, patches) = capture(|object| object);
+    let api = FakeApi::from_yaml(GATEWAYS);
+    let client = api.client();
     let td = TrustDomain::parse("cluster.local").expect("td");
     let mut written = BTreeMap::new();
     let n = status::write_gateways(&client, &objects, &td, &mut written)
@@ -179,15 +147,8 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
         0,
         "unchanged, not written again"
     );
-    let patches = patches.lock().expect("patches");
-    let body = |path: &str| {
-        patches
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, v)| v["status"].clone())
-            .unwrap_or_else(|| panic!("no PATCH to {path}: {patches:?}"))
-    };
-    let gw = body("/apis/gateway.networking.k8s.io/v1/namespaces/edge/gateways/public/status");
+    assert_eq!(patches(&api), 2);
+    let gw = status_of(&api, "Gateway", "edge", "public");
     let types = |conds: &serde_json::Value| -> Vec<(String, String)> {
         conds
             .as_array()
@@ -208,7 +169,7 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
     assert_eq!(gw["conditions"][0]["observedGeneration"], 2);
     assert_eq!(gw["listeners"][0]["attachedRoutes"], 1, "{gw}");
     assert_eq!(gw["listeners"][0]["supportedKinds"][0]["kind"], "HTTPRoute");
-    let route = body("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status");
+    let route = status_of(&api, "HTTPRoute", "shop", "web");
     let parent = &route["parents"][0];
     assert_eq!(parent["controllerName"], "signet.dev/gateway-controller");
     assert_eq!(parent["parentRef"]["name"], "public");

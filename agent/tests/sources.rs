@@ -598,101 +598,43 @@ fn an_address_has_one_owner_or_none() {
 }
 
 mod kubernetes {
-    //! The Kubernetes source against kube-rs's test service (tower-test): a small API server
-    //! answers each reflector's list with the same manifests (as real API objects) and holds its
-    //! watch open. After the first sync the source holds exactly those objects.
+    //! The Kubernetes source against the shared fake API server holding the same manifests (as
+    //! real API objects). After the first sync the source holds exactly those objects, and
+    //! follows later changes through its watches.
 
-    use std::convert::Infallible;
-
-    use bytes::Bytes;
-    use http::{Request, Response, StatusCode};
-    use http_body_util::{BodyExt as _, StreamBody, combinators::UnsyncBoxBody};
-    use hyper::body::Frame;
-    use kube::client::Body;
     use signet_agent::state::kube::KubeSource;
+    use signet_test_support::api::FakeApi;
+    use signet_test_support::wait_until;
     use tokio_util::sync::CancellationToken;
 
-    type Reply = UnsyncBoxBody<Bytes, Infallible>;
-
-    /// The list path of each kind the agent watches.
-    fn list_path(kind: &str) -> Option<&'static str> {
-        Some(match kind {
-            "Namespace" => "/api/v1/namespaces",
-            "Pod" => "/api/v1/pods",
-            "Service" => "/api/v1/services",
-            "Endpoints" => "/api/v1/endpoints",
-            "Node" => "/api/v1/nodes",
-            "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
-            "IdentityPolicy" => "/apis/signet.dev/v1alpha1/identitypolicies",
-            "GatewayClass" => "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
-            "Gateway" => "/apis/gateway.networking.k8s.io/v1/gateways",
-            "HTTPRoute" => "/apis/gateway.networking.k8s.io/v1/httproutes",
-            "ReferenceGrant" => "/apis/gateway.networking.k8s.io/v1/referencegrants",
-            _ => return None,
-        })
-    }
-
-    fn api_server(manifests: &str) -> kube::Client {
-        let mut lists: std::collections::BTreeMap<&'static str, Vec<serde_json::Value>> =
-            std::collections::BTreeMap::new();
-        for doc in serde_yaml::Deserializer::from_str(manifests) {
-            let v: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
-            if let Some(path) = v["kind"].as_str().and_then(list_path) {
-                lists.entry(path).or_default().push(v);
-            }
+    /// An API server holding the manifests' objects, and the CA's copy of shop/shop-tls in
+    /// signet-gateway-tls (see `tls_copies`), stored as the API stores it: base64 `data`.
+    fn api_server(manifests: &str) -> FakeApi {
+        let api = FakeApi::from_yaml(manifests);
+        let mut copy: serde_json::Value = serde_yaml::from_str(
+            super::tls_secret(
+                "signet-gateway-tls",
+                "gateway-tls.shop.shop-tls",
+                "shop.example.test",
+            )
+            .strip_suffix("---\n")
+            .expect("one document"),
+        )
+        .expect("secret");
+        copy["metadata"]["annotations"] = serde_json::json!({
+            "signet.dev/source-namespace": "shop", "signet.dev/source-name": "shop-tls"});
+        let mut data = serde_json::Map::new();
+        for (k, v) in copy["stringData"].as_object().expect("stringData") {
+            let bytes = v.as_str().expect("text").as_bytes().to_vec();
+            data.insert(
+                k.clone(),
+                serde_json::to_value(k8s_openapi::ByteString(bytes)).expect("b64"),
+            );
         }
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Reply>>();
-        tokio::spawn(async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let query = req.uri().query().unwrap_or("").to_owned();
-                let path = req.uri().path().to_owned();
-                if query.contains("watch=true") {
-                    // A watch that stays open with nothing to say.
-                    let quiet = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
-                    let body = StreamBody::new(quiet).boxed_unsync();
-                    send.send_response(Response::new(body));
-                    continue;
-                }
-                let items = if path == "/api/v1/namespaces/signet-gateway-tls/secrets" {
-                    // The CA's copy of shop/shop-tls (see `tls_copies`).
-                    let mut copy: serde_json::Value = serde_yaml::from_str(
-                        super::tls_secret(
-                            "signet-gateway-tls",
-                            "gateway-tls.shop.shop-tls",
-                            "shop.example.test",
-                        )
-                        .strip_suffix("---\n")
-                        .expect("one document"),
-                    )
-                    .expect("secret");
-                    copy["metadata"]["annotations"] = serde_json::json!({
-                        "signet.dev/source-namespace": "shop", "signet.dev/source-name": "shop-tls"});
-                    // Serve it as the API does: base64 `data`, not `stringData`.
-                    let mut data = serde_json::Map::new();
-                    for (k, v) in copy["stringData"].as_object().expect("stringData") {
-                        let bytes = v.as_str().expect("text").as_bytes().to_vec();
-                        data.insert(
-                            k.clone(),
-                            serde_json::to_value(k8s_openapi::ByteString(bytes)).expect("b64"),
-                        );
-                    }
-                    copy.as_object_mut().expect("object").remove("stringData");
-                    copy["data"] = serde_json::Value::Object(data);
-                    vec![copy]
-                } else {
-                    lists.get(path.as_str()).cloned().unwrap_or_default()
-                };
-                let list = serde_json::json!({
-                    "apiVersion": "v1", "kind": "List",
-                    "metadata": {"resourceVersion": "7"}, "items": items,
-                });
-                let body = http_body_util::Full::new(Bytes::from(list.to_string())).boxed_unsync();
-                let mut resp = Response::new(body);
-                *resp.status_mut() = StatusCode::OK;
-                send.send_response(resp);
-            }
-        });
-        kube::Client::new(service, "default")
+        copy.as_object_mut().expect("object").remove("stringData");
+        copy["data"] = serde_json::Value::Object(data);
+        api.put(copy);
+        api
     }
 
     fn names<T: serde::Serialize>(list: &[T]) -> Vec<String> {
@@ -710,7 +652,8 @@ mod kubernetes {
     #[tokio::test]
     async fn after_its_first_sync_the_kubernetes_source_holds_what_the_manifests_say() {
         let stop = CancellationToken::new();
-        let source = KubeSource::start(api_server(super::CLUSTER), "signet-gateway-tls", &stop);
+        let api = api_server(super::CLUSTER);
+        let source = KubeSource::start(api.client(), "signet-gateway-tls", &stop);
         tokio::time::timeout(std::time::Duration::from_secs(10), source.synced())
             .await
             .expect("every reflector synced");
@@ -750,8 +693,33 @@ mod kubernetes {
             let a = super::build(super::Source::Objects(&got), node);
             let b = super::build(super::Source::Objects(&want), node);
             assert_eq!(a.compiled, b.compiled, "{node}");
-            assert_eq!(a.local, b.local, "{node}");
+            // The API server gives every object a uid; the manifests carry none.
+            let without_uid = |local: &[signet_agent::state::snapshot::LocalEndpoint]| {
+                let mut local = local.to_vec();
+                for e in &mut local {
+                    e.uid = None;
+                }
+                local
+            };
+            assert!(
+                a.local.iter().all(|e| e.uid.is_some()),
+                "{node}: {:?}",
+                a.local
+            );
+            assert_eq!(without_uid(&a.local), without_uid(&b.local), "{node}");
         }
+        // Later changes arrive through the watches: a policy deleted is gone from the source.
+        let policy = got.policy.policies.first().expect("a policy");
+        let (ns, name) = (
+            policy.metadata.namespace.clone().expect("namespaced"),
+            policy.metadata.name.clone().expect("named"),
+        );
+        api.delete("signet.dev/v1alpha1", "IdentityPolicy", &ns, &name);
+        wait_until("the deleted policy to leave the source", || {
+            let now = source.objects();
+            (now.policy.policies.len() + 1 == got.policy.policies.len()).then_some(())
+        })
+        .await;
         stop.cancel();
     }
 }

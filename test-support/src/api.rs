@@ -156,7 +156,12 @@ impl FakeApi {
         let stop = CancellationToken::new();
         let api = Self {
             inner: Arc::new(Inner {
-                store: Mutex::default(),
+                // As a real API server's, the first resourceVersion is not 0 (which means "any"
+                // to a watch), so an empty list still names where a watch resumes.
+                store: Mutex::new(Store {
+                    version: 1,
+                    ..Store::default()
+                }),
                 events: broadcast::channel(1024).0,
                 held: tokio::sync::watch::channel(false).0,
                 watch_epoch: tokio::sync::watch::channel(0).0,
@@ -168,6 +173,18 @@ impl FakeApi {
             api.put(o);
         }
         api
+    }
+
+    /// Holds the objects of the YAML documents in `manifests` (empty documents are skipped).
+    pub fn from_yaml(manifests: &str) -> Self {
+        let objects = serde_yaml::Deserializer::from_str(manifests)
+            .map(|doc| {
+                <Value as serde::Deserialize>::deserialize(doc)
+                    .unwrap_or_else(|e| panic!("a manifest the fake API cannot read: {e}"))
+            })
+            .filter(|v| !v.is_null())
+            .collect();
+        Self::new(objects)
     }
 
     /// A client whose requests this fake answers in process.

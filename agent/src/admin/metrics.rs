@@ -768,27 +768,6 @@ mod tests {
     fn promtool_accepts_the_exposition() {
         let m = Metrics::default();
         populated(&m);
-        let text = m.render(&gauges());
-        let mut child = match std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                panic!("promtool: {e}: install Debian's prometheus package (tests/run.sh does)")
-            }
-        };
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("promtool");
-        assert!(
-            out.status.success(),
-            "promtool check metrics: {}{}\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        signet_test_support::promtool_accepts(&m.render(&gauges()));
     }
 }

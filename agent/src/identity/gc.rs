@@ -11,9 +11,10 @@
 //! once, so the highest of those is kept, as before: the next number is above it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use signet_ca::lease::Clock;
 use signet_policy::SignetIdentity;
 
 use super::kube::QUARANTINE;
@@ -24,7 +25,9 @@ pub struct Collector {
     grace: Duration,
     quarantine: Duration,
     /// uid → when it was first seen unused.
-    unused_since: HashMap<String, Instant>,
+    unused_since: HashMap<String, jiff::Timestamp>,
+    /// The grace period and the quarantine are measured on it.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Collector {
@@ -52,12 +55,19 @@ impl Collector {
             grace,
             quarantine,
             unused_since: HashMap::new(),
+            clock: std::sync::Arc::new(jiff::Timestamp::now),
         }
+    }
+
+    /// The same collector reading time from `clock` (tests move it instead of sleeping).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// One pass: `in_use` are the SPIFFE IDs the cluster needs now.
     pub async fn collect(&mut self, in_use: &BTreeSet<String>) -> Result<Collected, kube::Error> {
-        let now = Instant::now();
+        let now = (self.clock)();
         let listed = self.api.list(&ListParams::default()).await?;
         let quarantined = |o: &SignetIdentity| {
             o.metadata
@@ -83,7 +93,7 @@ impl Collector {
             };
             seen.insert(uid.clone());
             if let Some(deleted_at) = &o.metadata.deletion_timestamp {
-                let waited = jiff::Timestamp::now().duration_since(deleted_at.0);
+                let waited = now.duration_since(deleted_at.0);
                 if quarantined(o)
                     && waited
                         >= jiff::SignedDuration::try_from(self.quarantine)
@@ -105,7 +115,9 @@ impl Collector {
                 continue;
             }
             let since = *self.unused_since.entry(uid.clone()).or_insert(now);
-            if now.duration_since(since) < self.grace {
+            if now.duration_since(since)
+                < jiff::SignedDuration::try_from(self.grace).unwrap_or(jiff::SignedDuration::MAX)
+            {
                 continue;
             }
             let params = DeleteParams {
