@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod datapath;
 pub mod drain;

@@ -9,12 +9,14 @@
 use std::time::{Duration, Instant};
 
 use signet_agent::certs::{CertManager, fetch};
+use signet_agent::clock::Clock;
 use signet_agent::drain::Drain;
 use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 use signet_ca::server::CaServer;
 use signet_ca::server::auth::sha256_hex;
 use signet_ca::server::config::ServerConfig;
+use signet_test_support::wait_until;
 use tokio_util::sync::CancellationToken;
 
 const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers: [{name: w, image: w}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\nspec:\n  nodeName: node-b\n  serviceAccountName: db\n  containers: [{name: d, image: d}]\n";
@@ -112,32 +114,46 @@ async fn certificates_rotate_at_half_life_and_the_old_one_serves_until_then() {
     let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let db = id("spiffe://cluster.local/ns/shop/sa/db");
-    // 4 s certificates (the CA allows down to 2 s here), renewed at ~2 s.
-    let mgr = CertManager::new(client, agent.clone(), Duration::from_secs(4), Drain::new());
+    // 600 s certificates, renewed at half their life ±10 %: between 240 s and 360 s. The test
+    // moves the manager's clock instead of waiting.
+    let clock = Clock::system();
+    let mgr = CertManager::new(
+        client,
+        agent.clone(),
+        Duration::from_secs(600),
+        Drain::new(),
+    )
+    .with_clock(clock.clone());
     mgr.set_identities(&[web.clone(), agent.clone(), db.clone()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !mgr.ready([&web, &agent]) {
-        assert!(Instant::now() < deadline, "certificates did not arrive");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let first = mgr.get(&web).expect("web");
-    let mut serials = vec![first.serial.clone()];
-    let until = Instant::now() + Duration::from_secs(7);
-    while Instant::now() < until {
+    let serial = |mgr: &CertManager| mgr.get(&web).map(|c| c.serial.clone());
+    wait_until("the first certificates", || {
+        mgr.ready([&web, &agent]).then_some(())
+    })
+    .await;
+    let mut serials = vec![serial(&mgr).expect("web")];
+    for round in 0..2 {
+        // Before the earliest renewal time the certificate in force stays (an absence: given
+        // a moment in which a renewal would have happened)...
+        clock.advance(Duration::from_secs(230));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            serial(&mgr).as_ref(),
+            serials.last(),
+            "round {round}: renewed before half its life"
+        );
+        // ...and after the latest one it has been replaced, never leaving a gap.
+        clock.advance(Duration::from_secs(131));
+        let next = wait_until("a renewed certificate", || {
+            serial(&mgr).filter(|s| serials.last() != Some(s))
+        })
+        .await;
         let now = mgr.get(&web).expect("a certificate is always in force");
         assert!(
             now.not_after > std::time::SystemTime::now(),
             "never an expired one"
         );
-        if serials.last() != Some(&now.serial) {
-            serials.push(now.serial.clone());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        serials.push(next);
     }
-    assert!(
-        serials.len() >= 3,
-        "rotated at least twice in 7 s: {serials:?}"
-    );
     assert!(
         !mgr.ready([&db]),
         "a pod on another node never gets a certificate"
@@ -192,9 +208,8 @@ async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_roo
     assert_eq!(both[0], old_root);
 
     // After the overlap the new root signs, and the CA's serving certificate follows it.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
     ca.authority
-        .maintain(time::OffsetDateTime::now_utc())
+        .maintain(time::OffsetDateTime::now_utc() + Duration::from_millis(2500))
         .expect("promote");
     assert_eq!(ca.authority.signer().root(), &both[1]);
     let deadline = Instant::now() + Duration::from_secs(5);

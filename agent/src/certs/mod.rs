@@ -17,6 +17,8 @@ use signet_ca::SpiffeId;
 use signet_ca::client::CaClient;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("generating a key for {id}: {reason}")]
@@ -166,6 +168,8 @@ pub struct CertManager {
     errors: Arc<RwLock<HashMap<SpiffeId, String>>>,
     /// Rotation tasks start here; each also ends when the agent stops.
     drain: crate::drain::Drain,
+    /// Renewal times are on it.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -192,7 +196,14 @@ impl CertManager {
             tasks: Arc::default(),
             errors: Arc::default(),
             drain,
+            clock: Clock::system(),
         }
+    }
+
+    /// The same manager timing renewals on `clock` (tests move it instead of sleeping).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The CA client every request goes through.
@@ -326,6 +337,7 @@ impl CertManager {
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(id.clone(), Arc::new(cert));
+                    // How long until then, slept on the manager's clock.
                     renew
                         .duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO)
@@ -343,7 +355,7 @@ impl CertManager {
             };
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
+                () = self.clock.sleep(wait) => {}
             }
         }
     }
