@@ -19,6 +19,9 @@ use crate::state::build::Builder;
 use crate::state::kube::KubeSource;
 use crate::state::snapshot::Snapshot;
 
+/// Leader-elected loops' Lease duration.
+const LEASE_SECONDS: i32 = 30;
+
 /// How often a state directory is looked at.
 const DIR_POLL: Duration = Duration::from_millis(500);
 /// How long a burst of watch events may take to settle before one build covers them all.
@@ -182,4 +185,48 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The loops one agent of the cluster runs at a time (Kubernetes mode), each under its own
+/// Lease: IdentityPolicy and Gateway API status, and collecting numeric identities nobody uses.
+pub fn spawn_leader_loops(
+    config: &crate::config::AgentConfig,
+    client: kube::Client,
+    source: KubeSource,
+    drain: &Drain,
+) {
+    let lease = |name: &str| {
+        signet_ca::kubernetes::Elector::new(
+            client.clone(),
+            &config.agent_namespace,
+            name,
+            &config.node,
+            LEASE_SECONDS,
+        )
+    };
+    drain.spawn(
+        "policy status",
+        crate::state::status::keep_current(
+            lease("signet-status"),
+            client.clone(),
+            source.clone(),
+            config.trust_domain.clone(),
+            drain.stop_token(),
+        ),
+    );
+    drain.spawn(
+        "identity collector",
+        crate::identity::gc::run(
+            lease("signet-identity-gc"),
+            crate::identity::gc::Collector::new(
+                client.clone(),
+                config.identity_gc.grace,
+                config.identity_gc.quarantine,
+            ),
+            source,
+            config.trust_domain.clone(),
+            config.identity_gc.interval,
+            drain.stop_token(),
+        ),
+    );
 }

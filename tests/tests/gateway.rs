@@ -675,6 +675,14 @@ fn the_gateway_matches_normalised_paths_refuses_misdirected_hosts_and_forged_for
     }
     let r = curl(&t, &pem, "https://b.example.test:8443/exact", &[]);
     assert_eq!(r.status, 200, "{r:?}");
+    // The Gateway's own answers are counted by reason.
+    let (_, metrics) = t.admin_get('a', "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "signet_gateway_requests_refused_total{reason=\"misdirected\"} 2"),
+        "two misdirected requests counted:\n{metrics}"
+    );
 
     // Forwarding headers a client writes are replaced by what the Gateway saw.
     let forged = [

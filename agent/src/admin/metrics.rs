@@ -96,6 +96,11 @@ struct HandshakeLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReporterLabel {
     reporter: Reporter,
 }
@@ -202,6 +207,8 @@ struct Inner {
     handshake_failures: Mutex<HashMap<(Reporter, &'static str), u64>>,
     /// Connections closed because a policy change no longer allowed them.
     closed_by_policy: AtomicU64,
+    /// reason → Gateway requests answered with an error instead of a backend's response.
+    gateway_refusals: Mutex<HashMap<&'static str, u64>>,
     /// Flows the kernel reported, by what it did and why, and when each was last seen.
     kernel: Mutex<HashMap<KernelLabels, (u64, Instant)>>,
     /// Kernel flow events not logged because the log was over its rate (still counted).
@@ -224,6 +231,7 @@ impl Metrics {
             pairs: Mutex::default(),
             handshake_failures: Mutex::default(),
             closed_by_policy: AtomicU64::new(0),
+            gateway_refusals: Mutex::default(),
             kernel: Mutex::default(),
             kernel_unlogged: AtomicU64::new(0),
             retain_idle,
@@ -291,6 +299,13 @@ impl Metrics {
     pub fn handshake_failed(&self, reporter: Reporter, reason: &'static str) {
         *lock(&self.inner.handshake_failures)
             .entry((reporter, reason))
+            .or_default() += 1;
+    }
+
+    /// One Gateway request answered by the Gateway itself (`gateway::refusal`).
+    pub fn gateway_refused(&self, reason: &'static str) {
+        *lock(&self.inner.gateway_refusals)
+            .entry(reason)
             .or_default() += 1;
     }
 
@@ -493,6 +508,20 @@ impl prometheus_client::collector::Collector for Inner {
                 .into_iter()
                 .map(|(reporter, reason, n)| (HandshakeLabels { reporter, reason }, n)),
         )?;
+        let mut refused: Vec<(&'static str, u64)> = lock(&self.gateway_refusals)
+            .iter()
+            .map(|(reason, n)| (*reason, *n))
+            .collect();
+        refused.sort();
+        family(
+            &mut e,
+            "signet_gateway_requests_refused",
+            "Gateway requests the Gateway answered itself (no listener, no route, no endpoint, bad path, ...), by reason.",
+            Counter,
+            refused
+                .into_iter()
+                .map(|(reason, n)| (ReasonLabel { reason }, n)),
+        )?;
         single(
             &mut e,
             "signet_connections_closed_by_policy",
@@ -651,6 +680,8 @@ mod tests {
             .fetch_add(4, Ordering::Relaxed);
         m.failed(Reporter::Outbound, a, UNKNOWN, "no_pod");
         m.handshake_failed(Reporter::Inbound, "no_client_certificate");
+        m.gateway_refused("no_route");
+        m.gateway_refused("no_route");
         m.kernel_flow(KernelLabels {
             direction: "ingress",
             verdict: "deny",
@@ -696,6 +727,7 @@ mod tests {
                 "signet_datapath_flows_total{{direction=\"ingress\",verdict=\"deny\",reason=\"strict-mtls-plaintext\",source=\"world\",destination=\"{b}\"}} 1"
             ),
             "signet_tls_handshake_failures_total{reporter=\"inbound\",reason=\"no_client_certificate\"} 1".into(),
+            "signet_gateway_requests_refused_total{reason=\"no_route\"} 2".into(),
             "signet_certificate_expiry_timestamp_seconds{identity=\"we\\\"ird\"} 1800000000".into(),
             "signet_connections_open{reporter=\"outbound\"} 3".into(),
             "signet_ready 1".into(),

@@ -382,6 +382,48 @@ pub struct CaEndpoint {
     pub token_file: Option<std::path::PathBuf>,
 }
 
+impl From<&crate::config::CaConfig> for CaEndpoint {
+    fn from(ca: &crate::config::CaConfig) -> Self {
+        Self {
+            address: ca.address.clone(),
+            server_name: ca.server_name.clone(),
+            token: ca.token.clone(),
+            token_file: Some(ca.token_file.clone()),
+        }
+    }
+}
+
+/// The CA connection of the `ca` section, the certificate manager over it, and the configured
+/// trust roots.
+pub async fn connect(
+    config: &crate::config::AgentConfig,
+    drain: &crate::drain::Drain,
+) -> anyhow::Result<(CertManager, signet_ca::verify::SvidRoots)> {
+    use anyhow::Context as _;
+    let roots_der: Vec<CertificateDer<'static>> = pem::parse_many(&config.ca.root_pem)
+        .context("CA root PEM")?
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    let roots = signet_ca::verify::SvidRoots::new(config.trust_domain.clone(), &roots_der)?;
+    let ca = CaClient::connect(
+        &config.ca.address,
+        &config.ca.server_name,
+        &config.ca.root_pem,
+        &config.ca.token,
+    )
+    .await
+    .context("connecting to the CA")?
+    .with_token_file(config.ca.token_file.clone());
+    let certs = CertManager::new(
+        ca,
+        config.agent_identity.clone(),
+        config.ca.svid_ttl,
+        drain.clone(),
+    );
+    Ok((certs, roots))
+}
+
 /// Keeps the agent's trust roots equal to the CA's bundle. The bundle is fetched over the CA
 /// connection, which the roots in force authenticate, so only the CA can change them.
 #[derive(Debug, Clone)]

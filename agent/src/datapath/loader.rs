@@ -154,6 +154,31 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
 }
 
 impl KernelDatapath {
+    /// The datapath of the agent's configuration: pinned under `datapath.bpffsDir`, attached to
+    /// `datapath.cgroupRoot`, capturing to the outbound listener, strict or permissive, with the
+    /// excluded ports.
+    pub fn for_agent(config: &crate::config::AgentConfig) -> Result<Self, DatapathError> {
+        let mut datapath = Self::load(&LoaderConfig {
+            pin_dir: config.datapath.bpffs_dir.clone(),
+            cgroup: config.datapath.cgroup_root.clone(),
+            sizes: MapSizes::default(),
+        })?;
+        let (proxy_v4, proxy_v6) = match config.listen.outbound.ip() {
+            std::net::IpAddr::V4(v4) => (v4, None),
+            std::net::IpAddr::V6(v6) => (std::net::Ipv4Addr::UNSPECIFIED, Some(v6)),
+        };
+        datapath.set_config(&DatapathConfig {
+            proxy_v4,
+            proxy_v6,
+            proxy_port: config.listen.outbound.port(),
+            strict: config.datapath.mtls_mode == crate::config::MtlsMode::Strict,
+            proxy_mark: config.datapath.proxy_mark,
+            event_sample: 0,
+        })?;
+        datapath.set_excluded_ports(&config.datapath.excluded_ports)?;
+        Ok(datapath)
+    }
+
     /// Loads (or finds, after a restart) everything under `cfg.pin_dir` and attaches the socket
     /// programs to `cfg.cgroup`.
     pub fn load(cfg: &LoaderConfig) -> Result<Self, DatapathError> {

@@ -8,6 +8,7 @@
 pub mod h1guard;
 pub mod model;
 pub mod ports;
+pub mod refusal;
 pub mod routes;
 pub mod server;
 pub mod tls;

@@ -29,6 +29,17 @@ impl std::fmt::Debug for GatewayPorts {
 }
 
 impl GatewayPorts {
+    /// No port yet: the first [`GatewayPorts::sync`] opens what the snapshot serves, on
+    /// `listen.gatewayIp` with the `gateway` section's limits.
+    pub fn new(config: &crate::config::AgentConfig, ctx: ProxyContext) -> Self {
+        Self {
+            ip: config.listen.gateway_ip,
+            limits: config.gateway.limits.clone(),
+            ctx,
+            running: HashMap::new(),
+        }
+    }
+
     /// Listens on the ports `snap` serves, and stops listening on the others.
     pub fn sync(&mut self, snap: &Snapshot) {
         let wanted: Vec<u16> = snap.gateway.ports.iter().map(|p| p.port).collect();

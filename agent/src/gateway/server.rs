@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 use super::h1guard::{H1Guard, HeadLimits};
 use super::model::{Listener, Protocol};
+use super::refusal::EdgeRefusal;
 use super::routes::{Filter, RequestView, change_path, location, specificity};
 use crate::proxy::ProxyContext;
 use crate::proxy::hbone::Route as HboneRoute;
@@ -107,16 +108,13 @@ pub async fn serve_port(
         let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
             return;
         };
-        // Refusals before anything is known of the connection, counted by reason.
-        let refused = |reason| {
-            use crate::admin::metrics::UNKNOWN;
-            use crate::flow::Reporter;
-            ctx.metrics
-                .failed(Reporter::Inbound, UNKNOWN, UNKNOWN, reason);
+        // Refusals before anything is known of the connection: logged and counted, closed.
+        let refuse = |r: EdgeRefusal| {
+            let _span = tracing::info_span!("gateway", %peer, port).entered();
+            r.report(&ctx.metrics);
         };
         let Ok(slot) = ctx.limits.gateway_slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, port, "gateway connection refused: the Gateway's connection cap is reached");
-            refused("gateway_connection_limit");
+            refuse(EdgeRefusal::ConnectionLimit);
             continue;
         };
         // One client may not take the whole edge; proxies in front of it (trusted) may.
@@ -127,8 +125,9 @@ pub async fn serve_port(
             match ctx.limits.gateway_per_client.try_take(peer.ip()) {
                 Some(s) => Some(s),
                 None => {
-                    tracing::warn!(%peer, port, cap = ctx.limits.gateway_per_client.cap(), "gateway connection refused: this client holds its share of the Gateway's connections");
-                    refused("gateway_client_share");
+                    refuse(EdgeRefusal::ClientShare {
+                        cap: ctx.limits.gateway_per_client.cap(),
+                    });
                     continue;
                 }
             }
@@ -372,6 +371,12 @@ struct Handler {
 }
 
 impl Handler {
+    /// Answers the request itself: logged, counted, and the refusal's status and line.
+    fn refuse(&self, r: EdgeRefusal) -> Response<Body> {
+        r.report(&self.ctx.metrics);
+        text(r.status(), r.body())
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let host = req
             .uri()
@@ -397,13 +402,10 @@ impl Handler {
             .to_ascii_lowercase();
         let snap = self.ctx.snapshot();
         let Some(port) = snap.gateway.ports.iter().find(|p| p.port == self.port) else {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
+            return self.refuse(EdgeRefusal::ListenerRemoved);
         };
         let Some(listener) = pick_listener(&port.listeners, &host) else {
-            return text(
-                StatusCode::NOT_FOUND,
-                format!("no listener for host {host}\n"),
-            );
+            return self.refuse(EdgeRefusal::NoListener { host });
         };
         // A connection is for the name its certificate was chosen by: a request for a host that
         // another certificate serves goes to a new connection (RFC 9110 section 15.5.20).
@@ -413,11 +415,10 @@ impl Handler {
             if let (Some(a), Some(b)) = (for_sni, for_host)
                 && !Arc::ptr_eq(&a, &b)
             {
-                tracing::info!(%host, %sni, "gateway: misdirected request");
-                return text(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    format!("{host} is not served on a connection for {sni}\n"),
-                );
+                return self.refuse(EdgeRefusal::Misdirected {
+                    host,
+                    sni: sni.to_owned(),
+                });
             }
         }
         // Routes match the normalised path, and the backend receives it.
@@ -425,8 +426,10 @@ impl Handler {
         let normal = match signet_policy::path::normalize(target, Default::default()) {
             Ok(n) => n,
             Err(e) => {
-                tracing::info!(%host, path = %target, reason = %e, "gateway: bad request path");
-                return text(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n"));
+                return self.refuse(EdgeRefusal::BadPath {
+                    path: target.to_owned(),
+                    reason: e.to_string(),
+                });
             }
         };
         let (path, query) = match normal.split_once('?') {
@@ -441,8 +444,7 @@ impl Handler {
             headers: req.headers(),
         };
         let Some(m) = listener.router.route(&view) else {
-            tracing::info!(%host, %path, "gateway: no route");
-            return text(StatusCode::NOT_FOUND, "no route\n");
+            return self.refuse(EdgeRefusal::NoRoute { host, path });
         };
         let route_name = format!("{}/{}", m.route.namespace, m.route.name);
         for f in &m.rule.filters {
@@ -458,11 +460,10 @@ impl Handler {
         let backend = match m.rule.pick_backend(fastrand_f64()) {
             Ok(b) => b.clone(),
             Err(why) => {
-                tracing::info!(route = %route_name, reason = %why, "gateway: no valid backend");
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("no valid backend: {why}\n"),
-                );
+                return self.refuse(EdgeRefusal::NoValidBackend {
+                    route: route_name,
+                    why: why.to_string(),
+                });
             }
         };
         let (mut parts, body) = req.into_parts();
@@ -490,25 +491,15 @@ impl Handler {
             .by_name(&backend.namespace, &backend.name, backend.port)
             .and_then(|vip| snap.services.pick(vip));
         let Some(target) = target else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "Service {}/{} has no ready endpoint\n",
-                    backend.namespace, backend.name
-                ),
-            );
+            return self.refuse(EdgeRefusal::NoReadyEndpoint {
+                service: format!("{}/{}", backend.namespace, backend.name),
+            });
         };
         let Some(pod) = snap.pod_by_ip(target.ip()) else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("endpoint {target} is no known pod\n"),
-            );
+            return self.refuse(EdgeRefusal::UnknownEndpoint { target });
         };
         let Some(node_ip) = pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("endpoint {target}'s node has no address\n"),
-            );
+            return self.refuse(EdgeRefusal::EndpointNodeUnknown { target });
         };
         let route = HboneRoute {
             source: identity.clone(),
@@ -546,10 +537,7 @@ impl Handler {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok());
                 if declared.is_some_and(|n| n > max) {
-                    return text(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("request body over {max} bytes\n"),
-                    );
+                    return self.refuse(EdgeRefusal::BodyTooLarge { max });
                 }
                 http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
                     .map_err(|e| std::io::Error::other(e.to_string()))
@@ -568,10 +556,12 @@ impl Handler {
                 tracing::debug!(route = %route_name, backend = %target, status = %resp.status(), "gateway request");
                 resp
             }
-            Err(why) => {
-                tracing::info!(route = %route_name, backend = %target, source = %identity, reason = %why, "gateway: backend refused");
-                text(StatusCode::BAD_GATEWAY, format!("{why}\n"))
-            }
+            Err(why) => self.refuse(EdgeRefusal::Backend {
+                route: route_name,
+                target,
+                source: identity.to_string(),
+                why: why.to_string(),
+            }),
         }
     }
 }

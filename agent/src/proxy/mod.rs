@@ -266,6 +266,54 @@ impl std::fmt::Debug for ProxyContext {
 }
 
 impl ProxyContext {
+    /// What the `proxy`, `gateway` and `listen` sections make of the shared parts.
+    pub fn new(
+        config: &crate::config::AgentConfig,
+        snapshot: &Arc<RwLock<Arc<Snapshot>>>,
+        certs: &CertManager,
+        roots: &SvidRoots,
+        metrics: &Arc<Metrics>,
+        connections: &Arc<conns::Connections>,
+        drain: &crate::drain::Drain,
+    ) -> Self {
+        let limits = Limits::new(
+            config.proxy.idle_timeout,
+            config.proxy.handshake_timeout,
+            config.proxy.connect_timeout,
+            Caps {
+                mesh: config.proxy.max_connections,
+                per_pod: config.proxy.max_connections_per_pod,
+                gateway: config.gateway.max_connections,
+                gateway_per_client: config.gateway.max_connections_per_client,
+            },
+        );
+        let hbone = {
+            let (certs, roots) = (certs.clone(), roots.clone());
+            let configs = tls::ClientConfigs::default();
+            hbone::HboneClient::new(
+                Arc::new(move |route| {
+                    configs.get(&certs, &roots, &route.source, &route.destination)
+                }),
+                config.proxy.max_streams_per_connection,
+                limits.connect,
+                drain.clone(),
+            )
+        };
+        Self {
+            snapshot: snapshot.clone(),
+            certs: certs.clone(),
+            roots: roots.clone(),
+            trust_domain: config.trust_domain.clone(),
+            hbone,
+            proxy_mark: config.datapath.proxy_mark,
+            inbound_port: config.listen.inbound.port(),
+            metrics: metrics.clone(),
+            conns: connections.clone(),
+            limits,
+            drain: drain.clone(),
+        }
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot
             .read()

@@ -47,6 +47,61 @@ impl std::fmt::Debug for Kube {
     }
 }
 
+/// How often the agent says it still waits for the first list of Kubernetes resources.
+const SYNC_WAIT_REPORT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Source {
+    /// The source of the `cluster` section; in Kubernetes mode once every resource has been
+    /// listed (nothing is applied before), with the API client.
+    pub async fn connect(
+        config: &crate::config::AgentConfig,
+        drain: &crate::drain::Drain,
+    ) -> anyhow::Result<(Self, Option<kube::Client>)> {
+        use anyhow::Context as _;
+        match &config.cluster.source {
+            crate::config::ClusterSource::Dir {
+                state_dir,
+                identity_table,
+            } => Ok((
+                Self::Dir {
+                    state_dir: state_dir.clone(),
+                    numbers: FileAllocator::new(identity_table),
+                },
+                None,
+            )),
+            crate::config::ClusterSource::Kubernetes => {
+                let client = signet_ca::kubernetes::client(config.cluster.kubeconfig.as_deref())
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                let objects = KubeSource::start(
+                    client.clone(),
+                    &config.cluster.gateway_tls_namespace,
+                    &drain.stop_token(),
+                );
+                wait_for_first_list(&objects).await;
+                let source = Kube::new(objects, KubeIdentities::new(client.clone()));
+                Ok((Self::Kube(Box::new(source)), Some(client)))
+            }
+        }
+    }
+}
+
+async fn wait_for_first_list(source: &KubeSource) {
+    let started = std::time::Instant::now();
+    let synced = source.synced();
+    tokio::pin!(synced);
+    loop {
+        tokio::select! {
+            () = &mut synced => break,
+            () = tokio::time::sleep(SYNC_WAIT_REPORT) => tracing::warn!(
+                waited_seconds = started.elapsed().as_secs(),
+                "still waiting for the first list of Kubernetes resources; not ready"
+            ),
+        }
+    }
+    tracing::info!("Kubernetes resources synced");
+}
+
 impl Kube {
     pub fn new(objects: KubeSource, numbers: KubeIdentities) -> Self {
         Self {
