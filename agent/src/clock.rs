@@ -1,5 +1,5 @@
-//! Wall-clock time for the agent's timers (certificate renewal), which tests move forward instead
-//! of sleeping through. The system clock is the default; a moved clock is the system's plus the
+//! Wall-clock time for the agent's timers (certificate renewal, the identity collector's grace
+//! and quarantine, Leases), which tests move forward instead of sleeping through. The system clock is the default; a moved clock is the system's plus the
 //! moves, so real time still passes on it.
 
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,17 @@ impl Clock {
     pub fn advance(&self, by: Duration) {
         *self.inner.ahead.lock().unwrap_or_else(|p| p.into_inner()) += by;
         self.inner.moved.send_modify(|n| *n += 1);
+    }
+
+    /// The same time as a Lease candidate reads it (`signet_ca::lease::Elector::with_clock`).
+    pub fn for_lease(&self) -> signet_ca::lease::Clock {
+        let clock = self.clone();
+        Arc::new(move || clock.timestamp())
+    }
+
+    /// This clock's time as a Kubernetes timestamp.
+    pub fn timestamp(&self) -> jiff::Timestamp {
+        jiff::Timestamp::try_from(self.now()).unwrap_or_else(|_| jiff::Timestamp::now())
     }
 
     /// Waits until `d` has passed on this clock: in real time, or by moves, or both.

@@ -8,23 +8,13 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
+use signet_agent::clock::Clock;
 use signet_agent::identity::kube::KubeIdentities;
 use signet_ca::SpiffeId;
 use signet_policy::SignetIdentity;
 use signet_test_support::api::FakeApi;
-
-/// One clock for every party of a test, moved by the test instead of slept through.
-fn clock() -> (signet_ca::lease::Clock, Arc<AtomicI64>) {
-    let offset = Arc::new(AtomicI64::new(0));
-    let moved = offset.clone();
-    let clock: signet_ca::lease::Clock = Arc::new(move || {
-        jiff::Timestamp::now() + jiff::SignedDuration::from_secs(moved.load(Ordering::SeqCst))
-    });
-    (clock, offset)
-}
 
 /// The SignetIdentity objects the API server holds.
 fn stored(api: &FakeApi) -> Vec<SignetIdentity> {
@@ -131,10 +121,12 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
     use signet_ca::kubernetes::Elector;
     let client = FakeApi::default().client();
     let name = "gc-test-lease";
-    let (clock, offset) = clock();
-    let a =
-        Elector::new(client.clone(), "signet-system", name, "node-a", 1).with_clock(clock.clone());
-    let b = Elector::new(client.clone(), "signet-system", name, "node-b", 1).with_clock(clock);
+    // One clock for both candidates, moved by the test instead of slept through.
+    let clock = Clock::system();
+    let a = Elector::new(client.clone(), "signet-system", name, "node-a", 1)
+        .with_clock(clock.for_lease());
+    let b = Elector::new(client.clone(), "signet-system", name, "node-b", 1)
+        .with_clock(clock.for_lease());
     assert!(
         a.try_lead().await.expect("a"),
         "the first candidate takes it"
@@ -143,7 +135,7 @@ async fn one_agent_holds_the_lease_until_it_stops_renewing() {
     assert!(a.try_lead().await.expect("a renews"));
     assert!(!b.try_lead().await.expect("b"));
     // node-a stops renewing; after the Lease's duration node-b takes over.
-    offset.store(2, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(2));
     assert!(b.try_lead().await.expect("b takes over"));
     assert!(!a.try_lead().await.expect("a"), "node-a lost it");
 }
@@ -165,7 +157,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     );
     let in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
     let quarantine = std::time::Duration::from_secs(3600);
-    let (clock, offset) = clock();
+    let clock = Clock::system();
 
     let mut patient = Collector::new(
         client.clone(),
@@ -179,7 +171,8 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     );
 
     // gone's number (the highest) is deleted: it stays, terminating, meaning nothing...
-    let mut eager = Collector::new(client, std::time::Duration::ZERO, quarantine).with_clock(clock);
+    let mut eager =
+        Collector::new(client, std::time::Duration::ZERO, quarantine).with_clock(clock.clone());
     let done = eager.collect(&in_use).await.expect("collect");
     assert_eq!(done.deleted, [257]);
     let now = stored(&api);
@@ -196,7 +189,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     assert_eq!(ids.allocate(&new).await.expect("new"), 258);
     assert_eq!(ids.allocate(&gone).await.expect("gone again"), 259);
     // Not a second early...
-    offset.store(3599, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(3599));
     assert_eq!(
         eager
             .collect(&all_in_use_of(&web, &new, &gone))
@@ -206,7 +199,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
         "still quarantined"
     );
     // ...but its quarantine over, the collector lifts it and it is gone.
-    offset.store(3601, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(2));
     let all_in_use = all_in_use_of(&web, &new, &gone);
     let done = eager.collect(&all_in_use).await.expect("collect");
     assert_eq!(done.released, [257]);

@@ -130,8 +130,8 @@ impl Drop for Owner {
     }
 }
 
-/// The fake; clones share it. Servers and clients it made keep answering until the last clone
-/// is dropped, then open watches end and served listeners close.
+/// The fake; clones share it. Its in-process clients count as clones; a served listener answers
+/// until the last clone or client is dropped, then open watches end and the listener closes.
 #[derive(Clone)]
 pub struct FakeApi {
     inner: Arc<Inner>,
@@ -187,10 +187,12 @@ impl FakeApi {
         Self::new(objects)
     }
 
-    /// A client whose requests this fake answers in process.
+    /// A client whose requests this fake answers in process. It keeps the fake up as a clone
+    /// does: its watches stay open while the client lives.
     pub fn client(&self) -> kube::Client {
-        let inner = self.inner.clone();
+        let (inner, owner) = (self.inner.clone(), self._owner.clone());
         let service = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let _keeps_the_fake_up = &owner;
             let inner = inner.clone();
             async move { Ok::<_, Infallible>(inner.answer(req).await) }
         });
@@ -670,7 +672,7 @@ impl Inner {
         let answer = match rules.iter().find_map(|rule| rule(&seen)) {
             Some(r) => failure(r.code, &r.reason, r.message),
             None => {
-                self.answer_normally(&parts, &seen.body, &path, &query)
+                self.answer_normally(&parts, &seen.body, seen.verb, &path, &query)
                     .await
             }
         };
@@ -683,6 +685,7 @@ impl Inner {
         &self,
         parts: &http::request::Parts,
         body: &Value,
+        verb: &'static str,
         path: &str,
         query: &str,
     ) -> Reply {
@@ -699,7 +702,7 @@ impl Inner {
         let labels = query_param(query, "labelSelector").map(str::to_owned);
         let fields = query_param(query, "fieldSelector").map(str::to_owned);
         let Some(name) = t.name.clone() else {
-            return match verb_of(&parts.method, path, query) {
+            return match verb {
                 "watch" => self.watch(
                     Watch {
                         target: t,

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 
 /// How long [`wait_for`] and [`wait_until`] wait before they fail.
 pub const WAIT: Duration = Duration::from_secs(30);
-/// How often they ask.
+/// How often [`wait_for`] asks: its conditions are often processes (curl, an admin request in a
+/// namespace), which a 2-core machine should not spawn more often than this.
+const POLL_BLOCKING: Duration = Duration::from_millis(200);
+/// How often [`wait_until`] asks: its conditions are in-process reads.
 const POLL: Duration = Duration::from_millis(50);
 
 /// A name no other test of this process, nor another process, uses: `<pid>-<counter>`.
@@ -35,7 +38,7 @@ pub fn unique() -> String {
     )
 }
 
-/// `f`'s first `Some`, asked every 50 ms for up to [`WAIT`]; panics naming `what` after that.
+/// `f`'s first `Some`, asked every 200 ms for up to [`WAIT`]; panics naming `what` after that.
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -43,11 +46,12 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
             return v;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(POLL);
+        std::thread::sleep(POLL_BLOCKING);
     }
 }
 
-/// [`wait_for`] inside a tokio runtime: the runtime keeps running while it waits.
+/// [`wait_for`] inside a tokio runtime, asked every 50 ms: the runtime keeps running while it
+/// waits.
 pub async fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {

@@ -14,7 +14,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
-use signet_ca::lease::Clock;
 use signet_policy::SignetIdentity;
 
 use super::kube::QUARANTINE;
@@ -27,7 +26,7 @@ pub struct Collector {
     /// uid → when it was first seen unused.
     unused_since: HashMap<String, jiff::Timestamp>,
     /// The grace period and the quarantine are measured on it.
-    clock: Clock,
+    clock: crate::clock::Clock,
 }
 
 impl std::fmt::Debug for Collector {
@@ -55,19 +54,19 @@ impl Collector {
             grace,
             quarantine,
             unused_since: HashMap::new(),
-            clock: std::sync::Arc::new(jiff::Timestamp::now),
+            clock: crate::clock::Clock::system(),
         }
     }
 
     /// The same collector reading time from `clock` (tests move it instead of sleeping).
-    pub fn with_clock(mut self, clock: Clock) -> Self {
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Self {
         self.clock = clock;
         self
     }
 
     /// One pass: `in_use` are the SPIFFE IDs the cluster needs now.
     pub async fn collect(&mut self, in_use: &BTreeSet<String>) -> Result<Collected, kube::Error> {
-        let now = (self.clock)();
+        let now = self.clock.timestamp();
         let listed = self.api.list(&ListParams::default()).await?;
         let quarantined = |o: &SignetIdentity| {
             o.metadata
