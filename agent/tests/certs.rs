@@ -6,6 +6,7 @@
 // Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
 #![allow(clippy::disallowed_methods)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use signet_agent::certs::{CertManager, fetch};
@@ -247,4 +248,118 @@ async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_roo
         .expect("old")
         .verify(leaf, &cert.chain[1..], UnixTime::now(), usage)
         .expect_err("the old root alone does not verify it");
+}
+
+/// The attack the inbound guard stops: a client completes a full handshake while its SVID is
+/// valid, keeps the session ticket, and after the SVID's notAfter resumes the session, whose
+/// certificate nothing verifies again. The agent's own server configuration resumes it; the
+/// guard refuses it. Beside it, a client with a current SVID is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing() {
+    use rustls::HandshakeKind;
+    use signet_agent::proxy::inbound::peer_certificate_current;
+    use signet_agent::proxy::tls;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let ca = ca().await;
+    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let roots =
+        signet_ca::verify::SvidRoots::new(td.clone(), &ca.authority.bundle().roots).expect("roots");
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    let web = id("spiffe://cluster.local/ns/shop/sa/web");
+    // The node serves web with the agent's own inbound configuration.
+    let server_certs = CertManager::new(
+        client.clone(),
+        agent.clone(),
+        Duration::from_secs(600),
+        Drain::new(),
+    );
+    server_certs.set_identities(std::slice::from_ref(&web));
+    wait_until("web's certificate", || {
+        server_certs.ready([&web]).then_some(())
+    })
+    .await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        tls::server_config(server_certs, roots.clone(), td).expect("server config"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // What the node saw of each connection: how the handshake went and what the guard said.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let conn = tls.get_ref().1;
+            let verdict = (
+                conn.handshake_kind(),
+                peer_certificate_current(conn, std::time::SystemTime::now()),
+            );
+            let _ = seen_tx.send(verdict);
+            // A byte for the client to read, so it takes the session tickets in.
+            let _ = tls.write_all(b"x").await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    let client_config = |cert: &signet_agent::certs::WorkloadCert| {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .dangerous()
+        .with_custom_certificate_verifier(signet_ca::verify::SpiffeServerVerifier::new(
+            roots.clone(),
+            web.clone(),
+        ))
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())
+        .expect("client config");
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let sni = tls::sni_for(&web).expect("sni");
+    let dial = |connector: tokio_rustls::TlsConnector| {
+        let sni = sni.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let mut tls = connector.connect(sni, tcp).await.expect("handshake");
+            let mut byte = [0u8; 1];
+            let _ = tls.read(&mut byte).await;
+        }
+    };
+
+    // The attacker's SVID lives 2 s (the CA's minimum here).
+    let mut ca_client = client.clone();
+    let short = fetch(&mut ca_client, &agent, false, Duration::from_secs(2))
+        .await
+        .expect("a short SVID");
+    let attacker = client_config(&short);
+    dial(attacker.clone()).await;
+    assert_eq!(
+        seen.recv().await,
+        Some((Some(HandshakeKind::Full), true)),
+        "while valid, the full handshake proves the identity"
+    );
+    // Once notAfter has passed, the kept session is resumed: the node's TLS stack accepts it...
+    wait_until("the short SVID to expire", || {
+        (std::time::SystemTime::now() > short.not_after).then_some(())
+    })
+    .await;
+    dial(attacker).await;
+    assert_eq!(
+        seen.recv().await,
+        Some((Some(HandshakeKind::Resumed), false)),
+        "a resumed session past its certificate's notAfter is refused by the guard"
+    );
+    // ...while a client with a current SVID beside it is admitted.
+    let current = fetch(&mut ca_client, &agent, false, Duration::from_secs(600))
+        .await
+        .expect("a current SVID");
+    dial(client_config(&current)).await;
+    assert_eq!(seen.recv().await, Some((Some(HandshakeKind::Full), true)));
 }

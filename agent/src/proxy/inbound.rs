@@ -19,6 +19,19 @@ use super::l7::{L7Flow, check_for};
 use super::refusal::Refusal;
 use super::tls::id_from_sni;
 use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
+
+/// Whether the peer's certificate still proves its identity at `now`. A resumed TLS session
+/// carries the certificate of the handshake it resumes, which nothing verifies again: one past
+/// its notAfter proves nothing any more, whatever the session says.
+pub fn peer_certificate_current(
+    conn: &rustls::ServerConnection,
+    now: std::time::SystemTime,
+) -> bool {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(super::hbone::not_after)
+        .is_some_and(|t| t > now)
+}
 use crate::admin::metrics::UNKNOWN;
 use crate::flow::Reporter;
 
@@ -72,14 +85,7 @@ pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
                         .handshake_failed(Reporter::Inbound, "no_client_certificate");
                     return tracing::info!("peer presented no SVID");
                 };
-                // A resumed session carries the certificate of the handshake it resumes, which
-                // nothing verified again: one past its notAfter no longer proves the identity.
-                let expired = conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(super::hbone::not_after)
-                    .is_none_or(|t| t <= std::time::SystemTime::now());
-                if expired {
+                if !peer_certificate_current(conn, std::time::SystemTime::now()) {
                     ctx.metrics
                         .handshake_failed(Reporter::Inbound, "expired_certificate");
                     return tracing::info!(%source, "peer's SVID has expired (resumed session)");
