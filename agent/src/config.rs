@@ -315,7 +315,7 @@ pub struct AgentConfig {
 pub struct ClusterConfig {
     pub source: ClusterSource,
     /// Whether pods' placement annotations are believed (`localTopology`).
-    pub pod_annotations: crate::state::snapshot::PodAnnotations,
+    pub pod_annotations: PodAnnotations,
     /// How to reach the API server when not in-cluster.
     pub kubeconfig: Option<PathBuf>,
     /// Where the CA copies Gateway TLS Secrets (the only Secrets an agent reads).
@@ -377,11 +377,65 @@ pub struct ProxyConfig {
 /// The Gateway listeners' limits and budget.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
-    pub limits: crate::gateway::server::EdgeLimits,
+    pub limits: EdgeLimits,
     /// The listeners' own connection budget.
     pub max_connections: usize,
     /// One client address's share of it.
     pub max_connections_per_client: usize,
+}
+
+/// Limits at the edge.
+#[derive(Debug, Clone)]
+pub struct EdgeLimits {
+    pub handshake: Duration,
+    pub header_read: Duration,
+    /// A connection with no request started for this long is closed (HTTP/2 included, whose
+    /// pings would otherwise keep it open for ever).
+    pub idle: Duration,
+    /// A connection this old is closed, gracefully: requests in flight get `drain` to finish.
+    pub max_age: Duration,
+    /// How long requests in flight may take to finish once a connection closes for its age or
+    /// idleness (when the agent stops, its grace period applies instead).
+    pub drain: Duration,
+    /// An HTTP/2 client that does not answer a PING within this is disconnected.
+    pub ping_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_streams: u32,
+    /// Request bodies larger than this get 413; `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+    /// Peers whose forwarding headers are believed and appended to; from every other peer
+    /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are replaced with what the Gateway saw.
+    pub trusted_proxies: Vec<signet_policy::cidr::Cidr>,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            max_age: Duration::from_secs(3600),
+            drain: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_streams: 100,
+            max_body_bytes: None,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Whether the placement annotations (`state::snapshot::CGROUP_ANNOTATION` and its
+/// siblings) are believed. Only the local topology (an admin's
+/// state directory, or a test bed whose agent configuration says `localTopology: true`) may use
+/// them: in a cluster anyone who can create a Pod writes its annotations, and could point
+/// enforcement at the node's uplink or at another pod's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodAnnotations {
+    Trusted,
+    Ignored,
 }
 
 /// Kubernetes mode: how long an unused numeric identity is kept, how often to look, and how long
@@ -567,9 +621,9 @@ impl AgentConfig {
             cluster: ClusterConfig {
                 source,
                 pod_annotations: if raw.local_topology.unwrap_or(!raw.kubernetes) {
-                    crate::state::snapshot::PodAnnotations::Trusted
+                    PodAnnotations::Trusted
                 } else {
-                    crate::state::snapshot::PodAnnotations::Ignored
+                    PodAnnotations::Ignored
                 },
                 kubeconfig: raw.kubeconfig.as_deref().map(&resolve),
                 gateway_tls_namespace: raw.gateway_tls_namespace.clone(),
@@ -621,9 +675,9 @@ impl AgentConfig {
             },
             gateway: GatewaySettings {
                 limits: {
-                    let d = crate::gateway::server::EdgeLimits::default();
+                    let d = EdgeLimits::default();
                     let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
-                    crate::gateway::server::EdgeLimits {
+                    EdgeLimits {
                         handshake: secs(raw.gateway.handshake_timeout_seconds, d.handshake),
                         header_read: secs(raw.gateway.header_read_timeout_seconds, d.header_read),
                         idle: secs(raw.gateway.idle_timeout_seconds, d.idle),

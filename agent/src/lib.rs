@@ -3,7 +3,7 @@
 //! `app.rs` wires the parts: configuration (`config`), cluster state (`state/`), the eBPF
 //! datapath loader (`datapath/`), workload certificates (`certs/`), the proxy with its HBONE
 //! transport and L7 inspection (`proxy/`), and the admin port with metrics and readiness
-//! (`admin/`), Gateway API listeners (`gateway/`). `main.rs` is the `signet-agent` binary;
+//! (`admin/`), the Gateway API model (`routing/`) and listeners (`gateway/`). `main.rs` is the `signet-agent` binary;
 //! `cli/` is the `signet` command line.
 
 pub mod admin;
@@ -18,7 +18,10 @@ pub mod flow;
 pub mod gateway;
 pub mod health;
 pub mod identity;
+pub mod net;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod reconcile;
+pub mod routing;
 pub mod state;

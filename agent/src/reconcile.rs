@@ -206,7 +206,7 @@ pub fn spawn_leader_loops(
     };
     drain.spawn(
         "policy status",
-        crate::state::status::keep_current(
+        crate::policy::status::keep_current(
             lease("signet-status"),
             client.clone(),
             source.clone(),

@@ -20,7 +20,7 @@ use signet_ca::server::config::ServerConfig;
 use signet_test_support::wait_until;
 use tokio_util::sync::CancellationToken;
 
-const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers: [{name: w, image: w}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\nspec:\n  nodeName: node-b\n  serviceAccountName: db\n  containers: [{name: d, image: d}]\n";
+const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: web\n  containers: [{name: w, image: w}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop}\nspec:\n  nodeName: node-b\n  serviceAccountName: db\n  containers: [{name: d, image: d}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: api-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: api\n  containers: [{name: a, image: a}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: cache-0, namespace: shop}\nspec:\n  nodeName: node-a\n  serviceAccountName: cache\n  containers: [{name: c, image: c}]\n";
 
 struct Ca {
     _dir: tempfile::TempDir,
@@ -362,4 +362,135 @@ async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing()
         .expect("a current SVID");
     dial(client_config(&current)).await;
     assert_eq!(seen.recv().await, Some((Some(HandshakeKind::Full), true)));
+}
+
+/// The client side of the same guard: the agent's own SVID for a workload has expired (its
+/// renewal keeps failing), and the HBONE client must then make a full handshake, which the peer
+/// refuses, never resume the session its cached configuration holds, which a node without the
+/// inbound guard would take as the workload's identity.
+#[tokio::test]
+async fn our_own_expired_svid_never_resumes_a_kept_session() {
+    use rustls::HandshakeKind;
+    use signet_agent::proxy::tls::{self, ClientConfigs};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let ca = ca().await;
+    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let roots =
+        signet_ca::verify::SvidRoots::new(td.clone(), &ca.authority.bundle().roots).expect("roots");
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    let web = id("spiffe://cluster.local/ns/shop/sa/web");
+    let api = id("spiffe://cluster.local/ns/shop/sa/api");
+    // The peer node serves api with the agent's inbound configuration (it resumes sessions).
+    let peer_certs = CertManager::new(
+        client.clone(),
+        agent.clone(),
+        Duration::from_secs(600),
+        Drain::new(),
+    );
+    peer_certs.set_identities(std::slice::from_ref(&api));
+    wait_until("api's certificate", || {
+        peer_certs.ready([&api]).then_some(())
+    })
+    .await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        tls::server_config(peer_certs, roots.clone(), td).expect("server config"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // How each handshake went at the peer, or why it failed.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            match acceptor.accept(tcp).await {
+                Ok(mut tls) => {
+                    let _ = seen_tx.send(Ok(tls.get_ref().1.handshake_kind()));
+                    let _ = tls.write_all(b"x").await;
+                    let _ = tls.shutdown().await;
+                }
+                Err(e) => {
+                    let _ = seen_tx.send(Err(e.to_string()));
+                }
+            }
+        }
+    });
+
+    // This node's certificates for web live 2 s; once the first has arrived, every renewal is
+    // refused (the CA no longer takes the node's token), so the expired one stays in force.
+    let certs = CertManager::new(
+        client.clone(),
+        agent.clone(),
+        Duration::from_secs(2),
+        Drain::new(),
+    );
+    certs.set_identities(std::slice::from_ref(&web));
+    wait_until("web's certificate", || certs.ready([&web]).then_some(())).await;
+    let refused = CaClient::connect(&ca.addr, "localhost", &ca.root, "not-a-node-token")
+        .await
+        .expect("connect");
+    certs.set_client(refused);
+    let first = certs.get(&web).expect("web's certificate");
+
+    let configs = ClientConfigs::default();
+    let sni = tls::sni_for(&api).expect("sni");
+    let dial = |cfg: Arc<rustls::ClientConfig>| {
+        let sni = sni.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            if let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg)
+                .connect(sni, tcp)
+                .await
+            {
+                // Read the byte, so the session tickets are taken in.
+                let _ = tls.read(&mut [0u8; 1]).await;
+            }
+        }
+    };
+    let (valid, _) = configs.get(&certs, &roots, &web, &api).expect("a config");
+    dial(valid.clone()).await;
+    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Full))));
+    // While the SVID is valid, the kept configuration resumes: the cache does what it is for.
+    let (again, _) = configs.get(&certs, &roots, &web, &api).expect("a config");
+    assert!(Arc::ptr_eq(&valid, &again), "one configuration per route");
+    dial(again).await;
+    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Resumed))));
+
+    // notAfter is inclusive and verifiers compare whole seconds: a second past it, every
+    // verifier calls the certificate expired.
+    wait_until("web's SVID to expire", || {
+        (std::time::SystemTime::now() > first.not_after + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    let held = certs
+        .get(&web)
+        .expect("the expired certificate stays in force");
+    assert_eq!(held.serial, first.serial, "no renewal got through");
+    let (expired, _) = configs.get(&certs, &roots, &web, &api).expect("a config");
+    assert!(
+        !Arc::ptr_eq(&valid, &expired),
+        "an expired SVID gets a configuration without the kept sessions"
+    );
+    dial(expired).await;
+    match seen.recv().await {
+        Some(Err(e)) => assert!(e.contains("xpired"), "refused for its notAfter: {e}"),
+        other => panic!("the peer must refuse the expired SVID, saw {other:?}"),
+    }
+    // Another workload of the same node with a current SVID still gets through.
+    let cache = id("spiffe://cluster.local/ns/shop/sa/cache");
+    let current = CertManager::new(client, agent, Duration::from_secs(600), Drain::new());
+    current.set_identities(std::slice::from_ref(&cache));
+    wait_until("cache's certificate", || {
+        current.ready([&cache]).then_some(())
+    })
+    .await;
+    let (ok, _) = configs
+        .get(&current, &roots, &cache, &api)
+        .expect("a config");
+    dial(ok).await;
+    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Full))));
 }

@@ -16,12 +16,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use signet_agent::admin::metrics::Metrics;
 use signet_agent::drain::Drain;
 use signet_agent::flow::Reporter;
+use signet_agent::policy::decide::{Decision, Verdict};
 use signet_agent::proxy::FlowRecord;
-use signet_agent::proxy::conns::{Decision, Verdict};
 use signet_agent::proxy::hbone::{
-    Accepted, Admission, HboneClient, HboneError, Inbound, Keepalive, Meter, Route, pump,
-    serve_connection,
+    Admission, HboneClient, HboneError, Inbound, Keepalive, Meter, Route, pump, serve_connection,
 };
+use signet_agent::proxy::inbound::Admitted;
 use signet_agent::proxy::l7::L7Flow;
 use signet_ca::verify::{SpiffeClientVerifier, SpiffeServerVerifier, SvidRoots, peer_spiffe_id};
 use signet_ca::{CaSettings, CaSource, CertificateAuthority, Csr, SpiffeId, TrustDomain};
@@ -144,11 +144,9 @@ async fn hbone_server(
                 );
             }
             match TcpStream::connect(target).await {
-                Ok(s) => Admission::Accept(Box::new(Accepted::tcp(
-                    s,
-                    record(&peer, target),
-                    Duration::from_secs(3600),
-                ))),
+                Ok(s) => {
+                    Admitted::tcp(s, record(&peer, target), Duration::from_secs(3600)).admission()
+                }
                 Err(e) => Admission::Refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             }
         })
@@ -522,7 +520,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
     // Only GET under /v1/ passes.
     let inbound: Inbound = Arc::new(move |peer: SpiffeId, target: SocketAddr| {
         Box::pin(async move {
-            let check: signet_agent::proxy::l7::RequestCheck = Arc::new(|req| {
+            let check: signet_agent::policy::request::RequestCheck = Arc::new(|req| {
                 if req.method == "GET" && req.path.starts_with("/v1/") {
                     Ok("test rule".into())
                 } else {
@@ -530,7 +528,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                 }
             });
             let tcp = TcpStream::connect(target).await.expect("origin");
-            let mut accepted = Accepted::tcp(tcp, record(&peer, target), Duration::from_secs(3600));
+            let mut accepted = Admitted::tcp(tcp, record(&peer, target), Duration::from_secs(3600));
             accepted.l7 = Some(L7Flow {
                 check,
                 paths: Default::default(),
@@ -538,7 +536,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                 destination: DB.into(),
                 metrics: None,
             });
-            Admission::Accept(Box::new(accepted))
+            accepted.admission()
         })
     });
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use signet_agent::clock::Clock;
-use signet_agent::identity::kube::KubeIdentities;
+use signet_agent::state::identities::KubeIdentities;
 use signet_ca::SpiffeId;
 use signet_policy::SignetIdentity;
 use signet_test_support::api::FakeApi;
@@ -152,7 +152,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     assert_eq!(ids.allocate(&gone).await.expect("gone"), 257);
     assert!(
         stored(&api).iter().all(|o| o.metadata.finalizers
-            == Some(vec![signet_agent::identity::kube::QUARANTINE.to_owned()])),
+            == Some(vec![signet_agent::state::identities::QUARANTINE.to_owned()])),
         "every number is created quarantinable"
     );
     let in_use: std::collections::BTreeSet<String> = [web.as_str().to_owned()].into();
@@ -177,7 +177,7 @@ async fn unused_identities_are_deleted_after_the_grace_period_and_quarantined() 
     assert_eq!(done.deleted, [257]);
     let now = stored(&api);
     assert_eq!(now.len(), 2, "quarantined, not gone");
-    let meaning = signet_agent::identity::kube::numbers(&now);
+    let meaning = signet_agent::state::identities::numbers(&now);
     assert_eq!(
         meaning.get(&gone),
         None,

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use signet_agent::policy::status;
 use signet_agent::state::snapshot::read_objects;
-use signet_agent::state::status;
 use signet_ca::TrustDomain;
 use signet_test_support::api::FakeApi;
 

@@ -12,7 +12,8 @@ mod common;
 use common::Snapshots;
 use signet_agent::admin::metrics::Metrics;
 use signet_agent::flow::Reporter;
-use signet_agent::proxy::conns::{Connections, Tracked, Verdict, decide};
+use signet_agent::policy::decide::{Verdict, decide};
+use signet_agent::proxy::conns::{Connections, Tracked};
 use signet_agent::state::snapshot::Snapshot;
 use signet_ca::SpiffeId;
 

@@ -6,11 +6,10 @@
 // Test servers and clients run as bare tasks; the agent's own tasks go through its drain.
 #![allow(clippy::disallowed_methods)]
 
+use signet_agent::config::PodAnnotations;
+use signet_agent::policy::status;
 use signet_agent::state::lastgood::{InForce, LastGood};
-use signet_agent::state::snapshot::{
-    self, ClusterObjects, EndpointIds, PodAnnotations, Snapshot, Source,
-};
-use signet_agent::state::status;
+use signet_agent::state::snapshot::{self, ClusterObjects, EndpointIds, Snapshot, Source};
 use signet_ca::TrustDomain;
 use signet_policy::identity::MemoryAllocator;
 

@@ -251,7 +251,7 @@ fn listener_status(
     dir: &Path,
     td: &signet_ca::TrustDomain,
     name: &str,
-) -> signet_agent::gateway::model::ListenerStatus {
+) -> signet_agent::routing::model::ListenerStatus {
     let status =
         signet_agent::state::snapshot::gateway_status(&dir.join("state"), td).expect("status");
     let gw = status

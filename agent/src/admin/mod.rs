@@ -120,7 +120,7 @@ const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain::Drain) {
     let stop = drain.stop_token();
     loop {
-        let Some((sock, peer)) = crate::proxy::accept_next(&listener, &stop, "admin").await else {
+        let Some((sock, peer)) = crate::net::accept_next(&listener, &stop, "admin").await else {
             return;
         };
         let state = state.clone();

@@ -1,15 +1,10 @@
-//! Gateway API listeners on the node proxy: `model` turns Gateways, HTTPRoutes, ReferenceGrants
-//! and TLS Secrets into what this node serves (and their status), `translate` turns HTTPRoute
-//! rules into routing rules, `routes` matches requests
-//! with the spec's precedence and applies filters, `server` terminates TLS and forwards into the
-//! mesh over HBONE with the Gateway's identity; `h1guard` refuses ambiguous HTTP/1 framing
-//! before hyper normalises it away.
+//! Gateway API listeners on the node proxy: `server` terminates TLS (with the per-port
+//! configuration `routing::tls` built) and forwards into the mesh over HBONE with the Gateway's
+//! identity, `ports` opens and closes the listeners a snapshot asks for, `refusal` is every answer
+//! the edge gives itself, and `h1guard` refuses ambiguous HTTP/1 framing before hyper normalises
+//! it away. What to serve (listeners, routes, status) is `crate::routing`'s, below `state`.
 
 pub mod h1guard;
-pub mod model;
 pub mod ports;
 pub mod refusal;
-pub mod routes;
 pub mod server;
-pub mod tls;
-pub mod translate;

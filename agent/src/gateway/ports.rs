@@ -12,7 +12,7 @@ use crate::state::snapshot::Snapshot;
 /// One accept loop per Gateway port, started and stopped as Gateways come and go.
 pub struct GatewayPorts {
     pub ip: std::net::IpAddr,
-    pub limits: super::server::EdgeLimits,
+    pub limits: crate::config::EdgeLimits,
     pub ctx: ProxyContext,
     pub running: HashMap<u16, CancellationToken>,
 }

@@ -23,58 +23,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::h1guard::{H1Guard, HeadLimits};
-use super::model::{Listener, Protocol};
 use super::refusal::EdgeRefusal;
-use super::routes::{Filter, RequestView, change_path, location, specificity};
+use crate::config::EdgeLimits;
 use crate::proxy::ProxyContext;
 use crate::proxy::hbone::Route as HboneRoute;
+use crate::routing::model::{Listener, Protocol};
+use crate::routing::routes::{Filter, RequestView, change_path, location, specificity};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 /// The request body as forwarded (maybe size-limited).
 type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
-
-/// Limits at the edge.
-#[derive(Debug, Clone)]
-pub struct EdgeLimits {
-    pub handshake: Duration,
-    pub header_read: Duration,
-    /// A connection with no request started for this long is closed (HTTP/2 included, whose
-    /// pings would otherwise keep it open for ever).
-    pub idle: Duration,
-    /// A connection this old is closed, gracefully: requests in flight get `drain` to finish.
-    pub max_age: Duration,
-    /// How long requests in flight may take to finish once a connection closes for its age or
-    /// idleness (when the agent stops, its grace period applies instead).
-    pub drain: Duration,
-    /// An HTTP/2 client that does not answer a PING within this is disconnected.
-    pub ping_timeout: Duration,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub max_streams: u32,
-    /// Request bodies larger than this get 413; `None`: no limit.
-    pub max_body_bytes: Option<u64>,
-    /// Peers whose forwarding headers are believed and appended to; from every other peer
-    /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are replaced with what the Gateway saw.
-    pub trusted_proxies: Vec<signet_policy::cidr::Cidr>,
-}
-
-impl Default for EdgeLimits {
-    fn default() -> Self {
-        Self {
-            handshake: Duration::from_secs(10),
-            header_read: Duration::from_secs(10),
-            idle: Duration::from_secs(300),
-            max_age: Duration::from_secs(3600),
-            drain: Duration::from_secs(10),
-            ping_timeout: Duration::from_secs(20),
-            max_header_bytes: 64 * 1024,
-            max_headers: 100,
-            max_streams: 100,
-            max_body_bytes: None,
-            trusted_proxies: Vec::new(),
-        }
-    }
-}
 
 impl EdgeLimits {
     fn head(&self) -> HeadLimits {
@@ -105,7 +63,7 @@ pub async fn serve_port(
     stop: CancellationToken,
 ) {
     loop {
-        let Some((tcp, peer)) = crate::proxy::accept_next(&listener, &stop, "gateway").await else {
+        let Some((tcp, peer)) = crate::net::accept_next(&listener, &stop, "gateway").await else {
             return;
         };
         // Refusals before anything is known of the connection: logged and counted, closed.
@@ -410,8 +368,8 @@ impl Handler {
         // A connection is for the name its certificate was chosen by: a request for a host that
         // another certificate serves goes to a new connection (RFC 9110 section 15.5.20).
         if let Some(sni) = self.sni.as_deref().filter(|s| *s != host) {
-            let for_sni = super::tls::certificate_for(&port.listeners, Some(sni));
-            let for_host = super::tls::certificate_for(&port.listeners, Some(&host));
+            let for_sni = crate::routing::tls::certificate_for(&port.listeners, Some(sni));
+            let for_host = crate::routing::tls::certificate_for(&port.listeners, Some(&host));
             if let (Some(a), Some(b)) = (for_sni, for_host)
                 && !Arc::ptr_eq(&a, &b)
             {

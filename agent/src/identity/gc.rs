@@ -4,7 +4,7 @@
 //! (`lease`), so collectors never race; deletes carry the uid seen, so an object re-created
 //! meanwhile is left alone.
 //!
-//! A deleted number is quarantined: its finalizer (`kube::QUARANTINE`) keeps it, terminating and
+//! A deleted number is quarantined: its finalizer (`state::identities::QUARANTINE`) keeps it, terminating and
 //! meaning nothing, so it is not issued again while some node may still hold its old meaning.
 //! After `quarantine` (longer than the grace period) the collector lifts the finalizer and the
 //! number is gone. A number created without the finalizer (by an older agent) is deleted at
@@ -16,7 +16,7 @@ use std::time::Duration;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use signet_policy::SignetIdentity;
 
-use super::kube::QUARANTINE;
+use crate::state::identities::QUARANTINE;
 
 #[derive(Clone)]
 pub struct Collector {
@@ -83,7 +83,7 @@ impl Collector {
             .max();
         // A SPIFFE ID's number is its lowest (`kube::numbers`): a higher duplicate (a lost race,
         // or an agent's forgery) is no one's and goes like an unused one.
-        let lowest = super::kube::numbers(listed.items.iter());
+        let lowest = crate::state::identities::numbers(listed.items.iter());
         let mut seen = BTreeSet::new();
         let mut done = Collected::default();
         for o in &listed.items {

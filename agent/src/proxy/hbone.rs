@@ -5,7 +5,8 @@
 //! SPIFFE ID from the server (`signet_ca::verify`); connections are pooled per (source
 //! identity, destination identity, destination node) with a cap on concurrent streams each.
 //! The server side hands every stream, with the authenticated peer identity, to an
-//! [`Inbound`] that authorises it and opens the connection to the workload.
+//! [`Inbound`] that authorises it, opens the connection to the workload and gives back what runs
+//! the accepted tunnel ([`Admission::Accept`]).
 //!
 //! What this module does not decide: which identities talk (policy) and which sockets to open
 //! (the proxy around it).
@@ -252,12 +253,13 @@ impl std::fmt::Debug for HboneClient {
     }
 }
 
-/// One tunnel: the h2 stream halves, and a guard that frees the pool slot when dropped.
+/// One tunnel: the h2 stream halves, and (on the client side) a guard that frees the pool slot
+/// when dropped.
 #[derive(Debug)]
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    _slot: Slot,
+    _slot: Option<Slot>,
 }
 
 #[derive(Debug)]
@@ -347,7 +349,7 @@ impl HboneClient {
         Ok(Tunnel {
             send,
             recv: response.into_body(),
-            _slot: slot,
+            _slot: Some(slot),
         })
     }
 
@@ -518,42 +520,31 @@ pub fn not_after(der: &rustls_pki_types::CertificateDer<'_>) -> Option<SystemTim
 
 /// The inbound decision for one stream.
 pub enum Admission {
-    /// Connected to the workload: pump the tunnel into it.
-    Accept(Box<Accepted>),
+    /// Answer 200 and hand the tunnel to this, which runs it to its end.
+    Accept(TunnelHandler),
     /// Refused with this status (403 for policy, 503 when the workload is unreachable).
     Refuse(StatusCode, String),
 }
 
-/// An admitted stream: the connection to the workload and what to enforce on it.
-#[derive(Debug)]
-pub struct Accepted {
-    pub tcp: TcpStream,
-    /// When set, every HTTP request must pass this check before it reaches the workload.
-    pub l7: Option<super::l7::L7Flow>,
-    /// Closes the stream when a policy change no longer allows it.
-    pub registration: Option<super::conns::Registration>,
-    /// Counted and logged as one flow when it ends.
-    pub record: super::FlowRecord,
-    pub idle: Duration,
-}
+/// What runs an accepted tunnel: given its stream halves and the drain it runs under.
+pub type TunnelHandler =
+    Box<dyn FnOnce(Tunnel, crate::drain::Drain) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-impl Accepted {
-    /// A plain TCP stream with nothing but an idle timeout.
-    pub fn tcp(tcp: TcpStream, record: super::FlowRecord, idle: Duration) -> Self {
-        Self {
-            tcp,
-            l7: None,
-            registration: None,
-            record,
-            idle,
-        }
+impl Admission {
+    /// Accepts the stream and runs it with `run`.
+    pub fn accept<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(Tunnel, crate::drain::Drain) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Admission::Accept(Box::new(move |tunnel, drain| Box::pin(run(tunnel, drain))))
     }
 }
 
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Admission::Accept(a) => f.debug_tuple("Accept").field(a).finish(),
+            Admission::Accept(_) => f.write_str("Accept"),
             Admission::Refuse(c, r) => f.debug_tuple("Refuse").field(c).field(r).finish(),
         }
     }
@@ -632,7 +623,7 @@ async fn handle_stream(
             tracing::debug!(source = %peer, %target, %status, reason = %why, "HBONE stream refused");
             let _ = reply(&mut respond, status);
         }
-        Admission::Accept(accepted) => {
+        Admission::Accept(run) => {
             let resp = Response::builder()
                 .status(StatusCode::OK)
                 .body(())
@@ -644,57 +635,12 @@ async fn handle_stream(
                     return;
                 }
             };
-            tunnel(*accepted, send, req.into_body(), drain).await;
-        }
-    }
-}
-
-/// Runs an admitted stream until it ends, idles out, or policy closes it.
-async fn tunnel(
-    accepted: Accepted,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    drain: crate::drain::Drain,
-) {
-    let Accepted {
-        mut tcp,
-        l7,
-        registration,
-        record,
-        idle,
-    } = accepted;
-    let meter = record.meter();
-    let closed = async {
-        match &registration {
-            Some(r) => r.closed().await,
-            None => std::future::pending().await,
-        }
-    };
-    match l7 {
-        None => {
-            tokio::select! {
-                r = pump(&mut tcp, send, recv, idle, &meter) => record.finish(&meter, r.err().as_ref()),
-                () = closed => {
-                    // Reset rather than finish: the workload must not take a truncated
-                    // exchange for a complete one.
-                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                    record.finish_closed_by_policy(&meter);
-                }
-            }
-        }
-        Some(flow) => {
-            // The tunnel's bytes go through a local pipe into the HTTP server that checks them.
-            let (near, far) = tokio::io::duplex(64 * 1024);
-            let work = async {
-                tokio::join!(
-                    pump(near, send, recv, idle, &meter),
-                    super::l7::serve(far, tcp, flow, drain)
-                )
+            let tunnel = Tunnel {
+                send,
+                recv: req.into_body(),
+                _slot: None,
             };
-            tokio::select! {
-                (r, ()) = work => record.finish(&meter, r.err().as_ref()),
-                () = closed => record.finish_closed_by_policy(&meter),
-            }
+            run(tunnel, drain).await;
         }
     }
 }

@@ -3,22 +3,28 @@
 //! ingress policy, and connects to the workload with the proxy's mark so tc lets it through.
 //!
 //! On ports with `http` rules every request is inspected (`l7`) and refused with 403 unless a
-//! rule matches.
+//! rule matches. HBONE only answers the CONNECT: an admitted stream ([`Admitted`]) is run here,
+//! registered for policy changes and recorded as a flow.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use signet_ca::SpiffeId;
 use signet_ca::verify::peer_spiffe_id;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::conns::{Tracked, Verdict, decide};
-use super::hbone::{Accepted, Admission, Inbound, serve_connection};
-use super::l7::{L7Flow, check_for};
+use super::conns::{Registration, Tracked};
+use super::hbone::{Admission, Inbound, Tunnel, pump, serve_connection};
+use super::l7::L7Flow;
 use super::refusal::Refusal;
 use super::tls::id_from_sni;
 use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
+use crate::admin::metrics::UNKNOWN;
+use crate::flow::Reporter;
+use crate::policy::decide::{Verdict, decide};
+use crate::policy::request::{check_for, normalization_for};
 
 /// Whether the peer's certificate still proves its identity at `now`. A resumed TLS session
 /// carries the certificate of the handshake it resumes, which nothing verifies again: one past
@@ -32,8 +38,6 @@ pub fn peer_certificate_current(
         .and_then(super::hbone::not_after)
         .is_some_and(|t| t > now)
 }
-use crate::admin::metrics::UNKNOWN;
-use crate::flow::Reporter;
 
 /// Accepts until the drain stops; each connection runs in its own task.
 pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
@@ -50,7 +54,7 @@ pub async fn serve(listener: TcpListener, ctx: ProxyContext) {
         }
     };
     loop {
-        let Some((tcp, peer)) = super::accept_next(&listener, &stop, "inbound").await else {
+        let Some((tcp, peer)) = crate::net::accept_next(&listener, &stop, "inbound").await else {
             return;
         };
         let Ok(slot) = ctx.limits.inbound_slots.clone().try_acquire_owned() else {
@@ -154,7 +158,9 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 };
                 return deny(dst.as_str(), why);
             }
-            let tcp = match connect_marked(target, ctx.proxy_mark, ctx.limits.connect).await {
+            let tcp = match crate::net::connect_marked(target, ctx.proxy_mark, ctx.limits.connect)
+                .await
+            {
                 Ok(s) => s,
                 Err(error) => {
                     let why = Refusal::WorkloadUnreachable { target, error };
@@ -164,7 +170,7 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             let l7 = match &decision.verdict {
                 Verdict::L7(rules) => Some(L7Flow {
                     check: check_for(rules.clone()),
-                    paths: super::l7::normalization_for(rules),
+                    paths: normalization_for(rules),
                     source: src.clone(),
                     destination: dst.to_string(),
                     metrics: Some(ctx.metrics.clone()),
@@ -189,34 +195,92 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 target,
                 &decision,
             );
-            Admission::Accept(Box::new(Accepted {
+            Admitted {
                 tcp,
                 l7,
                 registration: Some(registration),
                 record,
                 idle: ctx.limits.idle,
-            }))
+            }
+            .admission()
         })
     })
 }
 
-/// Connects to a workload with `SO_MARK`, so the tc program knows the proxy authorised it.
-async fn connect_marked(
-    target: SocketAddr,
-    mark: u32,
-    within: std::time::Duration,
-) -> std::io::Result<TcpStream> {
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    sock.set_mark(mark)?;
-    sock.set_nonblocking(true)?;
-    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-    let stream = tokio::time::timeout(within, sock.connect(target))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+/// An admitted stream: the connection to the workload and what to enforce on it. HBONE answers
+/// the CONNECT and hands the tunnel over; what happens to its bytes is decided here.
+#[derive(Debug)]
+pub struct Admitted {
+    pub tcp: TcpStream,
+    /// When set, every HTTP request must pass this check before it reaches the workload.
+    pub l7: Option<L7Flow>,
+    /// Closes the stream when a policy change no longer allows it.
+    pub registration: Option<Registration>,
+    /// Counted and logged as one flow when it ends.
+    pub record: FlowRecord,
+    pub idle: Duration,
+}
+
+impl Admitted {
+    /// A plain TCP stream with nothing but an idle timeout.
+    pub fn tcp(tcp: TcpStream, record: FlowRecord, idle: Duration) -> Self {
+        Self {
+            tcp,
+            l7: None,
+            registration: None,
+            record,
+            idle,
+        }
+    }
+
+    /// HBONE's answer for this stream: 200, then [`Admitted::run`].
+    pub fn admission(self) -> Admission {
+        Admission::accept(move |tunnel, drain| self.run(tunnel, drain))
+    }
+
+    /// Runs the tunnel until it ends, idles out, or policy closes it.
+    async fn run(self, tunnel: Tunnel, drain: crate::drain::Drain) {
+        let Admitted {
+            mut tcp,
+            l7,
+            registration,
+            record,
+            idle,
+        } = self;
+        let Tunnel { send, recv, .. } = tunnel;
+        let meter = record.meter();
+        let closed = async {
+            match &registration {
+                Some(r) => r.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        match l7 {
+            None => {
+                tokio::select! {
+                    r = pump(&mut tcp, send, recv, idle, &meter) => record.finish(&meter, r.err().as_ref()),
+                    () = closed => {
+                        // Reset rather than finish: the workload must not take a truncated
+                        // exchange for a complete one.
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                        record.finish_closed_by_policy(&meter);
+                    }
+                }
+            }
+            Some(flow) => {
+                // The tunnel's bytes go through a local pipe into the HTTP server that checks them.
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let work = async {
+                    tokio::join!(
+                        pump(near, send, recv, idle, &meter),
+                        super::l7::serve(far, tcp, flow, drain)
+                    )
+                };
+                tokio::select! {
+                    (r, ()) = work => record.finish(&meter, r.err().as_ref()),
+                    () = closed => record.finish_closed_by_policy(&meter),
+                }
+            }
+        }
+    }
 }

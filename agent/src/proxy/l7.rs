@@ -13,11 +13,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use signet_policy::model::Request as PolicyRequest;
 use signet_policy::path::{PathNormalization, normalize};
+
+use crate::policy::request::RequestCheck;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-
-/// Decides one request: `Ok(rule)` names the rule that allowed it, `Err(reason)` refuses it.
-pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, String> + Send + Sync>;
 
 /// What an inspected stream enforces, and whom it reports denials about.
 #[derive(Clone)]
@@ -37,34 +36,6 @@ impl std::fmt::Debug for L7Flow {
             .field("destination", &self.destination)
             .finish_non_exhaustive()
     }
-}
-
-/// The check for a connection admitted with these rules: the first rule with a matching
-/// `http` entry allows the request.
-pub fn check_for(rules: Arc<super::conns::L7Rules>) -> RequestCheck {
-    let names = rules
-        .iter()
-        .map(|(n, _)| n.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
-    Arc::new(move |req| {
-        rules
-            .iter()
-            .find(|(_, http)| http.iter().any(|h| h.matches(req)))
-            .map(|(name, _)| name.clone())
-            .ok_or_else(|| format!("no `http` rule of {names} matches"))
-    })
-}
-
-/// The path opt-outs that hold for a connection with these rules: only those all of them take.
-pub fn normalization_for(rules: &super::conns::L7Rules) -> PathNormalization {
-    let mut all = rules.iter().flat_map(|(_, http)| http).peekable();
-    if all.peek().is_none() {
-        return PathNormalization::default();
-    }
-    all.fold(PathNormalization::KEEP_ALL, |acc, h| {
-        acc.and(h.normalization)
-    })
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;

@@ -110,7 +110,7 @@ pub struct FlowRecord {
     pub destination: String,
     pub target: SocketAddr,
     pub verdict: &'static str,
-    pub rule: conns::Rule,
+    pub rule: crate::policy::decide::Rule,
     started: Instant,
     counters: Arc<FlowCounters>,
 }
@@ -123,12 +123,12 @@ impl FlowRecord {
         source: String,
         destination: String,
         target: SocketAddr,
-        decision: &conns::Decision,
+        decision: &crate::policy::decide::Decision,
     ) -> Self {
         let counters = metrics.flow(reporter, &source, &destination);
         counters.opened.fetch_add(1, Ordering::Relaxed);
         match decision.verdict {
-            conns::Verdict::Audit => &counters.audited,
+            crate::policy::decide::Verdict::Audit => &counters.audited,
             _ => &counters.allowed,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -185,27 +185,6 @@ impl FlowRecord {
             end,
             "flow"
         );
-    }
-}
-
-/// The next connection on `listener`, or `None` once `stop` fires. A failed accept (out of
-/// descriptors, say) is logged and retried after a pause rather than in a tight loop.
-pub async fn accept_next(
-    listener: &tokio::net::TcpListener,
-    stop: &tokio_util::sync::CancellationToken,
-    what: &str,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return None,
-            r = listener.accept() => match r {
-                Ok(a) => return Some(a),
-                Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
     }
 }
 

@@ -11,19 +11,21 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument as _;
 
-use super::conns::{Tracked, Verdict, decide};
+use super::conns::Tracked;
 use super::hbone::{HboneError, Route, pump};
 use super::refusal::Refusal;
 use super::{FlowRecord, ProxyContext, refuse, refuse_unidentified};
 use crate::admin::metrics::UNKNOWN;
 use crate::datapath::loader::OriginalDestinations;
 use crate::flow::Reporter;
+use crate::policy::decide::{Verdict, decide};
 
 /// Accepts until the drain stops; each connection runs in its own task.
 pub async fn serve(listener: TcpListener, ctx: ProxyContext, orig: Arc<OriginalDestinations>) {
     let stop = ctx.drain.stop_token();
     loop {
-        let Some((sock, client)) = super::accept_next(&listener, &stop, "outbound").await else {
+        let Some((sock, client)) = crate::net::accept_next(&listener, &stop, "outbound").await
+        else {
             return;
         };
         let Ok(slot) = ctx.limits.outbound_slots.clone().try_acquire_owned() else {

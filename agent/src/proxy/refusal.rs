@@ -25,7 +25,7 @@ pub enum Refusal {
     /// Outbound: no pod has the address, or the Service has no ready endpoint.
     NoEndpoint,
     /// This node's policy denied it; the compiled rule (or default) that decided.
-    Policy { rule: super::conns::Rule },
+    Policy { rule: crate::policy::decide::Rule },
     /// The destination's node refused the stream on policy grounds (HTTP 403).
     PeerPolicy(HboneError),
     /// Outbound: the destination pod's node has no known address.

@@ -13,8 +13,9 @@ use signet_policy::identity::{FileAllocator, FixedAllocator, IdentityAllocator};
 
 use super::kube::KubeSource;
 use super::lastgood::{LastGood, Refused};
-use super::snapshot::{self, EndpointIds, PodAnnotations, Snapshot};
-use crate::identity::kube::KubeIdentities;
+use super::snapshot::{self, EndpointIds, Snapshot};
+use crate::config::PodAnnotations;
+use crate::state::identities::KubeIdentities;
 
 /// Where the cluster state comes from.
 pub enum Source {

@@ -129,7 +129,7 @@ impl KubeSource {
     /// SPIFFE ID → number, as the `SignetIdentity` objects say now (deleted ones dropped).
     pub fn numbers(&self) -> std::collections::BTreeMap<signet_ca::SpiffeId, u32> {
         let state = self.identities.state();
-        crate::identity::kube::numbers(state.iter().map(|o| &**o))
+        crate::state::identities::numbers(state.iter().map(|o| &**o))
     }
 
     /// Waits until every reflector has listed its resource once.

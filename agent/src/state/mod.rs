@@ -2,8 +2,8 @@
 //! `signet_policy::cluster`; this module adds what only the proxy needs, starting with Services.
 
 pub mod build;
+pub mod identities;
 pub mod kube;
 pub mod lastgood;
 pub mod services;
 pub mod snapshot;
-pub mod status;

@@ -25,15 +25,7 @@ pub const HOST_INTERFACE_ANNOTATION: &str = "signet.dev/host-interface";
 /// The pod's network namespace: a name under `/run/netns` or a path.
 pub const NETNS_ANNOTATION: &str = "signet.dev/netns";
 
-/// Whether the placement annotations above are believed. Only the local topology (an admin's
-/// state directory, or a test bed whose agent configuration says `localTopology: true`) may use
-/// them: in a cluster anyone who can create a Pod writes its annotations, and could point
-/// enforcement at the node's uplink or at another pod's interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodAnnotations {
-    Trusted,
-    Ignored,
-}
+use crate::config::PodAnnotations;
 
 /// A pod of this node, with its datapath id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +68,7 @@ pub struct Snapshot {
     pub rules: RuleIndex,
     /// Gateway API listeners this node serves: those of the Signet Gateways placed on it
     /// (`signet.dev/nodes`; all of them without).
-    pub gateway: crate::gateway::model::GatewayConfig,
+    pub gateway: crate::routing::model::GatewayConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +111,7 @@ pub struct ClusterObjects {
     pub endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
     pub nodes: Vec<Node>,
     /// Gateway API resources and TLS Secrets (`services` is filled when the snapshot is built).
-    pub gateway: crate::gateway::model::Resources,
+    pub gateway: crate::routing::model::Resources,
 }
 
 /// Where a snapshot's resources come from.
@@ -137,7 +129,7 @@ struct Extra {
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
     endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
-    gateway: crate::gateway::model::Resources,
+    gateway: crate::routing::model::Resources,
     nodes: HashMap<String, IpAddr>,
     /// Node name → its labels (they place Gateways: `signet.dev/nodes`).
     node_labels: HashMap<String, BTreeMap<String, String>>,
@@ -389,7 +381,7 @@ fn load(source: Source<'_>, td: &TrustDomain) -> Result<(State, Extra), Snapshot
 pub fn gateway_status(
     dir: &Path,
     td: &TrustDomain,
-) -> Result<crate::gateway::model::Status, SnapshotError> {
+) -> Result<crate::routing::model::Status, SnapshotError> {
     let mut errors = Vec::new();
     let objects = read_objects(dir, &mut errors);
     if !errors.is_empty() {
@@ -402,7 +394,7 @@ pub fn gateway_status(
 pub fn gateway_status_of(
     objects: &ClusterObjects,
     td: &TrustDomain,
-) -> Result<crate::gateway::model::Status, SnapshotError> {
+) -> Result<crate::routing::model::Status, SnapshotError> {
     let mut errors = Vec::new();
     let mut extra = extra_from(objects, &mut errors);
     if !errors.is_empty() {
@@ -416,13 +408,13 @@ pub fn gateway_status_of(
 fn services_and_gateway(
     extra: &mut Extra,
     td: &TrustDomain,
-) -> (ServiceTable, crate::gateway::model::GatewayConfig) {
+) -> (ServiceTable, crate::routing::model::GatewayConfig) {
     let mut slices = std::mem::take(&mut extra.slices);
     slices.extend(super::services::mirror_endpoints(&extra.endpoints, &slices));
     let services = ServiceTable::build(&extra.services, &slices);
     let mut resources = std::mem::take(&mut extra.gateway);
     resources.services = services.ports_by_service();
-    let gateway = crate::gateway::model::build(&resources, td);
+    let gateway = crate::routing::model::build(&resources, td);
     (services, gateway)
 }
 
@@ -434,7 +426,7 @@ pub struct Loaded {
     extra: Extra,
     refused: BTreeMap<IpAddr, String>,
     services: ServiceTable,
-    gateway: crate::gateway::model::GatewayConfig,
+    gateway: crate::routing::model::GatewayConfig,
 }
 
 impl std::fmt::Debug for Loaded {

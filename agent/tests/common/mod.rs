@@ -3,7 +3,8 @@
 
 #![allow(dead_code)]
 
-use signet_agent::state::snapshot::{self, EndpointIds, PodAnnotations, Snapshot, Source};
+use signet_agent::config::PodAnnotations;
+use signet_agent::state::snapshot::{self, EndpointIds, Snapshot, Source};
 use signet_ca::TrustDomain;
 use signet_policy::identity::MemoryAllocator;
 

@@ -6,8 +6,9 @@
 //! higher one it created itself.
 //!
 //! What a number means is what the `SignetIdentity` objects say now: agents read it from a
-//! reflector (`numbers`, through `state::kube::KubeSource`), so a number the collector (`gc`)
-//! deleted stops meaning its old SPIFFE ID on every node as soon as the deletion is seen. And a
+//! reflector (`numbers`, through `state::kube::KubeSource`), so a number the collector
+//! (`identity::gc`) deleted stops meaning its old SPIFFE ID on every node as soon as the deletion
+//! is seen. And a
 //! number is not issued again while any node may still hold its old meaning: every number is
 //! created with the finalizer [`QUARANTINE`], so a deleted one stays, terminating and meaning
 //! nothing, until the collector lifts the finalizer after its quarantine; new numbers are one
@@ -34,7 +35,7 @@ pub enum KubeIdentityError {
 }
 
 /// The finalizer every number is created with: it keeps a deleted number from being issued
-/// again until the collector lifts it (`gc`).
+/// again until the collector lifts it (`identity::gc`).
 pub const QUARANTINE: &str = "signet.dev/quarantine";
 
 /// SPIFFE ID → number, the lowest where a race left several; names that are no number and

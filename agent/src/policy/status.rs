@@ -4,7 +4,7 @@
 //!   an invalid version, whose last valid version agents keep enforcing; one invalid policy
 //!   does not hold the others back);
 //! - Gateways (conditions, and per listener attached routes, conditions and supported kinds) and
-//!   HTTPRoutes (conditions per parent), as `gateway::model` computes them.
+//!   HTTPRoutes (conditions per parent), as `routing::model` computes them.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 use signet_ca::TrustDomain;
 use signet_policy::IdentityPolicy;
 
-use super::snapshot::ClusterObjects;
+use crate::state::snapshot::ClusterObjects;
 
 /// (type, status, reason, message) of one condition, before timestamps.
 type Said = (&'static str, bool, &'static str, String);
@@ -29,7 +29,7 @@ pub fn policy_conditions(
     let mut valid = objects.policy.clone();
     valid
         .policies
-        .retain(|p| super::lastgood::policy_problems(p).is_none());
+        .retain(|p| crate::state::lastgood::policy_problems(p).is_none());
     let together = signet_policy::cluster::state_from_objects(&valid, td).err();
     objects
         .policy
@@ -43,7 +43,7 @@ pub fn policy_conditions(
                     .unwrap_or_else(|| "default".into()),
                 r.metadata.name.clone().unwrap_or_default(),
             );
-            let conditions = match super::lastgood::policy_problems(r) {
+            let conditions = match crate::state::lastgood::policy_problems(r) {
                 None => [
                     ("Valid", true, "Valid", String::new()),
                     match &together {
@@ -145,7 +145,7 @@ pub async fn write(
 }
 
 fn k8s_condition(
-    c: &crate::gateway::model::Condition,
+    c: &crate::routing::model::Condition,
     generation: Option<i64>,
 ) -> serde_json::Value {
     serde_json::json!({
@@ -159,9 +159,9 @@ fn k8s_condition(
 /// body). Timestamps aside, equal bodies mean nothing changed.
 pub fn gateway_bodies(
     objects: &ClusterObjects,
-    status: &crate::gateway::model::Status,
+    status: &crate::routing::model::Status,
 ) -> Vec<(&'static str, String, String, serde_json::Value)> {
-    use crate::gateway::model::CONTROLLER;
+    use crate::routing::model::CONTROLLER;
     let generation =
         |list: Vec<(Option<String>, Option<String>, Option<i64>)>, ns: &str, name: &str| {
             list.into_iter()
@@ -273,7 +273,7 @@ pub async fn write_gateways(
     td: &TrustDomain,
     written: &mut BTreeMap<(String, String, String), String>,
 ) -> Result<usize, kube::Error> {
-    let Ok(status) = super::snapshot::gateway_status_of(objects, td) else {
+    let Ok(status) = crate::state::snapshot::gateway_status_of(objects, td) else {
         return Ok(0); // the same problem is reported on the IdentityPolicies and in the logs
     };
     let mut n = 0;
@@ -314,7 +314,7 @@ pub async fn write_gateways(
 pub async fn keep_current(
     elector: signet_ca::kubernetes::Elector,
     client: kube::Client,
-    source: super::kube::KubeSource,
+    source: crate::state::kube::KubeSource,
     td: signet_ca::TrustDomain,
     stop: tokio_util::sync::CancellationToken,
 ) {
