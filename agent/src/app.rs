@@ -55,7 +55,7 @@ impl Agent {
         let orig = Arc::new(OriginalDestinations::open(&config.datapath.bpffs_dir)?);
         let events = EventReader::open(&config.datapath.bpffs_dir, crate::observe::POLL)?;
         let (certs, roots) = certs::connect(&config, &drain).await?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::with_retention(config.admin.metrics_retain_idle));
         let (admin_address, running) = health::serve_admin(&config, &metrics, &drain).await?;
 
         let (source, kube_client) = Source::connect(&config, &drain).await?;

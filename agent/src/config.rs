@@ -41,6 +41,8 @@
 //!           maxConnectionAgeSeconds: 3600,   # then closed gracefully (GOAWAY)
 //!           maxBodyBytes: 10485760,          # no body limit unless set
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
+//! admin: {headerReadTimeoutSeconds: 10,     # the admin port's clients
+//!         metricsRetainIdleSeconds: 600}     # a pair of identities idle this long loses its series
 //! identityGc: {graceSeconds: 600, intervalSeconds: 60,  # Kubernetes mode
 //!              quarantineSeconds: 1800}       # a deleted number is not issued again before (3 x grace)
 //! ```
@@ -115,7 +117,42 @@ struct Raw {
     #[serde(default)]
     gateway: RawGateway,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     identity_gc: RawIdentityGc,
+}
+
+/// The admin port (metrics, readiness, debug state).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAdmin {
+    /// A client that has not sent its request head within this is disconnected.
+    #[serde(default = "default_admin_header_read")]
+    header_read_timeout_seconds: u64,
+    /// A pair of identities with nothing open and nothing new for this long loses its series
+    /// (linkerd's `metrics_retain_idle`).
+    #[serde(default = "default_retain_idle")]
+    metrics_retain_idle_seconds: u64,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_seconds: default_admin_header_read(),
+            metrics_retain_idle_seconds: default_retain_idle(),
+        }
+    }
+}
+
+fn default_admin_header_read() -> u64 {
+    10
+}
+/// How long a pair of identities with nothing open and nothing new keeps its series, unless
+/// `admin.metricsRetainIdleSeconds` says otherwise.
+pub const DEFAULT_METRICS_RETAIN_IDLE_SECONDS: u64 = 600;
+
+fn default_retain_idle() -> u64 {
+    DEFAULT_METRICS_RETAIN_IDLE_SECONDS
 }
 
 /// Limits at the Gateway listeners (the edge); defaults in `EdgeLimits::default`.
@@ -307,7 +344,15 @@ pub struct AgentConfig {
     pub listen: ListenConfig,
     pub proxy: ProxyConfig,
     pub gateway: GatewaySettings,
+    pub admin: AdminConfig,
     pub identity_gc: IdentityGcConfig,
+}
+
+/// The admin port's limits and the metrics' retention.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub header_read: Duration,
+    pub metrics_retain_idle: Duration,
 }
 
 /// Where the cluster state comes from.
@@ -491,6 +536,7 @@ impl Raw {
             );
         }
         if self.gateway.max_connections == Some(0)
+            || self.gateway.max_connections_per_client == Some(0)
             || self.gateway.max_connection_age_seconds == Some(0)
         {
             return Err(
@@ -530,6 +576,14 @@ impl Raw {
         }
         if self.max_streams_per_connection == 0 {
             return Err("maxStreamsPerConnection must be above 0".into());
+        }
+        if self.admin.header_read_timeout_seconds == 0
+            || self.admin.metrics_retain_idle_seconds == 0
+        {
+            return Err(
+                "admin.headerReadTimeoutSeconds and admin.metricsRetainIdleSeconds must be above 0"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -636,6 +690,10 @@ impl AgentConfig {
                 token_file,
                 bundle_refresh: Duration::from_secs(raw.ca.bundle_refresh_seconds),
                 svid_ttl: Duration::from_secs(raw.svid_ttl_seconds),
+            },
+            admin: AdminConfig {
+                header_read: Duration::from_secs(raw.admin.header_read_timeout_seconds),
+                metrics_retain_idle: Duration::from_secs(raw.admin.metrics_retain_idle_seconds),
             },
             identity_gc: IdentityGcConfig {
                 grace: Duration::from_secs(raw.identity_gc.grace_seconds),
@@ -772,12 +830,12 @@ mod tests {
             let e = serde_yaml::from_str::<Raw>(yaml)
                 .expect_err("an unknown field")
                 .to_string();
-            let list = e
-                .split("expected one of ")
-                .nth(1)
-                .unwrap_or_else(|| panic!("{e}"));
+            // serde says "expected one of `a`, `b`, `c`", "expected `a` or `b`" or "expected `a`".
+            let list = e.split("expected ").nth(1).unwrap_or_else(|| panic!("{e}"));
+            let list = list.strip_prefix("one of ").unwrap_or(list);
             let list = list.split(" at line ").next().unwrap_or(list);
             list.split(", ")
+                .flat_map(|f| f.split(" or "))
                 .map(|f| {
                     f.trim_matches(|c: char| c == '`' || !c.is_ascii_alphanumeric())
                         .to_owned()
@@ -793,6 +851,7 @@ mod tests {
             ("listen", "listen: {zzUnknown: 1}"),
             ("proxy", "proxy: {zzUnknown: 1}"),
             ("gateway", "gateway: {zzUnknown: 1}"),
+            ("admin", "admin: {zzUnknown: 1}"),
             ("identityGc", "identityGc: {zzUnknown: 1}"),
         ] {
             let fields = accepted(yaml);
@@ -862,6 +921,18 @@ mod tests {
                 "proxy: {connectTimeoutSeconds: 0}\n",
                 "proxy.connectTimeoutSeconds",
             ),
+            (
+                "admin: {headerReadTimeoutSeconds: 0}\n",
+                "admin.headerReadTimeoutSeconds",
+            ),
+            (
+                "admin: {metricsRetainIdleSeconds: 0}\n",
+                "admin.metricsRetainIdleSeconds",
+            ),
+            (
+                "gateway: {maxConnectionsPerClient: 0}\n",
+                "maxConnectionsPerClient",
+            ),
         ] {
             // A later `ca:` replaces the first one in YAML maps: drop the default for that case.
             let text = if extra.starts_with("ca:") {
@@ -875,6 +946,21 @@ mod tests {
             let err = parse(dir.path(), &text).expect_err(field).to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn the_admin_section_sets_its_timeout_and_the_metrics_retention() {
+        let dir = setup();
+        let defaults = parse(dir.path(), &yaml("")).expect("defaults");
+        assert_eq!(defaults.admin.header_read, Duration::from_secs(10));
+        assert_eq!(defaults.admin.metrics_retain_idle, Duration::from_secs(600));
+        let set = parse(
+            dir.path(),
+            &yaml("admin: {headerReadTimeoutSeconds: 3, metricsRetainIdleSeconds: 120}\n"),
+        )
+        .expect("set");
+        assert_eq!(set.admin.header_read, Duration::from_secs(3));
+        assert_eq!(set.admin.metrics_retain_idle, Duration::from_secs(120));
     }
 
     #[test]

@@ -48,7 +48,11 @@ pub async fn serve_admin(
             },
         }),
     };
-    drain.spawn("admin", admin::serve(listener, state, drain.clone()));
+    let header_read = config.admin.header_read;
+    drain.spawn(
+        "admin",
+        admin::serve(listener, state, header_read, drain.clone()),
+    );
     Ok((address, running))
 }
 

@@ -3,9 +3,10 @@
 //! Counters are labelled by reporting direction and by source and destination SPIFFE ID, so the
 //! number of series grows with the pairs of identities that actually talk, not with connections.
 //! A connection looks its [`FlowCounters`] up once and then only touches atomics. A pair that
-//! has had no open connection and no event for `retain_idle` is forgotten at the next scrape
-//! (linkerd's `metrics_retain_idle`): identity churn does not grow memory for ever, and a pair
-//! that comes back starts from zero, which Prometheus reads as a counter reset.
+//! has had no open connection and no event for `retain_idle` (`admin.metricsRetainIdleSeconds`,
+//! 600 s unless set) is forgotten at the next scrape (linkerd's `metrics_retain_idle`): identity
+//! churn does not grow memory for ever, and a pair that comes back starts from zero, which
+//! Prometheus reads as a counter reset.
 //!
 //! Gauges that describe state owned elsewhere (certificate expiry, open connections, readiness)
 //! are read at scrape time through [`Gauges`] rather than copied here.
@@ -62,9 +63,6 @@ impl EncodeLabelValue for Value {
 /// Identity label used when one side is not known (a connection refused before it was
 /// identified).
 pub const UNKNOWN: &str = "unknown";
-
-/// How long a pair of identities with nothing open and nothing new keeps its series.
-pub const RETAIN_IDLE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
 struct FlowLabels {
@@ -220,7 +218,9 @@ struct Inner {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::with_retention(RETAIN_IDLE)
+        Self::with_retention(Duration::from_secs(
+            crate::config::DEFAULT_METRICS_RETAIN_IDLE_SECONDS,
+        ))
     }
 }
 

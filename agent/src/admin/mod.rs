@@ -113,11 +113,14 @@ fn route(
     }
 }
 
-/// A client that has not sent its request head within this is disconnected.
-const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Serves until the drain stops.
-pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain::Drain) {
+/// Serves until the drain stops. A client that has not sent its request head within
+/// `header_read` is disconnected.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    header_read: std::time::Duration,
+    drain: crate::drain::Drain,
+) {
     let stop = drain.stop_token();
     loop {
         let Some((sock, peer)) = crate::net::accept_next(&listener, &stop, "admin").await else {
@@ -134,7 +137,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, drain: crate::drain
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(HEADER_READ)
+                .header_read_timeout(header_read)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(TokioIo::new(sock), service);
             if let Err(e) = conn.await {
