@@ -250,6 +250,74 @@ async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_roo
         .expect_err("the old root alone does not verify it");
 }
 
+/// A node serving one workload with the agent's own inbound TLS configuration (which resumes
+/// sessions), and what it saw of each connection: how the handshake went and what the guard on
+/// resumed sessions said, or why the handshake failed.
+struct Node {
+    client: CaClient,
+    roots: signet_ca::verify::SvidRoots,
+    addr: std::net::SocketAddr,
+    seen:
+        tokio::sync::mpsc::UnboundedReceiver<Result<(Option<rustls::HandshakeKind>, bool), String>>,
+}
+
+async fn serving_node(ca: &Ca, served: &SpiffeId) -> Node {
+    use signet_agent::proxy::inbound::peer_certificate_current;
+    use tokio::io::AsyncWriteExt as _;
+
+    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
+        .await
+        .expect("connect");
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let roots =
+        signet_ca::verify::SvidRoots::new(td.clone(), &ca.authority.bundle().roots).expect("roots");
+    let certs = CertManager::new(
+        client.clone(),
+        id("spiffe://cluster.local/ns/signet-system/sa/signet-agent"),
+        Duration::from_secs(600),
+        Drain::new(),
+    );
+    certs.set_identities(std::slice::from_ref(served));
+    wait_until("the served workload's certificate", || {
+        certs.ready([served]).then_some(())
+    })
+    .await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        signet_agent::proxy::tls::server_config(certs, roots.clone(), td).expect("server config"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            match acceptor.accept(tcp).await {
+                Ok(mut tls) => {
+                    let conn = tls.get_ref().1;
+                    let verdict = (
+                        conn.handshake_kind(),
+                        peer_certificate_current(conn, std::time::SystemTime::now()),
+                    );
+                    let _ = seen_tx.send(Ok(verdict));
+                    // A byte for the client to read, so it takes the session tickets in.
+                    let _ = tls.write_all(b"x").await;
+                    let _ = tls.shutdown().await;
+                }
+                Err(e) => {
+                    let _ = seen_tx.send(Err(e.to_string()));
+                }
+            }
+        }
+    });
+    Node {
+        client,
+        roots,
+        addr,
+        seen,
+    }
+}
+
 /// The attack the inbound guard stops: a client completes a full handshake while its SVID is
 /// valid, keeps the session ticket, and after the SVID's notAfter resumes the session, whose
 /// certificate nothing verifies again. The agent's own server configuration resumes it; the
@@ -257,56 +325,18 @@ async fn a_root_rotation_reaches_the_agent_through_the_bundle_before_the_new_roo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing() {
     use rustls::HandshakeKind;
-    use signet_agent::proxy::inbound::peer_certificate_current;
     use signet_agent::proxy::tls;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
 
     let ca = ca().await;
-    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
-        .await
-        .expect("connect");
-    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
-    let roots =
-        signet_ca::verify::SvidRoots::new(td.clone(), &ca.authority.bundle().roots).expect("roots");
-    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
-    // The node serves web with the agent's own inbound configuration.
-    let server_certs = CertManager::new(
-        client.clone(),
-        agent.clone(),
-        Duration::from_secs(600),
-        Drain::new(),
-    );
-    server_certs.set_identities(std::slice::from_ref(&web));
-    wait_until("web's certificate", || {
-        server_certs.ready([&web]).then_some(())
-    })
-    .await;
-    let acceptor = tokio_rustls::TlsAcceptor::from(
-        tls::server_config(server_certs, roots.clone(), td).expect("server config"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    // What the node saw of each connection: how the handshake went and what the guard said.
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                continue;
-            };
-            let conn = tls.get_ref().1;
-            let verdict = (
-                conn.handshake_kind(),
-                peer_certificate_current(conn, std::time::SystemTime::now()),
-            );
-            let _ = seen_tx.send(verdict);
-            // A byte for the client to read, so it takes the session tickets in.
-            let _ = tls.write_all(b"x").await;
-            let _ = tls.shutdown().await;
-        }
-    });
+    let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
+    let Node {
+        client,
+        roots,
+        addr,
+        mut seen,
+    } = serving_node(&ca, &web).await;
     let client_config = |cert: &signet_agent::certs::WorkloadCert| {
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -342,7 +372,7 @@ async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing()
     dial(attacker.clone()).await;
     assert_eq!(
         seen.recv().await,
-        Some((Some(HandshakeKind::Full), true)),
+        Some(Ok((Some(HandshakeKind::Full), true))),
         "while valid, the full handshake proves the identity"
     );
     // Once notAfter has passed, the kept session is resumed: the node's TLS stack accepts it...
@@ -353,7 +383,7 @@ async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing()
     dial(attacker).await;
     assert_eq!(
         seen.recv().await,
-        Some((Some(HandshakeKind::Resumed), false)),
+        Some(Ok((Some(HandshakeKind::Resumed), false))),
         "a resumed session past its certificate's notAfter is refused by the guard"
     );
     // ...while a client with a current SVID beside it is admitted.
@@ -361,7 +391,10 @@ async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing()
         .await
         .expect("a current SVID");
     dial(client_config(&current)).await;
-    assert_eq!(seen.recv().await, Some((Some(HandshakeKind::Full), true)));
+    assert_eq!(
+        seen.recv().await,
+        Some(Ok((Some(HandshakeKind::Full), true)))
+    );
 }
 
 /// The client side of the same guard: the agent's own SVID for a workload has expired (its
@@ -372,53 +405,19 @@ async fn a_session_resumed_after_the_client_certificate_expired_proves_nothing()
 async fn our_own_expired_svid_never_resumes_a_kept_session() {
     use rustls::HandshakeKind;
     use signet_agent::proxy::tls::{self, ClientConfigs};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncReadExt as _;
 
     let ca = ca().await;
-    let client = CaClient::connect(&ca.addr, "localhost", &ca.root, "token-a")
-        .await
-        .expect("connect");
-    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
-    let roots =
-        signet_ca::verify::SvidRoots::new(td.clone(), &ca.authority.bundle().roots).expect("roots");
     let agent = id("spiffe://cluster.local/ns/signet-system/sa/signet-agent");
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let api = id("spiffe://cluster.local/ns/shop/sa/api");
-    // The peer node serves api with the agent's inbound configuration (it resumes sessions).
-    let peer_certs = CertManager::new(
-        client.clone(),
-        agent.clone(),
-        Duration::from_secs(600),
-        Drain::new(),
-    );
-    peer_certs.set_identities(std::slice::from_ref(&api));
-    wait_until("api's certificate", || {
-        peer_certs.ready([&api]).then_some(())
-    })
-    .await;
-    let acceptor = tokio_rustls::TlsAcceptor::from(
-        tls::server_config(peer_certs, roots.clone(), td).expect("server config"),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    // How each handshake went at the peer, or why it failed.
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            match acceptor.accept(tcp).await {
-                Ok(mut tls) => {
-                    let _ = seen_tx.send(Ok(tls.get_ref().1.handshake_kind()));
-                    let _ = tls.write_all(b"x").await;
-                    let _ = tls.shutdown().await;
-                }
-                Err(e) => {
-                    let _ = seen_tx.send(Err(e.to_string()));
-                }
-            }
-        }
-    });
+    // The peer node serves api.
+    let Node {
+        client,
+        roots,
+        addr,
+        mut seen,
+    } = serving_node(&ca, &api).await;
 
     // This node's certificates for web live 2 s; once the first has arrived, every renewal is
     // refused (the CA no longer takes the node's token), so the expired one stays in force.
@@ -453,12 +452,18 @@ async fn our_own_expired_svid_never_resumes_a_kept_session() {
     };
     let (valid, _) = configs.get(&certs, &roots, &web, &api).expect("a config");
     dial(valid.clone()).await;
-    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Full))));
+    assert_eq!(
+        seen.recv().await,
+        Some(Ok((Some(HandshakeKind::Full), true)))
+    );
     // While the SVID is valid, the kept configuration resumes: the cache does what it is for.
     let (again, _) = configs.get(&certs, &roots, &web, &api).expect("a config");
     assert!(Arc::ptr_eq(&valid, &again), "one configuration per route");
     dial(again).await;
-    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Resumed))));
+    assert_eq!(
+        seen.recv().await,
+        Some(Ok((Some(HandshakeKind::Resumed), true)))
+    );
 
     // notAfter is inclusive and verifiers compare whole seconds: a second past it, every
     // verifier calls the certificate expired.
@@ -492,5 +497,8 @@ async fn our_own_expired_svid_never_resumes_a_kept_session() {
         .get(&current, &roots, &cache, &api)
         .expect("a config");
     dial(ok).await;
-    assert_eq!(seen.recv().await, Some(Ok(Some(HandshakeKind::Full))));
+    assert_eq!(
+        seen.recv().await,
+        Some(Ok((Some(HandshakeKind::Full), true)))
+    );
 }
