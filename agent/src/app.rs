@@ -121,7 +121,7 @@ impl Agent {
         let control = reconcile::run(reconciler, snapshot.clone(), followers, drain.clone());
         drain.spawn("reconciler", control);
         let admin = health::running_state(
-            &config.node,
+            &config,
             &snapshot,
             &progress,
             &certs,

@@ -1,5 +1,5 @@
 //! What the agent reports about itself on the admin port: readiness (every local workload has a
-//! certificate), the gauges read at scrape time, and `/debug/state`, assembled from the parts
+//! certificate), the gauges read at scrape time, `/status` and `/debug/state`, assembled from the parts
 //! that own the facts (snapshot, reconciler progress, certificates, connection registry). The
 //! admin server itself (`admin`) knows none of these types.
 
@@ -9,6 +9,7 @@ use anyhow::Context as _;
 
 use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
 use crate::admin::metrics::{Gauges, Metrics};
+use crate::admin::status::{self as status_page, AgentStatus};
 use crate::admin::{self, AdminState};
 use crate::certs::{CertManager, CertState};
 use crate::config::AgentConfig;
@@ -32,7 +33,9 @@ pub async fn serve_admin(
     let address = listener.local_addr().context("admin address")?;
     let running: Arc<OnceLock<AdminState>> = Arc::default();
     let (gauges, readiness, debug) = (running.clone(), running.clone(), running.clone());
+    let status = running.clone();
     let node = config.node.clone();
+    let status_node = node.clone();
     let state = AdminState {
         metrics: metrics.clone(),
         gauges: Arc::new(move || gauges.get().map(|r| (r.gauges)()).unwrap_or_default()),
@@ -47,6 +50,15 @@ pub async fn serve_admin(
                 ..DebugState::default()
             },
         }),
+        status: Arc::new(move || match status.get() {
+            Some(r) => (r.status)(),
+            None => AgentStatus {
+                node: status_node.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                not_ready: Some("starting: waiting for the first sync of the cluster state".into()),
+                ..AgentStatus::default()
+            },
+        }),
     };
     let header_read = config.admin.header_read;
     drain.spawn(
@@ -56,9 +68,10 @@ pub async fn serve_admin(
     Ok((address, running))
 }
 
-/// Readiness, gauges and debug state of a started agent.
+/// Readiness, gauges, status and debug state of a started agent.
+#[allow(clippy::too_many_arguments)]
 pub fn running_state(
-    node: &str,
+    config: &AgentConfig,
     snapshot: &Arc<RwLock<Arc<Snapshot>>>,
     progress: &Arc<RwLock<Progress>>,
     certs: &CertManager,
@@ -66,6 +79,21 @@ pub fn running_state(
     hbone: HboneClient,
     metrics: &Arc<Metrics>,
 ) -> AdminState {
+    let node = config.node.as_str();
+    let status = {
+        let (node, snapshot, progress, certs, connections) = (
+            node.to_owned(),
+            snapshot.clone(),
+            progress.clone(),
+            certs.clone(),
+            connections.clone(),
+        );
+        let mtls = match config.datapath.mtls_mode {
+            crate::config::MtlsMode::Strict => "strict",
+            crate::config::MtlsMode::Permissive => "permissive",
+        };
+        Arc::new(move || agent_status(&node, mtls, &snapshot, &progress, &certs, &connections))
+    };
     let debug = {
         let (node, snapshot, progress, certs, connections) = (
             node.to_owned(),
@@ -107,6 +135,102 @@ pub fn running_state(
         gauges,
         readiness,
         debug,
+        status,
+    }
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What `/status` says: each part as the component that owns it reports it.
+fn agent_status(
+    node: &str,
+    mtls: &str,
+    snapshot: &RwLock<Arc<Snapshot>>,
+    progress: &RwLock<Progress>,
+    certs: &CertManager,
+    connections: &Connections,
+) -> AgentStatus {
+    let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let ready = readiness(snapshot, certs);
+    let mut certificates = status_page::CertificatesStatus::default();
+    for (id, state) in certs.states() {
+        match state {
+            CertState::Initializing => certificates.waiting.push(id.to_string()),
+            CertState::Unavailable(_) => {
+                certificates.waiting.push(id.to_string());
+                certificates.failing.push(id.to_string());
+            }
+            CertState::Available { cert, last_error } => {
+                certificates.held += 1;
+                let t = unix(cert.not_after);
+                certificates.earliest_expiry =
+                    Some(certificates.earliest_expiry.map_or(t, |e| e.min(t)));
+                if last_error.is_some() {
+                    certificates.failing.push(id.to_string());
+                }
+            }
+        }
+    }
+    let policies = &snap.state.policies;
+    let fill = progress.datapath.unwrap_or_default();
+    AgentStatus {
+        node: node.to_owned(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ready: ready.is_ok(),
+        not_ready: ready.err(),
+        mtls_mode: mtls.to_owned(),
+        generation: snap.generation,
+        refused: progress.refused,
+        refused_objects: progress.refused_objects,
+        datapath: status_page::DatapathStatus {
+            programs: fill.programs,
+            interfaces: fill.interfaces,
+            maps: fill
+                .maps
+                .into_iter()
+                .map(|(name, entries, capacity)| status_page::MapFill {
+                    name: name.to_owned(),
+                    entries,
+                    capacity,
+                })
+                .collect(),
+            unplaced: fill.unplaced,
+        },
+        certificates,
+        connections: status_page::ConnectionsStatus {
+            outbound: connections.count(Reporter::Outbound),
+            inbound: connections.count(Reporter::Inbound),
+        },
+        policies: status_page::PoliciesStatus {
+            in_force: policies.len(),
+            audit: policies
+                .iter()
+                .filter(|p| p.policy.mode == signet_policy::resource::Mode::Audit)
+                .count(),
+        },
+        gateways: snap
+            .gateway
+            .status
+            .gateways
+            .iter()
+            .map(|g| {
+                let programmed = g.conditions.iter().find(|c| c.type_ == "Programmed");
+                let ok = programmed.is_some_and(|c| c.status == "True");
+                status_page::GatewayStatus {
+                    namespace: g.namespace.clone(),
+                    name: g.name.clone(),
+                    programmed: ok,
+                    reason: (!ok).then(|| match programmed {
+                        Some(c) => format!("{}: {}", c.reason, c.message),
+                        None => "no Programmed condition".into(),
+                    }),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -122,10 +246,6 @@ fn debug_state(
         .unwrap_or_else(|p| p.into_inner())
         .generation;
     let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let unix = |t: std::time::SystemTime| {
-        t.duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    };
     let identities = certs
         .states()
         .into_iter()

@@ -36,6 +36,59 @@ pub struct Progress {
     pub revision: String,
     /// Why that revision was refused (the snapshot in force is an older one), if it was.
     pub refused: Option<String>,
+    /// Objects refused one by one while the rest was applied (Kubernetes mode).
+    pub refused_objects: Vec<String>,
+    /// What the kernel holds since the last snapshot written into it.
+    pub datapath: Option<DatapathFill>,
+}
+
+/// The datapath as the last applied snapshot left it: each map's entries against its capacity,
+/// the programs attached, and the pods it could not place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathFill {
+    /// (map, entries, capacity).
+    pub maps: Vec<(&'static str, usize, usize)>,
+    /// Node-wide programs attached (cgroup hooks).
+    pub programs: Vec<String>,
+    /// Pod interfaces the tc programs are attached to.
+    pub interfaces: Vec<String>,
+    /// `namespace/name: why` of local pods the kernel does not enforce.
+    pub unplaced: Vec<String>,
+}
+
+impl DatapathFill {
+    fn of(
+        synced: &sync::Synced,
+        capacity: crate::datapath::Capacity,
+        programs: Vec<String>,
+    ) -> Self {
+        use crate::datapath::EndpointKey;
+        use signet_bpf::map_names as names;
+        let by_netns = synced
+            .endpoints
+            .keys()
+            .filter(|k| matches!(k, EndpointKey::Netns(_)))
+            .count();
+        Self {
+            maps: vec![
+                (names::IPCACHE, synced.ipcache_entries, capacity.ipcache),
+                (names::EP_NETNS, by_netns, capacity.endpoints),
+                (
+                    names::EP_IFINDEX,
+                    synced.endpoints.len() - by_netns,
+                    capacity.endpoints,
+                ),
+                (names::POLICY, synced.policy_entries, capacity.policy),
+            ],
+            programs,
+            interfaces: synced.interfaces.iter().cloned().collect(),
+            unplaced: synced
+                .unplaced
+                .iter()
+                .map(|(pod, why)| format!("{pod}: {why}"))
+                .collect(),
+        }
+    }
 }
 
 /// A state directory's revision: a digest of its manifests' names, sizes and mtimes (what the
@@ -107,19 +160,33 @@ impl Reconciler {
             None => format!("watch:{}", self.builds),
         };
         let result = self.build_and_sync(previous).await;
-        *self.progress.write().unwrap_or_else(|p| p.into_inner()) = Progress {
-            revision,
-            refused: result.as_ref().err().map(|e| format!("{e:#}")),
-        };
-        result
+        let mut progress = self.progress.write().unwrap_or_else(|p| p.into_inner());
+        progress.revision = revision;
+        progress.refused_objects = self.builder.refused();
+        match result {
+            Ok((snap, fill)) => {
+                progress.refused = None;
+                progress.datapath = Some(fill);
+                Ok(snap)
+            }
+            // What the kernel holds is still the last applied snapshot's.
+            Err(e) => {
+                progress.refused = Some(format!("{e:#}"));
+                Err(e)
+            }
+        }
     }
 
-    async fn build_and_sync(&mut self, previous: Option<&Snapshot>) -> anyhow::Result<Snapshot> {
-        let capacity = self.datapath.capacity().policy;
-        let mut snap = self.builder.build(previous, capacity).await?;
+    async fn build_and_sync(
+        &mut self,
+        previous: Option<&Snapshot>,
+    ) -> anyhow::Result<(Snapshot, DatapathFill)> {
+        let capacity = self.datapath.capacity();
+        let mut snap = self.builder.build(previous, capacity.policy).await?;
         snap.generation = previous.map_or(0, |p| p.generation + 1);
-        sync::sync(&mut *self.datapath, &*self.host, &snap)?;
-        Ok(snap)
+        let synced = sync::sync(&mut *self.datapath, &*self.host, &snap)?;
+        let fill = DatapathFill::of(&synced, capacity, self.datapath.attached_programs());
+        Ok((snap, fill))
     }
 }
 

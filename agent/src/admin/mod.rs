@@ -4,6 +4,8 @@
 //! - `GET /healthz/ready`: 200 once every local workload has a certificate and the datapath is
 //!   attached; 503 with the reason otherwise.
 //! - `GET /healthz/live`: 200 while the process serves.
+//! - `GET /status`: JSON ([`status::AgentStatus`]): readiness, datapath programs and map fill,
+//!   certificates, connections, policies and Gateways, what `signet status` reads.
 //! - `GET /debug/state`: JSON ([`debug::DebugState`]): the snapshot generation in force, the
 //!   cluster state's revision last looked at and why it was refused, each identity's
 //!   certificate, the open connections.
@@ -12,6 +14,7 @@
 
 pub mod debug;
 pub mod metrics;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -33,6 +36,8 @@ pub struct AdminState {
     pub readiness: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     /// What `/debug/state` shows.
     pub debug: Arc<dyn Fn() -> debug::DebugState + Send + Sync>,
+    /// What `/status` shows.
+    pub status: Arc<dyn Fn() -> status::AgentStatus + Send + Sync>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -94,6 +99,10 @@ fn route(
             ),
         },
         "/healthz/live" => respond(StatusCode::OK, TEXT, "live\n".into()),
+        "/status" => match serde_json::to_string_pretty(&(state.status)()) {
+            Ok(json) => respond(StatusCode::OK, "application/json", json + "\n"),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
+        },
         // Open flows and certificate serials are for this node's operators: the port may be
         // reachable from the network (probes, scrapers), this page is not.
         "/debug/state" if !asker.local => respond(
@@ -108,7 +117,7 @@ fn route(
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "try /metrics, /healthz/ready, /healthz/live or /debug/state\n".into(),
+            "try /metrics, /healthz/ready, /healthz/live, /status or /debug/state\n".into(),
         ),
     }
 }
@@ -166,6 +175,11 @@ mod tests {
                 }
             }),
             debug: Arc::new(|| debug::DebugState {
+                node: "node-a".into(),
+                generation: 3,
+                ..Default::default()
+            }),
+            status: Arc::new(|| status::AgentStatus {
                 node: "node-a".into(),
                 generation: 3,
                 ..Default::default()
@@ -228,6 +242,9 @@ mod tests {
             StatusCode::OK,
             "scrapers elsewhere still get the metrics"
         );
+        let r = route(&state(true), &Method::GET, "/status", remote);
+        assert_eq!(r.status(), StatusCode::OK, "signet status reads every node");
+        assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");
         let r = route(&state(true), &Method::GET, "/debug/state", LOCAL);
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()[http::header::CONTENT_TYPE], "application/json");

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 pub mod datapath;
 pub mod gateway;
 pub mod policy;
+pub mod status;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +32,9 @@ enum Command {
     /// Gateway API status (exit 1 when anything is not Accepted/Programmed/Resolved).
     #[command(subcommand)]
     Gateway(gateway::GatewayCommand),
+    /// Every agent's health on one screen (exit 0 only when all are OK); --wait polls until
+    /// they are.
+    Status(status::StatusArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -39,5 +43,6 @@ pub fn main() -> ExitCode {
         Command::Policy(cmd) => ExitCode::from(policy::run(cmd)),
         Command::Datapath(cmd) => ExitCode::from(datapath::run(cmd)),
         Command::Gateway(cmd) => ExitCode::from(gateway::run(cmd)),
+        Command::Status(args) => ExitCode::from(status::run(args)),
     }
 }

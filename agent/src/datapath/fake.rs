@@ -150,6 +150,22 @@ impl Datapath for FakeDatapath {
         self.capacity
     }
 
+    fn attached_programs(&self) -> Vec<String> {
+        // What a loaded kernel datapath attaches to the node's cgroup.
+        use signet_bpf::programs as p;
+        [
+            p::CONNECT4,
+            p::CONNECT6,
+            p::GETPEERNAME4,
+            p::GETPEERNAME6,
+            p::SENDMSG4,
+            p::SENDMSG6,
+            p::SOCKOPS,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError> {
         if self.broken_interfaces.contains(ifname) {
             return Err(DatapathError::Attach {

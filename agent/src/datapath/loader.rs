@@ -673,6 +673,21 @@ impl Datapath for KernelDatapath {
         Ok(changes)
     }
 
+    fn attached_programs(&self) -> Vec<String> {
+        // A pinned link holds its attachment: the pins are what stays attached, even across an
+        // agent restart. The per-interface tc links are reported with the interfaces.
+        let links = self.pin_dir.join("links");
+        let mut names: Vec<String> = fs::read_dir(&links)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| tc_pin_interface(n).is_none())
+            .collect();
+        names.sort();
+        names
+    }
+
     fn capacity(&self) -> super::Capacity {
         self.capacity
     }

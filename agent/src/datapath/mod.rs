@@ -115,6 +115,8 @@ pub trait Datapath: Send {
     fn policy_entries(&self) -> Result<BTreeMap<PolicyKeyOrd, PolicyValue>, DatapathError>;
     /// How many entries each map holds at most (as created: pinned maps keep their size).
     fn capacity(&self) -> Capacity;
+    /// The node-wide programs attached (the cgroup hooks), by name, as their links stand now.
+    fn attached_programs(&self) -> Vec<String>;
     /// Attaches the tc programs to an endpoint's host-side interface (a no-op when ours are
     /// attached already).
     fn attach_endpoint_interface(&mut self, ifname: &str) -> Result<(), DatapathError>;

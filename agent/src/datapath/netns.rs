@@ -74,6 +74,30 @@ fn enter_and_read(path: &Path) -> Result<u64, DatapathError> {
     current_cookie().map_err(|e| err(format!("reading its cookie: {e} (Linux >= 5.14?)")))
 }
 
+/// A TCP connection to `addr` made from inside the network namespace at `path`, within
+/// `timeout`. The socket stays in that namespace; the calling thread never leaves its own (a
+/// helper thread enters it).
+pub fn connect_in(
+    path: &Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(path)?;
+            nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                std::io::Error::other(format!(
+                    "entering {}: {e} (CAP_SYS_ADMIN is needed)",
+                    path.display()
+                ))
+            })?;
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the helper thread panicked")))
+    })
+}
+
 /// Where a pod's namespace is: a name under `/run/netns` (the local topology's annotation) or a
 /// path as it is.
 pub fn path_of(name_or_path: &str) -> PathBuf {

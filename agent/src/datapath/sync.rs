@@ -148,6 +148,8 @@ pub struct Synced {
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
     pub interfaces: BTreeSet<String>,
     pub policy: PolicyChanges,
+    /// Entries in the policy map and in the ipcache after the sync.
+    pub policy_entries: usize,
     pub ipcache_entries: usize,
     /// (pod `namespace/name`, why), in snapshot order.
     pub unplaced: Vec<(String, Unplaced)>,
@@ -264,6 +266,7 @@ pub fn sync(
         endpoints,
         interfaces,
         policy,
+        policy_entries: snap.compiled.entries.len(),
         ipcache_entries: ipcache.len(),
         unplaced,
     })

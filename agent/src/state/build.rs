@@ -161,6 +161,19 @@ impl Builder {
         }
     }
 
+    /// The objects refused at the last build, each with why and what stands in for it
+    /// (Kubernetes mode; a state directory is refused or taken whole).
+    pub fn refused(&self) -> Vec<String> {
+        match &self.source {
+            Source::Kube(k) => k
+                .refused
+                .iter()
+                .map(|r| format!("{}: {} ({})", r.object, r.reason, r.in_force))
+                .collect(),
+            Source::Dir { .. } => Vec::new(),
+        }
+    }
+
     /// The state directory, in standalone mode.
     pub fn state_dir(&self) -> Option<&std::path::Path> {
         match &self.source {

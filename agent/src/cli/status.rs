@@ -1,0 +1,446 @@
+//! `signet status [--wait] [--wait-duration 5m] [-o json]`: every agent's health on one screen,
+//! from each agent's `/status` (admin port), with a line per agent saying OK, degraded or error
+//! and why, and a summary. Exit 0 only when every agent is OK.
+//!
+//! Where the agents are comes from the local topology's description (`topology.json`, which
+//! `deploy/local/demo.sh up` prints and the test beds write): each node's network namespace and
+//! admin address. The admin port listens on the node's loopback, so the request is made from
+//! inside the node's namespace.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::admin::status::{AgentStatus, Health, Level};
+
+/// Where the demo leaves its topology.
+const DEMO_TOPOLOGY: &str = "/tmp/signet-demo/topology.json";
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The local topology's description (default: $SIGNET_TOPOLOGY, else the demo's).
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Poll until everything is OK or --wait-duration passes, saying what it waits for.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits: `90s`, `5m`, `1h`, or seconds.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    wait_duration: Duration,
+    /// `text` (default) or `json`.
+    #[arg(short = 'o', long, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// `90s`, `5m`, `1h`, `250ms`, or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number and a unit (90s, 5m, 1h)"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// What `signet status` needs of the topology's description.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Topology {
+    nodes: Vec<TopologyNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TopologyNode {
+    name: String,
+    /// The node's network namespace (a name under /run/netns, or a path).
+    netns: String,
+    agent_admin: SocketAddr,
+}
+
+/// One agent as seen from here.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentReport {
+    pub node: String,
+    pub health: Health,
+    /// What the agent said, when it answered.
+    pub status: Option<AgentStatus>,
+}
+
+/// Everything `signet status` found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub level: Level,
+    pub agents: Vec<AgentReport>,
+}
+
+impl Report {
+    fn ok(&self) -> bool {
+        self.level == Level::Ok
+    }
+
+    /// One line per agent that is not OK, with its first reason (what `--wait` waits for).
+    fn waiting_for(&self) -> Vec<String> {
+        self.agents
+            .iter()
+            .filter(|a| a.health.level != Level::Ok)
+            .map(|a| {
+                format!(
+                    "{}: {}",
+                    a.node,
+                    a.health.reasons.first().map_or("?", String::as_str)
+                )
+            })
+            .collect()
+    }
+}
+
+pub fn run(args: StatusArgs) -> u8 {
+    let path = match topology_path(args.topology.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("signet status: {e}");
+            return 2;
+        }
+    };
+    let topology = match read_topology(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("signet status: {e}");
+            return 2;
+        }
+    };
+    let deadline = Instant::now() + args.wait_duration;
+    let mut said = Vec::new();
+    let report = loop {
+        let report = collect(&topology);
+        if report.ok() || !args.wait || Instant::now() >= deadline {
+            break report;
+        }
+        let now = report.waiting_for();
+        if now != said {
+            for line in &now {
+                eprintln!("waiting for {line}");
+            }
+            said = now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    match args.output {
+        Output::Json => match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                eprintln!("signet status: {e}");
+                return 2;
+            }
+        },
+        Output::Text => print!("{}", render(&report, std::time::SystemTime::now())),
+    }
+    if report.ok() { 0 } else { 1 }
+}
+
+fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    if let Some(p) = std::env::var_os("SIGNET_TOPOLOGY") {
+        return Ok(PathBuf::from(p));
+    }
+    if Path::new(DEMO_TOPOLOGY).exists() {
+        return Ok(PathBuf::from(DEMO_TOPOLOGY));
+    }
+    Err(format!(
+        "no topology to read: give --topology FILE or set SIGNET_TOPOLOGY (`deploy/local/demo.sh up` \
+         prints the path of its topology.json; it is {DEMO_TOPOLOGY} when the demo runs)"
+    ))
+}
+
+fn read_topology(path: &Path) -> Result<Topology, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("topology {}: {e}", path.display()))?;
+    let t: Topology =
+        serde_json::from_str(&text).map_err(|e| format!("topology {}: {e}", path.display()))?;
+    if t.nodes.is_empty() {
+        return Err(format!("topology {}: no nodes in it", path.display()));
+    }
+    Ok(t)
+}
+
+/// Asks every agent, one thread each.
+fn collect(topology: &Topology) -> Report {
+    let agents: Vec<AgentReport> = std::thread::scope(|s| {
+        let asks: Vec<_> = topology
+            .nodes
+            .iter()
+            .map(|n| s.spawn(move || ask(n)))
+            .collect();
+        asks.into_iter()
+            .zip(&topology.nodes)
+            .map(|(h, n)| {
+                h.join().unwrap_or_else(|_| AgentReport {
+                    node: n.name.clone(),
+                    health: error("the request thread panicked".into()),
+                    status: None,
+                })
+            })
+            .collect()
+    });
+    let level = agents
+        .iter()
+        .map(|a| a.health.level)
+        .max()
+        .unwrap_or(Level::Error);
+    Report { level, agents }
+}
+
+fn error(reason: String) -> Health {
+    Health {
+        level: Level::Error,
+        reasons: vec![reason],
+    }
+}
+
+fn ask(node: &TopologyNode) -> AgentReport {
+    let unreachable = |why: String| AgentReport {
+        node: node.name.clone(),
+        health: error(format!(
+            "agent unreachable at {} in network namespace {}: {why} (is signet-agent running on {}?)",
+            node.agent_admin, node.netns, node.name
+        )),
+        status: None,
+    };
+    let path = crate::datapath::netns::path_of(&node.netns);
+    let body = match get(&path, node.agent_admin, "/status") {
+        Ok(b) => b,
+        Err(e) => return unreachable(e),
+    };
+    match serde_json::from_str::<AgentStatus>(&body) {
+        Ok(status) => AgentReport {
+            node: node.name.clone(),
+            health: status.health(),
+            status: Some(status),
+        },
+        Err(e) => AgentReport {
+            node: node.name.clone(),
+            health: error(format!("its /status did not parse: {e}")),
+            status: None,
+        },
+    }
+}
+
+/// `GET path` on the admin port at `addr` in the namespace at `netns`: the body of a 200.
+fn get(netns: &Path, addr: SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(3);
+    let mut tcp =
+        crate::datapath::netns::connect_in(netns, addr, timeout).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: signet-admin\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| "no HTTP response".to_owned())?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!("{path} answered `{status}`"));
+    }
+    Ok(body.to_owned())
+}
+
+fn ago_or_in(t: u64, now: std::time::SystemTime) -> String {
+    let now = now
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let human = |s: u64| match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    };
+    if t >= now {
+        format!("in {}", human(t - now))
+    } else {
+        format!("{} ago (expired)", human(now - t))
+    }
+}
+
+/// The screen: one block per agent, then the summary.
+pub fn render(report: &Report, now: std::time::SystemTime) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for a in &report.agents {
+        let _ = write!(out, "Agent {:<14} {:<9}", a.node, a.health.level.as_str());
+        match &a.status {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    " v{}, generation {}, mTLS {}",
+                    s.version, s.generation, s.mtls_mode
+                );
+                let d = &s.datapath;
+                let _ = writeln!(
+                    out,
+                    "  datapath       {} programs attached, tc on {} interfaces",
+                    d.programs.len(),
+                    d.interfaces.len()
+                );
+                let maps: Vec<String> = d
+                    .maps
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {}/{} ({}%)",
+                            m.name.trim_start_matches("signet_"),
+                            m.entries,
+                            m.capacity,
+                            m.percent()
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(out, "  maps           {}", maps.join(", "));
+                let c = &s.certificates;
+                let expiry = c.earliest_expiry.map_or(String::new(), |t| {
+                    format!(", earliest expiry {}", ago_or_in(t, now))
+                });
+                let _ = writeln!(
+                    out,
+                    "  certificates   {} held, {} waiting{expiry}",
+                    c.held,
+                    c.waiting.len()
+                );
+                let _ = writeln!(
+                    out,
+                    "  connections    {} outbound, {} inbound",
+                    s.connections.outbound, s.connections.inbound
+                );
+                let _ = writeln!(
+                    out,
+                    "  policies       {} in force ({} audit)",
+                    s.policies.in_force, s.policies.audit
+                );
+                if !s.gateways.is_empty() {
+                    let gws: Vec<String> = s
+                        .gateways
+                        .iter()
+                        .map(|g| {
+                            let state = if g.programmed {
+                                "programmed"
+                            } else {
+                                "not programmed"
+                            };
+                            format!("{}/{} {state}", g.namespace, g.name)
+                        })
+                        .collect();
+                    let _ = writeln!(out, "  gateways       {}", gws.join(", "));
+                }
+            }
+            None => out.push('\n'),
+        }
+        for r in &a.health.reasons {
+            let _ = writeln!(out, "  ! {r}");
+        }
+    }
+    let count = |l: Level| report.agents.iter().filter(|a| a.health.level == l).count();
+    let _ = writeln!(
+        out,
+        "\nAgents: {}/{} OK, {} degraded, {} error",
+        count(Level::Ok),
+        report.agents.len(),
+        count(Level::Degraded),
+        count(Level::Error)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("5 minutes").is_err_and(|e| e.contains("unknown unit")));
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn the_screen_says_what_is_wrong_and_the_summary_counts() {
+        let healthy = AgentStatus {
+            node: "node-a".into(),
+            version: "0.1.0".into(),
+            ready: true,
+            mtls_mode: "strict".into(),
+            datapath: crate::admin::status::DatapathStatus {
+                programs: vec!["signet_connect4".into()],
+                maps: vec![crate::admin::status::MapFill {
+                    name: "signet_policy".into(),
+                    entries: 40,
+                    capacity: 65536,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let report = Report {
+            level: Level::Error,
+            agents: vec![
+                AgentReport {
+                    node: "node-a".into(),
+                    health: healthy.health(),
+                    status: Some(healthy),
+                },
+                AgentReport {
+                    node: "node-b".into(),
+                    health: error("agent unreachable at 127.0.0.1:15021".into()),
+                    status: None,
+                },
+            ],
+        };
+        let screen = render(&report, std::time::SystemTime::now());
+        assert!(screen.contains("Agent node-a         OK"), "{screen}");
+        assert!(screen.contains("policy 40/65536 (0%)"), "{screen}");
+        assert!(screen.contains("Agent node-b         error"), "{screen}");
+        assert!(
+            screen.contains("  ! agent unreachable at 127.0.0.1:15021"),
+            "{screen}"
+        );
+        assert!(
+            screen.ends_with("Agents: 1/2 OK, 0 degraded, 1 error\n"),
+            "{screen}"
+        );
+        assert_eq!(
+            report.waiting_for(),
+            ["node-b: agent unreachable at 127.0.0.1:15021"]
+        );
+    }
+}
