@@ -181,21 +181,6 @@ YAML
         "$BIN/signet-agent" --netns "$NS-node-$n" --config "$WORK/agent-$n.yaml" >"$WORK/agent-$n.log" 2>&1 &
         echo $! > "$WORK/agent-$n.pid"
     done
-    for _ in $(seq 100); do
-        grep -q "signet-agent started" "$WORK/agent-a.log" 2>/dev/null && grep -q "signet-agent started" "$WORK/agent-b.log" 2>/dev/null && break
-        sleep 0.2
-    done
-    grep -q "signet-agent started" "$WORK/agent-a.log" || { cat "$WORK/agent-a.log"; die "agent on node-a did not start"; }
-    grep -q "signet-agent started" "$WORK/agent-b.log" || { cat "$WORK/agent-b.log"; die "agent on node-b did not start"; }
-    sleep 1
-
-    for n in a b; do
-        for _ in $(seq 100); do
-            ip netns exec "$NS-node-$n" curl -fsS "http://127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)/healthz/ready" >/dev/null 2>&1 && break
-            sleep 0.2
-        done
-    done
-
     python3 - "$WORK" "$CG" "$NS" "$API_VIP" "$OUTSIDE_IP" "$GATEWAY_PORT" "${GATEWAY_HOSTS[*]}" "${PODS[@]}" > "$WORK/topology.json" <<'PY'
 import json, sys
 work, cg, ns, vip, outside, gw_port, gw_hosts, pods = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]), sys.argv[7].split(), sys.argv[8:]
@@ -215,6 +200,12 @@ for p in pods:
                         "ip": ip, "node": f"node-{n}", "serviceAccount": sa, "ports": [int(port)]})
 print(json.dumps(out, indent=2))
 PY
+    # Ready when `signet status` says every agent is OK (it asks each one's admin port).
+    if ! "$BIN/signet" status --topology "$WORK/topology.json" --wait --wait-duration 60s >"$WORK/status.txt"; then
+        cat "$WORK/status.txt" "$WORK/agent-a.log" "$WORK/agent-b.log" >&2
+        die "the agents did not come up OK (signet status above)"
+    fi
+    cat "$WORK/status.txt"
     echo "$WORK/topology.json"
 }
 

@@ -581,3 +581,107 @@ fn an_address_two_pods_claim_belongs_to_neither_until_one_is_gone() {
         "{body}"
     );
 }
+
+/// `signet status` over the two nodes: every agent OK on a healthy mesh; the policy map's fill
+/// follows a large policy; an agent that is down is an error naming the node, and `--wait`
+/// returns once it is back.
+#[test]
+fn signet_status_reports_each_agent_the_map_fill_and_an_agent_that_is_down() {
+    use signet_agent::admin::status::Level;
+    use signet_agent::cli::status::{check, render, wait};
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut step = Steps::default();
+    let t = Topology::new();
+    t.write_state("");
+    let mut running = start(&t, "", "");
+    let topology = t.write_topology_json();
+
+    step.to("A healthy mesh is OK on every node");
+    let report = wait(&topology, Duration::from_secs(30), |_| {}).expect("report");
+    let screen = render(&report, std::time::SystemTime::now());
+    assert_eq!(report.level, Level::Ok, "{screen}");
+    assert!(
+        screen.contains("Agents: 2/2 OK, 0 degraded, 0 error"),
+        "{screen}"
+    );
+    let policy_fill = |report: &signet_agent::cli::status::Report, node: &str| {
+        let a = report.agents.iter().find(|a| a.node == node).expect("node");
+        let s = a.status.as_ref().expect("answered");
+        let m = s
+            .datapath
+            .maps
+            .iter()
+            .find(|m| m.name == "signet_policy")
+            .expect("policy map");
+        (
+            m.entries,
+            m.capacity,
+            s.policies.in_force,
+            s.datapath.programs.len(),
+        )
+    };
+    let (before, capacity, in_force, programs) = policy_fill(&report, "node-b");
+    assert_eq!(in_force, 0);
+    assert!(programs >= 7, "the cgroup hooks are attached: {programs}");
+    assert!(capacity > 0);
+
+    step.to("A large policy shows in node B's policy map fill");
+    let ports: Vec<String> = (10_000..10_400).map(|p| format!("{{port: {p}}}")).collect();
+    t.write_state(&format!(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {{name: many-ports, namespace: shop}}\n\
+         spec:\n  selector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{identity: {CLIENT}}}]\n    ports: [{}]\n",
+        ports.join(", ")
+    ));
+    t.settle();
+    let report = check(&topology).expect("report");
+    let (after, _, in_force, _) = policy_fill(&report, "node-b");
+    assert_eq!(in_force, 1);
+    assert!(
+        after >= before + 400,
+        "400 ports for one peer are 400 entries at least: {before} -> {after}"
+    );
+    assert!(
+        render(&report, std::time::SystemTime::now())
+            .contains(&format!("policy {after}/{capacity}")),
+        "the screen shows the fill"
+    );
+
+    step.to("An agent that is down is an error that names its node");
+    running.stop_agent('b');
+    let report = check(&topology).expect("report");
+    let screen = render(&report, std::time::SystemTime::now());
+    assert_eq!(report.level, Level::Error, "{screen}");
+    let b = report
+        .agents
+        .iter()
+        .find(|a| a.node == "node-b")
+        .expect("b");
+    assert_eq!(b.health.level, Level::Error);
+    assert!(
+        b.health.reasons[0].contains("is signet-agent running on node-b?"),
+        "{screen}"
+    );
+    let a = report
+        .agents
+        .iter()
+        .find(|a| a.node == "node-a")
+        .expect("a");
+    assert_eq!(a.health.level, Level::Ok, "node A is not blamed: {screen}");
+    assert!(
+        screen.contains("Agents: 1/2 OK, 0 degraded, 1 error"),
+        "{screen}"
+    );
+
+    step.to("--wait returns once the agent is back");
+    running.start_agent(&t, 'b');
+    let report = wait(&topology, Duration::from_secs(30), |_| {}).expect("report");
+    assert_eq!(
+        report.level,
+        Level::Ok,
+        "{}",
+        render(&report, std::time::SystemTime::now())
+    );
+}

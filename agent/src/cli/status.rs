@@ -94,12 +94,12 @@ pub struct Report {
 }
 
 impl Report {
-    fn ok(&self) -> bool {
+    pub fn ok(&self) -> bool {
         self.level == Level::Ok
     }
 
     /// One line per agent that is not OK, with its first reason (what `--wait` waits for).
-    fn waiting_for(&self) -> Vec<String> {
+    pub fn waiting_for(&self) -> Vec<String> {
         self.agents
             .iter()
             .filter(|a| a.health.level != Level::Ok)
@@ -122,28 +122,21 @@ pub fn run(args: StatusArgs) -> u8 {
             return 2;
         }
     };
-    let topology = match read_topology(&path) {
-        Ok(t) => t,
+    let within = if args.wait {
+        args.wait_duration
+    } else {
+        Duration::ZERO
+    };
+    let report = match wait(&path, within, |now| {
+        for line in now {
+            eprintln!("waiting for {line}");
+        }
+    }) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("signet status: {e}");
             return 2;
         }
-    };
-    let deadline = Instant::now() + args.wait_duration;
-    let mut said = Vec::new();
-    let report = loop {
-        let report = collect(&topology);
-        if report.ok() || !args.wait || Instant::now() >= deadline {
-            break report;
-        }
-        let now = report.waiting_for();
-        if now != said {
-            for line in &now {
-                eprintln!("waiting for {line}");
-            }
-            said = now;
-        }
-        std::thread::sleep(Duration::from_millis(500));
     };
     match args.output {
         Output::Json => match serde_json::to_string_pretty(&report) {
@@ -156,6 +149,35 @@ pub fn run(args: StatusArgs) -> u8 {
         Output::Text => print!("{}", render(&report, std::time::SystemTime::now())),
     }
     if report.ok() { 0 } else { 1 }
+}
+
+/// Asks every agent of the topology at `path` once.
+pub fn check(path: &Path) -> Result<Report, String> {
+    Ok(collect(&read_topology(path)?))
+}
+
+/// Asks every agent until all are OK or `within` has passed (at once for zero), and returns the
+/// last answer. `waiting` hears what is still awaited each time that changes.
+pub fn wait(
+    path: &Path,
+    within: Duration,
+    mut waiting: impl FnMut(&[String]),
+) -> Result<Report, String> {
+    let topology = read_topology(path)?;
+    let deadline = Instant::now() + within;
+    let mut said = Vec::new();
+    loop {
+        let report = collect(&topology);
+        if report.ok() || Instant::now() >= deadline {
+            return Ok(report);
+        }
+        let now = report.waiting_for();
+        if now != said {
+            waiting(&now);
+            said = now;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {

@@ -206,6 +206,26 @@ impl Topology {
         super::spawn_server(c, addr, udp, 1000, 60_000)
     }
 
+    /// The topology's description as `signet status` reads it (the demo writes the same
+    /// shape): each node's network namespace and agent admin address. Returns its path.
+    pub fn write_topology_json(&self) -> PathBuf {
+        let nodes: Vec<serde_json::Value> = ['a', 'b']
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "name": format!("node-{n}"),
+                    "netns": self.ns(&format!("node-{n}")),
+                    "address": self.node_ip(*n),
+                    "agentAdmin": "127.0.0.1:15020",
+                })
+            })
+            .collect();
+        let path = self.dir.path().join("topology.json");
+        std::fs::write(&path, serde_json::json!({ "nodes": nodes }).to_string())
+            .expect("topology.json");
+        path
+    }
+
     pub fn write_state(&self, extra: &str) {
         let state = self.dir.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
