@@ -175,6 +175,93 @@ impl CertificateAuthority {
         }
     }
 
+    /// Where each root stands at `now`, for the CA's status page.
+    pub fn roots_status(&self, now: OffsetDateTime) -> RootsStatus {
+        let t = now.unix_timestamp();
+        let validity = |der: &rustls_pki_types::CertificateDer<'_>| {
+            x509_parser::parse_x509_certificate(der.as_ref())
+                .map(|(_, c)| {
+                    (
+                        c.validity().not_before.timestamp(),
+                        c.validity().not_after.timestamp(),
+                    )
+                })
+                .unwrap_or((0, 0))
+        };
+        match &self.material {
+            Material::Generated(store) => {
+                let store = store.lock().unwrap_or_else(|p| p.into_inner());
+                let records = store.records();
+                // The root that signs is the newest whose time has come.
+                let signing = records
+                    .iter()
+                    .filter(|r| r.signing_from <= t)
+                    .max_by_key(|r| r.signing_from)
+                    .map(|r| r.id);
+                let roots: Vec<RootState> = records
+                    .iter()
+                    .zip(store.roots())
+                    .map(|(r, der)| {
+                        let (not_before, not_after) = validity(&der);
+                        let state = if Some(r.id) == signing {
+                            "signing"
+                        } else if r.signing_from > t {
+                            "pending"
+                        } else {
+                            "retiring"
+                        };
+                        RootState {
+                            id: Some(r.id),
+                            state: state.into(),
+                            not_before,
+                            not_after,
+                            signing_from: Some(r.signing_from),
+                            retire_at: r.retire_at,
+                        }
+                    })
+                    .collect();
+                let pending = roots.iter().any(|r| r.state == "pending");
+                // `maintain` starts the next rotation in the active root's last quarter.
+                let quarter = (self.settings.root_policy().root_ttl / 4).as_secs() as i64;
+                let next_rotation = roots
+                    .iter()
+                    .find(|r| r.state == "signing")
+                    .filter(|_| !pending && self.rotates_itself())
+                    .map(|r| (r.not_after - quarter).max(t));
+                RootsStatus {
+                    sequence: store.sequence(),
+                    managed: if self.rotates_itself() {
+                        "generated, rotated by this instance"
+                    } else {
+                        "generated, rotated by the Lease holder"
+                    }
+                    .into(),
+                    roots,
+                    next_rotation,
+                }
+            }
+            Material::Cacerts { roots, .. } => RootsStatus {
+                sequence: 1,
+                managed: "cacerts, rotated by the operator".into(),
+                roots: roots
+                    .iter()
+                    .map(|der| {
+                        let (not_before, not_after) = validity(der);
+                        RootState {
+                            id: None,
+                            state: "trusted".into(),
+                            not_before,
+                            not_after,
+                            signing_from: None,
+                            retire_at: None,
+                        }
+                    })
+                    .collect(),
+                next_rotation: None,
+            },
+        }
+    }
+
     /// Starts a root rotation now (generated material only).
     pub fn rotate_root(&self) -> Result<u32, StoreError> {
         match &self.material {
@@ -222,4 +309,30 @@ impl CertificateAuthority {
             *current = active;
         }
     }
+}
+
+/// The roots in the bundle and where rotation stands (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootsStatus {
+    pub sequence: u64,
+    /// Who makes and rotates them.
+    pub managed: String,
+    /// Oldest first.
+    pub roots: Vec<RootState>,
+    /// When this instance will start the next rotation, when it rotates and none is under way.
+    pub next_rotation: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootState {
+    pub id: Option<u32>,
+    /// `signing`, `pending` (in the bundle, signs from `signing_from`), `retiring` (leaves the
+    /// bundle at `retire_at`) or `trusted` (operator-managed).
+    pub state: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub signing_from: Option<i64>,
+    pub retire_at: Option<i64>,
 }

@@ -28,6 +28,8 @@ pub mod issuer;
 #[cfg(feature = "authority")]
 pub mod peers;
 #[cfg(feature = "authority")]
+pub mod status;
+#[cfg(feature = "authority")]
 pub mod store;
 #[cfg(feature = "authority")]
 pub mod svid;

@@ -407,3 +407,79 @@ async fn bad_requests_get_the_right_status_and_the_server_keeps_serving() {
     assert_eq!(ok.len(), 2);
     ca.shutdown.cancel();
 }
+
+/// The admin port: readiness, and a status that follows a root rotation (the new root is
+/// pending beside the signing one, and no next rotation is planned while one is under way).
+/// An admin address equal to the gRPC one is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_reports_the_roots_and_their_rotation() {
+    use signet_ca::status::CaStatus;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("cluster")).expect("mkdir");
+    std::fs::write(dir.path().join("cluster/pods.yaml"), PODS).expect("write pods");
+    let yaml = "trustDomain: cluster.local\nlisten: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstateDir: ca\n\
+                clusterStateDir: cluster\nnodes: []\n";
+    let config =
+        ServerConfig::from_yaml(yaml, &dir.path().join("ca.yaml"), dir.path()).expect("config");
+    let server = CaServer::bind(config).await.expect("bind");
+    let admin = server.admin_addr().expect("an admin port");
+    let authority = server.authority();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.run(shutdown.clone()));
+    let get = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(admin)
+            .await
+            .expect("connect");
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.expect("read");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
+    };
+    let (line, _) = get("/healthz/ready").await;
+    assert!(line.contains(" 200 "), "{line}");
+    let (line, body) = get("/status").await;
+    assert!(line.contains(" 200 "), "{line}");
+    let status: CaStatus = serde_json::from_str(&body).expect("a CaStatus");
+    assert_eq!(status.trust_domain, "cluster.local");
+    assert_eq!(status.cluster_source, "standalone");
+    assert_eq!(status.roots.roots.len(), 1);
+    assert_eq!(status.roots.roots[0].state, "signing");
+    let next = status.roots.next_rotation.expect("planned");
+    assert!(next > status.roots.roots[0].not_before && next < status.roots.roots[0].not_after);
+
+    let new = authority.rotate_root().expect("rotate");
+    let (_, body) = get("/status").await;
+    let status: CaStatus = serde_json::from_str(&body).expect("a CaStatus");
+    let states: Vec<(Option<u32>, &str)> = status
+        .roots
+        .roots
+        .iter()
+        .map(|r| (r.id, r.state.as_str()))
+        .collect();
+    assert_eq!(states, [(Some(1), "signing"), (Some(new), "pending")]);
+    assert_eq!(status.roots.next_rotation, None, "one rotation at a time");
+    assert_eq!(status.roots.sequence, 2);
+    let (line, _) = get("/nope").await;
+    assert!(line.contains(" 404 "), "{line}");
+    shutdown.cancel();
+
+    let clash = "trustDomain: cluster.local\nlisten: 127.0.0.1:15999\nadmin: 127.0.0.1:15999\n\
+                 stateDir: ca\nclusterStateDir: cluster\n";
+    let err = ServerConfig::from_yaml(clash, &dir.path().join("ca.yaml"), dir.path())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("admin 127.0.0.1:15999 is the gRPC listen address too"),
+        "{err}"
+    );
+}

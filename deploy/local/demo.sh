@@ -155,6 +155,7 @@ YAML
     cat > "$WORK/ca.yaml" <<YAML
 trustDomain: cluster.local
 listen: 10.99.0.1:15012
+admin: 127.0.0.1:15014
 stateDir: ca
 clusterStateDir: state
 servingNames: [localhost, 10.99.0.1]
@@ -189,6 +190,7 @@ out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips
                   "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}",
                   "agentPidFile": f"{work}/agent-{n}.pid"} for n in "ab"],
        "pods": [], "caBundle": f"{work}/ca-root.pem",
+       "ca": {"netns": f"{ns}-node-a", "address": "10.99.0.1:15012", "admin": "127.0.0.1:15014"},
        "services": [{"namespace": "payments", "name": "api", "clusterIP": vip,
                      "ports": [{"port": 80, "targetPort": 8080}]}],
        "outside": {"netns": f"{ns}-outside", "ip": outside, "inMesh": False},

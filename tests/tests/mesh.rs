@@ -607,6 +607,18 @@ fn signet_status_reports_each_agent_the_map_fill_and_an_agent_that_is_down() {
         screen.contains("Agents: 2/2 OK, 0 degraded, 0 error"),
         "{screen}"
     );
+    let ca = report.ca.as_ref().expect("the topology names the CA");
+    let roots = &ca.status.as_ref().expect("the CA answered").roots;
+    assert_eq!(roots.roots.len(), 1, "{screen}");
+    assert_eq!(roots.roots[0].state, "signing");
+    assert!(
+        roots.next_rotation.is_some(),
+        "a CA that rotates itself plans the next one"
+    );
+    assert!(
+        screen.contains("CA: OK") && screen.contains("1 signing (expires in "),
+        "{screen}"
+    );
     let policy_fill = |report: &signet_agent::cli::status::Report, node: &str| {
         let a = report.agents.iter().find(|a| a.node == node).expect("node");
         let s = a.status.as_ref().expect("answered");

@@ -64,6 +64,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[serde(rename_all = "camelCase")]
 struct Topology {
     nodes: Vec<TopologyNode>,
+    /// The CA's admin port, when the topology has one.
+    ca: Option<TopologyCa>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TopologyCa {
+    netns: String,
+    admin: SocketAddr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,11 +94,21 @@ pub struct AgentReport {
     pub status: Option<AgentStatus>,
 }
 
+/// The CA as seen from here.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaReport {
+    pub health: Health,
+    pub status: Option<signet_ca::status::CaStatus>,
+}
+
 /// Everything `signet status` found.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     pub level: Level,
+    /// `None` when the topology names no CA admin port.
+    pub ca: Option<CaReport>,
     pub agents: Vec<AgentReport>,
 }
 
@@ -98,18 +117,19 @@ impl Report {
         self.level == Level::Ok
     }
 
-    /// One line per agent that is not OK, with its first reason (what `--wait` waits for).
+    /// One line per component that is not OK, with its first reason (what `--wait` waits for).
     pub fn waiting_for(&self) -> Vec<String> {
-        self.agents
+        let first = |h: &Health| h.reasons.first().map_or("?", String::as_str).to_owned();
+        self.ca
             .iter()
-            .filter(|a| a.health.level != Level::Ok)
-            .map(|a| {
-                format!(
-                    "{}: {}",
-                    a.node,
-                    a.health.reasons.first().map_or("?", String::as_str)
-                )
-            })
+            .filter(|c| c.health.level != Level::Ok)
+            .map(|c| format!("the CA: {}", first(&c.health)))
+            .chain(
+                self.agents
+                    .iter()
+                    .filter(|a| a.health.level != Level::Ok)
+                    .map(|a| format!("{}: {}", a.node, first(&a.health))),
+            )
             .collect()
     }
 }
@@ -207,15 +227,17 @@ fn read_topology(path: &Path) -> Result<Topology, String> {
     Ok(t)
 }
 
-/// Asks every agent, one thread each.
+/// Asks the CA and every agent, one thread each.
 fn collect(topology: &Topology) -> Report {
-    let agents: Vec<AgentReport> = std::thread::scope(|s| {
+    let (ca, agents): (Option<CaReport>, Vec<AgentReport>) = std::thread::scope(|s| {
+        let ca = topology.ca.as_ref().map(|c| s.spawn(move || ask_ca(c)));
         let asks: Vec<_> = topology
             .nodes
             .iter()
             .map(|n| s.spawn(move || ask(n)))
             .collect();
-        asks.into_iter()
+        let agents = asks
+            .into_iter()
             .zip(&topology.nodes)
             .map(|(h, n)| {
                 h.join().unwrap_or_else(|_| AgentReport {
@@ -224,14 +246,61 @@ fn collect(topology: &Topology) -> Report {
                     status: None,
                 })
             })
-            .collect()
+            .collect();
+        let ca = ca.map(|h| {
+            h.join().unwrap_or_else(|_| CaReport {
+                health: error("the request thread panicked".into()),
+                status: None,
+            })
+        });
+        (ca, agents)
     });
     let level = agents
         .iter()
         .map(|a| a.health.level)
+        .chain(ca.iter().map(|c| c.health.level))
         .max()
         .unwrap_or(Level::Error);
-    Report { level, agents }
+    Report { level, ca, agents }
+}
+
+fn ask_ca(ca: &TopologyCa) -> CaReport {
+    let path = crate::datapath::netns::path_of(&ca.netns);
+    let body = match get(&path, ca.admin, "/status") {
+        Ok(b) => b,
+        Err(e) => {
+            return CaReport {
+                health: error(format!(
+                    "CA unreachable at {} in network namespace {}: {e} (is signet-ca running with `admin: {}`?)",
+                    ca.admin, ca.netns, ca.admin
+                )),
+                status: None,
+            };
+        }
+    };
+    match serde_json::from_str::<signet_ca::status::CaStatus>(&body) {
+        Ok(status) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let reasons = status.problems(now);
+            CaReport {
+                health: Health {
+                    level: if reasons.is_empty() {
+                        Level::Ok
+                    } else {
+                        Level::Degraded
+                    },
+                    reasons,
+                },
+                status: Some(status),
+            }
+        }
+        Err(e) => CaReport {
+            health: error(format!("the CA's /status did not parse: {e}")),
+            status: None,
+        },
+    }
 }
 
 fn error(reason: String) -> Health {
@@ -312,10 +381,60 @@ fn ago_or_in(t: u64, now: std::time::SystemTime) -> String {
     }
 }
 
-/// The screen: one block per agent, then the summary.
+/// The screen: the CA, one block per agent, then the summary.
 pub fn render(report: &Report, now: std::time::SystemTime) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    if let Some(ca) = &report.ca {
+        let _ = write!(out, "CA {:<17} {:<9}", "", ca.health.level.as_str());
+        match &ca.status {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    " v{}, {}, serving {} ({})",
+                    s.version, s.trust_domain, s.serving, s.cluster_source
+                );
+                let roots: Vec<String> = s
+                    .roots
+                    .roots
+                    .iter()
+                    .map(|r| {
+                        let id = r.id.map_or(String::new(), |i| format!("{i} "));
+                        let until = ago_or_in(r.not_after.max(0) as u64, now);
+                        match (r.state.as_str(), r.signing_from, r.retire_at) {
+                            ("pending", Some(from), _) => format!(
+                                "{id}pending (signs {}, expires {until})",
+                                ago_or_in(from.max(0) as u64, now)
+                            ),
+                            ("retiring", _, Some(at)) => format!(
+                                "{id}retiring (leaves the bundle {}, expires {until})",
+                                ago_or_in(at.max(0) as u64, now)
+                            ),
+                            (state, _, _) => format!("{id}{state} (expires {until})"),
+                        }
+                    })
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  roots          {} ({}, bundle sequence {})",
+                    roots.join(", "),
+                    s.roots.managed,
+                    s.roots.sequence
+                );
+                let next = s
+                    .roots
+                    .next_rotation
+                    .map_or("none planned here".into(), |t| {
+                        ago_or_in(t.max(0) as u64, now)
+                    });
+                let _ = writeln!(out, "  next rotation  {next}");
+            }
+            None => out.push('\n'),
+        }
+        for r in &ca.health.reasons {
+            let _ = writeln!(out, "  ! {r}");
+        }
+    }
     for a in &report.agents {
         let _ = write!(out, "Agent {:<14} {:<9}", a.node, a.health.level.as_str());
         match &a.status {
@@ -388,10 +507,14 @@ pub fn render(report: &Report, now: std::time::SystemTime) -> String {
             let _ = writeln!(out, "  ! {r}");
         }
     }
+    if let Some(ca) = &report.ca {
+        let _ = writeln!(out, "\nCA: {}", ca.health.level.as_str());
+    }
     let count = |l: Level| report.agents.iter().filter(|a| a.health.level == l).count();
     let _ = writeln!(
         out,
-        "\nAgents: {}/{} OK, {} degraded, {} error",
+        "{}Agents: {}/{} OK, {} degraded, {} error",
+        if report.ca.is_some() { "" } else { "\n" },
         count(Level::Ok),
         report.agents.len(),
         count(Level::Degraded),
@@ -435,6 +558,7 @@ mod tests {
         };
         let report = Report {
             level: Level::Error,
+            ca: None,
             agents: vec![
                 AgentReport {
                     node: "node-a".into(),

@@ -3,6 +3,7 @@
 //! ```yaml
 //! trustDomain: cluster.local
 //! listen: 127.0.0.1:15012
+//! admin: 127.0.0.1:15014              # /healthz/ready and /status (JSON); off unless set
 //! stateDir: /var/lib/signet-ca        # or `cacertsDir:` for operator-managed keys, or (with
 //!                                     # `kubernetes: true`) `caSecret: signet-ca-keys`
 //! root: {ttlSeconds: 31536000, rotationOverlapSeconds: 604800, intermediate: false}
@@ -45,6 +46,8 @@ struct RawConfig {
     trust_domain: TrustDomain,
     #[serde(default = "default_listen")]
     listen: SocketAddr,
+    /// The admin port (readiness and status), none unless set.
+    admin: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     cacerts_dir: Option<PathBuf>,
     /// Kubernetes mode: keep a generated CA in this Secret (in `agentNamespace`).
@@ -259,6 +262,8 @@ pub enum CaCluster {
 pub struct ServerConfig {
     pub ca: CaSettings,
     pub listen: SocketAddr,
+    /// Where `/healthz/ready` and `/status` are served, if anywhere.
+    pub admin: Option<SocketAddr>,
     /// Where pods (who runs where) and Gateways come from.
     pub cluster: CaCluster,
     /// The namespace of the agents' (and the CA's) service accounts.
@@ -367,6 +372,13 @@ impl ServerConfig {
         if raw.serving_names.is_empty() {
             return Err(invalid("servingNames must name at least one host".into()));
         }
+        // Port 0 lets the system choose each: two different ports.
+        if raw.admin == Some(raw.listen) && raw.listen.port() != 0 {
+            return Err(invalid(format!(
+                "admin {} is the gRPC listen address too; give it a port of its own",
+                raw.listen
+            )));
+        }
         let l = &raw.limits;
         if l.max_concurrent_requests == 0
             || l.max_streams_per_connection == 0
@@ -379,6 +391,7 @@ impl ServerConfig {
         Ok(Self {
             ca,
             listen: raw.listen,
+            admin: raw.admin,
             cluster,
             agent_namespace: raw.agent_namespace.clone(),
             ca_secret: raw.ca_secret.clone(),

@@ -3,6 +3,7 @@
 //!
 //! The only part of `signet-ca` that opens sockets.
 
+pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod ca_secret;
@@ -69,6 +70,8 @@ pub enum InClusterError {
 pub struct CaServer {
     config: ServerConfig,
     listener: TcpListener,
+    /// The admin port's, when one is configured.
+    admin: Option<TcpListener>,
     ca: Arc<CertificateAuthority>,
     authz: Arc<NodeAuthorizer>,
     auth: Arc<dyn Authenticator>,
@@ -112,9 +115,18 @@ impl CaServer {
                     addr: config.listen,
                     source,
                 })?;
+        let admin = match config.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             listener,
+            admin,
             ca,
             authz,
             auth,
@@ -183,10 +195,24 @@ impl CaServer {
         self.ca.clone()
     }
 
+    /// Where the admin port listens, when one is configured (the OS's choice for port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` is cancelled, then stops accepting and lets in-flight requests
     /// finish. Callers bound the drain with their own grace timeout.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
         let limits = self.config.limits;
+        let admin = self.admin.map(|listener| {
+            let source = match self.config.cluster {
+                config::CaCluster::Dir(_) => "standalone",
+                config::CaCluster::Kubernetes => "kubernetes",
+            };
+            let serving = self.listener.local_addr().unwrap_or(self.config.listen);
+            let status = admin::status_of(self.ca.clone(), serving, source);
+            tokio::spawn(admin::serve(listener, status, shutdown.clone()))
+        });
         let tls = TlsAcceptor::from(Arc::new(tls::server_config(self.serving.clone())?));
         let (tx, rx) = mpsc::channel(64);
         let accept = tokio::spawn(accept_loop(
@@ -237,6 +263,9 @@ impl CaServer {
         shutdown.cancel();
         accept.abort();
         upkeep.abort();
+        if let Some(a) = admin {
+            a.abort();
+        }
         result.map_err(ServerError::from)
     }
 }

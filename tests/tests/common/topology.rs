@@ -220,9 +220,13 @@ impl Topology {
                 })
             })
             .collect();
+        let ca = serde_json::json!({"netns": self.ns("node-a"), "admin": CA_ADMIN});
         let path = self.dir.path().join("topology.json");
-        std::fs::write(&path, serde_json::json!({ "nodes": nodes }).to_string())
-            .expect("topology.json");
+        std::fs::write(
+            &path,
+            serde_json::json!({ "nodes": nodes, "ca": ca }).to_string(),
+        )
+        .expect("topology.json");
         path
     }
 
@@ -567,11 +571,14 @@ pub fn start_agent(t: &Topology, node: char, config: AgentConfig) -> (Component,
 
 /// Starts the CA in node A's namespace (`ca_extra` is added to its configuration) and one
 /// agent per node (`agent_extra` likewise).
+/// The CA's admin port, on node A's loopback.
+pub const CA_ADMIN: &str = "127.0.0.1:15014";
+
 pub fn start(t: &Topology, ca_extra: &str, agent_extra: &str) -> Running {
     let ca_dir = t.dir.path().to_owned();
     let ca_addr = format!("{}:15012", t.node_ip('a'));
     let yaml = format!(
-        "trustDomain: cluster.local\nlisten: '{ca_addr}'\nstateDir: ca\nclusterStateDir: state\n\
+        "trustDomain: cluster.local\nlisten: '{ca_addr}'\nadmin: '{CA_ADMIN}'\nstateDir: ca\nclusterStateDir: state\n\
          nodes:\n- {{name: node-a, tokenSha256: {}}}\n- {{name: node-b, tokenSha256: {}}}\n{ca_extra}",
         sha256_hex("token-a"),
         sha256_hex("token-b")
