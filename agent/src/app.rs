@@ -55,7 +55,11 @@ impl Agent {
         let orig = Arc::new(OriginalDestinations::open(&config.datapath.bpffs_dir)?);
         let events = EventReader::open(&config.datapath.bpffs_dir, crate::observe::POLL)?;
         let (certs, roots) = certs::connect(&config, &drain).await?;
-        let metrics = Arc::new(Metrics::with_retention(config.admin.metrics_retain_idle));
+        let metrics = Arc::new(Metrics::new(
+            config.admin.metrics_retain_idle,
+            config.admin.flow_log_capacity,
+        ));
+        metrics.flows().set_node(&config.node);
         let (admin_address, running) = health::serve_admin(&config, &metrics, &drain).await?;
 
         let (source, kube_client) = Source::connect(&config, &drain).await?;

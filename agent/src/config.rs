@@ -42,7 +42,8 @@
 //!           maxBodyBytes: 10485760,          # no body limit unless set
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
 //! admin: {headerReadTimeoutSeconds: 10,     # the admin port's clients
-//!         metricsRetainIdleSeconds: 600}     # a pair of identities idle this long loses its series
+//!         metricsRetainIdleSeconds: 600,     # a pair of identities idle this long loses its series
+//!         flowLogCapacity: 4096}             # recent flows kept for /flows (signet observe)
 //! identityGc: {graceSeconds: 600, intervalSeconds: 60,  # Kubernetes mode
 //!              quarantineSeconds: 1800}       # a deleted number is not issued again before (3 x grace)
 //! ```
@@ -133,6 +134,13 @@ struct RawAdmin {
     /// (linkerd's `metrics_retain_idle`).
     #[serde(default = "default_retain_idle")]
     metrics_retain_idle_seconds: u64,
+    /// Recent flows kept for `/flows` (`signet observe`).
+    #[serde(default = "default_flow_log_capacity")]
+    flow_log_capacity: usize,
+}
+
+fn default_flow_log_capacity() -> usize {
+    crate::flow::FLOW_LOG_CAPACITY
 }
 
 impl Default for RawAdmin {
@@ -140,6 +148,7 @@ impl Default for RawAdmin {
         Self {
             header_read_timeout_seconds: default_admin_header_read(),
             metrics_retain_idle_seconds: default_retain_idle(),
+            flow_log_capacity: default_flow_log_capacity(),
         }
     }
 }
@@ -353,6 +362,7 @@ pub struct AgentConfig {
 pub struct AdminConfig {
     pub header_read: Duration,
     pub metrics_retain_idle: Duration,
+    pub flow_log_capacity: usize,
 }
 
 /// Where the cluster state comes from.
@@ -585,6 +595,9 @@ impl Raw {
                     .into(),
             );
         }
+        if !(1..=1 << 20).contains(&self.admin.flow_log_capacity) {
+            return Err("admin.flowLogCapacity must be between 1 and 1048576".into());
+        }
         Ok(())
     }
 }
@@ -694,6 +707,7 @@ impl AgentConfig {
             admin: AdminConfig {
                 header_read: Duration::from_secs(raw.admin.header_read_timeout_seconds),
                 metrics_retain_idle: Duration::from_secs(raw.admin.metrics_retain_idle_seconds),
+                flow_log_capacity: raw.admin.flow_log_capacity,
             },
             identity_gc: IdentityGcConfig {
                 grace: Duration::from_secs(raw.identity_gc.grace_seconds),
@@ -933,6 +947,7 @@ mod tests {
                 "gateway: {maxConnectionsPerClient: 0}\n",
                 "maxConnectionsPerClient",
             ),
+            ("admin: {flowLogCapacity: 0}\n", "admin.flowLogCapacity"),
         ] {
             // A later `ca:` replaces the first one in YAML maps: drop the default for that case.
             let text = if extra.starts_with("ca:") {

@@ -1,6 +1,7 @@
-//! What every layer says about a proxied flow, so none of them borrows it from another: which
-//! side of the mesh reports it. The proxy decides and counts with it, the admin port labels
-//! series with it; neither imports the other for it.
+//! What every layer says about a flow, so none of them borrows it from another: which side of
+//! the mesh reports it (the proxy decides and counts with it, the admin port labels series with
+//! it), and the node's log of recent flows ([`FlowLog`] of [`FlowEntry`]) that the proxy and the
+//! kernel reports write and `/flows` (`signet observe`) reads.
 
 /// Which side of the proxy reports: the source's node (`outbound`) or the destination's
 /// (`inbound`).
@@ -16,5 +17,178 @@ impl Reporter {
             Reporter::Outbound => "outbound",
             Reporter::Inbound => "inbound",
         }
+    }
+}
+
+/// One flow as `signet observe` shows it: a connection the proxy forwarded (when it ended) or
+/// refused, a request the L7 check refused, or what the kernel reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowEntry {
+    /// Its place in the node's log: increases by one per record.
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    pub node: String,
+    /// `outbound`, `inbound` or `kernel`.
+    pub reporter: String,
+    pub source: Peer,
+    pub destination: Peer,
+    /// `tcp`, `udp`, `icmp`, or the IP protocol's number.
+    pub protocol: String,
+    /// `ingress` or `egress`, as the kernel decided it.
+    pub direction: Option<String>,
+    /// `forwarded`, `audit`, `dropped` or `l7-denied`.
+    pub verdict: String,
+    pub reason: Option<String>,
+    /// The policy rule that decided, when one did.
+    pub rule: Option<String>,
+    pub http: Option<HttpInfo>,
+    pub sent: u64,
+    pub received: u64,
+    pub duration_ms: u64,
+    /// How a connection ended (`closed`, `idle timeout`, `closed by a policy change`, ...).
+    pub end: Option<String>,
+}
+
+/// One side of a flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    /// SPIFFE ID, or a reserved name (`world`, `host`, ...).
+    pub identity: String,
+    /// The numeric identity, when known.
+    pub number: Option<u32>,
+    /// `ip:port`, when known.
+    pub address: Option<String>,
+    /// `namespace/name` of the pod at that address, when it is one.
+    pub pod: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpInfo {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// The node's recent flows: a bounded ring that readers follow by sequence number. A reader
+/// that falls further behind than the ring holds is told how many records it lost; nothing is
+/// dropped silently.
+#[derive(Debug)]
+pub struct FlowLog {
+    node: std::sync::RwLock<String>,
+    capacity: usize,
+    ring: std::sync::Mutex<std::collections::VecDeque<std::sync::Arc<FlowEntry>>>,
+    next: std::sync::atomic::AtomicU64,
+    /// Records followers lost (they read too slowly for the ring).
+    lost: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+/// Records a node keeps unless told otherwise.
+pub const FLOW_LOG_CAPACITY: usize = 4096;
+
+impl Default for FlowLog {
+    fn default() -> Self {
+        Self::new(FLOW_LOG_CAPACITY)
+    }
+}
+
+impl FlowLog {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            node: std::sync::RwLock::default(),
+            capacity: capacity.max(1),
+            ring: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
+                capacity.clamp(1, 1 << 16),
+            )),
+            next: std::sync::atomic::AtomicU64::new(1),
+            lost: std::sync::atomic::AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Names the node every record is from.
+    pub fn set_node(&self, node: &str) {
+        *self.node.write().unwrap_or_else(|p| p.into_inner()) = node.to_owned();
+    }
+
+    /// Adds `entry`, stamped with its sequence number, the time and the node.
+    pub fn push(&self, mut entry: FlowEntry) {
+        entry.time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        entry.node = self.node.read().unwrap_or_else(|p| p.into_inner()).clone();
+        {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            entry.seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if ring.len() == self.capacity {
+                ring.pop_front();
+            }
+            ring.push_back(std::sync::Arc::new(entry));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The records after sequence number `after`, and how many between it and the oldest kept
+    /// were overwritten before being read.
+    pub fn after(&self, after: u64) -> (Vec<std::sync::Arc<FlowEntry>>, u64) {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = match ring.front() {
+            Some(oldest) if after > 0 => oldest.seq.saturating_sub(after + 1),
+            _ => 0,
+        };
+        let out = ring.iter().filter(|e| e.seq > after).cloned().collect();
+        (out, lost)
+    }
+
+    /// Counts records a follower lost.
+    pub fn count_lost(&self, n: u64) {
+        self.lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records followers lost so far.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns once a record after sequence number `seq` exists.
+    pub async fn wait_beyond(&self, seq: u64) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.next.load(std::sync::atomic::Ordering::Relaxed) > seq + 1 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_behind_the_ring_is_told_what_it_lost() {
+        let log = FlowLog::new(3);
+        log.set_node("node-a");
+        for _ in 0..5 {
+            log.push(FlowEntry::default());
+        }
+        // Seqs 1..=5 were written; 3, 4, 5 are kept.
+        let (all, lost) = log.after(0);
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(lost, 0, "a new reader asked for what is there");
+        assert_eq!(all[0].node, "node-a");
+        let (rest, lost) = log.after(1);
+        assert_eq!(rest.len(), 3);
+        assert_eq!(lost, 1, "seq 2 was overwritten before this reader saw it");
+        let (none, lost) = log.after(5);
+        assert!(none.is_empty());
+        assert_eq!(lost, 0);
     }
 }

@@ -1,6 +1,7 @@
 //! What the kernel did, made visible: flow events from the datapath's ring buffer (every
 //! refusal, and allowed connections when sampled) become `flow` log lines with
-//! `reporter=kernel` and `signet_datapath_flows_total` counters, with both sides named by their
+//! `reporter=kernel`, records of the node's flow log (`signet observe`) and
+//! `signet_datapath_flows_total` counters, with both sides named by their
 //! SPIFFE IDs (or reserved names such as `world`) as the snapshot in force knows them.
 //!
 //! A flood of refusals (a port scan, a crafted-packet storm) cannot flood the log: lines are
@@ -102,6 +103,9 @@ pub async fn follow(
             } else {
                 unlogged += 1;
             }
+            metrics
+                .flows()
+                .push(entry(flow, &snap, &source, &destination));
             metrics.kernel_flow(KernelLabels {
                 direction: flow.direction.name(),
                 verdict: flow.verdict.as_str(),
@@ -117,6 +121,38 @@ pub async fn follow(
                 "kernel flow events over the log's rate: counted, not logged"
             );
         }
+    }
+}
+
+/// The flow log's record of a kernel event.
+fn entry(flow: &Flow, snap: &Snapshot, source: &str, destination: &str) -> crate::flow::FlowEntry {
+    use crate::datapath::events::Verdict;
+    let side = |identity: &str, number: u32, ip: std::net::IpAddr, port: u16| crate::flow::Peer {
+        identity: identity.to_owned(),
+        number: Some(number),
+        address: Some(std::net::SocketAddr::new(ip, port).to_string()),
+        pod: snap.pod_by_ip(ip).map(|w| w.key()),
+    };
+    crate::flow::FlowEntry {
+        reporter: "kernel".into(),
+        source: side(source, flow.src_identity, flow.src, flow.src_port),
+        destination: side(destination, flow.dst_identity, flow.dst, flow.dst_port),
+        protocol: match flow.protocol {
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            1 | 58 => "icmp".into(),
+            n => n.to_string(),
+        },
+        direction: Some(flow.direction.name().into()),
+        verdict: match flow.verdict {
+            Verdict::Deny | Verdict::Unknown(_) => "dropped",
+            Verdict::Audit => "audit",
+            Verdict::Allow | Verdict::L7 => "forwarded",
+        }
+        .into(),
+        reason: Some(flow.reason.name().into()),
+        rule: snap.rules.names.get(&flow.rule_id).map(|n| n.to_string()),
+        ..Default::default()
     }
 }
 

@@ -535,6 +535,7 @@ async fn l7_streams_check_every_request_and_answer_403() {
                 source: peer.to_string(),
                 destination: DB.into(),
                 metrics: None,
+                peers: Default::default(),
             });
             accepted.admission()
         })

@@ -211,6 +211,8 @@ struct Inner {
     kernel: Mutex<HashMap<KernelLabels, (u64, Instant)>>,
     /// Kernel flow events not logged because the log was over its rate (still counted).
     kernel_unlogged: AtomicU64,
+    /// The node's recent flows (`/flows`), whose followers' losses are counted here.
+    flows: Arc<crate::flow::FlowLog>,
     retain_idle: Duration,
     /// The gauges of the scrape being encoded.
     gauges: Mutex<Gauges>,
@@ -225,8 +227,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counters whose idle series are forgotten after `retain_idle`.
+    /// Counters whose idle series are forgotten after `retain_idle`, and a flow log of the
+    /// default size.
     pub fn with_retention(retain_idle: Duration) -> Self {
+        Self::new(retain_idle, crate::flow::FLOW_LOG_CAPACITY)
+    }
+
+    /// Counters whose idle series are forgotten after `retain_idle`, and a flow log that keeps
+    /// `flow_log_capacity` records.
+    pub fn new(retain_idle: Duration, flow_log_capacity: usize) -> Self {
         let inner = Arc::new(Inner {
             pairs: Mutex::default(),
             handshake_failures: Mutex::default(),
@@ -234,6 +243,7 @@ impl Metrics {
             gateway_refusals: Mutex::default(),
             kernel: Mutex::default(),
             kernel_unlogged: AtomicU64::new(0),
+            flows: Arc::new(crate::flow::FlowLog::new(flow_log_capacity)),
             retain_idle,
             gauges: Mutex::default(),
         });
@@ -322,6 +332,11 @@ impl Metrics {
     }
 
     /// Kernel flow events that were counted but not logged.
+    /// The node's log of recent flows.
+    pub fn flows(&self) -> &Arc<crate::flow::FlowLog> {
+        &self.inner.flows
+    }
+
     pub fn kernel_unlogged(&self, n: u64) {
         self.inner.kernel_unlogged.fetch_add(n, Ordering::Relaxed);
     }
@@ -559,6 +574,13 @@ impl prometheus_client::collector::Collector for Inner {
             "Kernel flow events counted but not logged: the flow log was over its rate.",
             Counter,
             self.kernel_unlogged.load(Ordering::Relaxed),
+        )?;
+        single(
+            &mut e,
+            "signet_flow_records_lost",
+            "Flow records a /flows follower (signet observe) lost: it read slower than they came.",
+            Counter,
+            self.flows.lost(),
         )?;
         let gauges = lock(&self.gauges).clone();
         family(

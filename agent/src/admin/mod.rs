@@ -6,6 +6,8 @@
 //! - `GET /healthz/live`: 200 while the process serves.
 //! - `GET /status`: JSON ([`status::AgentStatus`]): readiness, datapath programs and map fill,
 //!   certificates, connections, policies and Gateways, what `signet status` reads.
+//! - `GET /flows[?after=SEQ&since_ms=T&follow=1]`: the node's recent flows, one JSON record per
+//!   line (`flows`), from this node's loopback only; what `signet observe` reads.
 //! - `GET /debug/state`: JSON ([`debug::DebugState`]): the snapshot generation in force, the
 //!   cluster state's revision last looked at and why it was refused, each identity's
 //!   certificate, the open connections.
@@ -13,6 +15,7 @@
 //! It binds where the configuration says (loopback by default); it reads state and changes none.
 
 pub mod debug;
+pub mod flows;
 pub mod metrics;
 pub mod status;
 
@@ -104,7 +107,12 @@ fn route(
             Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n")),
         },
         // Open flows and certificate serials are for this node's operators: the port may be
-        // reachable from the network (probes, scrapers), this page is not.
+        // reachable from the network (probes, scrapers), these pages are not.
+        "/flows" => respond(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "/flows answers only GET on this node's loopback\n".into(),
+        ),
         "/debug/state" if !asker.local => respond(
             StatusCode::FORBIDDEN,
             TEXT,
@@ -117,7 +125,7 @@ fn route(
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "try /metrics, /healthz/ready, /healthz/live, /status or /debug/state\n".into(),
+            "try /metrics, /healthz/ready, /healthz/live, /status, /flows or /debug/state\n".into(),
         ),
     }
 }
@@ -136,13 +144,24 @@ pub async fn serve(
             return;
         };
         let state = state.clone();
+        let stopping = drain.stop_token();
         drain.spawn("admin connection", async move {
             let service = hyper::service::service_fn(move |req: http::Request<_>| {
-                let asker = Asker {
-                    accept: req.headers().get(http::header::ACCEPT),
-                    local: peer.ip().to_canonical().is_loopback(),
+                use http_body_util::BodyExt as _;
+                let local = peer.ip().to_canonical().is_loopback();
+                let resp = if req.uri().path() == "/flows" && local && req.method() == Method::GET {
+                    match flows::Query::parse(req.uri().query()) {
+                        Ok(q) => flows::respond(state.metrics.flows().clone(), q, stopping.clone()),
+                        Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", e + "\n")
+                            .map(|b| b.boxed()),
+                    }
+                } else {
+                    let asker = Asker {
+                        accept: req.headers().get(http::header::ACCEPT),
+                        local,
+                    };
+                    route(&state, req.method(), req.uri().path(), asker).map(|b| b.boxed())
                 };
-                let resp = route(&state, req.method(), req.uri().path(), asker);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 pub mod datapath;
 pub mod gateway;
+pub mod observe;
 pub mod policy;
 pub mod status;
 
@@ -35,6 +36,9 @@ enum Command {
     /// Every agent's health on one screen (exit 0 only when all are OK); --wait polls until
     /// they are.
     Status(status::StatusArgs),
+    /// Flows of every node, merged: what the proxy forwarded and refused, L7 denials, kernel
+    /// drops; -f follows.
+    Observe(observe::ObserveArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -44,5 +48,6 @@ pub fn main() -> ExitCode {
         Command::Datapath(cmd) => ExitCode::from(datapath::run(cmd)),
         Command::Gateway(cmd) => ExitCode::from(gateway::run(cmd)),
         Command::Status(args) => ExitCode::from(status::run(args)),
+        Command::Observe(args) => ExitCode::from(observe::run(args)),
     }
 }

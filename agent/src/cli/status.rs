@@ -62,8 +62,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// What `signet status` needs of the topology's description.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Topology {
-    nodes: Vec<TopologyNode>,
+pub(crate) struct Topology {
+    pub(crate) nodes: Vec<TopologyNode>,
     /// The CA's admin port, when the topology has one.
     ca: Option<TopologyCa>,
 }
@@ -77,11 +77,11 @@ struct TopologyCa {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TopologyNode {
-    name: String,
+pub(crate) struct TopologyNode {
+    pub(crate) name: String,
     /// The node's network namespace (a name under /run/netns, or a path).
-    netns: String,
-    agent_admin: SocketAddr,
+    pub(crate) netns: String,
+    pub(crate) agent_admin: SocketAddr,
 }
 
 /// One agent as seen from here.
@@ -200,7 +200,7 @@ pub fn wait(
     }
 }
 
-fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = given {
         return Ok(p.to_owned());
     }
@@ -216,7 +216,7 @@ fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {
     ))
 }
 
-fn read_topology(path: &Path) -> Result<Topology, String> {
+pub(crate) fn read_topology(path: &Path) -> Result<Topology, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("topology {}: {e}", path.display()))?;
     let t: Topology =

@@ -121,14 +121,12 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
             let src = source.to_string();
             // Refusals are counted, logged as a flow and answered on the stream with a status.
             let deny = |destination: &str, why: Refusal| {
-                refuse(
-                    &ctx.metrics,
-                    Reporter::Inbound,
-                    &src,
-                    destination,
-                    target,
-                    &why,
+                let now = ctx.snapshot();
+                let peers = (
+                    super::peer(&now, &src, None),
+                    super::peer(&now, destination, Some(target)),
                 );
+                refuse(&ctx.metrics, Reporter::Inbound, peers, target, &why);
                 Admission::Refuse(why.status(), why.to_string())
             };
             let Some(ep) = snap.local_by_ip(target.ip()) else {
@@ -174,6 +172,13 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                     source: src.clone(),
                     destination: dst.to_string(),
                     metrics: Some(ctx.metrics.clone()),
+                    peers: {
+                        let now = ctx.snapshot();
+                        (
+                            super::peer(&now, &src, None),
+                            super::peer(&now, dst.as_str(), Some(target)),
+                        )
+                    },
                 }),
                 _ => None,
             };
@@ -194,7 +199,8 @@ fn admission(ctx: ProxyContext, served: SpiffeId) -> Inbound {
                 dst.to_string(),
                 target,
                 &decision,
-            );
+            )
+            .described(&ctx.snapshot(), None);
             Admitted {
                 tcp,
                 l7,

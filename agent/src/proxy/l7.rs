@@ -27,6 +27,29 @@ pub struct L7Flow {
     pub source: String,
     pub destination: String,
     pub metrics: Option<Arc<crate::admin::metrics::Metrics>>,
+    /// Both sides as the flow log names them (denials are recorded there with `metrics`).
+    pub peers: (crate::flow::Peer, crate::flow::Peer),
+}
+
+impl L7Flow {
+    /// Records a refused request in the node's flow log.
+    fn record_denial(&self, method: &str, path: &str, status: u16, reason: &str) {
+        let Some(m) = &self.metrics else { return };
+        m.flows().push(crate::flow::FlowEntry {
+            reporter: crate::flow::Reporter::Inbound.as_str().into(),
+            source: self.peers.0.clone(),
+            destination: self.peers.1.clone(),
+            protocol: "tcp".into(),
+            verdict: "l7-denied".into(),
+            reason: Some(reason.to_owned()),
+            http: Some(crate::flow::HttpInfo {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                status,
+            }),
+            ..Default::default()
+        });
+    }
 }
 
 impl std::fmt::Debug for L7Flow {
@@ -102,6 +125,7 @@ where
                             "l7_bad_path",
                         );
                     }
+                    flow.record_denial(req.method().as_str(), target, 400, &reason);
                     return Ok(bad_request(&reason));
                 }
             };
@@ -130,6 +154,7 @@ where
                             "l7_deny",
                         );
                     }
+                    flow.record_denial(&policy_req.method, &policy_req.path, 403, &reason);
                     Ok::<_, hyper::Error>(forbidden(&reason))
                 }
                 Ok(rule) => {

@@ -102,7 +102,23 @@ impl hbone::ByteCounter for FlowCounters {
     }
 }
 
-/// One proxied connection, counted when it opens and logged as one `flow` line when it ends.
+/// One side of a flow as the node's flow log names it: the identity, its number in `snap`, the
+/// address and the pod there.
+pub fn peer(snap: &Snapshot, identity: &str, address: Option<SocketAddr>) -> crate::flow::Peer {
+    crate::flow::Peer {
+        identity: identity.to_owned(),
+        number: signet_ca::SpiffeId::parse(identity)
+            .ok()
+            .and_then(|id| snap.identities.get(&id).copied()),
+        address: address.map(|a| a.to_string()),
+        pod: address
+            .and_then(|a| snap.pod_by_ip(a.ip()))
+            .map(|w| w.key()),
+    }
+}
+
+/// One proxied connection, counted when it opens and logged as one `flow` line (and one record
+/// of the node's flow log) when it ends.
 #[derive(Debug)]
 pub struct FlowRecord {
     pub reporter: Reporter,
@@ -113,6 +129,9 @@ pub struct FlowRecord {
     pub rule: crate::policy::decide::Rule,
     started: Instant,
     counters: Arc<FlowCounters>,
+    /// Both sides as the flow log names them, and the log.
+    peers: (crate::flow::Peer, crate::flow::Peer),
+    flows: Arc<crate::flow::FlowLog>,
 }
 
 impl FlowRecord {
@@ -127,6 +146,17 @@ impl FlowRecord {
     ) -> Self {
         let counters = metrics.flow(reporter, &source, &destination);
         counters.opened.fetch_add(1, Ordering::Relaxed);
+        let peers = (
+            crate::flow::Peer {
+                identity: source.clone(),
+                ..Default::default()
+            },
+            crate::flow::Peer {
+                identity: destination.clone(),
+                address: Some(target.to_string()),
+                ..Default::default()
+            },
+        );
         match decision.verdict {
             crate::policy::decide::Verdict::Audit => &counters.audited,
             _ => &counters.allowed,
@@ -141,7 +171,19 @@ impl FlowRecord {
             rule: decision.rule.clone(),
             started: Instant::now(),
             counters,
+            peers,
+            flows: metrics.flows().clone(),
         }
+    }
+
+    /// Names both sides fully in the flow log: numbers and pods from `snap`, and the source's
+    /// address when this node saw it (outbound).
+    pub fn described(mut self, snap: &Snapshot, source_address: Option<SocketAddr>) -> Self {
+        self.peers = (
+            peer(snap, &self.source, source_address),
+            peer(snap, &self.destination, Some(self.target)),
+        );
+        self
     }
 
     /// A meter that adds this flow's bytes to its counters as they move.
@@ -172,6 +214,7 @@ impl FlowRecord {
             Reporter::Outbound => (to_h2, from_h2),
             Reporter::Inbound => (from_h2, to_h2),
         };
+        let duration_ms = self.started.elapsed().as_millis() as u64;
         tracing::info!(
             reporter = self.reporter.as_str(),
             source = %self.source,
@@ -181,22 +224,41 @@ impl FlowRecord {
             rule = %self.rule,
             sent,
             received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms,
             end,
             "flow"
         );
+        self.flows.push(crate::flow::FlowEntry {
+            reporter: self.reporter.as_str().into(),
+            source: self.peers.0.clone(),
+            destination: self.peers.1.clone(),
+            protocol: "tcp".into(),
+            verdict: if self.verdict == "audit" {
+                "audit"
+            } else {
+                "forwarded"
+            }
+            .into(),
+            rule: Some(self.rule.to_string()),
+            sent,
+            received,
+            duration_ms,
+            end: Some(end.to_owned()),
+            ..Default::default()
+        });
     }
 }
 
-/// Logs and counts a connection refused by policy or for want of what it needs.
+/// Logs, counts and records in the flow log a connection refused by policy or for want of what
+/// it needs. `peers` names both sides for the flow log.
 pub fn refuse(
     metrics: &Metrics,
     reporter: Reporter,
-    source: &str,
-    destination: &str,
+    peers: (crate::flow::Peer, crate::flow::Peer),
     target: SocketAddr,
     why: &refusal::Refusal,
 ) {
+    let (source, destination) = (peers.0.identity.as_str(), peers.1.identity.as_str());
     if why.is_policy() {
         metrics.verdict(reporter, source, destination, "deny");
     } else {
@@ -212,6 +274,21 @@ pub fn refuse(
         detail = %why,
         "flow"
     );
+    let rule = match why {
+        refusal::Refusal::Policy { rule } => Some(rule.to_string()),
+        _ => None,
+    };
+    metrics.flows().push(crate::flow::FlowEntry {
+        reporter: reporter.as_str().into(),
+        protocol: "tcp".into(),
+        verdict: "dropped".into(),
+        reason: Some(format!("{}: {why}", why.label())),
+        rule,
+        end: Some("refused".into()),
+        source: peers.0,
+        destination: peers.1,
+        ..Default::default()
+    });
 }
 
 /// Logs and counts a connection refused before anything was known of it but its peer.
@@ -233,6 +310,23 @@ pub fn refuse_unidentified(
         reason = why.label(),
         "connection refused: {why}"
     );
+    metrics.flows().push(crate::flow::FlowEntry {
+        reporter: reporter.as_str().into(),
+        protocol: "tcp".into(),
+        verdict: "dropped".into(),
+        reason: Some(format!("{}: {why}", why.label())),
+        end: Some("refused".into()),
+        source: crate::flow::Peer {
+            identity: crate::admin::metrics::UNKNOWN.into(),
+            address: Some(peer.to_string()),
+            ..Default::default()
+        },
+        destination: crate::flow::Peer {
+            identity: crate::admin::metrics::UNKNOWN.into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
 }
 
 impl std::fmt::Debug for ProxyContext {

@@ -83,14 +83,12 @@ async fn handle(
     };
     // Refusals are counted, logged as a flow and answered with a reset.
     let deny = |source: &str, destination: &str, target, why: Refusal| {
-        refuse(
-            &ctx.metrics,
-            Reporter::Outbound,
-            source,
-            destination,
-            target,
-            &why,
+        let snap = ctx.snapshot();
+        let peers = (
+            super::peer(&snap, source, Some(client)),
+            super::peer(&snap, destination, Some(target)),
         );
+        refuse(&ctx.metrics, Reporter::Outbound, peers, target, &why);
         reset(&sock);
     };
     let snap = ctx.snapshot();
@@ -170,7 +168,8 @@ async fn handle(
         dst.to_string(),
         dst_addr,
         &decision,
-    );
+    )
+    .described(&ctx.snapshot(), Some(client));
     let meter = record.meter();
     tokio::select! {
         r = pump(&mut sock, t.send, t.recv, ctx.limits.idle, &meter) => record.finish(&meter, r.err().as_ref()),

@@ -1,0 +1,496 @@
+//! `signet observe [-f] [--since 5m] [filters] [-o compact|json]`: the flows of every node,
+//! merged. Each agent keeps its recent flows (`/flows` on its admin port: what the proxy
+//! forwarded and refused, requests the L7 check refused, what the kernel dropped); this asks
+//! every node of the topology from inside its network namespace, merges by time, filters, and
+//! prints one line per flow (or one JSON object). With `-f` it follows all nodes until
+//! interrupted. Records a node overwrote before they were read are reported, never skipped in
+//! silence.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::status::{TopologyNode, parse_duration, read_topology, topology_path};
+use crate::flow::FlowEntry;
+
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    /// The local topology's description (default: $SIGNET_TOPOLOGY, else the demo's).
+    #[arg(long)]
+    topology: Option<PathBuf>,
+    /// Follow: print flows as they happen, until interrupted.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Only flows this recent: `90s`, `5m`, `1h`.
+    #[arg(long, value_parser = parse_duration)]
+    since: Option<Duration>,
+    #[command(flatten)]
+    filter: Filter,
+    /// `compact` (one line per flow, default) or `json` (one object per line).
+    #[arg(short = 'o', long, default_value = "compact")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Compact,
+    Json,
+}
+
+/// Which flows to show; every given condition must hold.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Filter {
+    /// The source pod, `namespace/name`.
+    #[arg(long)]
+    pub from_pod: Option<String>,
+    /// The destination pod, `namespace/name`.
+    #[arg(long)]
+    pub to_pod: Option<String>,
+    /// Either side in this namespace (by pod, or by SPIFFE ID).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Either side with this identity (a SPIFFE ID; a trailing `*` matches a prefix).
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// `forwarded`, `audit`, `dropped` or `l7-denied`.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// `tcp`, `udp`, `icmp`.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// The destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The HTTP status an L7 decision answered.
+    #[arg(long)]
+    pub http_status: Option<u16>,
+}
+
+impl Filter {
+    pub fn admits(&self, e: &FlowEntry) -> bool {
+        let in_ns = |ns: &str, p: &crate::flow::Peer| {
+            p.pod
+                .as_deref()
+                .is_some_and(|pod| pod.split('/').next() == Some(ns))
+                || p.identity.contains(&format!("/ns/{ns}/"))
+        };
+        let is = |want: &str, id: &str| match want.strip_suffix('*') {
+            Some(prefix) => id.starts_with(prefix),
+            None => id == want,
+        };
+        let port = e
+            .destination
+            .address
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.port());
+        self.from_pod
+            .as_ref()
+            .is_none_or(|p| e.source.pod.as_ref() == Some(p))
+            && self
+                .to_pod
+                .as_ref()
+                .is_none_or(|p| e.destination.pod.as_ref() == Some(p))
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| in_ns(ns, &e.source) || in_ns(ns, &e.destination))
+            && self
+                .identity
+                .as_ref()
+                .is_none_or(|id| is(id, &e.source.identity) || is(id, &e.destination.identity))
+            && self.verdict.as_ref().is_none_or(|v| &e.verdict == v)
+            && self.protocol.as_ref().is_none_or(|p| &e.protocol == p)
+            && self.port.is_none_or(|p| port == Some(p))
+            && self
+                .http_status
+                .is_none_or(|s| e.http.as_ref().is_some_and(|h| h.status == s))
+    }
+}
+
+/// One line of a node's `/flows`: a record, or records it lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Line {
+    Flow(Box<FlowEntry>),
+    Lost { node: String, lost: u64 },
+}
+
+fn parse_line(node: &str, line: &str) -> Option<Line> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if let Some(n) = v.get("lost").and_then(serde_json::Value::as_u64) {
+        return Some(Line::Lost {
+            node: node.to_owned(),
+            lost: n,
+        });
+    }
+    serde_json::from_value(v)
+        .ok()
+        .map(|e| Line::Flow(Box::new(e)))
+}
+
+pub fn run(args: ObserveArgs) -> u8 {
+    let path = match topology_path(args.topology.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("signet observe: {e}");
+            return 2;
+        }
+    };
+    let since_ms = args.since.map_or(0, |d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_millis() as u64);
+        now.saturating_sub(d.as_millis() as u64)
+    });
+    let print = |line: &Line| {
+        let text = match (args.output, line) {
+            (Output::Json, l) => serde_json::to_string(l).unwrap_or_default(),
+            (Output::Compact, Line::Flow(e)) => compact(e),
+            (Output::Compact, Line::Lost { node, lost }) => format!(
+                "!! {node}: {lost} flow records lost (this reader was slower than they came)"
+            ),
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+    };
+    if args.follow {
+        return match follow(&path, since_ms, &args.filter, |l| print(l)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("signet observe: {e}");
+                2
+            }
+        };
+    }
+    match collect(&path, since_ms, &args.filter) {
+        Ok((lines, unreachable)) => {
+            for l in &lines {
+                if !print(l) {
+                    break;
+                }
+            }
+            for e in &unreachable {
+                eprintln!("signet observe: {e}");
+            }
+            u8::from(!unreachable.is_empty())
+        }
+        Err(e) => {
+            eprintln!("signet observe: {e}");
+            2
+        }
+    }
+}
+
+/// Every node's flows since `since_ms` that `filter` admits, merged by time; and the nodes that
+/// could not be read, with why.
+pub fn collect(
+    topology: &Path,
+    since_ms: u64,
+    filter: &Filter,
+) -> Result<(Vec<Line>, Vec<String>), String> {
+    let topology = read_topology(topology)?;
+    let query = format!("/flows?since_ms={since_ms}");
+    let answers: Vec<(String, Result<Vec<Line>, String>)> = std::thread::scope(|s| {
+        let asks: Vec<_> = topology
+            .nodes
+            .iter()
+            .map(|n| {
+                let query = &query;
+                s.spawn(move || {
+                    let mut lines = Vec::new();
+                    let r = stream(n, query, |l| {
+                        lines.push(l);
+                        true
+                    });
+                    (n.name.clone(), r.map(|()| lines))
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (String::new(), Err("a reader thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut lines = Vec::new();
+    let mut unreachable = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(l) => lines.extend(l),
+            Err(e) => unreachable.push(format!("{node}: {e}")),
+        }
+    }
+    lines.retain(|l| match l {
+        Line::Flow(e) => filter.admits(e),
+        Line::Lost { .. } => true,
+    });
+    lines.sort_by_key(|l| match l {
+        Line::Flow(e) => (e.time_ms, e.node.clone(), e.seq),
+        Line::Lost { node, .. } => (0, node.clone(), 0),
+    });
+    Ok((lines, unreachable))
+}
+
+/// Follows every node until `each` returns false or every stream has ended; a node whose
+/// stream breaks is asked again from the last record seen.
+pub fn follow(
+    topology: &Path,
+    since_ms: u64,
+    filter: &Filter,
+    mut each: impl FnMut(&Line) -> bool,
+) -> Result<(), String> {
+    let topology = read_topology(topology)?;
+    let (tx, rx) = std::sync::mpsc::channel::<Line>();
+    for n in topology.nodes {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut after = 0u64;
+            loop {
+                let query = format!("/flows?follow=1&since_ms={since_ms}&after={after}");
+                let r = stream(&n, &query, |l| {
+                    if let Line::Flow(e) = &l {
+                        after = e.seq;
+                    }
+                    tx.send(l).is_ok()
+                });
+                if let Err(e) = r {
+                    eprintln!("signet observe: {}: {e}; asking again", n.name);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+    }
+    drop(tx);
+    for line in rx {
+        let shown = match &line {
+            Line::Flow(e) => filter.admits(e),
+            Line::Lost { .. } => true,
+        };
+        if shown && !each(&line) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Reads a node's `/flows` answer line by line (plain or chunked), until it ends or `each`
+/// returns false.
+fn stream(
+    node: &TopologyNode,
+    query: &str,
+    mut each: impl FnMut(Line) -> bool,
+) -> Result<(), String> {
+    let netns = crate::datapath::netns::path_of(&node.netns);
+    let mut tcp = crate::datapath::netns::connect_in(
+        &netns,
+        node.agent_admin,
+        Duration::from_secs(3),
+    )
+    .map_err(|e| {
+        format!(
+            "agent unreachable at {} in network namespace {}: {e} (is signet-agent running on {}?)",
+            node.agent_admin, node.netns, node.name
+        )
+    })?;
+    write!(
+        tcp,
+        "GET {query} HTTP/1.1\r\nHost: signet-admin\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(tcp);
+    let mut status = String::new();
+    reader.read_line(&mut status).map_err(|e| e.to_string())?;
+    if !status.contains(" 200 ") {
+        return Err(format!("/flows answered `{}`", status.trim()));
+    }
+    let mut chunked = false;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).map_err(|e| e.to_string())?;
+        let h = h.trim();
+        if h.is_empty() {
+            break;
+        }
+        if h.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+        {
+            chunked = true;
+        }
+    }
+    let mut pending = String::new();
+    let mut feed = |text: &str, pending: &mut String| -> bool {
+        pending.push_str(text);
+        while let Some(i) = pending.find('\n') {
+            let line: String = pending.drain(..=i).collect();
+            if let Some(l) = parse_line(&node.name, line.trim())
+                && !each(l)
+            {
+                return false;
+            }
+        }
+        true
+    };
+    if !chunked {
+        let mut body = String::new();
+        reader
+            .read_to_string(&mut body)
+            .map_err(|e| e.to_string())?;
+        feed(&body, &mut pending);
+        return Ok(());
+    }
+    loop {
+        let mut size = String::new();
+        if reader.read_line(&mut size).map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
+        let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+            .map_err(|_| format!("a bad chunk size `{}`", size.trim()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut data = vec![0; n + 2];
+        reader.read_exact(&mut data).map_err(|e| e.to_string())?;
+        data.truncate(n);
+        if !feed(&String::from_utf8_lossy(&data), &mut pending) {
+            return Ok(());
+        }
+    }
+}
+
+/// One flow on one line: time, node, reporter, verdict, both sides, protocol, and why.
+pub fn compact(e: &FlowEntry) -> String {
+    let time = jiff::Timestamp::from_millisecond(e.time_ms as i64)
+        .map(|t| t.strftime("%H:%M:%S%.3f").to_string())
+        .unwrap_or_default();
+    let side = |p: &crate::flow::Peer| {
+        let who = p.pod.clone().unwrap_or_else(|| p.identity.clone());
+        match &p.address {
+            Some(a) => format!("{who} ({a})"),
+            None => who,
+        }
+    };
+    let mut line = format!(
+        "{time} {:<8} {:<8} {:<9} {} -> {} {}",
+        e.node,
+        e.reporter,
+        e.verdict,
+        side(&e.source),
+        side(&e.destination),
+        e.protocol
+    );
+    if let Some(d) = &e.direction {
+        line += &format!("/{d}");
+    }
+    if let Some(h) = &e.http {
+        line += &format!(" {} {} {}", h.method, h.path, h.status);
+    }
+    if let Some(r) = &e.rule {
+        line += &format!(" rule={r}");
+    }
+    if let Some(r) = &e.reason {
+        line += &format!(" reason={r}");
+    }
+    if e.verdict == "forwarded" || e.verdict == "audit" {
+        line += &format!(
+            " sent={} received={} {}ms",
+            e.sent, e.received, e.duration_ms
+        );
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{HttpInfo, Peer};
+
+    fn entry() -> FlowEntry {
+        FlowEntry {
+            node: "node-b".into(),
+            reporter: "inbound".into(),
+            source: Peer {
+                identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                pod: Some("shop/web-0".into()),
+                ..Default::default()
+            },
+            destination: Peer {
+                identity: "spiffe://cluster.local/ns/payments/sa/api".into(),
+                address: Some("10.99.21.2:8080".into()),
+                pod: Some("payments/api-0".into()),
+                ..Default::default()
+            },
+            protocol: "tcp".into(),
+            verdict: "l7-denied".into(),
+            http: Some(HttpInfo {
+                method: "POST".into(),
+                path: "/".into(),
+                status: 403,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_given_condition_must_hold() {
+        let e = entry();
+        assert!(Filter::default().admits(&e));
+        let f = |f: Filter| f.admits(&e);
+        assert!(f(Filter {
+            from_pod: Some("shop/web-0".into()),
+            to_pod: Some("payments/api-0".into()),
+            port: Some(8080),
+            http_status: Some(403),
+            verdict: Some("l7-denied".into()),
+            ..Default::default()
+        }));
+        assert!(f(Filter {
+            namespace: Some("payments".into()),
+            identity: Some("spiffe://cluster.local/ns/shop/*".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            from_pod: Some("payments/api-0".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            port: Some(80),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            verdict: Some("dropped".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            namespace: Some("ops".into()),
+            ..Default::default()
+        }));
+    }
+
+    #[test]
+    fn lines_are_records_or_losses() {
+        assert_eq!(
+            parse_line("node-a", "{\"lost\":3}"),
+            Some(Line::Lost {
+                node: "node-a".into(),
+                lost: 3
+            })
+        );
+        let json = serde_json::to_string(&entry()).expect("json");
+        assert_eq!(
+            parse_line("node-b", &json),
+            Some(Line::Flow(Box::new(entry())))
+        );
+        assert_eq!(parse_line("node-b", "not json"), None);
+        let line = compact(&entry());
+        assert!(
+            line.contains("node-b   inbound  l7-denied shop/web-0 -> payments/api-0 (10.99.21.2:8080) tcp POST / 403"),
+            "{line}"
+        );
+    }
+}
