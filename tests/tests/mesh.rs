@@ -697,3 +697,118 @@ fn signet_status_reports_each_agent_the_map_fill_and_an_agent_that_is_down() {
         render(&report, std::time::SystemTime::now())
     );
 }
+
+/// `signet observe` over the two nodes: an L7 denial and a kernel drop appear with what decided
+/// them, an allowed request beside them is forwarded, filters pick each out, and a reader that
+/// comes back after the ring has wrapped is told how many records it lost (and the agent counts
+/// them).
+#[test]
+fn signet_observe_shows_kernel_drops_and_l7_denials_with_their_rules_and_counts_losses() {
+    use signet_agent::cli::observe::{Filter, Line, collect};
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut step = Steps::default();
+    let t = Topology::new();
+    t.write_state(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: api, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: server}}\n  ingress:\n\
+         \x20 - from: [{identity: spiffe://cluster.local/ns/shop/sa/client}]\n    ports: [{port: 8080}]\n\
+         \x20   http: [{methods: [GET], paths: [{prefix: /v1/}]}]\n",
+    );
+    let _running = start(&t, "", "admin: {flowLogCapacity: 16}\n");
+    let _http = t.server_with(8080, &["--http"]);
+    let topology = t.write_topology_json();
+    let web = format!("{}:8080", t.pod_ip('b'));
+
+    step.to("An allowed request, an L7 denial and a kernel drop");
+    assert_eq!(
+        t.client_with(&web, &["--request", "GET /v1/items"])["status"],
+        200
+    );
+    assert_eq!(
+        t.client_with(&web, &["--request", "POST /v1/items"])["status"],
+        403
+    );
+    assert_eq!(t.bypassing_client(&web)["ok"], false);
+    let flows = |filter: Filter| -> Vec<signet_agent::flow::FlowEntry> {
+        let (lines, unreachable) = collect(&topology, 0, &filter).expect("flows");
+        assert!(unreachable.is_empty(), "{unreachable:?}");
+        lines
+            .into_iter()
+            .filter_map(|l| match l {
+                Line::Flow(e) => Some(*e),
+                Line::Lost { .. } => None,
+            })
+            .collect()
+    };
+    let denied = wait_for("the L7 denial in the flow log", || {
+        let f = flows(Filter {
+            verdict: Some("l7-denied".into()),
+            ..Default::default()
+        });
+        (!f.is_empty()).then_some(f)
+    });
+    let d = &denied[0];
+    assert_eq!(d.node, "node-b");
+    assert_eq!(d.source.identity, CLIENT);
+    assert_eq!(d.destination.pod.as_deref(), Some("shop/server-0"));
+    let http = d.http.as_ref().expect("the request");
+    assert_eq!(
+        (http.method.as_str(), http.path.as_str(), http.status),
+        ("POST", "/v1/items", 403)
+    );
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("shop/api")),
+        "the rules it was checked against: {d:?}"
+    );
+    let dropped = wait_for("the kernel drop in the flow log", || {
+        let f = flows(Filter {
+            verdict: Some("dropped".into()),
+            to_pod: Some("shop/server-0".into()),
+            ..Default::default()
+        });
+        let kernel: Vec<_> = f.into_iter().filter(|e| e.reporter == "kernel").collect();
+        (!kernel.is_empty()).then_some(kernel)
+    });
+    assert_eq!(dropped[0].node, "node-b");
+    assert_eq!(dropped[0].reason.as_deref(), Some("strict-mtls-plaintext"));
+    assert_eq!(dropped[0].direction.as_deref(), Some("ingress"));
+    let forwarded = flows(Filter {
+        verdict: Some("forwarded".into()),
+        port: Some(8080),
+        from_pod: Some("shop/client-0".into()),
+        ..Default::default()
+    });
+    assert!(
+        forwarded
+            .iter()
+            .any(|e| e.node == "node-a" && e.reporter == "outbound" && e.sent > 0),
+        "the allowed request beside them: {forwarded:?}"
+    );
+
+    step.to("A reader that comes back after the ring wrapped is told what it lost");
+    let (_, before) = t.admin_get('b', "/flows");
+    let last_seen: u64 = before
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["seq"].as_u64())
+        .max()
+        .expect("records");
+    for _ in 0..20 {
+        let _ = t.client_with(&web, &["--request", "GET /v1/items"]);
+    }
+    let (status, body) = t.admin_get('b', &format!("/flows?after={last_seen}"));
+    assert_eq!(status, 200);
+    let first: serde_json::Value =
+        serde_json::from_str(body.lines().next().expect("a line")).expect("json");
+    let lost = first["lost"].as_u64().expect("a lost line first");
+    assert!(lost >= 4, "20 flows through a ring of 16: {body}");
+    let (_, metrics) = t.admin_get('b', "/metrics");
+    assert_eq!(
+        sample(&metrics, "signet_flow_records_lost_total"),
+        Some(lost as f64),
+        "{metrics}"
+    );
+}
