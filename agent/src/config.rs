@@ -43,7 +43,7 @@
 //!           trustedProxies: [10.0.0.0/8]}    # whose X-Forwarded-For is appended to
 //! admin: {headerReadTimeoutSeconds: 10,     # the admin port's clients
 //!         metricsRetainIdleSeconds: 600,     # a pair of identities idle this long loses its series
-//!         flowLogCapacity: 4096}             # recent flows kept for /flows (signet observe)
+//!         flowLogCapacity: 4096}             # recent flows kept for /flows (signet observe); 0: off
 //! identityGc: {graceSeconds: 600, intervalSeconds: 60,  # Kubernetes mode
 //!              quarantineSeconds: 1800}       # a deleted number is not issued again before (3 x grace)
 //! ```
@@ -595,8 +595,9 @@ impl Raw {
                     .into(),
             );
         }
-        if !(1..=1 << 20).contains(&self.admin.flow_log_capacity) {
-            return Err("admin.flowLogCapacity must be between 1 and 1048576".into());
+        // 0 is valid: observe is off.
+        if self.admin.flow_log_capacity > 1 << 20 {
+            return Err("admin.flowLogCapacity must be at most 1048576 (0 turns it off)".into());
         }
         Ok(())
     }
@@ -947,7 +948,6 @@ mod tests {
                 "gateway: {maxConnectionsPerClient: 0}\n",
                 "maxConnectionsPerClient",
             ),
-            ("admin: {flowLogCapacity: 0}\n", "admin.flowLogCapacity"),
         ] {
             // A later `ca:` replaces the first one in YAML maps: drop the default for that case.
             let text = if extra.starts_with("ca:") {
@@ -976,6 +976,13 @@ mod tests {
         .expect("set");
         assert_eq!(set.admin.header_read, Duration::from_secs(3));
         assert_eq!(set.admin.metrics_retain_idle, Duration::from_secs(120));
+        assert_eq!(defaults.admin.flow_log_capacity, 4096);
+        let off = parse(dir.path(), &yaml("admin: {flowLogCapacity: 0}\n")).expect("off");
+        assert_eq!(off.admin.flow_log_capacity, 0, "0 is valid: observe is off");
+        let err = parse(dir.path(), &yaml("admin: {flowLogCapacity: 2000000}\n"))
+            .expect_err("too large")
+            .to_string();
+        assert!(err.contains("admin.flowLogCapacity"), "{err}");
     }
 
     #[test]

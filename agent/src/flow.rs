@@ -75,7 +75,8 @@ pub struct HttpInfo {
 
 /// The node's recent flows: a bounded ring that readers follow by sequence number. A reader
 /// that falls further behind than the ring holds is told how many records it lost; nothing is
-/// dropped silently.
+/// dropped silently. Capacity 0 turns it off: nothing is recorded, and writers skip the work of
+/// describing flows.
 #[derive(Debug)]
 pub struct FlowLog {
     node: std::sync::RwLock<String>,
@@ -100,9 +101,9 @@ impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         Self {
             node: std::sync::RwLock::default(),
-            capacity: capacity.max(1),
+            capacity,
             ring: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(
-                capacity.clamp(1, 1 << 16),
+                capacity.min(1 << 16),
             )),
             next: std::sync::atomic::AtomicU64::new(1),
             lost: std::sync::atomic::AtomicU64::new(0),
@@ -115,8 +116,16 @@ impl FlowLog {
         *self.node.write().unwrap_or_else(|p| p.into_inner()) = node.to_owned();
     }
 
+    /// Whether records are kept at all (a log of capacity 0 keeps none: observe is off).
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
     /// Adds `entry`, stamped with its sequence number, the time and the node.
     pub fn push(&self, mut entry: FlowEntry) {
+        if !self.enabled() {
+            return;
+        }
         entry.time_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -190,5 +199,9 @@ mod tests {
         let (none, lost) = log.after(5);
         assert!(none.is_empty());
         assert_eq!(lost, 0);
+        let off = FlowLog::new(0);
+        off.push(FlowEntry::default());
+        assert!(!off.enabled());
+        assert_eq!(off.after(0), (vec![], 0));
     }
 }

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 # SIGNET_DEMO_MTLS=permissive lets plaintext reach pods (the gateway benchmark's nginx needs it).
+# SIGNET_DEMO_FLOW_LOG=N sizes each agent's flow log (0: signet observe off).
 # Every name the demo creates starts with this (tests/run.sh uses a unique one).
 NAME=${SIGNET_DEMO_NAME:-signet-demo}
 WORK=/tmp/$NAME
@@ -178,6 +179,8 @@ listen: {outbound: '$(node_ip $n):15001', inbound: '$(node_ip $n):15008', admin:
 mtlsMode: ${SIGNET_DEMO_MTLS:-strict}
 # Both simulated nodes share this machine's cores: one runtime thread each.
 proxy: {workerThreads: 1}
+# Recent flows kept for signet observe; SIGNET_DEMO_FLOW_LOG=0 turns it off (bench.sh compares).
+admin: {flowLogCapacity: ${SIGNET_DEMO_FLOW_LOG:-4096}}
 YAML
         "$BIN/signet-agent" --netns "$NS-node-$n" --config "$WORK/agent-$n.yaml" >"$WORK/agent-$n.log" 2>&1 &
         echo $! > "$WORK/agent-$n.pid"

@@ -179,6 +179,9 @@ impl FlowRecord {
     /// Names both sides fully in the flow log: numbers and pods from `snap`, and the source's
     /// address when this node saw it (outbound).
     pub fn described(mut self, snap: &Snapshot, source_address: Option<SocketAddr>) -> Self {
+        if !self.flows.enabled() {
+            return self;
+        }
         self.peers = (
             peer(snap, &self.source, source_address),
             peer(snap, &self.destination, Some(self.target)),
@@ -228,6 +231,9 @@ impl FlowRecord {
             end,
             "flow"
         );
+        if !self.flows.enabled() {
+            return;
+        }
         self.flows.push(crate::flow::FlowEntry {
             reporter: self.reporter.as_str().into(),
             source: self.peers.0.clone(),
