@@ -139,8 +139,11 @@ struct RawAdmin {
     flow_log_capacity: usize,
 }
 
+/// Flow records an agent keeps for `/flows` unless `admin.flowLogCapacity` says otherwise.
+pub const DEFAULT_FLOW_LOG_CAPACITY: usize = 4096;
+
 fn default_flow_log_capacity() -> usize {
-    crate::flow::FLOW_LOG_CAPACITY
+    DEFAULT_FLOW_LOG_CAPACITY
 }
 
 impl Default for RawAdmin {

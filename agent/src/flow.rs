@@ -88,15 +88,6 @@ pub struct FlowLog {
     changed: tokio::sync::Notify,
 }
 
-/// Records a node keeps unless told otherwise.
-pub const FLOW_LOG_CAPACITY: usize = 4096;
-
-impl Default for FlowLog {
-    fn default() -> Self {
-        Self::new(FLOW_LOG_CAPACITY)
-    }
-}
-
 impl FlowLog {
     pub fn new(capacity: usize) -> Self {
         Self {

@@ -230,7 +230,7 @@ impl Metrics {
     /// Counters whose idle series are forgotten after `retain_idle`, and a flow log of the
     /// default size.
     pub fn with_retention(retain_idle: Duration) -> Self {
-        Self::new(retain_idle, crate::flow::FLOW_LOG_CAPACITY)
+        Self::new(retain_idle, crate::config::DEFAULT_FLOW_LOG_CAPACITY)
     }
 
     /// Counters whose idle series are forgotten after `retain_idle`, and a flow log that keeps
