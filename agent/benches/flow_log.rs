@@ -45,9 +45,13 @@ fn record(i: u64) -> FlowEntry {
 
 /// Follows `/flows` on `tcp` until the connection is shut down, counting records and losses.
 fn follow(mut tcp: std::net::TcpStream, got: Arc<AtomicU64>, lost: Arc<AtomicU64>) {
+    // Only what comes from now on: the ring still holds the previous round's records.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     write!(
         tcp,
-        "GET /flows?follow=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        "GET /flows?follow=1&since_ms={now_ms} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     .expect("request");
     let mut r = BufReader::new(tcp);
