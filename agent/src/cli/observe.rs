@@ -286,16 +286,18 @@ fn stream(
     query: &str,
     mut each: impl FnMut(Line) -> bool,
 ) -> Result<(), String> {
-    let netns = crate::datapath::netns::path_of(&node.netns);
-    let mut tcp = crate::datapath::netns::connect_in(
-        &netns,
-        node.agent_admin,
-        Duration::from_secs(3),
-    )
+    let timeout = Duration::from_secs(3);
+    let mut tcp = match &node.netns {
+        Some(ns) => {
+            let path = crate::datapath::netns::path_of(ns);
+            crate::datapath::netns::connect_in(&path, node.agent_admin, timeout)
+        }
+        None => std::net::TcpStream::connect_timeout(&node.agent_admin, timeout),
+    }
     .map_err(|e| {
         format!(
-            "agent unreachable at {} in network namespace {}: {e} (is signet-agent running on {}?)",
-            node.agent_admin, node.netns, node.name
+            "agent unreachable at {}: {e} (is signet-agent running on {}?)",
+            node.agent_admin, node.name
         )
     })?;
     write!(

@@ -22,8 +22,17 @@ const DEMO_TOPOLOGY: &str = "/tmp/signet-demo/topology.json";
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The local topology's description (default: $SIGNET_TOPOLOGY, else the demo's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     topology: Option<PathBuf>,
+    /// Find the CA and the agents through the Kubernetes API instead (in-cluster, $KUBECONFIG,
+    /// or --kubeconfig).
+    #[arg(long)]
+    kubernetes: bool,
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Where Signet runs (Kubernetes mode).
+    #[arg(long, default_value = "signet-system")]
+    namespace: String,
     /// Poll until everything is OK or --wait-duration passes, saying what it waits for.
     #[arg(long)]
     wait: bool,
@@ -60,27 +69,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// What `signet status` needs of the topology's description.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct Topology {
+pub struct Topology {
     pub(crate) nodes: Vec<TopologyNode>,
     /// The CA's admin port, when the topology has one.
-    ca: Option<TopologyCa>,
+    pub(crate) ca: Option<TopologyCa>,
+    /// (ready, wanted) CA replicas, when the cluster says (Kubernetes mode).
+    #[serde(skip)]
+    pub(crate) ca_replicas: Option<(i32, i32)>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TopologyCa {
-    netns: String,
-    admin: SocketAddr,
+pub struct TopologyCa {
+    /// Its network namespace, when it is not this one's.
+    pub(crate) netns: Option<String>,
+    pub(crate) admin: SocketAddr,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct TopologyNode {
+pub struct TopologyNode {
     pub(crate) name: String,
-    /// The node's network namespace (a name under /run/netns, or a path).
-    pub(crate) netns: String,
+    /// The node's network namespace (a name under /run/netns, or a path), when it is not this
+    /// one's.
+    pub(crate) netns: Option<String>,
     pub(crate) agent_admin: SocketAddr,
 }
 
@@ -100,6 +114,8 @@ pub struct AgentReport {
 pub struct CaReport {
     pub health: Health,
     pub status: Option<signet_ca::status::CaStatus>,
+    /// (ready, wanted) replicas, when the cluster says.
+    pub replicas: Option<(i32, i32)>,
 }
 
 /// Everything `signet status` found.
@@ -135,23 +151,37 @@ impl Report {
 }
 
 pub fn run(args: StatusArgs) -> u8 {
-    let path = match topology_path(args.topology.as_deref()) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("signet status: {e}");
-            return 2;
-        }
-    };
     let within = if args.wait {
         args.wait_duration
     } else {
         Duration::ZERO
     };
-    let report = match wait(&path, within, |now| {
+    let say = |now: &[String]| {
         for line in now {
             eprintln!("waiting for {line}");
         }
-    }) {
+    };
+    let report = if args.kubernetes {
+        let find = || -> Result<Topology, String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let client = signet_ca::kubernetes::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                discover(&client, &args.namespace).await
+            })
+        };
+        wait_with(find, within, say)
+    } else {
+        match topology_path(args.topology.as_deref()) {
+            Ok(path) => wait(&path, within, say),
+            Err(e) => Err(e),
+        }
+    };
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("signet status: {e}");
@@ -181,12 +211,35 @@ pub fn check(path: &Path) -> Result<Report, String> {
 pub fn wait(
     path: &Path,
     within: Duration,
-    mut waiting: impl FnMut(&[String]),
+    waiting: impl FnMut(&[String]),
 ) -> Result<Report, String> {
     let topology = read_topology(path)?;
+    wait_with(|| Ok(topology.clone()), within, waiting)
+}
+
+/// As [`wait`], with the CA and agents found anew by `find` each time (Kubernetes mode: pods
+/// come and go while it waits).
+pub fn wait_with(
+    mut find: impl FnMut() -> Result<Topology, String>,
+    within: Duration,
+    mut waiting: impl FnMut(&[String]),
+) -> Result<Report, String> {
     let deadline = Instant::now() + within;
     let mut said = Vec::new();
     loop {
+        let topology = match find() {
+            Ok(t) => t,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                let now = vec![e];
+                if now != said {
+                    waiting(&now);
+                    said = now;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
         let report = collect(&topology);
         if report.ok() || Instant::now() >= deadline {
             return Ok(report);
@@ -230,7 +283,11 @@ pub(crate) fn read_topology(path: &Path) -> Result<Topology, String> {
 /// Asks the CA and every agent, one thread each.
 fn collect(topology: &Topology) -> Report {
     let (ca, agents): (Option<CaReport>, Vec<AgentReport>) = std::thread::scope(|s| {
-        let ca = topology.ca.as_ref().map(|c| s.spawn(move || ask_ca(c)));
+        let replicas = topology.ca_replicas;
+        let ca = topology
+            .ca
+            .as_ref()
+            .map(|c| s.spawn(move || ask_ca(c, replicas)));
         let asks: Vec<_> = topology
             .nodes
             .iter()
@@ -251,6 +308,7 @@ fn collect(topology: &Topology) -> Report {
             h.join().unwrap_or_else(|_| CaReport {
                 health: error("the request thread panicked".into()),
                 status: None,
+                replicas: topology.ca_replicas,
             })
         });
         (ca, agents)
@@ -264,17 +322,20 @@ fn collect(topology: &Topology) -> Report {
     Report { level, ca, agents }
 }
 
-fn ask_ca(ca: &TopologyCa) -> CaReport {
-    let path = crate::datapath::netns::path_of(&ca.netns);
-    let body = match get(&path, ca.admin, "/status") {
+fn ask_ca(ca: &TopologyCa, replicas: Option<(i32, i32)>) -> CaReport {
+    let netns = ca.netns.as_deref().map(crate::datapath::netns::path_of);
+    let body = match get(netns.as_deref(), ca.admin, "/status") {
         Ok(b) => b,
         Err(e) => {
             return CaReport {
                 health: error(format!(
-                    "CA unreachable at {} in network namespace {}: {e} (is signet-ca running with `admin: {}`?)",
-                    ca.admin, ca.netns, ca.admin
+                    "CA unreachable at {}{}: {e} (is signet-ca running with `admin: {}`?)",
+                    ca.admin,
+                    where_(ca.netns.as_deref()),
+                    ca.admin
                 )),
                 status: None,
+                replicas,
             };
         }
     };
@@ -283,7 +344,12 @@ fn ask_ca(ca: &TopologyCa) -> CaReport {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let reasons = status.problems(now);
+            let mut reasons = status.problems(now);
+            if let Some((ready, wanted)) = replicas
+                && ready < wanted
+            {
+                reasons.push(format!("{ready} of {wanted} CA replicas ready"));
+            }
             CaReport {
                 health: Health {
                     level: if reasons.is_empty() {
@@ -294,13 +360,112 @@ fn ask_ca(ca: &TopologyCa) -> CaReport {
                     reasons,
                 },
                 status: Some(status),
+                replicas,
             }
         }
         Err(e) => CaReport {
             health: error(format!("the CA's /status did not parse: {e}")),
             status: None,
+            replicas,
         },
     }
+}
+
+/// ` in network namespace N`, or nothing for this one.
+fn where_(netns: Option<&str>) -> String {
+    netns.map_or(String::new(), |n| format!(" in network namespace {n}"))
+}
+
+/// The agents (pods of the `signet-agent` DaemonSet) and the CA (pods and Deployment
+/// `signet-ca`) in `namespace`, as the API server lists them: each at its pod address and the
+/// port its container names `admin` (15020 and 15014 when none does). Agents run on the host
+/// network, so their admin port is on the node's address; from a laptop that cannot reach the
+/// nodes, `kubectl port-forward` each and describe them with `--topology`.
+pub async fn discover(client: &kube::Client, namespace: &str) -> Result<Topology, String> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = |app: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/name={app}")))
+                .await
+                .map(|l| l.items)
+                .map_err(|e| format!("listing the {app} pods in {namespace}: {e}"))
+        }
+    };
+    let admin = |pod: &Pod, default: u16| -> Option<SocketAddr> {
+        let ip = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+        let port = pod
+            .spec
+            .as_ref()
+            .into_iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some("admin"))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .unwrap_or(default);
+        Some(SocketAddr::new(ip, port))
+    };
+    let mut nodes = Vec::new();
+    for pod in list("signet-agent").await? {
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_else(|| pod_name.clone());
+        nodes.push(match admin(&pod, 15020) {
+            Some(agent_admin) => TopologyNode {
+                name,
+                netns: None,
+                agent_admin,
+            },
+            // Nothing listens on the discard port of loopback: reported unreachable, by name.
+            None => TopologyNode {
+                name: format!("{name} (pod {pod_name} has no address yet)"),
+                netns: None,
+                agent_admin: SocketAddr::from(([127, 0, 0, 1], 9)),
+            },
+        });
+    }
+    if nodes.is_empty() {
+        return Err(format!(
+            "no signet-agent pods in namespace {namespace} (is Signet installed? `kubectl apply -k deploy/kubernetes`)"
+        ));
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let ca_pods = list("signet-ca").await?;
+    let ready = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let ca = ca_pods
+        .iter()
+        .filter(|p| ready(p))
+        .chain(ca_pods.iter())
+        .find_map(|p| admin(p, 15014))
+        .map(|admin| TopologyCa { netns: None, admin });
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let ca_replicas = match deployments.get_opt("signet-ca").await {
+        Ok(Some(d)) => Some((
+            d.status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+            d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        )),
+        Ok(None) => None,
+        Err(e) => return Err(format!("reading Deployment {namespace}/signet-ca: {e}")),
+    };
+    Ok(Topology {
+        nodes,
+        ca,
+        ca_replicas,
+    })
 }
 
 fn error(reason: String) -> Health {
@@ -314,13 +479,15 @@ fn ask(node: &TopologyNode) -> AgentReport {
     let unreachable = |why: String| AgentReport {
         node: node.name.clone(),
         health: error(format!(
-            "agent unreachable at {} in network namespace {}: {why} (is signet-agent running on {}?)",
-            node.agent_admin, node.netns, node.name
+            "agent unreachable at {}{}: {why} (is signet-agent running on {}?)",
+            node.agent_admin,
+            where_(node.netns.as_deref()),
+            node.name
         )),
         status: None,
     };
-    let path = crate::datapath::netns::path_of(&node.netns);
-    let body = match get(&path, node.agent_admin, "/status") {
+    let netns = node.netns.as_deref().map(crate::datapath::netns::path_of);
+    let body = match get(netns.as_deref(), node.agent_admin, "/status") {
         Ok(b) => b,
         Err(e) => return unreachable(e),
     };
@@ -338,12 +505,16 @@ fn ask(node: &TopologyNode) -> AgentReport {
     }
 }
 
-/// `GET path` on the admin port at `addr` in the namespace at `netns`: the body of a 200.
-fn get(netns: &Path, addr: SocketAddr, path: &str) -> Result<String, String> {
+/// `GET path` on the admin port at `addr` (from inside the namespace at `netns`, when given):
+/// the body of a 200.
+fn get(netns: Option<&Path>, addr: SocketAddr, path: &str) -> Result<String, String> {
     use std::io::{Read as _, Write as _};
     let timeout = Duration::from_secs(3);
-    let mut tcp =
-        crate::datapath::netns::connect_in(netns, addr, timeout).map_err(|e| e.to_string())?;
+    let mut tcp = match netns {
+        Some(ns) => crate::datapath::netns::connect_in(ns, addr, timeout),
+        None => std::net::TcpStream::connect_timeout(&addr, timeout),
+    }
+    .map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     write!(
@@ -428,6 +599,9 @@ pub fn render(report: &Report, now: std::time::SystemTime) -> String {
                         ago_or_in(t.max(0) as u64, now)
                     });
                 let _ = writeln!(out, "  next rotation  {next}");
+                if let Some((ready, wanted)) = ca.replicas {
+                    let _ = writeln!(out, "  replicas       {ready}/{wanted} ready");
+                }
             }
             None => out.push('\n'),
         }
