@@ -68,6 +68,16 @@ pub async fn serve_admin(
     Ok((address, running))
 }
 
+/// What `/status` and `/debug/state` read, shared by both.
+#[derive(Clone)]
+struct Parts {
+    node: String,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    progress: Arc<RwLock<Progress>>,
+    certs: CertManager,
+    connections: Arc<Connections>,
+}
+
 /// Readiness, gauges, status and debug state of a started agent.
 #[allow(clippy::too_many_arguments)]
 pub fn running_state(
@@ -79,30 +89,33 @@ pub fn running_state(
     hbone: HboneClient,
     metrics: &Arc<Metrics>,
 ) -> AdminState {
-    let node = config.node.as_str();
+    let parts = Parts {
+        node: config.node.clone(),
+        snapshot: snapshot.clone(),
+        progress: progress.clone(),
+        certs: certs.clone(),
+        connections: connections.clone(),
+    };
     let status = {
-        let (node, snapshot, progress, certs, connections) = (
-            node.to_owned(),
-            snapshot.clone(),
-            progress.clone(),
-            certs.clone(),
-            connections.clone(),
-        );
+        let p = parts.clone();
         let mtls = match config.datapath.mtls_mode {
             crate::config::MtlsMode::Strict => "strict",
             crate::config::MtlsMode::Permissive => "permissive",
         };
-        Arc::new(move || agent_status(&node, mtls, &snapshot, &progress, &certs, &connections))
+        Arc::new(move || {
+            agent_status(
+                &p.node,
+                mtls,
+                &p.snapshot,
+                &p.progress,
+                &p.certs,
+                &p.connections,
+            )
+        })
     };
     let debug = {
-        let (node, snapshot, progress, certs, connections) = (
-            node.to_owned(),
-            snapshot.clone(),
-            progress.clone(),
-            certs.clone(),
-            connections.clone(),
-        );
-        Arc::new(move || debug_state(&node, &snapshot, &progress, &certs, &connections))
+        let p = parts;
+        Arc::new(move || debug_state(&p.node, &p.snapshot, &p.progress, &p.certs, &p.connections))
     };
     let readiness = {
         let (snapshot, certs) = (snapshot.clone(), certs.clone());

@@ -146,17 +146,22 @@ impl FlowRecord {
     ) -> Self {
         let counters = metrics.flow(reporter, &source, &destination);
         counters.opened.fetch_add(1, Ordering::Relaxed);
-        let peers = (
-            crate::flow::Peer {
-                identity: source.clone(),
-                ..Default::default()
-            },
-            crate::flow::Peer {
-                identity: destination.clone(),
-                address: Some(target.to_string()),
-                ..Default::default()
-            },
-        );
+        // Named fully by `described`; nothing to name when the flow log is off.
+        let peers = if metrics.flows().enabled() {
+            (
+                crate::flow::Peer {
+                    identity: source.clone(),
+                    ..Default::default()
+                },
+                crate::flow::Peer {
+                    identity: destination.clone(),
+                    address: Some(target.to_string()),
+                    ..Default::default()
+                },
+            )
+        } else {
+            Default::default()
+        };
         match decision.verdict {
             crate::policy::decide::Verdict::Audit => &counters.audited,
             _ => &counters.allowed,
