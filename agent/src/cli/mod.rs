@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin_http;
 pub mod datapath;
 pub mod gateway;
 pub mod observe;

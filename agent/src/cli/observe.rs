@@ -6,7 +6,7 @@
 //! interrupted. Records a node overwrote before they were read are reported, never skipped in
 //! silence.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -203,7 +203,7 @@ pub fn collect(
                 let query = &query;
                 s.spawn(move || {
                     let mut lines = Vec::new();
-                    let r = stream(n, query, |l| {
+                    let r = stream(n, query, false, |l| {
                         lines.push(l);
                         true
                     });
@@ -253,7 +253,7 @@ pub fn follow(
             let mut after = 0u64;
             loop {
                 let query = format!("/flows?follow=1&since_ms={since_ms}&after={after}");
-                let r = stream(&n, &query, |l| {
+                let r = stream(&n, &query, true, |l| {
                     if let Line::Flow(e) = &l {
                         after = e.seq;
                     }
@@ -279,90 +279,19 @@ pub fn follow(
     Ok(())
 }
 
-/// Reads a node's `/flows` answer line by line (plain or chunked), until it ends or `each`
-/// returns false.
+/// Reads a node's `/flows` answer line by line, until it ends or `each` returns false. A
+/// follower's reads wait as long as the node is quiet.
 fn stream(
     node: &TopologyNode,
     query: &str,
+    follow: bool,
     mut each: impl FnMut(Line) -> bool,
 ) -> Result<(), String> {
-    let timeout = Duration::from_secs(3);
-    let mut tcp = match &node.netns {
-        Some(ns) => {
-            let path = crate::datapath::netns::path_of(ns);
-            crate::datapath::netns::connect_in(&path, node.agent_admin, timeout)
-        }
-        None => std::net::TcpStream::connect_timeout(&node.agent_admin, timeout),
-    }
-    .map_err(|e| {
-        format!(
-            "agent unreachable at {}: {e} (is signet-agent running on {}?)",
-            node.agent_admin, node.name
-        )
-    })?;
-    write!(
-        tcp,
-        "GET {query} HTTP/1.1\r\nHost: signet-admin\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(tcp);
-    let mut status = String::new();
-    reader.read_line(&mut status).map_err(|e| e.to_string())?;
-    if !status.contains(" 200 ") {
-        return Err(format!("/flows answered `{}`", status.trim()));
-    }
-    let mut chunked = false;
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).map_err(|e| e.to_string())?;
-        let h = h.trim();
-        if h.is_empty() {
-            break;
-        }
-        if h.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-        {
-            chunked = true;
-        }
-    }
-    let mut pending = String::new();
-    let mut feed = |text: &str, pending: &mut String| -> bool {
-        pending.push_str(text);
-        while let Some(i) = pending.find('\n') {
-            let line: String = pending.drain(..=i).collect();
-            if let Some(l) = parse_line(&node.name, line.trim())
-                && !each(l)
-            {
-                return false;
-            }
-        }
-        true
-    };
-    if !chunked {
-        let mut body = String::new();
-        reader
-            .read_to_string(&mut body)
-            .map_err(|e| e.to_string())?;
-        feed(&body, &mut pending);
-        return Ok(());
-    }
-    loop {
-        let mut size = String::new();
-        if reader.read_line(&mut size).map_err(|e| e.to_string())? == 0 {
-            return Ok(());
-        }
-        let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-            .map_err(|_| format!("a bad chunk size `{}`", size.trim()))?;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut data = vec![0; n + 2];
-        reader.read_exact(&mut data).map_err(|e| e.to_string())?;
-        data.truncate(n);
-        if !feed(&String::from_utf8_lossy(&data), &mut pending) {
-            return Ok(());
-        }
-    }
+    let netns = node.netns.as_deref().map(crate::datapath::netns::path_of);
+    let timeout = (!follow).then_some(Duration::from_secs(10));
+    super::admin_http::get(netns.as_deref(), node.agent_admin, query, timeout)
+        .map_err(|e| node.unreachable(&e))?
+        .lines(|line| parse_line(&node.name, line.trim()).is_none_or(&mut each))
 }
 
 /// One flow on one line: time, node, reporter, verdict, both sides, protocol, and why.

@@ -371,6 +371,18 @@ fn ask_ca(ca: &TopologyCa, replicas: Option<(i32, i32)>) -> CaReport {
     }
 }
 
+impl TopologyNode {
+    /// Why this node's agent could not be asked, and what to look at.
+    pub(crate) fn unreachable(&self, why: &str) -> String {
+        format!(
+            "agent unreachable at {}{}: {why} (is signet-agent running on {}?)",
+            self.agent_admin,
+            where_(self.netns.as_deref()),
+            self.name
+        )
+    }
+}
+
 /// ` in network namespace N`, or nothing for this one.
 fn where_(netns: Option<&str>) -> String {
     netns.map_or(String::new(), |n| format!(" in network namespace {n}"))
@@ -478,12 +490,7 @@ fn error(reason: String) -> Health {
 fn ask(node: &TopologyNode) -> AgentReport {
     let unreachable = |why: String| AgentReport {
         node: node.name.clone(),
-        health: error(format!(
-            "agent unreachable at {}{}: {why} (is signet-agent running on {}?)",
-            node.agent_admin,
-            where_(node.netns.as_deref()),
-            node.name
-        )),
+        health: error(node.unreachable(&why)),
         status: None,
     };
     let netns = node.netns.as_deref().map(crate::datapath::netns::path_of);
@@ -508,31 +515,7 @@ fn ask(node: &TopologyNode) -> AgentReport {
 /// `GET path` on the admin port at `addr` (from inside the namespace at `netns`, when given):
 /// the body of a 200.
 fn get(netns: Option<&Path>, addr: SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read as _, Write as _};
-    let timeout = Duration::from_secs(3);
-    let mut tcp = match netns {
-        Some(ns) => crate::datapath::netns::connect_in(ns, addr, timeout),
-        None => std::net::TcpStream::connect_timeout(&addr, timeout),
-    }
-    .map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: signet-admin\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "no HTTP response".to_owned())?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200 ") {
-        return Err(format!("{path} answered `{status}`"));
-    }
-    Ok(body.to_owned())
+    super::admin_http::get(netns, addr, path, Some(Duration::from_secs(3)))?.text()
 }
 
 fn ago_or_in(t: u64, now: std::time::SystemTime) -> String {
