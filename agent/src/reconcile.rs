@@ -57,29 +57,9 @@ pub struct DatapathFill {
 }
 
 impl DatapathFill {
-    fn of(
-        synced: &sync::Synced,
-        capacity: crate::datapath::Capacity,
-        programs: Vec<String>,
-    ) -> Self {
-        use crate::datapath::EndpointKey;
-        use signet_bpf::map_names as names;
-        let by_netns = synced
-            .endpoints
-            .keys()
-            .filter(|k| matches!(k, EndpointKey::Netns(_)))
-            .count();
+    fn of(synced: &sync::Synced, programs: Vec<String>) -> Self {
         Self {
-            maps: vec![
-                (names::IPCACHE, synced.ipcache_entries, capacity.ipcache),
-                (names::EP_NETNS, by_netns, capacity.endpoints),
-                (
-                    names::EP_IFINDEX,
-                    synced.endpoints.len() - by_netns,
-                    capacity.endpoints,
-                ),
-                (names::POLICY, synced.policy_entries, capacity.policy),
-            ],
+            maps: synced.maps.clone(),
             programs,
             interfaces: synced.interfaces.iter().cloned().collect(),
             unplaced: synced
@@ -181,11 +161,11 @@ impl Reconciler {
         &mut self,
         previous: Option<&Snapshot>,
     ) -> anyhow::Result<(Snapshot, DatapathFill)> {
-        let capacity = self.datapath.capacity();
-        let mut snap = self.builder.build(previous, capacity.policy).await?;
+        let capacity = self.datapath.capacity().policy;
+        let mut snap = self.builder.build(previous, capacity).await?;
         snap.generation = previous.map_or(0, |p| p.generation + 1);
         let synced = sync::sync(&mut *self.datapath, &*self.host, &snap)?;
-        let fill = DatapathFill::of(&synced, capacity, self.datapath.attached_programs());
+        let fill = DatapathFill::of(&synced, self.datapath.attached_programs());
         Ok((snap, fill))
     }
 }

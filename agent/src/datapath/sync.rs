@@ -148,9 +148,9 @@ pub struct Synced {
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
     pub interfaces: BTreeSet<String>,
     pub policy: PolicyChanges,
-    /// Entries in the policy map and in the ipcache after the sync.
-    pub policy_entries: usize,
-    pub ipcache_entries: usize,
+    /// (map, entries, capacity) of each map after the sync: the counts checked against the
+    /// capacities before anything was written.
+    pub maps: Vec<(&'static str, usize, usize)>,
     /// (pod `namespace/name`, why), in snapshot order.
     pub unplaced: Vec<(String, Unplaced)>,
 }
@@ -247,14 +247,19 @@ pub fn sync(
         .keys()
         .filter(|k| matches!(k, EndpointKey::Netns(_)))
         .count();
-    fits(names::IPCACHE, ipcache.len(), capacity.ipcache)?;
-    fits(names::EP_NETNS, by_netns, capacity.endpoints)?;
-    fits(
-        names::EP_IFINDEX,
-        endpoints.len() - by_netns,
-        capacity.endpoints,
-    )?;
-    fits(names::POLICY, snap.compiled.entries.len(), capacity.policy)?;
+    let maps = vec![
+        (names::IPCACHE, ipcache.len(), capacity.ipcache),
+        (names::EP_NETNS, by_netns, capacity.endpoints),
+        (
+            names::EP_IFINDEX,
+            endpoints.len() - by_netns,
+            capacity.endpoints,
+        ),
+        (names::POLICY, snap.compiled.entries.len(), capacity.policy),
+    ];
+    for &(map, needed, capacity) in &maps {
+        fits(map, needed, capacity)?;
+    }
     for ifname in &interfaces {
         dp.attach_endpoint_interface(ifname)?;
     }
@@ -266,8 +271,7 @@ pub fn sync(
         endpoints,
         interfaces,
         policy,
-        policy_entries: snap.compiled.entries.len(),
-        ipcache_entries: ipcache.len(),
+        maps,
         unplaced,
     })
 }
