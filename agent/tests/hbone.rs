@@ -524,7 +524,10 @@ async fn l7_streams_check_every_request_and_answer_403() {
                 if req.method == "GET" && req.path.starts_with("/v1/") {
                     Ok("test rule".into())
                 } else {
-                    Err(format!("{} {} is not allowed", req.method, req.path))
+                    Err(signet_agent::policy::request::Denial {
+                        rules: "test rule".into(),
+                        reason: format!("{} {} is not allowed", req.method, req.path),
+                    })
                 }
             });
             let tcp = TcpStream::connect(target).await.expect("origin");

@@ -177,6 +177,8 @@ ca: {address: '10.99.0.1:15012', serverName: localhost, rootCertFile: ca-root.pe
 datapath: {cgroupRoot: $CG/node-$n, bpffsDir: /sys/fs/bpf/signet/$NAME-node-$n}
 listen: {outbound: '$(node_ip $n):15001', inbound: '$(node_ip $n):15008', admin: '127.0.0.1:1502$([ $n = a ] && echo 0 || echo 1)'}
 mtlsMode: ${SIGNET_DEMO_MTLS:-strict}
+# Short-lived SVIDs (renewed at half-life): signet connectivity test sees them rotate under traffic.
+svidTtlSeconds: 60
 # Both simulated nodes share this machine's cores: one runtime thread each.
 proxy: {workerThreads: 1}
 # Recent flows kept for signet observe; SIGNET_DEMO_FLOW_LOG=0 turns it off (bench.sh compares).
@@ -191,7 +193,11 @@ work, cg, ns, vip, outside, gw_port, gw_hosts, pods = sys.argv[1], sys.argv[2], 
 ips = {"a": "10.99.0.1", "b": "10.99.0.2"}
 out = {"nodes": [{"name": f"node-{n}", "netns": f"{ns}-node-{n}", "address": ips[n],
                   "agentAdmin": f"127.0.0.1:1502{0 if n == 'a' else 1}",
-                  "agentPidFile": f"{work}/agent-{n}.pid"} for n in "ab"],
+                  "agentPidFile": f"{work}/agent-{n}.pid", "cgroupRoot": f"{cg}/node-{n}",
+                  "underlay": "sd-underlay"} for n in "ab"],
+       "stateDir": f"{work}/state", "trustDomain": "cluster.local",
+       # What `signet connectivity test` may take for its pods, Service and Gateway.
+       "connectivity": {"subnets": "10.99.64.0/18", "serviceIP": "10.96.0.250", "gatewayPort": 18000},
        "pods": [], "caBundle": f"{work}/ca-root.pem",
        "ca": {"netns": f"{ns}-node-a", "address": "10.99.0.1:15012", "admin": "127.0.0.1:15014"},
        "services": [{"namespace": "payments", "name": "api", "clusterIP": vip,
@@ -450,6 +456,8 @@ case "${1:-run}" in
         trap down EXIT
         up
         scenario
+        say "7. signet connectivity test: the built-in suite, with workloads of its own"
+        "$BIN/signet" connectivity test --topology "$WORK/topology.json"
         say "tearing down"
         ;;
     *) die "usage: demo.sh [run|up|down]" ;;

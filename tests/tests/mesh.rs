@@ -812,3 +812,171 @@ fn signet_observe_shows_kernel_drops_and_l7_denials_with_their_rules_and_counts_
         "{metrics}"
     );
 }
+
+/// The in-process agents of a [`Topology`], stopped and started for the suite's disturbing
+/// scenarios as a test restarts them.
+struct InProcessAgents<'a> {
+    t: &'a Topology,
+    running: std::sync::Mutex<&'a mut common::topology::Running>,
+}
+
+impl std::fmt::Debug for InProcessAgents<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InProcessAgents")
+    }
+}
+
+impl signet_agent::cli::connectivity::AgentControl for InProcessAgents<'_> {
+    fn stop(&self, node: &signet_agent::cli::connectivity::local::Node) -> Result<(), String> {
+        let c = node.name.chars().last().ok_or("a node without a name")?;
+        self.running.lock().map_err(|_| "poisoned")?.stop_agent(c);
+        Ok(())
+    }
+    fn start(&self, node: &signet_agent::cli::connectivity::local::Node) -> Result<(), String> {
+        let c = node.name.chars().last().ok_or("a node without a name")?;
+        self.running
+            .lock()
+            .map_err(|_| "poisoned")?
+            .start_agent(self.t, c);
+        Ok(())
+    }
+}
+
+fn suite_leftovers(t: &Topology) -> Vec<String> {
+    let mut left: Vec<String> = std::fs::read_dir(t.dir.path().join("state"))
+        .expect("state")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sct"))
+        .collect();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    left.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("sct"))
+            .map(str::to_owned),
+    );
+    for node in ['a', 'b'] {
+        left.extend(
+            std::fs::read_dir(t.cgroup_root(node))
+                .expect("cgroup root")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sct")),
+        );
+    }
+    left
+}
+
+#[test]
+fn signet_connectivity_test_passes_on_a_healthy_mesh_and_names_the_scenario_a_wrong_policy_breaks()
+{
+    use signet_agent::cli::connectivity::{Options, Verdict, run_suite};
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut step = Steps::default();
+    let t = Topology::new();
+    t.write_state("");
+    // 30 s certificates: the rotation scenario sees both sides renewed within the run.
+    let mut running = start(&t, "svid: {minTtlSeconds: 10}\n", "svidTtlSeconds: 30\n");
+    let topology = t.write_topology_json();
+    let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_signet-tests-cli"));
+
+    step.to("Every scenario passes on a healthy mesh, and the suite leaves nothing behind");
+    let agents = InProcessAgents {
+        t: &t,
+        running: std::sync::Mutex::new(&mut running),
+    };
+    let options = Options {
+        namespace: "cnt".into(),
+        exe: exe.clone(),
+        filter: None,
+        keep: false,
+    };
+    let report =
+        run_suite(&topology, &options, &agents, &mut |l| eprintln!("{l}")).expect("the suite runs");
+    let failed: Vec<String> = report
+        .results
+        .iter()
+        .filter(|o| o.verdict != Verdict::Pass)
+        .map(|o| o.line())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{}\n{}",
+        failed.join("\n"),
+        report.summary()
+    );
+    assert!(report.passed >= 40, "{}", report.summary());
+    assert_eq!(suite_leftovers(&t), Vec::<String>::new());
+
+    step.to("A deliberately wrong policy (the echo server refuses everyone) fails the scenarios it breaks, by name, and not the others");
+    t.write_state(
+        "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: wrong, namespace: cnt}\n\
+         spec:\n  selector: {matchLabels: {app: echo-other}}\n  ingress: []\n",
+    );
+    let json = t.dir.path().join("connectivity.json");
+    let out = std::process::Command::new(&exe)
+        .args([
+            "connectivity",
+            "test",
+            "--namespace",
+            "cnt",
+            "--test",
+            "^no-policy/pod-to-(pod|service)",
+        ])
+        .arg("--topology")
+        .arg(&topology)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("signet connectivity test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("--json")).expect("json");
+    let verdict = |name: &str| {
+        report["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
+    for broken in [
+        "no-policy/pod-to-pod-cross-node",
+        "no-policy/pod-to-service",
+    ] {
+        let r = verdict(broken);
+        assert_eq!(r["verdict"], "fail", "{r}");
+        assert!(
+            r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("expected HTTP 200 from echo-other")),
+            "the reason says what was expected and what came: {r}"
+        );
+        assert!(
+            stdout.contains(&format!("❌ {broken}: expected HTTP 200")),
+            "{stdout}"
+        );
+    }
+    assert_eq!(verdict("no-policy/pod-to-pod-same-node")["verdict"], "pass");
+    assert_eq!(report["failed"], 2, "{report}");
+    assert!(
+        stdout.contains("❌ 2/3 tests failed (0 skipped)")
+            && stdout.contains("no-policy/pod-to-pod-cross-node, no-policy/pod-to-service"),
+        "{stdout}"
+    );
+    assert_eq!(suite_leftovers(&t), Vec::<String>::new());
+}

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin_http;
+pub mod connectivity;
 pub mod datapath;
+pub mod echo;
 pub mod gateway;
 pub mod observe;
 pub mod policy;
@@ -40,6 +42,12 @@ enum Command {
     /// Flows of every node, merged: what the proxy forwarded and refused, L7 denials, kernel
     /// drops; -f follows.
     Observe(observe::ObserveArgs),
+    /// A built-in suite of named scenarios against the mesh, with workloads of its own.
+    #[command(subcommand)]
+    Connectivity(connectivity::ConnectivityCommand),
+    /// The suite's workload: an HTTP/TCP/UDP echo server and a client that reports as JSON.
+    #[command(subcommand)]
+    Echo(echo::EchoCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -50,5 +58,7 @@ pub fn main() -> ExitCode {
         Command::Gateway(cmd) => ExitCode::from(gateway::run(cmd)),
         Command::Status(args) => ExitCode::from(status::run(args)),
         Command::Observe(args) => ExitCode::from(observe::run(args)),
+        Command::Connectivity(cmd) => ExitCode::from(connectivity::run(cmd)),
+        Command::Echo(cmd) => ExitCode::from(echo::run(cmd)),
     }
 }

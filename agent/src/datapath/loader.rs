@@ -307,6 +307,59 @@ impl KernelDatapath {
 /// Pins of tc links are `tc-to-<ifname>` and `tc-from-<ifname>` (or a `.clsact` marker).
 const TC_PIN_PREFIX: &str = "tc-";
 
+/// Detaches the link pinned at `pin` from its hook now (`BPF_LINK_DETACH`), leaving the pin (a
+/// defunct link) for the caller to remove. aya 0.14 has no call for it.
+fn detach_link(pin: &Path) -> std::io::Result<()> {
+    use nix::libc;
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(pin.as_os_str()))
+        .map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET whose pathname points at a
+    // NUL-terminated string that outlives the call; the size passed is the struct's.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::addr_of!(get),
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach: u32 = std::os::fd::AsRawFd::as_raw_fd(&link) as u32;
+    // SAFETY: a u32 link_fd is the whole bpf_attr of BPF_LINK_DETACH; the size passed is its.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            std::ptr::addr_of!(detach),
+            size_of::<u32>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The interface a tc pin file belongs to.
 fn tc_pin_interface(file: &str) -> Option<&str> {
     let rest = file.strip_prefix(TC_PIN_PREFIX)?;
@@ -737,6 +790,14 @@ impl Datapath for KernelDatapath {
                 continue;
             }
             let path = entry.path();
+            // Detached first: unlinking the pin alone lets the kernel release the link after an
+            // RCU grace period, so the program would stay on the interface for a moment.
+            // (A `.clsact` marker is a plain file, not a link.)
+            if !file.ends_with(".clsact")
+                && let Err(e) = detach_link(&path)
+            {
+                tracing::warn!(interface = ifname, pin = %path.display(), error = %e, "tc link detach failed; unpinning");
+            }
             match fs::remove_file(&path) {
                 Ok(()) => {
                     tracing::info!(interface = ifname, pin = %path.display(), "tc program detached")

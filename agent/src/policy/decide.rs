@@ -57,6 +57,8 @@ pub struct Decision {
 pub enum Rule {
     DefaultAllow,
     DefaultDeny,
+    /// Allowed, and an audit-mode policy's default deny would refuse it.
+    AuditDefaultDeny,
     /// The local address is not a pod of this node.
     NotLocal(IpAddr),
     /// A compiled rule, by its name (`namespace/name ingress[0]`).
@@ -68,6 +70,7 @@ impl std::fmt::Display for Rule {
         match self {
             Rule::DefaultAllow => f.write_str("default allow"),
             Rule::DefaultDeny => f.write_str("default deny"),
+            Rule::AuditDefaultDeny => f.write_str("default deny (audit mode)"),
             Rule::NotLocal(ip) => write!(f, "{ip} is not a pod of this node"),
             Rule::Named(n) => f.write_str(n),
         }
@@ -111,6 +114,7 @@ pub fn decide(
         Some((_, e)) => match (snap.rules.names.get(&e.rule), e.action) {
             (Some(name), _) => Rule::Named(name.clone()),
             (None, Action::Deny) => Rule::DefaultDeny,
+            (None, Action::Audit) => Rule::AuditDefaultDeny,
             (None, _) => Rule::DefaultAllow,
         },
         None => Rule::DefaultAllow,

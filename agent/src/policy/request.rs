@@ -9,8 +9,16 @@ use signet_policy::path::PathNormalization;
 
 use crate::state::snapshot::L7Rules;
 
-/// Decides one request: `Ok(rule)` names the rule that allowed it, `Err(reason)` refuses it.
-pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, String> + Send + Sync>;
+/// Decides one request: `Ok(rule)` names the rule that allowed it, `Err` refuses it.
+pub type RequestCheck = Arc<dyn Fn(&PolicyRequest) -> Result<String, Denial> + Send + Sync>;
+
+/// A refused request: the rules whose `http` entries it matched none of (what the flow log
+/// names as the rule), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub rules: String,
+    pub reason: String,
+}
 
 /// The check for a connection admitted with these rules: the first rule with a matching
 /// `http` entry allows the request.
@@ -25,7 +33,10 @@ pub fn check_for(rules: Arc<L7Rules>) -> RequestCheck {
             .iter()
             .find(|(_, http)| http.iter().any(|h| h.matches(req)))
             .map(|(name, _)| name.clone())
-            .ok_or_else(|| format!("no `http` rule of {names} matches"))
+            .ok_or_else(|| Denial {
+                rules: names.clone(),
+                reason: format!("no `http` rule of {names} matches"),
+            })
     })
 }
 

@@ -33,7 +33,14 @@ pub struct L7Flow {
 
 impl L7Flow {
     /// Records a refused request in the node's flow log.
-    fn record_denial(&self, method: &str, path: &str, status: u16, reason: &str) {
+    fn record_denial(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        reason: &str,
+        rule: Option<&str>,
+    ) {
         let Some(m) = &self.metrics else { return };
         m.flows().push(crate::flow::FlowEntry {
             reporter: crate::flow::Reporter::Inbound.as_str().into(),
@@ -42,6 +49,7 @@ impl L7Flow {
             protocol: "tcp".into(),
             verdict: "l7-denied".into(),
             reason: Some(reason.to_owned()),
+            rule: rule.map(str::to_owned),
             http: Some(crate::flow::HttpInfo {
                 method: method.to_owned(),
                 path: path.to_owned(),
@@ -125,7 +133,7 @@ where
                             "l7_bad_path",
                         );
                     }
-                    flow.record_denial(req.method().as_str(), target, 400, &reason);
+                    flow.record_denial(req.method().as_str(), target, 400, &reason, None);
                     return Ok(bad_request(&reason));
                 }
             };
@@ -144,8 +152,9 @@ where
                     .collect(),
             };
             match (flow.check)(&policy_req) {
-                Err(reason) => {
-                    tracing::info!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %reason, verdict = "deny", "http request");
+                Err(denial) => {
+                    let reason = &denial.reason;
+                    tracing::info!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %reason, rule = %denial.rules, verdict = "deny", "http request");
                     if let Some(m) = &flow.metrics {
                         m.verdict(
                             crate::flow::Reporter::Inbound,
@@ -154,8 +163,14 @@ where
                             "l7_deny",
                         );
                     }
-                    flow.record_denial(&policy_req.method, &policy_req.path, 403, &reason);
-                    Ok::<_, hyper::Error>(forbidden(&reason))
+                    flow.record_denial(
+                        &policy_req.method,
+                        &policy_req.path,
+                        403,
+                        reason,
+                        Some(&denial.rules),
+                    );
+                    Ok::<_, hyper::Error>(forbidden(reason))
                 }
                 Ok(rule) => {
                     tracing::debug!(source = %flow.source, destination = %flow.destination, method = %policy_req.method, path = %policy_req.path, %rule, verdict = "allow", "http request");

@@ -206,25 +206,42 @@ impl Topology {
         super::spawn_server(c, addr, udp, 1000, 60_000)
     }
 
-    /// The topology's description as `signet status` reads it (the demo writes the same
-    /// shape): each node's network namespace and agent admin address. Returns its path.
+    /// The topology's description as `signet status` and `signet connectivity test` read it
+    /// (the demo writes the same shape): each node's network namespace, agent admin address,
+    /// cgroup root and underlay interface, the CA, the state directory, and what the suite may
+    /// take for its pods (a /20 of this topology's own). Returns its path.
     pub fn write_topology_json(&self) -> PathBuf {
+        let n = self.n;
         let nodes: Vec<serde_json::Value> = ['a', 'b']
             .iter()
-            .map(|n| {
+            .map(|node| {
                 serde_json::json!({
-                    "name": format!("node-{n}"),
-                    "netns": self.ns(&format!("node-{n}")),
-                    "address": self.node_ip(*n),
+                    "name": format!("node-{node}"),
+                    "netns": self.ns(&format!("node-{node}")),
+                    "address": self.node_ip(*node),
                     "agentAdmin": "127.0.0.1:15020",
+                    "cgroupRoot": self.cgroup_root(*node),
+                    "underlay": format!("sgu{n}{node}"),
                 })
             })
             .collect();
         let ca = serde_json::json!({"netns": self.ns("node-a"), "admin": CA_ADMIN});
+        let connectivity = serde_json::json!({
+            "subnets": format!("10.{}.{}.0/20", 100 + n / 16, (n % 16) * 16),
+            "serviceIP": format!("10.96.{n}.250"),
+            "gatewayPort": 18000,
+        });
         let path = self.dir.path().join("topology.json");
         std::fs::write(
             &path,
-            serde_json::json!({ "nodes": nodes, "ca": ca }).to_string(),
+            serde_json::json!({
+                "nodes": nodes,
+                "ca": ca,
+                "stateDir": self.dir.path().join("state"),
+                "trustDomain": "cluster.local",
+                "connectivity": connectivity,
+            })
+            .to_string(),
         )
         .expect("topology.json");
         path

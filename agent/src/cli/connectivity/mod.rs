@@ -1,0 +1,496 @@
+//! `signet connectivity test`: a built-in suite that deploys its own workloads (pods running
+//! `signet echo`) into its own namespaces, runs named scenarios against the mesh, reports each
+//! with ✅/❌ and a reason, removes what it made, and exits non-zero on any failure.
+//!
+//! Scenarios come in phases (`scenarios.rs`). A phase puts its policies in force, waits until
+//! every agent has applied them, and runs its scenarios concurrently (they only make
+//! connections); a serial phase (one that stops an agent or holds a connection across a policy
+//! change) runs its steps in order, and a `--test` filter that selects any of them runs them
+//! all. The certificate-rotation scenario runs in the background, beside the phases, on pods of
+//! its own that no phase's policy selects, and is joined before a phase that disturbs agents.
+//!
+//! The workloads live in `local.rs`: network namespaces wired to the topology's nodes as the demo
+//! wires its pods, cgroups under each node's cgroup root, and manifests and policies in the
+//! cluster state directory the agents read.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+pub mod local;
+pub mod scenarios;
+
+pub use local::{AgentControl, Env, ProcessAgents};
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectivityCommand {
+    /// Deploy test workloads, run the scenarios, report, clean up (exit 1 on any failure).
+    Test(TestArgs),
+    /// Remove what a run left behind (after --keep, or a run that was killed).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TestArgs {
+    /// The topology file (default: $SIGNET_TOPOLOGY, else the demo's).
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+    /// Run only scenarios whose name matches this regular expression.
+    #[arg(long = "test")]
+    pub test: Option<String>,
+    /// Also write the results here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Leave the workloads and policies in place (remove them with `signet connectivity cleanup`).
+    #[arg(long)]
+    pub keep: bool,
+    /// The suite's namespace (a second one, NAME-peer, holds the namespace-selector peer).
+    #[arg(long, default_value = "signet-connectivity")]
+    pub namespace: String,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    #[arg(long)]
+    pub topology: Option<PathBuf>,
+}
+
+/// How one scenario went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub name: String,
+    pub verdict: Verdict,
+    /// What was seen (and, failing, what was expected).
+    pub detail: String,
+    pub ms: u64,
+}
+
+impl Outcome {
+    pub fn line(&self) -> String {
+        let mark = match self.verdict {
+            Verdict::Pass => "✅",
+            Verdict::Fail => "❌",
+            Verdict::Skip => "[=]",
+        };
+        format!("{mark} {}: {} ({} ms)", self.name, self.detail, self.ms)
+    }
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SuiteReport {
+    pub results: Vec<Outcome>,
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub seconds: u64,
+}
+
+impl SuiteReport {
+    pub fn get(&self, name: &str) -> Option<&Outcome> {
+        self.results.iter().find(|o| o.name == name)
+    }
+
+    /// The closing line, as `cilium connectivity test` ends its report.
+    pub fn summary(&self) -> String {
+        let run = self.passed + self.failed;
+        if self.failed == 0 {
+            format!(
+                "✅ {}/{} tests successful ({} skipped) in {} s",
+                self.passed, run, self.skipped, self.seconds
+            )
+        } else {
+            let names: Vec<&str> = self
+                .results
+                .iter()
+                .filter(|o| o.verdict == Verdict::Fail)
+                .map(|o| o.name.as_str())
+                .collect();
+            format!(
+                "❌ {}/{} tests failed ({} skipped) in {} s: {}",
+                self.failed,
+                run,
+                self.skipped,
+                self.seconds,
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// A scenario's check: what it saw when it passed, or why it failed.
+pub type Check = Box<dyn Fn(&Env) -> Result<String, Failure> + Send + Sync>;
+
+/// A phase's policies, written for the deployed suite (addresses are known only then).
+pub type Policies = Box<dyn Fn(&Env) -> String + Send + Sync>;
+
+/// Why a check did not pass.
+#[derive(Debug)]
+pub enum Failure {
+    Failed(String),
+    /// It could not run here (said why); counted apart from passes and failures.
+    Skipped(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Failed(s)
+    }
+}
+
+pub struct Scenario {
+    pub name: String,
+    pub check: Check,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Scenarios only make connections: all at once.
+    Concurrent,
+    /// Steps that build on each other, in order.
+    Serial,
+    /// Beside every other phase, until a disturbing one.
+    Background,
+    /// Serial, and it stops agents: the background is joined first.
+    Disturbing,
+}
+
+pub struct Phase {
+    pub name: &'static str,
+    pub mode: Mode,
+    /// The suite's policies while it runs (YAML documents; empty: none).
+    pub policies: Policies,
+    pub scenarios: Vec<Scenario>,
+}
+
+pub fn run(cmd: ConnectivityCommand) -> u8 {
+    match cmd {
+        ConnectivityCommand::Test(args) => run_test(args),
+        ConnectivityCommand::Cleanup(args) => {
+            let path = match super::status::topology_path(args.topology.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("signet connectivity cleanup: {e}");
+                    return 1;
+                }
+            };
+            match local::cleanup_all(&path) {
+                Ok(removed) => {
+                    for r in &removed {
+                        println!("removed {r}");
+                    }
+                    println!("{} things removed", removed.len());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("signet connectivity cleanup: {e}");
+                    1
+                }
+            }
+        }
+    }
+}
+
+fn run_test(args: TestArgs) -> u8 {
+    let filter = match args.test.as_deref().map(regex::Regex::new).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("signet connectivity test: --test: {e}");
+            return 1;
+        }
+    };
+    if args.list {
+        let names = local::Names::new(&args.namespace, "cluster.local");
+        for phase in scenarios::phases(&names) {
+            for s in &phase.scenarios {
+                if filter.as_ref().is_none_or(|f| f.is_match(&s.name)) {
+                    println!("{}", s.name);
+                }
+            }
+        }
+        return 0;
+    }
+    let path = match super::status::topology_path(args.topology.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("signet connectivity test: {e}");
+            return 1;
+        }
+    };
+    let agents = ProcessAgents::default();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("signet connectivity test: where this binary is: {e}");
+            return 1;
+        }
+    };
+    let options = Options {
+        exe,
+        namespace: args.namespace.clone(),
+        filter,
+        keep: args.keep,
+    };
+    let report = match run_suite(&path, &options, &agents, &mut |line| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("signet connectivity test: {e}");
+            return 1;
+        }
+    };
+    if let Some(file) = &args.json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(file, text) {
+            eprintln!("signet connectivity test: --json {}: {e}", file.display());
+            return 1;
+        }
+    }
+    u8::from(report.failed > 0)
+}
+
+impl std::fmt::Debug for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl std::fmt::Debug for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Phase")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("scenarios", &self.scenarios)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub namespace: String,
+    /// The binary that serves `echo` (this one, normally).
+    pub exe: PathBuf,
+    pub filter: Option<regex::Regex>,
+    pub keep: bool,
+}
+
+/// Deploys, runs the selected scenarios, cleans up (unless `keep`), and returns the results;
+/// `say` hears each line of the report as it happens. An error is a run that could not start
+/// (the topology, the workloads, the agents never OK).
+pub fn run_suite(
+    topology: &std::path::Path,
+    options: &Options,
+    agents: &dyn AgentControl,
+    say: &mut dyn FnMut(&str),
+) -> Result<SuiteReport, String> {
+    let started = Instant::now();
+    let env = Env::deploy(topology, &options.namespace, &options.exe, agents, say)?;
+    let phases = scenarios::phases(&env.names);
+    let selected = |s: &Scenario| options.filter.as_ref().is_none_or(|f| f.is_match(&s.name));
+    let mut results = vec![];
+    std::thread::scope(|scope| {
+        let mut background = vec![];
+        for phase in &phases {
+            if phase.mode != Mode::Background || !phase.scenarios.iter().any(selected) {
+                continue;
+            }
+            say(&format!(
+                "[=] {} (in the background, {} scenarios)",
+                phase.name,
+                phase.scenarios.len()
+            ));
+            let env = &env;
+            background.push(scope.spawn(move || {
+                phase
+                    .scenarios
+                    .iter()
+                    .filter(|s| selected(s))
+                    .map(|s| run_one(env, s))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        for phase in &phases {
+            let chosen: Vec<&Scenario> = match phase.mode {
+                Mode::Background => continue,
+                Mode::Concurrent => phase.scenarios.iter().filter(|s| selected(s)).collect(),
+                Mode::Serial | Mode::Disturbing if phase.scenarios.iter().any(selected) => {
+                    phase.scenarios.iter().collect()
+                }
+                Mode::Serial | Mode::Disturbing => vec![],
+            };
+            if chosen.is_empty() {
+                continue;
+            }
+            if phase.mode == Mode::Disturbing {
+                for h in background.drain(..) {
+                    for o in h.join().unwrap_or_default() {
+                        say(&o.line());
+                        results.push(o);
+                    }
+                }
+            }
+            say(&format!("[=] {} ({} scenarios)", phase.name, chosen.len()));
+            let outcomes = match env.apply_policies(&(phase.policies)(&env)) {
+                Err(e) => chosen
+                    .iter()
+                    .map(|s| Outcome {
+                        name: s.name.clone(),
+                        verdict: Verdict::Fail,
+                        detail: format!("the phase's policies are not in force: {e}"),
+                        ms: 0,
+                    })
+                    .collect(),
+                Ok(()) if phase.mode == Mode::Concurrent => {
+                    let env = &env;
+                    let handles: Vec<_> = chosen
+                        .iter()
+                        .map(|&s| scope.spawn(move || run_one(env, s)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .zip(&chosen)
+                        .map(|(h, s)| {
+                            h.join().unwrap_or_else(|_| Outcome {
+                                name: s.name.clone(),
+                                verdict: Verdict::Fail,
+                                detail: "the check panicked".into(),
+                                ms: 0,
+                            })
+                        })
+                        .collect()
+                }
+                Ok(()) => chosen.iter().map(|s| run_one(&env, s)).collect::<Vec<_>>(),
+            };
+            for o in outcomes {
+                say(&o.line());
+                results.push(o);
+            }
+        }
+        for h in background {
+            for o in h.join().unwrap_or_default() {
+                say(&o.line());
+                results.push(o);
+            }
+        }
+    });
+    if options.keep {
+        say(&format!(
+            "kept: namespaces {} and {}-peer, their pods and policies (signet connectivity cleanup removes them)",
+            env.names.ns, env.names.ns
+        ));
+        env.keep();
+    } else if let Err(e) = env.remove() {
+        say(&format!("!! cleaning up: {e}"));
+    }
+    let count = |v: Verdict| results.iter().filter(|o| o.verdict == v).count();
+    let mut report = SuiteReport {
+        passed: count(Verdict::Pass),
+        failed: count(Verdict::Fail),
+        skipped: count(Verdict::Skip),
+        results,
+        seconds: started.elapsed().as_secs(),
+    };
+    report.seconds = started.elapsed().as_secs();
+    say("");
+    say(&report.summary());
+    Ok(report)
+}
+
+fn run_one(env: &Env, s: &Scenario) -> Outcome {
+    let start = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (s.check)(env)));
+    let (verdict, detail) = match result {
+        Ok(Ok(seen)) => (Verdict::Pass, seen),
+        Ok(Err(Failure::Failed(why))) => (Verdict::Fail, why),
+        Ok(Err(Failure::Skipped(why))) => (Verdict::Skip, why),
+        Err(_) => (Verdict::Fail, "the check panicked".into()),
+    };
+    Outcome {
+        name: s.name.clone(),
+        verdict,
+        detail,
+        ms: start.elapsed().as_millis() as u64,
+    }
+}
+
+/// Polls `f` every 100 ms until it gives a value or `within` passes.
+pub(crate) fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn there_are_at_least_forty_scenarios_with_unique_names_in_named_groups() {
+        let names = local::Names::new("t", "cluster.local");
+        let all: Vec<String> = scenarios::phases(&names)
+            .iter()
+            .flat_map(|p| p.scenarios.iter().map(|s| s.name.clone()))
+            .collect();
+        assert!(all.len() >= 40, "{} scenarios", all.len());
+        let unique: std::collections::BTreeSet<&String> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "duplicate names in {all:?}");
+        for phase in scenarios::phases(&names) {
+            for s in &phase.scenarios {
+                assert!(
+                    s.name.starts_with(&format!("{}/", phase.name)),
+                    "{} is not in {}",
+                    s.name,
+                    phase.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_summary_names_every_failure() {
+        let o = |name: &str, verdict| Outcome {
+            name: name.into(),
+            verdict,
+            detail: String::new(),
+            ms: 1,
+        };
+        let report = SuiteReport {
+            results: vec![
+                o("a/one", Verdict::Pass),
+                o("a/two", Verdict::Fail),
+                o("b/three", Verdict::Skip),
+            ],
+            passed: 1,
+            failed: 1,
+            skipped: 1,
+            seconds: 3,
+        };
+        assert_eq!(
+            report.summary(),
+            "❌ 1/2 tests failed (1 skipped) in 3 s: a/two"
+        );
+    }
+}
