@@ -70,6 +70,23 @@ fn get(path: &'static str) -> How {
     How::Http("GET", path, None)
 }
 
+/// Whether a failed exchange failed the way a refusal does (dropped, reset, refused, EPERM, or
+/// closed before an answer), not because the client itself could not run.
+fn refused_by_the_network(e: &Exchange) -> bool {
+    const SEEN: [&str; 7] = [
+        "connect: ",
+        "send: ",
+        "reset",
+        "timed out",
+        "eof",
+        "EPERM",
+        "refused",
+    ];
+    e.error
+        .as_deref()
+        .is_some_and(|err| SEEN.iter().any(|s| err.starts_with(s)))
+}
+
 /// What an exchange came to, in a few words.
 fn seen(e: &Exchange) -> String {
     match (e.ok, e.status, &e.error) {
@@ -117,7 +134,7 @@ fn probe(from: Src<'static>, to: To, how: How, want: Want) -> Check {
                 "expected an echo from {}, got {what}",
                 to.answerer()
             ))),
-            Want::Refused if !e.ok => Ok(format!("refused ({what})")),
+            Want::Refused if !e.ok && refused_by_the_network(&e) => Ok(format!("refused ({what})")),
             Want::Refused => Err(Failure::Failed(format!("expected refused, got {what}"))),
             Want::GatewayRefused if e.status.is_some_and(|s| (500..=504).contains(&s)) => Ok(
                 format!("the Gateway answered {what}: the backend refused it"),
@@ -1167,4 +1184,33 @@ pub fn phases(n: &Names) -> Vec<Phase> {
         policy_change,
         agent_restart,
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_by_the_network_passes_for_refused() {
+        let e = |error: &str| Exchange {
+            error: Some(error.into()),
+            ..Exchange::default()
+        };
+        for refused in [
+            "connect: timed out",
+            "reset",
+            "send: EPERM",
+            "eof before a response",
+        ] {
+            assert!(refused_by_the_network(&e(refused)), "{refused}");
+        }
+        for broken in [
+            "the client said nothing readable (EOF): netns x: No such file",
+            "/bin/signet: No such file or directory",
+            "bind: EPERM",
+        ] {
+            assert!(!refused_by_the_network(&e(broken)), "{broken}");
+        }
+        assert!(!refused_by_the_network(&Exchange::default()));
+    }
 }
