@@ -927,6 +927,7 @@ fn signet_connectivity_test_passes_on_a_healthy_mesh_and_names_the_scenario_a_wr
             "test",
             "--namespace",
             "cnt",
+            "--keep",
             "--test",
             "^no-policy/pod-to-(pod|service)",
         ])
@@ -978,5 +979,28 @@ fn signet_connectivity_test_passes_on_a_healthy_mesh_and_names_the_scenario_a_wr
             && stdout.contains("no-policy/pod-to-pod-cross-node, no-policy/pod-to-service"),
         "{stdout}"
     );
+
+    step.to("--keep leaves the workloads; signet connectivity cleanup removes them all");
+    assert!(!suite_leftovers(&t).is_empty(), "--keep kept nothing: {stdout}");
+    let host: std::net::SocketAddr = format!("{}:18090", t.node_ip('a')).parse().expect("addr");
+    let host_serves = || {
+        in_netns(&t.ns("node-a"), || {
+            std::net::TcpStream::connect_timeout(&host, Duration::from_secs(1)).is_ok()
+        })
+    };
+    assert!(host_serves(), "the kept host server");
+    let out = std::process::Command::new(&exe)
+        .args(["connectivity", "cleanup", "--topology"])
+        .arg(&topology)
+        .output()
+        .expect("signet connectivity cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(suite_leftovers(&t), Vec::<String>::new());
+    wait_for("the host server to be gone", || {
+        (!host_serves()).then_some(())
+    });
 }

@@ -1095,6 +1095,30 @@ fn remove_cgroup(cg: &Path) -> Result<(), String> {
     }
 }
 
+/// The processes that are a suite's host server (`echo serve --name host --netns NODE`) on
+/// one of `nodes`.
+fn host_servers(nodes: &[Node]) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let has = |pair: [&str; 2]| {
+                argv.windows(2)
+                    .any(|w| w[0] == pair[0].as_bytes() && w[1] == pair[1].as_bytes())
+            };
+            let host = has(["echo", "serve"])
+                && has(["--name", "host"])
+                && nodes.iter().any(|n| has(["--netns", &n.netns]));
+            host.then_some(pid)
+        })
+        .collect()
+}
+
 /// Whether `name` is one the suite makes: `sct`, four hex digits, then `-` or `p`/`o`.
 fn suite_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -1167,6 +1191,15 @@ pub fn cleanup_all(topology: &Path) -> Result<Vec<String>, String> {
         if ip(&["netns", "del", &ns]).is_ok() {
             removed.push(format!("netns {ns}"));
         }
+    }
+    // The server on the first node's own address lives in the node's namespace, which is not
+    // the suite's: it is found by its command line.
+    for pid in host_servers(&d.nodes[..1]) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        removed.push(format!("host server {pid}"));
     }
     for node in &d.nodes {
         let Some(root) = &node.cgroup_root else {
