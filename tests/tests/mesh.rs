@@ -981,7 +981,10 @@ fn signet_connectivity_test_passes_on_a_healthy_mesh_and_names_the_scenario_a_wr
     );
 
     step.to("--keep leaves the workloads; signet connectivity cleanup removes them all");
-    assert!(!suite_leftovers(&t).is_empty(), "--keep kept nothing: {stdout}");
+    assert!(
+        !suite_leftovers(&t).is_empty(),
+        "--keep kept nothing: {stdout}"
+    );
     let host: std::net::SocketAddr = format!("{}:18090", t.node_ip('a')).parse().expect("addr");
     let host_serves = || {
         in_netns(&t.ns("node-a"), || {
@@ -989,6 +992,17 @@ fn signet_connectivity_test_passes_on_a_healthy_mesh_and_names_the_scenario_a_wr
         })
     };
     assert!(host_serves(), "the kept host server");
+    let again = std::process::Command::new(&exe)
+        .args(["connectivity", "test", "--namespace", "cnt", "--topology"])
+        .arg(&topology)
+        .output()
+        .expect("signet connectivity test");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("another run's workloads are in place"),
+        "a second run on kept workloads is refused: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     let out = std::process::Command::new(&exe)
         .args(["connectivity", "cleanup", "--topology"])
         .arg(&topology)

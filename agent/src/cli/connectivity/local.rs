@@ -378,6 +378,18 @@ impl<'a> Env<'a> {
                 return Err(missing(&format!("cgroupRoot for {}", n.name)));
             }
         }
+        // One run per topology: a second would take the same subnets and pod names.
+        if let Some(other) = std::fs::read_dir(&state_dir)
+            .map_err(|e| format!("stateDir {}: {e}", state_dir.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| suite_name(n) && n.ends_with("-cluster.yaml"))
+        {
+            return Err(format!(
+                "another run's workloads are in place ({}/{other}): wait for it to end, or remove                  them with `signet connectivity cleanup`",
+                state_dir.display()
+            ));
+        }
         let id = format!("{:04x}", std::process::id() & 0xffff);
         let prefix = format!("sct{id}");
         let names = Names::new(namespace, &d.trust_domain);
@@ -1055,16 +1067,20 @@ fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
     ))
 }
 
+fn sigkill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 fn kill_netns_pids(ns: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
         return;
     };
     for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
         if let Ok(pid) = pid.parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            sigkill(pid);
         }
     }
 }
@@ -1076,10 +1092,7 @@ fn remove_cgroup(cg: &Path) -> Result<(), String> {
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
         {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            sigkill(pid);
         }
     }
     let gone = poll(Duration::from_secs(5), || match std::fs::remove_dir(cg) {
@@ -1195,10 +1208,7 @@ pub fn cleanup_all(topology: &Path) -> Result<Vec<String>, String> {
     // The server on the first node's own address lives in the node's namespace, which is not
     // the suite's: it is found by its command line.
     for pid in host_servers(&d.nodes[..1]) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        sigkill(pid);
         removed.push(format!("host server {pid}"));
     }
     for node in &d.nodes {
