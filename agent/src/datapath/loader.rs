@@ -314,12 +314,15 @@ fn detach_link(pin: &Path) -> std::io::Result<()> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;
+    // Every byte initialised: the kernel refuses (EINVAL) an attr whose bytes past the
+    // command's last field are not zero, and implicit padding would be whatever was there.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        padding: u32,
     }
     let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(pin.as_os_str()))
         .map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -328,6 +331,7 @@ fn detach_link(pin: &Path) -> std::io::Result<()> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        padding: 0,
     };
     // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET whose pathname points at a
     // NUL-terminated string that outlives the call; the size passed is the struct's.

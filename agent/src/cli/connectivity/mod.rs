@@ -98,6 +98,8 @@ pub struct SuiteReport {
     pub failed: usize,
     pub skipped: usize,
     pub seconds: u64,
+    /// What could not be removed afterwards (the run then fails too).
+    pub cleanup_error: Option<String>,
 }
 
 impl SuiteReport {
@@ -107,6 +109,13 @@ impl SuiteReport {
 
     /// The closing line, as `cilium connectivity test` ends its report.
     pub fn summary(&self) -> String {
+        match &self.cleanup_error {
+            Some(e) => format!("{}; ❌ not all removed: {e}", self.outcomes()),
+            None => self.outcomes(),
+        }
+    }
+
+    fn outcomes(&self) -> String {
         let run = self.passed + self.failed;
         if self.failed == 0 {
             format!(
@@ -262,7 +271,7 @@ fn run_test(args: TestArgs) -> u8 {
             return 1;
         }
     }
-    u8::from(report.failed > 0)
+    u8::from(report.failed > 0 || report.cleanup_error.is_some())
 }
 
 impl std::fmt::Debug for Scenario {
@@ -339,7 +348,7 @@ pub fn run_suite(
             }
             if phase.mode == Mode::Disturbing {
                 for h in background.drain(..) {
-                    for o in h.join().unwrap_or_default() {
+                    for o in joined(h) {
                         say(&o.line());
                         results.push(o);
                     }
@@ -383,12 +392,13 @@ pub fn run_suite(
             }
         }
         for h in background {
-            for o in h.join().unwrap_or_default() {
+            for o in joined(h) {
                 say(&o.line());
                 results.push(o);
             }
         }
     });
+    let mut cleanup_error = None;
     if options.keep {
         say(&format!(
             "kept: namespaces {} and {}-peer, their pods and policies (signet connectivity cleanup removes them)",
@@ -396,20 +406,35 @@ pub fn run_suite(
         ));
         env.keep();
     } else if let Err(e) = env.remove() {
-        say(&format!("!! cleaning up: {e}"));
+        say(&format!(
+            "!! cleaning up: {e} (signet connectivity cleanup removes what is left)"
+        ));
+        cleanup_error = Some(e);
     }
     let count = |v: Verdict| results.iter().filter(|o| o.verdict == v).count();
-    let mut report = SuiteReport {
+    let report = SuiteReport {
         passed: count(Verdict::Pass),
         failed: count(Verdict::Fail),
         skipped: count(Verdict::Skip),
         results,
         seconds: started.elapsed().as_secs(),
+        cleanup_error,
     };
-    report.seconds = started.elapsed().as_secs();
     say("");
     say(&report.summary());
     Ok(report)
+}
+
+/// A background phase's outcomes; a thread that died is a failure, not an empty list.
+fn joined(h: std::thread::ScopedJoinHandle<'_, Vec<Outcome>>) -> Vec<Outcome> {
+    h.join().unwrap_or_else(|_| {
+        vec![Outcome {
+            name: "background".into(),
+            verdict: Verdict::Fail,
+            detail: "a background phase's thread panicked; its scenarios have no result".into(),
+            ms: 0,
+        }]
+    })
 }
 
 fn run_one(env: &Env, s: &Scenario) -> Outcome {
@@ -487,6 +512,7 @@ mod tests {
             failed: 1,
             skipped: 1,
             seconds: 3,
+            cleanup_error: None,
         };
         assert_eq!(
             report.summary(),
