@@ -752,11 +752,6 @@ impl<'a> Env<'a> {
             .collect())
     }
 
-    /// A Prometheus sample of `node`'s agent.
-    pub fn metrics(&self, node: usize) -> Result<String, String> {
-        self.admin(&self.nodes[node], "/metrics")
-    }
-
     /// What `node`'s agent has in force (`/debug/state`).
     pub fn debug_state(&self, node: usize) -> Result<serde_json::Value, String> {
         let body = self.admin(&self.nodes[node], "/debug/state")?;
