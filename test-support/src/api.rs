@@ -13,6 +13,8 @@
 //!   subresource they change only `status`); delete (uid and resourceVersion preconditions; an
 //!   object with finalizers stays, terminating, until an update removes the last one);
 //! - TokenReview, answering for the tokens it was given;
+//! - `pods/{name}/exec` and `pods/{name}/portforward` over WebSocket (`streams`), run by a
+//!   [`PodRuntime`](crate::streams::PodRuntime) the test gives it;
 //! - refusals a test asks for, shaped as the API server sends them (RBAC's 403 Forbidden, a 500).
 //!
 //! It runs in process ([`FakeApi::client`]) or over HTTP/1.1 on a listener of the test's choosing
@@ -119,6 +121,8 @@ struct Inner {
     /// Bumped to end every open watch, as an API server restart or a load balancer does.
     watch_epoch: tokio::sync::watch::Sender<u64>,
     stop: CancellationToken,
+    /// Who runs pods' processes, for exec and port-forward; `None`: they are refused.
+    runtime: Mutex<Option<Arc<dyn crate::streams::PodRuntime>>>,
 }
 
 /// Cancels `stop` when the last of the test's handles goes.
@@ -166,6 +170,7 @@ impl FakeApi {
                 held: tokio::sync::watch::channel(false).0,
                 watch_epoch: tokio::sync::watch::channel(0).0,
                 stop: stop.clone(),
+                runtime: Mutex::new(None),
             }),
             _owner: Arc::new(Owner(stop)),
         };
@@ -227,7 +232,8 @@ impl FakeApi {
                             async move { Ok::<_, Infallible>(inner.answer(req).await) }
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .with_upgrades();
                         tokio::select! {
                             () = stop.cancelled() => {}
                             _ = conn => {}
@@ -264,17 +270,28 @@ impl FakeApi {
         );
     }
 
+    /// From now on, exec and port-forward on a pod run through `runtime` (the part of a kubelet
+    /// and a container runtime the test plays). Over [`FakeApi::serve`] only: the in-process
+    /// client has no connection to upgrade.
+    pub fn pod_runtime(&self, runtime: Arc<dyn crate::streams::PodRuntime>) {
+        *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(runtime);
+    }
+
     /// From now on, a request for which `rule` says so is refused with its answer instead.
     pub fn refuse_when(&self, rule: impl Fn(&Seen) -> Option<Refusal> + Send + Sync + 'static) {
         self.inner.lock().rules.push(Arc::new(rule));
     }
 
-    /// From now on, `verb` on `plural` (`secrets`, `leases`, ...) is refused as RBAC refuses a
+    /// From now on, `verb` on `plural` (`secrets`, `leases`, `pods/exec`, ...) is refused as RBAC refuses a
     /// service account without the permission: 403 Forbidden naming the verb and the resource.
     pub fn forbid(&self, verb: &'static str, plural: &'static str) {
         self.refuse_when(move |seen| {
             let target = parse_path(&seen.path)?;
             let (_, resource) = target.collection.split_once('|')?;
+            let resource = match target.stream {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.to_owned(),
+            };
             (seen.verb == verb && resource == plural).then(|| Refusal {
                 code: StatusCode::FORBIDDEN,
                 reason: "Forbidden".into(),
@@ -397,6 +414,8 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     status: bool,
+    /// A streaming subresource (`exec`, `portforward`), answered by [`streams`].
+    stream: Option<&'static str>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -428,11 +447,21 @@ fn parse_path(path: &str) -> Option<Target> {
         namespace,
         name,
         status: sub == Some("status"),
+        stream: match (kind, sub) {
+            ("Pod", Some("exec")) => Some("exec"),
+            ("Pod", Some("portforward")) => Some("portforward"),
+            _ => None,
+        },
     })
 }
 
 fn verb_of(method: &Method, path: &str, query: &str) -> &'static str {
-    let named = parse_path(path).is_some_and(|t| t.name.is_some());
+    let target = parse_path(path);
+    let named = target.as_ref().is_some_and(|t| t.name.is_some());
+    // As RBAC authorizes them since Kubernetes 1.31, also over a WebSocket's GET.
+    if target.is_some_and(|t| t.stream.is_some()) {
+        return "create";
+    }
     match *method {
         Method::GET if named => "get",
         Method::GET if query_param(query, "watch").is_some_and(|w| w != "false" && w != "0") => {
@@ -648,10 +677,13 @@ impl Inner {
         reply(StatusCode::OK, &self.store_object(object))
     }
 
-    async fn answer<B>(&self, req: Request<B>) -> Reply
+    async fn answer<B>(&self, mut req: Request<B>) -> Reply
     where
         B: hyper::body::Body,
     {
+        let upgrade = parse_path(req.uri().path())
+            .is_some_and(|t| t.stream.is_some())
+            .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body = body
             .collect()
@@ -671,6 +703,7 @@ impl Inner {
         let rules = self.lock().rules.clone();
         let answer = match rules.iter().find_map(|rule| rule(&seen)) {
             Some(r) => failure(r.code, &r.reason, r.message),
+            None if upgrade.is_some() => self.stream(&parts, upgrade, &path, &query),
             None => {
                 self.answer_normally(&parts, &seen.body, seen.verb, &path, &query)
                     .await
@@ -792,6 +825,147 @@ impl Inner {
                 path.to_owned(),
             ),
         }
+    }
+
+    /// `pods/{name}/exec` and `pods/{name}/portforward`: switches to a WebSocket and runs the
+    /// session on the pod through the test's runtime.
+    fn stream(
+        &self,
+        parts: &http::request::Parts,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+        path: &str,
+        query: &str,
+    ) -> Reply {
+        let Some(t) = parse_path(path) else {
+            return failure(StatusCode::NOT_FOUND, "NotFound", path.to_owned());
+        };
+        let name = t.name.clone().unwrap_or_default();
+        let key = (
+            t.collection.clone(),
+            t.namespace.clone().unwrap_or_default(),
+            name.clone(),
+        );
+        let Some(pod) = self.get(&key) else {
+            return failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("pods \"{name}\" not found"),
+            );
+        };
+        let header = |h: http::header::HeaderName| parts.headers.get(h);
+        let is_websocket = header(http::header::UPGRADE)
+            .and_then(|u| u.to_str().ok())
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+        let (Some(key), true, Some(upgrade)) = (
+            header(http::header::SEC_WEBSOCKET_KEY),
+            is_websocket,
+            upgrade,
+        ) else {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "Upgrade request required".into(),
+            );
+        };
+        let Some(protocol) = crate::streams::protocol(header(http::header::SEC_WEBSOCKET_PROTOCOL))
+        else {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "no supported subprotocol (v5.channel.k8s.io, v4.channel.k8s.io) requested".into(),
+            );
+        };
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(runtime) = runtime else {
+            return failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("no container runtime runs pod {name} in this fake"),
+            );
+        };
+        if pod["status"]["phase"] != "Running" {
+            return failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!(
+                    "pod {name} is not running (phase {})",
+                    pod["status"]["phase"].as_str().unwrap_or("unknown")
+                ),
+            );
+        }
+        let params: Vec<(String, String)> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), percent_decoded(v)))
+            .collect();
+        let session: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match t
+            .stream
+        {
+            Some("exec") => {
+                let command: Vec<String> = params
+                    .iter()
+                    .filter(|(k, _)| k == "command")
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                if command.is_empty() {
+                    return failure(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "you must specify at least 1 command".into(),
+                    );
+                }
+                let container = params
+                    .iter()
+                    .find(|(k, _)| k == "container")
+                    .map(|(_, v)| v.clone());
+                let v5 = protocol.starts_with("v5");
+                Box::pin(async move {
+                    if let Some(ws) = crate::streams::websocket(upgrade).await {
+                        crate::streams::exec(ws, runtime, pod, container, command, v5).await;
+                    }
+                })
+            }
+            _ => {
+                let ports: Vec<u16> = params
+                    .iter()
+                    .filter(|(k, _)| k == "ports")
+                    .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
+                    .filter_map(|p| p.trim().parse().ok())
+                    .collect();
+                let [port] = ports[..] else {
+                    return failure(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        format!("this fake forwards exactly one port per request, not {ports:?}"),
+                    );
+                };
+                Box::pin(async move {
+                    if let Some(ws) = crate::streams::websocket(upgrade).await {
+                        crate::streams::port_forward(ws, runtime, pod, port).await;
+                    }
+                })
+            }
+        };
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = session => {}
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+            .header(http::header::SEC_WEBSOCKET_PROTOCOL, protocol)
+            .body(Full::new(Bytes::new()).boxed_unsync())
+            .expect("response")
     }
 
     fn create(&self, t: &Target, mut object: Value) -> Reply {

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod cgroup;
 pub mod netns;
+pub mod streams;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -175,6 +175,9 @@ fn agents_and_ca_read_the_cluster_from_the_api_server() {
         let report = t.client(&target);
         (report["ok"] == false || report["reply"] == "").then_some(())
     });
+
+    step.to("signet observe --kubernetes reads both agents' flows through port-forwards");
+    observe_through_the_api(&t, &api, &target);
     api.delete(
         "signet.dev/v1alpha1",
         "IdentityPolicy",
@@ -438,4 +441,160 @@ fn gateway_objects() -> (String, Vec<Value>) {
                      "rules": [{"backendRefs": [{"name": "server", "port": 81}]}]}}),
     ];
     (cert_pem, objects)
+}
+
+/// The agents' pods as the DaemonSet makes them (host network, the admin port named), and the
+/// kubelet's side of a port-forward: a connection to the port on the node's loopback.
+struct Nodes {
+    netns: [(String, String); 2],
+}
+
+impl signet_test_support::streams::PodRuntime for Nodes {
+    fn port_forward(&self, pod: &Value, port: u16) -> std::io::Result<std::net::TcpStream> {
+        let node = pod["spec"]["nodeName"].as_str().unwrap_or_default();
+        let (_, ns) = self
+            .netns
+            .iter()
+            .find(|(n, _)| n == node)
+            .ok_or_else(|| std::io::Error::other(format!("no node {node}")))?;
+        in_netns(ns, || std::net::TcpStream::connect(("127.0.0.1", port)))
+    }
+
+    fn exec(
+        &self,
+        _: &Value,
+        _: Option<&str>,
+        _: &[String],
+    ) -> std::io::Result<std::process::Child> {
+        Err(std::io::Error::other("exec is not needed here"))
+    }
+}
+
+/// `signet observe --kubernetes`, run where no node's address or loopback is reachable (this
+/// test's own namespace, the API server on its loopback): every flow it shows came through a
+/// port-forward. Both nodes' records are there: the kernel's drop of plaintext that bypassed
+/// the proxy and the policy's refusal, each with its reason; without the right to create
+/// `pods/portforward`, it says so and shows nothing.
+fn observe_through_the_api(t: &Topology, api: &FakeApi, target: &str) {
+    for node in ['a', 'b'] {
+        api.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("signet-agent-node-{node}"), "namespace": "signet-system",
+                         "labels": {"app.kubernetes.io/name": "signet-agent"}},
+            "spec": {"nodeName": format!("node-{node}"), "hostNetwork": true,
+                     "containers": [{"name": "signet-agent", "image": "signet",
+                                     "ports": [{"name": "admin", "containerPort": 15020}]}]},
+            "status": {"phase": "Running", "podIP": t.node_ip(node)}}));
+    }
+    api.pod_runtime(std::sync::Arc::new(Nodes {
+        netns: [
+            ("node-a".into(), t.ns("node-a")),
+            ("node-b".into(), t.ns("node-b")),
+        ],
+    }));
+    assert_eq!(
+        t.bypassing_client(target)["ok"],
+        false,
+        "strict mode drops it"
+    );
+    let url = api.serve_loopback();
+    let kubeconfig = t.dir.path().join("kubeconfig-loopback");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters: [{{name: test, cluster: {{server: '{url}'}}}}]\n\
+             users: [{{name: me, user: {{token: not-checked}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: me}}}}]\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let observe = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_signet-tests-cli"))
+            .args(["observe", "--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(extra)
+            .output()
+            .expect("signet observe");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let seen = wait_for("both kinds of drop in signet observe --kubernetes", || {
+        let (code, stdout, stderr) = observe(&["-o", "json", "--to-pod", "shop/server-0"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let flows: Vec<Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let kernel = flows.iter().any(|f| {
+            f["node"] == "node-b"
+                && f["reporter"] == "kernel"
+                && f["reason"] == "strict-mtls-plaintext"
+        });
+        let refused = flows.iter().any(|f| {
+            f["node"] == "node-b"
+                && f["reporter"] == "inbound"
+                && f["verdict"] == "dropped"
+                && f["rule"] == "default deny"
+        });
+        (kernel && refused).then_some(flows)
+    });
+    let nodes: std::collections::BTreeSet<&str> =
+        seen.iter().filter_map(|f| f["node"].as_str()).collect();
+    assert!(nodes.contains("node-b"), "{seen:?}");
+    let forwards = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/portforward") && r.code == 101)
+        .count();
+    assert!(
+        forwards >= 2,
+        "each agent read through a port-forward ({forwards})"
+    );
+    let (code, compact, _) = observe(&["--to-pod", "shop/server-0", "--verdict", "dropped"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        compact.contains("kernel") && compact.contains("reason=strict-mtls-plaintext"),
+        "{compact}"
+    );
+
+    // `signet status --port-forward` reaches the agents the same way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_signet-tests-cli"))
+        .args([
+            "status",
+            "--kubernetes",
+            "--port-forward",
+            "-o",
+            "json",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .output()
+        .expect("signet status");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let agents: Vec<(&str, &str)> = report["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .map(|a| {
+            (
+                a["node"].as_str().unwrap_or_default(),
+                a["health"]["level"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(agents, [("node-a", "ok"), ("node-b", "ok")], "{report}");
+    assert_eq!(out.status.code(), Some(0), "{report}");
+
+    // Without the right to port-forward in signet-system, nothing is shown, and the refusal is.
+    api.forbid("create", "pods/portforward");
+    let (code, stdout, stderr) = observe(&[]);
+    assert_ne!(code, Some(0), "{stdout}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("403 Forbidden") && stderr.contains("`create` on `pods/portforward`"),
+        "the refusal is named: {stderr}"
+    );
 }

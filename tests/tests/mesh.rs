@@ -719,7 +719,8 @@ fn signet_observe_shows_kernel_drops_and_l7_denials_with_their_rules_and_counts_
     );
     let _running = start(&t, "", "admin: {flowLogCapacity: 16}\n");
     let _http = t.server_with(8080, &["--http"]);
-    let topology = t.write_topology_json();
+    let topology = signet_agent::cli::status::read_topology(&t.write_topology_json())
+        .expect("the topology file");
     let web = format!("{}:8080", t.pod_ip('b'));
 
     step.to("An allowed request, an L7 denial and a kernel drop");

@@ -10,6 +10,7 @@ pub mod connectivity;
 pub mod datapath;
 pub mod echo;
 pub mod gateway;
+pub mod kube;
 pub mod observe;
 pub mod policy;
 pub mod status;

@@ -8,20 +8,29 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
 
-use super::status::{TopologyNode, parse_duration, read_topology, topology_path};
+use super::status::{Topology, TopologyNode, parse_duration, read_topology, topology_path};
 use crate::flow::FlowEntry;
 
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// The local topology's description (default: $SIGNET_TOPOLOGY, else the demo's).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     topology: Option<PathBuf>,
+    /// Find the agents through the Kubernetes API (in-cluster, $KUBECONFIG, or --kubeconfig)
+    /// and read each one's flows through a port-forward to its pod.
+    #[arg(long)]
+    kubernetes: bool,
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Where Signet runs (Kubernetes mode).
+    #[arg(long, default_value = "signet-system", requires = "kubernetes")]
+    signet_namespace: String,
     /// Follow: print flows as they happen, until interrupted.
     #[arg(short = 'f', long)]
     follow: bool,
@@ -134,8 +143,19 @@ fn parse_line(node: &str, line: &str) -> Option<Line> {
 }
 
 pub fn run(args: ObserveArgs) -> u8 {
-    let path = match topology_path(args.topology.as_deref()) {
-        Ok(p) => p,
+    // In Kubernetes mode the forwards live as long as this command.
+    let mut kube = None;
+    let topology = if args.kubernetes {
+        super::kube::Kube::connect(args.kubeconfig.as_deref()).and_then(|k| {
+            let t = k.forwarded_topology(&args.signet_namespace);
+            kube = Some(k);
+            t
+        })
+    } else {
+        topology_path(args.topology.as_deref()).and_then(|p| read_topology(&p))
+    };
+    let topology = match topology {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("signet observe: {e}");
             return 2;
@@ -159,7 +179,7 @@ pub fn run(args: ObserveArgs) -> u8 {
         writeln!(out, "{text}").is_ok() && out.flush().is_ok()
     };
     if args.follow {
-        return match follow(&path, since_ms, &args.filter, |l| print(l)) {
+        return match follow(&topology, since_ms, &args.filter, |l| print(l)) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("signet observe: {e}");
@@ -167,7 +187,9 @@ pub fn run(args: ObserveArgs) -> u8 {
             }
         };
     }
-    match collect(&path, since_ms, &args.filter) {
+    let collected = collect(&topology, since_ms, &args.filter);
+    drop(kube);
+    match collected {
         Ok((lines, unreachable)) => {
             for l in &lines {
                 if !print(l) {
@@ -189,11 +211,10 @@ pub fn run(args: ObserveArgs) -> u8 {
 /// Every node's flows since `since_ms` that `filter` admits, merged by time; and the nodes that
 /// could not be read, with why.
 pub fn collect(
-    topology: &Path,
+    topology: &Topology,
     since_ms: u64,
     filter: &Filter,
 ) -> Result<(Vec<Line>, Vec<String>), String> {
-    let topology = read_topology(topology)?;
     let query = format!("/flows?since_ms={since_ms}");
     let answers: Vec<(String, Result<Vec<Line>, String>)> = std::thread::scope(|s| {
         let asks: Vec<_> = topology
@@ -240,14 +261,13 @@ pub fn collect(
 /// Follows every node until `each` returns false or every stream has ended; a node whose
 /// stream breaks is asked again from the last record seen.
 pub fn follow(
-    topology: &Path,
+    topology: &Topology,
     since_ms: u64,
     filter: &Filter,
     mut each: impl FnMut(&Line) -> bool,
 ) -> Result<(), String> {
-    let topology = read_topology(topology)?;
     let (tx, rx) = std::sync::mpsc::channel::<Line>();
-    for n in topology.nodes {
+    for n in topology.nodes.clone() {
         let tx = tx.clone();
         std::thread::spawn(move || {
             let mut after = 0u64;

@@ -33,6 +33,10 @@ pub struct StatusArgs {
     /// Where Signet runs (Kubernetes mode).
     #[arg(long, default_value = "signet-system")]
     namespace: String,
+    /// Reach the admin ports through the API server (`pods/portforward`), as from a laptop
+    /// that cannot reach pod and node addresses; without it they are asked directly.
+    #[arg(long, requires = "kubernetes")]
+    port_forward: bool,
     /// Poll until everything is OK or --wait-duration passes, saying what it waits for.
     #[arg(long)]
     wait: bool,
@@ -86,6 +90,12 @@ pub struct TopologyCa {
     /// Its network namespace, when it is not this one's.
     pub(crate) netns: Option<String>,
     pub(crate) admin: SocketAddr,
+    /// Its pod (Kubernetes mode).
+    #[serde(skip)]
+    pub(crate) pod: Option<String>,
+    /// How `admin` reaches the pod, when not directly (a port-forward).
+    #[serde(skip)]
+    pub(crate) via: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +106,12 @@ pub struct TopologyNode {
     /// one's.
     pub(crate) netns: Option<String>,
     pub(crate) agent_admin: SocketAddr,
+    /// Its pod (Kubernetes mode).
+    #[serde(skip)]
+    pub(crate) pod: Option<String>,
+    /// How `agent_admin` reaches the pod, when not directly (a port-forward).
+    #[serde(skip)]
+    pub(crate) via: Option<String>,
 }
 
 /// One agent as seen from here.
@@ -162,19 +178,19 @@ pub fn run(args: StatusArgs) -> u8 {
         }
     };
     let report = if args.kubernetes {
-        let find = || -> Result<Topology, String> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(async {
-                let client = signet_ca::kubernetes::client(args.kubeconfig.as_deref())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                discover(&client, &args.namespace).await
-            })
-        };
-        wait_with(find, within, say)
+        match super::kube::Kube::connect(args.kubeconfig.as_deref()) {
+            Ok(kube) => {
+                let find = || {
+                    if args.port_forward {
+                        kube.forwarded_topology(&args.namespace)
+                    } else {
+                        kube.block_on(discover(&kube.client, &args.namespace))
+                    }
+                };
+                wait_with(find, within, say)
+            }
+            Err(e) => Err(e),
+        }
     } else {
         match topology_path(args.topology.as_deref()) {
             Ok(path) => wait(&path, within, say),
@@ -269,7 +285,7 @@ pub(crate) fn topology_path(given: Option<&Path>) -> Result<PathBuf, String> {
     ))
 }
 
-pub(crate) fn read_topology(path: &Path) -> Result<Topology, String> {
+pub fn read_topology(path: &Path) -> Result<Topology, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("topology {}: {e}", path.display()))?;
     let t: Topology =
@@ -327,12 +343,13 @@ fn ask_ca(ca: &TopologyCa, replicas: Option<(i32, i32)>) -> CaReport {
     let body = match get(netns.as_deref(), ca.admin, "/status") {
         Ok(b) => b,
         Err(e) => {
+            let at = ca
+                .via
+                .clone()
+                .unwrap_or_else(|| format!("at {}{}", ca.admin, where_(ca.netns.as_deref())));
             return CaReport {
                 health: error(format!(
-                    "CA unreachable at {}{}: {e} (is signet-ca running with `admin: {}`?)",
-                    ca.admin,
-                    where_(ca.netns.as_deref()),
-                    ca.admin
+                    "CA unreachable {at}: {e} (is signet-ca running with its admin port?)"
                 )),
                 status: None,
                 replicas,
@@ -374,10 +391,12 @@ fn ask_ca(ca: &TopologyCa, replicas: Option<(i32, i32)>) -> CaReport {
 impl TopologyNode {
     /// Why this node's agent could not be asked, and what to look at.
     pub(crate) fn unreachable(&self, why: &str) -> String {
+        let at = self
+            .via
+            .clone()
+            .unwrap_or_else(|| format!("at {}{}", self.agent_admin, where_(self.netns.as_deref())));
         format!(
-            "agent unreachable at {}{}: {why} (is signet-agent running on {}?)",
-            self.agent_admin,
-            where_(self.netns.as_deref()),
+            "agent unreachable {at}: {why} (is signet-agent running on {}?)",
             self.name
         )
     }
@@ -392,7 +411,7 @@ fn where_(netns: Option<&str>) -> String {
 /// `signet-ca`) in `namespace`, as the API server lists them: each at its pod address and the
 /// port its container names `admin` (15020 and 15014 when none does). Agents run on the host
 /// network, so their admin port is on the node's address; from a laptop that cannot reach the
-/// nodes, `kubectl port-forward` each and describe them with `--topology`.
+/// nodes, `--port-forward` reaches each through the API server instead (`cli::kube`).
 pub async fn discover(client: &kube::Client, namespace: &str) -> Result<Topology, String> {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::Pod;
@@ -433,12 +452,16 @@ pub async fn discover(client: &kube::Client, namespace: &str) -> Result<Topology
                 name,
                 netns: None,
                 agent_admin,
+                pod: Some(pod_name),
+                via: None,
             },
             // Nothing listens on the discard port of loopback: reported unreachable, by name.
             None => TopologyNode {
                 name: format!("{name} (pod {pod_name} has no address yet)"),
                 netns: None,
                 agent_admin: SocketAddr::from(([127, 0, 0, 1], 9)),
+                pod: None,
+                via: None,
             },
         });
     }
@@ -459,8 +482,13 @@ pub async fn discover(client: &kube::Client, namespace: &str) -> Result<Topology
         .iter()
         .filter(|p| ready(p))
         .chain(ca_pods.iter())
-        .find_map(|p| admin(p, 15014))
-        .map(|admin| TopologyCa { netns: None, admin });
+        .find_map(|p| Some((admin(p, 15014)?, p.metadata.name.clone())))
+        .map(|(admin, pod)| TopologyCa {
+            netns: None,
+            admin,
+            pod,
+            via: None,
+        });
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let ca_replicas = match deployments.get_opt("signet-ca").await {
         Ok(Some(d)) => Some((
