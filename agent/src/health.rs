@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::Context as _;
 
-use crate::admin::debug::{DebugState, IdentityState, OpenFlow};
+use crate::admin::debug::{DebugState, IdentityState, OpenFlow, PolicyInForce};
 use crate::admin::metrics::{Gauges, Metrics};
 use crate::admin::status::{self as status_page, AgentStatus};
 use crate::admin::{self, AdminState};
@@ -254,10 +254,25 @@ fn debug_state(
     certs: &CertManager,
     connections: &Connections,
 ) -> DebugState {
-    let generation = snapshot
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .generation;
+    let snap = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let generation = snap.generation;
+    let policies = snap
+        .state
+        .policies
+        .iter()
+        .map(|l| PolicyInForce {
+            name: format!(
+                "{}/{}",
+                l.resource
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or("default"),
+                l.resource.metadata.name.as_deref().unwrap_or_default()
+            ),
+            digest: crate::admin::debug::policy_digest(&l.resource),
+        })
+        .collect();
     let progress = progress.read().unwrap_or_else(|p| p.into_inner()).clone();
     let identities = certs
         .states()
@@ -300,6 +315,7 @@ fn debug_state(
         refused: progress.refused,
         identities,
         flows,
+        policies,
     }
 }
 

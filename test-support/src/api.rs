@@ -12,7 +12,8 @@
 //!   object they leave `status` alone and bump `generation` when `spec` changes, on the `status`
 //!   subresource they change only `status`); delete (uid and resourceVersion preconditions; an
 //!   object with finalizers stays, terminating, until an update removes the last one);
-//! - TokenReview, answering for the tokens it was given;
+//! - TokenReview, answering for the tokens it was given; deleting a Namespace deletes what is
+//!   in it; a Service created without a ClusterIP gets one when the test asked for that;
 //! - `pods/{name}/exec` and `pods/{name}/portforward` over WebSocket (`streams`), run by a
 //!   [`PodRuntime`](crate::streams::PodRuntime) the test gives it;
 //! - refusals a test asks for, shaped as the API server sends them (RBAC's 403 Forbidden, a 500).
@@ -111,6 +112,9 @@ struct Store {
     rules: Vec<Rule>,
     /// Token → TokenReview `status` for it.
     tokens: BTreeMap<String, Value>,
+    /// The first three octets and a dot of the ClusterIPs given to Services created without one.
+    cluster_ips: Option<String>,
+    next_cluster_ip: u8,
 }
 
 struct Inner {
@@ -275,6 +279,12 @@ impl FakeApi {
     /// client has no connection to upgrade.
     pub fn pod_runtime(&self, runtime: Arc<dyn crate::streams::PodRuntime>) {
         *self.inner.runtime.lock().unwrap_or_else(|p| p.into_inner()) = Some(runtime);
+    }
+
+    /// From now on, a Service created without a `clusterIP` gets one, as the API server gives
+    /// it: `prefix` (`10.96.7.`) and the next host number from 1.
+    pub fn allocate_cluster_ips(&self, prefix: &str) {
+        self.inner.lock().cluster_ips = Some(prefix.to_owned());
     }
 
     /// From now on, a request for which `rule` says so is refused with its answer instead.
@@ -992,6 +1002,15 @@ impl Inner {
                 format!("{} is invalid: metadata.name: Required value", t.kind),
             );
         }
+        if t.kind == "Service" && object["spec"]["clusterIP"].is_null() {
+            let mut s = self.lock();
+            if let Some(prefix) = s.cluster_ips.clone() {
+                s.next_cluster_ip += 1;
+                let ip = format!("{prefix}{}", s.next_cluster_ip);
+                object["spec"]["clusterIP"] = json!(ip);
+                object["spec"]["clusterIPs"] = json!([ip]);
+            }
+        }
         let key = key_of(&object);
         if self.get(&key).is_some() {
             return failure(
@@ -1042,6 +1061,19 @@ impl Inner {
                 o["metadata"]["deletionTimestamp"] = json!(jiff::Timestamp::now().to_string());
             }
             return reply(StatusCode::OK, &self.store_object(o));
+        }
+        if t.kind == "Namespace" {
+            // The namespace controller's work, done at once: everything in it goes first.
+            let inside: Vec<Key> = self
+                .lock()
+                .objects
+                .keys()
+                .filter(|(_, ns, _)| ns == name)
+                .cloned()
+                .collect();
+            for k in inside {
+                self.remove(&k);
+            }
         }
         match self.remove(key) {
             Some(gone) => reply(StatusCode::OK, &gone),

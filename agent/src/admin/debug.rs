@@ -17,6 +17,24 @@ pub struct DebugState {
     pub refused: Option<String>,
     pub identities: Vec<IdentityState>,
     pub flows: Vec<OpenFlow>,
+    /// The IdentityPolicies in force, each with the digest of its spec: a client that applied
+    /// a policy can tell when this agent enforces that very version (`policy_digest`).
+    pub policies: Vec<PolicyInForce>,
+}
+
+/// One IdentityPolicy in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyInForce {
+    /// `namespace/name`.
+    pub name: String,
+    pub digest: String,
+}
+
+/// The first 16 hex digits of the SHA-256 of a policy's spec as JSON.
+pub fn policy_digest(policy: &signet_policy::IdentityPolicy) -> String {
+    let json = serde_json::to_vec(&policy.spec).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &json);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One workload identity's certificate.

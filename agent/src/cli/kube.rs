@@ -58,6 +58,16 @@ impl Kube {
         })
     }
 
+    /// Runs `fut` on this client's runtime, in the background, until it ends or this goes.
+    pub fn spawn<F>(&self, name: &'static str, fut: F)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let _entered = self.rt.enter();
+        drop(self.drain.spawn(name, fut));
+    }
+
     /// Runs `f` to completion on this client's runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)

@@ -3,6 +3,7 @@
 //! test fails.
 #![allow(dead_code)] // each suite uses part of it
 
+pub mod kubelet;
 pub mod packets;
 pub mod tc;
 pub mod topology;

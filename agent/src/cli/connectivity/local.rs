@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use super::poll;
+use super::{Env, NodeInfo, Running, Session, Workloads, poll};
 use crate::cli::echo::Exchange;
 use crate::flow::FlowEntry;
 
@@ -283,7 +283,7 @@ struct Made {
 
 /// The deployed suite: its pods, servers and the topology they live in.
 #[derive(Debug)]
-pub struct Env<'a> {
+pub struct Local<'a> {
     pub names: Names,
     pub nodes: Vec<Node>,
     topology: PathBuf,
@@ -341,10 +341,37 @@ fn subnet(pool: &str, i: usize) -> Result<[u8; 3], String> {
     Ok([o[0], o[1], o[2]])
 }
 
-impl<'a> Env<'a> {
-    /// Builds the suite's pods, `outside`, its Service and Gateway, starts the servers, and waits
-    /// until every agent has applied them and reports OK.
-    pub fn deploy(
+/// Builds the suite's pods, `outside`, its Service and Gateway on the local topology, starts the
+/// servers, and waits until every agent has applied them and reports OK.
+pub fn deploy<'a>(
+    topology: &Path,
+    namespace: &str,
+    exe: &Path,
+    agents: &'a dyn AgentControl,
+    say: &mut dyn FnMut(&str),
+) -> Result<Env<'a>, String> {
+    let local = Local::deploy(topology, namespace, exe, agents, say)?;
+    Ok(Env {
+        names: local.names.clone(),
+        nodes: local
+            .nodes
+            .iter()
+            .map(|n| NodeInfo {
+                name: n.name.clone(),
+                address: n.address,
+            })
+            .collect(),
+        outside: Some(local.outside),
+        service_ip: local.service_ip,
+        gateway_port: local.gateway_port,
+        strict: local.strict.clone(),
+        uncaptured_in_pod: true,
+        workloads: Box::new(local),
+    })
+}
+
+impl<'a> Local<'a> {
+    fn deploy(
         topology: &Path,
         namespace: &str,
         exe: &Path,
@@ -393,7 +420,7 @@ impl<'a> Env<'a> {
         let id = format!("{:04x}", std::process::id() & 0xffff);
         let prefix = format!("sct{id}");
         let names = Names::new(namespace, &d.trust_domain);
-        let mut env = Env {
+        let mut env = Local {
             names,
             nodes: d.nodes,
             topology: topology.to_owned(),
@@ -810,7 +837,7 @@ impl<'a> Env<'a> {
             .spawn()
             .map_err(|e| format!("{}: {e}", self.exe.display()))?;
         let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-        Ok(Running { child, stdout })
+        Ok(Running::new(ProcessClient { child, stdout }))
     }
 
     /// Stops `node`'s agent (the topology's [`AgentControl`] says how).
@@ -837,7 +864,7 @@ impl<'a> Env<'a> {
         &self,
         node: usize,
         marker: &[u8],
-        during: impl FnOnce(),
+        during: &mut dyn FnMut(),
     ) -> Result<Capture, String> {
         let n = &self.nodes[node];
         let iface = n
@@ -865,7 +892,7 @@ impl<'a> Env<'a> {
     }
 
     /// Leaves everything in place (the caller said --keep).
-    pub fn keep(self) {
+    pub fn keep(&self) {
         let mut made = self.made();
         for c in &mut made.children {
             // Servers go on running: detach them by forgetting the handles.
@@ -931,17 +958,73 @@ impl<'a> Env<'a> {
     }
 }
 
-/// A client that goes on until told to stop.
+impl Workloads for Local<'_> {
+    fn pod_ip(&self, pod: &str) -> Ipv4Addr {
+        Local::pod_ip(self, pod)
+    }
+    fn pod_node(&self, pod: &str) -> usize {
+        Local::pod_node(self, pod)
+    }
+    fn pod_ref(&self, pod: &str) -> String {
+        let peer = PODS.iter().any(|p| p.name == pod && p.peer);
+        let ns = if peer {
+            &self.names.peer_ns
+        } else {
+            &self.names.ns
+        };
+        format!("{ns}/{pod}")
+    }
+    fn apply_policies(&self, yaml: &str) -> Result<(), String> {
+        Local::apply_policies(self, yaml)
+    }
+    fn flows(&self, node: usize, since_ms: u64) -> Result<Vec<FlowEntry>, String> {
+        Local::flows(self, node, since_ms)
+    }
+    fn debug_state(&self, node: usize) -> Result<serde_json::Value, String> {
+        Local::debug_state(self, node)
+    }
+    fn client(&self, from: Src<'_>, args: &[&str]) -> Exchange {
+        Local::client(self, from, args)
+    }
+    fn spawn_client(&self, from: Src<'_>, args: &[&str]) -> Result<Running, String> {
+        Local::spawn_client(self, from, args)
+    }
+    fn capture_underlay(
+        &self,
+        node: usize,
+        marker: &[u8],
+        during: &mut dyn FnMut(),
+    ) -> Result<Capture, String> {
+        Local::capture_underlay(self, node, marker, during)
+    }
+    fn stop_agent(&self, node: usize) -> Result<(), String> {
+        Local::stop_agent(self, node)
+    }
+    fn agent_down(&self, node: usize) -> bool {
+        Local::agent_down(self, node)
+    }
+    fn start_agent(&self, node: usize) -> Result<(), String> {
+        Local::start_agent(self, node)
+    }
+    fn keep(&self) {
+        Local::keep(self)
+    }
+    fn remove(&self) -> Result<(), String> {
+        Local::remove(self)
+    }
+}
+
+/// A client process that goes on until told to stop.
 #[derive(Debug)]
-pub struct Running {
+struct ProcessClient {
     child: Child,
     stdout: BufReader<std::process::ChildStdout>,
 }
 
-impl Running {
+impl Session for ProcessClient {
     /// The next line it printed, as JSON. A client prints its first line within its own
     /// timeout (after the first exchange, or when that failed and it exits).
-    pub fn next_line(&mut self) -> Result<serde_json::Value, String> {
+    fn next_line(&mut self) -> Result<serde_json::Value, String> {
         let mut line = String::new();
         match self.stdout.read_line(&mut line) {
             Ok(0) => Err("the client exited without a word".into()),
@@ -951,12 +1034,12 @@ impl Running {
     }
 
     /// Whether it has finished on its own within `within` (a held connection that ended).
-    pub fn ended_within(&mut self, within: Duration) -> bool {
+    fn ended_within(&mut self, within: Duration) -> bool {
         poll(within, || self.child.try_wait().ok().flatten()).is_some()
     }
 
     /// Closes its stdin and reads its last report.
-    pub fn finish(mut self) -> Result<Exchange, String> {
+    fn finish(mut self: Box<Self>) -> Result<Exchange, String> {
         drop(self.child.stdin.take());
         let mut rest = String::new();
         let _ = self.stdout.read_to_string(&mut rest);
@@ -966,7 +1049,7 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl Drop for ProcessClient {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

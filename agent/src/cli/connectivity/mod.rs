@@ -20,10 +20,146 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+pub mod kube;
 pub mod local;
 pub mod scenarios;
 
-pub use local::{AgentControl, Env, ProcessAgents};
+pub use local::{AgentControl, ProcessAgents};
+use local::{Capture, Names, Src};
+
+/// A node as the scenarios see it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub address: std::net::Ipv4Addr,
+}
+
+/// Where the suite's workloads run: pods the suite wires itself on the local topology
+/// (`local.rs`), or Deployments in a cluster (`kube.rs`). The scenarios see only this.
+pub trait Workloads: Send + Sync + std::fmt::Debug {
+    fn pod_ip(&self, pod: &str) -> std::net::Ipv4Addr;
+    /// `namespace/name` of the pod as the cluster (and the flow log) names it.
+    fn pod_ref(&self, pod: &str) -> String;
+    /// The index of the node the pod runs on.
+    fn pod_node(&self, pod: &str) -> usize;
+    /// Puts `yaml` (the suite's policies; empty for none) in force and waits until every agent
+    /// enforces exactly it; an agent's refusal is the error.
+    fn apply_policies(&self, yaml: &str) -> Result<(), String>;
+    /// The flows `node` recorded since `since_ms` (Unix milliseconds).
+    fn flows(&self, node: usize, since_ms: u64) -> Result<Vec<crate::flow::FlowEntry>, String>;
+    /// What `node`'s agent has in force (`/debug/state`).
+    fn debug_state(&self, node: usize) -> Result<serde_json::Value, String>;
+    /// One exchange of `signet echo client` with `args`, run at `from`.
+    fn client(&self, from: Src<'_>, args: &[&str]) -> crate::cli::echo::Exchange;
+    /// A client that goes on (`--hold`, `--repeat-ms`) until told to stop.
+    fn spawn_client(&self, from: Src<'_>, args: &[&str]) -> Result<Running, String>;
+    /// Frames on `node`'s underlay while `during` runs.
+    fn capture_underlay(
+        &self,
+        node: usize,
+        marker: &[u8],
+        during: &mut dyn FnMut(),
+    ) -> Result<Capture, String>;
+    fn stop_agent(&self, node: usize) -> Result<(), String>;
+    fn agent_down(&self, node: usize) -> bool;
+    /// Starts a stopped agent again and waits until everything is OK.
+    fn start_agent(&self, node: usize) -> Result<(), String>;
+    /// Leaves everything in place (--keep).
+    fn keep(&self);
+    /// Removes everything the suite made.
+    fn remove(&self) -> Result<(), String>;
+}
+
+/// A client that runs until told to stop: a process here, or an exec session in a pod.
+pub trait Session: Send + std::fmt::Debug {
+    /// The next line it printed, as JSON.
+    fn next_line(&mut self) -> Result<serde_json::Value, String>;
+    /// Whether it has ended on its own within `within`.
+    fn ended_within(&mut self, within: Duration) -> bool;
+    /// Closes its input and reads its last report.
+    fn finish(self: Box<Self>) -> Result<crate::cli::echo::Exchange, String>;
+}
+
+/// A running client (see [`Session`]).
+#[derive(Debug)]
+pub struct Running(Box<dyn Session>);
+
+impl Running {
+    pub fn new(s: impl Session + 'static) -> Self {
+        Self(Box::new(s))
+    }
+    pub fn next_line(&mut self) -> Result<serde_json::Value, String> {
+        self.0.next_line()
+    }
+    pub fn ended_within(&mut self, within: Duration) -> bool {
+        self.0.ended_within(within)
+    }
+    pub fn finish(self) -> Result<crate::cli::echo::Exchange, String> {
+        self.0.finish()
+    }
+}
+
+/// The deployed suite as the scenarios see it.
+#[derive(Debug)]
+pub struct Env<'a> {
+    pub names: Names,
+    pub nodes: Vec<NodeInfo>,
+    /// The outside machine's two addresses (a CIDR rule can name one and not the other), when
+    /// there is one.
+    pub outside: Option<[std::net::Ipv4Addr; 2]>,
+    pub service_ip: std::net::Ipv4Addr,
+    pub gateway_port: u16,
+    /// Per node: whether it runs strict mTLS.
+    pub strict: Vec<bool>,
+    /// Whether `Src::Uncaptured` runs in the pod's own network namespace (else on its node's
+    /// host network).
+    pub uncaptured_in_pod: bool,
+    pub workloads: Box<dyn Workloads + 'a>,
+}
+
+impl Env<'_> {
+    pub fn pod_ip(&self, pod: &str) -> std::net::Ipv4Addr {
+        self.workloads.pod_ip(pod)
+    }
+    pub fn pod_node(&self, pod: &str) -> usize {
+        self.workloads.pod_node(pod)
+    }
+    pub fn pod_ref(&self, pod: &str) -> String {
+        self.workloads.pod_ref(pod)
+    }
+    pub fn apply_policies(&self, yaml: &str) -> Result<(), String> {
+        self.workloads.apply_policies(yaml)
+    }
+    pub fn flows(&self, node: usize, since_ms: u64) -> Result<Vec<crate::flow::FlowEntry>, String> {
+        self.workloads.flows(node, since_ms)
+    }
+    pub fn debug_state(&self, node: usize) -> Result<serde_json::Value, String> {
+        self.workloads.debug_state(node)
+    }
+    pub fn client(&self, from: Src<'_>, args: &[&str]) -> crate::cli::echo::Exchange {
+        self.workloads.client(from, args)
+    }
+    pub fn spawn_client(&self, from: Src<'_>, args: &[&str]) -> Result<Running, String> {
+        self.workloads.spawn_client(from, args)
+    }
+    pub fn capture_underlay(
+        &self,
+        node: usize,
+        marker: &[u8],
+        mut during: impl FnMut(),
+    ) -> Result<Capture, String> {
+        self.workloads.capture_underlay(node, marker, &mut during)
+    }
+    pub fn stop_agent(&self, node: usize) -> Result<(), String> {
+        self.workloads.stop_agent(node)
+    }
+    pub fn agent_down(&self, node: usize) -> bool {
+        self.workloads.agent_down(node)
+    }
+    pub fn start_agent(&self, node: usize) -> Result<(), String> {
+        self.workloads.start_agent(node)
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub enum ConnectivityCommand {
@@ -53,12 +189,67 @@ pub struct TestArgs {
     /// List the scenarios and exit.
     #[arg(long)]
     pub list: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Where the suite runs when not on the local topology.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Run in a cluster, through the Kubernetes API (in-cluster, $KUBECONFIG, or --kubeconfig):
+    /// Deployments, a Service, a Gateway and IdentityPolicies; clients by exec.
+    #[arg(long, conflicts_with = "topology")]
+    pub kubernetes: bool,
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where Signet runs (Kubernetes mode).
+    #[arg(long, default_value = "signet-system", requires = "kubernetes")]
+    pub signet_namespace: String,
+    /// The image with `signet` in it (default: the agent DaemonSet's).
+    #[arg(long, requires = "kubernetes")]
+    pub image: Option<String>,
+    /// Two addresses of this machine that the pods reach, `A,B`: it then plays the machine
+    /// outside the cluster (clients from outside, the world server on the first).
+    #[arg(long, requires = "kubernetes", value_parser = parse_outside)]
+    pub outside: Option<OutsideAddrs>,
+}
+
+/// `--outside A,B`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutsideAddrs(pub [std::net::Ipv4Addr; 2]);
+
+fn parse_outside(s: &str) -> Result<OutsideAddrs, String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("`{s}`: expected two IPv4 addresses, `A,B`"))?;
+    let parse = |x: &str| {
+        x.trim()
+            .parse()
+            .map_err(|_| format!("`{x}`: not an IPv4 address"))
+    };
+    Ok(OutsideAddrs([parse(a)?, parse(b)?]))
+}
+
+impl ClusterArgs {
+    fn options(&self) -> kube::KubeOptions {
+        kube::KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            signet_namespace: self.signet_namespace.clone(),
+            image: self.image.clone(),
+            outside: self.outside.map(|o| o.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct CleanupArgs {
     #[arg(long)]
     pub topology: Option<PathBuf>,
+    /// The suite's namespace (Kubernetes mode).
+    #[arg(long, default_value = "signet-connectivity")]
+    pub namespace: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// How one scenario went.
@@ -189,6 +380,21 @@ pub struct Phase {
 pub fn run(cmd: ConnectivityCommand) -> u8 {
     match cmd {
         ConnectivityCommand::Test(args) => run_test(args),
+        ConnectivityCommand::Cleanup(args) if args.cluster.kubernetes => {
+            match kube::cleanup(&args.cluster.options(), &args.namespace) {
+                Ok(removed) => {
+                    for r in &removed {
+                        println!("removed {r}");
+                    }
+                    println!("{} things removed", removed.len());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("signet connectivity cleanup: {e}");
+                    1
+                }
+            }
+        }
         ConnectivityCommand::Cleanup(args) => {
             let path = match super::status::topology_path(args.topology.as_deref()) {
                 Ok(p) => p,
@@ -233,14 +439,6 @@ fn run_test(args: TestArgs) -> u8 {
         }
         return 0;
     }
-    let path = match super::status::topology_path(args.topology.as_deref()) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("signet connectivity test: {e}");
-            return 1;
-        }
-    };
-    let agents = ProcessAgents::default();
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -254,10 +452,25 @@ fn run_test(args: TestArgs) -> u8 {
         filter,
         keep: args.keep,
     };
-    let report = match run_suite(&path, &options, &agents, &mut |line| {
+    let mut say = |line: &str| {
         println!("{line}");
         let _ = std::io::stdout().flush();
-    }) {
+    };
+    let agents = ProcessAgents::default();
+    let report = if args.cluster.kubernetes {
+        let started = Instant::now();
+        kube::deploy(
+            &options.namespace,
+            &options.exe,
+            &args.cluster.options(),
+            &mut say,
+        )
+        .map(|env| run_on(env, &options, started, &mut say))
+    } else {
+        super::status::topology_path(args.topology.as_deref())
+            .and_then(|path| run_suite(&path, &options, &agents, &mut say))
+    };
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("signet connectivity test: {e}");
@@ -309,7 +522,17 @@ pub fn run_suite(
     say: &mut dyn FnMut(&str),
 ) -> Result<SuiteReport, String> {
     let started = Instant::now();
-    let env = Env::deploy(topology, &options.namespace, &options.exe, agents, say)?;
+    let env = local::deploy(topology, &options.namespace, &options.exe, agents, say)?;
+    Ok(run_on(env, options, started, say))
+}
+
+/// Runs the selected scenarios on the deployed suite, then removes it (unless `keep`).
+pub fn run_on(
+    env: Env<'_>,
+    options: &Options,
+    started: Instant,
+    say: &mut dyn FnMut(&str),
+) -> SuiteReport {
     let phases = scenarios::phases(&env.names);
     let selected = |s: &Scenario| options.filter.as_ref().is_none_or(|f| f.is_match(&s.name));
     let mut results = vec![];
@@ -404,8 +627,8 @@ pub fn run_suite(
             "kept: namespaces {} and {}-peer, their pods and policies (signet connectivity cleanup removes them)",
             env.names.ns, env.names.ns
         ));
-        env.keep();
-    } else if let Err(e) = env.remove() {
+        env.workloads.keep();
+    } else if let Err(e) = env.workloads.remove() {
         say(&format!(
             "!! cleaning up: {e} (signet connectivity cleanup removes what is left)"
         ));
@@ -422,7 +645,7 @@ pub fn run_suite(
     };
     say("");
     say(&report.summary());
-    Ok(report)
+    report
 }
 
 /// A background phase's outcomes; a thread that died is a failure, not an empty list.

@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::local::{Env, HOST_PORT, Names, PODS, Src, WORLD_PORT};
-use super::{Check, Failure, Mode, Phase, Policies, Scenario, poll};
+use super::local::{HOST_PORT, Names, PODS, Src, WORLD_PORT};
+use super::{Check, Env, Failure, Mode, Phase, Policies, Scenario, poll};
 use crate::cli::echo::Exchange;
 
 /// Where a probe goes.
@@ -31,7 +31,11 @@ impl To {
         match self {
             To::Pod(p, port) => SocketAddr::from((env.pod_ip(p), port)),
             To::Service => SocketAddr::from((env.service_ip, 80)),
-            To::World(i) => SocketAddr::from((env.outside[i], WORLD_PORT)),
+            To::World(i) => SocketAddr::from((
+                env.outside
+                    .map_or(std::net::Ipv4Addr::UNSPECIFIED, |o| o[i]),
+                WORLD_PORT,
+            )),
             To::Host => SocketAddr::from((env.nodes[0].address, HOST_PORT)),
             To::Gateway => SocketAddr::from((env.nodes[0].address, env.gateway_port)),
         }
@@ -105,6 +109,12 @@ fn seen(e: &Exchange) -> String {
 
 fn probe(from: Src<'static>, to: To, how: How, want: Want) -> Check {
     Box::new(move |env| {
+        if env.outside.is_none() && (matches!(from, Src::Outside) || matches!(to, To::World(_))) {
+            return Err(Failure::Skipped(
+                "no machine outside the cluster to run it from or to (give --outside ADDR,ADDR)"
+                    .into(),
+            ));
+        }
         let mut args: Vec<String> = vec!["--connect".into(), to.addr(env).to_string()];
         match how {
             How::Http(method, path, header) => {
@@ -155,6 +165,22 @@ fn strict_only(node: usize, check: Check) -> Check {
                 "{} runs permissive mTLS: plaintext is let in there",
                 env.nodes[node].name
             )));
+        }
+        check(env)
+    })
+}
+
+/// `check`, where an uncaptured process can run in a pod's own network namespace (the local
+/// topology). In a cluster it is a process of the node's host network, which may reach its own
+/// node's pods in plaintext (the kubelet's probes do).
+fn in_pod_namespace(check: Check) -> Check {
+    Box::new(move |env| {
+        if !env.uncaptured_in_pod {
+            return Err(Failure::Skipped(
+                "no process can run in a pod's namespace outside its cgroup here; the node's own \
+                 processes may reach its pods (the kubelet's probes)"
+                    .into(),
+            ));
         }
         check(env)
     })
@@ -220,13 +246,13 @@ fn flow_shows(
             )));
         }
         // The inbound side knows the source by its identity; the outbound side by its pod.
-        let want_src = format!("{}/{from}", env.names.ns);
+        let want_src = env.pod_ref(from);
         let want_id = PODS
             .iter()
             .find(|p| p.name == from)
             .map(|p| env.names.id(p.sa))
             .unwrap_or_default();
-        let want_dst = format!("{}/echo-other", env.names.ns);
+        let want_dst = env.pod_ref("echo-other");
         let mut last = String::from("no flow from it");
         let found = poll(Duration::from_secs(5), || {
             for node in 0..env.nodes.len() {
@@ -521,7 +547,10 @@ pub fn phases(n: &Names) -> Vec<Phase> {
             s(
                 p,
                 "strict-drops-plaintext-from-an-uncaptured-process-same-node",
-                strict_only(0, probe(Uncaptured("client"), same, get("/"), Refused)),
+                in_pod_namespace(strict_only(
+                    0,
+                    probe(Uncaptured("client"), same, get("/"), Refused),
+                )),
             ),
             s(
                 p,
@@ -1001,7 +1030,8 @@ pub fn phases(n: &Names) -> Vec<Phase> {
                     "client",
                     &format!(
                         "  egress:\n  - to: [{{cidr: {}/32}}]\n    ports: [{{port: {WORLD_PORT}}}]\n",
-                        env.outside[0]
+                        env.outside
+                            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |o| o[0])
                     ),
                 )
             })
