@@ -28,6 +28,19 @@ pub enum EchoCommand {
     Serve(ServeArgs),
     /// One exchange with a server (or a held connection), reported as one JSON line.
     Client(ClientArgs),
+    /// Count the frames crossing the interface that holds an address until stdin closes (the
+    /// suite's underlay check, run in a node's agent pod), reported as one JSON line.
+    Capture(CaptureArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CaptureArgs {
+    /// An address of the interface to watch (the node's own).
+    #[arg(long)]
+    pub on: std::net::IpAddr,
+    /// Text that must not appear in clear in any frame.
+    #[arg(long, default_value = "")]
+    pub marker: String,
 }
 
 /// Where the process puts itself before it does anything else.
@@ -115,6 +128,9 @@ pub fn run(cmd: EchoCommand) -> u8 {
             let report = client(&a);
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         }),
+        EchoCommand::Capture(a) => {
+            super::connectivity::capture::capture_until_stdin_closes(a.on, &a.marker)
+        }
     };
     match result {
         Ok(()) => 0,

@@ -17,6 +17,9 @@
 //! - Removing deletes both namespaces (and with them everything in them) and the GatewayClass,
 //!   and waits until they are gone.
 //!
+//! - The underlay check runs `signet echo capture` by exec in the node's agent pod (host network,
+//!   `CAP_NET_RAW`) on the interface holding the node's address.
+//!
 //! Stopping one node's agent needs the node itself (the DaemonSet restarts a deleted pod at
 //! once), so the agent-stopped steps are skipped here; the local topology runs them.
 
@@ -73,6 +76,7 @@ pub struct Cluster {
     exe: PathBuf,
     topology: Topology,
     node_names: Vec<String>,
+    node_addrs: Vec<Ipv4Addr>,
     pods: BTreeMap<&'static str, PodAt>,
     /// Per node, the host-network pod's name.
     hosts: Vec<String>,
@@ -220,6 +224,7 @@ pub fn deploy<'a>(
         exe: exe.to_owned(),
         topology,
         node_names: nodes.iter().map(|n| n.name.clone()).collect(),
+        node_addrs: nodes.iter().map(|n| n.address).collect(),
         pods: BTreeMap::new(),
         hosts: (0..nodes.len()).map(|i| format!("host-{i}")).collect(),
         world: Mutex::new(None),
@@ -685,9 +690,14 @@ impl Cluster {
             let ns = name.split('/').next().unwrap_or_default();
             ns == self.names.ns || ns == self.names.peer_ns
         };
+        let mut refused = None;
         for node in 0..self.node_names.len() {
             let mut last = String::from("no answer");
             let done = poll(Duration::from_secs(30), || {
+                if let Some(why) = self.refusal(want) {
+                    refused = Some(why);
+                    return Some(());
+                }
                 let body = match self.admin(node, "/debug/state") {
                     Ok(b) => b,
                     Err(e) => {
@@ -721,6 +731,9 @@ impl Cluster {
                 );
                 None
             });
+            if let Some(why) = refused.take() {
+                return Err(why);
+            }
             if done.is_none() {
                 return Err(format!(
                     "{} did not enforce the phase's policies {:?} within 30 s ({last})",
@@ -730,6 +743,81 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// `command` by exec in `pod`, its output read line by line as it comes, its input held
+    /// open until the session is finished.
+    fn spawn_exec(&self, ns: &str, pod: &str, command: Vec<String>) -> Result<ExecClient, String> {
+        let api: Api<Pod> = Api::namespaced(self.kube.client.clone(), ns);
+        let mut process = self
+            .kube
+            .block_on(api.exec(
+                pod,
+                command,
+                &AttachParams::default().stdin(true).stderr(false),
+            ))
+            .map_err(|e| format!("exec in pod {ns}/{pod}: {e}"))?;
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stdin = process.stdin();
+        let stdout = process.stdout();
+        let done = ended.clone();
+        self.kube.spawn("exec session", async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let hold_stdin = async move {
+                let _ = closed.await;
+                drop(stdin);
+                std::future::pending::<()>().await;
+            };
+            let read = async {
+                if let Some(stdout) = stdout {
+                    let mut lines = tokio::io::BufReader::new(stdout).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if lines_tx.send(l).is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = hold_stdin => {}
+                () = read => {}
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(lines_tx);
+            let _ = process.join().await;
+        });
+        Ok(ExecClient {
+            lines,
+            close: Some(close),
+            ended,
+        })
+    }
+
+    /// A policy of `want` whose status says it is not valid, with the status's message.
+    fn refusal(&self, want: &BTreeMap<String, String>) -> Option<String> {
+        let (ar, _) = resource("signet.dev/v1alpha1", "IdentityPolicy").ok()?;
+        want.keys().find_map(|key| {
+            let (ns, name) = key.split_once('/')?;
+            let api: Api<DynamicObject> = Api::namespaced_with(self.kube.client.clone(), ns, &ar);
+            let o = self.kube.block_on(api.get(name)).ok()?;
+            let valid = o.data["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Valid")?
+                .clone();
+            // A condition about an older version of the same policy says nothing of this one.
+            let current = valid["observedGeneration"]
+                .as_i64()
+                .is_none_or(|g| Some(g) == o.metadata.generation);
+            (current && valid["status"] == "False").then(|| {
+                format!(
+                    "IdentityPolicy {key} refused: {}",
+                    valid["message"].as_str().unwrap_or_default()
+                )
+            })
+        })
     }
 
     fn suite_policies(&self) -> Result<Vec<(String, String)>, String> {
@@ -869,64 +957,44 @@ impl Workloads for Cluster {
         let (ns, pod) = self
             .place(from)
             .ok_or("a held client outside the cluster is not part of the suite")?;
-        let api: Api<Pod> = Api::namespaced(self.kube.client.clone(), &ns);
-        let command = Self::command(args);
-        let mut process = self
-            .kube
-            .block_on(api.exec(
-                &pod,
-                command,
-                &AttachParams::default().stdin(true).stderr(false),
-            ))
-            .map_err(|e| format!("exec in pod {ns}/{pod}: {e}"))?;
-        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-        let (close, closed) = tokio::sync::oneshot::channel::<()>();
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stdin = process.stdin();
-        let stdout = process.stdout();
-        let done = ended.clone();
-        self.kube.spawn("exec client", async move {
-            use tokio::io::AsyncBufReadExt as _;
-            let hold_stdin = async move {
-                let _ = closed.await;
-                drop(stdin);
-                std::future::pending::<()>().await;
-            };
-            let read = async {
-                if let Some(stdout) = stdout {
-                    let mut lines = tokio::io::BufReader::new(stdout).lines();
-                    while let Ok(Some(l)) = lines.next_line().await {
-                        if lines_tx.send(l).is_err() {
-                            break;
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                () = hold_stdin => {}
-                () = read => {}
-            }
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            drop(lines_tx);
-            let _ = process.join().await;
-        });
-        Ok(Running::new(ExecClient {
-            lines,
-            close: Some(close),
-            ended,
-        }))
+        Ok(Running::new(self.spawn_exec(
+            &ns,
+            &pod,
+            Self::command(args),
+        )?))
     }
 
+    /// By exec in the node's agent pod (on the host network): `signet echo capture` on the
+    /// interface holding the node's address.
     fn capture_underlay(
         &self,
         node: usize,
-        _: &[u8],
-        _: &mut dyn FnMut(),
+        marker: &[u8],
+        during: &mut dyn FnMut(),
     ) -> Result<Capture, String> {
-        Err(format!(
-            "capturing {}'s underlay needs the node (run the suite on the local topology for it)",
-            self.node_names[node]
-        ))
+        let pod = self.topology.nodes[node]
+            .pod
+            .clone()
+            .ok_or_else(|| format!("no agent pod on {}", self.node_names[node]))?;
+        let command = vec![
+            "signet".to_owned(),
+            "echo".into(),
+            "capture".into(),
+            "--on".into(),
+            self.node_addrs[node].to_string(),
+            "--marker".into(),
+            String::from_utf8_lossy(marker).into_owned(),
+        ];
+        let mut exec = self.spawn_exec(&self.signet_namespace, &pod, command)?;
+        let ready = exec.next_line()?;
+        if ready["ready"] != true {
+            return Err(format!("the capture in pod {pod} did not start: {ready}"));
+        }
+        during();
+        // What `during` sent may still be on its way.
+        std::thread::sleep(Duration::from_millis(300));
+        let last = exec.finish_raw()?;
+        serde_json::from_str(&last).map_err(|e| format!("the capture's report `{last}`: {e}"))
     }
 
     fn stop_agent(&self, node: usize) -> Result<(), String> {
@@ -1025,6 +1093,20 @@ struct ExecClient {
     ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl ExecClient {
+    /// Closes its input and returns the last line it printed.
+    fn finish_raw(mut self) -> Result<String, String> {
+        if let Some(c) = self.close.take() {
+            let _ = c.send(());
+        }
+        let mut last = String::new();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(30)) {
+            last = l;
+        }
+        Ok(last)
+    }
+}
+
 impl Session for ExecClient {
     fn next_line(&mut self) -> Result<Value, String> {
         match self.lines.recv_timeout(Duration::from_secs(30)) {
@@ -1042,14 +1124,8 @@ impl Session for ExecClient {
         .is_some()
     }
 
-    fn finish(mut self: Box<Self>) -> Result<Exchange, String> {
-        if let Some(c) = self.close.take() {
-            let _ = c.send(());
-        }
-        let mut last = String::new();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(30)) {
-            last = l;
-        }
+    fn finish(self: Box<Self>) -> Result<Exchange, String> {
+        let last = (*self).finish_raw()?;
         serde_json::from_str(&last).map_err(|e| format!("the client's last report `{last}`: {e}"))
     }
 }

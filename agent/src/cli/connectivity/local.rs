@@ -15,10 +15,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use super::capture::Capture;
+use super::capture::{packet_socket, read_frames};
 use super::{Env, NodeInfo, Running, Session, Workloads, poll};
 use crate::cli::echo::Exchange;
 use crate::flow::FlowEntry;
@@ -873,7 +875,7 @@ impl<'a> Local<'a> {
             .ok_or_else(|| format!("the topology names no underlay interface for {}", n.name))?;
         let netns = crate::datapath::netns::path_of(&n.netns);
         let socket = std::thread::scope(|s| {
-            s.spawn(|| packet_socket(&netns, &iface))
+            s.spawn(|| packet_socket(Some(&netns), &iface))
                 .join()
                 .unwrap_or_else(|_| Err("the capture thread panicked".into()))
         })?;
@@ -1054,95 +1056,6 @@ impl Drop for ProcessClient {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// What the underlay carried.
-#[derive(Debug, Default)]
-pub struct Capture {
-    pub frames: usize,
-    pub hbone: usize,
-    pub marker_seen: bool,
-}
-
-fn packet_socket(netns: &Path, iface: &str) -> Result<socket2::Socket, String> {
-    let file = std::fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("entering {}: {e}", netns.display()))?;
-    let index = nix::net::if_::if_nametoindex(iface).map_err(|e| format!("{iface}: {e}"))?;
-    let all = (nix::libc::ETH_P_ALL as u16).to_be();
-    let socket = socket2::Socket::new(
-        socket2::Domain::PACKET,
-        socket2::Type::RAW,
-        Some(socket2::Protocol::from(i32::from(all))),
-    )
-    .map_err(|e| format!("a packet socket: {e}"))?;
-    let mut sll: nix::libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = nix::libc::AF_PACKET as u16;
-    sll.sll_protocol = all;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: `sll` is a valid, initialised sockaddr_ll and the length given is its size; the
-    // descriptor is the socket's, open for the whole call.
-    let rc = unsafe {
-        nix::libc::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            std::ptr::addr_of!(sll).cast(),
-            size_of::<nix::libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "binding to {iface}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|e| e.to_string())?;
-    Ok(socket)
-}
-
-/// Reads frames until told to stop (at most 30 s).
-fn read_frames(
-    mut socket: socket2::Socket,
-    marker: &[u8],
-    stop: &std::sync::atomic::AtomicBool,
-) -> Capture {
-    let mut capture = Capture::default();
-    let mut buf = vec![0u8; 65536];
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30)
-        && !stop.load(std::sync::atomic::Ordering::SeqCst)
-    {
-        let Ok(n) = socket.read(&mut buf) else {
-            continue;
-        };
-        let frame = &buf[..n];
-        capture.frames += 1;
-        if !marker.is_empty() && frame.windows(marker.len()).any(|w| w == marker) {
-            capture.marker_seen = true;
-        }
-        if tcp_ports(frame).is_some_and(|(s, d)| s == 15008 || d == 15008) {
-            capture.hbone += 1;
-        }
-    }
-    capture
-}
-
-/// The TCP ports of an Ethernet frame carrying IPv4 TCP.
-fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = frame.get(14..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    if *ip.get(9)? != 6 {
-        return None;
-    }
-    let tcp = ip.get(ihl..ihl + 4)?;
-    Some((
-        u16::from_be_bytes([tcp[0], tcp[1]]),
-        u16::from_be_bytes([tcp[2], tcp[3]]),
-    ))
 }
 
 fn sigkill(pid: i32) {
@@ -1334,19 +1247,5 @@ mod tests {
         assert!(!suite_name("sct1a2"));
         assert!(!suite_name("sctzzzz-client"));
         assert!(!suite_name("signet-demo-web-0"));
-    }
-
-    #[test]
-    fn tcp_ports_are_read_from_an_ipv4_frame_only() {
-        let mut f = vec![0u8; 14 + 20 + 20];
-        f[12] = 0x08;
-        f[14] = 0x45;
-        f[14 + 9] = 6;
-        f[34..36].copy_from_slice(&15008u16.to_be_bytes());
-        f[36..38].copy_from_slice(&443u16.to_be_bytes());
-        assert_eq!(tcp_ports(&f), Some((15008, 443)));
-        f[14 + 9] = 17;
-        assert_eq!(tcp_ports(&f), None);
-        assert_eq!(tcp_ports(&f[..10]), None);
     }
 }

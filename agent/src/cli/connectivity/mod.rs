@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+pub mod capture;
 pub mod kube;
 pub mod local;
 pub mod scenarios;
@@ -378,44 +379,27 @@ pub struct Phase {
 }
 
 pub fn run(cmd: ConnectivityCommand) -> u8 {
-    match cmd {
-        ConnectivityCommand::Test(args) => run_test(args),
+    let removed = match cmd {
+        ConnectivityCommand::Test(args) => return run_test(args),
         ConnectivityCommand::Cleanup(args) if args.cluster.kubernetes => {
-            match kube::cleanup(&args.cluster.options(), &args.namespace) {
-                Ok(removed) => {
-                    for r in &removed {
-                        println!("removed {r}");
-                    }
-                    println!("{} things removed", removed.len());
-                    0
-                }
-                Err(e) => {
-                    eprintln!("signet connectivity cleanup: {e}");
-                    1
-                }
-            }
+            kube::cleanup(&args.cluster.options(), &args.namespace)
         }
         ConnectivityCommand::Cleanup(args) => {
-            let path = match super::status::topology_path(args.topology.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("signet connectivity cleanup: {e}");
-                    return 1;
-                }
-            };
-            match local::cleanup_all(&path) {
-                Ok(removed) => {
-                    for r in &removed {
-                        println!("removed {r}");
-                    }
-                    println!("{} things removed", removed.len());
-                    0
-                }
-                Err(e) => {
-                    eprintln!("signet connectivity cleanup: {e}");
-                    1
-                }
+            super::status::topology_path(args.topology.as_deref())
+                .and_then(|p| local::cleanup_all(&p))
+        }
+    };
+    match removed {
+        Ok(removed) => {
+            for r in &removed {
+                println!("removed {r}");
             }
+            println!("{} things removed", removed.len());
+            0
+        }
+        Err(e) => {
+            eprintln!("signet connectivity cleanup: {e}");
+            1
         }
     }
 }
