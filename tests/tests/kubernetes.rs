@@ -452,14 +452,18 @@ fn kubeconfig(t: &Topology, file: &str, url: &str) -> std::path::PathBuf {
 /// The agents' pods as the DaemonSet makes them (host network, the admin port named).
 fn agent_pods(t: &Topology, api: &FakeApi) {
     for node in ['a', 'b'] {
-        api.put(json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("signet-agent-node-{node}"), "namespace": "signet-system",
-                         "labels": {"app.kubernetes.io/name": "signet-agent"}},
-            "spec": {"nodeName": format!("node-{node}"), "hostNetwork": true,
-                     "containers": [{"name": "signet-agent", "image": "ghcr.io/signet-dev/signet-agent:test",
-                                     "ports": [{"name": "admin", "containerPort": 15020}]}]},
-            "status": {"phase": "Running", "podIP": t.node_ip(node)}}));
+        agent_pod(t, api, node, &format!("signet-agent-node-{node}"));
     }
+}
+
+fn agent_pod(t: &Topology, api: &FakeApi, node: char, name: &str) {
+    api.put(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "signet-system",
+                     "labels": {"app.kubernetes.io/name": "signet-agent"}},
+        "spec": {"nodeName": format!("node-{node}"), "hostNetwork": true,
+                 "containers": [{"name": "signet-agent", "image": "ghcr.io/signet-dev/signet-agent:test",
+                                 "ports": [{"name": "admin", "containerPort": 15020}]}]},
+        "status": {"phase": "Running", "podIP": t.node_ip(node)}}));
 }
 
 /// `signet observe --kubernetes`, run where no node's address or loopback is reachable (this
@@ -573,9 +577,11 @@ fn observe_through_the_api(t: &Topology, api: &FakeApi, target: &str) {
 /// test's (`common::kubelet`): the suite's Deployments become pods on both nodes, the clients
 /// run by exec, policies go in as IdentityPolicies and the flows come through port-forwards.
 /// The command runs on a machine outside the cluster (a namespace wired to node A with two
-/// addresses) that reaches only the API server and the nodes' addresses. Every scenario passes
-/// but those that need a node's own hands (its underlay, stopping its agent), which say so; and
-/// afterwards nothing of the suite is left, in the API or in the kernel.
+/// addresses) that reaches only the API server and the nodes' addresses. The test plays the
+/// agents' DaemonSet too: node-b's agent pod, deleted by the suite, is replaced by a new agent.
+/// Every scenario passes but those that need a process in a pod's namespace outside its cgroup
+/// or an agent held down, which say so; and afterwards nothing of the suite is left, in the API
+/// or in the kernel.
 #[test]
 fn signet_connectivity_test_runs_through_the_api() {
     if !privileged() {
@@ -601,10 +607,10 @@ fn signet_connectivity_test_runs_through_the_api() {
     let ca_addr = format!("{}:15012", t.node_ip('a'));
     // 60 s certificates, renewed at half-life: the rotation scenario sees both renewed.
     let config = |node| t.agent_config_from(node, &source, &ca_addr, &root, "svidTtlSeconds: 60\n");
-    let _agents = [
+    let agents = std::sync::Mutex::new(vec![
         start_agent(&t, 'a', config('a')),
         start_agent(&t, 'b', config('b')),
-    ];
+    ]);
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_signet-tests-cli"));
     let kubelet = common::kubelet::Kubelet::start(&t, &api, exe.clone());
 
@@ -680,15 +686,47 @@ fn signet_connectivity_test_runs_through_the_api() {
     ]);
 
     let json_file = t.dir.path().join("connectivity.json");
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &outside.name])
-        .arg(&exe)
-        .args(["connectivity", "test", "--kubernetes", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .args(["--outside", &format!("10.80.{n}.2,10.80.{n}.3"), "--json"])
-        .arg(&json_file)
-        .output()
-        .expect("signet connectivity test");
+    // The agents' DaemonSet: an agent pod deleted is replaced (the agent stops, a new one
+    // starts on the node and its pod appears under a new name).
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let replaced = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                for (i, node) in ['a', 'b'].into_iter().enumerate() {
+                    let present = api.objects("Pod").iter().any(|p| {
+                        p["metadata"]["namespace"] == "signet-system"
+                            && p["spec"]["nodeName"] == format!("node-{node}")
+                    });
+                    if present {
+                        continue;
+                    }
+                    let mut agents = agents.lock().expect("agents");
+                    agents[i].0.stop();
+                    agents[i] = start_agent(&t, node, config(node));
+                    let k = replaced.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    agent_pod(&t, &api, node, &format!("signet-agent-node-{node}-{k}"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &outside.name])
+            .arg(&exe)
+            .args(["connectivity", "test", "--kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--outside", &format!("10.80.{n}.2,10.80.{n}.3"), "--json"])
+            .arg(&json_file)
+            .output()
+            .expect("signet connectivity test");
+        running.store(false, std::sync::atomic::Ordering::SeqCst);
+        out
+    });
+    assert_eq!(
+        replaced.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "node-b's agent pod was deleted once and replaced"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // The suite's own report, shown when this test fails.
@@ -709,11 +747,9 @@ fn signet_connectivity_test_runs_through_the_api() {
         skipped,
         [
             "no-policy/strict-drops-plaintext-from-an-uncaptured-process-same-node",
-            "agent-restart/agent-stopped",
             "agent-restart/kernel-drops-plaintext-while-down",
             "agent-restart/outside-plaintext-dropped-while-down",
             "agent-restart/mesh-fails-closed-while-down",
-            "agent-restart/agent-back-and-ok",
         ],
         "{stdout}"
     );

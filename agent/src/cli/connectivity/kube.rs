@@ -20,8 +20,9 @@
 //! - The underlay check runs `signet echo capture` by exec in the node's agent pod (host network,
 //!   `CAP_NET_RAW`) on the interface holding the node's address.
 //!
-//! Stopping one node's agent needs the node itself (the DaemonSet restarts a deleted pod at
-//! once), so the agent-stopped steps are skipped here; the local topology runs them.
+//! - An agent restart deletes the node's agent pod and waits for the DaemonSet's replacement
+//!   to be OK; the checks made while an agent is down are skipped, since the replacement comes
+//!   at once (the local topology keeps an agent down and runs them).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -74,7 +75,10 @@ pub struct Cluster {
     signet_namespace: String,
     names: Names,
     exe: PathBuf,
-    topology: Topology,
+    /// The agents as last found (their pods change when one is replaced).
+    topology: Mutex<Topology>,
+    /// Nodes whose agent pod was deleted, with its name, until the replacement is OK.
+    restarted: Mutex<BTreeMap<usize, String>>,
     node_names: Vec<String>,
     node_addrs: Vec<Ipv4Addr>,
     pods: BTreeMap<&'static str, PodAt>,
@@ -222,7 +226,8 @@ pub fn deploy<'a>(
         signet_namespace: options.signet_namespace.clone(),
         names: names.clone(),
         exe: exe.to_owned(),
-        topology,
+        topology: Mutex::new(topology),
+        restarted: Mutex::default(),
         node_names: nodes.iter().map(|n| n.name.clone()).collect(),
         node_addrs: nodes.iter().map(|n| n.address).collect(),
         pods: BTreeMap::new(),
@@ -277,6 +282,7 @@ pub fn deploy<'a>(
         gateway_port: GATEWAY_PORT,
         strict,
         uncaptured_in_pod: false,
+        agent_stays_down: false,
         workloads: Box::new(cluster),
     })
 }
@@ -655,7 +661,12 @@ impl Cluster {
     }
 
     fn admin(&self, node: usize, path: &str) -> Result<String, String> {
-        let n = &self.topology.nodes[node];
+        let n = self
+            .topology
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes[node]
+            .clone();
         crate::cli::admin_http::get(None, n.agent_admin, path, Some(Duration::from_secs(5)))
             .map_err(|e| n.unreachable(&e))?
             .text()
@@ -972,7 +983,11 @@ impl Workloads for Cluster {
         marker: &[u8],
         during: &mut dyn FnMut(),
     ) -> Result<Capture, String> {
-        let pod = self.topology.nodes[node]
+        let pod = self
+            .topology
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes[node]
             .pod
             .clone()
             .ok_or_else(|| format!("no agent pod on {}", self.node_names[node]))?;
@@ -997,19 +1012,68 @@ impl Workloads for Cluster {
         serde_json::from_str(&last).map_err(|e| format!("the capture's report `{last}`: {e}"))
     }
 
+    /// Deletes the node's agent pod, as `kubectl delete pod` does; its DaemonSet replaces it.
     fn stop_agent(&self, node: usize) -> Result<(), String> {
-        Err(format!(
-            "stopping {}'s agent for a while needs the node: its DaemonSet restarts a deleted pod at once",
-            self.node_names[node]
-        ))
-    }
-
-    fn agent_down(&self, _: usize) -> bool {
-        false
-    }
-
-    fn start_agent(&self, _: usize) -> Result<(), String> {
+        let topology = self.kube.block_on(crate::cli::status::discover(
+            &self.kube.client,
+            &self.signet_namespace,
+        ))?;
+        let name = &self.node_names[node];
+        let pod = topology
+            .nodes
+            .iter()
+            .find(|n| n.name == *name)
+            .and_then(|n| n.pod.clone())
+            .ok_or_else(|| format!("no agent pod on {name}"))?;
+        let api: Api<Pod> = Api::namespaced(self.kube.client.clone(), &self.signet_namespace);
+        self.kube
+            .block_on(api.delete(&pod, &DeleteParams::default()))
+            .map_err(|e| format!("deleting agent pod {pod}: {e}"))?;
+        self.restarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, pod);
         Ok(())
+    }
+
+    fn agent_down(&self, node: usize) -> bool {
+        self.restarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&node)
+    }
+
+    /// Waits for the pod that replaces the deleted one and for every agent to be OK.
+    fn start_agent(&self, node: usize) -> Result<(), String> {
+        let Some(old) = self
+            .restarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node)
+        else {
+            return Ok(());
+        };
+        let name = &self.node_names[node];
+        let mut last = String::new();
+        let replaced = poll(Duration::from_secs(120), || {
+            match self.kube.forwarded_topology(&self.signet_namespace) {
+                Ok(t) => {
+                    let pod = t.nodes.iter().find(|n| n.name == *name)?.pod.clone()?;
+                    if pod == old {
+                        last = format!("{old} is still there");
+                        return None;
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            }
+        })
+        .ok_or_else(|| format!("no agent pod replaced {old} on {name} within 120 s ({last})"))?;
+        *self.topology.lock().unwrap_or_else(|p| p.into_inner()) = replaced;
+        self.wait_ok(Duration::from_secs(90)).map(drop)
     }
 
     fn keep(&self) {

@@ -368,6 +368,7 @@ pub fn deploy<'a>(
         gateway_port: local.gateway_port,
         strict: local.strict.clone(),
         uncaptured_in_pod: true,
+        agent_stays_down: true,
         workloads: Box::new(local),
     })
 }

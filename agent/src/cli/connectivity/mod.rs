@@ -115,6 +115,9 @@ pub struct Env<'a> {
     /// Whether `Src::Uncaptured` runs in the pod's own network namespace (else on its node's
     /// host network).
     pub uncaptured_in_pod: bool,
+    /// Whether a stopped agent stays down until started again (else something replaces it at
+    /// once: a DaemonSet).
+    pub agent_stays_down: bool,
     pub workloads: Box<dyn Workloads + 'a>,
 }
 

@@ -1120,6 +1120,12 @@ pub fn phases(n: &Names) -> Vec<Phase> {
     let p = "agent-restart";
     let down = |check: Check| -> Check {
         Box::new(move |env| {
+            if !env.agent_stays_down {
+                return Err(Failure::Skipped(
+                    "its DaemonSet replaces a deleted agent pod at once: there is no window while it is down"
+                        .into(),
+                ));
+            }
             if !env.agent_down(1) {
                 return Err(Failure::Skipped(format!(
                     "{}'s agent is not down",
