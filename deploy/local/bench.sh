@@ -24,4 +24,5 @@ attach "$NS-direct-a" a sd-a-direct 10.99.31.2
 attach "$NS-direct-b" b sd-b-direct 10.99.41.2
 
 "$CARGO_TARGET_DIR/release/signet-mesh-bench" run --topology "$topology" \
-    --direct-client "$NS-direct-a" --direct-server "$NS-direct-b:10.99.41.2" "$@"
+    --direct-client "$NS-direct-a" --direct-server "$NS-direct-b:10.99.41.2" \
+    --signet "$CARGO_TARGET_DIR/release/signet" "$@"

@@ -172,3 +172,156 @@ async fn refusals_are_shaped_as_rbac_sends_them() {
     );
     assert!(api.objects("ConfigMap").is_empty(), "nothing was written");
 }
+
+/// What the test plays of a kubelet here: port-forward to a local echo server, exec of a shell.
+struct Local {
+    echo: std::net::SocketAddr,
+}
+
+impl signet_test_support::streams::PodRuntime for Local {
+    fn port_forward(
+        &self,
+        _: &serde_json::Value,
+        port: u16,
+    ) -> std::io::Result<std::net::TcpStream> {
+        assert_eq!(port, 7000, "the port asked for");
+        std::net::TcpStream::connect(self.echo)
+    }
+    fn exec(
+        &self,
+        _: &serde_json::Value,
+        _: Option<&str>,
+        command: &[String],
+    ) -> std::io::Result<std::process::Child> {
+        std::process::Command::new(&command[0])
+            .args(&command[1..])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    }
+}
+
+/// Exec and port-forward as kube-rs speaks them (a WebSocket with the channel subprotocol):
+/// bytes both ways, stdin closed, the exit code in the status; a pod that does not run, and a
+/// missing RBAC right, refused as the API server refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_port_forward_reach_the_pod() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut s in echo.incoming().flatten() {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                let _ = std::io::Write::write_all(&mut s, &buf[..n]);
+            }
+        }
+    });
+    let api = FakeApi::new(vec![
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns"},
+               "spec": {"containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Running"}}),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pending", "namespace": "ns"},
+               "spec": {"containers": [{"name": "c", "image": "i"}]}, "status": {"phase": "Pending"}}),
+    ]);
+    api.pod_runtime(std::sync::Arc::new(Local { echo: echo_addr }));
+    let url = api.serve_loopback();
+    let client =
+        kube::Client::try_from(kube::Config::new(url.parse().expect("url"))).expect("client");
+    let pods: Api<Pod> = Api::namespaced(client, "ns");
+
+    let mut forward = pods.portforward("p", &[7000]).await.expect("port-forward");
+    let mut stream = forward.take_stream(7000).expect("the port's stream");
+    stream.write_all(b"hello").await.expect("write");
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await.expect("read");
+    assert_eq!(&back, b"hello");
+    drop(stream);
+
+    let mut process = pods
+        .exec(
+            "p",
+            ["sh", "-c", "read x; echo got:$x; exit 3"],
+            &kube::api::AttachParams::default().stdin(true).stderr(false),
+        )
+        .await
+        .expect("exec");
+    let mut stdin = process.stdin().expect("stdin");
+    stdin.write_all(b"hi\n").await.expect("stdin");
+    drop(stdin);
+    let mut out = String::new();
+    process
+        .stdout()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .await
+        .expect("stdout");
+    let status = process
+        .take_status()
+        .expect("status")
+        .await
+        .expect("a status");
+    assert_eq!(out, "got:hi\n");
+    assert_eq!(status.reason.as_deref(), Some("NonZeroExitCode"));
+    let cause = status.details.and_then(|d| d.causes).unwrap_or_default();
+    assert_eq!(cause[0].message.as_deref(), Some("3"), "the exit code");
+
+    let refused = |e: kube::Error| match e {
+        kube::Error::UpgradeConnection(kube::client::UpgradeConnectionError::ProtocolSwitch(c)) => {
+            c.as_u16()
+        }
+        other => panic!("not a refused upgrade: {other}"),
+    };
+    let pending = pods
+        .exec("pending", ["true"], &kube::api::AttachParams::default())
+        .await;
+    assert_eq!(refused(pending.err().expect("not running")), 400);
+    api.forbid("create", "pods/exec");
+    let forbidden = pods
+        .exec("p", ["true"], &kube::api::AttachParams::default())
+        .await;
+    assert_eq!(refused(forbidden.err().expect("forbidden")), 403);
+    // Port-forward is a right of its own.
+    assert!(pods.portforward("p", &[7000]).await.is_ok());
+}
+
+/// Deleting a Namespace takes what is in it; a Service gets a ClusterIP when asked for one.
+#[tokio::test]
+async fn namespaces_take_their_objects_along_and_services_get_addresses() {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    let api = FakeApi::default();
+    api.allocate_cluster_ips("10.96.7.");
+    let client = api.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "ns"}})).expect("ns"),
+        )
+        .await
+        .expect("namespace");
+    let services: Api<Service> = Api::namespaced(client.clone(), "ns");
+    let svc = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"},
+                "spec": {"ports": [{"port": 80}]}}))
+            .expect("service"),
+        )
+        .await
+        .expect("service");
+    assert_eq!(
+        svc.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some("10.96.7.1")
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client, "ns");
+    cms.create(&PostParams::default(), &config_map("a", "1"))
+        .await
+        .expect("configmap");
+    namespaces
+        .delete("ns", &DeleteParams::default())
+        .await
+        .expect("delete");
+    assert_eq!(code(cms.get("a").await.expect_err("gone")), 404);
+    assert_eq!(code(services.get("s").await.expect_err("gone")), 404);
+}

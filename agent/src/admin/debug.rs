@@ -61,3 +61,26 @@ pub struct OpenFlow {
     pub port: u16,
     pub verdict: &'static str,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> signet_policy::IdentityPolicy {
+        serde_yaml::from_str(yaml).expect("an IdentityPolicy")
+    }
+
+    #[test]
+    fn the_digest_follows_the_spec_and_nothing_else() {
+        let a = "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {name: p, namespace: n}\n\
+                 spec: {selector: {matchLabels: {app: x, tier: y}}, ingress: [{from: [{identity: 'spiffe://td/ns/n/sa/c'}]}]}\n";
+        // The same spec written otherwise, with other metadata (as the API server returns it).
+        let b = "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\n\
+                 metadata: {name: p, namespace: n, resourceVersion: '7', uid: u}\n\
+                 spec:\n  ingress:\n  - from:\n    - identity: spiffe://td/ns/n/sa/c\n  selector:\n    matchLabels: {tier: y, app: x}\n";
+        let c = a.replace("sa/c", "sa/d");
+        assert_eq!(policy_digest(&policy(a)), policy_digest(&policy(b)));
+        assert_ne!(policy_digest(&policy(a)), policy_digest(&policy(&c)));
+        assert_eq!(policy_digest(&policy(a)).len(), 16);
+    }
+}

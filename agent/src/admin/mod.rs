@@ -10,7 +10,8 @@
 //!   line (`flows`), from this node's loopback only; what `signet observe` reads.
 //! - `GET /debug/state`: JSON ([`debug::DebugState`]): the snapshot generation in force, the
 //!   cluster state's revision last looked at and why it was refused, each identity's
-//!   certificate, the open connections.
+//!   certificate, the open connections, the IdentityPolicies in force with a digest of each
+//!   spec (what `signet connectivity test --kubernetes` waits on).
 //!
 //! It binds where the configuration says (loopback by default); it reads state and changes none.
 

@@ -13,7 +13,10 @@
 //! For each: single-stream and 4-stream throughput, 1 KiB request/response latency on one
 //! connection (p50, p99), and new connections per second (4 clients, connect + 1 byte + close).
 //! Then the agents' RSS idle and with 1,000 connections held open through the mesh. Every
-//! figure is printed with its ratio to the direct path.
+//! figure is printed with its ratio to the direct path. With `--signet PATH` (the `signet`
+//! binary) the connection test through the mesh runs once more while `signet observe -f`
+//! follows every agent, printed as the ratio to the same test without a follower, with the
+//! records it streamed and any it was told it lost.
 //!
 //! Subcommands `serve` and `load` are the halves it runs inside the namespaces.
 
@@ -312,6 +315,49 @@ fn run(args: &Args) {
         });
         results.push(pair);
     }
+    // Observe on: the same connection test through the mesh while `signet observe -f` follows
+    // every agent's flow log (the ring records either way; off means no one reads it).
+    let observed = args.value("--signet").map(|signet| {
+        let mut follower = Command::new(signet)
+            .args([
+                "observe",
+                "-f",
+                "-o",
+                "json",
+                "--topology",
+                args.need("--topology"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| fail(format!("{signet}: {e}")));
+        let out = follower
+            .stdout
+            .take()
+            .unwrap_or_else(|| fail("no stdout".into()));
+        let counter = std::thread::spawn(move || {
+            let (mut records, mut lost) = (0u64, 0u64);
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+            {
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["lost"].is_u64() => lost += v["lost"].as_u64().unwrap_or(0),
+                    Ok(_) => records += 1,
+                    Err(_) => {}
+                }
+            }
+            (records, lost)
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let r = load_in(
+            &paths[1],
+            &["--kind", "connect", "--streams", "4", "--seconds", &secs],
+        );
+        eprintln!("signet connect x4 with observe -f: {r}");
+        let _ = follower.kill();
+        let _ = follower.wait();
+        let (records, lost) = counter.join().unwrap_or((0, 0));
+        (r, records, lost)
+    });
     let rss_idle: Vec<(String, u64)> = agents
         .iter()
         .map(|(n, p)| (n.clone(), rss_kib(*p)))
@@ -365,6 +411,17 @@ fn run(args: &Args) {
         get(&results[3][1], "per_s"),
         "/s",
     );
+    if let Some((r, records, lost)) = &observed {
+        let (off, on) = (get(&results[3][1], "per_s"), get(r, "per_s"));
+        println!(
+            "{:<34} {:>10.2} /s  {:>10.2} /s  {:>9.2}x  (observe on / off)",
+            "  with signet observe -f following",
+            off,
+            on,
+            on / off
+        );
+        println!("  the follower received {records} flow records during it, {lost} reported lost");
+    }
     let failed = get(&results[3][1], "failed");
     if failed > 0.0 {
         println!("  {failed} mesh connections failed during the connection test");

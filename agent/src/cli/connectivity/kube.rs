@@ -454,7 +454,7 @@ impl Cluster {
             self.kube.block_on(apply(&self.kube.client, &object))?;
         }
         if let Some(outside) = options.outside {
-            let child = Command::new(&self.exe)
+            let mut child = Command::new(&self.exe)
                 .args(["echo", "serve", "--name", "outside", "--tcp"])
                 .arg(format!("0.0.0.0:{WORLD_PORT}"))
                 .stdin(Stdio::null())
@@ -462,7 +462,18 @@ impl Cluster {
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("the world server at {outside:?}: {e}"))?;
+            // It says `ready` once it listens.
+            let mut line = String::new();
+            if let Some(out) = child.stdout.take() {
+                let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+            }
+            let ready = line.trim() == "ready";
             *self.world.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+            if !ready {
+                return Err(format!(
+                    "the world server on port {WORLD_PORT} did not start: {line:?}"
+                ));
+            }
         }
         // Every pod running, ready and with its address.
         let pods: Vec<(&'static str, String)> = PODS
