@@ -656,19 +656,14 @@ impl Cluster {
     }
 
     fn wait_ok(&self, within: Duration) -> Result<crate::cli::status::Report, String> {
-        let report = crate::cli::status::wait_with(
-            || self.kube.forwarded_topology(&self.signet_namespace),
+        super::all_ok(
+            crate::cli::status::wait_with(
+                || self.kube.forwarded_topology(&self.signet_namespace),
+                within,
+                |_| {},
+            ),
             within,
-            |_| {},
-        )?;
-        if !report.ok() {
-            return Err(format!(
-                "not OK after {} s: {}",
-                within.as_secs(),
-                report.waiting_for().join("; ")
-            ));
-        }
-        Ok(report)
+        )
     }
 
     fn admin(&self, node: usize, path: &str) -> Result<String, String> {

@@ -751,15 +751,10 @@ impl<'a> Local<'a> {
 
     /// `signet status --wait`: every agent (and the CA) OK.
     pub fn wait_ok(&self, within: Duration) -> Result<crate::cli::status::Report, String> {
-        let report = crate::cli::status::wait(&self.topology, within, |_| {})?;
-        if !report.ok() {
-            return Err(format!(
-                "not OK after {} s: {}",
-                within.as_secs(),
-                report.waiting_for().join("; ")
-            ));
-        }
-        Ok(report)
+        super::all_ok(
+            crate::cli::status::wait(&self.topology, within, |_| {}),
+            within,
+        )
     }
 
     fn admin(&self, node: &Node, path: &str) -> Result<String, String> {

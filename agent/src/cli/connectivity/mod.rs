@@ -664,6 +664,22 @@ fn run_one(env: &Env, s: &Scenario) -> Outcome {
     }
 }
 
+/// `signet status --wait`'s last answer, as an error naming what is not OK unless all is.
+pub(crate) fn all_ok(
+    report: Result<crate::cli::status::Report, String>,
+    within: Duration,
+) -> Result<crate::cli::status::Report, String> {
+    let report = report?;
+    if !report.ok() {
+        return Err(format!(
+            "not OK after {} s: {}",
+            within.as_secs(),
+            report.waiting_for().join("; ")
+        ));
+    }
+    Ok(report)
+}
+
 /// Polls `f` every 100 ms until it gives a value or `within` passes.
 pub(crate) fn poll<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
