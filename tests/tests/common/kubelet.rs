@@ -31,13 +31,24 @@ struct Running {
     netns: Option<String>,
     cgroup: Option<PathBuf>,
     host_if: Option<String>,
-    process: Child,
+    /// The container's process, once started.
+    process: Option<Child>,
+}
+
+#[derive(Debug, Clone)]
+struct NodeAt {
+    letter: char,
+    netns: String,
+    cgroup_root: PathBuf,
+    /// Its pods' first three octets.
+    pod_net: String,
+    address: String,
 }
 
 #[derive(Debug, Clone)]
 struct Nodes {
-    /// node name → (letter, its namespace, its cgroup root, its pods' first three octets).
-    nodes: BTreeMap<String, (char, String, PathBuf, String)>,
+    /// By node name.
+    nodes: BTreeMap<String, NodeAt>,
     exe: PathBuf,
     n: u32,
 }
@@ -134,7 +145,7 @@ fn libc_setns(fd: i32) -> i32 {
 }
 
 impl Nodes {
-    fn of(&self, pod: &Value) -> Option<&(char, String, PathBuf, String)> {
+    fn of(&self, pod: &Value) -> Option<&NodeAt> {
         self.nodes.get(pod["spec"]["nodeName"].as_str()?)
     }
 }
@@ -151,7 +162,7 @@ impl PodRuntime for Runtime {
             None => self
                 .nodes
                 .of(pod)
-                .map(|n| n.1.clone())
+                .map(|n| n.netns.clone())
                 .ok_or_else(|| std::io::Error::other("pod on no node"))?,
         };
         signet_test_support::netns::in_netns(&netns, || {
@@ -168,7 +179,7 @@ impl PodRuntime for Runtime {
         let node_ns = self
             .nodes
             .of(pod)
-            .map(|n| n.1.clone())
+            .map(|n| n.netns.clone())
             .ok_or_else(|| std::io::Error::other("pod on no node"))?;
         start_in(
             &self.nodes.exe,
@@ -195,12 +206,13 @@ impl Kubelet {
         for (letter, net) in [('a', 78), ('b', 79)] {
             nodes.insert(
                 format!("node-{letter}"),
-                (
+                NodeAt {
                     letter,
-                    t.ns(&format!("node-{letter}")),
-                    t.cgroup_root(letter),
-                    format!("10.{net}.{}", t.n),
-                ),
+                    netns: t.ns(&format!("node-{letter}")),
+                    cgroup_root: t.cgroup_root(letter),
+                    pod_net: format!("10.{net}.{}", t.n),
+                    address: t.node_ip(letter),
+                },
             );
         }
         let nodes = Nodes { nodes, exe, n: t.n };
@@ -359,10 +371,9 @@ fn run_pod(
     let node_name = spec["nodeSelector"]["kubernetes.io/hostname"]
         .as_str()
         .ok_or("no kubernetes.io/hostname selector")?;
-    let (letter, node_ns, cgroup_root, net) = nodes
+    let at = nodes
         .nodes
         .get(node_name)
-        .cloned()
         .ok_or_else(|| format!("no node {node_name}"))?;
     let command: Vec<String> = spec["containers"][0]["command"]
         .as_array()
@@ -374,46 +385,74 @@ fn run_pod(
     let mut r = Running {
         pod: pod_name.into(),
         namespace: ns.into(),
-        node: letter,
+        node: at.letter,
         netns: None,
         cgroup: None,
         host_if: None,
-        // Replaced below.
-        process: Command::new("true").spawn().map_err(|e| e.to_string())?,
+        process: None,
     };
-    let _ = r.process.wait();
     let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod_name, "namespace": ns, "labels": template["metadata"]["labels"]},
         "spec": {"nodeName": node_name, "hostNetwork": host,
                  "serviceAccountName": spec["serviceAccountName"].as_str().unwrap_or("default"),
                  "containers": spec["containers"]}});
-    let pod_ip;
+    // Whatever was made before a failure is removed with it.
+    let pod_ip = match set_up(&mut r, &mut pod, nodes, at, &command, host, next) {
+        Ok(ip) => ip,
+        Err(e) => {
+            remove(r, nodes);
+            return Err(e);
+        }
+    };
+    // Ready once the server says so.
+    let mut line = String::new();
+    if let Some(out) = r.process.as_mut().and_then(|p| p.stdout.take()) {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+    }
+    if line.trim() != "ready" {
+        let e = format!("the container did not start: {line:?}");
+        remove(r, nodes);
+        return Err(e);
+    }
+    pod["status"] = json!({"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+        "conditions": [{"type": "Ready", "status": "True"}]});
+    api.put(pod);
+    Ok(r)
+}
+
+/// The pod's network, cgroup and process: in its own namespace with a veth to the node, or on
+/// the node's; its address.
+fn set_up(
+    r: &mut Running,
+    pod: &mut Value,
+    nodes: &Nodes,
+    at: &NodeAt,
+    command: &[String],
+    host: bool,
+    next: &mut u8,
+) -> Result<String, String> {
     if host {
-        pod_ip = nodes
-            .nodes
-            .get(node_name)
-            .map(|_| format!("10.77.{}.{}", nodes.n, if letter == 'a' { 1 } else { 2 }))
-            .unwrap_or_default();
         r.process =
-            start_in(&nodes.exe, &command, &node_ns, None, false).map_err(|e| e.to_string())?;
+            Some(start_in(&nodes.exe, command, &at.netns, None, false).map_err(|e| e.to_string())?);
+        Ok(at.address.clone())
     } else {
         *next += 1;
         let host_number = *next;
-        pod_ip = format!("{net}.{host_number}");
+        let pod_ip = format!("{}.{host_number}", at.pod_net);
         let netns = format!("sgk{}-{host_number}", nodes.n);
         let host_if = format!("sgk{}v{host_number}", nodes.n);
         ip(&["netns", "add", &netns])?;
         r.netns = Some(netns.clone());
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         ip(&[
-            "-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "-n", &at.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
             "netns", &netns,
         ])?;
         r.host_if = Some(host_if.clone());
-        ip(&["-n", &node_ns, "link", "set", &host_if, "up"])?;
+        ip(&["-n", &at.netns, "link", "set", &host_if, "up"])?;
         ip(&[
             "-n",
-            &node_ns,
+            &at.netns,
             "route",
             "add",
             &format!("{pod_ip}/32"),
@@ -421,7 +460,7 @@ fn run_pod(
             &host_if,
         ])?;
         let out = Command::new("ip")
-            .args(["netns", "exec", &node_ns, "sysctl", "-qw"])
+            .args(["netns", "exec", &at.netns, "sysctl", "-qw"])
             .arg(format!("net.ipv4.conf.{host_if}.proxy_arp=1"))
             .output()
             .map_err(|e| e.to_string())?;
@@ -438,41 +477,30 @@ fn run_pod(
             "eth0",
         ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        let gateway = format!("{net}.1");
+        let gateway = format!("{}.1", at.pod_net);
         ip(&["-n", &netns, "route", "add", &gateway, "dev", "eth0"])?;
         ip(&["-n", &netns, "route", "add", "default", "via", &gateway])?;
         let cg_name = format!("sgk-{host_number}");
-        let cgroup = cgroup_root.join(&cg_name);
+        let cgroup = at.cgroup_root.join(&cg_name);
         std::fs::create_dir(&cgroup).map_err(|e| format!("{}: {e}", cgroup.display()))?;
         r.cgroup = Some(cgroup.clone());
         pod["metadata"]["annotations"] = json!({"signet.dev/cgroup": cg_name,
             "signet.dev/netns": netns, "signet.dev/host-interface": host_if});
-        r.process = start_in(&nodes.exe, &command, &netns, Some(&cgroup), false)
-            .map_err(|e| e.to_string())?;
+        r.process = Some(
+            start_in(&nodes.exe, command, &netns, Some(&cgroup), false)
+                .map_err(|e| e.to_string())?,
+        );
+        Ok(pod_ip)
     }
-    // Ready once the server says so.
-    let mut line = String::new();
-    if let Some(out) = r.process.stdout.take() {
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
-    }
-    if line.trim() != "ready" {
-        let e = format!("the container did not start: {line:?}");
-        remove(r, nodes);
-        return Err(e);
-    }
-    pod["status"] = json!({"phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
-        "conditions": [{"type": "Ready", "status": "True"}]});
-    api.put(pod);
-    Ok(r)
 }
 
 fn remove(mut r: Running, nodes: &Nodes) {
-    let _ = r.process.kill();
-    let _ = r.process.wait();
-    if let (Some(host_if), Some((_, node_ns, _, _))) =
-        (&r.host_if, nodes.nodes.get(&format!("node-{}", r.node)))
-    {
-        let _ = ip(&["-n", node_ns, "link", "del", host_if]);
+    if let Some(p) = r.process.as_mut() {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    if let (Some(host_if), Some(at)) = (&r.host_if, nodes.nodes.get(&format!("node-{}", r.node))) {
+        let _ = ip(&["-n", &at.netns, "link", "del", host_if]);
     }
     if let Some(ns) = &r.netns {
         let _ = ip(&["netns", "del", ns]);
