@@ -212,39 +212,42 @@ pub fn gateway_bodies(
             }),
         ));
     }
-    for r in &status.http_routes {
-        let gen_ = generation(route_gens.clone(), &r.namespace, &r.name);
-        let parents: Vec<serde_json::Value> = r
-            .parents
+    let grpc_gens = gens(
+        objects
+            .gateway
+            .grpc_routes
             .iter()
-            .map(|p| {
-                // `namespace/name[/section]`, as the model names parents.
-                let mut parts = p.parent.splitn(3, '/');
-                let (ns, name, section) = (parts.next(), parts.next(), parts.next());
-                let mut parent_ref = serde_json::json!({
-                    "group": "gateway.networking.k8s.io", "kind": "Gateway",
-                    "namespace": ns, "name": name,
-                });
-                if let Some(s) = section {
-                    parent_ref["sectionName"] = s.into();
-                }
-                serde_json::json!({
-                    "parentRef": parent_ref,
-                    "controllerName": CONTROLLER,
-                    "conditions": p.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+            .map(|r| &r.metadata)
+            .collect(),
+    );
+    for (plural, kind, routes, gens) in [
+        ("httproutes", "HTTPRoute", &status.http_routes, &route_gens),
+        ("grpcroutes", "GRPCRoute", &status.grpc_routes, &grpc_gens),
+    ] {
+        for r in routes {
+            let gen_ = generation(gens.clone(), &r.namespace, &r.name);
+            let parents: Vec<serde_json::Value> = r
+                .parents
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "parentRef": p.parent,
+                        "controllerName": CONTROLLER,
+                        "conditions": p.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+                    })
                 })
-            })
-            .collect();
-        out.push((
-            "httproutes",
-            r.namespace.clone(),
-            r.name.clone(),
-            serde_json::json!({
-                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-                "metadata": {"name": r.name, "namespace": r.namespace},
-                "status": {"parents": parents},
-            }),
-        ));
+                .collect();
+            out.push((
+                plural,
+                r.namespace.clone(),
+                r.name.clone(),
+                serde_json::json!({
+                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+                    "metadata": {"name": r.name, "namespace": r.namespace},
+                    "status": {"parents": parents},
+                }),
+            ));
+        }
     }
     out
 }
@@ -287,10 +290,10 @@ pub async fn write_gateways(
             group: "gateway.networking.k8s.io".into(),
             version: "v1".into(),
             api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: if plural == "gateways" {
-                "Gateway"
-            } else {
-                "HTTPRoute"
+            kind: match plural {
+                "gateways" => "Gateway",
+                "grpcroutes" => "GRPCRoute",
+                _ => "HTTPRoute",
             }
             .into(),
             plural: plural.into(),

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use gateway_api::experimental::grpcroutes::GrpcRoute;
+use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::{Gateway, GatewayListeners, GatewayListenersTlsMode};
-use gateway_api::httproutes::{HttpRoute, HttpRouteParentRefs};
 use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::Secret;
 use rustls::sign::CertifiedKey;
@@ -30,6 +31,7 @@ pub struct Resources {
     pub classes: Vec<GatewayClass>,
     pub gateways: Vec<Gateway>,
     pub routes: Vec<HttpRoute>,
+    pub grpc_routes: Vec<GrpcRoute>,
     pub grants: Vec<ReferenceGrant>,
     pub secrets: Vec<Secret>,
     /// `namespace/name` → ports of each Service, to validate backendRefs.
@@ -85,7 +87,7 @@ pub struct Condition {
     pub message: String,
 }
 
-fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+pub(super) fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -111,11 +113,53 @@ pub struct GatewayStatus {
     pub listeners: Vec<ListenerStatus>,
 }
 
+/// A route's `parentRef` with the defaults applied (the status's `parentRef`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+}
+
+impl ParentRef {
+    /// A Service (GAMMA: the route governs requests from mesh workloads to it).
+    pub fn is_service(&self) -> bool {
+        self.group.is_empty() && self.kind == "Service"
+    }
+
+    pub fn is_gateway(&self) -> bool {
+        self.group == GATEWAY_GROUP && self.kind == "Gateway"
+    }
+}
+
+impl std::fmt::Display for ParentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.is_gateway() {
+            write!(f, "{} ", self.kind)?;
+        }
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if let Some(s) = &self.section_name {
+            write!(f, "/{s}")?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteParentStatus {
-    /// `namespace/name[/section]` of the parent Gateway.
-    pub parent: String,
+    pub parent: ParentRef,
     pub conditions: Vec<Condition>,
 }
 
@@ -140,12 +184,16 @@ pub struct Status {
     pub gateway_classes: Vec<ClassStatus>,
     pub gateways: Vec<GatewayStatus>,
     pub http_routes: Vec<RouteStatus>,
+    pub grpc_routes: Vec<RouteStatus>,
 }
 
 /// What a node serves, and the status that goes with it.
 #[derive(Debug, Default)]
 pub struct GatewayConfig {
     pub ports: Vec<Port>,
+    /// Routes whose parent is a Service: what the outbound proxy applies (every node serves
+    /// them, for its own workloads).
+    pub mesh: super::mesh::MeshRoutes,
     pub status: Status,
 }
 
@@ -193,7 +241,7 @@ pub(super) fn ns_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Objec
     meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
-fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> i64 {
+pub(super) fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> i64 {
     meta.creation_timestamp
         .as_ref()
         .map_or(0, |t| t.0.as_second())
@@ -332,32 +380,71 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             listeners: listener_status,
         });
     }
-    // Routes whose parents are not served Gateways.
+    // Routes whose parents are not served Gateways, or no kind of parent Signet serves.
     for RouteParent {
         ns: rns,
         name: rname,
-        parent: p,
-        parent_ns: pns,
+        parent,
         ..
     } in route_parents(res)
     {
-        let served = status
-            .gateways
-            .iter()
-            .any(|g| g.namespace == pns && g.name == p.name);
+        if parent.is_service() {
+            continue;
+        }
+        let served = parent.is_gateway()
+            && status
+                .gateways
+                .iter()
+                .any(|g| g.namespace == parent.namespace && g.name == parent.name);
         if !served {
+            let why = if parent.is_gateway() {
+                format!(
+                    "no Gateway {}/{} of a Signet GatewayClass",
+                    parent.namespace, parent.name
+                )
+            } else {
+                format!("{parent}: a parent is a Gateway or a Service")
+            };
             push_route_status(
                 &mut status.http_routes,
                 &rns,
                 &rname,
-                parent_name(p, &rns),
-                not_accepted(
-                    "NoMatchingParent",
-                    format!("no Gateway {pns}/{} of a Signet GatewayClass", p.name),
-                ),
+                parent,
+                not_accepted("NoMatchingParent", why),
             );
         }
     }
+    for RouteParent {
+        ns: rns,
+        name: rname,
+        parent,
+        ..
+    } in grpc_parents(res)
+    {
+        if parent.is_service() {
+            continue;
+        }
+        let why = if parent.is_gateway() {
+            "Signet's Gateway listeners take HTTPRoutes; a GRPCRoute is served with a Service \
+             as its parent (the mesh)"
+                .to_owned()
+        } else {
+            format!("{parent}: a GRPCRoute's parent is a Service")
+        };
+        let reason = if parent.is_gateway() {
+            "NotAllowedByListeners"
+        } else {
+            "NoMatchingParent"
+        };
+        push_route_status(
+            &mut status.grpc_routes,
+            &rns,
+            &rname,
+            parent,
+            not_accepted(reason, why),
+        );
+    }
+    let mesh = super::mesh::build(res, &mut status);
     let mut ports: Vec<Port> = ports.into_values().collect();
     for p in &mut ports {
         if p.protocol == Protocol::Https {
@@ -367,27 +454,54 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             }
         }
     }
-    GatewayConfig { ports, status }
+    GatewayConfig {
+        ports,
+        mesh,
+        status,
+    }
 }
 
 /// A route a parent does not accept, and why.
-fn not_accepted(reason: &str, message: String) -> Vec<Condition> {
+pub(super) fn not_accepted(reason: &str, message: String) -> Vec<Condition> {
     vec![cond("Accepted", false, reason, message)]
 }
 
-/// One parent reference of one HTTPRoute, with the namespaces resolved.
-struct RouteParent<'a> {
-    route: &'a HttpRoute,
-    ns: String,
-    name: String,
-    parent: &'a HttpRouteParentRefs,
-    /// The parent's namespace: the route's own unless the reference names one.
-    parent_ns: String,
+/// One parent reference of one route, with the defaults applied.
+pub(super) struct RouteParent<'a, R> {
+    pub route: &'a R,
+    /// The route's place in its list of `Resources`.
+    pub index: usize,
+    pub ns: String,
+    pub name: String,
+    pub parent: ParentRef,
 }
 
-/// Every parent reference of every route.
-fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_>> {
-    res.routes.iter().flat_map(|route| {
+/// The fields of a `parentRef`, any route kind's.
+struct RawParent<'a> {
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    namespace: Option<&'a str>,
+    name: &'a str,
+    section_name: Option<&'a str>,
+    port: Option<i32>,
+}
+
+impl RawParent<'_> {
+    fn resolve(&self, route_ns: &str) -> ParentRef {
+        ParentRef {
+            group: self.group.unwrap_or(GATEWAY_GROUP).to_owned(),
+            kind: self.kind.unwrap_or("Gateway").to_owned(),
+            namespace: self.namespace.unwrap_or(route_ns).to_owned(),
+            name: self.name.to_owned(),
+            section_name: self.section_name.map(str::to_owned),
+            port: self.port,
+        }
+    }
+}
+
+/// Every parent reference of every HTTPRoute.
+pub(super) fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, HttpRoute>> {
+    res.routes.iter().enumerate().flat_map(|(index, route)| {
         let ns = ns_of(&route.metadata);
         let name = route.metadata.name.clone().unwrap_or_default();
         route
@@ -395,29 +509,60 @@ fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_>> {
             .parent_refs
             .iter()
             .flatten()
-            .map(move |parent| RouteParent {
+            .map(move |p| RouteParent {
                 route,
-                parent_ns: parent.namespace.clone().unwrap_or_else(|| ns.clone()),
+                index,
+                parent: RawParent {
+                    group: p.group.as_deref(),
+                    kind: p.kind.as_deref(),
+                    namespace: p.namespace.as_deref(),
+                    name: &p.name,
+                    section_name: p.section_name.as_deref(),
+                    port: p.port,
+                }
+                .resolve(&ns),
                 ns: ns.clone(),
                 name: name.clone(),
-                parent,
             })
     })
 }
 
-fn parent_name(p: &HttpRouteParentRefs, route_ns: &str) -> String {
-    let ns = p.namespace.as_deref().unwrap_or(route_ns);
-    match &p.section_name {
-        Some(s) => format!("{ns}/{}/{s}", p.name),
-        None => format!("{ns}/{}", p.name),
-    }
+/// Every parent reference of every GRPCRoute.
+pub(super) fn grpc_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, GrpcRoute>> {
+    res.grpc_routes
+        .iter()
+        .enumerate()
+        .flat_map(|(index, route)| {
+            let ns = ns_of(&route.metadata);
+            let name = route.metadata.name.clone().unwrap_or_default();
+            route
+                .spec
+                .parent_refs
+                .iter()
+                .flatten()
+                .map(move |p| RouteParent {
+                    route,
+                    index,
+                    parent: RawParent {
+                        group: p.group.as_deref(),
+                        kind: p.kind.as_deref(),
+                        namespace: p.namespace.as_deref(),
+                        name: &p.name,
+                        section_name: p.section_name.as_deref(),
+                        port: p.port,
+                    }
+                    .resolve(&ns),
+                    ns: ns.clone(),
+                    name: name.clone(),
+                })
+        })
 }
 
-fn push_route_status(
+pub(super) fn push_route_status(
     all: &mut Vec<RouteStatus>,
     ns: &str,
     name: &str,
-    parent: String,
+    parent: ParentRef,
     conditions: Vec<Condition>,
 ) {
     let i = match all.iter().position(|r| r.namespace == ns && r.name == name) {
@@ -445,6 +590,19 @@ fn push_route_status(
         }
         None => parents.push(RouteParentStatus { parent, conditions }),
     }
+}
+
+/// The conditions of a route a parent takes, from what its rules' translation found: not
+/// Accepted when a field is not supported (naming it), else Accepted and `ResolvedRefs`.
+pub(super) fn translated_conditions(problems: &super::translate::Problems) -> Vec<Condition> {
+    if !problems.unsupported.is_empty() {
+        return not_accepted("UnsupportedValue", problems.unsupported.join("; "));
+    }
+    let resolved = match problems.refs.first() {
+        None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
+        Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
+    };
+    vec![cond("Accepted", true, "Accepted", ""), resolved]
 }
 
 fn listener(
@@ -604,19 +762,18 @@ fn listener(
         route: r,
         ns: rns,
         name: rname,
-        parent: p,
-        parent_ns: pns,
+        parent,
+        ..
     } in route_parents(res)
     {
-        if pns != gns
-            || p.name != gname
-            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
-            || p.section_name.as_ref().is_some_and(|s| *s != l.name)
-            || p.port.is_some_and(|pp| pp != l.port)
+        if !parent.is_gateway()
+            || parent.namespace != gns
+            || parent.name != gname
+            || parent.section_name.as_ref().is_some_and(|s| *s != l.name)
+            || parent.port.is_some_and(|pp| pp != l.port)
         {
             continue;
         }
-        let parent = parent_name(p, &rns);
         if !allowed_namespace(l, gns, &rns) {
             push_route_status(
                 route_status,
@@ -654,17 +811,11 @@ fn listener(
         };
         let (rules, problems) =
             super::translate::rules(res, &rns, r.spec.rules.as_deref().unwrap_or_default());
-        let resolved = match problems.first() {
-            None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
-            Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
-        };
-        push_route_status(
-            route_status,
-            &rns,
-            &rname,
-            parent,
-            vec![cond("Accepted", true, "Accepted", ""), resolved],
-        );
+        let conditions = translated_conditions(&problems);
+        push_route_status(route_status, &rns, &rname, parent, conditions);
+        if !problems.unsupported.is_empty() {
+            continue;
+        }
         ls.attached_routes += 1;
         routes.push(Route {
             namespace: rns.clone(),

@@ -11,6 +11,8 @@
 //!
 //! This module owns no sockets: `server` asks it what to do with a request.
 
+use std::time::Duration;
+
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
@@ -208,6 +210,35 @@ pub struct Backend {
     pub port: u16,
     pub weight: u32,
     pub invalid: Option<String>,
+    /// Filters of this backendRef only (header modifiers), applied after the rule's.
+    pub filters: Vec<Filter>,
+}
+
+/// `timeouts` of a rule. `request` bounds the whole exchange up to the response's headers,
+/// retries included; `backend_request` bounds each attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub request: Option<Duration>,
+    pub backend_request: Option<Duration>,
+}
+
+/// `retry` of a rule (Gateway API's `HTTPRouteRetry`): how many times a failed attempt is tried
+/// again, on which response codes, and the least wait between attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Attempts after the first.
+    pub attempts: u32,
+    /// Response codes that are retried (besides connect failures and refused streams, which
+    /// always are).
+    pub codes: Vec<StatusCode>,
+    pub backoff: Duration,
+}
+
+impl Retry {
+    /// What a rule with `retry: {}` gets: Linkerd's and Envoy's habit of one more attempt, on
+    /// 503 (the spec leaves the defaults to the implementation).
+    pub const DEFAULT_ATTEMPTS: u32 = 1;
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 }
 
 #[derive(Debug, Clone, Default)]
@@ -216,6 +247,8 @@ pub struct Rule {
     pub matches: Vec<Match>,
     pub filters: Vec<Filter>,
     pub backends: Vec<Backend>,
+    pub timeouts: Timeouts,
+    pub retry: Option<Retry>,
 }
 
 impl Rule {

@@ -1,88 +1,216 @@
-//! HTTPRoute rules, as the gateway-api crate types them, into `routes::Rule`s: matches with the
-//! spec's defaults applied, filters, and backendRefs checked against the Services (and
-//! ReferenceGrants across namespaces). Problems come back as (reason, message) for the route's
-//! `ResolvedRefs` condition; a rule keeps what translated.
+//! HTTPRoute rules, as the gateway-api crate types them (experimental channel, a superset of
+//! the standard one: a field Signet does not serve must be seen to be refused, not dropped by
+//! deserialisation), into `routes::Rule`s: matches with the spec's defaults applied, filters,
+//! timeouts, retries, and backendRefs checked against the Services (and ReferenceGrants across
+//! namespaces).
+//!
+//! Problems come back in two kinds. A reference that does not resolve is the route's
+//! `ResolvedRefs=False` and its rule answers 500, as the spec says. A field or value Signet does
+//! not implement makes the route `Accepted=False` with reason `UnsupportedValue` and a message
+//! naming the field: a route that would be served differently from what it says is not served
+//! at all.
 
-use gateway_api::httproutes::{
-    HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesFilters,
+use std::time::Duration;
+
+use gateway_api::experimental::httproutes::{
+    HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesBackendRefsFilters,
+    HttpRouteRulesBackendRefsFiltersType, HttpRouteRulesFilters,
     HttpRouteRulesFiltersRequestRedirectPathType, HttpRouteRulesFiltersRequestRedirectScheme,
     HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
     HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
-    HttpRouteRulesMatchesQueryParamsType,
+    HttpRouteRulesMatchesQueryParamsType, HttpRouteRulesRetry, HttpRouteRulesTimeouts,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::model::{Resources, granted};
 use super::routes::{
-    Backend, Filter, HeaderEdit, Match, PathChange, PathMatch, Redirect, Rewrite, Rule, StringMatch,
+    Backend, Filter, HeaderEdit, Match, PathChange, PathMatch, Redirect, Retry, Rewrite, Rule,
+    StringMatch, Timeouts,
 };
 
-/// Translates the rules; problems are (reason, message) for the route's ResolvedRefs.
-pub(super) fn rules(
-    res: &Resources,
-    rns: &str,
-    raw: &[HttpRouteRules],
-) -> (Vec<Rule>, Vec<(&'static str, String)>) {
-    let mut problems = vec![];
+/// What did not translate.
+#[derive(Debug, Default)]
+pub(super) struct Problems {
+    /// (reason, message) for the route's `ResolvedRefs`.
+    pub refs: Vec<(&'static str, String)>,
+    /// `rules[i].field: why`, for `Accepted=False/UnsupportedValue`.
+    pub unsupported: Vec<String>,
+}
+
+/// Translates an HTTPRoute's rules. `kind` names the route kind in backendRef grants.
+pub(super) fn rules(res: &Resources, rns: &str, raw: &[HttpRouteRules]) -> (Vec<Rule>, Problems) {
+    let mut problems = Problems::default();
     let mut out = vec![];
-    for r in raw {
+    for (i, r) in raw.iter().enumerate() {
+        let mut unsupported = |field: &str, why: String| {
+            problems
+                .unsupported
+                .push(format!("rules[{i}].{field}: {why}"));
+        };
         let matches: Vec<Match> = match r.matches.as_deref() {
             None | Some([]) => vec![Match::any()],
             Some(ms) => ms
                 .iter()
-                .filter_map(|m| match translate_match(m) {
+                .enumerate()
+                .filter_map(|(j, m)| match translate_match(m) {
                     Ok(m) => Some(m),
                     Err(e) => {
-                        problems.push(("UnsupportedValue", e));
+                        unsupported(&format!("matches[{j}]"), e);
                         None
                     }
                 })
                 .collect(),
         };
-        if matches.is_empty() {
-            continue;
-        }
         let mut filters = vec![];
-        for f in r.filters.iter().flatten() {
+        for (j, f) in r.filters.iter().flatten().enumerate() {
             match translate_filter(f) {
-                Ok(Some(f)) => filters.push(f),
-                Ok(None) => {}
-                Err(e) => problems.push(("UnsupportedValue", e)),
+                Ok(f) => filters.push(f),
+                Err(e) => unsupported(&format!("filters[{j}]"), e),
             }
         }
-        let backends = r
-            .backend_refs
-            .iter()
-            .flatten()
-            .map(|b| {
-                let backend = backend(res, rns, b);
-                if let Some(why) = &backend.1 {
-                    problems.push((backend.2, why.clone()));
+        if r.session_persistence.is_some() {
+            unsupported(
+                "sessionPersistence",
+                "session persistence is not supported".into(),
+            );
+        }
+        let timeouts = match r.timeouts.as_ref().map(timeouts).transpose() {
+            Ok(t) => t.unwrap_or_default(),
+            Err(e) => {
+                unsupported("timeouts", e);
+                Timeouts::default()
+            }
+        };
+        let retry = match r.retry.as_ref().map(retry).transpose() {
+            Ok(r) => r,
+            Err(e) => {
+                unsupported("retry", e);
+                None
+            }
+        };
+        let mut backends = vec![];
+        for (j, b) in r.backend_refs.iter().flatten().enumerate() {
+            let (mut backend, problem) = backend(res, rns, "HTTPRoute", &BackendRef::of(b));
+            if let Some((reason, why)) = problem {
+                problems.refs.push((reason, why));
+            }
+            for (k, f) in b.filters.iter().flatten().enumerate() {
+                match translate_backend_filter(f) {
+                    Ok(f) => backend.filters.push(f),
+                    Err(e) => unsupported(&format!("backendRefs[{j}].filters[{k}]"), e),
                 }
-                backend.0
-            })
-            .collect();
+            }
+            backends.push(backend);
+        }
         out.push(Rule {
             matches,
             filters,
             backends,
+            timeouts,
+            retry,
         });
     }
     (out, problems)
 }
 
-fn backend(
+/// A duration in Gateway API's format (`1h`, `500ms`, `1m30s`).
+fn duration(field: &str, text: &str) -> Result<Duration, String> {
+    let d: gateway_api::Duration = text
+        .parse()
+        .map_err(|e| format!("{field} `{text}` is not a Gateway API duration: {e}"))?;
+    Ok(Duration::from_nanos(
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+    ))
+}
+
+fn timeouts(t: &HttpRouteRulesTimeouts) -> Result<Timeouts, String> {
+    let get = |field, v: &Option<String>| {
+        v.as_deref()
+            .map(|v| duration(field, v))
+            .transpose()
+            // `0s` means no timeout, as the spec says.
+            .map(|d| d.filter(|d| !d.is_zero()))
+    };
+    let out = Timeouts {
+        request: get("request", &t.request)?,
+        backend_request: get("backendRequest", &t.backend_request)?,
+    };
+    if let (Some(r), Some(b)) = (out.request, out.backend_request)
+        && b > r
+    {
+        return Err(format!(
+            "backendRequest ({b:?}) must not be longer than request ({r:?})"
+        ));
+    }
+    Ok(out)
+}
+
+fn retry(r: &HttpRouteRulesRetry) -> Result<Retry, String> {
+    let attempts = match r.attempts {
+        None => Retry::DEFAULT_ATTEMPTS,
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= 10)
+            .ok_or_else(|| format!("attempts {n}: 0 to 10"))?,
+    };
+    let codes = match &r.codes {
+        None => vec![StatusCode::SERVICE_UNAVAILABLE],
+        Some(codes) => codes
+            .iter()
+            .map(|c| {
+                u16::try_from(*c)
+                    .ok()
+                    .filter(|c| (400..600).contains(c))
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or_else(|| format!("code {c}: a retried code is 400 to 599"))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let backoff = match &r.backoff {
+        None => Retry::DEFAULT_BACKOFF,
+        Some(b) => duration("backoff", b)?,
+    };
+    Ok(Retry {
+        attempts,
+        codes,
+        backoff,
+    })
+}
+
+/// The fields every kind of route's backendRef has.
+pub(super) struct BackendRef<'a> {
+    pub group: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub name: &'a str,
+    pub namespace: Option<&'a str>,
+    pub port: Option<i32>,
+    pub weight: Option<i32>,
+}
+
+impl<'a> BackendRef<'a> {
+    fn of(b: &'a HttpRouteRulesBackendRefs) -> Self {
+        Self {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: &b.name,
+            namespace: b.namespace.as_deref(),
+            port: b.port,
+            weight: b.weight,
+        }
+    }
+}
+
+/// The backend, and the (reason, message) of its `ResolvedRefs` problem if it has one.
+pub(super) fn backend(
     res: &Resources,
     rns: &str,
-    b: &HttpRouteRulesBackendRefs,
-) -> (Backend, Option<String>, &'static str) {
-    let ns = b.namespace.clone().unwrap_or_else(|| rns.to_owned());
+    route_kind: &str,
+    b: &BackendRef<'_>,
+) -> (Backend, Option<(&'static str, String)>) {
+    let ns = b.namespace.unwrap_or(rns).to_owned();
     let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
     let port = b.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
-    let (group, kind) = (
-        b.group.as_deref().unwrap_or(""),
-        b.kind.as_deref().unwrap_or("Service"),
-    );
+    let (group, kind) = (b.group.unwrap_or(""), b.kind.unwrap_or("Service"));
     let problem: Option<(&'static str, String)> = if !group.is_empty() || kind != "Service" {
         Some((
             "InvalidKind",
@@ -91,8 +219,8 @@ fn backend(
     } else if ns != rns
         && !granted(
             &res.grants,
-            ("gateway.networking.k8s.io", "HTTPRoute", rns),
-            ("", "Service", &ns, &b.name),
+            ("gateway.networking.k8s.io", route_kind, rns),
+            ("", "Service", &ns, b.name),
         )
     {
         Some((
@@ -108,7 +236,7 @@ fn backend(
             format!("backendRef {ns}/{} needs a port", b.name),
         ))
     } else {
-        match res.services.get(&(ns.clone(), b.name.clone())) {
+        match res.services.get(&(ns.clone(), b.name.to_owned())) {
             None => Some((
                 "BackendNotFound",
                 format!("Service {ns}/{} not found", b.name),
@@ -120,21 +248,15 @@ fn backend(
             Some(_) => None,
         }
     };
-    let (invalid, reason) = match problem {
-        Some((reason, why)) => (Some(why), reason),
-        None => (None, ""),
+    let backend = Backend {
+        namespace: ns,
+        name: b.name.to_owned(),
+        port,
+        weight,
+        invalid: problem.as_ref().map(|(_, why)| why.clone()),
+        filters: vec![],
     };
-    (
-        Backend {
-            namespace: ns,
-            name: b.name.clone(),
-            port,
-            weight,
-            invalid: invalid.clone(),
-        },
-        invalid,
-        reason,
-    )
+    (backend, problem)
 }
 
 fn anchored(re: &str) -> Result<regex::Regex, String> {
@@ -245,23 +367,24 @@ macro_rules! header_edit {
     };
 }
 
-fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String> {
-    Ok(Some(match &f.r#type {
-        HttpRouteRulesFiltersType::RequestHeaderModifier => {
+fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Filter, String> {
+    use HttpRouteRulesFiltersType as T;
+    Ok(match &f.r#type {
+        T::RequestHeaderModifier => {
             let m = f
                 .request_header_modifier
                 .as_ref()
                 .ok_or("RequestHeaderModifier without requestHeaderModifier")?;
             Filter::RequestHeaders(header_edit!(m))
         }
-        HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+        T::ResponseHeaderModifier => {
             let m = f
                 .response_header_modifier
                 .as_ref()
                 .ok_or("ResponseHeaderModifier without responseHeaderModifier")?;
             Filter::ResponseHeaders(header_edit!(m))
         }
-        HttpRouteRulesFiltersType::RequestRedirect => {
+        T::RequestRedirect => {
             let r = f
                 .request_redirect
                 .as_ref()
@@ -274,10 +397,17 @@ fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String>
                     PathChange::Prefix(p.replace_prefix_match.clone().unwrap_or_else(|| "/".into()))
                 }
             });
-            let status = match r.status_code.unwrap_or(302) {
-                301 => StatusCode::MOVED_PERMANENTLY,
-                302 => StatusCode::FOUND,
-                other => return Err(format!("redirect statusCode {other}: 301 or 302")),
+            let code = r.status_code.unwrap_or(302);
+            let status = match code {
+                301 | 302 | 303 | 307 | 308 => u16::try_from(code)
+                    .ok()
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or("redirect statusCode")?,
+                other => {
+                    return Err(format!(
+                        "redirect statusCode {other}: 301, 302, 303, 307 or 308"
+                    ));
+                }
             };
             Filter::Redirect(Redirect {
                 scheme: r.scheme.as_ref().map(|s| match s {
@@ -290,7 +420,7 @@ fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String>
                 status: Some(status),
             })
         }
-        HttpRouteRulesFiltersType::UrlRewrite => {
+        T::UrlRewrite => {
             let r = f
                 .url_rewrite
                 .as_ref()
@@ -309,6 +439,212 @@ fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Option<Filter>, String>
                 }),
             })
         }
-        other => return Err(format!("filter {other:?} is not supported")),
-    }))
+        T::RequestMirror => return Err(not_yet("RequestMirror")),
+        T::ExtensionRef => return Err(not_yet("ExtensionRef")),
+        T::Cors => return Err(not_yet("CORS")),
+        T::ExternalAuth => return Err(not_yet("ExternalAuth")),
+    })
+}
+
+fn not_yet(filter: &str) -> String {
+    format!("filter type {filter} is not supported")
+}
+
+/// A backendRef's own filter: header modifiers, applied to the requests sent to that backend
+/// and the responses that come from it.
+fn translate_backend_filter(f: &HttpRouteRulesBackendRefsFilters) -> Result<Filter, String> {
+    use HttpRouteRulesBackendRefsFiltersType as T;
+    Ok(match &f.r#type {
+        T::RequestHeaderModifier => {
+            let m = f
+                .request_header_modifier
+                .as_ref()
+                .ok_or("RequestHeaderModifier without requestHeaderModifier")?;
+            Filter::RequestHeaders(header_edit!(m))
+        }
+        T::ResponseHeaderModifier => {
+            let m = f
+                .response_header_modifier
+                .as_ref()
+                .ok_or("ResponseHeaderModifier without responseHeaderModifier")?;
+            Filter::ResponseHeaders(header_edit!(m))
+        }
+        other => {
+            return Err(format!(
+                "filter type {other:?} is not supported on a backendRef (header modifiers are)"
+            ));
+        }
+    })
+}
+
+/// GRPCRoute rules into the same `Rule`s: a gRPC method is the path `/<service>/<method>` of an
+/// HTTP/2 POST, so a method match is a path match and one engine serves both kinds.
+pub(super) fn grpc_rules(
+    res: &Resources,
+    rns: &str,
+    raw: &[gateway_api::experimental::grpcroutes::GrpcRouteRules],
+) -> (Vec<Rule>, Problems) {
+    use gateway_api::experimental::grpcroutes::{
+        GrpcRouteRulesBackendRefsFiltersType as BT, GrpcRouteRulesFiltersType as T,
+    };
+    let mut problems = Problems::default();
+    let mut out = vec![];
+    for (i, r) in raw.iter().enumerate() {
+        let mut unsupported = |field: &str, why: String| {
+            problems
+                .unsupported
+                .push(format!("rules[{i}].{field}: {why}"));
+        };
+        let matches: Vec<Match> = match r.matches.as_deref() {
+            None | Some([]) => vec![Match::any()],
+            Some(ms) => ms
+                .iter()
+                .enumerate()
+                .filter_map(|(j, m)| match grpc_match(m) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        unsupported(&format!("matches[{j}]"), e);
+                        None
+                    }
+                })
+                .collect(),
+        };
+        let mut filters = vec![];
+        for (j, f) in r.filters.iter().flatten().enumerate() {
+            let f = match f.r#type {
+                T::RequestHeaderModifier => f
+                    .request_header_modifier
+                    .as_ref()
+                    .map(|m| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))
+                    .unwrap_or(Err(
+                        "RequestHeaderModifier without requestHeaderModifier".into()
+                    )),
+                T::ResponseHeaderModifier => f
+                    .response_header_modifier
+                    .as_ref()
+                    .map(|m| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))
+                    .unwrap_or(Err(
+                        "ResponseHeaderModifier without responseHeaderModifier".into()
+                    )),
+                T::RequestMirror => Err(not_yet("RequestMirror")),
+                T::ExtensionRef => Err(not_yet("ExtensionRef")),
+            };
+            match f {
+                Ok(f) => filters.push(f),
+                Err(e) => unsupported(&format!("filters[{j}]"), e),
+            }
+        }
+        if r.session_persistence.is_some() {
+            unsupported(
+                "sessionPersistence",
+                "session persistence is not supported".into(),
+            );
+        }
+        let mut backends = vec![];
+        for (j, b) in r.backend_refs.iter().flatten().enumerate() {
+            let reference = BackendRef {
+                group: b.group.as_deref(),
+                kind: b.kind.as_deref(),
+                name: &b.name,
+                namespace: b.namespace.as_deref(),
+                port: b.port,
+                weight: b.weight,
+            };
+            let (mut backend, problem) = backend(res, rns, "GRPCRoute", &reference);
+            if let Some(p) = problem {
+                problems.refs.push(p);
+            }
+            for (k, f) in b.filters.iter().flatten().enumerate() {
+                let f = match f.r#type {
+                    BT::RequestHeaderModifier => f
+                        .request_header_modifier
+                        .as_ref()
+                        .map(|m| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))
+                        .unwrap_or(Err(
+                            "RequestHeaderModifier without requestHeaderModifier".into()
+                        )),
+                    BT::ResponseHeaderModifier => f
+                        .response_header_modifier
+                        .as_ref()
+                        .map(|m| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))
+                        .unwrap_or(Err(
+                            "ResponseHeaderModifier without responseHeaderModifier".into()
+                        )),
+                    BT::RequestMirror => Err(not_yet("RequestMirror")),
+                    BT::ExtensionRef => Err(not_yet("ExtensionRef")),
+                };
+                match f {
+                    Ok(f) => backend.filters.push(f),
+                    Err(e) => unsupported(&format!("backendRefs[{j}].filters[{k}]"), e),
+                }
+            }
+            backends.push(backend);
+        }
+        out.push(Rule {
+            matches,
+            filters,
+            backends,
+            ..Rule::default()
+        });
+    }
+    (out, problems)
+}
+
+/// A GRPCRoute match as a path (and header) match. `Exact` with both parts is the exact path;
+/// with the service only, every method of it; with the method only, that method of any
+/// service. `RegularExpression` parts are anchored within their path segment.
+fn grpc_match(
+    m: &gateway_api::experimental::grpcroutes::GrpcRouteRulesMatches,
+) -> Result<Match, String> {
+    use gateway_api::experimental::grpcroutes::{
+        GrpcRouteRulesMatchesHeadersType as H, GrpcRouteRulesMatchesMethodType as M,
+    };
+    let path = match &m.method {
+        None => PathMatch::Prefix("/".into()),
+        Some(method) => {
+            let (service, name) = (method.service.as_deref(), method.method.as_deref());
+            match method.r#type.as_ref().unwrap_or(&M::Exact) {
+                M::Exact => {
+                    let plain = |s: &str| !s.is_empty() && !s.contains('/');
+                    if !service.is_none_or(plain) || !name.is_none_or(plain) {
+                        return Err("a service or method name must not be empty or hold `/`".into());
+                    }
+                    match (service, name) {
+                        (Some(s), Some(n)) => PathMatch::Exact(format!("/{s}/{n}")),
+                        (Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+                        (None, Some(n)) => {
+                            PathMatch::Regex(anchored(&format!("/[^/]+/{}", regex::escape(n)))?)
+                        }
+                        (None, None) => {
+                            return Err("a method match needs a service or a method".into());
+                        }
+                    }
+                }
+                M::RegularExpression => {
+                    let s = service.unwrap_or("[^/]+");
+                    let n = name.unwrap_or("[^/]+");
+                    // Each part is checked on its own first, so a bad one is named.
+                    anchored(s)?;
+                    anchored(n)?;
+                    PathMatch::Regex(anchored(&format!("/(?:{s})/(?:{n})"))?)
+                }
+            }
+        }
+    };
+    let mut headers = vec![];
+    for h in m.headers.iter().flatten() {
+        let name = HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes())
+            .map_err(|e| format!("header `{}`: {e}", h.name))?;
+        let value = match h.r#type.as_ref().unwrap_or(&H::Exact) {
+            H::Exact => StringMatch::Exact(h.value.clone()),
+            H::RegularExpression => StringMatch::Regex(anchored(&h.value)?),
+        };
+        headers.push((name, value));
+    }
+    Ok(Match {
+        path,
+        method: None,
+        headers,
+        query: vec![],
+    })
 }

@@ -11,9 +11,10 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 
+use gateway_api::experimental::grpcroutes::GrpcRoute;
+use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
-use gateway_api::httproutes::HttpRoute;
 use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -41,6 +42,7 @@ pub struct KubeSource {
     classes: Store<GatewayClass>,
     gateways: Store<Gateway>,
     routes: Store<HttpRoute>,
+    grpc_routes: Store<GrpcRoute>,
     grants: Store<ReferenceGrant>,
     secrets: Store<Secret>,
     /// Numeric identities: what each number means is what these say now.
@@ -114,6 +116,7 @@ impl KubeSource {
             classes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             gateways: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            grpc_routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             identities: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
@@ -145,6 +148,7 @@ impl KubeSource {
             self.classes.wait_until_ready(),
             self.gateways.wait_until_ready(),
             self.routes.wait_until_ready(),
+            self.grpc_routes.wait_until_ready(),
             self.grants.wait_until_ready(),
             self.secrets.wait_until_ready(),
             self.identities.wait_until_ready(),
@@ -175,6 +179,7 @@ impl KubeSource {
         objects.gateway.classes = all(&self.classes);
         objects.gateway.gateways = all(&self.gateways);
         objects.gateway.routes = all(&self.routes);
+        objects.gateway.grpc_routes = all(&self.grpc_routes);
         objects.gateway.grants = all(&self.grants);
         objects.gateway.secrets = all(&self.secrets).into_iter().map(as_original).collect();
         objects

@@ -10,7 +10,9 @@ fn rule_with(m: Match, tag: &str) -> Rule {
             port: 80,
             weight: 1,
             invalid: None,
+            filters: vec![],
         }],
+        ..Rule::default()
     }
 }
 
@@ -267,15 +269,16 @@ fn backends_are_drawn_by_weight_and_invalid_ones_answer_with_why() {
         port: 80,
         weight,
         invalid: invalid.map(Into::into),
+        filters: vec![],
     };
     let rule = Rule {
         matches: vec![Match::any()],
-        filters: vec![],
         backends: vec![
             b("a", 3, None),
             b("b", 1, None),
             b("gone", 0, Some("no Service")),
         ],
+        ..Rule::default()
     };
     let picks: Vec<&str> = (0..100)
         .map(|i| {
