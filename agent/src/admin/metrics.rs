@@ -129,6 +129,61 @@ pub struct KernelLabels {
     pub destination: String,
 }
 
+/// One routed (L7) request, as `Metrics::l7_request` counts it.
+#[derive(Debug, Clone)]
+pub struct L7Request<'a> {
+    pub source: &'a str,
+    pub destination: &'a str,
+    /// `namespace/name` of the Service asked for (empty when unknown).
+    pub service: &'a str,
+    /// `namespace/name` of the route that matched (empty when none did).
+    pub route: &'a str,
+    pub method: &'a str,
+    pub status: u16,
+    pub duration: Duration,
+    pub retries: u32,
+    pub timed_out: bool,
+    pub ejections: u32,
+    pub rate_limited: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct RequestLabels {
+    source: Value,
+    destination: Value,
+    service: Value,
+    route: Value,
+    method: Value,
+    code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct DurationLabels {
+    source: Value,
+    destination: Value,
+    service: Value,
+    route: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelSet)]
+struct ServiceLabel {
+    service: Value,
+}
+
+/// Routed requests' counters, by their labels, with when each was last used.
+#[derive(Debug, Default)]
+struct L7 {
+    requests: HashMap<RequestLabels, (u64, Instant)>,
+    durations: HashMap<DurationLabels, (prometheus_client::metrics::histogram::Histogram, Instant)>,
+    /// service → (retries, timeouts, ejections, rate limited, last used).
+    per_service: HashMap<ServiceLabel, ([u64; 4], Instant)>,
+}
+
+/// Request duration buckets, seconds: 1 ms to 10 s.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
 /// The counters of one (reporter, source, destination).
 #[derive(Debug, Default)]
 pub struct FlowCounters {
@@ -216,6 +271,7 @@ struct Inner {
     retain_idle: Duration,
     /// The gauges of the scrape being encoded.
     gauges: Mutex<Gauges>,
+    l7: Mutex<L7>,
 }
 
 impl Default for Metrics {
@@ -246,6 +302,7 @@ impl Metrics {
             flows: Arc::new(crate::flow::FlowLog::new(flow_log_capacity)),
             retain_idle,
             gauges: Mutex::default(),
+            l7: Mutex::default(),
         });
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(inner.clone()));
@@ -319,6 +376,50 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// One routed request: counted by source, destination, Service, route, method and code,
+    /// its duration observed, and its retries, timeout, ejections and rate limiting counted
+    /// per Service.
+    pub fn l7_request(&self, r: L7Request<'_>) {
+        let now = Instant::now();
+        let mut l7 = lock(&self.inner.l7);
+        let labels = RequestLabels {
+            source: r.source.into(),
+            destination: r.destination.into(),
+            service: r.service.into(),
+            route: r.route.into(),
+            method: r.method.into(),
+            code: r.status,
+        };
+        let e = l7.requests.entry(labels).or_insert((0, now));
+        e.0 += 1;
+        e.1 = now;
+        let d = DurationLabels {
+            source: r.source.into(),
+            destination: r.destination.into(),
+            service: r.service.into(),
+            route: r.route.into(),
+        };
+        let h = l7.durations.entry(d).or_insert_with(|| {
+            (
+                prometheus_client::metrics::histogram::Histogram::new(DURATION_BUCKETS),
+                now,
+            )
+        });
+        h.0.observe(r.duration.as_secs_f64());
+        h.1 = now;
+        let s = l7
+            .per_service
+            .entry(ServiceLabel {
+                service: r.service.into(),
+            })
+            .or_insert(([0; 4], now));
+        s.0[0] += u64::from(r.retries);
+        s.0[1] += u64::from(r.timed_out);
+        s.0[2] += u64::from(r.ejections);
+        s.0[3] += u64::from(r.rate_limited);
+        s.1 = now;
+    }
+
     pub fn closed_by_policy(&self, n: u64) {
         self.inner.closed_by_policy.fetch_add(n, Ordering::Relaxed);
     }
@@ -357,6 +458,13 @@ impl Metrics {
         let retain = inner.retain_idle;
         lock(&inner.pairs).retain(|_, p| !p.idle(retain));
         lock(&inner.kernel).retain(|_, (_, seen)| seen.elapsed() < retain);
+        {
+            let mut l7 = lock(&inner.l7);
+            l7.requests.retain(|_, (_, seen)| seen.elapsed() < retain);
+            l7.durations.retain(|_, (_, seen)| seen.elapsed() < retain);
+            l7.per_service
+                .retain(|_, (_, seen)| seen.elapsed() < retain);
+        }
         *lock(&inner.gauges) = gauges.clone();
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
@@ -582,6 +690,7 @@ impl prometheus_client::collector::Collector for Inner {
             Counter,
             self.flows.lost(),
         )?;
+        self.encode_l7(&mut e)?;
         let gauges = lock(&self.gauges).clone();
         family(
             &mut e,
@@ -632,6 +741,68 @@ impl prometheus_client::collector::Collector for Inner {
             Gauge,
             u64::from(gauges.ready),
         )?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn encode_l7(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let l7 = lock(&self.l7);
+        let mut requests: Vec<(RequestLabels, u64)> = l7
+            .requests
+            .iter()
+            .map(|(l, (n, _))| (l.clone(), *n))
+            .collect();
+        requests.sort();
+        family(
+            e,
+            "signet_http_requests",
+            "Routed (L7) requests the source node's proxy answered, by source, destination, Service, route, method and response code.",
+            MetricType::Counter,
+            requests,
+        )?;
+        let mut durations: Vec<_> = l7.durations.iter().collect();
+        durations.sort_by(|a, b| a.0.cmp(b.0));
+        let mut metric = e.encode_descriptor(
+            "signet_http_request_duration_seconds",
+            "Routed requests' time from request to response headers, retries included.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, (h, _)) in durations {
+            h.encode(metric.encode_family(labels)?)?;
+        }
+        let mut per: Vec<_> = l7.per_service.iter().collect();
+        per.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (name, help)) in [
+            (
+                "signet_http_retries",
+                "Retried attempts of routed requests, by Service.",
+            ),
+            (
+                "signet_http_timeouts",
+                "Routed requests answered 504 after a route timeout, by Service.",
+            ),
+            (
+                "signet_http_endpoint_ejections",
+                "Endpoints ejected after consecutive failures, by Service.",
+            ),
+            (
+                "signet_http_rate_limited",
+                "Routed requests answered 429 by a local rate limit, by Service.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            family(
+                e,
+                name,
+                help,
+                MetricType::Counter,
+                per.iter().map(|(l, (c, _))| ((*l).clone(), c[i])),
+            )?;
+        }
         Ok(())
     }
 }

@@ -38,6 +38,8 @@ pub enum EdgeRefusal {
     EndpointNodeUnknown { target: SocketAddr },
     /// The declared request body is over the listener's limit.
     BodyTooLarge { max: u64 },
+    /// The route's `timeouts` ran out.
+    Timeout { route: String, why: String },
     /// The backend could not be reached or refused the request (tunnel, policy, connect).
     Backend {
         route: String,
@@ -48,6 +50,35 @@ pub enum EdgeRefusal {
 }
 
 impl EdgeRefusal {
+    /// What the Gateway answers when forwarding a request to `route`'s backend failed.
+    pub fn forwarding(f: crate::proxy::forward::Failure, route: String, source: String) -> Self {
+        use crate::proxy::forward::Failure as F;
+        match f {
+            F::NoValidBackend { why, .. } => EdgeRefusal::NoValidBackend { route, why },
+            F::NoReadyEndpoint { service } => EdgeRefusal::NoReadyEndpoint { service },
+            F::UnknownEndpoint { target } => EdgeRefusal::UnknownEndpoint { target },
+            F::EndpointNodeUnknown { target } => EdgeRefusal::EndpointNodeUnknown { target },
+            F::Timeout { why } => EdgeRefusal::Timeout { route, why },
+            F::Refused { target, why } => EdgeRefusal::Backend {
+                route,
+                target,
+                source,
+                why,
+            },
+            F::Denied { why, .. } => EdgeRefusal::NoValidBackend { route, why },
+            F::BadBody(why) => EdgeRefusal::BadPath {
+                path: String::new(),
+                reason: why,
+            },
+            F::Backend { target, why, .. } => EdgeRefusal::Backend {
+                route,
+                target,
+                source,
+                why,
+            },
+        }
+    }
+
     /// The `reason` label: of `signet_connections_failed_total` for connection refusals, of
     /// `signet_gateway_requests_refused_total` for requests.
     pub fn label(&self) -> &'static str {
@@ -64,6 +95,7 @@ impl EdgeRefusal {
             EdgeRefusal::UnknownEndpoint { .. } => "unknown_endpoint",
             EdgeRefusal::EndpointNodeUnknown { .. } => "unknown_node",
             EdgeRefusal::BodyTooLarge { .. } => "body_too_large",
+            EdgeRefusal::Timeout { .. } => "timeout",
             EdgeRefusal::Backend { .. } => "backend_failed",
         }
     }
@@ -84,6 +116,7 @@ impl EdgeRefusal {
             // The Gateway API asks for a 500 when a rule's backends are all invalid.
             EdgeRefusal::NoValidBackend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             EdgeRefusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            EdgeRefusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             EdgeRefusal::Backend { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -112,7 +145,9 @@ impl EdgeRefusal {
                 format!("endpoint {target}'s node has no address\n")
             }
             EdgeRefusal::BodyTooLarge { max } => format!("request body over {max} bytes\n"),
-            EdgeRefusal::Backend { why, .. } => format!("{why}\n"),
+            EdgeRefusal::Timeout { why, .. } | EdgeRefusal::Backend { why, .. } => {
+                format!("{why}\n")
+            }
         }
     }
 
@@ -183,6 +218,9 @@ impl EdgeRefusal {
                 why = %why,
                 "gateway: backend refused"
             ),
+            EdgeRefusal::Timeout { route, why } => {
+                tracing::info!(reason = self.label(), %route, why = %why, "gateway: request not answered by a backend")
+            }
             EdgeRefusal::ListenerRemoved | EdgeRefusal::BodyTooLarge { .. } => {
                 tracing::debug!(reason = self.label(), "gateway: request refused")
             }
@@ -230,6 +268,10 @@ mod tests {
             EdgeRefusal::UnknownEndpoint { target },
             EdgeRefusal::EndpointNodeUnknown { target },
             EdgeRefusal::BodyTooLarge { max: 1 },
+            EdgeRefusal::Timeout {
+                route: "r".into(),
+                why: "w".into(),
+            },
             EdgeRefusal::Backend {
                 route: "r".into(),
                 target,

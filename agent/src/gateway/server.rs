@@ -26,13 +26,13 @@ use super::h1guard::{H1Guard, HeadLimits};
 use super::refusal::EdgeRefusal;
 use crate::config::EdgeLimits;
 use crate::proxy::ProxyContext;
-use crate::proxy::hbone::Route as HboneRoute;
+use crate::proxy::forward::{self, strip_hop_by_hop};
+use crate::proxy::upstream::Proto;
 use crate::routing::model::{Listener, Protocol};
 use crate::routing::routes::{Filter, RequestView, change_path, location, specificity};
+use crate::state::snapshot::Snapshot;
 
 type Body = BoxBody<Bytes, hyper::Error>;
-/// The request body as forwarded (maybe size-limited).
-type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 impl EdgeLimits {
     fn head(&self) -> HeadLimits {
@@ -111,7 +111,6 @@ pub async fn serve_port(
                 drop(snap);
                 let mut handler = Handler {
                     ctx,
-                    upstreams: Upstreams::default(),
                     max_body: limits.max_body_bytes,
                     port,
                     peer,
@@ -317,7 +316,6 @@ impl Drop for Busy {
 
 struct Handler {
     ctx: ProxyContext,
-    upstreams: Upstreams,
     max_body: Option<u64>,
     port: u16,
     peer: SocketAddr,
@@ -415,15 +413,6 @@ impl Handler {
                 return resp;
             }
         }
-        let backend = match m.rule.pick_backend(fastrand_f64()) {
-            Ok(b) => b.clone(),
-            Err(why) => {
-                return self.refuse(EdgeRefusal::NoValidBackend {
-                    route: route_name,
-                    why: why.to_string(),
-                });
-            }
-        };
         let (mut parts, body) = req.into_parts();
         let mut new_path = path.clone();
         let mut new_host = host.clone();
@@ -444,27 +433,6 @@ impl Handler {
             }
         }
         let identity = listener.identity.clone();
-        let target = snap
-            .services
-            .by_name(&backend.namespace, &backend.name, backend.port)
-            .and_then(|vip| snap.services.pick(vip));
-        let Some(target) = target else {
-            return self.refuse(EdgeRefusal::NoReadyEndpoint {
-                service: format!("{}/{}", backend.namespace, backend.name),
-            });
-        };
-        let Some(pod) = snap.pod_by_ip(target.ip()) else {
-            return self.refuse(EdgeRefusal::UnknownEndpoint { target });
-        };
-        let Some(node_ip) = pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
-            return self.refuse(EdgeRefusal::EndpointNodeUnknown { target });
-        };
-        let route = HboneRoute {
-            source: identity.clone(),
-            destination: pod.identity.clone(),
-            node: SocketAddr::new(*node_ip, self.ctx.inbound_port),
-        };
-        drop(snap);
 
         // What the backend sees: the rewritten host and path, who the client was.
         let pq = if query.is_empty() {
@@ -503,51 +471,31 @@ impl Handler {
             }
             None => body.map_err(std::io::Error::other).boxed_unsync(),
         };
-        let upstream = Request::from_parts(parts, body);
-        let result = forward(&self.ctx, &self.upstreams, &route, target, upstream).await;
+        // The Gateway is no workload: no egress policy of its own to check.
+        let admit = |_: &Snapshot, _: &signet_ca::SpiffeId, _: SocketAddr| Ok(());
+        let exchange = forward::Exchange {
+            snap: &snap,
+            rule: m.rule,
+            route: &route_name,
+            source: &identity,
+            proto: Proto::Http1,
+            admit: &admit,
+            grpc: false,
+            policy: forward::ServicePolicy::default(),
+        };
+        let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;
         match result {
             Ok(mut resp) => {
                 strip_hop_by_hop(resp.headers_mut());
                 for e in &response_edits {
                     e.apply(resp.headers_mut());
                 }
-                tracing::debug!(route = %route_name, backend = %target, status = %resp.status(), "gateway request");
+                let backend = outcome.endpoint.map(|(a, _)| a);
+                tracing::debug!(route = %route_name, backend = ?backend, status = %resp.status(), retries = outcome.retries, "gateway request");
                 resp
             }
-            Err(why) => self.refuse(EdgeRefusal::Backend {
-                route: route_name,
-                target,
-                source: identity.to_string(),
-                why: why.to_string(),
-            }),
+            Err(f) => self.refuse(EdgeRefusal::forwarding(f, route_name, identity.to_string())),
         }
-    }
-}
-
-/// Removes the headers that describe one hop's connection (RFC 9110 §7.6.1), including those the
-/// `Connection` header names: a backend's `Connection: close` must not close the client's
-/// connection, nor a client's `Upgrade` reach the backend.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(n);
     }
 }
 
@@ -630,102 +578,6 @@ fn pick_listener<'a>(listeners: &'a [Listener], host: &str) -> Option<&'a Listen
         .filter_map(|l| Some((specificity(l.hostname.as_deref(), host)?, l)))
         .max_by_key(|(score, _)| *score)
         .map(|(_, l)| l)
-}
-
-/// A number in [0, 1) for weighted backend choice; spread, not secret.
-fn fastrand_f64() -> f64 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-type Upstream = hyper::client::conn::http1::SendRequest<UpstreamBody>;
-
-/// Upstream HTTP/1.1 connections of one downstream connection, each over its own HBONE stream,
-/// reused while the downstream connection lives: a new tunnel (and a new connection from the
-/// backend's node to the pod) per request would cost a connect and leave a TIME_WAIT each.
-#[derive(Default)]
-struct Upstreams(std::sync::Mutex<Vec<(SocketAddr, signet_ca::SpiffeId, Upstream)>>);
-
-impl Upstreams {
-    /// At most this many idle upstream connections are kept per downstream connection (HTTP/2
-    /// clients send concurrently; each concurrent request needs its own HTTP/1.1 upstream).
-    const KEEP: usize = 8;
-
-    fn take(&self, target: SocketAddr, source: &signet_ca::SpiffeId) -> Option<Upstream> {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|(_, _, u)| !u.is_closed());
-        let i = idle
-            .iter()
-            .position(|(t, s, u)| *t == target && s == source && u.is_ready())?;
-        Some(idle.swap_remove(i).2)
-    }
-
-    fn put(&self, target: SocketAddr, source: signet_ca::SpiffeId, upstream: Upstream) {
-        let mut idle = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < Self::KEEP {
-            idle.push((target, source, upstream));
-        }
-    }
-}
-
-/// A new HTTP/1.1 connection to `target` through an HBONE tunnel presenting the Gateway's
-/// identity.
-async fn dial(
-    ctx: &ProxyContext,
-    route: &HboneRoute,
-    target: SocketAddr,
-) -> Result<Upstream, String> {
-    let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(route, target))
-        .await
-        .map_err(|_| format!("opening a tunnel to {target} timed out"))?
-        .map_err(|e| e.to_string())?;
-    let (near, far) = tokio::io::duplex(64 * 1024);
-    let idle = ctx.limits.idle;
-    ctx.drain.spawn("gateway upstream tunnel", async move {
-        let meter = crate::proxy::hbone::Meter::default();
-        let _ = crate::proxy::hbone::pump(far, tunnel.send, tunnel.recv, idle, &meter).await;
-    });
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(near))
-        .await
-        .map_err(|e| format!("backend {target}: {e}"))?;
-    ctx.drain.spawn("gateway upstream", async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
-/// Sends one request to `target`, over a kept upstream connection when one is free.
-async fn forward(
-    ctx: &ProxyContext,
-    upstreams: &Upstreams,
-    route: &HboneRoute,
-    target: SocketAddr,
-    req: Request<UpstreamBody>,
-) -> Result<Response<Body>, String> {
-    let mut sender = match upstreams.take(target, &route.source) {
-        Some(s) => s,
-        None => dial(ctx, route, target).await?,
-    };
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("backend {target}: {e}"))?;
-    let closing = resp.version() != http::Version::HTTP_11
-        || resp
-            .headers()
-            .get(http::header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    if !closing {
-        upstreams.put(target, route.source.clone(), sender);
-    }
-    Ok(resp.map(|b| b.boxed()))
 }
 
 #[cfg(test)]

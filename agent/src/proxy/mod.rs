@@ -2,13 +2,18 @@
 //! streams authorised by identity policy and connected to workloads); the Gateway listeners
 //! (`crate::gateway::server`) share its context with a connection budget of their own.
 
+pub mod balance;
 pub mod conns;
+pub mod forward;
 pub mod hbone;
 pub mod inbound;
 pub mod l7;
+pub mod mesh;
 pub mod outbound;
 pub mod refusal;
+pub mod resilience;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -41,6 +46,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     pub conns: Arc<conns::Connections>,
     pub limits: Limits,
+    /// Routed (L7) requests' node-wide state: upstream pools, endpoint health, budgets.
+    pub l7: Arc<forward::Shared>,
     /// Every task of the proxy starts here, so shutdown reaches it.
     pub drain: crate::drain::Drain,
 }
@@ -394,6 +401,7 @@ impl ProxyContext {
             metrics: metrics.clone(),
             conns: connections.clone(),
             limits,
+            l7: Arc::default(),
             drain: drain.clone(),
         }
     }

@@ -96,6 +96,21 @@ async fn handle(
         return deny(UNKNOWN, UNKNOWN, asked, Refusal::UnknownSource);
     };
     let src = snap.workload(src_ep.workload).identity.clone();
+    // A Service that routes govern for this client is served as HTTP, request by request.
+    let routed = snap
+        .services
+        .backend(asked)
+        .and_then(|b| b.service.split_once('/'))
+        .and_then(|(ns, name)| snap.gateway.mesh.get(ns, name, asked.port()))
+        .is_some_and(|m| {
+            m.router_for(&snap.workload(src_ep.workload).namespace)
+                .is_some()
+        });
+    if routed {
+        let namespace = snap.workload(src_ep.workload).namespace.clone();
+        drop(snap);
+        return super::mesh::serve(sock, ctx.clone(), client, asked, src, namespace).await;
+    }
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
     if let Some(why) = snap.refused_ips.get(&dst_addr.ip()) {
         let why = Refusal::AddressConflict(why.clone());

@@ -1,0 +1,439 @@
+//! The routed mesh path: a workload's captured connection to a Service that HTTPRoutes or
+//! GRPCRoutes govern (GAMMA, `routing::mesh`) is served as HTTP here, on the source's node,
+//! with no extra hop: HTTP/1.1 or HTTP/2 (h2c, gRPC) as the client speaks it, each request
+//! matched by the route engine the Gateway uses, its filters applied, and sent through
+//! `forward` to an endpoint of the backend the rule draws, over HBONE with the source
+//! workload's SVID. The destination's ingress policy and `http` rules still apply there.
+//!
+//! Egress policy is checked per request against the endpoint chosen: a denied endpoint, or a
+//! request no egress `http` rule allows, is answered 403 at the source, with the rule named.
+//! WebSocket and other `Upgrade`s pass through once the route has decided, as byte streams.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HOST, LOCATION};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use signet_ca::SpiffeId;
+use tokio::net::TcpStream;
+
+use super::ProxyContext;
+use super::forward::{self, Body, Exchange, ServicePolicy, local_reply};
+use super::upstream::Proto;
+use crate::flow::Reporter;
+use crate::policy::decide::{Verdict, decide};
+use crate::routing::routes::{Filter, RequestView, change_path, location};
+use crate::state::snapshot::Snapshot;
+
+/// The connection's fixed facts.
+struct Conn {
+    ctx: ProxyContext,
+    client: SocketAddr,
+    /// The ClusterIP:port the workload connected to.
+    asked: SocketAddr,
+    source: SpiffeId,
+    source_namespace: String,
+}
+
+/// Serves HTTP on a captured connection to a routed Service until it ends.
+pub async fn serve(
+    sock: TcpStream,
+    ctx: ProxyContext,
+    client: SocketAddr,
+    asked: SocketAddr,
+    source: SpiffeId,
+    source_namespace: String,
+) {
+    let drain = ctx.drain.clone();
+    let conn = Arc::new(Conn {
+        ctx,
+        client,
+        asked,
+        source,
+        source_namespace,
+    });
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(drain.clone());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .half_close(true)
+        .header_read_timeout(std::time::Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(100));
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(sock), service);
+    tokio::pin!(served);
+    let stop = drain.stop_token();
+    tokio::select! {
+        r = served.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "routed mesh connection ended");
+            }
+        }
+        () = stop.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+impl Conn {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let snap = self.ctx.snapshot();
+        let (resp, info) = self.route(&snap, req, grpc).await;
+        let status = resp.status();
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.account(&snap, &method, &target, status, grpc_status, &info, started);
+        resp
+    }
+
+    /// Routes and sends one request; the response and what to account for it.
+    async fn route(
+        &self,
+        snap: &Arc<Snapshot>,
+        req: Request<Incoming>,
+        grpc: bool,
+    ) -> (Response<Body>, Info) {
+        let mut info = Info::default();
+        let refuse = |info: &mut Info, status, why: String| {
+            info.refusal = Some(why.clone());
+            local_reply(status, &why, grpc)
+        };
+        let Some(service) = snap
+            .services
+            .backend(self.asked)
+            .and_then(|b| b.service.split_once('/'))
+            .and_then(|(ns, name)| snap.gateway.mesh.get(ns, name, self.asked.port()))
+            .cloned()
+        else {
+            let why = format!("{} is no longer a routed Service", self.asked);
+            return (
+                refuse(&mut info, StatusCode::SERVICE_UNAVAILABLE, why),
+                info,
+            );
+        };
+        info.service = format!("{}/{}", service.namespace, service.name);
+        let Some(router) = service.router_for(&self.source_namespace) else {
+            let why = format!("no route of Service {} applies", info.service);
+            return (refuse(&mut info, StatusCode::NOT_FOUND, why), info);
+        };
+        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let normal = match signet_policy::path::normalize(raw, Default::default()) {
+            Ok(n) => n,
+            Err(e) => {
+                let why = format!("request path `{raw}`: {e}");
+                return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info);
+            }
+        };
+        let (path, query) = match normal.split_once('?') {
+            Some((p, q)) => (p.to_owned(), q.to_owned()),
+            None => (normal.clone(), String::new()),
+        };
+        let host = host_of(&req);
+        let view = RequestView {
+            host: &host,
+            method: req.method(),
+            path: &path,
+            query: &query,
+            headers: req.headers(),
+        };
+        let Some(m) = router.route(&view) else {
+            let why = format!("no route of Service {} matches {path}", info.service);
+            return (refuse(&mut info, StatusCode::NOT_FOUND, why), info);
+        };
+        info.route = format!("{}/{}", m.route.namespace, m.route.name);
+        for f in &m.rule.filters {
+            if let Filter::Redirect(r) = f {
+                let loc = location(r, &view, "http", self.asked.port(), &m.matched.path);
+                let mut resp = local_reply(r.status.unwrap_or(StatusCode::FOUND), "", false);
+                if let Ok(v) = HeaderValue::from_str(&loc) {
+                    resp.headers_mut().insert(LOCATION, v);
+                }
+                return (resp, info);
+            }
+        }
+        let policy_request = signet_policy::model::Request {
+            method: req.method().as_str().to_owned(),
+            path: path.clone(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        };
+        let (mut parts, body) = req.into_parts();
+        let mut new_path = path.clone();
+        let mut new_host = host.clone();
+        for f in &m.rule.filters {
+            match f {
+                Filter::RequestHeaders(e) => e.apply(&mut parts.headers),
+                Filter::Rewrite(r) => {
+                    if let Some(h) = &r.hostname {
+                        new_host.clone_from(h);
+                    }
+                    if let Some(c) = &r.path {
+                        new_path = change_path(&path, &m.matched.path, c);
+                    }
+                }
+                Filter::ResponseHeaders(_) | Filter::Redirect(_) => {}
+            }
+        }
+        let pq = if query.is_empty() {
+            new_path
+        } else {
+            format!("{new_path}?{query}")
+        };
+        let proto = if parts.version == http::Version::HTTP_2 {
+            Proto::Http2
+        } else {
+            Proto::Http1
+        };
+        let upgrade = proto == Proto::Http1 && parts.headers.contains_key(http::header::UPGRADE);
+        parts.uri = match pq.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                let why = format!("the rewritten path `{pq}` is not a URI");
+                return (
+                    refuse(&mut info, StatusCode::INTERNAL_SERVER_ERROR, why),
+                    info,
+                );
+            }
+        };
+        if proto == Proto::Http1 {
+            strip_hop_by_hop(&mut parts.headers, upgrade);
+            if let Ok(h) = HeaderValue::from_str(&new_host) {
+                parts.headers.insert(HOST, h);
+            }
+        } else if let Ok(authority) = new_host.parse::<http::uri::Authority>() {
+            // HTTP/2 carries the host as `:authority`.
+            let mut u = parts.uri.clone().into_parts();
+            u.scheme = Some(http::uri::Scheme::HTTP);
+            u.authority = Some(authority);
+            if let Ok(uri) = http::Uri::from_parts(u) {
+                parts.uri = uri;
+            }
+            parts.headers.remove(HOST);
+        }
+        let client_upgrade = upgrade
+            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+            .flatten();
+        let admit = |snap: &Snapshot, destination: &SpiffeId, target: SocketAddr| {
+            self.admit(snap, destination, target, &policy_request)
+        };
+        let exchange = Exchange {
+            snap,
+            rule: m.rule,
+            route: &info.route,
+            source: &self.source,
+            proto,
+            admit: &admit,
+            grpc,
+            policy: ServicePolicy::default(),
+        };
+        let body = body.map_err(std::io::Error::other).boxed_unsync();
+        let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;
+        info.endpoint = outcome.endpoint.clone();
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(f) => {
+                info.outcome = Some(outcome);
+                return (refuse(&mut info, f.status(), f.to_string()), info);
+            }
+        };
+        forward::response_headers(&m.rule.filters, resp.headers_mut());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_side) = client_upgrade
+        {
+            let server_side = hyper::upgrade::on(&mut resp);
+            self.ctx.drain.spawn("routed upgrade", async move {
+                if let (Ok(a), Ok(b)) = (client_side.await, server_side.await) {
+                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+        info.outcome = Some(outcome);
+        (resp, info)
+    }
+
+    /// The egress check for one endpoint: its identity's verdict for this workload, and the
+    /// request against the egress `http` rules that verdict carries.
+    fn admit(
+        &self,
+        snap: &Snapshot,
+        destination: &SpiffeId,
+        target: SocketAddr,
+        request: &signet_policy::model::Request,
+    ) -> Result<(), (StatusCode, String)> {
+        let decision = decide(
+            snap,
+            Reporter::Outbound,
+            self.client.ip(),
+            destination,
+            target.port(),
+        );
+        match &decision.verdict {
+            Verdict::Deny | Verdict::Gone => Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "egress policy denies {destination} on port {}: {}",
+                    target.port(),
+                    decision.rule
+                ),
+            )),
+            Verdict::L7(rules) => {
+                let check = crate::policy::request::check_for(rules.clone());
+                check(request).map(|_| ()).map_err(|d| {
+                    (
+                        StatusCode::FORBIDDEN,
+                        format!("egress policy: {}", d.reason),
+                    )
+                })
+            }
+            Verdict::Allow | Verdict::Audit => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn account(
+        &self,
+        snap: &Snapshot,
+        method: &http::Method,
+        target: &str,
+        status: StatusCode,
+        grpc_status: Option<String>,
+        info: &Info,
+        started: Instant,
+    ) {
+        let destination = info.endpoint.as_ref().map_or_else(
+            || crate::admin::metrics::UNKNOWN.to_owned(),
+            |(_, id)| id.to_string(),
+        );
+        let outcome = info.outcome.as_ref();
+        self.ctx
+            .metrics
+            .l7_request(crate::admin::metrics::L7Request {
+                source: self.source.as_str(),
+                destination: &destination,
+                service: &info.service,
+                route: &info.route,
+                method: method.as_str(),
+                status: status.as_u16(),
+                duration: started.elapsed(),
+                retries: outcome.map_or(0, |o| o.retries),
+                timed_out: outcome.is_some_and(|o| o.timed_out),
+                ejections: outcome.map_or(0, |o| o.ejections),
+                rate_limited: false,
+            });
+        let flows = self.ctx.metrics.flows();
+        if !flows.enabled() && info.refusal.is_none() {
+            return;
+        }
+        let path = target.split('?').next().unwrap_or(target);
+        if let Some(why) = &info.refusal {
+            tracing::info!(source = %self.source, destination = %destination, service = %info.service, route = %info.route, method = %method, path, status = status.as_u16(), reason = %why, "routed request answered by the proxy");
+        }
+        if !flows.enabled() {
+            return;
+        }
+        let endpoint = info.endpoint.as_ref().map(|(a, _)| *a);
+        flows.push(crate::flow::FlowEntry {
+            reporter: Reporter::Outbound.as_str().into(),
+            source: super::peer(snap, self.source.as_str(), Some(self.client)),
+            destination: super::peer(snap, &destination, endpoint.or(Some(self.asked))),
+            protocol: "tcp".into(),
+            verdict: if status == StatusCode::FORBIDDEN && info.refusal.is_some() {
+                "l7-denied"
+            } else {
+                "forwarded"
+            }
+            .into(),
+            reason: info
+                .refusal
+                .clone()
+                .or_else(|| grpc_status.map(|g| format!("grpc-status {g}"))),
+            rule: (!info.route.is_empty()).then(|| format!("route {}", info.route)),
+            http: Some(crate::flow::HttpInfo {
+                method: method.to_string(),
+                path: path.to_owned(),
+                status: status.as_u16(),
+            }),
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        });
+    }
+}
+
+/// What one request's handling found, for metrics and the flow log.
+#[derive(Default)]
+struct Info {
+    service: String,
+    route: String,
+    endpoint: Option<(SocketAddr, SpiffeId)>,
+    refusal: Option<String>,
+    outcome: Option<forward::Outcome>,
+}
+
+/// The request's host: the URI's authority (HTTP/2) or `Host`, without a port, lowercase.
+fn host_of<B>(req: &Request<B>) -> String {
+    req.uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.rsplit_once(':').map_or(h, |(n, _)| n).to_owned())
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1); an upgrade keeps `Connection: upgrade` and
+/// `Upgrade`, which the endpoint needs to switch.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    let kept_upgrade = upgrade
+        .then(|| headers.get(http::header::UPGRADE).cloned())
+        .flatten();
+    forward::strip_hop_by_hop(headers);
+    if let Some(u) = kept_upgrade {
+        headers.insert(http::header::UPGRADE, u);
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+}
