@@ -14,7 +14,9 @@ pub mod model;
 pub mod parse;
 pub mod path;
 pub mod resource;
+pub mod traffic;
 pub mod yaml;
 
 pub use identity::{SignetIdentity, SignetIdentitySpec};
 pub use resource::{IdentityPolicy, IdentityPolicySpec};
+pub use traffic::{TrafficPolicy, TrafficPolicySpec};

@@ -410,22 +410,21 @@ impl Policy {
         {
             h.normalization = spec.path_normalization;
         }
-        // A source's proxy does not parse its requests: an egress `http` rule would be accepted
-        // and ignored, so it is refused (the destination's ingress `http` rules hold).
-        for (i, r) in spec.egress.iter().flatten().enumerate() {
-            if r.http.is_some() {
-                errs.push(err(
-                    &format!("spec.egress[{i}].http"),
-                    "egress `http` rules are not enforced: write them as ingress `http` rules \
-                     of the destination's policy",
-                ));
-            }
-        }
-        let egress = spec.egress.as_ref().map(|list| {
+        // Egress `http` rules are enforced by the source's proxy, which parses the requests of
+        // every connection they cover (the datapath refuses such a connect when it cannot be
+        // captured).
+        let mut egress = spec.egress.as_ref().map(|list| {
             rules(list, "spec.egress", "to", &mut errs, |r| {
-                (&r.to, &r.ports, None)
+                (&r.to, &r.ports, r.http.as_deref())
             })
         });
+        for h in egress
+            .iter_mut()
+            .flatten()
+            .flat_map(|r| r.http.iter_mut().flatten())
+        {
+            h.normalization = spec.path_normalization;
+        }
         let ingress_deny = rules(
             &spec.ingress_deny,
             "spec.ingressDeny",
@@ -782,7 +781,7 @@ mod tests {
     }
 
     #[test]
-    fn egress_http_rules_and_unnormalised_rule_paths_are_refused() {
+    fn egress_http_rules_need_ports_and_unnormalised_rule_paths_are_refused() {
         let p = |spec: &str| {
             let r: IdentityPolicy = serde_yaml::from_str(&format!(
                 "apiVersion: signet.dev/v1alpha1\nkind: IdentityPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
@@ -793,9 +792,13 @@ mod tests {
         let errs = p(
             "  selector: {}\n  egress:\n  - to: [{entity: world}]\n    http: [{methods: [GET]}]\n",
         )
-        .expect_err("egress http is refused");
-        assert_eq!(errs[0].path, "spec.egress[0].http");
-        assert!(errs[0].message.contains("not enforced"), "{errs:?}");
+        .expect_err("egress http without ports is refused");
+        assert!(errs[0].path.starts_with("spec.egress[0]"), "{errs:?}");
+        let ok = p(
+            "  selector: {}\n  egress:\n  - to: [{entity: any}]\n    ports: [{port: 80}]\n    http: [{methods: [GET]}]\n",
+        )
+        .expect("egress http rules are enforced by the source's proxy");
+        assert!(ok.egress.as_ref().is_some_and(|e| e[0].http.is_some()));
         let errs = p("  selector: {}\n  ingress:\n  - from: [{entity: any}]\n    ports: [{port: 80}]\n    http: [{paths: [{prefix: /a/../b}]}]\n")
             .expect_err("a rule path no normalised request can meet");
         assert_eq!(errs[0].path, "spec.ingress[0].http[0].paths[0].prefix");

@@ -36,4 +36,9 @@ fn committed_crds_match_the_types() {
         "policies/src/identity.rs",
         &signet_policy::SignetIdentity::crd(),
     );
+    check(
+        "trafficpolicies.signet.dev.yaml",
+        "policies/src/traffic.rs",
+        &signet_policy::TrafficPolicy::crd(),
+    );
 }

@@ -58,6 +58,7 @@ const KINDS: &[(&str, &str, bool)] = &[
     ("DaemonSet", "daemonsets", true),
     ("Deployment", "deployments", true),
     ("IdentityPolicy", "identitypolicies", true),
+    ("TrafficPolicy", "trafficpolicies", true),
     ("SignetIdentity", "signetidentities", false),
     ("GatewayClass", "gatewayclasses", false),
     ("Gateway", "gateways", true),

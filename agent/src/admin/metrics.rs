@@ -138,6 +138,9 @@ pub struct L7Request<'a> {
     pub service: &'a str,
     /// `namespace/name` of the route that matched (empty when none did).
     pub route: &'a str,
+    /// `namespace/name` of the backend Service the route drew (empty when none): retries,
+    /// timeouts, ejections and rate limiting are counted for it.
+    pub backend: &'a str,
     pub method: &'a str,
     pub status: u16,
     pub duration: Duration,
@@ -410,7 +413,7 @@ impl Metrics {
         let s = l7
             .per_service
             .entry(ServiceLabel {
-                service: r.service.into(),
+                service: r.backend.into(),
             })
             .or_insert(([0; 4], now));
         s.0[0] += u64::from(r.retries);
@@ -777,19 +780,19 @@ impl Inner {
         for (i, (name, help)) in [
             (
                 "signet_http_retries",
-                "Retried attempts of routed requests, by Service.",
+                "Retried attempts of routed requests, by backend Service.",
             ),
             (
                 "signet_http_timeouts",
-                "Routed requests answered 504 after a route timeout, by Service.",
+                "Routed requests answered 504 after a route timeout, by backend Service.",
             ),
             (
                 "signet_http_endpoint_ejections",
-                "Endpoints ejected after consecutive failures, by Service.",
+                "Endpoints ejected after consecutive failures, by backend Service.",
             ),
             (
                 "signet_http_rate_limited",
-                "Routed requests answered 429 by a local rate limit, by Service.",
+                "Routed requests answered 429 by a local rate limit, by backend Service.",
             ),
         ]
         .into_iter()

@@ -1,6 +1,6 @@
 //! `signet gateway status`: the Gateway API status Signet computes for a state directory —
-//! GatewayClass, Gateway and listener conditions, attached routes, and each HTTPRoute's
-//! conditions per parent — as YAML. In Kubernetes mode the same conditions go to the resources'
+//! GatewayClass, Gateway and listener conditions, attached routes, and each HTTPRoute's and
+//! GRPCRoute's conditions per parent (Gateways, and Services for the mesh) — as YAML. In Kubernetes mode the same conditions go to the resources'
 //! status subresources.
 
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use signet_ca::TrustDomain;
 
 #[derive(Debug, Subcommand)]
 pub enum GatewayCommand {
-    /// Print the status of every Gateway, listener and HTTPRoute.
+    /// Print the status of every Gateway, listener, HTTPRoute and GRPCRoute.
     Status {
         /// The cluster-state directory (Kubernetes manifests).
         #[arg(long)]
@@ -44,12 +44,14 @@ pub fn run(cmd: GatewayCommand) -> u8 {
                             .iter()
                             .chain(g.listeners.iter().flat_map(|l| &l.conditions))
                             .any(|c| c.status != "True")
-                    }) || status.http_routes.iter().any(|r| {
-                        r.parents
-                            .iter()
-                            .flat_map(|p| &p.conditions)
-                            .any(|c| c.status != "True")
-                    });
+                    }) || status.http_routes.iter().chain(&status.grpc_routes).any(
+                        |r| {
+                            r.parents
+                                .iter()
+                                .flat_map(|p| &p.conditions)
+                                .any(|c| c.status != "True")
+                        },
+                    );
                     u8::from(degraded)
                 }
                 Err(e) => {

@@ -40,6 +40,8 @@ pub enum EdgeRefusal {
     BodyTooLarge { max: u64 },
     /// The route's `timeouts` ran out.
     Timeout { route: String, why: String },
+    /// The backend Service's rate limit (its TrafficPolicy).
+    RateLimited { route: String, why: String },
     /// The backend could not be reached or refused the request (tunnel, policy, connect).
     Backend {
         route: String,
@@ -59,6 +61,10 @@ impl EdgeRefusal {
             F::UnknownEndpoint { target } => EdgeRefusal::UnknownEndpoint { target },
             F::EndpointNodeUnknown { target } => EdgeRefusal::EndpointNodeUnknown { target },
             F::Timeout { why } => EdgeRefusal::Timeout { route, why },
+            f @ F::RateLimited { .. } => EdgeRefusal::RateLimited {
+                route,
+                why: f.to_string(),
+            },
             F::Refused { target, why } => EdgeRefusal::Backend {
                 route,
                 target,
@@ -96,6 +102,7 @@ impl EdgeRefusal {
             EdgeRefusal::EndpointNodeUnknown { .. } => "unknown_node",
             EdgeRefusal::BodyTooLarge { .. } => "body_too_large",
             EdgeRefusal::Timeout { .. } => "timeout",
+            EdgeRefusal::RateLimited { .. } => "rate_limited",
             EdgeRefusal::Backend { .. } => "backend_failed",
         }
     }
@@ -117,6 +124,7 @@ impl EdgeRefusal {
             EdgeRefusal::NoValidBackend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             EdgeRefusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             EdgeRefusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            EdgeRefusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             EdgeRefusal::Backend { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -145,7 +153,9 @@ impl EdgeRefusal {
                 format!("endpoint {target}'s node has no address\n")
             }
             EdgeRefusal::BodyTooLarge { max } => format!("request body over {max} bytes\n"),
-            EdgeRefusal::Timeout { why, .. } | EdgeRefusal::Backend { why, .. } => {
+            EdgeRefusal::Timeout { why, .. }
+            | EdgeRefusal::RateLimited { why, .. }
+            | EdgeRefusal::Backend { why, .. } => {
                 format!("{why}\n")
             }
         }
@@ -218,7 +228,7 @@ impl EdgeRefusal {
                 why = %why,
                 "gateway: backend refused"
             ),
-            EdgeRefusal::Timeout { route, why } => {
+            EdgeRefusal::Timeout { route, why } | EdgeRefusal::RateLimited { route, why } => {
                 tracing::info!(reason = self.label(), %route, why = %why, "gateway: request not answered by a backend")
             }
             EdgeRefusal::ListenerRemoved | EdgeRefusal::BodyTooLarge { .. } => {
@@ -269,6 +279,10 @@ mod tests {
             EdgeRefusal::EndpointNodeUnknown { target },
             EdgeRefusal::BodyTooLarge { max: 1 },
             EdgeRefusal::Timeout {
+                route: "r".into(),
+                why: "w".into(),
+            },
+            EdgeRefusal::RateLimited {
                 route: "r".into(),
                 why: "w".into(),
             },

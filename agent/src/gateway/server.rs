@@ -481,7 +481,6 @@ impl Handler {
             proto: Proto::Http1,
             admit: &admit,
             grpc: false,
-            policy: forward::ServicePolicy::default(),
         };
         let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;
         match result {
@@ -494,7 +493,15 @@ impl Handler {
                 tracing::debug!(route = %route_name, backend = ?backend, status = %resp.status(), retries = outcome.retries, "gateway request");
                 resp
             }
-            Err(f) => self.refuse(EdgeRefusal::forwarding(f, route_name, identity.to_string())),
+            Err(f) => {
+                let after = f.retry_after();
+                let mut resp =
+                    self.refuse(EdgeRefusal::forwarding(f, route_name, identity.to_string()));
+                if let Some(after) = after {
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, after);
+                }
+                resp
+            }
         }
     }
 }

@@ -19,7 +19,8 @@ pub enum Verdict {
     /// Allowed, but an audit-mode policy would deny it.
     Audit,
     Deny,
-    /// Allowed at L4; every request must match one of these rules.
+    /// Allowed at L4; every request must match one of these rules (ingress: checked by the
+    /// destination's proxy; egress: by the source's, which then parses the connection).
     L7(Arc<L7Rules>),
     /// The local workload is no longer on this node.
     Gone,
@@ -123,9 +124,6 @@ pub fn decide(
         None | Some((_, Action::Allow)) => Verdict::Allow,
         Some((_, Action::Deny)) => Verdict::Deny,
         Some((_, Action::Audit)) => Verdict::Audit,
-        // Egress `http` rules are not enforced by the source's proxy (the destination's
-        // ingress rules are); at L4 the connection is allowed.
-        Some((_, Action::L7)) if reporter == Reporter::Outbound => Verdict::Allow,
         Some((key, Action::L7)) => {
             Verdict::L7(snap.rules.l7.get(&key).cloned().unwrap_or_default())
         }

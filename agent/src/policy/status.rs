@@ -212,6 +212,29 @@ pub fn gateway_bodies(
             }),
         ));
     }
+    let traffic_gens = gens(
+        objects
+            .gateway
+            .traffic_policies
+            .iter()
+            .map(|p| &p.metadata)
+            .collect(),
+    );
+    for p in &status.traffic_policies {
+        let gen_ = generation(traffic_gens.clone(), &p.namespace, &p.name);
+        out.push((
+            "trafficpolicies",
+            p.namespace.clone(),
+            p.name.clone(),
+            serde_json::json!({
+                "apiVersion": "signet.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": p.name, "namespace": p.namespace},
+                "status": {
+                    "conditions": p.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
+                },
+            }),
+        ));
+    }
     let grpc_gens = gens(
         objects
             .gateway
@@ -286,16 +309,17 @@ pub async fn write_gateways(
         if written.get(&key) == Some(&print) {
             continue;
         }
+        let (group, version, kind) = match plural {
+            "gateways" => ("gateway.networking.k8s.io", "v1", "Gateway"),
+            "grpcroutes" => ("gateway.networking.k8s.io", "v1", "GRPCRoute"),
+            "trafficpolicies" => ("signet.dev", "v1alpha1", "TrafficPolicy"),
+            _ => ("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        };
         let resource = kube::api::ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: match plural {
-                "gateways" => "Gateway",
-                "grpcroutes" => "GRPCRoute",
-                _ => "HTTPRoute",
-            }
-            .into(),
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: kind.into(),
             plural: plural.into(),
         };
         let api: Api<kube::api::DynamicObject> =

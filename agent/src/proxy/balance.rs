@@ -127,11 +127,21 @@ struct Health {
     last: Option<Instant>,
 }
 
-/// The time constant of the latency average: a slow answer counts at once (peak), a fast
-/// one pulls the average down over about this long.
-const DECAY: Duration = Duration::from_secs(10);
+/// The time constant of the latency average: a slow answer counts at once (peak), a fast one
+/// pulls the average down over about this long, and so does time without answers. Shorter
+/// than Linkerd's 10 s: a node proxy sees every client of the node, so it measures often.
+const DECAY: Duration = Duration::from_secs(1);
 
 impl Health {
+    /// The average as of `now`: decayed since it was last updated.
+    fn decayed(&self, now: Instant) -> f64 {
+        let Some(last) = self.last else {
+            return self.ewma_us;
+        };
+        let elapsed = now.saturating_duration_since(last).as_secs_f64();
+        self.ewma_us * (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_secs_f64() * 1e6;
         if rtt > self.ewma_us {
@@ -236,18 +246,28 @@ impl Balancer {
                         j += 1;
                     }
                     let (a, b) = (pool[i], pool[j]);
-                    if self.cost(b) < self.cost(a) { b } else { a }
+                    if self.cost(b, now) < self.cost(a, now) {
+                        b
+                    } else {
+                        a
+                    }
                 }
             }),
         }
     }
 
-    /// In flight (plus this one) × latency; an endpoint with no latency measured yet counts
-    /// as 1 µs, so new endpoints get tried.
-    fn cost(&self, addr: SocketAddr) -> f64 {
+    /// In flight (plus this one) × latency. The latency decays while nothing is measured, so
+    /// an endpoint that was slow once is tried again (Linkerd's peak EWMA); one with no
+    /// latency measured yet counts as 1 µs, so new endpoints get tried.
+    fn cost(&self, addr: SocketAddr, now: Instant) -> f64 {
         let e = self.endpoint(addr);
         let in_flight = e.in_flight.load(Ordering::Relaxed) as f64;
-        let ewma = e.health.lock().map(|h| h.ewma_us).unwrap_or(0.0).max(1.0);
+        let ewma = e
+            .health
+            .lock()
+            .map(|h| h.decayed(now))
+            .unwrap_or(0.0)
+            .max(1.0);
         (in_flight + 1.0) * ewma
     }
 

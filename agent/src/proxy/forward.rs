@@ -63,11 +63,40 @@ impl Shared {
     }
 }
 
-/// How a Service's endpoints are used (its traffic policy, or the defaults).
+/// How a Service's endpoints are used (its TrafficPolicy, or the defaults).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ServicePolicy {
     pub algorithm: Algorithm,
     pub outlier: Outlier,
+    /// (limit, one bucket per source identity?)
+    pub rate_limit: Option<(super::resilience::Limit, bool)>,
+}
+
+impl From<&signet_policy::traffic::Checked> for ServicePolicy {
+    fn from(c: &signet_policy::traffic::Checked) -> Self {
+        use signet_policy::traffic::{Algorithm as A, RateLimitKey};
+        Self {
+            algorithm: match c.algorithm {
+                A::PeakEwma => Algorithm::PeakEwma,
+                A::RoundRobin => Algorithm::RoundRobin,
+            },
+            outlier: Outlier {
+                consecutive_failures: c.consecutive_failures,
+                base_ejection: c.base_ejection,
+                max_ejection: c.max_ejection,
+                max_ejected_share: c.max_ejected_share,
+            },
+            rate_limit: c.rate_limit.map(|(rps, burst, key)| {
+                (
+                    super::resilience::Limit {
+                        per_second: f64::from(rps),
+                        burst,
+                    },
+                    key == RateLimitKey::Source,
+                )
+            }),
+        }
+    }
 }
 
 /// What the caller checks of each endpoint before an attempt goes to it (egress policy at
@@ -89,7 +118,6 @@ pub struct Exchange<'a> {
     pub admit: Admit<'a>,
     /// The request is gRPC: Signet's own answers carry `grpc-status`.
     pub grpc: bool,
-    pub policy: ServicePolicy,
 }
 
 /// Why a request got no response from an endpoint: what Signet answers instead.
@@ -113,6 +141,16 @@ pub enum Failure {
     Refused { target: SocketAddr, why: String },
     #[error("{why}")]
     Timeout { why: String },
+    /// The Service's rate limit: come back after `retry_after`.
+    #[error(
+        "rate limit of Service {service} reached ({per_second}/s, burst {burst}); retry in {retry_after:?}"
+    )]
+    RateLimited {
+        service: String,
+        per_second: f64,
+        burst: u32,
+        retry_after: Duration,
+    },
     #[error("{why}")]
     Backend {
         target: SocketAddr,
@@ -132,6 +170,18 @@ impl Failure {
             Failure::BadBody(_) => StatusCode::BAD_REQUEST,
             Failure::Refused { .. } => StatusCode::FORBIDDEN,
             Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Failure::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// The `Retry-After` a refusal carries (whole seconds, rounded up).
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        match self {
+            Failure::RateLimited { retry_after, .. } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                Some(HeaderValue::from(secs.max(1)))
+            }
+            _ => None,
         }
     }
 }
@@ -139,12 +189,15 @@ impl Failure {
 /// What happened to a request.
 #[derive(Debug, Default)]
 pub struct Outcome {
+    /// `namespace/name` of the backend Service the rule drew.
+    pub backend: String,
     /// The endpoint of the last attempt, and its identity.
     pub endpoint: Option<(SocketAddr, SpiffeId)>,
     pub attempts: u32,
     pub retries: u32,
     pub timed_out: bool,
     pub ejections: u32,
+    pub rate_limited: bool,
 }
 
 /// A response Signet makes itself, with the reason in the body; for gRPC, as a trailers-only
@@ -261,6 +314,7 @@ pub async fn send(
     };
     request_headers(&backend.filters, &mut parts.headers);
     let service = format!("{}/{}", backend.namespace, backend.name);
+    out.backend.clone_from(&service);
     let endpoints: Vec<SocketAddr> = ex
         .snap
         .services
@@ -270,6 +324,26 @@ pub async fn send(
         .unwrap_or_default();
     if endpoints.is_empty() {
         return (Err(Failure::NoReadyEndpoint { service }), out);
+    }
+    let policy: ServicePolicy = ex
+        .snap
+        .gateway
+        .traffic
+        .get(&backend.namespace, &backend.name)
+        .map(|c| ServicePolicy::from(&**c))
+        .unwrap_or_default();
+    if let Some((limit, per_source)) = policy.rate_limit {
+        let key = if per_source { ex.source.as_str() } else { "*" };
+        if let Err(retry_after) = ctx.l7.limiter(&service, limit).take(key, started) {
+            out.rate_limited = true;
+            let f = Failure::RateLimited {
+                service,
+                per_second: limit.per_second,
+                burst: limit.burst,
+                retry_after,
+            };
+            return (Err(f), out);
+        }
     }
     let deadline = ex.rule.timeouts.request.map(|d| started + d);
     let retry = ex.rule.retry.as_ref();
@@ -286,7 +360,7 @@ pub async fn send(
             &service,
             &endpoints,
             &tried,
-            ex.policy.algorithm,
+            policy.algorithm,
             Instant::now(),
             &mut draw,
         ) else {
@@ -391,12 +465,17 @@ pub async fn send(
                     )
                 }
             };
+        let measured = answer.as_ref().is_ok_and(|r| {
+            r.extensions()
+                .get::<super::upstream::FreshConnection>()
+                .is_none()
+        });
         let change = ctx.l7.balancer.record(
             target,
             &endpoints,
             healthy,
-            answer.is_ok().then_some(latency),
-            &ex.policy.outlier,
+            measured.then_some(latency),
+            &policy.outlier,
             Instant::now(),
             draw(),
         );

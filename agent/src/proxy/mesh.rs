@@ -23,29 +23,41 @@ use signet_ca::SpiffeId;
 use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::forward::{self, Body, Exchange, ServicePolicy, local_reply};
+use super::forward::{self, Body, Exchange, local_reply};
 use super::upstream::Proto;
 use crate::flow::Reporter;
 use crate::policy::decide::{Verdict, decide};
 use crate::routing::routes::{Filter, RequestView, change_path, location};
 use crate::state::snapshot::Snapshot;
 
+/// Where a served connection's requests go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A Service routes govern: each request is routed (`asked` is its ClusterIP:port).
+    Routed { asked: SocketAddr },
+    /// One endpoint, chosen when the connection was accepted, whose egress policy has `http`
+    /// rules: each request is checked against them, then sent there.
+    Inspected {
+        endpoint: SocketAddr,
+        identity: SpiffeId,
+    },
+}
+
 /// The connection's fixed facts.
 struct Conn {
     ctx: ProxyContext,
     client: SocketAddr,
-    /// The ClusterIP:port the workload connected to.
-    asked: SocketAddr,
+    target: Target,
     source: SpiffeId,
     source_namespace: String,
 }
 
-/// Serves HTTP on a captured connection to a routed Service until it ends.
+/// Serves HTTP on a captured connection until it ends.
 pub async fn serve(
     sock: TcpStream,
     ctx: ProxyContext,
     client: SocketAddr,
-    asked: SocketAddr,
+    target: Target,
     source: SpiffeId,
     source_namespace: String,
 ) {
@@ -53,7 +65,7 @@ pub async fn serve(
     let conn = Arc::new(Conn {
         ctx,
         client,
-        asked,
+        target,
         source,
         source_namespace,
     });
@@ -104,7 +116,12 @@ impl Conn {
             .map_or("/", |p| p.as_str())
             .to_owned();
         let snap = self.ctx.snapshot();
-        let (resp, info) = self.route(&snap, req, grpc).await;
+        let (resp, info) = match &self.target {
+            Target::Routed { asked } => self.route(&snap, *asked, req, grpc).await,
+            Target::Inspected { endpoint, identity } => {
+                self.inspect(&snap, *endpoint, identity, req, grpc).await
+            }
+        };
         let status = resp.status();
         let grpc_status = resp
             .headers()
@@ -119,6 +136,7 @@ impl Conn {
     async fn route(
         &self,
         snap: &Arc<Snapshot>,
+        asked: SocketAddr,
         req: Request<Incoming>,
         grpc: bool,
     ) -> (Response<Body>, Info) {
@@ -129,12 +147,12 @@ impl Conn {
         };
         let Some(service) = snap
             .services
-            .backend(self.asked)
+            .backend(asked)
             .and_then(|b| b.service.split_once('/'))
-            .and_then(|(ns, name)| snap.gateway.mesh.get(ns, name, self.asked.port()))
+            .and_then(|(ns, name)| snap.gateway.mesh.get(ns, name, asked.port()))
             .cloned()
         else {
-            let why = format!("{} is no longer a routed Service", self.asked);
+            let why = format!("{} is no longer a routed Service", asked);
             return (
                 refuse(&mut info, StatusCode::SERVICE_UNAVAILABLE, why),
                 info,
@@ -145,17 +163,9 @@ impl Conn {
             let why = format!("no route of Service {} applies", info.service);
             return (refuse(&mut info, StatusCode::NOT_FOUND, why), info);
         };
-        let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let normal = match signet_policy::path::normalize(raw, Default::default()) {
-            Ok(n) => n,
-            Err(e) => {
-                let why = format!("request path `{raw}`: {e}");
-                return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info);
-            }
-        };
-        let (path, query) = match normal.split_once('?') {
-            Some((p, q)) => (p.to_owned(), q.to_owned()),
-            None => (normal.clone(), String::new()),
+        let (path, query) = match normalized(&req) {
+            Ok(pq) => pq,
+            Err(why) => return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info),
         };
         let host = host_of(&req);
         let view = RequestView {
@@ -172,7 +182,7 @@ impl Conn {
         info.route = format!("{}/{}", m.route.namespace, m.route.name);
         for f in &m.rule.filters {
             if let Filter::Redirect(r) = f {
-                let loc = location(r, &view, "http", self.asked.port(), &m.matched.path);
+                let loc = location(r, &view, "http", asked.port(), &m.matched.path);
                 let mut resp = local_reply(r.status.unwrap_or(StatusCode::FOUND), "", false);
                 if let Ok(v) = HeaderValue::from_str(&loc) {
                     resp.headers_mut().insert(LOCATION, v);
@@ -180,20 +190,7 @@ impl Conn {
                 return (resp, info);
             }
         }
-        let policy_request = signet_policy::model::Request {
-            method: req.method().as_str().to_owned(),
-            path: path.clone(),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-        };
+        let policy_request = policy_request(&req, &path);
         let (mut parts, body) = req.into_parts();
         let mut new_path = path.clone();
         let mut new_host = host.clone();
@@ -211,45 +208,16 @@ impl Conn {
                 Filter::ResponseHeaders(_) | Filter::Redirect(_) => {}
             }
         }
-        let pq = if query.is_empty() {
-            new_path
-        } else {
-            format!("{new_path}?{query}")
-        };
-        let proto = if parts.version == http::Version::HTTP_2 {
-            Proto::Http2
-        } else {
-            Proto::Http1
-        };
-        let upgrade = proto == Proto::Http1 && parts.headers.contains_key(http::header::UPGRADE);
-        parts.uri = match pq.parse() {
-            Ok(u) => u,
-            Err(_) => {
-                let why = format!("the rewritten path `{pq}` is not a URI");
+        let pq = with_query(&new_path, &query);
+        let (proto, client_upgrade) = match prepare(&mut parts, &pq, &new_host) {
+            Ok(x) => x,
+            Err(why) => {
                 return (
                     refuse(&mut info, StatusCode::INTERNAL_SERVER_ERROR, why),
                     info,
                 );
             }
         };
-        if proto == Proto::Http1 {
-            strip_hop_by_hop(&mut parts.headers, upgrade);
-            if let Ok(h) = HeaderValue::from_str(&new_host) {
-                parts.headers.insert(HOST, h);
-            }
-        } else if let Ok(authority) = new_host.parse::<http::uri::Authority>() {
-            // HTTP/2 carries the host as `:authority`.
-            let mut u = parts.uri.clone().into_parts();
-            u.scheme = Some(http::uri::Scheme::HTTP);
-            u.authority = Some(authority);
-            if let Ok(uri) = http::Uri::from_parts(u) {
-                parts.uri = uri;
-            }
-            parts.headers.remove(HOST);
-        }
-        let client_upgrade = upgrade
-            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
-            .flatten();
         let admit = |snap: &Snapshot, destination: &SpiffeId, target: SocketAddr| {
             self.admit(snap, destination, target, &policy_request)
         };
@@ -261,7 +229,6 @@ impl Conn {
             proto,
             admit: &admit,
             grpc,
-            policy: ServicePolicy::default(),
         };
         let body = body.map_err(std::io::Error::other).boxed_unsync();
         let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;
@@ -270,23 +237,115 @@ impl Conn {
             Ok(r) => r,
             Err(f) => {
                 info.outcome = Some(outcome);
-                return (refuse(&mut info, f.status(), f.to_string()), info);
+                let mut resp = refuse(&mut info, f.status(), f.to_string());
+                if let Some(after) = f.retry_after() {
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, after);
+                }
+                return (resp, info);
             }
         };
         forward::response_headers(&m.rule.filters, resp.headers_mut());
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_side) = client_upgrade
-        {
-            let server_side = hyper::upgrade::on(&mut resp);
-            self.ctx.drain.spawn("routed upgrade", async move {
-                if let (Ok(a), Ok(b)) = (client_side.await, server_side.await) {
-                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-            });
-        }
+        self.splice(&mut resp, client_upgrade);
         info.outcome = Some(outcome);
         (resp, info)
+    }
+
+    /// One request of an inspected connection: the egress `http` rules decide it, then it goes
+    /// to the endpoint chosen when the connection was accepted.
+    async fn inspect(
+        &self,
+        snap: &Arc<Snapshot>,
+        endpoint: SocketAddr,
+        identity: &SpiffeId,
+        req: Request<Incoming>,
+        grpc: bool,
+    ) -> (Response<Body>, Info) {
+        let mut info = Info {
+            endpoint: Some((endpoint, identity.clone())),
+            ..Info::default()
+        };
+        let refuse = |info: &mut Info, status, why: String| {
+            info.refusal = Some(why.clone());
+            local_reply(status, &why, grpc)
+        };
+        let (path, query) = match normalized(&req) {
+            Ok(pq) => pq,
+            Err(why) => return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info),
+        };
+        if let Err((status, why)) =
+            self.admit(snap, identity, endpoint, &policy_request(&req, &path))
+        {
+            return (refuse(&mut info, status, why), info);
+        }
+        let host = host_of(&req);
+        let (mut parts, body) = req.into_parts();
+        let (proto, client_upgrade) = match prepare(&mut parts, &with_query(&path, &query), &host) {
+            Ok(x) => x,
+            Err(why) => return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info),
+        };
+        let node = snap
+            .pod_by_ip(endpoint.ip())
+            .and_then(|p| p.node.as_ref())
+            .and_then(|n| snap.nodes.get(n));
+        let Some(node) = node else {
+            let why = format!("the node of endpoint {endpoint} has no address");
+            return (
+                refuse(&mut info, StatusCode::SERVICE_UNAVAILABLE, why),
+                info,
+            );
+        };
+        let route = super::hbone::Route {
+            source: self.source.clone(),
+            destination: identity.clone(),
+            node: SocketAddr::new(*node, self.ctx.inbound_port),
+        };
+        let body = body.map_err(std::io::Error::other).boxed_unsync();
+        let req = Request::from_parts(parts, body);
+        match self
+            .ctx
+            .l7
+            .upstreams
+            .send(&self.ctx, &route, endpoint, proto, req)
+            .await
+        {
+            Ok(resp) => {
+                let mut resp = resp.map(|b| b.boxed());
+                self.splice(&mut resp, client_upgrade);
+                (resp, info)
+            }
+            Err(super::upstream::SendError::Refused(why)) => {
+                (refuse(&mut info, StatusCode::FORBIDDEN, why), info)
+            }
+            Err(e) => (
+                refuse(&mut info, StatusCode::BAD_GATEWAY, e.to_string()),
+                info,
+            ),
+        }
+    }
+
+    /// Joins both sides of a switched (`101`) connection once the endpoint has said yes.
+    fn splice(&self, resp: &mut Response<Body>, client_side: Option<hyper::upgrade::OnUpgrade>) {
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let Some(client_side) = client_side else {
+            return;
+        };
+        let server_side = hyper::upgrade::on(resp);
+        self.ctx.drain.spawn("upgraded connection", async move {
+            if let (Ok(a), Ok(b)) = (client_side.await, server_side.await) {
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+    }
+
+    /// The address the workload connected to (for flow records without an endpoint).
+    fn asked(&self) -> SocketAddr {
+        match &self.target {
+            Target::Routed { asked } => *asked,
+            Target::Inspected { endpoint, .. } => *endpoint,
+        }
     }
 
     /// The egress check for one endpoint: its identity's verdict for this workload, and the
@@ -350,13 +409,14 @@ impl Conn {
                 destination: &destination,
                 service: &info.service,
                 route: &info.route,
+                backend: outcome.map_or("", |o| o.backend.as_str()),
                 method: method.as_str(),
                 status: status.as_u16(),
                 duration: started.elapsed(),
                 retries: outcome.map_or(0, |o| o.retries),
                 timed_out: outcome.is_some_and(|o| o.timed_out),
                 ejections: outcome.map_or(0, |o| o.ejections),
-                rate_limited: false,
+                rate_limited: outcome.is_some_and(|o| o.rate_limited),
             });
         let flows = self.ctx.metrics.flows();
         if !flows.enabled() && info.refusal.is_none() {
@@ -373,7 +433,7 @@ impl Conn {
         flows.push(crate::flow::FlowEntry {
             reporter: Reporter::Outbound.as_str().into(),
             source: super::peer(snap, self.source.as_str(), Some(self.client)),
-            destination: super::peer(snap, &destination, endpoint.or(Some(self.asked))),
+            destination: super::peer(snap, &destination, endpoint.or(Some(self.asked()))),
             protocol: "tcp".into(),
             verdict: if status == StatusCode::FORBIDDEN && info.refusal.is_some() {
                 "l7-denied"
@@ -405,6 +465,83 @@ struct Info {
     endpoint: Option<(SocketAddr, SpiffeId)>,
     refusal: Option<String>,
     outcome: Option<forward::Outcome>,
+}
+
+/// The request's path normalised as policy and routes read it, and its query; the reason when
+/// servers would read it differently (400).
+fn normalized<B>(req: &Request<B>) -> Result<(String, String), String> {
+    let raw = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let normal = signet_policy::path::normalize(raw, Default::default())
+        .map_err(|e| format!("request path `{raw}`: {e}"))?;
+    Ok(match normal.split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (normal.clone(), String::new()),
+    })
+}
+
+fn with_query(path: &str, query: &str) -> String {
+    if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// The request as egress `http` rules see it: every header value, opaque ones lossily (one the
+/// rules cannot read must not slip past a header rule while the endpoint still gets it).
+fn policy_request<B>(req: &Request<B>, path: &str) -> signet_policy::model::Request {
+    signet_policy::model::Request {
+        method: req.method().as_str().to_owned(),
+        path: path.to_owned(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Makes `parts` what the endpoint gets: `path_and_query` (what policy and routes matched),
+/// `host`, no hop-by-hop headers (an upgrade keeps its own). Returns the protocol to speak to
+/// the endpoint and, for an upgrade, the client side's half of it.
+fn prepare(
+    parts: &mut http::request::Parts,
+    path_and_query: &str,
+    host: &str,
+) -> Result<(Proto, Option<hyper::upgrade::OnUpgrade>), String> {
+    let proto = if parts.version == http::Version::HTTP_2 {
+        Proto::Http2
+    } else {
+        Proto::Http1
+    };
+    let upgrade = proto == Proto::Http1 && parts.headers.contains_key(http::header::UPGRADE);
+    parts.uri = path_and_query
+        .parse()
+        .map_err(|_| format!("the path `{path_and_query}` is not a URI"))?;
+    if proto == Proto::Http1 {
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if let Ok(h) = HeaderValue::from_str(host) {
+            parts.headers.insert(HOST, h);
+        }
+    } else if let Ok(authority) = host.parse::<http::uri::Authority>() {
+        // HTTP/2 carries the host as `:authority`.
+        let mut u = parts.uri.clone().into_parts();
+        u.scheme = Some(http::uri::Scheme::HTTP);
+        u.authority = Some(authority);
+        if let Ok(uri) = http::Uri::from_parts(u) {
+            parts.uri = uri;
+        }
+        parts.headers.remove(HOST);
+    }
+    let client_upgrade = upgrade
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
+    Ok((proto, client_upgrade))
 }
 
 /// The request's host: the URI's authority (HTTP/2) or `Host`, without a port, lowercase.

@@ -109,7 +109,8 @@ async fn handle(
     if routed {
         let namespace = snap.workload(src_ep.workload).namespace.clone();
         drop(snap);
-        return super::mesh::serve(sock, ctx.clone(), client, asked, src, namespace).await;
+        let target = super::mesh::Target::Routed { asked };
+        return super::mesh::serve(sock, ctx.clone(), client, target, src, namespace).await;
     }
     let dst_addr = snap.services.pick(asked).unwrap_or(asked);
     if let Some(why) = snap.refused_ips.get(&dst_addr.ip()) {
@@ -132,6 +133,16 @@ async fn handle(
             rule: decision.rule.clone(),
         };
         return deny(src.as_str(), dst.as_str(), dst_addr, why);
+    }
+    // Egress `http` rules: this node's proxy checks each request before it leaves.
+    if let Verdict::L7(_) = decision.verdict {
+        let namespace = snap.workload(src_ep.workload).namespace.clone();
+        drop(snap);
+        let target = super::mesh::Target::Inspected {
+            endpoint: dst_addr,
+            identity: dst,
+        };
+        return super::mesh::serve(sock, ctx.clone(), client, target, src, namespace).await;
     }
     let Some(node_ip) = dst_pod.node.as_ref().and_then(|n| snap.nodes.get(n)) else {
         let why = Refusal::UnknownNode {

@@ -78,6 +78,11 @@ impl DialError {
     }
 }
 
+/// Marks a response that came over a connection made for it: its latency includes the
+/// tunnel's and connection's setup, which says nothing of the endpoint's speed.
+#[derive(Debug, Clone, Copy)]
+pub struct FreshConnection;
+
 /// At most this many idle HTTP/1.1 connections are kept per key.
 const KEEP_IDLE: usize = 32;
 
@@ -230,7 +235,10 @@ impl Upstreams {
             let _ = conn.with_upgrades().await;
         });
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok(self.pooled(resp, key, sender)),
+            Ok(mut resp) => {
+                resp.extensions_mut().insert(FreshConnection);
+                Ok(self.pooled(resp, key, sender))
+            }
             Err(mut e) => {
                 let why = format!("{}: {}", key.target, e.error());
                 match e.take_message() {
@@ -271,12 +279,17 @@ impl Upstreams {
         key: Key,
         req: Request<Body>,
     ) -> Result<Response<Pooled>, SendError> {
-        let mut sender = match self.h2_sender(ctx, &key).await {
+        let (mut sender, fresh) = match self.h2_sender(ctx, &key).await {
             Ok(s) => s,
             Err(e) => return Err(e.unsent(req)),
         };
         match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp.map(|body| Pooled { body, back: None })),
+            Ok(mut resp) => {
+                if fresh {
+                    resp.extensions_mut().insert(FreshConnection);
+                }
+                Ok(resp.map(|body| Pooled { body, back: None }))
+            }
             Err(mut e) => {
                 let why = format!("{}: {}", key.target, e.error());
                 let refused = refused_stream(e.error());
@@ -297,13 +310,13 @@ impl Upstreams {
         &self,
         ctx: &ProxyContext,
         key: &Key,
-    ) -> Result<http2::SendRequest<Body>, DialError> {
+    ) -> Result<(http2::SendRequest<Body>, bool), DialError> {
         let current = |inner: &Inner| {
             let pool = inner.h2.lock().unwrap_or_else(|p| p.into_inner());
             pool.get(key).filter(|s| !s.is_closed()).cloned()
         };
         if let Some(s) = current(&self.inner) {
-            return Ok(s);
+            return Ok((s, false));
         }
         let lock = {
             let mut dialing = self.inner.dialing.lock().unwrap_or_else(|p| p.into_inner());
@@ -311,7 +324,7 @@ impl Upstreams {
         };
         let _one = lock.lock().await;
         if let Some(s) = current(&self.inner) {
-            return Ok(s);
+            return Ok((s, false));
         }
         let io = dial(ctx, &key.route, key.target).await?;
         let mut builder = http2::Builder::new(ctx.drain.clone());
@@ -331,7 +344,7 @@ impl Upstreams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone(), sender.clone());
-        Ok(sender)
+        Ok((sender, true))
     }
 }
 

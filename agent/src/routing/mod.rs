@@ -12,4 +12,5 @@ pub mod mesh;
 pub mod model;
 pub mod routes;
 pub mod tls;
+pub mod traffic;
 pub mod translate;

@@ -32,6 +32,7 @@ pub struct Resources {
     pub gateways: Vec<Gateway>,
     pub routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
+    pub traffic_policies: Vec<signet_policy::TrafficPolicy>,
     pub grants: Vec<ReferenceGrant>,
     pub secrets: Vec<Secret>,
     /// `namespace/name` → ports of each Service, to validate backendRefs.
@@ -185,6 +186,7 @@ pub struct Status {
     pub gateways: Vec<GatewayStatus>,
     pub http_routes: Vec<RouteStatus>,
     pub grpc_routes: Vec<RouteStatus>,
+    pub traffic_policies: Vec<super::traffic::PolicyStatus>,
 }
 
 /// What a node serves, and the status that goes with it.
@@ -194,6 +196,8 @@ pub struct GatewayConfig {
     /// Routes whose parent is a Service: what the outbound proxy applies (every node serves
     /// them, for its own workloads).
     pub mesh: super::mesh::MeshRoutes,
+    /// How each Service's endpoints are used (its TrafficPolicy).
+    pub traffic: super::traffic::ServicePolicies,
     pub status: Status,
 }
 
@@ -445,6 +449,8 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         );
     }
     let mesh = super::mesh::build(res, &mut status);
+    let (traffic, traffic_status) = super::traffic::build(res);
+    status.traffic_policies = traffic_status;
     let mut ports: Vec<Port> = ports.into_values().collect();
     for p in &mut ports {
         if p.protocol == Protocol::Https {
@@ -457,6 +463,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
     GatewayConfig {
         ports,
         mesh,
+        traffic,
         status,
     }
 }

@@ -43,6 +43,7 @@ pub struct KubeSource {
     gateways: Store<Gateway>,
     routes: Store<HttpRoute>,
     grpc_routes: Store<GrpcRoute>,
+    traffic_policies: Store<signet_policy::TrafficPolicy>,
     grants: Store<ReferenceGrant>,
     secrets: Store<Secret>,
     /// Numeric identities: what each number means is what these say now.
@@ -117,6 +118,7 @@ impl KubeSource {
             gateways: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grpc_routes: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            traffic_policies: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             identities: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
@@ -149,6 +151,7 @@ impl KubeSource {
             self.gateways.wait_until_ready(),
             self.routes.wait_until_ready(),
             self.grpc_routes.wait_until_ready(),
+            self.traffic_policies.wait_until_ready(),
             self.grants.wait_until_ready(),
             self.secrets.wait_until_ready(),
             self.identities.wait_until_ready(),
@@ -180,6 +183,7 @@ impl KubeSource {
         objects.gateway.gateways = all(&self.gateways);
         objects.gateway.routes = all(&self.routes);
         objects.gateway.grpc_routes = all(&self.grpc_routes);
+        objects.gateway.traffic_policies = all(&self.traffic_policies);
         objects.gateway.grants = all(&self.grants);
         objects.gateway.secrets = all(&self.secrets).into_iter().map(as_original).collect();
         objects

@@ -187,6 +187,7 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
                 Some("Gateway") => push(value, &mut o.gateway.gateways, errors, at),
                 Some("HTTPRoute") => push(value, &mut o.gateway.routes, errors, at),
                 Some("GRPCRoute") => push(value, &mut o.gateway.grpc_routes, errors, at),
+                Some("TrafficPolicy") => push(value, &mut o.gateway.traffic_policies, errors, at),
                 Some("ReferenceGrant") => push(value, &mut o.gateway.grants, errors, at),
                 Some("Secret") => {
                     match serde_json::from_value::<k8s_openapi::api::core::v1::Secret>(value) {

@@ -35,6 +35,8 @@ pub struct Topology {
     pub n: u32,
     nss: Vec<String>,
     cgroups: Vec<PathBuf>,
+    /// Cgroups of pods added with `add_pod` (removed before their nodes').
+    pod_cgroups: Vec<PathBuf>,
     pins: Vec<PathBuf>,
     pub dir: tempfile::TempDir,
 }
@@ -68,6 +70,7 @@ impl Topology {
             n,
             nss: vec![],
             cgroups: vec![],
+            pod_cgroups: vec![],
             pins: vec![],
             dir: tempfile::tempdir().expect("tmp"),
         };
@@ -180,6 +183,71 @@ impl Topology {
                 .push(PathBuf::from("/sys/fs/bpf").join(format!("signet-mesh-{name}-node-{node}")));
         }
         t
+    }
+
+    /// Another pod on `node`, numbered `k` (1 to 99): its network namespace `ns(name)`, a veth
+    /// whose node side answers ARP for the node (proxy ARP) with a /32 route to the pod, and a
+    /// cgroup `name` under the node's. Its address is in the node's pod subnet (reachable from
+    /// the other node), and everything goes with the topology.
+    pub fn add_pod(&mut self, node: char, name: &str, k: u8) -> ExtraPod {
+        assert!((1..100).contains(&k), "pod number {k}");
+        let n = self.n;
+        let net = if node == 'a' { 78 } else { 79 };
+        let address = format!("10.{net}.{n}.{}", 10 + u32::from(k));
+        let netns = self.ns(name);
+        let node_ns = self.ns(&format!("node-{node}"));
+        let host_if = format!("sgp{n}x{k}");
+        ip(&["netns", "add", &netns]);
+        self.nss.push(netns.clone());
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &node_ns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ]);
+        ip(&["-n", &node_ns, "link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &host_if,
+        ]);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node_ns, "sysctl", "-qw"])
+            .arg(format!("net.ipv4.conf.{host_if}.proxy_arp=1"))
+            .output()
+            .expect("sysctl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        let gateway = format!("10.{net}.{n}.1");
+        ip(&["-n", &netns, "route", "add", &gateway, "dev", "eth0"]);
+        ip(&["-n", &netns, "route", "add", "default", "via", &gateway]);
+        let cgroup = self.cgroup_root(node).join(name);
+        std::fs::create_dir(&cgroup).expect("pod cgroup");
+        self.pod_cgroups.push(cgroup.clone());
+        ExtraPod {
+            name: name.to_owned(),
+            node,
+            address,
+            netns,
+            host_if,
+            cgroup,
+        }
     }
 
     /// An address outside the cluster (no pod, no node): on node B's loopback, routed to from
@@ -443,6 +511,34 @@ impl Topology {
     }
 }
 
+/// A pod made by `Topology::add_pod`.
+#[derive(Debug, Clone)]
+pub struct ExtraPod {
+    pub name: String,
+    pub node: char,
+    pub address: String,
+    pub netns: String,
+    pub host_if: String,
+    pub cgroup: PathBuf,
+}
+
+impl ExtraPod {
+    /// Its Pod manifest (namespace `shop`, service account `sa`, label `app: <app>`), with the
+    /// placement annotations the local topology trusts.
+    pub fn manifest(&self, app: &str, sa: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels: {{app: {app}}}\n  \
+             annotations: {{signet.dev/cgroup: {name}, signet.dev/netns: {netns}, signet.dev/host-interface: {host_if}}}\n\
+             spec: {{nodeName: node-{node}, serviceAccountName: {sa}, containers: [{{name: c, image: c}}]}}\nstatus: {{podIP: {ip}}}\n---\n",
+            name = self.name,
+            netns = self.netns,
+            host_if = self.host_if,
+            node = self.node,
+            ip = self.address,
+        )
+    }
+}
+
 /// A server process in pod B, killed on drop.
 pub struct Server(std::process::Child);
 
@@ -460,6 +556,14 @@ impl Drop for Topology {
         }
         for ns in &self.nss {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        for cg in &self.pod_cgroups {
+            for _ in 0..50 {
+                if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         for cg in &self.cgroups {
             for _ in 0..50 {
