@@ -183,3 +183,91 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
         "{route}"
     );
 }
+
+const MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.9, ports: [{name: http, port: 80}, {name: grpc, port: 81}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop, generation: 3}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 80}]
+  rules: [{backendRefs: [{name: web, port: 80}], retry: {attempts: 2}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: rpc, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, port: 81}]
+  rules: [{filters: [{type: ExtensionRef, extensionRef: {group: x.io, kind: X, name: x}}], backendRefs: [{name: web, port: 81}]}]
+---
+apiVersion: signet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRefs: [{group: '', kind: Service, name: web}]
+  loadBalancer: {algorithm: RoundRobin}
+---
+apiVersion: signet.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: broken, namespace: shop}
+spec:
+  targetRefs: [{group: '', kind: Service, name: web}]
+  rateLimit: {requestsPerSecond: 0}
+";
+
+#[tokio::test]
+async fn mesh_routes_and_traffic_policies_get_their_status_through_the_status_subresource() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("m.yaml"), MESH).expect("write");
+    let mut errors = Vec::new();
+    let objects = read_objects(dir.path(), &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let api = FakeApi::from_yaml(MESH);
+    let client = api.client();
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let mut written = BTreeMap::new();
+    let n = status::write_gateways(&client, &objects, &td, &mut written)
+        .await
+        .expect("write");
+    assert_eq!(
+        n, 4,
+        "the HTTPRoute, the GRPCRoute and both TrafficPolicies"
+    );
+    let route = status_of(&api, "HTTPRoute", "shop", "web");
+    let parent = &route["parents"][0];
+    assert_eq!(
+        parent["parentRef"],
+        serde_json::json!({"group": "", "kind": "Service", "namespace": "shop", "name": "web", "port": 80}),
+        "{route}"
+    );
+    assert_eq!(parent["conditions"][0]["type"], "Accepted");
+    assert_eq!(parent["conditions"][0]["status"], "True", "{route}");
+    assert_eq!(parent["conditions"][0]["observedGeneration"], 3);
+    let rpc = status_of(&api, "GRPCRoute", "shop", "rpc");
+    let c = &rpc["parents"][0]["conditions"][0];
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&"False".into(), &"UnsupportedValue".into()),
+        "{rpc}"
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("rules[0].filters[0]: filter type ExtensionRef")),
+        "{rpc}"
+    );
+    let good = status_of(&api, "TrafficPolicy", "shop", "web");
+    assert_eq!(good["conditions"][0]["status"], "True", "{good}");
+    let bad = status_of(&api, "TrafficPolicy", "shop", "broken");
+    assert_eq!(bad["conditions"][0]["reason"], "Invalid", "{bad}");
+    assert!(
+        bad["conditions"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.rateLimit.requestsPerSecond")),
+        "{bad}"
+    );
+}

@@ -30,6 +30,8 @@ fn backend(netns: &str, name: &str, addr: &str, mode_file: &std::path::Path) -> 
         .args(["serve", "--netns", netns, "--name", name, "--listen", addr])
         .arg("--mode-file")
         .arg(mode_file)
+        .arg("--log")
+        .arg(mode_file.with_file_name(format!("{name}.log")))
         .stdout(Stdio::piped())
         .spawn()
         .expect("backend");
@@ -133,6 +135,19 @@ spec:
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: mirror, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api-v2}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /mirrored}}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api, port: 80}}}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /cors}}]
+    filters: [{type: CORS, cors: {allowOrigins: ['https://example.com']}}]
+    backendRefs: [{name: api-v2, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: copy, namespace: shop}
 spec:
   parentRefs: [{group: '', kind: Service, name: api-v2}]
   rules:
@@ -335,6 +350,28 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
         serde_json::json!({"status": 101, "accepted": true, "echoed": true})
     );
 
+    step.to("A mirror sends a copy to another Service; the client gets the primary's answer");
+    let r = client(
+        &t,
+        &[
+            "load",
+            "--url",
+            &format!("http://10.96.{}.21:80/copied/once", t.n),
+            "--count",
+            "1",
+        ],
+    );
+    assert_eq!(counts(&r, "pods").get("v2"), Some(&1), "{r}");
+    let logs: Vec<_> = ["server-0", "api-a1", "api-b2"]
+        .iter()
+        .map(|name| modes.join(format!("{name}.log")))
+        .collect();
+    wait_for("the mirrored copy to reach an endpoint of `api`", || {
+        logs.iter()
+            .any(|l| std::fs::read_to_string(l).is_ok_and(|t| t.contains("GET /copied/once")))
+            .then_some(())
+    });
+
     step.to("A route with a field Signet does not serve is refused in status, naming it");
     let status = Command::new(env!("CARGO_BIN_EXE_signet-tests-cli"))
         .args(["gateway", "status", "--state"])
@@ -343,7 +380,7 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
         .expect("signet gateway status");
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
-        text.contains("rules[0].filters[0]: filter type RequestMirror is not supported"),
+        text.contains("rules[1].filters[0]: filter type CORS is not supported"),
         "{text}{}",
         String::from_utf8_lossy(&status.stderr)
     );
@@ -360,7 +397,7 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
     assert_eq!(
         counts(&r, "statuses").get("200"),
         Some(&3),
-        "the refused route governs nothing: api-v2 stays L4: {r}"
+        "the refused route governs nothing; `copy` still governs api-v2: {r}"
     );
 
     step.to("TrafficPolicies attach to their Services; one that targets no Service is refused");

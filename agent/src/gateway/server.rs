@@ -429,7 +429,7 @@ impl Handler {
                         new_path = change_path(&path, &m.matched.path, c);
                     }
                 }
-                Filter::Redirect(_) => {}
+                Filter::Redirect(_) | Filter::Mirror(_) => {}
             }
         }
         let identity = listener.identity.clone();

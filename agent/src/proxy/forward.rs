@@ -23,7 +23,7 @@ use super::balance::{Algorithm, Balancer, Change, Outlier};
 use super::hbone::Route as HboneRoute;
 use super::resilience::{RateLimiter, RetryBudget};
 use super::upstream::{Body as UpstreamBody, Proto, SendError, Upstreams};
-use crate::routing::routes::{Backend, Filter, Rule};
+use crate::routing::routes::{Backend, Filter, Mirror, Rule};
 use crate::state::snapshot::Snapshot;
 
 /// A response body as answered downstream.
@@ -347,10 +347,29 @@ pub async fn send(
     }
     let deadline = ex.rule.timeouts.request.map(|d| started + d);
     let retry = ex.rule.retry.as_ref();
-    let mut payload = match keep_for_replay(retry.is_some(), &parts, body, deadline).await {
+    let mirrors: Vec<&Mirror> = ex
+        .rule
+        .filters
+        .iter()
+        .filter_map(|f| match f {
+            Filter::Mirror(m) if m.backend.invalid.is_none() && draw() < m.fraction => Some(m),
+            _ => None,
+        })
+        .collect();
+    let keep = retry.is_some() || !mirrors.is_empty();
+    let mut payload = match keep_for_replay(keep, &parts, body, deadline).await {
         Ok(p) => p,
         Err(why) => return (Err(Failure::BadBody(why)), out),
     };
+    for m in mirrors {
+        match &payload {
+            Payload::Kept(body) => mirror(ctx, &ex, m, &parts, body.clone()),
+            Payload::Streamed(_) => tracing::debug!(
+                route = ex.route,
+                "request not mirrored: its body is streamed, not kept"
+            ),
+        }
+    }
     let budget = ctx.l7.budget(&service);
     budget.deposit(started);
     let mut tried: Vec<SocketAddr> = vec![];
@@ -517,6 +536,68 @@ pub async fn send(
             Err(f) => (Err(f), out),
         };
     }
+}
+
+/// Sends a copy of the request to an endpoint of the mirror's backend, in its own task; its
+/// answer is read and dropped. The egress check holds for the copy as for the request.
+fn mirror(
+    ctx: &ProxyContext,
+    ex: &Exchange<'_>,
+    m: &Mirror,
+    parts: &http::request::Parts,
+    body: Bytes,
+) {
+    let b = &m.backend;
+    let service = format!("{}/{}", b.namespace, b.name);
+    let endpoints: Vec<SocketAddr> = ex
+        .snap
+        .services
+        .by_name(&b.namespace, &b.name, b.port)
+        .and_then(|vip| ex.snap.services.backend(vip))
+        .map(|b| b.endpoints.clone())
+        .unwrap_or_default();
+    let now = Instant::now();
+    let Some(target) = ctx.l7.balancer.pick(
+        &service,
+        &endpoints,
+        &[],
+        Algorithm::RoundRobin,
+        now,
+        &mut draw,
+    ) else {
+        tracing::debug!(%service, "request not mirrored: no ready endpoint");
+        return;
+    };
+    let Some(pod) = ex.snap.pod_by_ip(target.ip()) else {
+        return;
+    };
+    if let Err((_, why)) = (ex.admit)(ex.snap, &pod.identity, target) {
+        tracing::info!(%service, endpoint = %target, %why, "request not mirrored");
+        return;
+    }
+    let Some(node_ip) = pod.node.as_ref().and_then(|n| ex.snap.nodes.get(n)) else {
+        return;
+    };
+    let route = HboneRoute {
+        source: ex.source.clone(),
+        destination: pod.identity.clone(),
+        node: SocketAddr::new(*node_ip, ctx.inbound_port),
+    };
+    let mut req = Request::from_parts(
+        parts.clone(),
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *req.extensions_mut() = http::Extensions::new();
+    let (ctx2, proto, limit) = (ctx.clone(), ex.proto, ex.rule.timeouts.request);
+    ctx.drain.spawn("mirrored request", async move {
+        let sent = ctx2.l7.upstreams.send(&ctx2, &route, target, proto, req);
+        let limit = limit.unwrap_or(Duration::from_secs(30));
+        if let Ok(Ok(resp)) = tokio::time::timeout(limit, sent).await {
+            let _ = tokio::time::timeout(limit, resp.into_body().collect()).await;
+        }
+    });
 }
 
 /// Reads the body now when it may need sending again (a retry policy, and a body small

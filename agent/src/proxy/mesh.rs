@@ -205,7 +205,7 @@ impl Conn {
                         new_path = change_path(&path, &m.matched.path, c);
                     }
                 }
-                Filter::ResponseHeaders(_) | Filter::Redirect(_) => {}
+                Filter::ResponseHeaders(_) | Filter::Redirect(_) | Filter::Mirror(_) => {}
             }
         }
         let pq = with_query(&new_path, &query);

@@ -400,8 +400,8 @@ spec:
   parentRefs: [{group: '', kind: Service, name: api}]
   rules:
   - filters:
-    - type: RequestMirror
-      requestMirror: {backendRef: {name: api-v2, port: 80}}
+    - type: CORS
+      cors: {allowOrigins: ['https://example.com']}
     backendRefs: [{name: api, port: 80}]
   - sessionPersistence: {sessionName: s}
     backendRefs: [{name: api, port: 80}]
@@ -430,7 +430,7 @@ spec:
         assert_eq!((type_.as_str(), status.as_str()), ("Accepted", "False"));
         for named in [
             "UnsupportedValue: ",
-            "rules[0].filters[0]: filter type RequestMirror is not supported",
+            "rules[0].filters[0]: filter type CORS is not supported",
             "rules[1].sessionPersistence",
             "rules[2].timeouts: backendRequest (2s) must not be longer than request (1s)",
             "rules[2].backendRefs[0].filters[0]",
@@ -453,6 +453,79 @@ spec:
         assert!(reason("Service shop/api:9999").ends_with("has no port 9999"));
         assert!(reason("Service shop/api/http").starts_with("UnsupportedValue: sectionName"));
         assert!(reason("Mesh shop/m").starts_with("NoMatchingParent"));
+    }
+
+    #[test]
+    fn a_mirror_takes_a_fraction_and_its_backend_is_checked_like_any_other() {
+        use super::super::routes::Filter;
+        let res = resources(
+            "\
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: copy, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: api-v2, port: 80}, fraction: {numerator: 1, denominator: 4}}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: gone, port: 80}}
+    backendRefs: [{name: api, port: 80}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: both, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api-v2}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: api, port: 80}, percent: 10, fraction: {numerator: 1}}
+    backendRefs: [{name: api-v2, port: 80}]
+",
+        );
+        let cfg = build(&res, &TD.parse().expect("td"));
+        let copy = parents(&cfg.status, "copy");
+        assert!(
+            copy.iter().any(|(_, t, s, m)| t == "ResolvedRefs"
+                && s == "False"
+                && m.contains("Service shop/gone not found")),
+            "{copy:?}"
+        );
+        let rule = &cfg
+            .mesh
+            .get("shop", "api", 80)
+            .expect("governed")
+            .producer
+            .as_ref()
+            .expect("r")
+            .routes()[0]
+            .rules[0];
+        let mirrors: Vec<_> = rule
+            .filters
+            .iter()
+            .filter_map(|f| match f {
+                Filter::Mirror(m) => Some((
+                    m.backend.name.clone(),
+                    m.fraction,
+                    m.backend.invalid.is_some(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            mirrors,
+            [
+                ("api-v2".to_owned(), 0.25, false),
+                ("gone".to_owned(), 1.0, true)
+            ]
+        );
+        let both = parents(&cfg.status, "both");
+        assert!(
+            both[0].3.contains("fraction or percent, not both"),
+            "{both:?}"
+        );
     }
 
     #[test]

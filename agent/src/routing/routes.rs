@@ -193,12 +193,22 @@ pub struct Rewrite {
     pub path: Option<PathChange>,
 }
 
+/// `RequestMirror`: a copy of `fraction` of the requests goes to `backend`, whose answers are
+/// dropped.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub backend: Backend,
+    /// In [0, 1].
+    pub fraction: f64,
+}
+
 #[derive(Debug, Clone)]
 pub enum Filter {
     RequestHeaders(HeaderEdit),
     ResponseHeaders(HeaderEdit),
     Redirect(Redirect),
     Rewrite(Rewrite),
+    Mirror(Mirror),
 }
 
 /// A `backendRef` resolved against the state: a Service port, or the reason it is unusable

@@ -24,15 +24,18 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::model::{Resources, granted};
 use super::routes::{
-    Backend, Filter, HeaderEdit, Match, PathChange, PathMatch, Redirect, Retry, Rewrite, Rule,
-    StringMatch, Timeouts,
+    Backend, Filter, HeaderEdit, Match, Mirror, PathChange, PathMatch, Redirect, Retry, Rewrite,
+    Rule, StringMatch, Timeouts,
 };
+
+/// A reference that does not resolve: (reason, message) for `ResolvedRefs`.
+pub(super) type RefProblem = (&'static str, String);
 
 /// What did not translate.
 #[derive(Debug, Default)]
 pub(super) struct Problems {
-    /// (reason, message) for the route's `ResolvedRefs`.
-    pub refs: Vec<(&'static str, String)>,
+    /// For the route's `ResolvedRefs`.
+    pub refs: Vec<RefProblem>,
     /// `rules[i].field: why`, for `Accepted=False/UnsupportedValue`.
     pub unsupported: Vec<String>,
 }
@@ -63,8 +66,11 @@ pub(super) fn rules(res: &Resources, rns: &str, raw: &[HttpRouteRules]) -> (Vec<
         };
         let mut filters = vec![];
         for (j, f) in r.filters.iter().flatten().enumerate() {
-            match translate_filter(f) {
-                Ok(f) => filters.push(f),
+            match translate_filter(res, rns, f) {
+                Ok((f, problem)) => {
+                    filters.push(f);
+                    problems.refs.extend(problem);
+                }
                 Err(e) => unsupported(&format!("filters[{j}]"), e),
             }
         }
@@ -206,12 +212,12 @@ pub(super) fn backend(
     rns: &str,
     route_kind: &str,
     b: &BackendRef<'_>,
-) -> (Backend, Option<(&'static str, String)>) {
+) -> (Backend, Option<RefProblem>) {
     let ns = b.namespace.unwrap_or(rns).to_owned();
     let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
     let port = b.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
     let (group, kind) = (b.group.unwrap_or(""), b.kind.unwrap_or("Service"));
-    let problem: Option<(&'static str, String)> = if !group.is_empty() || kind != "Service" {
+    let problem: Option<RefProblem> = if !group.is_empty() || kind != "Service" {
         Some((
             "InvalidKind",
             format!("backendRef {group}/{kind} {} is not a Service", b.name),
@@ -367,9 +373,14 @@ macro_rules! header_edit {
     };
 }
 
-fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Filter, String> {
+/// A rule's filter, and the `ResolvedRefs` problem of the backend it names (a mirror's).
+fn translate_filter(
+    res: &Resources,
+    rns: &str,
+    f: &HttpRouteRulesFilters,
+) -> Result<(Filter, Option<RefProblem>), String> {
     use HttpRouteRulesFiltersType as T;
-    Ok(match &f.r#type {
+    let filter = match &f.r#type {
         T::RequestHeaderModifier => {
             let m = f
                 .request_header_modifier
@@ -439,11 +450,51 @@ fn translate_filter(f: &HttpRouteRulesFilters) -> Result<Filter, String> {
                 }),
             })
         }
-        T::RequestMirror => return Err(not_yet("RequestMirror")),
+        T::RequestMirror => return mirror(res, rns, f),
         T::ExtensionRef => return Err(not_yet("ExtensionRef")),
         T::Cors => return Err(not_yet("CORS")),
         T::ExternalAuth => return Err(not_yet("ExternalAuth")),
-    })
+    };
+    Ok((filter, None))
+}
+
+/// `RequestMirror`, with the `ResolvedRefs` problem of its backend if it has one.
+fn mirror(
+    res: &Resources,
+    rns: &str,
+    f: &HttpRouteRulesFilters,
+) -> Result<(Filter, Option<RefProblem>), String> {
+    let m = f
+        .request_mirror
+        .as_ref()
+        .ok_or("RequestMirror without requestMirror")?;
+    let fraction = match (&m.fraction, m.percent) {
+        (Some(_), Some(_)) => return Err("a mirror takes fraction or percent, not both".into()),
+        (Some(fr), None) => {
+            let d = fr.denominator.unwrap_or(100);
+            if d <= 0 || fr.numerator < 0 || fr.numerator > d {
+                return Err(format!(
+                    "mirror fraction {}/{d}: 0 <= numerator <= denominator, denominator > 0",
+                    fr.numerator
+                ));
+            }
+            f64::from(fr.numerator) / f64::from(d)
+        }
+        (None, Some(p)) if (0..=100).contains(&p) => f64::from(p) / 100.0,
+        (None, Some(p)) => return Err(format!("mirror percent {p}: 0 to 100")),
+        (None, None) => 1.0,
+    };
+    let b = &m.backend_ref;
+    let reference = BackendRef {
+        group: b.group.as_deref(),
+        kind: b.kind.as_deref(),
+        name: &b.name,
+        namespace: b.namespace.as_deref(),
+        port: b.port,
+        weight: Some(1),
+    };
+    let (backend, problem) = backend(res, rns, "HTTPRoute", &reference);
+    Ok((Filter::Mirror(Mirror { backend, fraction }), problem))
 }
 
 fn not_yet(filter: &str) -> String {

@@ -1,7 +1,7 @@
 //! `signet-test-http`: the HTTP workloads of the traffic-management suite, both sides, each run
 //! as a pod's process (`--cgroup`, then `--netns`). It prints one JSON line per run.
 //!
-//!     signet-test-http serve --name N --listen ADDR:PORT [--mode-file F]
+//!     signet-test-http serve --name N --listen ADDR:PORT [--mode-file F] [--log F]
 //!     signet-test-http load --url http://ADDR:PORT/PATH [--count N] [--concurrency C] [--h2]
 //!                           [--header "name: value"]... [--method M] [--timeout-ms T]
 //!     signet-test-http grpc --addr ADDR:PORT --path /svc/Method [--messages K]
@@ -10,7 +10,8 @@
 //! `serve` speaks HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port and answers with a
 //! JSON body naming itself (`pod`), the method, the path, the protocol and the `x-` headers it
 //! got. What it does is told by the mode file (read per request: `ok`, `fail` answers 503,
-//! `stall` holds the request 30 s) or by the path (`/stall`, `/status/CODE`). gRPC requests
+//! `stall` holds the request 30 s) or by the path (`/stall`, `/status/CODE`); `--log` appends
+//! each request's method and path to a file. gRPC requests
 //! (`application/grpc`) get every message echoed as `NAME:message`, as it arrives, and
 //! `grpc-status: 0`; a WebSocket upgrade is accepted (RFC 6455 key) and echoes bytes.
 //!
@@ -71,12 +72,23 @@ fn addr(s: &str) -> SocketAddr {
 struct Server {
     name: String,
     mode_file: Option<String>,
+    /// Each request's method and path are appended here.
+    log: Option<std::sync::Mutex<std::fs::File>>,
 }
 
 async fn serve(args: &Args) -> serde_json::Value {
     let server = Arc::new(Server {
         name: args.need("--name").to_owned(),
         mode_file: args.value("--mode-file").map(str::to_owned),
+        log: args.value("--log").map(|p| {
+            std::sync::Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap_or_else(|e| fail(format!("--log {p}: {e}"))),
+            )
+        }),
     });
     let listener = tokio::net::TcpListener::bind(addr(args.need("--listen")))
         .await
@@ -111,6 +123,11 @@ impl Server {
 
     async fn answer(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
+        if let Some(log) = &self.log {
+            use std::io::Write as _;
+            let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{} {path}", req.method());
+        }
         let mode = self.mode();
         if mode == "stall" || path == "/stall" {
             tokio::time::sleep(Duration::from_secs(30)).await;
