@@ -262,6 +262,105 @@ pub struct Tunnel {
     _slot: Option<Slot>,
 }
 
+impl Tunnel {
+    /// The stream as a byte stream for an HTTP client to speak over (the routed mesh path's
+    /// upstream connections): no copy through an in-memory pipe, no task of its own.
+    pub fn into_io(self) -> TunnelIo {
+        TunnelIo {
+            send: self.send,
+            recv: self.recv,
+            pending: Bytes::new(),
+            closed: false,
+            _slot: self._slot,
+        }
+    }
+}
+
+/// An HBONE stream read and written as bytes: DATA frames in, DATA frames out (as much as the
+/// peer's flow-control window allows: that wait is the back-pressure), END_STREAM on shutdown.
+#[derive(Debug)]
+pub struct TunnelIo {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// What the last DATA frame held beyond what was read of it.
+    pending: Bytes,
+    closed: bool,
+    _slot: Option<Slot>,
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        if self.pending.is_empty() {
+            match self.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_io(e))),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        buf.put_slice(&self.pending.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(data.len());
+        match self.send.poll_capacity(cx) {
+            Poll::Ready(Some(Ok(granted))) if granted > 0 => {
+                let n = granted.min(data.len());
+                let chunk = Bytes::copy_from_slice(&data[..n]);
+                self.send.send_data(chunk, false).map_err(h2_io)?;
+                Poll::Ready(Ok(n))
+            }
+            // Nothing granted yet: ask again on the next turn rather than sleep unwoken.
+            Poll::Ready(Some(Ok(_))) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Err(h2_io(e))),
+            Poll::Ready(None) => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // The connection's task writes frames as they are queued.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.closed {
+            self.closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 #[derive(Debug)]
 struct Slot(Arc<AtomicUsize>);
 

@@ -356,12 +356,13 @@ fn unsent(why: String, req: Request<Body>, connect: bool) -> SendError {
     }
 }
 
-/// A byte stream to `target` through a new HBONE tunnel of `route`.
+/// A byte stream to `target` through a new HBONE tunnel of `route`. An idle one is closed by the
+/// endpoint's node (its tunnel idle timeout); the pool then drops it.
 async fn dial(
     ctx: &ProxyContext,
     route: &Route,
     target: SocketAddr,
-) -> Result<TokioIo<tokio::io::DuplexStream>, DialError> {
+) -> Result<TokioIo<super::hbone::TunnelIo>, DialError> {
     let tunnel = tokio::time::timeout(ctx.limits.handshake, ctx.hbone.open(route, target))
         .await
         .map_err(|_| DialError::Other(format!("opening a tunnel to {target} timed out")))?
@@ -371,11 +372,5 @@ async fn dial(
             }
             e => DialError::Other(e.to_string()),
         })?;
-    let (near, far) = tokio::io::duplex(64 * 1024);
-    let idle = ctx.limits.idle;
-    ctx.drain.spawn("upstream tunnel", async move {
-        let meter = super::hbone::Meter::default();
-        let _ = super::hbone::pump(far, tunnel.send, tunnel.recv, idle, &meter).await;
-    });
-    Ok(TokioIo::new(near))
+    Ok(TokioIo::new(tunnel.into_io()))
 }
