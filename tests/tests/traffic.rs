@@ -229,7 +229,8 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
     let mut t = Topology::new();
     let pods = vec![t.add_pod('a', "api-a1", 1), t.add_pod('b', "api-b2", 2)];
     t.write_state(&state(&t, &pods, ""));
-    let _running = start(&t, "", "");
+    // A short idle timeout: idle connections (a client's, the pooled upstream ones) go.
+    let _running = start(&t, "", "proxy: {idleTimeoutSeconds: 2}\n");
     let modes = t.dir.path().join("modes");
     std::fs::create_dir_all(&modes).expect("modes");
     let mode = |name: &str| modes.join(name);
@@ -273,6 +274,17 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
         assert!(n >= 3, "{name} served {n} of 90 on one connection: {r}");
     }
     assert_eq!(r["sample"]["proto"], "HTTP/1.1", "{r}");
+
+    step.to("A routed connection with no request for the idle timeout is closed by the proxy");
+    let url = format!("http://{}:80/idle", vip(&t));
+    let r = client(&t, &["load", "--url", &url, "--hold-idle-ms", "6000"]);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["closed"], true, "{r}");
+    let after = r["after_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (1500..=4500).contains(&after),
+        "closed after {after} ms of 2 s idle: {r}"
+    );
 
     step.to("The same over HTTP/2 (h2c): the endpoint is spoken to in HTTP/2");
     let r = load(&t, "/h2", 30, &["--h2"]);

@@ -386,7 +386,12 @@ pub async fn send(
             return (Err(Failure::NoReadyEndpoint { service }), out);
         };
         tried.push(target);
-        let Some(pod) = ex.snap.pod_by_ip(target.ip()) else {
+        // An address two pods claim belongs to neither: no request goes there.
+        let pod = ex
+            .snap
+            .pod_by_ip(target.ip())
+            .filter(|_| !ex.snap.refused_ips.contains_key(&target.ip()));
+        let Some(pod) = pod else {
             return (Err(Failure::UnknownEndpoint { target }), out);
         };
         out.endpoint = Some((target, pod.identity.clone()));

@@ -62,6 +62,7 @@ pub async fn serve(
     source_namespace: String,
 ) {
     let drain = ctx.drain.clone();
+    let idle = ctx.limits.idle;
     let conn = Arc::new(Conn {
         ctx,
         client,
@@ -69,9 +70,14 @@ pub async fn serve(
         source,
         source_namespace,
     });
+    let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        let (conn, seen) = (conn.clone(), seen.clone());
+        async move {
+            let _busy = seen.begin();
+            Ok::<_, Infallible>(conn.handle(req).await)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(drain.clone());
     builder
@@ -88,16 +94,67 @@ pub async fn serve(
     let served = builder.serve_connection_with_upgrades(TokioIo::new(sock), service);
     tokio::pin!(served);
     let stop = drain.stop_token();
-    tokio::select! {
-        r = served.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "routed mesh connection ended");
+    loop {
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "routed mesh connection ended");
+                }
+                return;
+            }
+            () = stop.cancelled() => break,
+            // A connection with no request for the idle timeout is closed, as a byte stream's is.
+            () = tokio::time::sleep(idle / 4) => {
+                if activity.idle_for() >= idle {
+                    tracing::debug!(?idle, "routed mesh connection idle: closing it");
+                    break;
+                }
             }
         }
-        () = stop.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            let _ = served.await;
+    }
+    served.as_mut().graceful_shutdown();
+    let _ = served.await;
+}
+
+/// Requests in flight on a connection, and when one last began or ended.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+/// One request, counted until dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Zero while a request is in flight; else how long since the last one began or ended (or
+    /// since the first check, before any request).
+    fn idle_for(&self) -> std::time::Duration {
+        if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return std::time::Duration::ZERO;
         }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.get_or_insert_with(Instant::now).elapsed()
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -4,6 +4,7 @@
 //!     signet-test-http serve --name N --listen ADDR:PORT [--mode-file F] [--log F]
 //!     signet-test-http load --url http://ADDR:PORT/PATH [--count N] [--concurrency C] [--h2]
 //!                           [--header "name: value"]... [--method M] [--timeout-ms T]
+//!                           [--hold-idle-ms N]
 //!     signet-test-http grpc --addr ADDR:PORT --path /svc/Method [--messages K]
 //!     signet-test-http ws --addr ADDR:PORT [--path P]
 //!
@@ -16,7 +17,8 @@
 //! `grpc-status: 0`; a WebSocket upgrade is accepted (RFC 6455 key) and echoes bytes.
 //!
 //! `load` sends `count` requests over `concurrency` kept-alive connections and reports the
-//! statuses, which pod answered, errors and latency percentiles. `grpc` makes one call with
+//! statuses, which pod answered, errors and latency percentiles (`--hold-idle-ms`: one request,
+//! then the connection held idle, reporting whether and when the other side closed it). `grpc` makes one call with
 //! `messages` request messages (one: unary) and reports the replies and `grpc-status`; `ws`
 //! upgrades and checks an echo.
 
@@ -289,7 +291,10 @@ fn upgrade(mut req: Request<Incoming>) -> Response<Body> {
 // ---- clients ----
 
 enum Sender {
-    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H1(
+        hyper::client::conn::http1::SendRequest<Body>,
+        tokio::task::JoinHandle<()>,
+    ),
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
@@ -309,15 +314,17 @@ async fn connect(target: SocketAddr, h2: bool) -> Result<Sender, String> {
         let (s, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn.with_upgrades());
-        Ok(Sender::H1(s))
+        let driver = tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(s, driver))
     }
 }
 
 impl Sender {
     async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, String> {
         match self {
-            Sender::H1(s) => {
+            Sender::H1(s, _) => {
                 s.ready().await.map_err(|e| e.to_string())?;
                 s.send_request(req).await.map_err(|e| e.to_string())
             }
@@ -365,6 +372,37 @@ async fn load(args: &Args) -> serde_json::Value {
         .filter_map(|w| w[1].split_once(':'))
         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
         .collect();
+    // With one request on one connection: hold it idle and say whether (and when) the other
+    // side closed it.
+    if let Some(idle) = args.value("--hold-idle-ms") {
+        let idle = Duration::from_millis(
+            idle.parse()
+                .unwrap_or_else(|_| fail("--hold-idle-ms".into())),
+        );
+        let Ok(Sender::H1(mut s, driver)) = connect(target, false).await else {
+            return serde_json::json!({"error": "connect"});
+        };
+        let req = Request::builder()
+            .uri(url.path_and_query().map_or("/", |p| p.as_str()))
+            .header("host", authority.as_str())
+            .body(full(Bytes::new()))
+            .expect("request");
+        let status = match s.send_request(req).await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let _ = r.into_body().collect().await;
+                status
+            }
+            Err(e) => return serde_json::json!({"error": e.to_string()}),
+        };
+        let t0 = Instant::now();
+        let closed = tokio::time::timeout(idle, driver).await.is_ok();
+        return serde_json::json!({
+            "status": status,
+            "closed": closed,
+            "after_ms": t0.elapsed().as_millis() as u64,
+        });
+    }
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
