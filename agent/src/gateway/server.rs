@@ -29,7 +29,9 @@ use crate::proxy::ProxyContext;
 use crate::proxy::forward::{self, strip_hop_by_hop};
 use crate::proxy::upstream::Proto;
 use crate::routing::model::{Listener, Protocol};
-use crate::routing::routes::{Filter, RequestView, change_path, location, specificity};
+use crate::routing::routes::{
+    Filter, RequestView, change_path, location, request_host, specificity,
+};
 use crate::state::snapshot::Snapshot;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -334,28 +336,7 @@ impl Handler {
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let host = req
-            .uri()
-            .host()
-            .map(str::to_owned)
-            .or_else(|| {
-                req.headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(|h| {
-                        h.rsplit_once(':')
-                            .map_or(h, |(n, p)| {
-                                if p.chars().all(|c| c.is_ascii_digit()) {
-                                    n
-                                } else {
-                                    h
-                                }
-                            })
-                            .to_owned()
-                    })
-            })
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let host = request_host(req.uri(), req.headers());
         let snap = self.ctx.snapshot();
         let Some(port) = snap.gateway.ports.iter().find(|p| p.port == self.port) else {
             return self.refuse(EdgeRefusal::ListenerRemoved);

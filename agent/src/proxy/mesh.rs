@@ -27,7 +27,7 @@ use super::forward::{self, Body, Exchange, local_reply};
 use super::upstream::Proto;
 use crate::flow::Reporter;
 use crate::policy::decide::{Verdict, decide};
-use crate::routing::routes::{Filter, RequestView, change_path, location};
+use crate::routing::routes::{Filter, RequestView, change_path, location, request_host};
 use crate::state::snapshot::Snapshot;
 
 /// Where a served connection's requests go.
@@ -224,7 +224,7 @@ impl Conn {
             Ok(pq) => pq,
             Err(why) => return (refuse(&mut info, StatusCode::BAD_REQUEST, why), info),
         };
-        let host = host_of(&req);
+        let host = request_host(req.uri(), req.headers());
         let view = RequestView {
             host: &host,
             method: req.method(),
@@ -334,7 +334,7 @@ impl Conn {
         {
             return (refuse(&mut info, status, why), info);
         }
-        let host = host_of(&req);
+        let host = request_host(req.uri(), req.headers());
         let (mut parts, body) = req.into_parts();
         let (proto, client_upgrade) = match prepare(&mut parts, &with_query(&path, &query), &host) {
             Ok(x) => x,
@@ -599,21 +599,6 @@ fn prepare(
         .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
         .flatten();
     Ok((proto, client_upgrade))
-}
-
-/// The request's host: the URI's authority (HTTP/2) or `Host`, without a port, lowercase.
-fn host_of<B>(req: &Request<B>) -> String {
-    req.uri()
-        .host()
-        .map(str::to_owned)
-        .or_else(|| {
-            req.headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(|h| h.rsplit_once(':').map_or(h, |(n, _)| n).to_owned())
-        })
-        .unwrap_or_default()
-        .to_ascii_lowercase()
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1); an upgrade keeps `Connection: upgrade` and

@@ -506,40 +506,11 @@ impl RawParent<'_> {
     }
 }
 
-/// Every parent reference of every HTTPRoute.
-pub(super) fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, HttpRoute>> {
-    res.routes.iter().enumerate().flat_map(|(index, route)| {
-        let ns = ns_of(&route.metadata);
-        let name = route.metadata.name.clone().unwrap_or_default();
-        route
-            .spec
-            .parent_refs
-            .iter()
-            .flatten()
-            .map(move |p| RouteParent {
-                route,
-                index,
-                parent: RawParent {
-                    group: p.group.as_deref(),
-                    kind: p.kind.as_deref(),
-                    namespace: p.namespace.as_deref(),
-                    name: &p.name,
-                    section_name: p.section_name.as_deref(),
-                    port: p.port,
-                }
-                .resolve(&ns),
-                ns: ns.clone(),
-                name: name.clone(),
-            })
-    })
-}
-
-/// Every parent reference of every GRPCRoute.
-pub(super) fn grpc_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, GrpcRoute>> {
-    res.grpc_routes
-        .iter()
-        .enumerate()
-        .flat_map(|(index, route)| {
+/// The parent references of a list of routes of one kind: the generated types differ, the
+/// fields (`group`, `kind`, `namespace`, `name`, `sectionName`, `port`) do not.
+macro_rules! parents_of {
+    ($routes:expr) => {
+        $routes.iter().enumerate().flat_map(|(index, route)| {
             let ns = ns_of(&route.metadata);
             let name = route.metadata.name.clone().unwrap_or_default();
             route
@@ -563,6 +534,17 @@ pub(super) fn grpc_parents(res: &Resources) -> impl Iterator<Item = RouteParent<
                     name: name.clone(),
                 })
         })
+    };
+}
+
+/// Every parent reference of every HTTPRoute.
+pub(super) fn route_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, HttpRoute>> {
+    parents_of!(res.routes)
+}
+
+/// Every parent reference of every GRPCRoute.
+pub(super) fn grpc_parents(res: &Resources) -> impl Iterator<Item = RouteParent<'_, GrpcRoute>> {
+    parents_of!(res.grpc_routes)
 }
 
 pub(super) fn push_route_status(

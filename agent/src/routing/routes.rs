@@ -430,6 +430,31 @@ pub fn intersect(a: &str, b: &str) -> Option<String> {
     None
 }
 
+/// The host a request names, as routes match it: the URI's authority (HTTP/2, absolute form)
+/// or `Host`, without a port, lowercase; empty when it names none.
+pub fn request_host(uri: &http::Uri, headers: &HeaderMap) -> String {
+    uri.host()
+        .map(str::to_owned)
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| {
+                    h.rsplit_once(':')
+                        .map_or(h, |(n, p)| {
+                            if p.chars().all(|c| c.is_ascii_digit()) {
+                                n
+                            } else {
+                                h
+                            }
+                        })
+                        .to_owned()
+                })
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
 /// The new path for `path` when `matched` matched it and `change` applies.
 pub fn change_path(path: &str, matched: &PathMatch, change: &PathChange) -> String {
     match change {

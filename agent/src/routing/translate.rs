@@ -50,20 +50,7 @@ pub(super) fn rules(res: &Resources, rns: &str, raw: &[HttpRouteRules]) -> (Vec<
                 .unsupported
                 .push(format!("rules[{i}].{field}: {why}"));
         };
-        let matches: Vec<Match> = match r.matches.as_deref() {
-            None | Some([]) => vec![Match::any()],
-            Some(ms) => ms
-                .iter()
-                .enumerate()
-                .filter_map(|(j, m)| match translate_match(m) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        unsupported(&format!("matches[{j}]"), e);
-                        None
-                    }
-                })
-                .collect(),
-        };
+        let matches = matches_of(r.matches.as_deref(), translate_match, &mut unsupported);
         let mut filters = vec![];
         for (j, f) in r.filters.iter().flatten().enumerate() {
             match translate_filter(res, rns, f) {
@@ -117,6 +104,27 @@ pub(super) fn rules(res: &Resources, rns: &str, raw: &[HttpRouteRules]) -> (Vec<
         });
     }
     (out, problems)
+}
+
+/// A rule's `matches`, each translated by `one`; none at all is one that matches everything. One
+/// that does not translate is named to `unsupported` (and the route is not served).
+fn matches_of<M>(
+    list: Option<&[M]>,
+    one: impl Fn(&M) -> Result<Match, String>,
+    unsupported: &mut impl FnMut(&str, String),
+) -> Vec<Match> {
+    match list {
+        None | Some([]) => vec![Match::any()],
+        Some(ms) => ms
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| {
+                one(m)
+                    .inspect_err(|e| unsupported(&format!("matches[{j}]"), e.clone()))
+                    .ok()
+            })
+            .collect(),
+    }
 }
 
 /// A duration in Gateway API's format (`1h`, `500ms`, `1m30s`).
@@ -528,6 +536,25 @@ fn translate_backend_filter(f: &HttpRouteRulesBackendRefsFilters) -> Result<Filt
     })
 }
 
+/// A GRPCRoute filter (of a rule or a backendRef: the generated types differ, the fields do not):
+/// header modifiers, or why not.
+macro_rules! grpc_filter {
+    ($f:expr, $t:ident) => {
+        match $f.r#type {
+            $t::RequestHeaderModifier => match $f.request_header_modifier.as_ref() {
+                Some(m) => (|| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))(),
+                None => Err("RequestHeaderModifier without requestHeaderModifier".into()),
+            },
+            $t::ResponseHeaderModifier => match $f.response_header_modifier.as_ref() {
+                Some(m) => (|| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))(),
+                None => Err("ResponseHeaderModifier without responseHeaderModifier".into()),
+            },
+            $t::RequestMirror => Err(not_yet("RequestMirror")),
+            $t::ExtensionRef => Err(not_yet("ExtensionRef")),
+        }
+    };
+}
+
 /// GRPCRoute rules into the same `Rule`s: a gRPC method is the path `/<service>/<method>` of an
 /// HTTP/2 POST, so a method match is a path match and one engine serves both kinds.
 pub(super) fn grpc_rules(
@@ -546,40 +573,10 @@ pub(super) fn grpc_rules(
                 .unsupported
                 .push(format!("rules[{i}].{field}: {why}"));
         };
-        let matches: Vec<Match> = match r.matches.as_deref() {
-            None | Some([]) => vec![Match::any()],
-            Some(ms) => ms
-                .iter()
-                .enumerate()
-                .filter_map(|(j, m)| match grpc_match(m) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        unsupported(&format!("matches[{j}]"), e);
-                        None
-                    }
-                })
-                .collect(),
-        };
+        let matches = matches_of(r.matches.as_deref(), grpc_match, &mut unsupported);
         let mut filters = vec![];
         for (j, f) in r.filters.iter().flatten().enumerate() {
-            let f = match f.r#type {
-                T::RequestHeaderModifier => f
-                    .request_header_modifier
-                    .as_ref()
-                    .map(|m| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))
-                    .unwrap_or(Err(
-                        "RequestHeaderModifier without requestHeaderModifier".into()
-                    )),
-                T::ResponseHeaderModifier => f
-                    .response_header_modifier
-                    .as_ref()
-                    .map(|m| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))
-                    .unwrap_or(Err(
-                        "ResponseHeaderModifier without responseHeaderModifier".into()
-                    )),
-                T::RequestMirror => Err(not_yet("RequestMirror")),
-                T::ExtensionRef => Err(not_yet("ExtensionRef")),
-            };
+            let f = grpc_filter!(f, T);
             match f {
                 Ok(f) => filters.push(f),
                 Err(e) => unsupported(&format!("filters[{j}]"), e),
@@ -606,24 +603,7 @@ pub(super) fn grpc_rules(
                 problems.refs.push(p);
             }
             for (k, f) in b.filters.iter().flatten().enumerate() {
-                let f = match f.r#type {
-                    BT::RequestHeaderModifier => f
-                        .request_header_modifier
-                        .as_ref()
-                        .map(|m| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))
-                        .unwrap_or(Err(
-                            "RequestHeaderModifier without requestHeaderModifier".into()
-                        )),
-                    BT::ResponseHeaderModifier => f
-                        .response_header_modifier
-                        .as_ref()
-                        .map(|m| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))
-                        .unwrap_or(Err(
-                            "ResponseHeaderModifier without responseHeaderModifier".into()
-                        )),
-                    BT::RequestMirror => Err(not_yet("RequestMirror")),
-                    BT::ExtensionRef => Err(not_yet("ExtensionRef")),
-                };
+                let f = grpc_filter!(f, BT);
                 match f {
                     Ok(f) => backend.filters.push(f),
                     Err(e) => unsupported(&format!("backendRefs[{j}].filters[{k}]"), e),
