@@ -381,6 +381,25 @@ macro_rules! header_edit {
     };
 }
 
+/// A header-modifier filter of any filter type (rule or backendRef, HTTPRoute or GRPCRoute: the
+/// generated types differ, the fields do not): `Some` for those two filter types, `None` for the
+/// others.
+macro_rules! header_filter {
+    ($f:expr, $t:ident) => {
+        match $f.r#type {
+            $t::RequestHeaderModifier => Some(match $f.request_header_modifier.as_ref() {
+                Some(m) => (|| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))(),
+                None => Err("RequestHeaderModifier without requestHeaderModifier".to_owned()),
+            }),
+            $t::ResponseHeaderModifier => Some(match $f.response_header_modifier.as_ref() {
+                Some(m) => (|| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))(),
+                None => Err("ResponseHeaderModifier without responseHeaderModifier".to_owned()),
+            }),
+            _ => None,
+        }
+    };
+}
+
 /// A rule's filter, and the `ResolvedRefs` problem of the backend it names (a mirror's).
 fn translate_filter(
     res: &Resources,
@@ -513,26 +532,11 @@ fn not_yet(filter: &str) -> String {
 /// and the responses that come from it.
 fn translate_backend_filter(f: &HttpRouteRulesBackendRefsFilters) -> Result<Filter, String> {
     use HttpRouteRulesBackendRefsFiltersType as T;
-    Ok(match &f.r#type {
-        T::RequestHeaderModifier => {
-            let m = f
-                .request_header_modifier
-                .as_ref()
-                .ok_or("RequestHeaderModifier without requestHeaderModifier")?;
-            Filter::RequestHeaders(header_edit!(m))
-        }
-        T::ResponseHeaderModifier => {
-            let m = f
-                .response_header_modifier
-                .as_ref()
-                .ok_or("ResponseHeaderModifier without responseHeaderModifier")?;
-            Filter::ResponseHeaders(header_edit!(m))
-        }
-        other => {
-            return Err(format!(
-                "filter type {other:?} is not supported on a backendRef (header modifiers are)"
-            ));
-        }
+    header_filter!(f, T).unwrap_or_else(|| {
+        Err(format!(
+            "filter type {:?} is not supported on a backendRef (header modifiers are)",
+            f.r#type
+        ))
     })
 }
 
@@ -540,18 +544,7 @@ fn translate_backend_filter(f: &HttpRouteRulesBackendRefsFilters) -> Result<Filt
 /// header modifiers, or why not.
 macro_rules! grpc_filter {
     ($f:expr, $t:ident) => {
-        match $f.r#type {
-            $t::RequestHeaderModifier => match $f.request_header_modifier.as_ref() {
-                Some(m) => (|| Ok::<_, String>(Filter::RequestHeaders(header_edit!(m))))(),
-                None => Err("RequestHeaderModifier without requestHeaderModifier".into()),
-            },
-            $t::ResponseHeaderModifier => match $f.response_header_modifier.as_ref() {
-                Some(m) => (|| Ok::<_, String>(Filter::ResponseHeaders(header_edit!(m))))(),
-                None => Err("ResponseHeaderModifier without responseHeaderModifier".into()),
-            },
-            $t::RequestMirror => Err(not_yet("RequestMirror")),
-            $t::ExtensionRef => Err(not_yet("ExtensionRef")),
-        }
+        header_filter!($f, $t).unwrap_or_else(|| Err(not_yet(&format!("{:?}", $f.r#type))))
     };
 }
 
