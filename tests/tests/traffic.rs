@@ -314,6 +314,11 @@ fn routes_on_a_service_balance_split_retry_time_out_eject_and_enforce_egress_at_
     let took = started.elapsed();
     assert_eq!(counts(&r, "statuses").get("504"), Some(&1), "{r}");
     assert!(took < Duration::from_secs(3), "held {took:?}: {r}");
+    assert_eq!(
+        metric(&t, 'a', "signet_http_timeouts_total{service=\"shop/api\"}"),
+        1.0,
+        "counted once"
+    );
     assert!(
         r["sample"]
             .as_str()

@@ -438,7 +438,6 @@ pub async fn send(
         let (healthy, retriable, answer): (bool, bool, Result<Response<Body>, Failure>) =
             match result {
                 None => {
-                    out.timed_out = true;
                     let why = format!(
                         "{target} of {service} did not answer within {:?}",
                         limit.unwrap_or_default()
@@ -538,7 +537,11 @@ pub async fn send(
                 );
                 (Err(Failure::Timeout { why }), out)
             }
-            Err(f) => (Err(f), out),
+            Err(f) => {
+                // Counted as a timeout only when that is the answer, not when a retry saved it.
+                out.timed_out = matches!(f, Failure::Timeout { .. });
+                (Err(f), out)
+            }
         };
     }
 }
