@@ -461,7 +461,6 @@ impl Handler {
             source: &identity,
             proto: Proto::Http1,
             admit: &admit,
-            grpc: false,
         };
         let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;
         match result {

@@ -116,8 +116,6 @@ pub struct Exchange<'a> {
     pub source: &'a SpiffeId,
     pub proto: Proto,
     pub admit: Admit<'a>,
-    /// The request is gRPC: Signet's own answers carry `grpc-status`.
-    pub grpc: bool,
 }
 
 /// Why a request got no response from an endpoint: what Signet answers instead.

@@ -285,7 +285,6 @@ impl Conn {
             source: &self.source,
             proto,
             admit: &admit,
-            grpc,
         };
         let body = body.map_err(std::io::Error::other).boxed_unsync();
         let (result, outcome) = forward::send(&self.ctx, exchange, parts, body).await;

@@ -56,10 +56,6 @@ impl MeshRoutes {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }
-
-    pub fn len(&self) -> usize {
-        self.services.len()
-    }
 }
 
 /// Routes gathered for one Service port before their routers are made.
