@@ -800,6 +800,17 @@ fn signet_observe_shows_kernel_drops_and_l7_denials_with_their_rules_and_counts_
     for _ in 0..20 {
         let _ = t.client_with(&web, &["--request", "GET /v1/items"]);
     }
+    // The inbound side records a flow when its connection ends, which can be just after the
+    // client has its answer; a plain read (it loses nothing) waits for all twenty.
+    wait_for("the twenty flows on node-b", || {
+        let (_, all) = t.admin_get('b', "/flows");
+        let newest = all
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["seq"].as_u64())
+            .max()?;
+        (newest >= last_seen + 20).then_some(())
+    });
     let (status, body) = t.admin_get('b', &format!("/flows?after={last_seen}"));
     assert_eq!(status, 200);
     let first: serde_json::Value =
