@@ -139,11 +139,22 @@ done
 WRK_OUT=$WORK/wrk
 H2_OUT=$WORK/h2load
 mkdir -p "$WRK_OUT" "$H2_OUT"
+# CPU time (clock ticks, all threads) of node-a's agent, node-b's agent and HAProxy: what each
+# proxy spends per request, whatever else shares the two cores.
+cpu() {
+    for f in "$WORK/agent-a.pid" "$WORK/agent-b.pid" "$WORK/haproxy.pid"; do
+        awk '{print $14 + $15}' "/proc/$(cat "$f")/stat"
+    done | paste -sd' '
+}
 h1() { # name, runner, url
+    local before; before=$(cpu)
     $2 wrk -t1 -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "$3" > "$WRK_OUT/$1.txt" 2>&1 || true
+    echo "$before $(cpu)" > "$WRK_OUT/$1.cpu"
 }
 h2() { # name, runner, url
+    local before; before=$(cpu)
     $2 h2load -c"$CONNECTIONS" -m4 -D"$SECONDS_EACH" "$3" > "$H2_OUT/$1.txt" 2>&1 || true
+    echo "$before $(cpu)" > "$H2_OUT/$1.cpu"
 }
 for proto in h1 h2; do
     $proto direct in_direct "http://$BACKEND/"
@@ -153,9 +164,28 @@ done
 h1 haproxy in_direct "http://10.99.0.1:9480/"
 h2 haproxy in_direct "http://10.99.0.1:9482/"
 
-python3 - "$WRK_OUT" "$H2_OUT" "$CONNECTIONS" "$SECONDS_EACH" <<'PY'
+python3 - "$WRK_OUT" "$H2_OUT" "$CONNECTIONS" "$SECONDS_EACH" "$(getconf CLK_TCK)" <<'PY'
 import re, sys, pathlib
 wrk_dir, h2_dir, conns, secs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+tck = int(sys.argv[5])
+
+def cpu(d, name, rps):
+    """µs of CPU per request spent by node-a's agent, node-b's agent and HAProxy in that run."""
+    v = [int(x) for x in (d / f"{name}.cpu").read_text().split()]
+    used = [(v[i + 3] - v[i]) / tck for i in range(3)]
+    n = rps * float(secs)
+    return [u * 1e6 / n if n else 0.0 for u in used]
+
+def proxy_cpu(d, rows):
+    print(f"  CPU per request (µs, all threads): {'':2}{'agent node-a':>13} {'agent node-b':>13} {'HAProxy':>9}")
+    for n, label in names[1:]:
+        a, b, h = cpu(d, n, rows[n]["rps"])
+        print(f"  {label:12} {'':25}{a:13.1f} {b:13.1f} {h:9.1f}")
+    l7, ha = cpu(d, "l7", rows["l7"]["rps"]), cpu(d, "haproxy", rows["haproxy"]["rps"])
+    if l7[0] and ha[2]:
+        print(f"  requests/s on one core: Signet L7's routing proxy (node-a) {1e6 / l7[0]:.0f}, "
+              f"both Signet proxies {1e6 / (l7[0] + l7[1]):.0f}, HAProxy {1e6 / ha[2]:.0f}: "
+              f"{ha[2] / l7[0]:.2f}x and {ha[2] / (l7[0] + l7[1]):.2f}x HAProxy")
 names = [("direct", "direct"), ("l4", "Signet L4"), ("l7", "Signet L7"), ("haproxy", "HAProxy")]
 
 def us(v, unit):
@@ -198,6 +228,7 @@ if added_l4 > 0:
     print(f"  L7 adds {added_l7:.0f} µs at p50, L4 adds {added_l4:.0f} µs: {added_l7 / added_l4:.2f}x (aim: at most 2x)")
 if h1["haproxy"]["rps"]:
     print(f"  Signet L7 / HAProxy requests/s: {h1['l7']['rps'] / h1['haproxy']['rps']:.2f}x (aim: at least 1x)")
+proxy_cpu(wrk_dir, h1)
 h2 = {n: h2load(n) for n, _ in names}
 print("\nHTTP/2, h2c (h2load, 4 streams per connection)")
 print(f"  {'':12} {'req/s':>10} {'x direct':>9} {'mean µs':>9} {'max µs':>9}  errors")
@@ -207,4 +238,5 @@ for n, label in names:
     print(f"  {label:12} {r['rps']:10.0f} {ratio:8.2f}x {r['mean']:9.0f} {r['max']:9.0f}  {r['errors']}")
 if h2["haproxy"]["rps"]:
     print(f"  Signet L7 / HAProxy requests/s: {h2['l7']['rps'] / h2['haproxy']['rps']:.2f}x")
+proxy_cpu(h2_dir, h2)
 PY

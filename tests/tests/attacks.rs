@@ -20,7 +20,7 @@ use signet_agent::datapath::Datapath;
 use signet_agent::datapath::loader::KernelDatapath;
 use signet_policy::compile::{Action, Compiled, Entry, Key};
 use signet_policy::resource::Protocol;
-use signet_test_support::privileged;
+use signet_test_support::{privileged, wait_for};
 
 const WAIT: Duration = Duration::from_millis(1200);
 
@@ -209,12 +209,9 @@ fn udp_fragments_follow_their_first_fragments_verdict_and_orphans_are_dropped() 
     let before = drops(&dp, "fragment-unmatched");
     let [_, orphan] = fragmented(41003, 5353, 7103);
     packets::send(&net.peer, pod, &[orphan]);
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        drops(&dp, "fragment-unmatched") > before,
-        "orphan fragment counted: {:?}",
-        dp.drop_counts()
-    );
+    wait_for("the orphan fragment counted as fragment-unmatched", || {
+        (drops(&dp, "fragment-unmatched") > before).then_some(())
+    });
 }
 
 #[test]
