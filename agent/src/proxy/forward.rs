@@ -263,16 +263,30 @@ impl Payload {
     }
 }
 
-/// A number in [0, 1) for draws that need spread, not secrecy.
+/// A number in [0, 1) for draws that need spread, not secrecy: a per-thread xorshift seeded
+/// from the process's random hasher keys and the time.
 pub fn draw() -> f64 {
+    use std::cell::Cell;
     use std::hash::{BuildHasher as _, Hasher as _};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            );
+            h.finish() | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 /// Applies the request side of `filters` (header modifiers) to `headers`.
@@ -303,8 +317,8 @@ pub async fn send(
 ) -> (Result<Response<Body>, Failure>, Outcome) {
     let started = Instant::now();
     let mut out = Outcome::default();
-    let backend: Backend = match ex.rule.pick_backend(draw()) {
-        Ok(b) => b.clone(),
+    let backend: &Backend = match ex.rule.pick_backend(draw()) {
+        Ok(b) => b,
         Err(why) => {
             let route = ex.route.to_owned();
             return (Err(Failure::NoValidBackend { route, why }), out);
@@ -313,13 +327,12 @@ pub async fn send(
     request_headers(&backend.filters, &mut parts.headers);
     let service = format!("{}/{}", backend.namespace, backend.name);
     out.backend.clone_from(&service);
-    let endpoints: Vec<SocketAddr> = ex
+    let endpoints: &[SocketAddr] = ex
         .snap
         .services
         .by_name(&backend.namespace, &backend.name, backend.port)
         .and_then(|vip| ex.snap.services.backend(vip))
-        .map(|b| b.endpoints.clone())
-        .unwrap_or_default();
+        .map_or(&[], |b| b.endpoints.as_slice());
     if endpoints.is_empty() {
         return (Err(Failure::NoReadyEndpoint { service }), out);
     }
@@ -375,7 +388,7 @@ pub async fn send(
         out.attempts += 1;
         let Some(target) = ctx.l7.balancer.pick(
             &service,
-            &endpoints,
+            endpoints,
             &tried,
             policy.algorithm,
             Instant::now(),
@@ -493,7 +506,7 @@ pub async fn send(
         });
         let change = ctx.l7.balancer.record(
             target,
-            &endpoints,
+            endpoints,
             healthy,
             measured.then_some(latency),
             &policy.outlier,
@@ -640,25 +653,79 @@ async fn keep_for_replay(
 /// `Connection` header names: a backend's `Connection: close` must not close the client's
 /// connection, nor a client's `Upgrade` reach the backend.
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    use http::header::{CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    static KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<http::HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(CONNECTION);
     }
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
     ] {
         headers.remove(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_fall_in_the_unit_interval_and_spread_over_it() {
+        let mut tenths = [0u32; 10];
+        for _ in 0..10_000 {
+            let d = draw();
+            assert!((0.0..1.0).contains(&d), "{d}");
+            tenths[(d * 10.0) as usize] += 1;
+        }
+        // 1,000 expected in each tenth; a generator stuck in a corner fails this.
+        assert!(
+            tenths.iter().all(|&n| (800..1200).contains(&n)),
+            "{tenths:?}"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_so_do_those_connection_names() {
+        let mut h = http::HeaderMap::new();
+        for (n, v) in [
+            ("connection", "close, x-hop"),
+            ("connection", "X-Other"),
+            ("x-hop", "1"),
+            ("x-other", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "grpc-status"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-end-to-end", "kept"),
+        ] {
+            h.append(n, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-end-to-end"]);
+        // Without a Connection header, the fixed list still goes.
+        let mut h = http::HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("host", HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["host"]);
     }
 }

@@ -453,16 +453,14 @@ impl Conn {
         info: &Info,
         started: Instant,
     ) {
-        let destination = info.endpoint.as_ref().map_or_else(
-            || crate::admin::metrics::UNKNOWN.to_owned(),
-            |(_, id)| id.to_string(),
-        );
+        let destination_id = info.endpoint.as_ref().map(|(_, id)| id);
+        let destination = destination_id.map_or(crate::admin::metrics::UNKNOWN, |id| id.as_str());
         let outcome = info.outcome.as_ref();
         self.ctx
             .metrics
             .l7_request(crate::admin::metrics::L7Request {
                 source: self.source.as_str(),
-                destination: &destination,
+                destination,
                 service: &info.service,
                 route: &info.route,
                 backend: outcome.map_or("", |o| o.backend.as_str()),
@@ -488,8 +486,11 @@ impl Conn {
         let endpoint = info.endpoint.as_ref().map(|(a, _)| *a);
         flows.push(crate::flow::FlowEntry {
             reporter: Reporter::Outbound.as_str().into(),
-            source: super::peer(snap, self.source.as_str(), Some(self.client)),
-            destination: super::peer(snap, &destination, endpoint.or(Some(self.asked()))),
+            source: super::peer_of(snap, &self.source, Some(self.client)),
+            destination: match destination_id {
+                Some(id) => super::peer_of(snap, id, endpoint),
+                None => super::peer(snap, destination, Some(self.asked())),
+            },
             protocol: "tcp".into(),
             verdict: if status == StatusCode::FORBIDDEN && info.refusal.is_some() {
                 "l7-denied"

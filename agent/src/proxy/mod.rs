@@ -112,11 +112,31 @@ impl hbone::ByteCounter for FlowCounters {
 /// One side of a flow as the node's flow log names it: the identity, its number in `snap`, the
 /// address and the pod there.
 pub fn peer(snap: &Snapshot, identity: &str, address: Option<SocketAddr>) -> crate::flow::Peer {
+    match signet_ca::SpiffeId::parse(identity) {
+        Ok(id) => peer_of(snap, &id, address),
+        Err(_) => named_peer(snap, identity, None, address),
+    }
+}
+
+/// [`peer`] of an identity already parsed.
+pub fn peer_of(
+    snap: &Snapshot,
+    identity: &signet_ca::SpiffeId,
+    address: Option<SocketAddr>,
+) -> crate::flow::Peer {
+    let number = snap.identities.get(identity).copied();
+    named_peer(snap, identity.as_str(), number, address)
+}
+
+fn named_peer(
+    snap: &Snapshot,
+    identity: &str,
+    number: Option<u32>,
+    address: Option<SocketAddr>,
+) -> crate::flow::Peer {
     crate::flow::Peer {
         identity: identity.to_owned(),
-        number: signet_ca::SpiffeId::parse(identity)
-            .ok()
-            .and_then(|id| snap.identities.get(&id).copied()),
+        number,
         address: address.map(|a| a.to_string()),
         pod: address
             .and_then(|a| snap.pod_by_ip(a.ip()))
