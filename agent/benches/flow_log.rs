@@ -22,13 +22,13 @@ fn record(i: u64) -> FlowEntry {
         source: Peer {
             identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
             number: Some(260),
-            address: Some(format!("10.99.11.2:{}", 30_000 + i % 30_000)),
+            address: Some(([10, 99, 11, 2], 30_000 + (i % 30_000) as u16).into()),
             pod: Some("shop/web-0".into()),
         },
         destination: Peer {
             identity: "spiffe://cluster.local/ns/payments/sa/api".into(),
             number: Some(258),
-            address: Some("10.99.21.2:8080".into()),
+            address: Some(([10, 99, 21, 2], 8080).into()),
             pod: Some("payments/api-0".into()),
         },
         protocol: "tcp".into(),

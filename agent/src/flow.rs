@@ -20,6 +20,130 @@ impl Reporter {
     }
 }
 
+/// Text a flow record holds: a constant (`outbound`, `tcp`, `forwarded`) or a string shared with
+/// the snapshot and other records (the node's name, an identity, a pod). Records are written per
+/// connection and per routed request, so a clone is a reference count, never a copy. It reads,
+/// prints and serialises as the string it holds.
+#[derive(Clone)]
+pub enum Text {
+    Static(&'static str),
+    Shared(std::sync::Arc<str>),
+}
+
+impl Text {
+    /// A copy of `s` (for text that is neither constant nor shared already).
+    pub fn copy(s: &str) -> Self {
+        Text::Shared(s.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Text::Static(s) => s,
+            Text::Shared(s) => s,
+        }
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::Static("")
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text::Static(s)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Shared(s.into())
+    }
+}
+
+impl From<std::sync::Arc<str>> for Text {
+    fn from(s: std::sync::Arc<str>) -> Self {
+        Text::Shared(s)
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Text {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, as `str` does: widths and alignment apply.
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl serde::Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Text::from)
+    }
+}
+
 /// One flow as `signet observe` shows it: a connection the proxy forwarded (when it ended) or
 /// refused, a request the L7 check refused, or what the kernel reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -29,17 +153,17 @@ pub struct FlowEntry {
     pub seq: u64,
     /// Unix milliseconds.
     pub time_ms: u64,
-    pub node: String,
+    pub node: Text,
     /// `outbound`, `inbound` or `kernel`.
-    pub reporter: String,
+    pub reporter: Text,
     pub source: Peer,
     pub destination: Peer,
     /// `tcp`, `udp`, `icmp`, or the IP protocol's number.
-    pub protocol: String,
+    pub protocol: Text,
     /// `ingress` or `egress`, as the kernel decided it.
-    pub direction: Option<String>,
+    pub direction: Option<Text>,
     /// `forwarded`, `audit`, `dropped` or `l7-denied`.
-    pub verdict: String,
+    pub verdict: Text,
     pub reason: Option<String>,
     /// The policy rule that decided, when one did.
     pub rule: Option<String>,
@@ -48,7 +172,7 @@ pub struct FlowEntry {
     pub received: u64,
     pub duration_ms: u64,
     /// How a connection ended (`closed`, `idle timeout`, `closed by a policy change`, ...).
-    pub end: Option<String>,
+    pub end: Option<Text>,
 }
 
 /// One side of a flow.
@@ -56,19 +180,19 @@ pub struct FlowEntry {
 #[serde(rename_all = "camelCase")]
 pub struct Peer {
     /// SPIFFE ID, or a reserved name (`world`, `host`, ...).
-    pub identity: String,
+    pub identity: Text,
     /// The numeric identity, when known.
     pub number: Option<u32>,
     /// `ip:port`, when known.
-    pub address: Option<String>,
+    pub address: Option<std::net::SocketAddr>,
     /// `namespace/name` of the pod at that address, when it is one.
-    pub pod: Option<String>,
+    pub pod: Option<Text>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpInfo {
-    pub method: String,
+    pub method: Text,
     pub path: String,
     pub status: u16,
 }
@@ -79,7 +203,7 @@ pub struct HttpInfo {
 /// describing flows.
 #[derive(Debug)]
 pub struct FlowLog {
-    node: std::sync::RwLock<String>,
+    node: std::sync::RwLock<Text>,
     capacity: usize,
     ring: std::sync::Mutex<std::collections::VecDeque<std::sync::Arc<FlowEntry>>>,
     next: std::sync::atomic::AtomicU64,
@@ -104,7 +228,7 @@ impl FlowLog {
 
     /// Names the node every record is from.
     pub fn set_node(&self, node: &str) {
-        *self.node.write().unwrap_or_else(|p| p.into_inner()) = node.to_owned();
+        *self.node.write().unwrap_or_else(|p| p.into_inner()) = Text::copy(node);
     }
 
     /// Whether records are kept at all (a log of capacity 0 keeps none: observe is off).
@@ -174,6 +298,48 @@ impl FlowLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_reads_and_writes_the_json_it_always_did() {
+        let id: std::sync::Arc<str> = "spiffe://td/ns/shop/sa/web".into();
+        let e = FlowEntry {
+            reporter: "outbound".into(),
+            source: Peer {
+                identity: id.clone().into(),
+                number: Some(260),
+                address: Some(([10, 99, 11, 2], 40000).into()),
+                pod: Some(Text::copy("shop/web-0")),
+            },
+            destination: Peer {
+                identity: "world".into(),
+                address: Some("[fd00::1]:443".parse().expect("an address")),
+                ..Default::default()
+            },
+            protocol: "tcp".into(),
+            verdict: "forwarded".into(),
+            http: Some(HttpInfo {
+                method: "GET".into(),
+                path: "/".into(),
+                status: 200,
+            }),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&e).expect("serialises");
+        assert_eq!(json["source"]["identity"], "spiffe://td/ns/shop/sa/web");
+        assert_eq!(json["source"]["address"], "10.99.11.2:40000");
+        assert_eq!(json["destination"]["address"], "[fd00::1]:443");
+        assert_eq!(json["source"]["pod"], "shop/web-0");
+        assert_eq!(json["reporter"], "outbound");
+        assert_eq!(json["http"]["method"], "GET");
+        let back: FlowEntry = serde_json::from_value(json).expect("reads back");
+        assert_eq!(back, e);
+        assert_eq!(back.source.identity, "spiffe://td/ns/shop/sa/web");
+        // Shared text is the snapshot's string, not a copy of it.
+        match &e.source.identity {
+            Text::Shared(s) => assert!(std::sync::Arc::ptr_eq(s, &id)),
+            Text::Static(_) => panic!("an identity is shared"),
+        }
+    }
 
     #[test]
     fn a_reader_behind_the_ring_is_told_what_it_lost() {

@@ -128,10 +128,10 @@ pub async fn follow(
 fn entry(flow: &Flow, snap: &Snapshot, source: &str, destination: &str) -> crate::flow::FlowEntry {
     use crate::datapath::events::Verdict;
     let side = |identity: &str, number: u32, ip: std::net::IpAddr, port: u16| crate::flow::Peer {
-        identity: identity.to_owned(),
+        identity: crate::flow::Text::copy(identity),
         number: Some(number),
-        address: Some(std::net::SocketAddr::new(ip, port).to_string()),
-        pod: snap.pod_by_ip(ip).map(|w| w.key()),
+        address: Some(std::net::SocketAddr::new(ip, port)),
+        pod: snap.pod_name_by_ip(ip).map(Into::into),
     };
     crate::flow::FlowEntry {
         reporter: "kernel".into(),
@@ -141,7 +141,7 @@ fn entry(flow: &Flow, snap: &Snapshot, source: &str, destination: &str) -> crate
             6 => "tcp".into(),
             17 => "udp".into(),
             1 | 58 => "icmp".into(),
-            n => n.to_string(),
+            n => n.to_string().into(),
         },
         direction: Some(flow.direction.name().into()),
         verdict: match flow.verdict {

@@ -210,6 +210,11 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.id
     }
+
+    /// The whole ID as a shared string: a reference count, not a copy.
+    pub fn shared(&self) -> std::sync::Arc<str> {
+        self.id.clone()
+    }
 }
 
 impl FromStr for SpiffeId {

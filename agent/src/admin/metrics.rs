@@ -176,10 +176,83 @@ struct ServiceLabel {
 /// Routed requests' counters, by their labels, with when each was last used.
 #[derive(Debug, Default)]
 struct L7 {
-    requests: HashMap<RequestLabels, (u64, Instant)>,
-    durations: HashMap<DurationLabels, (prometheus_client::metrics::histogram::Histogram, Instant)>,
+    requests: Series<RequestLabels, (u64, Instant)>,
+    durations: Series<DurationLabels, (prometheus_client::metrics::histogram::Histogram, Instant)>,
     /// service → (retries, timeouts, ejections, rate limited, last used).
-    per_service: HashMap<ServiceLabel, ([u64; 4], Instant)>,
+    per_service: Series<ServiceLabel, ([u64; 4], Instant)>,
+}
+
+/// Label sets and their values, found by the labels as a request holds them (borrowed): a
+/// series is copied into owned labels once, when first seen, not on every request.
+#[derive(Debug)]
+struct Series<L, V> {
+    /// Fingerprint of the labels → the series with it (several only when fingerprints collide).
+    buckets: HashMap<u64, Vec<(L, V)>>,
+}
+
+impl<L, V> Default for Series<L, V> {
+    fn default() -> Self {
+        Self {
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+impl<L, V> Series<L, V> {
+    /// The value of the series whose labels are `labels` (and `code`), made by `make` when new.
+    fn get_or_insert(
+        &mut self,
+        labels: &[&str],
+        code: u16,
+        is: impl Fn(&L) -> bool,
+        make: impl FnOnce() -> (L, V),
+    ) -> &mut V {
+        let bucket = self.buckets.entry(fingerprint(labels, code)).or_default();
+        let i = match bucket.iter().position(|(l, _)| is(l)) {
+            Some(i) => i,
+            None => {
+                bucket.push(make());
+                bucket.len() - 1
+            }
+        };
+        &mut bucket[i].1
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&L, &V)> {
+        self.buckets.values().flatten().map(|(l, v)| (l, v))
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.buckets.retain(|_, b| {
+            b.retain(|(_, v)| keep(v));
+            !b.is_empty()
+        });
+    }
+}
+
+/// A fixed hash of label values: which bucket of a [`Series`] they belong in.
+fn fingerprint(labels: &[&str], code: u16) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = std::hash::DefaultHasher::new();
+    for l in labels {
+        h.write(l.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.write_u16(code);
+    h.finish()
+}
+
+/// The `method` label: a registered method as it is, any other `_OTHER` (as OpenTelemetry's
+/// HTTP conventions say), so a client cannot make a series per method name it invents.
+fn method_label(method: &str) -> &str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    if KNOWN.contains(&method) {
+        method
+    } else {
+        "_OTHER"
+    }
 }
 
 /// Request duration buckets, seconds: 1 ms to 10 s.
@@ -385,37 +458,67 @@ impl Metrics {
     pub fn l7_request(&self, r: L7Request<'_>) {
         let now = Instant::now();
         let mut l7 = lock(&self.inner.l7);
-        let labels = RequestLabels {
-            source: r.source.into(),
-            destination: r.destination.into(),
-            service: r.service.into(),
-            route: r.route.into(),
-            method: r.method.into(),
-            code: r.status,
-        };
-        let e = l7.requests.entry(labels).or_insert((0, now));
+        let method = method_label(r.method);
+        let key = [r.source, r.destination, r.service, r.route, method];
+        let same = |v: &Value, s: &str| v.0 == s;
+        let e = l7.requests.get_or_insert(
+            &key,
+            r.status,
+            |l| {
+                l.code == r.status
+                    && same(&l.source, r.source)
+                    && same(&l.destination, r.destination)
+                    && same(&l.service, r.service)
+                    && same(&l.route, r.route)
+                    && same(&l.method, method)
+            },
+            || {
+                let labels = RequestLabels {
+                    source: r.source.into(),
+                    destination: r.destination.into(),
+                    service: r.service.into(),
+                    route: r.route.into(),
+                    method: method.into(),
+                    code: r.status,
+                };
+                (labels, (0, now))
+            },
+        );
         e.0 += 1;
         e.1 = now;
-        let d = DurationLabels {
-            source: r.source.into(),
-            destination: r.destination.into(),
-            service: r.service.into(),
-            route: r.route.into(),
-        };
-        let h = l7.durations.entry(d).or_insert_with(|| {
-            (
-                prometheus_client::metrics::histogram::Histogram::new(DURATION_BUCKETS),
-                now,
-            )
-        });
+        let h = l7.durations.get_or_insert(
+            &key[..4],
+            0,
+            |l| {
+                same(&l.source, r.source)
+                    && same(&l.destination, r.destination)
+                    && same(&l.service, r.service)
+                    && same(&l.route, r.route)
+            },
+            || {
+                let labels = DurationLabels {
+                    source: r.source.into(),
+                    destination: r.destination.into(),
+                    service: r.service.into(),
+                    route: r.route.into(),
+                };
+                let h = prometheus_client::metrics::histogram::Histogram::new(DURATION_BUCKETS);
+                (labels, (h, now))
+            },
+        );
         h.0.observe(r.duration.as_secs_f64());
         h.1 = now;
-        let s = l7
-            .per_service
-            .entry(ServiceLabel {
-                service: r.backend.into(),
-            })
-            .or_insert(([0; 4], now));
+        let s = l7.per_service.get_or_insert(
+            &[r.backend],
+            0,
+            |l| same(&l.service, r.backend),
+            || {
+                let labels = ServiceLabel {
+                    service: r.backend.into(),
+                };
+                (labels, ([0; 4], now))
+            },
+        );
         s.0[0] += u64::from(r.retries);
         s.0[1] += u64::from(r.timed_out);
         s.0[2] += u64::from(r.ejections);
@@ -463,10 +566,9 @@ impl Metrics {
         lock(&inner.kernel).retain(|_, (_, seen)| seen.elapsed() < retain);
         {
             let mut l7 = lock(&inner.l7);
-            l7.requests.retain(|_, (_, seen)| seen.elapsed() < retain);
-            l7.durations.retain(|_, (_, seen)| seen.elapsed() < retain);
-            l7.per_service
-                .retain(|_, (_, seen)| seen.elapsed() < retain);
+            l7.requests.retain(|(_, seen)| seen.elapsed() < retain);
+            l7.durations.retain(|(_, seen)| seen.elapsed() < retain);
+            l7.per_service.retain(|(_, seen)| seen.elapsed() < retain);
         }
         *lock(&inner.gauges) = gauges.clone();
         let mut out = String::with_capacity(4096);
@@ -979,6 +1081,60 @@ mod tests {
         kept.verdict(Reporter::Inbound, "spiffe://td/c", "spiffe://td/d", "deny");
         kept.render(&Gauges::default());
         assert_eq!(kept.series(), 1);
+    }
+
+    #[test]
+    fn routed_requests_are_counted_per_label_set_and_invented_methods_share_one() {
+        let m = Metrics::default();
+        let req = |method, status, route| L7Request {
+            source: "spiffe://td/ns/shop/sa/web",
+            destination: "spiffe://td/ns/pay/sa/api",
+            service: "pay/api",
+            route,
+            backend: "pay/api",
+            method,
+            status,
+            duration: Duration::from_millis(3),
+            retries: 1,
+            timed_out: false,
+            ejections: 0,
+            rate_limited: false,
+        };
+        for _ in 0..3 {
+            m.l7_request(req("GET", 200, "pay/r1"));
+        }
+        m.l7_request(req("GET", 503, "pay/r1"));
+        m.l7_request(req("GET", 200, "pay/r2"));
+        for invented in ["FOO", "BAR1", "get"] {
+            m.l7_request(req(invented, 200, "pay/r1"));
+        }
+        let text = m.render(&Gauges::default());
+        let line = |method: &str, code: u16, route: &str, n: u32| {
+            format!(
+                "signet_http_requests_total{{source=\"spiffe://td/ns/shop/sa/web\",destination=\"spiffe://td/ns/pay/sa/api\",service=\"pay/api\",route=\"{route}\",method=\"{method}\",code=\"{code}\"}} {n}"
+            )
+        };
+        for want in [
+            line("GET", 200, "pay/r1", 3),
+            line("GET", 503, "pay/r1", 1),
+            line("GET", 200, "pay/r2", 1),
+            line("_OTHER", 200, "pay/r1", 3),
+            "signet_http_retries_total{service=\"pay/api\"} 8".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing `{want}` in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("FOO") && !text.contains("method=\"get\""),
+            "{text}"
+        );
+        let count = text
+            .lines()
+            .filter(|l| l.starts_with("signet_http_request_duration_seconds_count"))
+            .count();
+        assert_eq!(count, 2, "one duration series per route: {text}");
     }
 
     #[test]

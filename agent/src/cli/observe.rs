@@ -7,7 +7,6 @@
 //! silence.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -91,19 +90,14 @@ impl Filter {
             Some(prefix) => id.starts_with(prefix),
             None => id == want,
         };
-        let port = e
-            .destination
-            .address
-            .as_deref()
-            .and_then(|a| a.parse::<SocketAddr>().ok())
-            .map(|a| a.port());
+        let port = e.destination.address.map(|a| a.port());
         self.from_pod
             .as_ref()
-            .is_none_or(|p| e.source.pod.as_ref() == Some(p))
+            .is_none_or(|p| e.source.pod.as_ref().is_some_and(|s| s == p))
             && self
                 .to_pod
                 .as_ref()
-                .is_none_or(|p| e.destination.pod.as_ref() == Some(p))
+                .is_none_or(|p| e.destination.pod.as_ref().is_some_and(|s| s == p))
             && self
                 .namespace
                 .as_ref()
@@ -167,19 +161,25 @@ pub fn run(args: ObserveArgs) -> u8 {
             .map_or(0, |t| t.as_millis() as u64);
         now.saturating_sub(d.as_millis() as u64)
     });
-    let print = |line: &Line| {
-        let text = match (args.output, line) {
-            (Output::Json, l) => serde_json::to_string(l).unwrap_or_default(),
-            (Output::Compact, Line::Flow(e)) => compact(e),
-            (Output::Compact, Line::Lost { node, lost }) => format!(
+    // Lines are written as a batch and flushed when no more are waiting: one write per batch,
+    // not per record, when flows come by the thousand.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let mut print = |line: Option<&Line>| {
+        let Some(line) = line else {
+            return out.flush().is_ok();
+        };
+        let written = match (args.output, line) {
+            (Output::Json, l) => serde_json::to_writer(&mut out, l).map_err(std::io::Error::from),
+            (Output::Compact, Line::Flow(e)) => out.write_all(compact(e).as_bytes()),
+            (Output::Compact, Line::Lost { node, lost }) => write!(
+                out,
                 "!! {node}: {lost} flow records lost (this reader was slower than they came)"
             ),
         };
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+        written.is_ok() && out.write_all(b"\n").is_ok()
     };
     if args.follow {
-        return match follow(&topology, since_ms, &args.filter, |l| print(l)) {
+        return match follow(&topology, since_ms, &args.filter, &mut print) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("signet observe: {e}");
@@ -192,10 +192,11 @@ pub fn run(args: ObserveArgs) -> u8 {
     match collected {
         Ok((lines, unreachable)) => {
             for l in &lines {
-                if !print(l) {
+                if !print(Some(l)) {
                     break;
                 }
             }
+            print(None);
             for e in &unreachable {
                 eprintln!("signet observe: {e}");
             }
@@ -252,19 +253,20 @@ pub fn collect(
         Line::Lost { .. } => true,
     });
     lines.sort_by_key(|l| match l {
-        Line::Flow(e) => (e.time_ms, e.node.clone(), e.seq),
+        Line::Flow(e) => (e.time_ms, e.node.to_string(), e.seq),
         Line::Lost { node, .. } => (0, node.clone(), 0),
     });
     Ok((lines, unreachable))
 }
 
 /// Follows every node until `each` returns false or every stream has ended; a node whose
-/// stream breaks is asked again from the last record seen.
+/// stream breaks is asked again from the last record seen. `each` gets every line the filter
+/// admits, then `None` whenever no more are waiting (the moment to flush what it wrote).
 pub fn follow(
     topology: &Topology,
     since_ms: u64,
     filter: &Filter,
-    mut each: impl FnMut(&Line) -> bool,
+    mut each: impl FnMut(Option<&Line>) -> bool,
 ) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel::<Line>();
     for n in topology.nodes.clone() {
@@ -287,12 +289,17 @@ pub fn follow(
         });
     }
     drop(tx);
-    for line in rx {
-        let shown = match &line {
-            Line::Flow(e) => filter.admits(e),
-            Line::Lost { .. } => true,
-        };
-        if shown && !each(&line) {
+    while let Ok(first) = rx.recv() {
+        for line in std::iter::once(first).chain(rx.try_iter()) {
+            let shown = match &line {
+                Line::Flow(e) => filter.admits(e),
+                Line::Lost { .. } => true,
+            };
+            if shown && !each(Some(&line)) {
+                return Ok(());
+            }
+        }
+        if !each(None) {
             return Ok(());
         }
     }
@@ -323,7 +330,7 @@ pub fn compact(e: &FlowEntry) -> String {
         let who = p.pod.clone().unwrap_or_else(|| p.identity.clone());
         match &p.address {
             Some(a) => format!("{who} ({a})"),
-            None => who,
+            None => who.to_string(),
         }
     };
     let mut line = format!(
@@ -372,7 +379,7 @@ mod tests {
             },
             destination: Peer {
                 identity: "spiffe://cluster.local/ns/payments/sa/api".into(),
-                address: Some("10.99.21.2:8080".into()),
+                address: Some(([10, 99, 21, 2], 8080).into()),
                 pod: Some("payments/api-0".into()),
                 ..Default::default()
             },

@@ -51,7 +51,7 @@ impl L7Flow {
             reason: Some(reason.to_owned()),
             rule: rule.map(str::to_owned),
             http: Some(crate::flow::HttpInfo {
-                method: method.to_owned(),
+                method: crate::flow::Text::copy(method),
                 path: path.to_owned(),
                 status,
             }),

@@ -114,7 +114,7 @@ impl hbone::ByteCounter for FlowCounters {
 pub fn peer(snap: &Snapshot, identity: &str, address: Option<SocketAddr>) -> crate::flow::Peer {
     match signet_ca::SpiffeId::parse(identity) {
         Ok(id) => peer_of(snap, &id, address),
-        Err(_) => named_peer(snap, identity, None, address),
+        Err(_) => named_peer(snap, crate::flow::Text::copy(identity), None, address),
     }
 }
 
@@ -125,22 +125,22 @@ pub fn peer_of(
     address: Option<SocketAddr>,
 ) -> crate::flow::Peer {
     let number = snap.identities.get(identity).copied();
-    named_peer(snap, identity.as_str(), number, address)
+    named_peer(snap, identity.shared().into(), number, address)
 }
 
 fn named_peer(
     snap: &Snapshot,
-    identity: &str,
+    identity: crate::flow::Text,
     number: Option<u32>,
     address: Option<SocketAddr>,
 ) -> crate::flow::Peer {
     crate::flow::Peer {
-        identity: identity.to_owned(),
+        identity,
         number,
-        address: address.map(|a| a.to_string()),
+        address,
         pod: address
-            .and_then(|a| snap.pod_by_ip(a.ip()))
-            .map(|w| w.key()),
+            .and_then(|a| snap.pod_name_by_ip(a.ip()))
+            .map(Into::into),
     }
 }
 
@@ -177,12 +177,12 @@ impl FlowRecord {
         let peers = if metrics.flows().enabled() {
             (
                 crate::flow::Peer {
-                    identity: source.clone(),
+                    identity: crate::flow::Text::copy(&source),
                     ..Default::default()
                 },
                 crate::flow::Peer {
-                    identity: destination.clone(),
-                    address: Some(target.to_string()),
+                    identity: crate::flow::Text::copy(&destination),
+                    address: Some(target),
                     ..Default::default()
                 },
             )
@@ -228,18 +228,20 @@ impl FlowRecord {
 
     pub fn finish(&self, meter: &hbone::Meter, error: Option<&std::io::Error>) {
         let end = match error {
-            None => "closed".to_owned(),
-            Some(e) if e.kind() == std::io::ErrorKind::TimedOut => format!("idle timeout ({e})"),
-            Some(e) => format!("error: {e}"),
+            None => "closed".into(),
+            Some(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                format!("idle timeout ({e})").into()
+            }
+            Some(e) => format!("error: {e}").into(),
         };
-        self.log(meter, &end);
+        self.log(meter, end);
     }
 
     pub fn finish_closed_by_policy(&self, meter: &hbone::Meter) {
-        self.log(meter, "closed by a policy change");
+        self.log(meter, "closed by a policy change".into());
     }
 
-    fn log(&self, meter: &hbone::Meter, end: &str) {
+    fn log(&self, meter: &hbone::Meter, end: crate::flow::Text) {
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
         let (to_h2, from_h2) = (
             meter.to_h2.load(Ordering::Relaxed),
@@ -260,7 +262,7 @@ impl FlowRecord {
             sent,
             received,
             duration_ms,
-            end,
+            end = end.as_str(),
             "flow"
         );
         if !self.flows.enabled() {
@@ -281,7 +283,7 @@ impl FlowRecord {
             sent,
             received,
             duration_ms,
-            end: Some(end.to_owned()),
+            end: Some(end),
             ..Default::default()
         });
     }
@@ -356,7 +358,7 @@ pub fn refuse_unidentified(
         end: Some("refused".into()),
         source: crate::flow::Peer {
             identity: crate::admin::metrics::UNKNOWN.into(),
-            address: Some(peer.to_string()),
+            address: Some(peer),
             ..Default::default()
         },
         destination: crate::flow::Peer {

@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub nodes: HashMap<String, IpAddr>,
     pub identities: BTreeMap<SpiffeId, u32>,
     pub pods_by_ip: HashMap<IpAddr, usize>,
+    /// `namespace/name` of each workload (by its index), made once for the records that name
+    /// pods (one per connection and per routed request).
+    pod_names: Vec<std::sync::Arc<str>>,
     /// Addresses no pod owns until their claims are resolved (`resolve_claims`), and why. The
     /// proxy refuses them; the kernel captures them and the proxy refuses them there too.
     pub refused_ips: BTreeMap<IpAddr, String>,
@@ -584,6 +587,12 @@ pub fn build_loaded(
         .enumerate()
         .map(|(i, ep)| (ep.workload, i))
         .collect();
+    let pod_names = state
+        .cluster
+        .workloads
+        .iter()
+        .map(|w| w.key().into())
+        .collect();
     Ok(Snapshot {
         generation: 0,
         local_by_workload,
@@ -593,6 +602,7 @@ pub fn build_loaded(
         nodes: extra.nodes,
         identities,
         pods_by_ip,
+        pod_names,
         refused_ips: refused,
         ignored_annotations,
         local,
@@ -649,6 +659,11 @@ impl Snapshot {
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         self.pods_by_ip.get(&ip).map(|i| self.workload(*i))
+    }
+
+    /// `namespace/name` of the pod at `ip`, shared.
+    pub fn pod_name_by_ip(&self, ip: IpAddr) -> Option<std::sync::Arc<str>> {
+        self.pods_by_ip.get(&ip).map(|i| self.pod_names[*i].clone())
     }
 
     pub fn local_by_ip(&self, ip: IpAddr) -> Option<&LocalEndpoint> {
