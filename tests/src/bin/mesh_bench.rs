@@ -14,9 +14,9 @@
 //! connection (p50, p99), and new connections per second (4 clients, connect + 1 byte + close).
 //! Then the agents' RSS idle and with 1,000 connections held open through the mesh. Every
 //! figure is printed with its ratio to the direct path. With `--signet PATH` (the `signet`
-//! binary) the connection test through the mesh runs once more while `signet observe -f`
-//! follows every agent, printed as the ratio to the same test without a follower, with the
-//! records it streamed and any it was told it lost.
+//! binary) the connection test through the mesh runs in three more pairs, without and with
+//! `signet observe -f` following every agent, back to back; the medians' ratio is printed with
+//! the records the follower streamed and any it was told it lost.
 //!
 //! Subcommands `serve` and `load` are the halves it runs inside the namespaces.
 
@@ -315,48 +315,67 @@ fn run(args: &Args) {
         });
         results.push(pair);
     }
-    // Observe on: the same connection test through the mesh while `signet observe -f` follows
-    // every agent's flow log (the ring records either way; off means no one reads it).
+    // Observe on and off: the same connection test through the mesh, alternately with and
+    // without `signet observe -f` following every agent's flow log (the ring records either
+    // way; off means no one reads it). One sample of each, minutes apart, said more about the
+    // machine (other tenants' load, the hypervisor's steal) than about observe: three pairs,
+    // back to back, and the median of each side.
+    const ROUNDS: usize = 3;
     let observed = args.value("--signet").map(|signet| {
-        let mut follower = Command::new(signet)
-            .args([
-                "observe",
-                "-f",
-                "-o",
-                "json",
-                "--topology",
-                args.need("--topology"),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| fail(format!("{signet}: {e}")));
-        let out = follower
-            .stdout
-            .take()
-            .unwrap_or_else(|| fail("no stdout".into()));
-        let counter = std::thread::spawn(move || {
-            let (mut records, mut lost) = (0u64, 0u64);
-            for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
-            {
-                match serde_json::from_str::<serde_json::Value>(&line) {
-                    Ok(v) if v["lost"].is_u64() => lost += v["lost"].as_u64().unwrap_or(0),
-                    Ok(_) => records += 1,
-                    Err(_) => {}
+        let connect = || {
+            let r = load_in(
+                &paths[1],
+                &["--kind", "connect", "--streams", "4", "--seconds", &secs],
+            );
+            get_f64(&r, "per_s")
+        };
+        let (mut off, mut on, mut records, mut lost) = (vec![], vec![], 0u64, 0u64);
+        for round in 1..=ROUNDS {
+            off.push(connect());
+            let mut follower = Command::new(signet)
+                .args([
+                    "observe",
+                    "-f",
+                    "-o",
+                    "json",
+                    "--topology",
+                    args.need("--topology"),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| fail(format!("{signet}: {e}")));
+            let out = follower
+                .stdout
+                .take()
+                .unwrap_or_else(|| fail("no stdout".into()));
+            let counter = std::thread::spawn(move || {
+                let (mut records, mut lost) = (0u64, 0u64);
+                for line in
+                    std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+                {
+                    match serde_json::from_str::<serde_json::Value>(&line) {
+                        Ok(v) if v["lost"].is_u64() => lost += v["lost"].as_u64().unwrap_or(0),
+                        Ok(_) => records += 1,
+                        Err(_) => {}
+                    }
                 }
-            }
-            (records, lost)
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        let r = load_in(
-            &paths[1],
-            &["--kind", "connect", "--streams", "4", "--seconds", &secs],
-        );
-        eprintln!("signet connect x4 with observe -f: {r}");
-        let _ = follower.kill();
-        let _ = follower.wait();
-        let (records, lost) = counter.join().unwrap_or((0, 0));
-        (r, records, lost)
+                (records, lost)
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            on.push(connect());
+            let _ = follower.kill();
+            let _ = follower.wait();
+            let (r, l) = counter.join().unwrap_or((0, 0));
+            records += r;
+            lost += l;
+            eprintln!(
+                "signet connect x4, round {round}: observe off {:.0}/s, on {:.0}/s",
+                off[round - 1],
+                on[round - 1]
+            );
+        }
+        (median(&mut off), median(&mut on), records, lost)
     });
     let rss_idle: Vec<(String, u64)> = agents
         .iter()
@@ -379,7 +398,7 @@ fn run(args: &Args) {
             s / d
         );
     };
-    let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let get = get_f64;
     row(
         "throughput, 1 stream",
         get(&results[0][0], "gbit_per_s"),
@@ -411,16 +430,17 @@ fn run(args: &Args) {
         get(&results[3][1], "per_s"),
         "/s",
     );
-    if let Some((r, records, lost)) = &observed {
-        let (off, on) = (get(&results[3][1], "per_s"), get(r, "per_s"));
+    if let Some((off, on, records, lost)) = &observed {
         println!(
-            "{:<34} {:>10.2} /s  {:>10.2} /s  {:>9.2}x  (observe on / off)",
+            "{:<34} {:>10.2} /s  {:>10.2} /s  {:>9.2}x  (observe off / on, median of {ROUNDS} pairs)",
             "  with signet observe -f following",
             off,
             on,
             on / off
         );
-        println!("  the follower received {records} flow records during it, {lost} reported lost");
+        println!(
+            "  the follower received {records} flow records during them, {lost} reported lost"
+        );
     }
     let failed = get(&results[3][1], "failed");
     if failed > 0.0 {
@@ -477,6 +497,16 @@ fn load_command(p: &Path, extra: &[&str]) -> Command {
     }
     c.args(extra);
     c
+}
+
+fn get_f64(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// The middle of `xs` (the upper middle of an even count).
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn load_in(p: &Path, extra: &[&str]) -> serde_json::Value {
