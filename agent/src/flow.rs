@@ -30,7 +30,21 @@ pub enum Text {
     Shared(std::sync::Arc<str>),
 }
 
+/// The registered HTTP methods (RFC 9110 and PATCH): a flow record holds them as constants,
+/// and metrics label any other method `_OTHER`.
+pub const HTTP_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 impl Text {
+    /// `method` as a record holds it: a constant when registered, else a copy.
+    pub fn method(method: &str) -> Self {
+        match HTTP_METHODS.iter().find(|m| **m == method) {
+            Some(m) => Text::Static(m),
+            None => Text::copy(method),
+        }
+    }
+
     /// A copy of `s` (for text that is neither constant nor shared already).
     pub fn copy(s: &str) -> Self {
         Text::Shared(s.into())

@@ -245,10 +245,7 @@ fn fingerprint(labels: &[&str], code: u16) -> u64 {
 /// The `method` label: a registered method as it is, any other `_OTHER` (as OpenTelemetry's
 /// HTTP conventions say), so a client cannot make a series per method name it invents.
 fn method_label(method: &str) -> &str {
-    const KNOWN: [&str; 9] = [
-        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-    ];
-    if KNOWN.contains(&method) {
+    if crate::flow::HTTP_METHODS.contains(&method) {
         method
     } else {
         "_OTHER"

@@ -51,7 +51,7 @@ impl L7Flow {
             reason: Some(reason.to_owned()),
             rule: rule.map(str::to_owned),
             http: Some(crate::flow::HttpInfo {
-                method: crate::flow::Text::copy(method),
+                method: crate::flow::Text::method(method),
                 path: path.to_owned(),
                 status,
             }),

@@ -504,24 +504,13 @@ impl Conn {
                 .or_else(|| grpc_status.map(|g| format!("grpc-status {g}"))),
             rule: (!info.route.is_empty()).then(|| format!("route {}", info.route)),
             http: Some(crate::flow::HttpInfo {
-                method: method_text(method),
+                method: crate::flow::Text::method(method.as_str()),
                 path: path.to_owned(),
                 status: status.as_u16(),
             }),
             duration_ms: started.elapsed().as_millis() as u64,
             ..Default::default()
         });
-    }
-}
-
-/// A request's method as a flow record holds it: a constant for the registered ones.
-fn method_text(method: &http::Method) -> crate::flow::Text {
-    const KNOWN: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
-    ];
-    match KNOWN.iter().find(|m| **m == method.as_str()) {
-        Some(m) => crate::flow::Text::Static(m),
-        None => crate::flow::Text::copy(method.as_str()),
     }
 }
 
