@@ -19,10 +19,16 @@ attach() {
     ip -n "$NS-node-$other" route add "$net.0/24" via "$(node_ip "$node")"
 }
 
-# make_ca PREFIX CN: a P-256 CA, PREFIX.pem and PREFIX.key.
+# make_ca PREFIX CN: a P-256 CA, PREFIX.pem and PREFIX.key. Its extensions are those strict
+# validators require of a CA (RFC 5280 4.2.1.3, 4.2.1.9): basic constraints critical, key usage
+# keyCertSign and cRLSign.
 make_ca() {
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=$2" \
-        -keyout "$1.key" -out "$1.pem" 2>/dev/null
+        -config <(printf '[req]\ndistinguished_name = dn\n[dn]\n[ca]\n%s\n%s\n%s\n' \
+            'basicConstraints = critical, CA:TRUE' \
+            'keyUsage = critical, keyCertSign, cRLSign' \
+            'subjectKeyIdentifier = hash') \
+        -extensions ca -keyout "$1.key" -out "$1.pem" 2>/dev/null
 }
 
 # tls_secret_yaml NAMESPACE NAME PREFIX: a kubernetes.io/tls Secret of PREFIX.crt and PREFIX.key,
@@ -32,11 +38,14 @@ tls_secret_yaml() {
         "$2" "$1" "$(base64 -w0 < "$3.crt")" "$(base64 -w0 < "$3.key")"
 }
 
-# issue_cert CA_PREFIX OUT_PREFIX HOST: a certificate for HOST signed by the CA, OUT_PREFIX.crt
-# and OUT_PREFIX.key.
+# issue_cert CA_PREFIX OUT_PREFIX HOST: a TLS server certificate for HOST signed by the CA,
+# OUT_PREFIX.crt and OUT_PREFIX.key: not a CA, digitalSignature, serverAuth.
 issue_cert() {
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$3" \
         -keyout "$2.key" -out "$2.csr" 2>/dev/null
     openssl x509 -req -in "$2.csr" -CA "$1.pem" -CAkey "$1.key" -CAcreateserial -days 7 \
-        -extfile <(printf 'subjectAltName=DNS:%s' "$3") -out "$2.crt" 2>/dev/null
+        -extfile <(printf '%s\n' "subjectAltName = DNS:$3" 'basicConstraints = critical, CA:FALSE' \
+            'keyUsage = critical, digitalSignature' 'extendedKeyUsage = serverAuth' \
+            'subjectKeyIdentifier = hash' 'authorityKeyIdentifier = keyid') \
+        -out "$2.crt" 2>/dev/null
 }

@@ -957,3 +957,43 @@ fn wait_for_status(t: &Topology, ca: &Path, status: u16) -> Reply {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The demo's edge CA and the certificates it issues (`deploy/local/lib.sh`) satisfy a strict
+/// validator (RFC 5280 key usage and basic constraints), and the server certificate cannot act
+/// as a CA: a certificate it signs fails the same check.
+#[test]
+fn the_demo_edge_certificates_pass_strict_x509_verification_and_a_leaf_cannot_sign() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/lib.sh");
+    let run = |script: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(". '{}' && {script}", lib.display()))
+            .current_dir(dir.path())
+            .output()
+            .expect("bash");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run("make_ca ca 'edge CA' && issue_cert ca leaf a.example.test");
+    assert!(ok, "making the demo's certificates: {out}");
+    let (ok, out) = run("openssl verify -x509_strict -purpose sslserver -CAfile ca.pem leaf.crt");
+    assert!(ok && out.contains("leaf.crt: OK"), "{out}");
+    let (ok, out) = run("openssl x509 -in leaf.crt -noout -ext keyUsage,extendedKeyUsage");
+    assert!(
+        ok && out.contains("Digital Signature") && out.contains("TLS Web Server Authentication"),
+        "{out}"
+    );
+    // The attack: the server certificate's key signs another certificate.
+    let (ok, out) = run(
+        "cp leaf.crt leaf.pem && issue_cert leaf forged b.example.test && \
+         openssl verify -x509_strict -CAfile ca.pem -untrusted leaf.crt forged.crt",
+    );
+    assert!(
+        !ok && out.contains("invalid CA certificate"),
+        "a certificate signed by a leaf must not verify: {out}"
+    );
+}

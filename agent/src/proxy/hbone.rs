@@ -537,7 +537,7 @@ impl HboneClient {
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
             .max_frame_size(MAX_FRAME)
-            .handshake(tls_stream)
+            .handshake(super::coalesce::Coalesced::new(tls_stream))
             .await
             .map_err(|source| HboneError::H2 { node, source })?;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -670,7 +670,7 @@ where
         .initial_connection_window_size(4 << 20)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(1024)
-        .handshake(io)
+        .handshake(super::coalesce::Coalesced::new(io))
         .await?;
     let mut draining = false;
     loop {

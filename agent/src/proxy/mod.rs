@@ -3,6 +3,7 @@
 //! (`crate::gateway::server`) share its context with a connection budget of their own.
 
 pub mod balance;
+pub mod coalesce;
 pub mod conns;
 pub mod forward;
 pub mod hbone;
