@@ -234,6 +234,16 @@ mod tests {
                 Some("GRPCRoute") => res
                     .grpc_routes
                     .push(serde_json::from_value(v).expect("grpc route")),
+                Some("Gateway") => res
+                    .gateways
+                    .push(serde_json::from_value(v).expect("gateway")),
+                Some("GatewayClass") => res.classes.push(serde_json::from_value(v).expect("class")),
+                Some("Namespace") => {
+                    let labels =
+                        serde_json::from_value(v["metadata"]["labels"].clone()).unwrap_or_default();
+                    let name = v["metadata"]["name"].as_str().expect("name").to_owned();
+                    res.namespace_labels.insert(name, labels);
+                }
                 other => panic!("unexpected kind {other:?}"),
             }
         }
@@ -567,5 +577,127 @@ spec:
         assert_eq!(to("/other.Svc/Unary"), None);
         let edge = parents(&cfg.status, "at-the-edge");
         assert!(edge[0].3.starts_with("NotAllowedByListeners"), "{edge:?}");
+    }
+
+    #[test]
+    fn a_listener_selector_admits_routes_only_from_namespaces_whose_labels_match() {
+        let res = resources(
+            "\
+kind: GatewayClass
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: public, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - name: teams
+    port: 80
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector:
+          matchLabels: {expose: 'yes'}
+          matchExpressions: [{key: tier, operator: NotIn, values: [internal]}]
+  - name: by-name
+    port: 8080
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector: {matchLabels: {kubernetes.io/metadata.name: shop}}
+  - name: broken
+    port: 8081
+    protocol: HTTP
+    allowedRoutes:
+      namespaces:
+        from: Selector
+        selector: {matchExpressions: [{key: expose, operator: Near}]}
+  - name: unset
+    port: 8082
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: Selector}}
+---
+kind: Namespace
+apiVersion: v1
+metadata: {name: shop, labels: {expose: 'yes'}}
+---
+kind: Namespace
+apiVersion: v1
+metadata: {name: web, labels: {expose: 'yes', tier: internal}}
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: shop-route, namespace: shop}
+spec:
+  parentRefs:
+  - {name: public, namespace: edge, sectionName: teams}
+  - {name: public, namespace: edge, sectionName: by-name}
+  - {name: public, namespace: edge, sectionName: broken}
+  - {name: public, namespace: edge, sectionName: unset}
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: web-route, namespace: web}
+spec:
+  parentRefs: [{name: public, namespace: edge, sectionName: teams}]
+  rules: [{backendRefs: [{name: api, namespace: shop, port: 80}]}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: stray-route, namespace: stray}
+spec:
+  parentRefs: [{name: public, namespace: edge, sectionName: by-name}]
+  rules: [{backendRefs: [{name: api, namespace: shop, port: 80}]}]
+",
+        );
+        let cfg = build(&res, &TD.parse().expect("td"));
+        let accepted = |name: &str, section: &str| {
+            parents(&cfg.status, name)
+                .into_iter()
+                .filter(|(p, t, _, _)| p.contains(section) && t == "Accepted")
+                .map(|(_, _, status, why)| (status, why))
+                .collect::<Vec<_>>()
+        };
+        let all = parents(&cfg.status, "shop-route");
+        // A labelled namespace attaches through the selector and by its own name label.
+        let on = |section: &str| {
+            all.iter().any(|(p, t, s, _)| {
+                p.ends_with(&format!("/{section}")) && t == "Accepted" && s == "True"
+            })
+        };
+        assert!(on("teams") && on("by-name"), "{all:?}");
+        // Its routes never attach through a listener whose selector is malformed or missing;
+        // each says why.
+        let refused: Vec<&String> = all
+            .iter()
+            .filter(|(_, t, s, _)| t == "Accepted" && s == "False")
+            .map(|(_, _, _, why)| why)
+            .collect();
+        assert!(
+            refused.iter().any(|w| w.contains("broken")
+                && w.contains("selector.matchExpressions[0].operator")
+                && w.contains("Near")),
+            "{all:?}"
+        );
+        assert!(
+            refused.iter().any(|w| w.contains("unset")
+                && w.contains("allowedRoutes.namespaces.selector is required")),
+            "{all:?}"
+        );
+        // The attack: a namespace that carries the wanted label but also the excluded tier, and
+        // one with no labels at all, cannot attach.
+        let web = accepted("web-route", "teams");
+        assert!(
+            web.len() == 1 && web[0].0 == "False" && web[0].1.starts_with("NotAllowedByListeners"),
+            "{web:?}"
+        );
+        let stray = accepted("stray-route", "by-name");
+        assert!(stray.len() == 1 && stray[0].0 == "False", "{stray:?}");
     }
 }

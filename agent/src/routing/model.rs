@@ -15,6 +15,7 @@ use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::{Gateway, GatewayListeners, GatewayListenersTlsMode};
 use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use signet_ca::placement::Placement;
@@ -37,6 +38,8 @@ pub struct Resources {
     pub secrets: Vec<Secret>,
     /// `namespace/name` → ports of each Service, to validate backendRefs.
     pub services: HashMap<(String, String), Vec<u16>>,
+    /// Namespace → its labels, for listeners whose `allowedRoutes.namespaces.from` is `Selector`.
+    pub namespace_labels: HashMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -763,19 +766,21 @@ fn listener(
         {
             continue;
         }
-        if !allowed_namespace(l, gns, &rns) {
+        let refusal = match allowed_namespace(l, gns, &rns, &res.namespace_labels) {
+            Ok(true) => None,
+            Ok(false) => Some(format!(
+                "listener {} does not allow routes from namespace {rns}",
+                l.name
+            )),
+            Err(why) => Some(format!("listener {}: {why}", l.name)),
+        };
+        if let Some(why) = refusal {
             push_route_status(
                 route_status,
                 &rns,
                 &rname,
                 parent,
-                not_accepted(
-                    "NotAllowedByListeners",
-                    format!(
-                        "listener {} does not allow routes from namespace {rns}",
-                        l.name
-                    ),
-                ),
+                not_accepted("NotAllowedByListeners", why),
             );
             continue;
         }
@@ -838,18 +843,55 @@ fn listener(
     )
 }
 
-fn allowed_namespace(l: &GatewayListeners, gns: &str, rns: &str) -> bool {
+/// Whether routes in namespace `rns` may attach to listener `l` of a Gateway in `gns`; `Err` names
+/// what is wrong with the listener's selector (no route attaches through it).
+fn allowed_namespace(
+    l: &GatewayListeners,
+    gns: &str,
+    rns: &str,
+    namespace_labels: &HashMap<String, BTreeMap<String, String>>,
+) -> Result<bool, String> {
     use gateway_api::gateways::GatewayListenersAllowedRoutesNamespacesFrom as From;
-    match l
+    let namespaces = l
         .allowed_routes
         .as_ref()
-        .and_then(|a| a.namespaces.as_ref())
-        .and_then(|n| n.from.as_ref())
-    {
-        None | Some(From::Same) => gns == rns,
-        Some(From::All) => true,
-        // Namespace labels are not part of the gateway's view yet: only the same namespace.
-        Some(From::Selector) => gns == rns,
+        .and_then(|a| a.namespaces.as_ref());
+    match namespaces.and_then(|n| n.from.as_ref()) {
+        None | Some(From::Same) => Ok(gns == rns),
+        Some(From::All) => Ok(true),
+        Some(From::Selector) => {
+            let path = "allowedRoutes.namespaces.selector";
+            let Some(sel) = namespaces.and_then(|n| n.selector.as_ref()) else {
+                return Err(format!("{path} is required when `from` is Selector"));
+            };
+            let k8s = LabelSelector {
+                match_labels: sel.match_labels.clone(),
+                match_expressions: sel.match_expressions.as_ref().map(|all| {
+                    all.iter()
+                        .map(|e| LabelSelectorRequirement {
+                            key: e.key.clone(),
+                            operator: e.operator.clone(),
+                            values: e.values.clone(),
+                        })
+                        .collect()
+                }),
+            };
+            let mut errs = vec![];
+            let selector = signet_policy::model::Selector::from_k8s(&k8s, path, &mut errs);
+            if !errs.is_empty() {
+                let why: Vec<String> = errs
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.message))
+                    .collect();
+                return Err(why.join("; "));
+            }
+            // As the API server does, every namespace carries its own name as a label.
+            let mut labels = namespace_labels.get(rns).cloned().unwrap_or_default();
+            labels
+                .entry("kubernetes.io/metadata.name".to_owned())
+                .or_insert_with(|| rns.to_owned());
+            Ok(selector.matches(&labels))
+        }
     }
 }
 

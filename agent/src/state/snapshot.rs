@@ -299,7 +299,18 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
         services: objects.services.clone(),
         slices: objects.slices.clone(),
         endpoints: objects.endpoints.clone(),
-        gateway: objects.gateway.clone(),
+        gateway: crate::routing::model::Resources {
+            namespace_labels: objects
+                .policy
+                .namespaces
+                .iter()
+                .filter_map(|n| {
+                    let labels = n.metadata.labels.clone().unwrap_or_default();
+                    Some((n.metadata.name.clone()?, labels))
+                })
+                .collect(),
+            ..objects.gateway.clone()
+        },
         nodes,
         node_labels,
         pod_cidrs,
