@@ -431,7 +431,12 @@ spec:
         );
         let cfg = build(&res, &TD.parse().expect("td"));
         let refused = parents(&cfg.status, "mirror");
-        assert_eq!(refused.len(), 1, "{refused:?}");
+        // Accepted=False, and ResolvedRefs as the spec wants it on every parent status.
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert_eq!(
+            (refused[1].1.as_str(), refused[1].2.as_str()),
+            ("ResolvedRefs", "True")
+        );
         let (_, type_, status, message) = &refused[0];
         assert_eq!((type_.as_str(), status.as_str()), ("Accepted", "False"));
         for named in [
@@ -580,7 +585,7 @@ spec:
     }
 
     #[test]
-    fn a_listener_selector_admits_routes_only_from_namespaces_whose_labels_match() {
+    fn listener_selectors_admit_routes_by_namespace_labels_and_every_parent_ref_gets_a_status() {
         let res = resources(
             "\
 kind: GatewayClass
@@ -654,6 +659,13 @@ metadata: {name: stray-route, namespace: stray}
 spec:
   parentRefs: [{name: public, namespace: edge, sectionName: by-name}]
   rules: [{backendRefs: [{name: api, namespace: shop, port: 80}]}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: lost-route, namespace: edge}
+spec:
+  parentRefs: [{name: public, sectionName: nope}, {name: public, port: 9999}]
+  rules: [{backendRefs: [{name: api, namespace: shop, port: 80}]}]
 ",
         );
         let cfg = build(&res, &TD.parse().expect("td"));
@@ -696,6 +708,38 @@ spec:
         assert!(
             web.len() == 1 && web[0].0 == "False" && web[0].1.starts_with("NotAllowedByListeners"),
             "{web:?}"
+        );
+        // Every parent status carries ResolvedRefs, accepted or not (the spec's rule); the
+        // refused web-route's backendRef crosses namespaces without a ReferenceGrant.
+        // A parentRef whose sectionName or port names no listener is answered, not ignored.
+        let lost = parents(&cfg.status, "lost-route");
+        let lost_accepted: Vec<_> = lost.iter().filter(|(_, t, ..)| t == "Accepted").collect();
+        assert!(
+            lost_accepted.len() == 2
+                && lost_accepted
+                    .iter()
+                    .all(|(_, _, s, why)| s == "False" && why.starts_with("NoMatchingParent")),
+            "{lost:?}"
+        );
+        for name in ["shop-route", "web-route", "stray-route", "lost-route"] {
+            let ps = parents(&cfg.status, name);
+            for (parent, ..) in &ps {
+                assert!(
+                    ps.iter()
+                        .any(|(p, t, ..)| p == parent && t == "ResolvedRefs"),
+                    "{name} {parent}: {ps:?}"
+                );
+            }
+        }
+        let web_refs: Vec<_> = parents(&cfg.status, "web-route")
+            .into_iter()
+            .filter(|(_, t, ..)| t == "ResolvedRefs")
+            .collect();
+        assert!(
+            web_refs.len() == 1
+                && web_refs[0].2 == "False"
+                && web_refs[0].3.starts_with("RefNotPermitted"),
+            "{web_refs:?}"
         );
         let stray = accepted("stray-route", "by-name");
         assert!(stray.len() == 1 && stray[0].0 == "False", "{stray:?}");

@@ -398,12 +398,32 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         if parent.is_service() {
             continue;
         }
-        let served = parent.is_gateway()
-            && status
-                .gateways
-                .iter()
-                .any(|g| g.namespace == parent.namespace && g.name == parent.name);
-        if !served {
+        let gateway = status.gateways.iter().find(|g| {
+            parent.is_gateway() && g.namespace == parent.namespace && g.name == parent.name
+        });
+        if let Some(g) = gateway {
+            // Served, but no listener took up this parentRef (each one that matches says
+            // something): its sectionName or port names none, or the Gateway was refused.
+            let answered = status.http_routes.iter().any(|r| {
+                r.namespace == rns
+                    && r.name == rname
+                    && r.parents.iter().any(|p| p.parent == parent)
+            });
+            if !answered {
+                let why = if g.listeners.is_empty() {
+                    format!("Gateway {}/{} is not accepted", g.namespace, g.name)
+                } else {
+                    format!("{parent}: no listener of the Gateway has that sectionName and port")
+                };
+                push_route_status(
+                    &mut status.http_routes,
+                    &rns,
+                    &rname,
+                    parent,
+                    not_accepted("NoMatchingParent", why),
+                );
+            }
+        } else {
             let why = if parent.is_gateway() {
                 format!(
                     "no Gateway {}/{} of a Signet GatewayClass",
@@ -452,6 +472,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         );
     }
     let mesh = super::mesh::build(res, &mut status);
+    add_resolved_refs(res, &mut status);
     let (traffic, traffic_status) = super::traffic::build(res);
     status.traffic_policies = traffic_status;
     let mut ports: Vec<Port> = ports.into_values().collect();
@@ -590,11 +611,53 @@ pub(super) fn translated_conditions(problems: &super::translate::Problems) -> Ve
     if !problems.unsupported.is_empty() {
         return not_accepted("UnsupportedValue", problems.unsupported.join("; "));
     }
-    let resolved = match problems.refs.first() {
+    vec![
+        cond("Accepted", true, "Accepted", ""),
+        resolved_refs(problems),
+    ]
+}
+
+/// A route's `ResolvedRefs`: whether every backendRef of its rules resolved.
+fn resolved_refs(problems: &super::translate::Problems) -> Condition {
+    match problems.refs.first() {
         None => cond("ResolvedRefs", true, "ResolvedRefs", ""),
         Some((reason, why)) => cond("ResolvedRefs", false, reason, why.clone()),
+    }
+}
+
+/// The spec wants `ResolvedRefs` on every parent status of a route, whether that parent accepted
+/// it or not: a parent status without one gets the route's own.
+fn add_resolved_refs(res: &Resources, status: &mut Status) {
+    let missing = |r: &RouteStatus| {
+        r.parents
+            .iter()
+            .any(|p| !p.conditions.iter().any(|c| c.type_ == "ResolvedRefs"))
     };
-    vec![cond("Accepted", true, "Accepted", ""), resolved]
+    let fill = |r: &mut RouteStatus, resolved: Condition| {
+        for p in &mut r.parents {
+            if !p.conditions.iter().any(|c| c.type_ == "ResolvedRefs") {
+                p.conditions.push(resolved.clone());
+            }
+        }
+    };
+    let named = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                 r: &RouteStatus| {
+        ns_of(meta) == r.namespace && meta.name.as_deref() == Some(r.name.as_str())
+    };
+    for r in status.http_routes.iter_mut().filter(|r| missing(r)) {
+        if let Some(route) = res.routes.iter().find(|x| named(&x.metadata, r)) {
+            let raw = route.spec.rules.as_deref().unwrap_or_default();
+            let (_, problems) = super::translate::rules(res, &r.namespace, raw);
+            fill(r, resolved_refs(&problems));
+        }
+    }
+    for r in status.grpc_routes.iter_mut().filter(|r| missing(r)) {
+        if let Some(route) = res.grpc_routes.iter().find(|x| named(&x.metadata, r)) {
+            let raw = route.spec.rules.as_deref().unwrap_or_default();
+            let (_, problems) = super::translate::grpc_rules(res, &r.namespace, raw);
+            fill(r, resolved_refs(&problems));
+        }
+    }
 }
 
 fn listener(
