@@ -401,37 +401,33 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         let gateway = status.gateways.iter().find(|g| {
             parent.is_gateway() && g.namespace == parent.namespace && g.name == parent.name
         });
-        if let Some(g) = gateway {
+        let why = match gateway {
             // Served, but no listener took up this parentRef (each one that matches says
             // something): its sectionName or port names none, or the Gateway was refused.
-            let answered = status.http_routes.iter().any(|r| {
-                r.namespace == rns
-                    && r.name == rname
-                    && r.parents.iter().any(|p| p.parent == parent)
-            });
-            if !answered {
-                let why = if g.listeners.is_empty() {
-                    format!("Gateway {}/{} is not accepted", g.namespace, g.name)
-                } else {
-                    format!("{parent}: no listener of the Gateway has that sectionName and port")
-                };
-                push_route_status(
-                    &mut status.http_routes,
-                    &rns,
-                    &rname,
-                    parent,
-                    not_accepted("NoMatchingParent", why),
-                );
+            Some(g) => {
+                let answered = status.http_routes.iter().any(|r| {
+                    r.namespace == rns
+                        && r.name == rname
+                        && r.parents.iter().any(|p| p.parent == parent)
+                });
+                match (answered, g.listeners.is_empty()) {
+                    (true, _) => None,
+                    (false, true) => Some(format!(
+                        "Gateway {}/{} is not accepted",
+                        g.namespace, g.name
+                    )),
+                    (false, false) => Some(format!(
+                        "{parent}: no listener of the Gateway has that sectionName and port"
+                    )),
+                }
             }
-        } else {
-            let why = if parent.is_gateway() {
-                format!(
-                    "no Gateway {}/{} of a Signet GatewayClass",
-                    parent.namespace, parent.name
-                )
-            } else {
-                format!("{parent}: a parent is a Gateway or a Service")
-            };
+            None if parent.is_gateway() => Some(format!(
+                "no Gateway {}/{} of a Signet GatewayClass",
+                parent.namespace, parent.name
+            )),
+            None => Some(format!("{parent}: a parent is a Gateway or a Service")),
+        };
+        if let Some(why) = why {
             push_route_status(
                 &mut status.http_routes,
                 &rns,
