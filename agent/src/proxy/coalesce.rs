@@ -28,10 +28,6 @@ impl<T> Coalesced<T> {
         Self { io, waited: false }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     /// `Pending` once per flush cycle, with the task rescheduled at once: a task that wakes
     /// itself while it runs is queued behind the tasks already ready, not ahead of them.
     fn wait_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -124,9 +120,18 @@ mod tests {
     async fn the_first_write_of_each_flush_waits_one_turn_and_nothing_is_lost() {
         let mut c = Coalesced::new(Counting::default());
         // First write of a cycle: pending once, and the task is woken again at once.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
+        struct Wakes(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Wakes {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let wakes = std::sync::Arc::new(Wakes(Default::default()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut c).poll_write(&mut cx, b"a").is_pending());
         assert_eq!(c.io.writes, 0);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::Relaxed), 1);
         // Then writes go through without waiting until the cycle ends with a flush.
         c.write_all(b"abc").await.expect("in-memory I/O");
         c.write_all(b"def").await.expect("in-memory I/O");
