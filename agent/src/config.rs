@@ -6,6 +6,8 @@
 //! trustDomain: cluster.local
 //! clusterStateDir: /etc/signet/state        # Kubernetes manifests (standalone mode)
 //! identityTable: /var/lib/signet/identities.json
+//! # addressTable: /var/lib/signet/addresses.json  # LoadBalancerIPPool allocations (standalone;
+//! #                                         # default: addresses.json beside identityTable)
 //! # kubernetes: true                        # instead of the two above: the API server
 //! # kubeconfig: /etc/signet/kubeconfig      # with kubernetes: true, outside a pod
 //! # localTopology: true                     # believe signet.dev/cgroup, -netns and
@@ -88,6 +90,7 @@ struct Raw {
     trust_domain: String,
     cluster_state_dir: Option<PathBuf>,
     identity_table: Option<PathBuf>,
+    address_table: Option<PathBuf>,
     /// Read the cluster from the Kubernetes API (in-cluster configuration) instead of a directory.
     #[serde(default)]
     kubernetes: bool,
@@ -334,6 +337,9 @@ pub enum ClusterSource {
     Dir {
         state_dir: PathBuf,
         identity_table: PathBuf,
+        /// The addresses pools gave out (`state::lbipam::AddressTable`), shared like the
+        /// identity table.
+        address_table: PathBuf,
     },
     /// The API server (in-cluster configuration, or `AgentConfig::kubeconfig`); numeric
     /// identities as `SignetIdentity`s.
@@ -651,15 +657,19 @@ impl AgentConfig {
         let token_file = resolve(&raw.ca.token_file);
         let ca_token = read_secret(&token_file).map_err(invalid)?;
         let source = match (raw.kubernetes, &raw.cluster_state_dir, &raw.identity_table) {
-            (true, None, None) => ClusterSource::Kubernetes,
+            (true, None, None) if raw.address_table.is_none() => ClusterSource::Kubernetes,
             (true, _, _) => {
                 return Err(invalid(
-                    "kubernetes: true reads the cluster from the API; leave out clusterStateDir and identityTable".into(),
+                    "kubernetes: true reads the cluster from the API; leave out clusterStateDir, identityTable and addressTable".into(),
                 ));
             }
             (false, Some(dir), Some(table)) => ClusterSource::Dir {
                 state_dir: resolve(dir),
                 identity_table: resolve(table),
+                address_table: raw.address_table.as_deref().map_or_else(
+                    || resolve(table).with_file_name("addresses.json"),
+                    &resolve,
+                ),
             },
             (false, _, _) => {
                 return Err(invalid(
@@ -1016,7 +1026,8 @@ mod tests {
             c.cluster.source,
             ClusterSource::Dir {
                 state_dir: dir.path().join("state"),
-                identity_table: dir.path().join("ids.json")
+                identity_table: dir.path().join("ids.json"),
+                address_table: dir.path().join("addresses.json"),
             }
         );
         assert_eq!(

@@ -271,3 +271,211 @@ async fn mesh_routes_and_traffic_policies_get_their_status_through_the_status_su
         "{bad}"
     );
 }
+
+const ADDRESSES: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: edge, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec: {blocks: [{cidr: 10.99.100.0/30}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: old, namespace: edge, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec:
+  gatewayClassName: signet
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, creationTimestamp: '2026-01-02T00:00:00Z'}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.9, ports: [{port: 443}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: theirs, namespace: shop}
+spec: {type: LoadBalancer, loadBalancerClass: other.example/lb, clusterIP: 10.96.0.10, ports: [{port: 443}]}
+";
+
+/// What an agent's reflectors would hold: the fake's objects of the kinds addresses concern.
+fn view(api: &FakeApi, skip: &[&str]) -> signet_agent::state::snapshot::ClusterObjects {
+    fn of<T: serde::de::DeserializeOwned>(api: &FakeApi, kind: &str, skip: &[&str]) -> Vec<T> {
+        api.objects(kind)
+            .into_iter()
+            .filter(|o| !skip.contains(&o["metadata"]["name"].as_str().unwrap_or_default()))
+            .map(|o| serde_json::from_value(o).expect(kind))
+            .collect()
+    }
+    let mut o = signet_agent::state::snapshot::ClusterObjects {
+        pools: of(api, "LoadBalancerIPPool", skip),
+        services: of(api, "Service", skip),
+        ..Default::default()
+    };
+    o.gateway.classes = of(api, "GatewayClass", skip);
+    o.gateway.gateways = of(api, "Gateway", skip);
+    o
+}
+
+fn record(api: &FakeApi) -> Vec<(String, String)> {
+    status_of(api, "LoadBalancerIPPool", "", "edge")["allocations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    let o = &x["owner"];
+                    (
+                        x["address"].as_str().unwrap_or_default().to_owned(),
+                        format!(
+                            "{} {}/{}",
+                            o["kind"].as_str().unwrap_or_default(),
+                            o["namespace"].as_str().unwrap_or_default(),
+                            o["name"].as_str().unwrap_or_default()
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    (a.to_owned(), b.to_owned())
+}
+
+#[tokio::test]
+async fn addresses_are_recorded_in_pool_status_with_optimistic_concurrency_and_a_lagging_writer_keeps_what_others_own()
+ {
+    let api = FakeApi::from_yaml(ADDRESSES);
+    let client = api.client();
+    let td = TrustDomain::parse("cluster.local").expect("td");
+
+    // Writer X sees the Gateway but not yet the Service.
+    let x_view = view(&api, &["api"]);
+    // Writer Y read the pool before X wrote it, and has not seen the Gateway (its reflector
+    // lags): alone, it would give the Gateway's address to the Service.
+    let y_view = view(&api, &["old"]);
+    status::write_gateways(&client, &x_view, &td, &mut BTreeMap::new())
+        .await
+        .expect("X writes");
+    assert_eq!(record(&api), [pair("10.99.100.1", "Gateway edge/old")]);
+    let gw = status_of(&api, "Gateway", "edge", "old");
+    assert_eq!(
+        gw["addresses"],
+        serde_json::json!([{"type": "IPAddress", "value": "10.99.100.1"}]),
+        "{gw}"
+    );
+
+    status::write_gateways(&client, &y_view, &td, &mut BTreeMap::new())
+        .await
+        .expect("Y writes");
+    let conflicts = api
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("loadbalancerippools") && r.code == 409)
+        .count();
+    assert_eq!(
+        conflicts, 1,
+        "Y's write on the stale resourceVersion was refused once"
+    );
+    assert_eq!(
+        record(&api),
+        [
+            pair("10.99.100.1", "Gateway edge/old"),
+            pair("10.99.100.2", "Service shop/api")
+        ],
+        "the Gateway keeps its address: Y asked the API whether its owner still exists"
+    );
+    let svc = status_of(&api, "Service", "shop", "api");
+    assert_eq!(
+        svc["loadBalancer"]["ingress"][0]["ip"], "10.99.100.2",
+        "{svc}"
+    );
+    assert_eq!(
+        svc["conditions"][0]["type"],
+        "signet.dev/IPAMRequestSatisfied"
+    );
+    assert_eq!(svc["conditions"][0]["status"], "True", "{svc}");
+    assert_eq!(
+        status_of(&api, "Service", "shop", "theirs"),
+        serde_json::Value::Null,
+        "another loadBalancerClass is not Signet's to write"
+    );
+    let pool = status_of(&api, "LoadBalancerIPPool", "", "edge");
+    assert_eq!(
+        (
+            pool["total"].as_str(),
+            pool["used"].as_str(),
+            pool["free"].as_str()
+        ),
+        (Some("2"), Some("2"), Some("0")),
+        "{pool}"
+    );
+
+    // A third requester: the pool is exhausted, said on the pool and on the Service, and
+    // nothing is recorded for it.
+    api.put(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "third", "namespace": "shop", "creationTimestamp": "2026-01-03T00:00:00Z"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.11", "ports": [{"port": 80}]},
+    }));
+    status::write_gateways(&client, &view(&api, &[]), &td, &mut BTreeMap::new())
+        .await
+        .expect("write");
+    assert_eq!(record(&api).len(), 2);
+    let third = status_of(&api, "Service", "shop", "third");
+    assert_eq!(third["conditions"][0]["status"], "False", "{third}");
+    assert_eq!(third["conditions"][0]["reason"], "Exhausted", "{third}");
+    assert_eq!(
+        third["loadBalancer"]["ingress"],
+        serde_json::json!([]),
+        "{third}"
+    );
+    let exhausted = status_of(&api, "LoadBalancerIPPool", "", "edge")["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == "Exhausted")
+        .cloned()
+        .expect("Exhausted");
+    assert_eq!(exhausted["status"], "True");
+    assert!(
+        exhausted["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Service shop/third")),
+        "{exhausted}"
+    );
+
+    // A restarted writer (nothing remembered) finds everything in place and writes no pool.
+    let puts = |api: &FakeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| r.path.contains("loadbalancerippools") && r.verb == "update")
+            .count()
+    };
+    let before = puts(&api);
+    status::write_gateways(&client, &view(&api, &[]), &td, &mut BTreeMap::new())
+        .await
+        .expect("write");
+    assert_eq!(
+        puts(&api),
+        before,
+        "nothing changed, so no pool was written"
+    );
+
+    // The Gateway goes: its address is released and the waiting Service gets it.
+    api.delete("gateway.networking.k8s.io/v1", "Gateway", "edge", "old");
+    status::write_gateways(&client, &view(&api, &[]), &td, &mut BTreeMap::new())
+        .await
+        .expect("write");
+    assert_eq!(
+        record(&api),
+        [
+            pair("10.99.100.1", "Service shop/third"),
+            pair("10.99.100.2", "Service shop/api")
+        ]
+    );
+}

@@ -722,3 +722,195 @@ mod kubernetes {
         stop.cancel();
     }
 }
+
+const POOLS: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: edge}
+spec: {blocks: [{start: 10.99.100.10, stop: 10.99.100.12}]}
+---
+apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: overlapping}
+spec: {blocks: [{cidr: 10.99.100.8/29}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: a, namespace: edge, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: b, namespace: edge, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec:
+  gatewayClassName: signet
+  addresses: [{type: IPAddress, value: 10.99.100.12}]
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: named, namespace: edge}
+spec:
+  gatewayClassName: signet
+  addresses: [{type: Hostname, value: edge.example}]
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, creationTimestamp: '2026-01-02T00:00:00Z', annotations: {signet.dev/lb-ips: 'not-an-ip'}}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.9, ports: [{port: 443}]}
+";
+
+/// Standalone addresses: every agent of the machine settles the same table under its lock, so
+/// two agents racing agree; the record survives restarts; what cannot be given is said.
+#[test]
+fn standalone_agents_share_one_address_table_and_its_record_survives_restarts() {
+    use signet_agent::state::lbipam::AddressTable;
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    std::fs::write(state.join("pools.yaml"), POOLS).expect("write");
+    let mut errors = Vec::new();
+    let objects = snapshot::read_objects(&state, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let table = AddressTable::beside(&dir.path().join("identities.json"));
+    assert_eq!(table.path(), dir.path().join("addresses.json"));
+
+    // Two agents at once (threads: the lock is a file lock, as between two processes).
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| table.settle(&objects).expect("settle")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(results[0], results[1], "both agents decide the same");
+    let record = table.read().expect("read");
+    let given: Vec<String> = record
+        .iter()
+        .map(|(ip, (pool, o))| format!("{ip} {pool} {o}"))
+        .collect();
+    assert_eq!(
+        given,
+        [
+            "10.99.100.10 edge Gateway edge/a",
+            "10.99.100.12 edge Gateway edge/b"
+        ]
+    );
+
+    let td = TrustDomain::parse("cluster.local").expect("td");
+    let status = snapshot::gateway_status(&state, &record, &td).expect("status");
+    let gw = |name: &str| status.gateways.iter().find(|g| g.name == name).expect(name);
+    let programmed = |name: &str| {
+        gw(name)
+            .conditions
+            .iter()
+            .map(|c| format!("{} {} {}", c.type_, c.status, c.reason))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(gw("a").addresses, ["10.99.100.10"]);
+    assert_eq!(gw("b").addresses, ["10.99.100.12"]);
+    assert!(
+        programmed("a").contains(&"Programmed True Programmed".to_owned()),
+        "{:?}",
+        programmed("a")
+    );
+    assert_eq!(
+        programmed("named"),
+        ["Accepted False UnsupportedAddress"],
+        "{:?}",
+        gw("named").conditions
+    );
+    let pools = &status.addresses.pools;
+    let overlapping = pools
+        .iter()
+        .find(|p| p.name == "overlapping")
+        .expect("pool");
+    assert_eq!(
+        overlapping.conditions[0].reason, "Conflict",
+        "{overlapping:?}"
+    );
+    let edge = pools.iter().find(|p| p.name == "edge").expect("pool");
+    assert_eq!(
+        (edge.total.as_str(), edge.used.as_str(), edge.free.as_str()),
+        ("3", "2", "1")
+    );
+    let api = &status.addresses.services[0];
+    assert_eq!(
+        (
+            api.name.as_str(),
+            api.condition.status.as_str(),
+            api.condition.reason.as_str()
+        ),
+        ("api", "False", "AddressNotUsable")
+    );
+    assert!(
+        api.condition.message.contains("signet.dev/lb-ips")
+            && api.condition.message.contains("not-an-ip"),
+        "{api:?}"
+    );
+
+    // A restart (a new table handle on the same file) keeps every address; an older Gateway
+    // created later does not take one that is given.
+    let mut more = POOLS.to_owned();
+    more.push_str(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: c, namespace: edge, creationTimestamp: '2025-01-01T00:00:00Z'}\n\
+         spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+         metadata: {name: d, namespace: edge, creationTimestamp: '2026-02-01T00:00:00Z'}\n\
+         spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}\n",
+    );
+    std::fs::write(state.join("pools.yaml"), more).expect("write");
+    let objects = snapshot::read_objects(&state, &mut errors);
+    let after = AddressTable::new(table.path())
+        .settle(&objects)
+        .expect("settle");
+    let mine = |o: &str| after.gateway("edge", o);
+    use signet_agent::state::lbipam::GatewayAddresses;
+    assert_eq!(
+        mine("a"),
+        GatewayAddresses::Assigned(vec!["10.99.100.10".parse().expect("address")])
+    );
+    assert_eq!(
+        mine("c"),
+        GatewayAddresses::Assigned(vec!["10.99.100.11".parse().expect("address")])
+    );
+    // The pool is used up: the newest Gateway is not served, and says why; nothing is
+    // recorded for it.
+    match mine("d") {
+        GatewayAddresses::Refused {
+            condition,
+            reason,
+            message,
+        } => {
+            assert_eq!((condition, reason), ("Programmed", "AddressNotAssigned"));
+            assert!(message.contains("no free address"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(table.read().expect("read").len(), 3);
+    let status =
+        snapshot::gateway_status(&state, &table.read().expect("read"), &td).expect("status");
+    let d = status.gateways.iter().find(|g| g.name == "d").expect("d");
+    assert!(d.addresses.is_empty());
+
+    // A corrupt table is refused with its path named, and nothing is written over it.
+    std::fs::write(table.path(), "{not json").expect("write");
+    let e = table.settle(&objects).expect_err("corrupt").to_string();
+    assert!(
+        e.contains("addresses.json") && e.contains("not an address table"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(table.path()).expect("read"),
+        "{not json"
+    );
+}

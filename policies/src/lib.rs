@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod compile;
 pub mod eval;
 pub mod identity;
+pub mod lbipam;
 pub mod model;
 pub mod parse;
 pub mod path;
@@ -18,5 +19,6 @@ pub mod traffic;
 pub mod yaml;
 
 pub use identity::{SignetIdentity, SignetIdentitySpec};
+pub use lbipam::{LoadBalancerIPPool, LoadBalancerIPPoolSpec};
 pub use resource::{IdentityPolicy, IdentityPolicySpec};
 pub use traffic::{TrafficPolicy, TrafficPolicySpec};

@@ -41,4 +41,9 @@ fn committed_crds_match_the_types() {
         "policies/src/traffic.rs",
         &signet_policy::TrafficPolicy::crd(),
     );
+    check(
+        "loadbalancerippools.signet.dev.yaml",
+        "policies/src/lbipam.rs",
+        &signet_policy::LoadBalancerIPPool::crd(),
+    );
 }

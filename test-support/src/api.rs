@@ -60,6 +60,7 @@ const KINDS: &[(&str, &str, bool)] = &[
     ("IdentityPolicy", "identitypolicies", true),
     ("TrafficPolicy", "trafficpolicies", true),
     ("SignetIdentity", "signetidentities", false),
+    ("LoadBalancerIPPool", "loadbalancerippools", false),
     ("GatewayClass", "gatewayclasses", false),
     ("Gateway", "gateways", true),
     ("HTTPRoute", "httproutes", true),

@@ -253,7 +253,8 @@ fn listener_status(
     name: &str,
 ) -> signet_agent::routing::model::ListenerStatus {
     let status =
-        signet_agent::state::snapshot::gateway_status(&dir.join("state"), td).expect("status");
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &Default::default(), td)
+            .expect("status");
     let gw = status
         .gateways
         .into_iter()
@@ -431,7 +432,8 @@ fn a_gateway_terminates_tls_routes_by_spec_and_enters_the_mesh_as_itself() {
     assert_eq!(r.status, 500, "{r:?}");
     let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
     let status =
-        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &td).expect("status");
+        signet_agent::state::snapshot::gateway_status(&dir.join("state"), &Default::default(), &td)
+            .expect("status");
     let web = status
         .http_routes
         .iter()

@@ -17,6 +17,10 @@ pub enum GatewayCommand {
         state: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// The agents' address table (default: `addresses.json` beside the state directory,
+        /// where the demo keeps it next to the identity table).
+        #[arg(long)]
+        address_table: Option<PathBuf>,
     },
 }
 
@@ -25,6 +29,7 @@ pub fn run(cmd: GatewayCommand) -> u8 {
         GatewayCommand::Status {
             state,
             trust_domain,
+            address_table,
         } => {
             let td = match TrustDomain::parse(&trust_domain) {
                 Ok(td) => td,
@@ -33,7 +38,17 @@ pub fn run(cmd: GatewayCommand) -> u8 {
                     return 2;
                 }
             };
-            match crate::state::snapshot::gateway_status(&state, &td) {
+            let table = crate::state::lbipam::AddressTable::new(
+                &address_table.unwrap_or_else(|| state.with_file_name("addresses.json")),
+            );
+            let record = match table.read() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("signet gateway: {e}");
+                    return 2;
+                }
+            };
+            match crate::state::snapshot::gateway_status(&state, &record, &td) {
                 Ok(status) => {
                     print!(
                         "{}",

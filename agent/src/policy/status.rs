@@ -198,6 +198,11 @@ pub fn gateway_bodies(
                 })
             })
             .collect();
+        let addresses: Vec<serde_json::Value> = g
+            .addresses
+            .iter()
+            .map(|a| serde_json::json!({"type": "IPAddress", "value": a}))
+            .collect();
         out.push((
             "gateways",
             g.namespace.clone(),
@@ -206,8 +211,28 @@ pub fn gateway_bodies(
                 "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                 "metadata": {"name": g.name, "namespace": g.namespace},
                 "status": {
+                    "addresses": addresses,
                     "conditions": g.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
                     "listeners": listeners,
+                },
+            }),
+        ));
+    }
+    // Services of type LoadBalancer: the addresses they were given, and whether they have all
+    // they asked for.
+    let svc_gens = gens(objects.services.iter().map(|s| &s.metadata).collect());
+    for s in &status.addresses.services {
+        let gen_ = generation(svc_gens.clone(), &s.namespace, &s.name);
+        out.push((
+            "services",
+            s.namespace.clone(),
+            s.name.clone(),
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": s.name, "namespace": s.namespace},
+                "status": {
+                    "loadBalancer": {"ingress": s.ingress.iter().map(|ip| serde_json::json!({"ip": ip, "ipMode": "VIP"})).collect::<Vec<_>>()},
+                    "conditions": [k8s_condition(&s.condition, gen_)],
                 },
             }),
         ));
@@ -299,7 +324,16 @@ pub async fn write_gateways(
     td: &TrustDomain,
     written: &mut BTreeMap<(String, String, String), String>,
 ) -> Result<usize, kube::Error> {
-    let Ok(status) = crate::state::snapshot::gateway_status_of(objects, td) else {
+    // The record of addresses first: statuses name only addresses the pools hold.
+    let (record, objects) = match crate::state::lbipam::write_pools(client, objects).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "LoadBalancerIPPool allocation not written; Gateway and Service addresses wait");
+            return Ok(0);
+        }
+    };
+    let objects = &objects;
+    let Ok(status) = crate::state::snapshot::gateway_status_of(objects, &record, td) else {
         return Ok(0); // the same problem is reported on the IdentityPolicies and in the logs
     };
     let mut n = 0;
@@ -310,6 +344,7 @@ pub async fn write_gateways(
             continue;
         }
         let (group, version, kind) = match plural {
+            "services" => ("", "v1", "Service"),
             "gateways" => ("gateway.networking.k8s.io", "v1", "Gateway"),
             "grpcroutes" => ("gateway.networking.k8s.io", "v1", "GRPCRoute"),
             "trafficpolicies" => ("signet.dev", "v1alpha1", "TrafficPolicy"),
@@ -318,7 +353,11 @@ pub async fn write_gateways(
         let resource = kube::api::ApiResource {
             group: group.into(),
             version: version.into(),
-            api_version: format!("{group}/{version}"),
+            api_version: if group.is_empty() {
+                version.into()
+            } else {
+                format!("{group}/{version}")
+            },
             kind: kind.into(),
             plural: plural.into(),
         };

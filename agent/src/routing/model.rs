@@ -40,6 +40,9 @@ pub struct Resources {
     pub services: HashMap<(String, String), Vec<u16>>,
     /// Namespace → its labels, for listeners whose `allowedRoutes.namespaces.from` is `Selector`.
     pub namespace_labels: HashMap<String, BTreeMap<String, String>>,
+    /// What the address allocator gave each Gateway (and LoadBalancer Service), computed from
+    /// the pools and the record when the snapshot is built.
+    pub addresses: crate::state::lbipam::Addresses,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +94,7 @@ pub struct Condition {
     pub message: String,
 }
 
-pub(super) fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+pub(crate) fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -113,6 +116,9 @@ pub struct ListenerStatus {
 pub struct GatewayStatus {
     pub namespace: String,
     pub name: String,
+    /// The addresses it is served on (`status.addresses`), each `IPAddress`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     pub conditions: Vec<Condition>,
     pub listeners: Vec<ListenerStatus>,
 }
@@ -190,6 +196,10 @@ pub struct Status {
     pub http_routes: Vec<RouteStatus>,
     pub grpc_routes: Vec<RouteStatus>,
     pub traffic_policies: Vec<super::traffic::PolicyStatus>,
+    /// LoadBalancerIPPools and Services of type LoadBalancer: what the address allocator
+    /// decided (`signet gateway status` prints it as `addresses`).
+    #[serde(rename = "addresses")]
+    pub addresses: crate::state::lbipam::AddressStatus,
 }
 
 /// What a node serves, and the status that goes with it.
@@ -317,6 +327,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             status.gateways.push(GatewayStatus {
                 namespace: gns.clone(),
                 name: gname.clone(),
+                addresses: vec![],
                 conditions: vec![cond("Accepted", false, reason, message)],
                 listeners: vec![],
             });
@@ -332,6 +343,17 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 continue;
             }
         };
+        use crate::state::lbipam::GatewayAddresses;
+        let addresses = res.addresses.gateway(&gns, &gname);
+        if let GatewayAddresses::Refused {
+            condition: "Accepted",
+            reason,
+            message,
+        } = &addresses
+        {
+            refuse(reason, message.clone());
+            continue;
+        }
         let mut listener_status = Vec::new();
         let mut all_programmed = true;
         for l in &gw.spec.listeners {
@@ -349,6 +371,8 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 .iter()
                 .any(|c| c.type_ == "Programmed" && c.status == "True");
             listener_status.push(ls);
+            // A Gateway without the address it needs is served nowhere.
+            let served = served.filter(|_| !matches!(addresses, GatewayAddresses::Refused { .. }));
             if let Some((port, protocol, mut listener)) = served {
                 listener.placement = placement.clone();
                 ports
@@ -366,6 +390,10 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         status.gateways.push(GatewayStatus {
             namespace: gns,
             name: gname,
+            addresses: match &addresses {
+                GatewayAddresses::Assigned(ips) => ips.iter().map(ToString::to_string).collect(),
+                _ => vec![],
+            },
             conditions: vec![
                 cond(
                     "Accepted",
@@ -373,7 +401,12 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                     "Accepted",
                     format!("handled by Signet, on {placement}"),
                 ),
-                if all_programmed {
+                if let GatewayAddresses::Refused {
+                    reason, message, ..
+                } = &addresses
+                {
+                    cond("Programmed", false, reason, message)
+                } else if all_programmed {
                     cond("Programmed", true, "Programmed", "every listener is served")
                 } else {
                     cond(

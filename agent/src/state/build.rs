@@ -23,6 +23,7 @@ pub enum Source {
     Dir {
         state_dir: PathBuf,
         numbers: FileAllocator,
+        addresses: super::lbipam::AddressTable,
     },
     /// The API server.
     Kube(Box<Kube>),
@@ -63,10 +64,12 @@ impl Source {
             crate::config::ClusterSource::Dir {
                 state_dir,
                 identity_table,
+                address_table,
             } => Ok((
                 Self::Dir {
                     state_dir: state_dir.clone(),
                     numbers: FileAllocator::new(identity_table),
+                    addresses: super::lbipam::AddressTable::new(address_table),
                 },
                 None,
             )),
@@ -192,10 +195,26 @@ impl Builder {
     ) -> anyhow::Result<Snapshot> {
         let td = &self.trust_domain;
         let (loaded, allocator): (_, &dyn IdentityAllocator) = match &mut self.source {
-            Source::Dir { state_dir, numbers } => (
-                snapshot::load_source(snapshot::Source::Dir(state_dir), td)?,
+            Source::Dir {
+                state_dir,
                 numbers,
-            ),
+                addresses,
+            } => {
+                // Addresses are given out under the table's lock, then the snapshot is built
+                // with the record as written (a directory that does not read is refused below
+                // with its errors, and nothing is given out for it).
+                let mut errors = Vec::new();
+                let objects = snapshot::read_objects(state_dir, &mut errors);
+                let record = if errors.is_empty() {
+                    addresses.settle(&objects)?.outcome.record
+                } else {
+                    addresses.read()?
+                };
+                (
+                    snapshot::load_source(snapshot::Source::DirWith(state_dir, &record), td)?,
+                    numbers,
+                )
+            }
             Source::Kube(k) => {
                 let Kube {
                     objects,

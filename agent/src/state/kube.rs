@@ -48,6 +48,7 @@ pub struct KubeSource {
     secrets: Store<Secret>,
     /// Numeric identities: what each number means is what these say now.
     identities: Store<SignetIdentity>,
+    pools: Store<signet_policy::LoadBalancerIPPool>,
     /// Bumped on every change; each consumer keeps its own receiver, so none misses one.
     changed: Arc<watch::Sender<u64>>,
 }
@@ -121,6 +122,7 @@ impl KubeSource {
             traffic_policies: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             identities: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            pools: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
                 Api::namespaced(c.clone(), tls_namespace),
                 all.fields("type=kubernetes.io/tls"),
@@ -155,6 +157,7 @@ impl KubeSource {
             self.grants.wait_until_ready(),
             self.secrets.wait_until_ready(),
             self.identities.wait_until_ready(),
+            self.pools.wait_until_ready(),
         );
     }
 
@@ -179,6 +182,7 @@ impl KubeSource {
         objects.slices = all(&self.slices);
         objects.endpoints = all(&self.endpoints);
         objects.nodes = all(&self.nodes);
+        objects.pools = all(&self.pools);
         objects.gateway.classes = all(&self.classes);
         objects.gateway.gateways = all(&self.gateways);
         objects.gateway.routes = all(&self.routes);

@@ -5,5 +5,6 @@ pub mod build;
 pub mod identities;
 pub mod kube;
 pub mod lastgood;
+pub mod lbipam;
 pub mod services;
 pub mod snapshot;

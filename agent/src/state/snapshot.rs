@@ -113,6 +113,9 @@ pub struct ClusterObjects {
     pub slices: Vec<EndpointSlice>,
     pub endpoints: Vec<k8s_openapi::api::core::v1::Endpoints>,
     pub nodes: Vec<Node>,
+    /// Where Gateways and LoadBalancer Services get their addresses (with, in Kubernetes
+    /// mode, the record of what each pool gave in its status).
+    pub pools: Vec<signet_policy::LoadBalancerIPPool>,
     /// Gateway API resources and TLS Secrets (`services` is filled when the snapshot is built).
     pub gateway: crate::routing::model::Resources,
 }
@@ -122,7 +125,11 @@ pub struct ClusterObjects {
 pub enum Source<'a> {
     /// A directory of manifests; policy errors are reported as `file:line:col`.
     Dir(&'a Path),
+    /// The same, with the record of the addresses given out so far (standalone mode's table;
+    /// `Dir` alone allocates as if nothing had been given out).
+    DirWith(&'a Path, &'a super::lbipam::Record),
     /// Objects from the API server; errors are reported as `Kind namespace/name: field.path`.
+    /// The address record is the pools' status.
     Objects(&'a ClusterObjects),
 }
 
@@ -186,6 +193,7 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
                 Some("EndpointSlice") => push(value, &mut o.slices, errors, at),
                 Some("Endpoints") => push(value, &mut o.endpoints, errors, at),
                 Some("Node") => push(value, &mut o.nodes, errors, at),
+                Some("LoadBalancerIPPool") => push(value, &mut o.pools, errors, at),
                 Some("GatewayClass") => push(value, &mut o.gateway.classes, errors, at),
                 Some("Gateway") => push(value, &mut o.gateway.gateways, errors, at),
                 Some("HTTPRoute") => push(value, &mut o.gateway.routes, errors, at),
@@ -230,7 +238,11 @@ pub(super) fn pod_cidrs_of(n: &Node) -> impl Iterator<Item = String> + '_ {
 }
 
 /// Node addresses and pod annotations, and the rest as it is.
-fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
+fn extra_from(
+    objects: &ClusterObjects,
+    record: &super::lbipam::Record,
+    errors: &mut Vec<String>,
+) -> Extra {
     let mut nodes = HashMap::new();
     let mut pod_cidrs = HashMap::new();
     let mut node_labels = HashMap::new();
@@ -309,6 +321,7 @@ fn extra_from(objects: &ClusterObjects, errors: &mut Vec<String>) -> Extra {
                     Some((n.metadata.name.clone()?, labels))
                 })
                 .collect(),
+            addresses: super::lbipam::Addresses::compute(objects, record),
             ..objects.gateway.clone()
         },
         nodes,
@@ -369,11 +382,16 @@ fn resolve_claims(cluster: &mut Cluster, extra: &Extra) -> BTreeMap<IpAddr, Stri
 fn load(source: Source<'_>, td: &TrustDomain) -> Result<(State, Extra), SnapshotError> {
     let mut errors = Vec::new();
     let (state, extra) = match source {
-        Source::Dir(dir) => {
+        Source::Dir(dir) | Source::DirWith(dir, _) => {
             let state = load_state(dir, td)
                 .map_err(|d| SnapshotError::Invalid(d.iter().map(ToString::to_string).collect()))?;
             let objects = read_objects(dir, &mut errors);
-            (Some(state), extra_from(&objects, &mut errors))
+            let empty = super::lbipam::Record::new();
+            let record = match source {
+                Source::DirWith(_, r) => r,
+                _ => &empty,
+            };
+            (Some(state), extra_from(&objects, record, &mut errors))
         }
         Source::Objects(objects) => {
             let state = match state_from_objects(&objects.policy, td) {
@@ -383,7 +401,8 @@ fn load(source: Source<'_>, td: &TrustDomain) -> Result<(State, Extra), Snapshot
                     None
                 }
             };
-            (state, extra_from(objects, &mut errors))
+            let record = signet_policy::lbipam::record_of(&objects.pools);
+            (state, extra_from(objects, &record, &mut errors))
         }
     };
     match state {
@@ -394,8 +413,10 @@ fn load(source: Source<'_>, td: &TrustDomain) -> Result<(State, Extra), Snapshot
 
 /// The Gateway API status the state directory's resources get (what `signet gateway status`
 /// prints).
+/// `record` is the standalone address table's.
 pub fn gateway_status(
     dir: &Path,
+    record: &super::lbipam::Record,
     td: &TrustDomain,
 ) -> Result<crate::routing::model::Status, SnapshotError> {
     let mut errors = Vec::new();
@@ -403,16 +424,18 @@ pub fn gateway_status(
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }
-    gateway_status_of(&objects, td)
+    gateway_status_of(&objects, record, td)
 }
 
-/// The Gateway API status of `objects` (what the Kubernetes mode writes to the resources).
+/// The Gateway API status of `objects` (what the Kubernetes mode writes to the resources),
+/// with the addresses `record` holds.
 pub fn gateway_status_of(
     objects: &ClusterObjects,
+    record: &super::lbipam::Record,
     td: &TrustDomain,
 ) -> Result<crate::routing::model::Status, SnapshotError> {
     let mut errors = Vec::new();
-    let mut extra = extra_from(objects, &mut errors);
+    let mut extra = extra_from(objects, record, &mut errors);
     if !errors.is_empty() {
         return Err(SnapshotError::Invalid(errors));
     }
@@ -430,7 +453,8 @@ fn services_and_gateway(
     let services = ServiceTable::build(&extra.services, &slices);
     let mut resources = std::mem::take(&mut extra.gateway);
     resources.services = services.ports_by_service();
-    let gateway = crate::routing::model::build(&resources, td);
+    let mut gateway = crate::routing::model::build(&resources, td);
+    gateway.status.addresses = super::lbipam::AddressStatus::of(&resources.addresses);
     (services, gateway)
 }
 
