@@ -110,6 +110,15 @@ impl Agent {
         if let (Some(client), Some(source)) = (kube_client, reconciler.builder.kube().cloned()) {
             reconcile::spawn_leader_loops(&config, client, source, &drain);
         }
+        // Own addresses are routed here before their listeners open.
+        let leases = match &config.cluster.source {
+            crate::config::ClusterSource::Dir { address_table, .. } => Some(
+                crate::vip::lease::LeaseTable::new(&address_table.with_file_name("l2-leases.json")),
+            ),
+            crate::config::ClusterSource::Kubernetes => None,
+        };
+        let mut vips = crate::vip::Vips::new(&config.node, leases);
+        vips.follow(&ctx.snapshot().vips, &drain);
         let mut gateways = GatewayPorts::new(&config, ctx.clone());
         gateways.sync(&ctx.snapshot());
         let hbone = ctx.hbone.clone();
@@ -121,6 +130,8 @@ impl Agent {
             connections: connections.clone(),
             metrics: metrics.clone(),
             gateways,
+            vips,
+            drain: drain.clone(),
         };
         let control = reconcile::run(reconciler, snapshot.clone(), followers, drain.clone());
         drain.spawn("reconciler", control);

@@ -666,10 +666,10 @@ impl AgentConfig {
             (false, Some(dir), Some(table)) => ClusterSource::Dir {
                 state_dir: resolve(dir),
                 identity_table: resolve(table),
-                address_table: raw.address_table.as_deref().map_or_else(
-                    || resolve(table).with_file_name("addresses.json"),
-                    &resolve,
-                ),
+                address_table: raw
+                    .address_table
+                    .as_deref()
+                    .map_or_else(|| resolve(table).with_file_name("addresses.json"), &resolve),
             },
             (false, _, _) => {
                 return Err(invalid(

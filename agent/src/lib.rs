@@ -38,3 +38,4 @@ pub mod proxy;
 pub mod reconcile;
 pub mod routing;
 pub mod state;
+pub mod vip;

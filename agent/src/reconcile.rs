@@ -177,6 +177,8 @@ pub struct Followers {
     pub connections: Arc<Connections>,
     pub metrics: Arc<Metrics>,
     pub gateways: GatewayPorts,
+    pub vips: crate::vip::Vips,
+    pub drain: Drain,
 }
 
 impl Followers {
@@ -184,6 +186,7 @@ impl Followers {
     pub fn follow(&mut self, snap: &Arc<Snapshot>) -> usize {
         self.certs.set_identities(&snap.local_identities());
         let closed = self.connections.recheck(snap, &self.metrics);
+        self.vips.follow(&snap.vips, &self.drain);
         self.gateways.sync(snap);
         closed
     }
@@ -203,7 +206,7 @@ pub async fn run(
             // Standalone: poll the directory's fingerprint.
             (true, _) => {
                 tokio::select! {
-                    () = drain.stopping() => return,
+                    () = drain.stopping() => return followers.vips.shutdown(),
                     () = tokio::time::sleep(DIR_POLL) => {}
                 }
                 if !reconciler.changed() {
@@ -212,12 +215,12 @@ pub async fn run(
             }
             (false, Some(changes)) => {
                 tokio::select! {
-                    () = drain.stopping() => return,
+                    () = drain.stopping() => return followers.vips.shutdown(),
                     r = changes.changed() => if r.is_err() { return },
                 }
                 tokio::time::sleep(WATCH_SETTLE).await;
             }
-            (false, None) => return,
+            (false, None) => return followers.vips.shutdown(),
         }
         let previous = snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
         match reconciler.apply(Some(&previous)).await {

@@ -57,6 +57,40 @@ pub struct LoadBalancerIPPoolSpec {
     pub disabled: bool,
 }
 
+/// Which nodes answer ARP and neighbour solicitations for which addresses, on which
+/// interfaces. For each address one node among those selected is elected (a Lease) and
+/// announces it; the others stay silent until it goes.
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "signet.dev",
+    version = "v1alpha1",
+    kind = "L2AnnouncementPolicy",
+    plural = "l2announcementpolicies",
+    shortname = "l2ap",
+    doc = "Layer 2 announcement (ARP, NDP) of Gateway and LoadBalancer Service addresses."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L2AnnouncementPolicySpec {
+    /// The nodes that may announce; absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// The Services and Gateways whose addresses are announced, by their labels (plus
+    /// `signet.dev/namespace`, `signet.dev/name`, `signet.dev/kind`); absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_selector: Option<LabelSelector>,
+    /// Regular expressions (whole-name matches) of the interfaces announced on; absent or
+    /// empty: every interface that has an address in the same subnet as the announced one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
+    /// Announce addresses given from LoadBalancerIPPools (Gateways and LoadBalancer
+    /// Services).
+    #[serde(default, rename = "loadBalancerIPs")]
+    pub load_balancer_ips: bool,
+    /// Announce Services' `spec.externalIPs`.
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: bool,
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }

@@ -19,6 +19,8 @@ pub mod traffic;
 pub mod yaml;
 
 pub use identity::{SignetIdentity, SignetIdentitySpec};
-pub use lbipam::{LoadBalancerIPPool, LoadBalancerIPPoolSpec};
+pub use lbipam::{
+    L2AnnouncementPolicy, L2AnnouncementPolicySpec, LoadBalancerIPPool, LoadBalancerIPPoolSpec,
+};
 pub use resource::{IdentityPolicy, IdentityPolicySpec};
 pub use traffic::{TrafficPolicy, TrafficPolicySpec};

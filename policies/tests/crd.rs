@@ -46,4 +46,9 @@ fn committed_crds_match_the_types() {
         "policies/src/lbipam.rs",
         &signet_policy::LoadBalancerIPPool::crd(),
     );
+    check(
+        "l2announcementpolicies.signet.dev.yaml",
+        "policies/src/lbipam.rs",
+        &signet_policy::L2AnnouncementPolicy::crd(),
+    );
 }

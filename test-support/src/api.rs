@@ -61,6 +61,7 @@ const KINDS: &[(&str, &str, bool)] = &[
     ("TrafficPolicy", "trafficpolicies", true),
     ("SignetIdentity", "signetidentities", false),
     ("LoadBalancerIPPool", "loadbalancerippools", false),
+    ("L2AnnouncementPolicy", "l2announcementpolicies", false),
     ("GatewayClass", "gatewayclasses", false),
     ("Gateway", "gateways", true),
     ("HTTPRoute", "httproutes", true),

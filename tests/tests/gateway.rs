@@ -999,3 +999,274 @@ fn the_demo_edge_certificates_pass_strict_x509_verification_and_a_leaf_cannot_si
         "a certificate signed by a leaf must not verify: {out}"
     );
 }
+
+/// Gateways on addresses of their own from a LoadBalancerIPPool, on the shared L2 segment.
+fn own_addresses_yaml(t: &Topology) -> String {
+    format!(
+        "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: signet}}
+spec: {{controllerName: signet.dev/gateway-controller}}
+---
+apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {{name: lan}}
+spec: {{blocks: [{{start: {first}, stop: {last}}}]}}
+---
+apiVersion: signet.dev/v1alpha1
+kind: L2AnnouncementPolicy
+metadata: {{name: lan}}
+spec: {{interfaces: ['sgl[0-9]+[ab]'], loadBalancerIPs: true}}
+---
+{gateways}",
+        first = t.lan_ip(200),
+        last = t.lan_ip(201),
+        gateways = ["one", "two", "three"]
+            .iter()
+            .enumerate()
+            .map(|(i, g)| format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+                 metadata: {{name: {g}, namespace: edge, creationTimestamp: '2026-01-01T00:00:0{i}Z'}}\n\
+                 spec: {{gatewayClassName: signet, listeners: [{{name: http, port: 80, protocol: HTTP, allowedRoutes: {{namespaces: {{from: All}}}}}}]}}\n---\n\
+                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {g}, namespace: shop}}\n\
+                 spec:\n  parentRefs: [{{name: {g}, namespace: edge}}]\n  rules:\n  - filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: x-gateway, value: {g}}}]}}}}]\n    backendRefs: [{{name: server, port: 80}}]\n---\n"
+            ))
+            .collect::<String>()
+    )
+}
+
+/// `curl http://<addr>/` from the `out` namespace: status and the x-gateway header.
+fn from_outside(t: &Topology, addr: &str) -> (u16, String) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("out"),
+            "curl",
+            "-sS",
+            "--max-time",
+            "2",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let gateway = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-gateway: "))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    (status, gateway)
+}
+
+/// The MAC of `dev` in namespace `ns`.
+fn mac_of(ns: &str, dev: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", dev])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC for {dev} in {ns}: {text}"))
+        .to_owned()
+}
+
+/// Who answers an ARP request for `target` sent from `out`'s eth0: the sender MAC of every
+/// reply within 700 ms.
+fn arp_answers(t: &Topology, target: &str) -> Vec<String> {
+    use signet_agent::vip::arp::{frame, parse};
+    let me: [u8; 6] = {
+        let m = mac_of(&t.ns("out"), "eth0");
+        let b: Vec<u8> = m
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16).expect("hex"))
+            .collect();
+        b.try_into().expect("6 bytes")
+    };
+    let (sip, tip) = (
+        t.lan_ip(100).parse().expect("ip"),
+        target.parse().expect("ip"),
+    );
+    in_netns(&t.ns("out"), move || {
+        let mut s = signet_agent::net::packet_socket(None, "eth0", 0x0806).expect("packet socket");
+        s.write_all(&frame([0xff; 6], me, 1, me, sip, [0; 6], tip))
+            .expect("send");
+        let mut seen = Vec::new();
+        let start = Instant::now();
+        let mut buf = [0u8; 1514];
+        while start.elapsed() < Duration::from_millis(700) {
+            let Ok(n) = s.read(&mut buf) else { continue };
+            if let Some(a) = parse(&buf[..n])
+                && a.op == 2
+                && a.spa == tip
+            {
+                seen.push(
+                    a.sha
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                );
+            }
+        }
+        seen
+    })
+}
+
+#[test]
+fn gateways_share_a_port_on_their_own_addresses_announced_by_one_node_that_fails_over() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut step = Steps::default();
+    let mut t = Topology::new();
+    t.add_lan();
+    t.write_state("");
+    write(t.dir.path(), "gateways.yaml", &own_addresses_yaml(&t));
+    let mut running = start(&t, "", "");
+    let _server = t.server_with(8080, &["--http"]);
+
+    step.to("two Gateways get the pool's two addresses; the third is refused, and says why");
+    let table =
+        signet_agent::state::lbipam::AddressTable::new(&t.dir.path().join("addresses.json"));
+    let record = signet_test_support::wait_for("two addresses given", || {
+        table.read().ok().filter(|r| r.len() == 2)
+    });
+    let addr_of = |g: &str| {
+        record
+            .iter()
+            .find(|(_, (_, o))| o.name == g)
+            .map(|(ip, _)| ip.to_string())
+            .unwrap_or_else(|| panic!("{g} has no address: {record:?}"))
+    };
+    let (one, two) = (addr_of("one"), addr_of("two"));
+    assert_eq!(
+        (one.as_str(), two.as_str()),
+        (t.lan_ip(200).as_str(), t.lan_ip(201).as_str())
+    );
+    let td = signet_ca::TrustDomain::parse("cluster.local").expect("td");
+    let status =
+        signet_agent::state::snapshot::gateway_status(&t.dir.path().join("state"), &record, &td)
+            .expect("status");
+    let three = status
+        .gateways
+        .iter()
+        .find(|g| g.name == "three")
+        .expect("three");
+    let programmed = three
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Programmed")
+        .expect("Programmed");
+    assert_eq!(
+        (programmed.status.as_str(), programmed.reason.as_str()),
+        ("False", "AddressNotAssigned"),
+        "{three:?}"
+    );
+
+    step.to("from outside, each address reaches its own Gateway on port 80");
+    for (addr, g) in [(&one, "one"), (&two, "two")] {
+        let got = signet_test_support::wait_for(&format!("{addr} to answer"), || {
+            let r = from_outside(&t, addr);
+            (r.0 == 200).then_some(r)
+        });
+        assert_eq!(got, (200, g.to_owned()), "{addr}");
+    }
+
+    step.to("exactly one node answers ARP for each address: the lease holder");
+    let leases = signet_agent::vip::lease::LeaseTable::new(&t.dir.path().join("l2-leases.json"))
+        .read()
+        .expect("leases");
+    let holder = |addr: &str| leases[&addr.parse().expect("ip")].holder_identity.clone();
+    let leader = holder(&one);
+    let node_char = |name: &str| name.chars().last().expect("node letter");
+    let mac = |node: char| mac_of(&t.ns(&format!("node-{node}")), &format!("sgl{}{node}", t.n));
+    for addr in [&one, &two] {
+        let answers = arp_answers(&t, addr);
+        assert_eq!(
+            answers,
+            [mac(node_char(&holder(addr)))],
+            "{addr}: only {} answers",
+            holder(addr)
+        );
+    }
+    let neigh = Command::new("ip")
+        .args(["-n", &t.ns("out"), "neigh", "show", &one])
+        .output()
+        .expect("neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    assert!(
+        neigh.contains(&mac(node_char(&leader))),
+        "outside resolved {one} to the leader {leader}: {neigh}"
+    );
+
+    step.to(
+        "the leader's agent dies: the other node announces within 3 s and new connections work",
+    );
+    std::thread::sleep(Duration::from_millis(1200)); // past the neighbour entry's lock time
+    let survivor = if node_char(&leader) == 'a' { 'b' } else { 'a' };
+    let started = Instant::now();
+    running.crash_agent(node_char(&leader));
+    let announced = loop {
+        let n = Command::new("ip")
+            .args(["-n", &t.ns("out"), "neigh", "show", &one])
+            .output()
+            .expect("neigh");
+        if String::from_utf8_lossy(&n.stdout).contains(&mac(survivor)) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no failover to node-{survivor}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let served = loop {
+        if from_outside(&t, &one) == (200, "one".to_owned()) {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{one} not served after failover"
+        );
+    };
+    println!(
+        "failover: node-{survivor} announced {one} {} ms after node-{} died; first new request answered at {} ms",
+        announced.as_millis(),
+        node_char(&leader),
+        served.as_millis()
+    );
+    assert!(
+        announced <= Duration::from_secs(3),
+        "announced after {announced:?}"
+    );
+    // The dead node's kernel stays silent: every answer is the survivor's, one per request.
+    let after: Vec<Vec<String>> = (0..3).map(|_| arp_answers(&t, &one)).collect();
+    println!("ARP answers after failover, three requests: {after:?}");
+    for answers in &after {
+        assert!(
+            answers.iter().all(|m| *m == mac(survivor)) && answers.len() <= 1,
+            "{after:?}"
+        );
+    }
+    assert!(
+        after.iter().any(|a| !a.is_empty()),
+        "the survivor answers: {after:?}"
+    );
+    assert_eq!(from_outside(&t, &two), (200, "two".to_owned()));
+}

@@ -14,12 +14,13 @@ pub struct GatewayPorts {
     pub ip: std::net::IpAddr,
     pub limits: crate::config::EdgeLimits,
     pub ctx: ProxyContext,
-    pub running: HashMap<u16, CancellationToken>,
+    /// (a Gateway's own address, or `None` for `ip`; port) → its accept loop.
+    pub running: HashMap<(Option<std::net::IpAddr>, u16), CancellationToken>,
 }
 
 impl std::fmt::Debug for GatewayPorts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut ports: Vec<&u16> = self.running.keys().collect();
+        let mut ports: Vec<_> = self.running.keys().collect();
         ports.sort();
         f.debug_struct("GatewayPorts")
             .field("ip", &self.ip)
@@ -42,24 +43,22 @@ impl GatewayPorts {
 
     /// Listens on the ports `snap` serves, and stops listening on the others.
     pub fn sync(&mut self, snap: &Snapshot) {
-        let wanted: Vec<u16> = snap.gateway.ports.iter().map(|p| p.port).collect();
-        self.running.retain(|port, token| {
-            let keep = wanted.contains(port);
+        let wanted = snap.gateway.bindings();
+        self.running.retain(|key, token| {
+            let keep = wanted.contains(key);
             if !keep {
-                tracing::info!(port, "gateway port no longer served");
+                tracing::info!(address = ?key.0, port = key.1, "gateway port no longer served");
                 token.cancel();
             }
             keep
         });
-        for port in wanted {
-            if self.running.contains_key(&port) {
+        for key in wanted {
+            if self.running.contains_key(&key) {
                 continue;
             }
-            let addr = std::net::SocketAddr::new(self.ip, port);
-            let listener = match std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(TcpListener::from_std)
-            {
+            let (bound, port) = key;
+            let addr = std::net::SocketAddr::new(bound.unwrap_or(self.ip), port);
+            let listener = match bind(addr, bound.is_some()).and_then(TcpListener::from_std) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(%addr, error = %e, "gateway port cannot be bound; its listeners are not served");
@@ -68,11 +67,12 @@ impl GatewayPorts {
             };
             tracing::info!(%addr, "gateway port served");
             let token = self.ctx.drain.stop_token().child_token();
-            self.running.insert(port, token.clone());
+            self.running.insert(key, token.clone());
             self.ctx.drain.spawn(
                 "gateway port",
                 super::server::serve_port(
                     listener,
+                    bound,
                     port,
                     self.ctx.clone(),
                     self.limits.clone(),
@@ -81,4 +81,29 @@ impl GatewayPorts {
             );
         }
     }
+}
+
+/// A listening socket on `addr`. A Gateway's own address is bound transparently: it need not
+/// be configured on any interface (`crate::vip` routes it here on the nodes that serve it), and
+/// every node that serves the Gateway listens, ready for the address to be announced from it.
+fn bind(addr: std::net::SocketAddr, own: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if own {
+        match addr {
+            std::net::SocketAddr::V4(_) => {
+                sock.set_ip_transparent_v4(true)?;
+                sock.set_freebind_v4(true)?;
+            }
+            std::net::SocketAddr::V6(_) => {
+                sock.set_ip_transparent_v6(true)?;
+                sock.set_freebind_v6(true)?;
+            }
+        }
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
 }

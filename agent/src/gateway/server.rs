@@ -59,6 +59,7 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 /// connection, so route and certificate changes apply to new connections without a restart.
 pub async fn serve_port(
     listener: TcpListener,
+    bound: Option<std::net::IpAddr>,
     port: u16,
     ctx: ProxyContext,
     limits: EdgeLimits,
@@ -101,7 +102,7 @@ pub async fn serve_port(
             async move {
                 let _slots = (slot, share);
                 let snap = ctx.snapshot();
-                let Some(cfg) = snap.gateway.ports.iter().find(|p| p.port == port) else {
+                let Some(cfg) = snap.gateway.port(bound, port) else {
                     return;
                 };
                 let protocol = cfg.protocol;
@@ -114,6 +115,7 @@ pub async fn serve_port(
                 let mut handler = Handler {
                     ctx,
                     max_body: limits.max_body_bytes,
+                    bound,
                     port,
                     peer,
                     scheme: if tls.is_some() { "https" } else { "http" },
@@ -319,6 +321,8 @@ impl Drop for Busy {
 struct Handler {
     ctx: ProxyContext,
     max_body: Option<u64>,
+    /// The Gateway's own address the connection came in on (`None`: the node's).
+    bound: Option<std::net::IpAddr>,
     port: u16,
     peer: SocketAddr,
     scheme: &'static str,
@@ -338,7 +342,7 @@ impl Handler {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let host = request_host(req.uri(), req.headers());
         let snap = self.ctx.snapshot();
-        let Some(port) = snap.gateway.ports.iter().find(|p| p.port == self.port) else {
+        let Some(port) = snap.gateway.port(self.bound, self.port) else {
             return self.refuse(EdgeRefusal::ListenerRemoved);
         };
         let Some(listener) = pick_listener(&port.listeners, &host) else {

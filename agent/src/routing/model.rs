@@ -43,6 +43,8 @@ pub struct Resources {
     /// What the address allocator gave each Gateway (and LoadBalancer Service), computed from
     /// the pools and the record when the snapshot is built.
     pub addresses: crate::state::lbipam::Addresses,
+    /// Which nodes announce those addresses, where.
+    pub l2: Vec<signet_policy::L2AnnouncementPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub struct Listener {
 /// The listeners that share one port (distinct hostnames; SNI and Host pick among them).
 #[derive(Debug)]
 pub struct Port {
+    /// The Gateway's own addresses (from a LoadBalancerIPPool) this port is bound on; empty:
+    /// the node's Gateway address (`listen.gateway`), shared by every Gateway without one.
+    pub addresses: Vec<std::net::IpAddr>,
     pub port: u16,
     pub protocol: Protocol,
     pub listeners: Vec<Listener>,
@@ -212,9 +217,56 @@ pub struct GatewayConfig {
     /// How each Service's endpoints are used (its TrafficPolicy).
     pub traffic: super::traffic::ServicePolicies,
     pub status: Status,
+    /// What the address allocator decided (from `Resources::addresses`).
+    pub addresses: crate::state::lbipam::Addresses,
+    /// The L2 announcement policies (from `Resources::l2`).
+    pub l2: Vec<signet_policy::L2AnnouncementPolicy>,
 }
 
 impl GatewayConfig {
+    /// The port a connection accepted on `port` of `bound` (one of a Gateway's own addresses,
+    /// or `None` for the node's Gateway address) belongs to.
+    pub fn port(&self, bound: Option<std::net::IpAddr>, port: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| {
+            p.port == port
+                && match bound {
+                    None => p.addresses.is_empty(),
+                    Some(ip) => p.addresses.contains(&ip),
+                }
+        })
+    }
+
+    /// Every (address, port) to listen on: `None` is the node's Gateway address.
+    pub fn bindings(&self) -> Vec<(Option<std::net::IpAddr>, u16)> {
+        let mut out: Vec<_> = self
+            .ports
+            .iter()
+            .flat_map(|p| {
+                let addrs: Vec<Option<std::net::IpAddr>> = if p.addresses.is_empty() {
+                    vec![None]
+                } else {
+                    p.addresses.iter().copied().map(Some).collect()
+                };
+                addrs.into_iter().map(move |a| (a, p.port))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The Gateways' own addresses this node serves.
+    pub fn own_addresses(&self) -> Vec<std::net::IpAddr> {
+        let mut out: Vec<_> = self
+            .ports
+            .iter()
+            .flat_map(|p| p.addresses.iter().copied())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Keeps what a node with `labels` serves: the listeners of Gateways placed on it (status
     /// stays the cluster's). HTTPS ports whose listeners changed get their TLS configuration
     /// again.
@@ -316,7 +368,9 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         )
     });
 
-    let mut ports: BTreeMap<u16, Port> = BTreeMap::new();
+    // Keyed by (addresses, port): Gateways on addresses of their own never share a port with
+    // another Gateway; those on the node's address share it (by hostname).
+    let mut ports: BTreeMap<(Vec<std::net::IpAddr>, u16), Port> = BTreeMap::new();
     for gw in gateways {
         let (gns, gname) = (
             ns_of(&gw.metadata),
@@ -354,6 +408,10 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             refuse(reason, message.clone());
             continue;
         }
+        let bound: Vec<std::net::IpAddr> = match &addresses {
+            GatewayAddresses::Assigned(ips) => ips.clone(),
+            _ => vec![],
+        };
         let mut listener_status = Vec::new();
         let mut all_programmed = true;
         for l in &gw.spec.listeners {
@@ -364,7 +422,10 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 &gns,
                 &gname,
                 &mut status.http_routes,
-                &ports,
+                Served {
+                    ports: &ports,
+                    bound: &bound,
+                },
             );
             all_programmed &= ls
                 .conditions
@@ -376,8 +437,9 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             if let Some((port, protocol, mut listener)) = served {
                 listener.placement = placement.clone();
                 ports
-                    .entry(port)
+                    .entry((bound.clone(), port))
                     .or_insert_with(|| Port {
+                        addresses: bound.clone(),
                         port,
                         protocol,
                         listeners: vec![],
@@ -518,6 +580,8 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         mesh,
         traffic,
         status,
+        addresses: Default::default(),
+        l2: vec![],
     }
 }
 
@@ -689,6 +753,14 @@ fn add_resolved_refs(res: &Resources, status: &mut Status) {
     }
 }
 
+/// The ports served so far, and the addresses the Gateway being built is bound on: where a
+/// listener's port may conflict.
+#[derive(Clone, Copy)]
+struct Served<'a> {
+    ports: &'a BTreeMap<(Vec<std::net::IpAddr>, u16), Port>,
+    bound: &'a [std::net::IpAddr],
+}
+
 fn listener(
     res: &Resources,
     l: &GatewayListeners,
@@ -696,7 +768,7 @@ fn listener(
     gns: &str,
     gname: &str,
     route_status: &mut Vec<RouteStatus>,
-    ports: &BTreeMap<u16, Port>,
+    served: Served<'_>,
 ) -> (ListenerStatus, Option<(u16, Protocol, Listener)>) {
     let mut ls = ListenerStatus {
         name: l.name.clone(),
@@ -740,7 +812,7 @@ fn listener(
         );
     };
     let hostname = l.hostname.clone().map(|h| h.to_ascii_lowercase());
-    if let Some(existing) = ports.get(&port) {
+    if let Some(existing) = served.ports.get(&(served.bound.to_vec(), port)) {
         let conflict = if existing.protocol != protocol {
             Some((
                 "ProtocolConflict",

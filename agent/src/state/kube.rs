@@ -49,6 +49,7 @@ pub struct KubeSource {
     /// Numeric identities: what each number means is what these say now.
     identities: Store<SignetIdentity>,
     pools: Store<signet_policy::LoadBalancerIPPool>,
+    l2: Store<signet_policy::L2AnnouncementPolicy>,
     /// Bumped on every change; each consumer keeps its own receiver, so none misses one.
     changed: Arc<watch::Sender<u64>>,
 }
@@ -123,6 +124,7 @@ impl KubeSource {
             grants: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             identities: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             pools: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
+            l2: reflect(Api::all(c.clone()), all.clone(), &changed, stop),
             secrets: reflect(
                 Api::namespaced(c.clone(), tls_namespace),
                 all.fields("type=kubernetes.io/tls"),
@@ -158,6 +160,7 @@ impl KubeSource {
             self.secrets.wait_until_ready(),
             self.identities.wait_until_ready(),
             self.pools.wait_until_ready(),
+            self.l2.wait_until_ready(),
         );
     }
 
@@ -183,6 +186,7 @@ impl KubeSource {
         objects.endpoints = all(&self.endpoints);
         objects.nodes = all(&self.nodes);
         objects.pools = all(&self.pools);
+        objects.gateway.l2 = all(&self.l2);
         objects.gateway.classes = all(&self.classes);
         objects.gateway.gateways = all(&self.gateways);
         objects.gateway.routes = all(&self.routes);

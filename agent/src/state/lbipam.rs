@@ -48,6 +48,8 @@ pub struct Addresses {
     /// Gateways that name addresses in `spec.addresses` (they are never served on nodes'
     /// addresses instead).
     pub asked: std::collections::BTreeSet<Owner>,
+    /// Every requester's labels (with the names pools select on), for announcement policies.
+    pub labels: BTreeMap<Owner, signet_policy::resource::Labels>,
 }
 
 fn owner(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Owner {
@@ -140,6 +142,10 @@ pub fn requesters(objects: &ClusterObjects) -> (Vec<Requester>, Addresses) {
         if wants.is_empty() {
             wants.push((Want::Any, true));
         }
+        refused.labels.insert(
+            o.clone(),
+            Requester::labels_with_names(&o, g.metadata.labels.as_ref()),
+        );
         out.push(Requester {
             labels: Requester::labels_with_names(&o, g.metadata.labels.as_ref()),
             owner: o,
@@ -200,6 +206,10 @@ pub fn requesters(objects: &ClusterObjects) -> (Vec<Requester>, Addresses) {
                 (w, i == 0 || dual_required)
             })
             .collect();
+        refused.labels.insert(
+            o.clone(),
+            Requester::labels_with_names(&o, s.metadata.labels.as_ref()),
+        );
         out.push(Requester {
             labels: Requester::labels_with_names(&o, s.metadata.labels.as_ref()),
             owner: o,

@@ -72,6 +72,8 @@ pub struct Snapshot {
     /// Gateway API listeners this node serves: those of the Signet Gateways placed on it
     /// (`signet.dev/nodes`; all of them without).
     pub gateway: crate::routing::model::GatewayConfig,
+    /// Own addresses this node routes to itself and may announce.
+    pub vips: crate::vip::Plan,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +196,7 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
                 Some("Endpoints") => push(value, &mut o.endpoints, errors, at),
                 Some("Node") => push(value, &mut o.nodes, errors, at),
                 Some("LoadBalancerIPPool") => push(value, &mut o.pools, errors, at),
+                Some("L2AnnouncementPolicy") => push(value, &mut o.gateway.l2, errors, at),
                 Some("GatewayClass") => push(value, &mut o.gateway.classes, errors, at),
                 Some("Gateway") => push(value, &mut o.gateway.gateways, errors, at),
                 Some("HTTPRoute") => push(value, &mut o.gateway.routes, errors, at),
@@ -455,6 +458,8 @@ fn services_and_gateway(
     resources.services = services.ports_by_service();
     let mut gateway = crate::routing::model::build(&resources, td);
     gateway.status.addresses = super::lbipam::AddressStatus::of(&resources.addresses);
+    gateway.addresses = std::mem::take(&mut resources.addresses);
+    gateway.l2 = std::mem::take(&mut resources.l2);
     (services, gateway)
 }
 
@@ -536,7 +541,14 @@ pub fn build_loaded(
         mut gateway,
     } = loaded;
     // Numbers go to every Gateway (policy names them); this node serves those placed on it.
-    gateway.place_on(extra.node_labels.get(node).unwrap_or(&BTreeMap::new()));
+    let labels = extra.node_labels.get(node).cloned().unwrap_or_default();
+    gateway.place_on(&labels);
+    let vips = crate::vip::plan(
+        gateway.own_addresses(),
+        &gateway.addresses,
+        &gateway.l2,
+        &labels,
+    );
     let identities = allocator.snapshot()?;
     let mut pods_by_ip = HashMap::new();
     let mut local = Vec::new();
@@ -634,6 +646,7 @@ pub fn build_loaded(
         rules,
         services,
         gateway,
+        vips,
         nodes: extra.nodes,
         identities,
         pods_by_ip,

@@ -250,6 +250,49 @@ impl Topology {
         }
     }
 
+    /// A shared L2 segment: a bridge in a namespace of its own (`ns("lan")`) joining both
+    /// nodes (`sgl{n}a`, `sgl{n}b` on their side, [`Topology::lan_ip`] `.1` and `.2`) and a
+    /// client outside the cluster (`ns("out")`, eth0 `.100`), so ARP between them is real.
+    pub fn add_lan(&mut self) {
+        let n = self.n;
+        let (lan, out) = (self.ns("lan"), self.ns("out"));
+        for ns in [&lan, &out] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            self.nss.push(ns.clone());
+        }
+        ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &lan, "link", "set", "br0", "up"]);
+        for (who, ns, dev, host) in [
+            ('a', self.ns("node-a"), format!("sgl{n}a"), 1),
+            ('b', self.ns("node-b"), format!("sgl{n}b"), 2),
+            ('o', out.clone(), "eth0".to_owned(), 100),
+        ] {
+            let port = format!("port-{who}");
+            ip(&[
+                "-n", &ns, "link", "add", &dev, "type", "veth", "peer", "name", &port, "netns",
+                &lan,
+            ]);
+            ip(&["-n", &lan, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &lan, "link", "set", &port, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", self.lan_ip(host)),
+                "dev",
+                &dev,
+            ]);
+            ip(&["-n", &ns, "link", "set", &dev, "up"]);
+        }
+    }
+
+    /// `10.76.<n>.<host>`: an address on the shared L2 segment.
+    pub fn lan_ip(&self, host: u8) -> String {
+        format!("10.76.{}.{host}", self.n)
+    }
+
     /// An address outside the cluster (no pod, no node): on node B's loopback, routed to from
     /// node A over the underlay. The namespaces are the test's own.
     pub fn add_world_address(&self, addr: &str) {
@@ -580,12 +623,22 @@ impl Drop for Topology {
 /// One component (the CA or an agent) on a runtime of its own in a node's namespace.
 pub struct Component {
     stop: CancellationToken,
+    /// Cancelled: the component's runtime is dropped without shutting it down, as when its
+    /// process is killed (what it left in the kernel and on disk stays).
+    crash: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Component {
     pub fn stop(&mut self) {
         self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn crash(&mut self) {
+        self.crash.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -634,6 +687,17 @@ impl Running {
         c.stop();
     }
 
+    /// Kills node `node`'s agent: no shutdown, no cleanup.
+    pub fn crash_agent(&mut self, node: char) {
+        let i = self
+            .agents
+            .iter()
+            .position(|(n, _, _)| *n == node)
+            .expect("agent");
+        let (_, mut c, _) = self.agents.remove(i);
+        c.crash();
+    }
+
     pub fn start_agent(&mut self, t: &Topology, node: char) {
         let config = t.agent_config(node, &self.ca_addr, &self.root, &self.agent_extra);
         let (c, h) = start_agent(t, node, config);
@@ -642,8 +706,8 @@ impl Running {
 }
 
 pub fn start_agent(t: &Topology, node: char, config: AgentConfig) -> (Component, AgentHandle) {
-    let stop = CancellationToken::new();
-    let (ns, s) = (t.ns(&format!("node-{node}")), stop.clone());
+    let (stop, crash) = (CancellationToken::new(), CancellationToken::new());
+    let (ns, s, k) = (t.ns(&format!("node-{node}")), stop.clone(), crash.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         in_netns(&ns, move || {
@@ -669,13 +733,18 @@ pub fn start_agent(t: &Topology, node: char, config: AgentConfig) -> (Component,
                     metrics: agent.metrics.clone(),
                 };
                 let _ = tx.send(Ok((agent.ready(), handle)));
-                s.cancelled().await;
-                agent.shutdown(Duration::from_secs(2)).await;
+                tokio::select! {
+                    () = s.cancelled() => agent.shutdown(Duration::from_secs(2)).await,
+                    // Dropping the runtime below ends every task where it stands.
+                    () = k.cancelled() => std::mem::forget(agent),
+                }
             });
+            rt.shutdown_background();
         })
     });
     let component = Component {
         stop,
+        crash,
         thread: Some(thread),
     };
     match rx
@@ -780,6 +849,7 @@ fn run_ca(
     std::fs::write(&root, root_pem).expect("root");
     let ca = Component {
         stop,
+        crash: CancellationToken::new(),
         thread: Some(thread),
     };
     (ca, root)

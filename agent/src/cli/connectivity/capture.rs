@@ -19,45 +19,9 @@ pub struct Capture {
     pub marker_seen: bool,
 }
 
-/// A packet socket on `iface` (of the namespace at `netns`, when given: the calling thread
-/// enters it).
+/// A packet socket for every frame on `iface` (of the namespace at `netns`, when given).
 pub(crate) fn packet_socket(netns: Option<&Path>, iface: &str) -> Result<socket2::Socket, String> {
-    if let Some(netns) = netns {
-        let file = std::fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("entering {}: {e}", netns.display()))?;
-    }
-    let index = nix::net::if_::if_nametoindex(iface).map_err(|e| format!("{iface}: {e}"))?;
-    let all = (nix::libc::ETH_P_ALL as u16).to_be();
-    let socket = socket2::Socket::new(
-        socket2::Domain::PACKET,
-        socket2::Type::RAW,
-        Some(socket2::Protocol::from(i32::from(all))),
-    )
-    .map_err(|e| format!("a packet socket: {e}"))?;
-    let mut sll: nix::libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = nix::libc::AF_PACKET as u16;
-    sll.sll_protocol = all;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: `sll` is a valid, initialised sockaddr_ll and the length given is its size; the
-    // descriptor is the socket's, open for the whole call.
-    let rc = unsafe {
-        nix::libc::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            std::ptr::addr_of!(sll).cast(),
-            size_of::<nix::libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "binding to {iface}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|e| e.to_string())?;
-    Ok(socket)
+    crate::net::packet_socket(netns, iface, nix::libc::ETH_P_ALL as u16)
 }
 
 /// Reads frames until told to stop (at most 30 s).
