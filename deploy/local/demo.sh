@@ -60,6 +60,10 @@ OUTSIDE_IP=10.99.200.2
 # The edge: a Gateway with two HTTPS hostnames, each with its own certificate from a demo CA.
 GATEWAY_HOSTS=(shop.example.test pay.example.test)
 GATEWAY_PORT=443
+# The shared L2 segment, and the pool Gateways of their own address take from.
+LAN_NET=10.99.250
+LAN_POOL_FIRST=10.99.250.200
+LAN_POOL_LAST=10.99.250.209
 
 down() {
     for pidfile in "$WORK"/*.pid; do
@@ -145,6 +149,20 @@ YAML
 
     # outside: a machine that is not in the mesh, attached to node-a.
     attach "$NS-outside" a sd-outside "$OUTSIDE_IP"
+
+    say "a shared L2 segment: a bridge joining node-a, node-b and outside ($LAN_NET.0/24)"
+    ip netns add "$NS-lan"
+    ip -n "$NS-lan" link set lo up
+    ip -n "$NS-lan" link add br0 type bridge
+    ip -n "$NS-lan" link set br0 up
+    local who dev host lns
+    for who in a b outside; do
+        case $who in a) host=1 lns="$NS-node-a" dev=sd-lan ;; b) host=2 lns="$NS-node-b" dev=sd-lan ;; *) host=100 lns="$NS-outside" dev=lan0 ;; esac
+        ip -n "$lns" link add "$dev" type veth peer name "port-$who" netns "$NS-lan"
+        ip -n "$NS-lan" link set "port-$who" master br0 up
+        ip -n "$lns" addr add "$LAN_NET.$host/24" dev "$dev"
+        ip -n "$lns" link set "$dev" up
+    done
 
     say "Gateway: HTTPS on :$GATEWAY_PORT for ${GATEWAY_HOSTS[*]}, certificates from a demo CA"
     gateway_manifests >> "$manifests"
@@ -291,6 +309,44 @@ spec:
     backendRefs: [{name: api, port: 80}]
 ---
 YAML
+    # Two Gateways on :80, each on an address of its own from the pool, announced on the
+    # shared segment by one node (the pool selects only Gateways labelled edge: lan, so
+    # edge/public stays on the nodes' addresses).
+    cat <<YAML
+apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {name: lan}
+spec:
+  blocks: [{start: $LAN_POOL_FIRST, stop: $LAN_POOL_LAST}]
+  serviceSelector: {matchLabels: {edge: lan}}
+---
+apiVersion: signet.dev/v1alpha1
+kind: L2AnnouncementPolicy
+metadata: {name: lan}
+spec: {interfaces: [sd-lan], loadBalancerIPs: true}
+---
+YAML
+    local g
+    for g in blue green; do
+        cat <<YAML
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: $g, namespace: edge, labels: {edge: lan}}
+spec:
+  gatewayClassName: signet
+  listeners: [{name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: $g, namespace: shop}
+spec:
+  parentRefs: [{name: $g, namespace: edge}]
+  rules:
+  - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-gateway, value: $g}]}}]
+    backendRefs: [{name: web, port: 80}]
+---
+YAML
+    done
 }
 
 # Runs a command inside a pod: its cgroup (so the datapath captures it) and its network namespace.
@@ -449,6 +505,76 @@ YAML
     "$BIN/signet" policy explain --state "$WORK/state" --from shop/web-0 --to payments/api-0:8080 --method POST --path / || true
 }
 
+# The address the pool gave Gateway edge/NAME (from the agents' address table).
+lan_address() {
+    python3 - "$WORK/addresses.json" "$1" <<'PY' 2>/dev/null || true
+import json, sys
+for a in json.load(open(sys.argv[1]))["allocations"]:
+    if a["owner"]["kind"] == "Gateway" and a["owner"]["name"] == sys.argv[2]:
+        print(a["address"])
+PY
+}
+
+# The node holding the L2 lease of ADDRESS.
+lan_holder() {
+    python3 - "$WORK/l2-leases.json" "$1" <<'PY' 2>/dev/null || true
+import json, sys
+print(json.load(open(sys.argv[1])).get(sys.argv[2], {}).get("holderIdentity", ""))
+PY
+}
+
+# What outside's curl gets from http://ADDRESS/: "<status> <x-gateway>".
+lan_get() {
+    ip netns exec "$NS-outside" curl -sS --max-time 2 -D - -o /dev/null "http://$1/" 2>/dev/null \
+        | tr -d '\r' | awk 'NR == 1 {s = $2} tolower($1) == "x-gateway:" {g = $2} END {print s, g}'
+}
+
+lan_mac() { ip -n "$NS-node-$1" -o link show sd-lan | sed 's/.*link\/ether \([^ ]*\).*/\1/'; }
+outside_mac_for() { ip -n "$NS-outside" neigh show "$1" | awk '{for (i = 1; i < NF; i++) if ($i == "lladdr") print $(i + 1)}'; }
+
+lan_scenario() {
+    say "8. Gateways on their own addresses: LB IPAM, ARP from one node, failover"
+    local blue green i
+    for i in $(seq 50); do
+        blue=$(lan_address blue); green=$(lan_address green)
+        [ -n "$blue" ] && [ -n "$green" ] && break
+        sleep 0.2
+    done
+    [ -n "$blue" ] && [ -n "$green" ] || die "the pool gave no addresses (see $WORK/addresses.json)"
+    echo "LoadBalancerIPPool lan gave edge/blue $blue and edge/green $green (both listen on :80)"
+    local got
+    for g in "blue $blue" "green $green"; do
+        set -- $g
+        for i in $(seq 50); do got=$(lan_get "$2"); [ "${got%% *}" = 200 ] && break; sleep 0.1; done
+        echo "outside -> http://$2/ : HTTP ${got%% *}, answered by Gateway ${got#* }"
+        [ "$got" = "200 $1" ] || die "$2 should reach Gateway edge/$1 (got $got)"
+    done
+    local leader other mac
+    leader=$(lan_holder "$blue"); leader=${leader#node-}
+    [ "$leader" = a ] && other=b || other=a
+    mac=$(outside_mac_for "$blue")
+    echo "outside's ARP: $blue is at $mac = node-$leader's sd-lan ($(lan_mac "$leader")); node-$other stays silent"
+    [ "$mac" = "$(lan_mac "$leader")" ] || die "the lease holder node-$leader should answer ARP for $blue"
+    "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^- namespace: edge|^  name: (blue|green)|^  addresses:|^  - 10\.99\.250" | sed 's/^/  /' || true
+
+    sleep 1.2 # past outside's neighbour-entry lock time, so a gratuitous ARP is taken
+    echo "killing node-$leader's agent (kill -9: no cleanup, its lease left to expire)"
+    local start now announced="" served=""
+    start=$(date +%s%N)
+    kill -9 "$(cat "$WORK/agent-$leader.pid")"
+    while :; do
+        now=$(( ($(date +%s%N) - start) / 1000000 ))
+        [ -z "$announced" ] && [ "$(outside_mac_for "$blue")" = "$(lan_mac "$other")" ] && announced=$now
+        [ -n "$announced" ] && [ -z "$served" ] && [ "$(lan_get "$blue")" = "200 blue" ] && served=$now
+        [ -n "$served" ] && break
+        [ "$now" -gt 10000 ] && die "no failover to node-$other within 10 s"
+        sleep 0.05
+    done
+    echo "failover: node-$other announced $blue after $announced ms (gratuitous ARP); the first new request after it was answered at $served ms"
+    [ "$announced" -le 3000 ] || die "failover took $announced ms (bound: 3000)"
+    echo "connections open to node-$leader when its agent died ended with it (its proxy held them); new ones go to node-$other"
+}
+
 case "${1:-run}" in
     up) up ;;
     down) down; echo "signet demo removed" ;;
@@ -458,6 +584,7 @@ case "${1:-run}" in
         scenario
         say "7. signet connectivity test: the built-in suite, with workloads of its own"
         "$BIN/signet" connectivity test --topology "$WORK/topology.json"
+        lan_scenario
         say "tearing down"
         ;;
     *) die "usage: demo.sh [run|up|down]" ;;
