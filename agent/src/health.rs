@@ -241,6 +241,7 @@ fn agent_status(
                         Some(c) => format!("{}: {}", c.reason, c.message),
                         None => "no Programmed condition".into(),
                     }),
+                    addresses: g.addresses.clone(),
                 }
             })
             .collect(),

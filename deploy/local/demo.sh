@@ -567,7 +567,12 @@ lan_scenario() {
         [ -z "$announced" ] && [ "$(outside_mac_for "$blue")" = "$(lan_mac "$other")" ] && announced=$now
         [ -n "$announced" ] && [ -z "$served" ] && [ "$(lan_get "$blue")" = "200 blue" ] && served=$now
         [ -n "$served" ] && break
-        [ "$now" -gt 10000 ] && die "no failover to node-$other within 10 s"
+        if [ "$now" -gt 10000 ]; then
+            echo "outside's neighbours:"; ip -n "$NS-outside" neigh | sed 's/^/  /'
+            echo "leases:"; sed 's/^/  /' "$WORK/l2-leases.json"
+            echo "node-$other's agent:"; grep -E "lease|announc|ARP" "$WORK/agent-$other.log" | tail -5 | sed 's/^/  /'
+            die "no failover to node-$other within 10 s (announced: ${announced:-no}; served: ${served:-no})"
+        fi
         sleep 0.05
     done
     echo "failover: node-$other announced $blue after $announced ms (gratuitous ARP); the first new request after it was answered at $served ms"

@@ -101,6 +101,9 @@ pub struct GatewayStatus {
     pub programmed: bool,
     /// The `Programmed` condition's reason and message when it is not true.
     pub reason: Option<String>,
+    /// Its own addresses (from a LoadBalancerIPPool); none: the nodes' addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
 }
 
 /// OK, degraded (serving, with something to look at) or an error (not doing its job).

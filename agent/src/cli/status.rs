@@ -680,7 +680,12 @@ pub fn render(report: &Report, now: std::time::SystemTime) -> String {
                             } else {
                                 "not programmed"
                             };
-                            format!("{}/{} {state}", g.namespace, g.name)
+                            match g.addresses.as_slice() {
+                                [] => format!("{}/{} {state}", g.namespace, g.name),
+                                a => {
+                                    format!("{}/{} {state} on {}", g.namespace, g.name, a.join(" "))
+                                }
+                            }
                         })
                         .collect();
                     let _ = writeln!(out, "  gateways       {}", gws.join(", "));

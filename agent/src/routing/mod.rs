@@ -8,6 +8,7 @@
 //! with it (a served Gateway's identity is numbered with the workloads'), and `gateway` serves
 //! that configuration.
 
+pub mod addresses;
 pub mod mesh;
 pub mod model;
 pub mod routes;

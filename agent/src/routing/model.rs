@@ -42,7 +42,7 @@ pub struct Resources {
     pub namespace_labels: HashMap<String, BTreeMap<String, String>>,
     /// What the address allocator gave each Gateway (and LoadBalancer Service), computed from
     /// the pools and the record when the snapshot is built.
-    pub addresses: crate::state::lbipam::Addresses,
+    pub addresses: super::addresses::Addresses,
     /// Which nodes announce those addresses, where.
     pub l2: Vec<signet_policy::L2AnnouncementPolicy>,
 }
@@ -204,7 +204,7 @@ pub struct Status {
     /// LoadBalancerIPPools and Services of type LoadBalancer: what the address allocator
     /// decided (`signet gateway status` prints it as `addresses`).
     #[serde(rename = "addresses")]
-    pub addresses: crate::state::lbipam::AddressStatus,
+    pub addresses: super::addresses::AddressStatus,
 }
 
 /// What a node serves, and the status that goes with it.
@@ -218,7 +218,7 @@ pub struct GatewayConfig {
     pub traffic: super::traffic::ServicePolicies,
     pub status: Status,
     /// What the address allocator decided (from `Resources::addresses`).
-    pub addresses: crate::state::lbipam::Addresses,
+    pub addresses: super::addresses::Addresses,
     /// The L2 announcement policies (from `Resources::l2`).
     pub l2: Vec<signet_policy::L2AnnouncementPolicy>,
 }
@@ -397,7 +397,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 continue;
             }
         };
-        use crate::state::lbipam::GatewayAddresses;
+        use super::addresses::GatewayAddresses;
         let addresses = res.addresses.gateway(&gns, &gname);
         if let GatewayAddresses::Refused {
             condition: "Accepted",

@@ -324,7 +324,12 @@ fn extra_from(
                     Some((n.metadata.name.clone()?, labels))
                 })
                 .collect(),
-            addresses: super::lbipam::Addresses::compute(objects, record),
+            addresses: super::lbipam::Addresses::compute(
+                &objects.gateway,
+                &objects.services,
+                &objects.pools,
+                record,
+            ),
             ..objects.gateway.clone()
         },
         nodes,

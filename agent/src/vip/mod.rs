@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use signet_policy::L2AnnouncementPolicy;
 
-use crate::state::lbipam::Addresses;
+use crate::routing::addresses::Addresses;
 
 /// What this node does with own addresses, decided with each snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
