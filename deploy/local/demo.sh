@@ -166,6 +166,7 @@ YAML
 
     say "Gateway: HTTPS on :$GATEWAY_PORT for ${GATEWAY_HOSTS[*]}, certificates from a demo CA"
     gateway_manifests >> "$manifests"
+    lan_routes shop web > "$WORK/state/lan-routes.yaml"
 
     say "CA in node-a, one agent per node"
     local token_a token_b
@@ -336,14 +337,39 @@ spec:
   gatewayClassName: signet
   listeners: [{name: http, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}]
 ---
+YAML
+    done
+    # payments/ledger (ledger-0 on node-b): a backend for the failover, on the node that stays.
+    cat <<'YAML'
+apiVersion: v1
+kind: Service
+metadata: {name: ledger, namespace: payments}
+spec: {clusterIP: 10.96.0.30, selector: {app: ledger}, ports: [{name: http, port: 80, targetPort: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+addressType: IPv4
+metadata: {name: ledger-1, namespace: payments, labels: {kubernetes.io/service-name: ledger}}
+ports: [{name: http, port: 5432}]
+endpoints: [{addresses: [10.99.22.2], nodeName: node-b, conditions: {ready: true}}]
+---
+YAML
+}
+
+# lan_routes NAMESPACE SERVICE: the HTTPRoutes of Gateways edge/blue and edge/green, to SERVICE
+# (in NAMESPACE) port 80, each adding x-gateway: <its name> to responses.
+lan_routes() {
+    local g
+    for g in blue green; do
+        cat <<YAML
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: $g, namespace: shop}
+metadata: {name: $g, namespace: $1}
 spec:
   parentRefs: [{name: $g, namespace: edge}]
   rules:
   - filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-gateway, value: $g}]}}]
-    backendRefs: [{name: web, port: 80}]
+    backendRefs: [{name: $2, port: 80}]
 ---
 YAML
     done
@@ -557,6 +583,15 @@ lan_scenario() {
     [ "$mac" = "$(lan_mac "$leader")" ] || die "the lease holder node-$leader should answer ARP for $blue"
     "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^- namespace: edge|^  name: (blue|green)|^  addresses:|^  - 10\.99\.250" | sed 's/^/  /' || true
 
+    # The backend must outlive the leader: a pod on the other node (killing an agent cuts its
+    # node's pods off the mesh: strict mTLS, nothing else delivers to them).
+    if [ "$other" = b ]; then lan_routes payments ledger; else lan_routes shop web; fi > "$WORK/state/lan-routes.yaml"
+    sleep 2 # the agents look at the state directory every 0.5 s
+    for i in $(seq 50); do
+        [ "$(lan_get "$blue")" = "200 blue" ] && [ "$(lan_get "$green")" = "200 green" ] && break
+        sleep 0.1
+    done
+    echo "routes of edge/blue and edge/green now lead to $([ "$other" = b ] && echo payments/ledger on node-b || echo shop/web on node-a)"
     sleep 1.2 # past outside's neighbour-entry lock time, so a gratuitous ARP is taken
     echo "killing node-$leader's agent (kill -9: no cleanup, its lease left to expire)"
     local start now announced="" served=""

@@ -1270,3 +1270,257 @@ fn gateways_share_a_port_on_their_own_addresses_announced_by_one_node_that_fails
     );
     assert_eq!(from_outside(&t, &two), (200, "two".to_owned()));
 }
+
+const L4: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: l4, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - {name: tcp, port: 9000, protocol: TCP, allowedRoutes: {namespaces: {from: All}}}
+  - {name: tls, port: 9443, protocol: TLS, hostname: '*.example.test', tls: {mode: Passthrough}, allowedRoutes: {namespaces: {from: All}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: other, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners: [{name: tcp, port: 9001, protocol: TCP, allowedRoutes: {namespaces: {from: All}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: plain, namespace: shop}
+spec:
+  parentRefs: [{name: l4, namespace: edge, sectionName: tcp}, {name: other, namespace: edge}]
+  rules: [{backendRefs: [{name: server, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TLSRoute
+metadata: {name: db, namespace: shop}
+spec:
+  parentRefs: [{name: l4, namespace: edge, sectionName: tls}]
+  hostnames: [db.example.test]
+  rules: [{backendRefs: [{name: server-tls, port: 443}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server-tls, namespace: shop}
+spec: {clusterIP: CLUSTER_IP, selector: {app: server}, ports: [{name: tls, port: 443, targetPort: 8443}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+addressType: IPv4
+metadata: {name: server-tls-1, namespace: shop, labels: {kubernetes.io/service-name: server-tls}}
+ports: [{name: tls, port: 8443}]
+endpoints: [{addresses: [POD_IP], conditions: {ready: true}}]
+---
+# The backend admits the Gateway edge/l4 only: edge/other's TCPRoute reaches nothing.
+apiVersion: signet.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: server, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server}}
+  ingress: [{from: [{gateway: {namespace: edge, name: l4}}], ports: [{port: 8080}, {port: 8443}]}]
+";
+
+/// curl from node B's namespace to node A's address: the exit code and what it printed.
+fn curl_b(t: &Topology, args: &[&str]) -> (i32, String) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("node-b"),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+        ])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn tcp_and_tls_passthrough_routes_carry_bytes_untouched_and_refuse_what_they_cannot_route() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut step = Steps::default();
+    let t = Topology::new();
+    t.write_state("");
+    let dir = t.dir.path().to_owned();
+    let manifests = L4
+        .replace("CLUSTER_IP", &format!("10.96.{}.11", t.n))
+        .replace("POD_IP", &t.pod_ip('b'));
+    write(&dir, "l4.yaml", &manifests);
+    // The backend's own certificate, from a CA only the client trusts: the Gateway has none.
+    let backend_ca = EdgeCa::new("backend CA");
+    let secret = backend_ca.secret("x", "x", "db.example.test");
+    let pem_of = |tag: &str| {
+        let start = secret.find(&format!("-----BEGIN {tag}")).expect("begin");
+        let end_tag = format!("-----END {tag}-----");
+        let end = secret[start..].find(&end_tag).expect("end") + start + end_tag.len();
+        secret[start..end]
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    std::fs::write(dir.join("backend.crt"), pem_of("CERTIFICATE")).expect("crt");
+    std::fs::write(dir.join("backend.key"), pem_of("PRIVATE KEY")).expect("key");
+    std::fs::write(dir.join("backend-ca.pem"), &backend_ca.pem).expect("ca");
+    let _running = start(&t, "", "");
+    let _http = t.server_with(8080, &["--http"]);
+    let mut tls_server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ns("pod-b"),
+            "openssl",
+            "s_server",
+            "-quiet",
+            "-www",
+        ])
+        .args(["-accept", &format!("{}:8443", t.pod_ip('b'))])
+        .arg("-cert")
+        .arg(dir.join("backend.crt"))
+        .arg("-key")
+        .arg(dir.join("backend.key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _tls_server = Kill(&mut tls_server);
+    let a = t.node_ip('a');
+
+    step.to("status: each listener takes its route kind, and the routes attach");
+    let status = signet_agent::state::snapshot::gateway_status(
+        &dir.join("state"),
+        &Default::default(),
+        &signet_ca::TrustDomain::parse("cluster.local").expect("td"),
+    )
+    .expect("status");
+    let l4 = status.gateways.iter().find(|g| g.name == "l4").expect("l4");
+    let kinds: Vec<(String, Vec<String>, i32)> = l4
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.supported_kinds.clone(), l.attached_routes))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("tcp".to_owned(), vec!["TCPRoute".to_owned()], 1),
+            ("tls".to_owned(), vec!["TLSRoute".to_owned()], 1)
+        ]
+    );
+    let other = status
+        .gateways
+        .iter()
+        .find(|g| g.name == "other")
+        .expect("other");
+    assert_eq!(
+        other.listeners[0].attached_routes, 1,
+        "edge/other carries the TCPRoute too: only policy stops it"
+    );
+    let tls_route = status
+        .tls_routes
+        .iter()
+        .find(|r| r.name == "db")
+        .expect("db");
+    assert!(
+        tls_route.parents[0]
+            .conditions
+            .iter()
+            .all(|c| c.status == "True"),
+        "{tls_route:?}"
+    );
+
+    step.to("TCP: the bytes reach the backend through the Gateway's tunnel");
+    let (code, out) = signet_test_support::wait_for("the TCP listener", || {
+        let r = curl_b(&t, &[&format!("http://{a}:9000/tcp")]);
+        (r.0 == 0).then_some(r)
+    });
+    assert_eq!(code, 0);
+    assert!(out.starts_with("hi GET /tcp HTTP/1.1 at "), "{out}");
+
+    step.to("TLS passthrough: the backend's own certificate reaches the client");
+    let ca = dir.join("backend-ca.pem");
+    let resolve = format!("db.example.test:9443:{a}");
+    let (code, out) = signet_test_support::wait_for("the TLS listener", || {
+        let r = curl_b(
+            &t,
+            &[
+                "--resolve",
+                &resolve,
+                "--cacert",
+                ca.to_str().expect("path"),
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{ssl_verify_result}",
+                "https://db.example.test:9443/",
+            ],
+        );
+        (r.0 == 0).then_some(r)
+    });
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "200 0"),
+        "curl verified the backend's certificate for db.example.test"
+    );
+
+    step.to("what cannot be routed is refused, and the routed flows beside it keep working");
+    // Plaintext on the TLS port, a server name no route has, no server name at all.
+    let (code, _) = curl_b(&t, &[&format!("http://{a}:9443/")]);
+    assert_ne!(code, 0, "plaintext on a TLS passthrough port is refused");
+    let other = format!("nope.example.test:9443:{a}");
+    let (code, out) = curl_b(
+        &t,
+        &["-k", "--resolve", &other, "https://nope.example.test:9443/"],
+    );
+    assert_ne!(code, 0, "an unrouted server name is refused: {out}");
+    let (code, out) = curl_b(&t, &["-k", &format!("https://{a}:9443/")]);
+    assert_ne!(code, 0, "no server name is refused: {out}");
+    // edge/other's TCPRoute reaches the same backend, whose policy admits only edge/l4.
+    let (code, out) = curl_b(&t, &[&format!("http://{a}:9001/")]);
+    assert_ne!(
+        code, 0,
+        "the backend's ingress policy refuses Gateway edge/other: {out}"
+    );
+    let (code, out) = curl_b(&t, &[&format!("http://{a}:9000/still")]);
+    assert!(code == 0 && out.starts_with("hi GET /still"), "{out}");
+    let (code, out) = curl_b(
+        &t,
+        &[
+            "--resolve",
+            &resolve,
+            "--cacert",
+            ca.to_str().expect("path"),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "https://db.example.test:9443/",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "200"));
+}

@@ -59,14 +59,18 @@ pub fn run(cmd: GatewayCommand) -> u8 {
                             .iter()
                             .chain(g.listeners.iter().flat_map(|l| &l.conditions))
                             .any(|c| c.status != "True")
-                    }) || status.http_routes.iter().chain(&status.grpc_routes).any(
-                        |r| {
+                    }) || status
+                        .http_routes
+                        .iter()
+                        .chain(&status.grpc_routes)
+                        .chain(&status.tcp_routes)
+                        .chain(&status.tls_routes)
+                        .any(|r| {
                             r.parents
                                 .iter()
                                 .flat_map(|p| &p.conditions)
                                 .any(|c| c.status != "True")
-                        },
-                    );
+                        });
                     u8::from(degraded)
                 }
                 Err(e) => {

@@ -5,6 +5,7 @@
 //! it away. What to serve (listeners, routes, status) is `crate::routing`'s, below `state`.
 
 pub mod h1guard;
+pub mod l4;
 pub mod ports;
 pub mod refusal;
 pub mod server;

@@ -42,6 +42,8 @@ pub enum EdgeRefusal {
     Timeout { route: String, why: String },
     /// The backend Service's rate limit (its TrafficPolicy).
     RateLimited { route: String, why: String },
+    /// A TLS passthrough connection that names no route: no server name, or not TLS at all.
+    NotRoutable { why: String },
     /// The backend could not be reached or refused the request (tunnel, policy, connect).
     Backend {
         route: String,
@@ -104,6 +106,7 @@ impl EdgeRefusal {
             EdgeRefusal::Timeout { .. } => "timeout",
             EdgeRefusal::RateLimited { .. } => "rate_limited",
             EdgeRefusal::Backend { .. } => "backend_failed",
+            EdgeRefusal::NotRoutable { .. } => "not_routable",
         }
     }
 
@@ -126,6 +129,7 @@ impl EdgeRefusal {
             EdgeRefusal::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             EdgeRefusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             EdgeRefusal::Backend { .. } => StatusCode::BAD_GATEWAY,
+            EdgeRefusal::NotRoutable { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -155,7 +159,8 @@ impl EdgeRefusal {
             EdgeRefusal::BodyTooLarge { max } => format!("request body over {max} bytes\n"),
             EdgeRefusal::Timeout { why, .. }
             | EdgeRefusal::RateLimited { why, .. }
-            | EdgeRefusal::Backend { why, .. } => {
+            | EdgeRefusal::Backend { why, .. }
+            | EdgeRefusal::NotRoutable { why } => {
                 format!("{why}\n")
             }
         }
@@ -231,6 +236,11 @@ impl EdgeRefusal {
             EdgeRefusal::Timeout { route, why } | EdgeRefusal::RateLimited { route, why } => {
                 tracing::info!(reason = self.label(), %route, why = %why, "gateway: request not answered by a backend")
             }
+            EdgeRefusal::NotRoutable { why } => tracing::info!(
+                reason = self.label(),
+                why = %why,
+                "gateway: TLS passthrough connection closed: it names no route"
+            ),
             EdgeRefusal::ListenerRemoved | EdgeRefusal::BodyTooLarge { .. } => {
                 tracing::debug!(reason = self.label(), "gateway: request refused")
             }
@@ -292,6 +302,7 @@ mod tests {
                 source: "id".into(),
                 why: "w".into(),
             },
+            EdgeRefusal::NotRoutable { why: "w".into() },
         ];
         let mut labels: Vec<&str> = all.iter().map(EdgeRefusal::label).collect();
         labels.sort_unstable();

@@ -110,6 +110,10 @@ pub async fn serve_port(
                     (Protocol::Http, _) => None,
                     (Protocol::Https, Some(tls)) => Some(tls.clone()),
                     (Protocol::Https, None) => return,
+                    (Protocol::Tcp | Protocol::TlsPassthrough, _) => {
+                        drop(snap);
+                        return super::l4::serve(tcp, peer, bound, port, ctx, limits).await;
+                    }
                 };
                 drop(snap);
                 let mut handler = Handler {

@@ -193,7 +193,7 @@ pub fn gateway_bodies(
                 serde_json::json!({
                     "name": l.name,
                     "attachedRoutes": l.attached_routes,
-                    "supportedKinds": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}],
+                    "supportedKinds": l.supported_kinds.iter().map(|k| serde_json::json!({"group": "gateway.networking.k8s.io", "kind": k})).collect::<Vec<_>>(),
                     "conditions": l.conditions.iter().map(|c| k8s_condition(c, gen_)).collect::<Vec<_>>(),
                 })
             })
@@ -271,6 +271,8 @@ pub fn gateway_bodies(
     for (plural, kind, routes, gens) in [
         ("httproutes", "HTTPRoute", &status.http_routes, &route_gens),
         ("grpcroutes", "GRPCRoute", &status.grpc_routes, &grpc_gens),
+        ("tcproutes", "TCPRoute", &status.tcp_routes, &Vec::new()),
+        ("tlsroutes", "TLSRoute", &status.tls_routes, &Vec::new()),
     ] {
         for r in routes {
             let gen_ = generation(gens.clone(), &r.namespace, &r.name);
@@ -290,7 +292,8 @@ pub fn gateway_bodies(
                 r.namespace.clone(),
                 r.name.clone(),
                 serde_json::json!({
-                    "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+                    "apiVersion": if kind == "TCPRoute" { "gateway.networking.k8s.io/v1alpha2" } else { "gateway.networking.k8s.io/v1" },
+                    "kind": kind,
                     "metadata": {"name": r.name, "namespace": r.namespace},
                     "status": {"parents": parents},
                 }),
@@ -347,6 +350,8 @@ pub async fn write_gateways(
             "services" => ("", "v1", "Service"),
             "gateways" => ("gateway.networking.k8s.io", "v1", "Gateway"),
             "grpcroutes" => ("gateway.networking.k8s.io", "v1", "GRPCRoute"),
+            "tcproutes" => ("gateway.networking.k8s.io", "v1alpha2", "TCPRoute"),
+            "tlsroutes" => ("gateway.networking.k8s.io", "v1", "TLSRoute"),
             "trafficpolicies" => ("signet.dev", "v1alpha1", "TrafficPolicy"),
             _ => ("gateway.networking.k8s.io", "v1", "HTTPRoute"),
         };

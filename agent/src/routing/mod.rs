@@ -9,6 +9,7 @@
 //! that configuration.
 
 pub mod addresses;
+pub mod l4;
 pub mod mesh;
 pub mod model;
 pub mod routes;

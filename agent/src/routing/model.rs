@@ -33,6 +33,8 @@ pub struct Resources {
     pub gateways: Vec<Gateway>,
     pub routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
+    pub tcp_routes: Vec<gateway_api::experimental::tcproutes::TcpRoute>,
+    pub tls_routes: Vec<gateway_api::tlsroutes::TlsRoute>,
     pub traffic_policies: Vec<signet_policy::TrafficPolicy>,
     pub grants: Vec<ReferenceGrant>,
     pub secrets: Vec<Secret>,
@@ -51,6 +53,11 @@ pub struct Resources {
 pub enum Protocol {
     Http,
     Https,
+    /// TCPRoutes: the connection to a backend, as it is.
+    Tcp,
+    /// TLSRoutes: the connection to the backend the ClientHello's server name picks, not
+    /// terminated.
+    TlsPassthrough,
 }
 
 /// A TLS certificate from a Secret, with the names it is valid for.
@@ -72,6 +79,8 @@ pub struct Listener {
     pub hostname: Option<String>,
     pub certificates: Vec<Certificate>,
     pub router: Router,
+    /// TCP and TLS listeners: their TCPRoutes or TLSRoutes, oldest first.
+    pub l4: Vec<super::l4::L4Route>,
     /// The nodes that serve its Gateway (`signet.dev/nodes`).
     pub placement: Placement,
 }
@@ -112,6 +121,8 @@ pub(crate) fn cond(type_: &str, ok: bool, reason: &str, message: impl Into<Strin
 #[serde(rename_all = "camelCase")]
 pub struct ListenerStatus {
     pub name: String,
+    /// The route kinds it takes (`supportedKinds`): none for a protocol Signet does not serve.
+    pub supported_kinds: Vec<String>,
     pub attached_routes: i32,
     pub conditions: Vec<Condition>,
 }
@@ -200,6 +211,8 @@ pub struct Status {
     pub gateways: Vec<GatewayStatus>,
     pub http_routes: Vec<RouteStatus>,
     pub grpc_routes: Vec<RouteStatus>,
+    pub tcp_routes: Vec<RouteStatus>,
+    pub tls_routes: Vec<RouteStatus>,
     pub traffic_policies: Vec<super::traffic::PolicyStatus>,
     /// LoadBalancerIPPools and Services of type LoadBalancer: what the address allocator
     /// decided (`signet gateway status` prints it as `addresses`).
@@ -421,7 +434,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 &identity,
                 &gns,
                 &gname,
-                &mut status.http_routes,
+                &mut status,
                 Served {
                     ports: &ports,
                     bound: &bound,
@@ -767,11 +780,12 @@ fn listener(
     identity: &SpiffeId,
     gns: &str,
     gname: &str,
-    route_status: &mut Vec<RouteStatus>,
+    status: &mut Status,
     served: Served<'_>,
 ) -> (ListenerStatus, Option<(u16, Protocol, Listener)>) {
     let mut ls = ListenerStatus {
         name: l.name.clone(),
+        supported_kinds: vec![],
         attached_routes: 0,
         conditions: vec![],
     };
@@ -783,9 +797,25 @@ fn listener(
         ];
         (ls, None)
     };
+    let passthrough =
+        l.tls.as_ref().and_then(|t| t.mode.as_ref()) == Some(&GatewayListenersTlsMode::Passthrough);
     let protocol = match l.protocol.as_str() {
         "HTTP" => Protocol::Http,
         "HTTPS" => Protocol::Https,
+        "TCP" => Protocol::Tcp,
+        "TLS" if passthrough => Protocol::TlsPassthrough,
+        "TLS" => {
+            return fail(
+                ls,
+                cond(
+                    "Accepted",
+                    false,
+                    "UnsupportedProtocol",
+                    "TLS listeners are served in mode Passthrough; terminate TLS with HTTPS",
+                ),
+                cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            );
+        }
         other => {
             return fail(
                 ls,
@@ -793,11 +823,18 @@ fn listener(
                     "Accepted",
                     false,
                     "UnsupportedProtocol",
-                    format!("protocol {other} is not served; HTTP and HTTPS are"),
+                    format!(
+                        "protocol {other} is not served; HTTP, HTTPS, TCP and TLS (Passthrough) are"
+                    ),
                 ),
                 cond("ResolvedRefs", true, "ResolvedRefs", ""),
             );
         }
+    };
+    ls.supported_kinds = match protocol {
+        Protocol::Http | Protocol::Https => vec!["HTTPRoute".into(), "GRPCRoute".into()],
+        Protocol::Tcp => vec!["TCPRoute".into()],
+        Protocol::TlsPassthrough => vec!["TLSRoute".into()],
     };
     let Ok(port) = u16::try_from(l.port) else {
         return fail(
@@ -842,6 +879,43 @@ fn listener(
             return (ls, served);
         }
     }
+    let l4 = match protocol {
+        Protocol::Tcp => Some(super::l4::Kind::Tcp),
+        Protocol::TlsPassthrough => Some(super::l4::Kind::Tls),
+        Protocol::Http | Protocol::Https => None,
+    };
+    if let Some(kind) = l4 {
+        let routes_status = match kind {
+            super::l4::Kind::Tcp => &mut status.tcp_routes,
+            super::l4::Kind::Tls => &mut status.tls_routes,
+        };
+        let routes = super::l4::attach(res, l, gns, gname, kind, routes_status);
+        ls.attached_routes = routes.len() as i32;
+        ls.conditions = vec![
+            cond("Accepted", true, "Accepted", ""),
+            cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            cond("Programmed", true, "Programmed", ""),
+        ];
+        return (
+            ls,
+            Some((
+                port,
+                protocol,
+                Listener {
+                    gateway_namespace: gns.to_owned(),
+                    gateway_name: gname.to_owned(),
+                    identity: identity.clone(),
+                    name: l.name.clone(),
+                    hostname,
+                    certificates: vec![],
+                    router: Router::new(vec![]),
+                    l4: routes,
+                    placement: Placement::default(),
+                },
+            )),
+        );
+    }
+    let route_status = &mut status.http_routes;
     let mut certificates = vec![];
     let mut resolved = cond("ResolvedRefs", true, "ResolvedRefs", "");
     if protocol == Protocol::Https {
@@ -1001,6 +1075,7 @@ fn listener(
                 hostname,
                 certificates,
                 router: Router::new(routes),
+                l4: vec![],
                 placement: Placement::default(),
             },
         )),
@@ -1009,7 +1084,7 @@ fn listener(
 
 /// Whether routes in namespace `rns` may attach to listener `l` of a Gateway in `gns`; `Err` names
 /// what is wrong with the listener's selector (no route attaches through it).
-fn allowed_namespace(
+pub(super) fn allowed_namespace(
     l: &GatewayListeners,
     gns: &str,
     rns: &str,

@@ -201,6 +201,8 @@ pub fn read_objects(dir: &Path, errors: &mut Vec<String>) -> ClusterObjects {
                 Some("Gateway") => push(value, &mut o.gateway.gateways, errors, at),
                 Some("HTTPRoute") => push(value, &mut o.gateway.routes, errors, at),
                 Some("GRPCRoute") => push(value, &mut o.gateway.grpc_routes, errors, at),
+                Some("TCPRoute") => push(value, &mut o.gateway.tcp_routes, errors, at),
+                Some("TLSRoute") => push(value, &mut o.gateway.tls_routes, errors, at),
                 Some("TrafficPolicy") => push(value, &mut o.gateway.traffic_policies, errors, at),
                 Some("ReferenceGrant") => push(value, &mut o.gateway.grants, errors, at),
                 Some("Secret") => {
