@@ -139,7 +139,7 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
     let n = status::write_gateways(&client, &objects, &td, &mut written)
         .await
         .expect("write");
-    assert_eq!(n, 2, "the Gateway and the HTTPRoute");
+    assert_eq!(n, 3, "the GatewayClass, the Gateway and the HTTPRoute");
     assert_eq!(
         status::write_gateways(&client, &objects, &td, &mut written)
             .await
@@ -147,7 +147,16 @@ async fn gateways_and_routes_get_their_gateway_api_status() {
         0,
         "unchanged, not written again"
     );
-    assert_eq!(patches(&api), 2);
+    assert_eq!(patches(&api), 3);
+    let class = status_of(&api, "GatewayClass", "", "signet");
+    let class_types: Vec<&str> = class["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .filter(|c| c["status"] == "True")
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert_eq!(class_types, ["Accepted", "SupportedVersion"], "{class}");
     let gw = status_of(&api, "Gateway", "edge", "public");
     let types = |conds: &serde_json::Value| -> Vec<(String, String)> {
         conds

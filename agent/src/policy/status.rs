@@ -184,6 +184,33 @@ pub fn gateway_bodies(
     );
     let route_gens = gens(objects.gateway.routes.iter().map(|r| &r.metadata).collect());
     let mut out = Vec::new();
+    // GatewayClasses are cluster-scoped: namespace "".
+    let class_gens = gens(
+        objects
+            .gateway
+            .classes
+            .iter()
+            .map(|c| &c.metadata)
+            .collect(),
+    );
+    for c in &status.gateway_classes {
+        let gen_ = class_gens
+            .iter()
+            .find(|(_, n, _)| n.as_deref() == Some(c.name.as_str()))
+            .and_then(|(_, _, g)| *g);
+        out.push((
+            "gatewayclasses",
+            String::new(),
+            c.name.clone(),
+            serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                "metadata": {"name": c.name},
+                "status": {
+                    "conditions": c.conditions.iter().map(|x| k8s_condition(x, gen_)).collect::<Vec<_>>(),
+                },
+            }),
+        ));
+    }
     for g in &status.gateways {
         let gen_ = generation(gw_gens.clone(), &g.namespace, &g.name);
         let listeners: Vec<serde_json::Value> = g
@@ -349,6 +376,7 @@ pub async fn write_gateways(
         let (group, version, kind) = match plural {
             "services" => ("", "v1", "Service"),
             "gateways" => ("gateway.networking.k8s.io", "v1", "Gateway"),
+            "gatewayclasses" => ("gateway.networking.k8s.io", "v1", "GatewayClass"),
             "grpcroutes" => ("gateway.networking.k8s.io", "v1", "GRPCRoute"),
             "tcproutes" => ("gateway.networking.k8s.io", "v1alpha2", "TCPRoute"),
             "tlsroutes" => ("gateway.networking.k8s.io", "v1", "TLSRoute"),
@@ -366,8 +394,11 @@ pub async fn write_gateways(
             kind: kind.into(),
             plural: plural.into(),
         };
-        let api: Api<kube::api::DynamicObject> =
-            Api::namespaced_with(client.clone(), &ns, &resource);
+        let api: Api<kube::api::DynamicObject> = if ns.is_empty() {
+            Api::all_with(client.clone(), &resource)
+        } else {
+            Api::namespaced_with(client.clone(), &ns, &resource)
+        };
         api.patch_status(
             &name,
             &PatchParams::apply("signet-agent").force(),

@@ -744,4 +744,100 @@ spec:
         let stray = accepted("stray-route", "by-name");
         assert!(stray.len() == 1 && stray[0].0 == "False", "{stray:?}");
     }
+
+    #[test]
+    fn gateway_acceptance_follows_its_listeners_and_route_kinds_are_checked() {
+        let res = resources(
+            "\
+kind: GatewayClass
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: some, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - {name: ok, port: 80, protocol: HTTP, allowedRoutes: {kinds: [{kind: HTTPRoute}, {kind: TCPRoute}]}}
+  - {name: udp, port: 53, protocol: UDP}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: none, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners: [{name: udp, port: 53, protocol: UDP}]
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: params, namespace: edge}
+spec:
+  gatewayClassName: signet
+  infrastructure: {parametersRef: {group: example.test, kind: Config, name: c}}
+  listeners: [{name: http, port: 8080, protocol: HTTP}]
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: r, namespace: edge}
+spec:
+  parentRefs: [{name: some, sectionName: ok}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+",
+        );
+        let td = signet_ca::TrustDomain::parse(TD).expect("td");
+        let status = build(&res, &td).status;
+        let gw = |n: &str| status.gateways.iter().find(|g| g.name == n).expect(n);
+        let accepted = |n: &str| {
+            let c = gw(n)
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Accepted")
+                .expect("Accepted");
+            (c.status.clone(), c.reason.clone())
+        };
+        assert_eq!(
+            accepted("some"),
+            ("True".into(), "ListenersNotValid".into())
+        );
+        assert_eq!(
+            accepted("none"),
+            ("False".into(), "ListenersNotValid".into())
+        );
+        assert_eq!(
+            accepted("params"),
+            ("False".into(), "InvalidParameters".into())
+        );
+        let ok = &gw("some").listeners[0];
+        assert_eq!(ok.supported_kinds, ["HTTPRoute"]);
+        let resolved = ok
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ResolvedRefs")
+            .expect("ResolvedRefs");
+        assert_eq!(
+            (resolved.status.as_str(), resolved.reason.as_str()),
+            ("False", "InvalidRouteKinds")
+        );
+        assert!(
+            resolved
+                .message
+                .contains("gateway.networking.k8s.io/TCPRoute"),
+            "{resolved:?}"
+        );
+        // The route still attaches to the valid kind.
+        assert_eq!(ok.attached_routes, 1);
+        assert!(
+            gw("some").listeners[1].supported_kinds.is_empty(),
+            "UDP is not served"
+        );
+        let class = &status.gateway_classes[0];
+        assert!(
+            class
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "SupportedVersion" && c.status == "True")
+        );
+    }
 }

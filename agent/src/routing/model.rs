@@ -364,7 +364,15 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
         if c.spec.controller_name == CONTROLLER {
             status.gateway_classes.push(ClassStatus {
                 name: c.metadata.name.clone().unwrap_or_default(),
-                conditions: vec![cond("Accepted", true, "Accepted", "handled by Signet")],
+                conditions: vec![
+                    cond("Accepted", true, "Accepted", "handled by Signet"),
+                    cond(
+                        "SupportedVersion",
+                        true,
+                        "SupportedVersion",
+                        "the Gateway API version of the installed CRDs is the one Signet reads",
+                    ),
+                ],
             });
         }
     }
@@ -410,6 +418,21 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 continue;
             }
         };
+        if let Some(p) = gw
+            .spec
+            .infrastructure
+            .as_ref()
+            .and_then(|i| i.parameters_ref.as_ref())
+        {
+            refuse(
+                "InvalidParameters",
+                format!(
+                    "spec.infrastructure.parametersRef {}/{} {}: Signet's Gateways take no parameters",
+                    p.group, p.kind, p.name
+                ),
+            );
+            continue;
+        }
         use super::addresses::GatewayAddresses;
         let addresses = res.addresses.gateway(&gns, &gname);
         if let GatewayAddresses::Refused {
@@ -462,6 +485,45 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                     .push(listener);
             }
         }
+        // Accepted as the spec has it: False/ListenersNotValid when no listener is valid, True
+        // with that reason when some are not.
+        let invalid: Vec<&str> = listener_status
+            .iter()
+            .filter(|l| {
+                !l.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Accepted" && c.status == "True")
+            })
+            .map(|l| l.name.as_str())
+            .collect();
+        let accepted = if invalid.is_empty() {
+            cond(
+                "Accepted",
+                true,
+                "Accepted",
+                format!("handled by Signet, on {placement}"),
+            )
+        } else if invalid.len() == listener_status.len() {
+            cond(
+                "Accepted",
+                false,
+                "ListenersNotValid",
+                format!(
+                    "no listener is valid ({}); see their conditions",
+                    invalid.join(", ")
+                ),
+            )
+        } else {
+            cond(
+                "Accepted",
+                true,
+                "ListenersNotValid",
+                format!(
+                    "handled by Signet, on {placement}; listeners {} are not valid",
+                    invalid.join(", ")
+                ),
+            )
+        };
         status.gateways.push(GatewayStatus {
             namespace: gns,
             name: gname,
@@ -470,12 +532,7 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
                 _ => vec![],
             },
             conditions: vec![
-                cond(
-                    "Accepted",
-                    true,
-                    "Accepted",
-                    format!("handled by Signet, on {placement}"),
-                ),
+                accepted,
                 if let GatewayAddresses::Refused {
                     reason, message, ..
                 } = &addresses
@@ -831,10 +888,42 @@ fn listener(
             );
         }
     };
-    ls.supported_kinds = match protocol {
-        Protocol::Http | Protocol::Https => vec!["HTTPRoute".into(), "GRPCRoute".into()],
-        Protocol::Tcp => vec!["TCPRoute".into()],
-        Protocol::TlsPassthrough => vec!["TLSRoute".into()],
+    let served_kinds: &[&str] = match protocol {
+        Protocol::Http | Protocol::Https => &["HTTPRoute", "GRPCRoute"],
+        Protocol::Tcp => &["TCPRoute"],
+        Protocol::TlsPassthrough => &["TLSRoute"],
+    };
+    // `allowedRoutes.kinds` narrows them; a kind the protocol does not take is refused by name.
+    let asked = l.allowed_routes.as_ref().and_then(|a| a.kinds.as_ref());
+    let mut bad_kinds = Vec::new();
+    ls.supported_kinds = match asked.filter(|k| !k.is_empty()) {
+        None => served_kinds.iter().map(|k| (*k).to_owned()).collect(),
+        Some(kinds) => kinds
+            .iter()
+            .filter_map(|k| {
+                let group = k.group.as_deref().unwrap_or(GATEWAY_GROUP);
+                if group == GATEWAY_GROUP && served_kinds.contains(&k.kind.as_str()) {
+                    Some(k.kind.clone())
+                } else {
+                    bad_kinds.push(format!("{group}/{}", k.kind));
+                    None
+                }
+            })
+            .collect(),
+    };
+    let kinds_resolved = if bad_kinds.is_empty() {
+        cond("ResolvedRefs", true, "ResolvedRefs", "")
+    } else {
+        cond(
+            "ResolvedRefs",
+            false,
+            "InvalidRouteKinds",
+            format!(
+                "allowedRoutes.kinds {} are not served on a {} listener",
+                bad_kinds.join(", "),
+                l.protocol
+            ),
+        )
     };
     let Ok(port) = u16::try_from(l.port) else {
         return fail(
@@ -889,11 +978,15 @@ fn listener(
             super::l4::Kind::Tcp => &mut status.tcp_routes,
             super::l4::Kind::Tls => &mut status.tls_routes,
         };
-        let routes = super::l4::attach(res, l, gns, gname, kind, routes_status);
+        let routes = if ls.supported_kinds.is_empty() {
+            vec![]
+        } else {
+            super::l4::attach(res, l, gns, gname, kind, routes_status)
+        };
         ls.attached_routes = routes.len() as i32;
         ls.conditions = vec![
             cond("Accepted", true, "Accepted", ""),
-            cond("ResolvedRefs", true, "ResolvedRefs", ""),
+            kinds_resolved,
             cond("Programmed", true, "Programmed", ""),
         ];
         return (
@@ -917,7 +1010,7 @@ fn listener(
     }
     let route_status = &mut status.http_routes;
     let mut certificates = vec![];
-    let mut resolved = cond("ResolvedRefs", true, "ResolvedRefs", "");
+    let mut resolved = kinds_resolved;
     if protocol == Protocol::Https {
         let tls = l.tls.as_ref();
         if tls.and_then(|t| t.mode.as_ref()) == Some(&GatewayListenersTlsMode::Passthrough) {
@@ -1005,6 +1098,9 @@ fn listener(
             continue;
         }
         let refusal = match allowed_namespace(l, gns, &rns, &res.namespace_labels) {
+            Ok(true) if !ls.supported_kinds.iter().any(|k| k == "HTTPRoute") => {
+                Some(format!("listener {} does not allow HTTPRoutes", l.name))
+            }
             Ok(true) => None,
             Ok(false) => Some(format!(
                 "listener {} does not allow routes from namespace {rns}",
