@@ -24,6 +24,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("policy", 3),
     ("datapath", 3),
     ("identity", 3),
+    // Own addresses on this node: routes, leases, ARP.
+    ("vip", 3),
     // The mesh proxy, and kernel flow reports.
     ("proxy", 4),
     ("observe", 4),

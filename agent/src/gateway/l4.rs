@@ -239,8 +239,7 @@ pub async fn serve(
     let service = format!("{}/{}", backend.namespace, backend.name);
     let Some(endpoint) = snap
         .services
-        .by_name(&backend.namespace, &backend.name, backend.port)
-        .and_then(|vip| snap.services.pick(vip))
+        .pick_named(&backend.namespace, &backend.name, backend.port)
     else {
         return refuse(&tcp, EdgeRefusal::NoReadyEndpoint { service });
     };

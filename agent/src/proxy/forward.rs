@@ -330,8 +330,7 @@ pub async fn send(
     let endpoints: &[SocketAddr] = ex
         .snap
         .services
-        .by_name(&backend.namespace, &backend.name, backend.port)
-        .and_then(|vip| ex.snap.services.backend(vip))
+        .named(&backend.namespace, &backend.name, backend.port)
         .map_or(&[], |b| b.endpoints.as_slice());
     if endpoints.is_empty() {
         return (Err(Failure::NoReadyEndpoint { service }), out);
@@ -571,8 +570,7 @@ fn mirror(
     let endpoints: Vec<SocketAddr> = ex
         .snap
         .services
-        .by_name(&b.namespace, &b.name, b.port)
-        .and_then(|vip| ex.snap.services.backend(vip))
+        .named(&b.namespace, &b.name, b.port)
         .map(|b| b.endpoints.clone())
         .unwrap_or_default();
     let now = Instant::now();

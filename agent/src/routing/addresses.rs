@@ -358,3 +358,77 @@ impl AddressStatus {
         Self { pools, services }
     }
 }
+
+/// What this node does with own addresses, decided with each snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Delivered here: the own addresses of the Gateways this node serves.
+    pub routed: Vec<IpAddr>,
+    /// Those of them this node may announce, each with the interface patterns of the policies
+    /// that select it (empty: the interfaces whose subnet holds the address).
+    pub announce: BTreeMap<IpAddr, Vec<String>>,
+    /// Policies refused (an invalid selector or pattern), and why.
+    pub refused: Vec<String>,
+}
+
+/// The plan for a node with `labels` that serves `routed`.
+pub fn plan(
+    routed: Vec<IpAddr>,
+    addresses: &Addresses,
+    policies: &[signet_policy::L2AnnouncementPolicy],
+    labels: &BTreeMap<String, String>,
+) -> Plan {
+    use signet_policy::model::Selector;
+    let mut out = Plan {
+        routed,
+        ..Plan::default()
+    };
+    for p in policies {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let mut errs = Vec::new();
+        let nodes = p
+            .spec
+            .node_selector
+            .as_ref()
+            .map(|s| Selector::from_k8s(s, "spec.nodeSelector", &mut errs));
+        let services = p
+            .spec
+            .service_selector
+            .as_ref()
+            .map(|s| Selector::from_k8s(s, "spec.serviceSelector", &mut errs));
+        for (i, pattern) in p.spec.interfaces.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(&format!("^(?:{pattern})$")) {
+                errs.push(signet_policy::model::FieldError {
+                    path: format!("spec.interfaces[{i}]"),
+                    message: e.to_string(),
+                });
+            }
+        }
+        if !errs.is_empty() {
+            let why: Vec<String> = errs
+                .iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect();
+            out.refused
+                .push(format!("L2AnnouncementPolicy {name}: {}", why.join("; ")));
+            continue;
+        }
+        if !p.spec.load_balancer_ips || nodes.is_some_and(|s| !s.matches(labels)) {
+            continue;
+        }
+        for (owner, result) in &addresses.outcome.assigned {
+            let Ok(ips) = result else { continue };
+            let owner_labels = addresses.labels.get(owner).cloned().unwrap_or_default();
+            if services.as_ref().is_some_and(|s| !s.matches(&owner_labels)) {
+                continue;
+            }
+            for (ip, _) in ips.iter().filter(|(ip, _)| out.routed.contains(ip)) {
+                let patterns = out.announce.entry(*ip).or_default();
+                patterns.extend(p.spec.interfaces.iter().cloned());
+                patterns.sort();
+                patterns.dedup();
+            }
+        }
+    }
+    out
+}

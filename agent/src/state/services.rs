@@ -25,14 +25,15 @@ pub struct Backend {
 #[derive(Debug, Default)]
 pub struct ServiceTable {
     by_vip: HashMap<SocketAddr, Backend>,
-    /// (namespace, name, port) → the ClusterIP address that serves it.
-    by_name: HashMap<(String, String, u16), SocketAddr>,
+    /// (namespace, name, port) → its endpoints, for every Service, headless ones (no ClusterIP)
+    /// and those with hand-written EndpointSlices included: what routes' backendRefs use.
+    named: HashMap<(String, String, u16), Backend>,
 }
 
 impl ServiceTable {
     pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Self {
         let mut by_vip = HashMap::new();
-        let mut by_name = HashMap::new();
+        let mut named = HashMap::new();
         for svc in services {
             let ns = svc
                 .metadata
@@ -66,11 +67,19 @@ impl ServiceTable {
                     continue;
                 }
                 let endpoints = ready_endpoints(&mine, sp.name.as_deref());
+                named
+                    .entry((
+                        ns.clone(),
+                        name.clone(),
+                        u16::try_from(sp.port).unwrap_or(0),
+                    ))
+                    .or_insert_with(|| Backend {
+                        service: format!("{ns}/{name}"),
+                        endpoints: endpoints.clone(),
+                        next: AtomicUsize::new(0),
+                    });
                 for ip in &ips {
                     let vip = SocketAddr::new(*ip, u16::try_from(sp.port).unwrap_or(0));
-                    by_name
-                        .entry((ns.clone(), name.clone(), vip.port()))
-                        .or_insert(vip);
                     by_vip.entry(vip).or_insert_with(|| Backend {
                         service: format!("{ns}/{name}"),
                         endpoints: endpoints.clone(),
@@ -79,20 +88,30 @@ impl ServiceTable {
                 }
             }
         }
-        Self { by_vip, by_name }
+        Self { by_vip, named }
     }
 
-    /// The ClusterIP address of Service `namespace/name` on `port`.
-    pub fn by_name(&self, namespace: &str, name: &str, port: u16) -> Option<SocketAddr> {
-        self.by_name
+    /// The endpoints of Service `namespace/name` on `port`, by name: also for headless Services
+    /// and Services whose EndpointSlices were written by hand.
+    pub fn named(&self, namespace: &str, name: &str, port: u16) -> Option<&Backend> {
+        self.named
             .get(&(namespace.to_owned(), name.to_owned(), port))
-            .copied()
+    }
+
+    /// A ready endpoint of Service `namespace/name` on `port`, round-robin.
+    pub fn pick_named(&self, namespace: &str, name: &str, port: u16) -> Option<SocketAddr> {
+        let b = self.named(namespace, name, port)?;
+        if b.endpoints.is_empty() {
+            return None;
+        }
+        let i = b.next.fetch_add(1, Ordering::Relaxed) % b.endpoints.len();
+        Some(b.endpoints[i])
     }
 
     /// `namespace/name` → the Service's ports, for validating Gateway backendRefs.
     pub fn ports_by_service(&self) -> HashMap<(String, String), Vec<u16>> {
         let mut out: HashMap<(String, String), Vec<u16>> = HashMap::new();
-        for (ns, name, port) in self.by_name.keys() {
+        for (ns, name, port) in self.named.keys() {
             out.entry((ns.clone(), name.clone()))
                 .or_default()
                 .push(*port);
@@ -269,6 +288,49 @@ mod tests {
              ports: [{name: sql, port: 5432}]\nendpoints: [{addresses: [10.0.2.1]}]\n",
         );
         assert!(mirror_endpoints(&[eps], &[slice]).is_empty());
+    }
+
+    #[test]
+    fn headless_services_and_hand_written_slices_resolve_by_name() {
+        let headless: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {clusterIP: None, selector: {app: db}, ports: [{name: sql, port: 5432}]}\n",
+        );
+        // No selector: its endpoints are whatever EndpointSlice says it is theirs.
+        let manual: Service = from_yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}\n",
+        );
+        let slices: Vec<EndpointSlice> = [
+            "metadata: {name: db-1, namespace: shop, labels: {kubernetes.io/service-name: db}}\n\
+             ports: [{name: sql, port: 5432}]\nendpoints: [{addresses: [10.0.1.8]}, {addresses: [10.0.1.9], conditions: {ready: false}}]\n",
+            "metadata: {name: ext-1, namespace: shop, labels: {kubernetes.io/service-name: ext}}\n\
+             ports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.0.2.1]}]\n",
+        ]
+        .iter()
+        .map(|y| from_yaml(&format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n{y}")))
+        .collect();
+        let t = ServiceTable::build(&[headless, manual], &slices);
+        for _ in 0..3 {
+            assert_eq!(
+                t.pick_named("shop", "db", 5432),
+                Some("10.0.1.8:5432".parse().expect("addr"))
+            );
+        }
+        assert_eq!(
+            t.pick_named("shop", "ext", 80),
+            Some("10.0.2.1:8080".parse().expect("addr"))
+        );
+        assert_eq!(t.pick_named("shop", "db", 80), None, "no such port");
+        // A headless Service has no ClusterIP to capture, but its port is a valid backendRef.
+        assert_eq!(
+            t.cluster_ips(),
+            ["10.96.0.12".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            t.ports_by_service()[&("shop".to_owned(), "db".to_owned())],
+            [5432]
+        );
     }
 
     #[test]

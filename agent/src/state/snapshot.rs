@@ -73,7 +73,7 @@ pub struct Snapshot {
     /// (`signet.dev/nodes`; all of them without).
     pub gateway: crate::routing::model::GatewayConfig,
     /// Own addresses this node routes to itself and may announce.
-    pub vips: crate::vip::Plan,
+    pub vips: crate::routing::addresses::Plan,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -550,7 +550,7 @@ pub fn build_loaded(
     // Numbers go to every Gateway (policy names them); this node serves those placed on it.
     let labels = extra.node_labels.get(node).cloned().unwrap_or_default();
     gateway.place_on(&labels);
-    let vips = crate::vip::plan(
+    let vips = crate::routing::addresses::plan(
         gateway.own_addresses(),
         &gateway.addresses,
         &gateway.l2,
