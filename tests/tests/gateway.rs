@@ -1015,12 +1015,35 @@ metadata: {{name: lan}}
 spec: {{blocks: [{{start: {first}, stop: {last}}}]}}
 ---
 apiVersion: signet.dev/v1alpha1
+kind: LoadBalancerIPPool
+metadata: {{name: lan6}}
+spec: {{blocks: [{{cidr: '{six}/127'}}], serviceSelector: {{matchLabels: {{signet.dev/name: six}}}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: six, namespace: edge}}
+spec:
+  gatewayClassName: signet
+  addresses: [{{type: IPAddress, value: '{six}'}}]
+  listeners: [{{name: http, port: 80, protocol: HTTP, allowedRoutes: {{namespaces: {{from: All}}}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: six, namespace: shop}}
+spec:
+  parentRefs: [{{name: six, namespace: edge}}]
+  rules:
+  - filters: [{{type: ResponseHeaderModifier, responseHeaderModifier: {{add: [{{name: x-gateway, value: six}}]}}}}]
+    backendRefs: [{{name: server, port: 80}}]
+---
+apiVersion: signet.dev/v1alpha1
 kind: L2AnnouncementPolicy
 metadata: {{name: lan}}
 spec: {{interfaces: ['sgl[0-9]+[ab]'], loadBalancerIPs: true}}
 ---
 {gateways}",
         first = t.lan_ip(200),
+        six = t.lan_ip6(200),
         last = t.lan_ip(201),
         gateways = ["one", "two", "three"]
             .iter()
@@ -1141,11 +1164,11 @@ fn gateways_share_a_port_on_their_own_addresses_announced_by_one_node_that_fails
     let mut running = start(&t, "", "");
     let _server = t.server_with(8080, &["--http"]);
 
-    step.to("two Gateways get the pool's two addresses; the third is refused, and says why");
+    step.to("two Gateways get the pool's two addresses, the third is refused and says why; an IPv6 one gets the address it asks for");
     let table =
         signet_agent::state::lbipam::AddressTable::new(&t.dir.path().join("addresses.json"));
-    let record = signet_test_support::wait_for("two addresses given", || {
-        table.read().ok().filter(|r| r.len() == 2)
+    let record = signet_test_support::wait_for("three addresses given", || {
+        table.read().ok().filter(|r| r.len() == 3)
     });
     let addr_of = |g: &str| {
         record
@@ -1188,6 +1211,9 @@ fn gateways_share_a_port_on_their_own_addresses_announced_by_one_node_that_fails
         assert_eq!(got, (200, g.to_owned()), "{addr}");
     }
 
+    let six = addr_of("six");
+    assert_eq!(six, t.lan_ip6(200));
+
     step.to("exactly one node answers ARP for each address: the lease holder");
     let leases = signet_agent::vip::lease::LeaseTable::new(&t.dir.path().join("l2-leases.json"))
         .read()
@@ -1213,6 +1239,24 @@ fn gateways_share_a_port_on_their_own_addresses_announced_by_one_node_that_fails
     assert!(
         neigh.contains(&mac(node_char(&leader))),
         "outside resolved {one} to the leader {leader}: {neigh}"
+    );
+
+    step.to("IPv6: neighbour discovery resolves the Gateway's address to its lease holder");
+    let bracketed = format!("[{six}]");
+    let got = signet_test_support::wait_for(&format!("{six} to answer"), || {
+        let r = from_outside(&t, &bracketed);
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(got, (200, "six".to_owned()));
+    let neigh6 = Command::new("ip")
+        .args(["-6", "-n", &t.ns("out"), "neigh", "show", &six])
+        .output()
+        .expect("neigh");
+    let neigh6 = String::from_utf8_lossy(&neigh6.stdout).into_owned();
+    assert!(
+        neigh6.contains(&mac(node_char(&holder(&six)))),
+        "outside resolved {six} to {}: {neigh6}",
+        holder(&six)
     );
 
     step.to(

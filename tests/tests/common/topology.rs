@@ -284,8 +284,15 @@ impl Topology {
                 "dev",
                 &dev,
             ]);
+            let v6 = format!("{}/64", self.lan_ip6(host));
+            ip(&["-n", &ns, "addr", "add", &v6, "dev", &dev, "nodad"]);
             ip(&["-n", &ns, "link", "set", &dev, "up"]);
         }
+    }
+
+    /// `fd76:<n>::<host>`: an IPv6 address on the shared L2 segment.
+    pub fn lan_ip6(&self, host: u8) -> String {
+        format!("fd76:{}::{host}", self.n)
     }
 
     /// `10.76.<n>.<host>`: an address on the shared L2 segment.
