@@ -72,121 +72,72 @@ struct Raw {
     backends: Vec<RawBackend>,
 }
 
+/// A TCPRoute or TLSRoute as a [`Raw`]: the generated types differ, the fields do not.
+macro_rules! raw {
+    ($r:expr, $kind:expr, $hostnames:expr) => {{
+        let r = $r;
+        let ns = ns_of(&r.metadata);
+        Raw {
+            kind: $kind,
+            name: r.metadata.name.clone().unwrap_or_default(),
+            created: created(&r.metadata),
+            hostnames: $hostnames,
+            parents: r
+                .spec
+                .parent_refs
+                .iter()
+                .flatten()
+                .map(|p| ParentRef {
+                    group: p
+                        .group
+                        .clone()
+                        .unwrap_or_else(|| super::model::GATEWAY_GROUP.into()),
+                    kind: p.kind.clone().unwrap_or_else(|| "Gateway".into()),
+                    namespace: p.namespace.clone().unwrap_or_else(|| ns.clone()),
+                    name: p.name.clone(),
+                    section_name: p.section_name.clone(),
+                    port: p.port,
+                })
+                .collect(),
+            backends: r
+                .spec
+                .rules
+                .iter()
+                .flat_map(|rule| rule.backend_refs.iter())
+                .map(|b| {
+                    (
+                        b.group.clone().unwrap_or_default(),
+                        b.kind.clone().unwrap_or_else(|| "Service".into()),
+                        b.namespace.clone(),
+                        b.name.clone(),
+                        b.port,
+                        b.weight,
+                    )
+                })
+                .collect(),
+            ns,
+        }
+    }};
+}
+
 fn raw_routes(res: &Resources, kind: Kind) -> Vec<Raw> {
-    let parent = |ns: &str,
-                  group: &Option<String>,
-                  kind: &Option<String>,
-                  namespace: &Option<String>,
-                  name: &str,
-                  section: &Option<String>,
-                  port: Option<i32>| ParentRef {
-        group: group
-            .clone()
-            .unwrap_or_else(|| super::model::GATEWAY_GROUP.into()),
-        kind: kind.clone().unwrap_or_else(|| "Gateway".into()),
-        namespace: namespace.clone().unwrap_or_else(|| ns.to_owned()),
-        name: name.to_owned(),
-        section_name: section.clone(),
-        port,
-    };
     match kind {
         Kind::Tcp => res
             .tcp_routes
             .iter()
-            .map(|r: &TcpRoute| {
-                let ns = ns_of(&r.metadata);
-                Raw {
-                    kind: Kind::Tcp,
-                    name: r.metadata.name.clone().unwrap_or_default(),
-                    created: created(&r.metadata),
-                    hostnames: vec![],
-                    parents: r
-                        .spec
-                        .parent_refs
-                        .iter()
-                        .flatten()
-                        .map(|p| {
-                            parent(
-                                &ns,
-                                &p.group,
-                                &p.kind,
-                                &p.namespace,
-                                &p.name,
-                                &p.section_name,
-                                p.port,
-                            )
-                        })
-                        .collect(),
-                    backends: r
-                        .spec
-                        .rules
-                        .iter()
-                        .flat_map(|rule| rule.backend_refs.iter())
-                        .map(|b| {
-                            (
-                                b.group.clone().unwrap_or_default(),
-                                b.kind.clone().unwrap_or_else(|| "Service".into()),
-                                b.namespace.clone(),
-                                b.name.clone(),
-                                b.port,
-                                b.weight,
-                            )
-                        })
-                        .collect(),
-                    ns,
-                }
-            })
+            .map(|r: &TcpRoute| raw!(r, Kind::Tcp, vec![]))
             .collect(),
         Kind::Tls => res
             .tls_routes
             .iter()
             .map(|r: &TlsRoute| {
-                let ns = ns_of(&r.metadata);
-                Raw {
-                    kind: Kind::Tls,
-                    name: r.metadata.name.clone().unwrap_or_default(),
-                    created: created(&r.metadata),
-                    hostnames: r
-                        .spec
-                        .hostnames
-                        .iter()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect(),
-                    parents: r
-                        .spec
-                        .parent_refs
-                        .iter()
-                        .flatten()
-                        .map(|p| {
-                            parent(
-                                &ns,
-                                &p.group,
-                                &p.kind,
-                                &p.namespace,
-                                &p.name,
-                                &p.section_name,
-                                p.port,
-                            )
-                        })
-                        .collect(),
-                    backends: r
-                        .spec
-                        .rules
-                        .iter()
-                        .flat_map(|rule| rule.backend_refs.iter())
-                        .map(|b| {
-                            (
-                                b.group.clone().unwrap_or_default(),
-                                b.kind.clone().unwrap_or_else(|| "Service".into()),
-                                b.namespace.clone(),
-                                b.name.clone(),
-                                b.port,
-                                b.weight,
-                            )
-                        })
-                        .collect(),
-                    ns,
-                }
+                let names = r
+                    .spec
+                    .hostnames
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect();
+                raw!(r, Kind::Tls, names)
             })
             .collect(),
     }

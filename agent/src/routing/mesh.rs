@@ -840,4 +840,51 @@ spec:
                 .any(|c| c.type_ == "SupportedVersion" && c.status == "True")
         );
     }
+
+    #[test]
+    fn routes_attach_to_a_listener_whose_certificates_do_not_resolve_and_it_is_not_served() {
+        let res = resources(
+            "\
+kind: GatewayClass
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: tls, namespace: edge}
+spec:
+  gatewayClassName: signet
+  listeners:
+  - {name: https, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: missing}]}}
+---
+kind: HTTPRoute
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: r, namespace: edge}
+spec:
+  parentRefs: [{name: tls}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+",
+        );
+        let td = signet_ca::TrustDomain::parse(TD).expect("td");
+        let config = build(&res, &td);
+        assert!(
+            config.ports.is_empty(),
+            "nothing is served without a certificate"
+        );
+        let l = &config.status.gateways[0].listeners[0];
+        assert_eq!(l.attached_routes, 1);
+        let get = |t: &str| l.conditions.iter().find(|c| c.type_ == t).expect(t);
+        assert_eq!(get("Accepted").status, "True");
+        assert_eq!(get("ResolvedRefs").reason, "InvalidCertificateRef");
+        assert_eq!(get("Programmed").status, "False");
+        let route = &config.status.http_routes[0].parents[0];
+        assert!(
+            route
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Accepted" && c.status == "True"),
+            "{route:?}"
+        );
+    }
 }

@@ -1011,6 +1011,9 @@ fn listener(
     let route_status = &mut status.http_routes;
     let mut certificates = vec![];
     let mut resolved = kinds_resolved;
+    // An HTTPS listener whose certificates do not resolve is not served, but routes still attach
+    // to it (counted, with their status), as the spec has it.
+    let mut unservable = false;
     if protocol == Protocol::Https {
         let tls = l.tls.as_ref();
         if tls.and_then(|t| t.mode.as_ref()) == Some(&GatewayListenersTlsMode::Passthrough) {
@@ -1076,7 +1079,7 @@ fn listener(
                     "an HTTPS listener needs tls.certificateRefs",
                 );
             }
-            return fail(ls, cond("Accepted", true, "Accepted", ""), resolved);
+            unservable = true;
         }
     }
     // Routes that attach to this listener.
@@ -1152,6 +1155,19 @@ fn listener(
             hostnames,
             rules,
         });
+    }
+    if unservable {
+        ls.conditions = vec![
+            cond("Accepted", true, "Accepted", ""),
+            resolved,
+            cond(
+                "Programmed",
+                false,
+                "Invalid",
+                "not served: its certificates do not resolve",
+            ),
+        ];
+        return (ls, None);
     }
     ls.conditions = vec![
         cond("Accepted", true, "Accepted", ""),
