@@ -581,7 +581,15 @@ lan_scenario() {
     mac=$(outside_mac_for "$blue")
     echo "outside's ARP: $blue is at $mac = node-$leader's sd-lan ($(lan_mac "$leader")); node-$other stays silent"
     [ "$mac" = "$(lan_mac "$leader")" ] || die "the lease holder node-$leader should answer ARP for $blue"
-    "$BIN/signet" gateway status --state "$WORK/state" | grep -E "^- namespace: edge|^  name: (blue|green)|^  addresses:|^  - 10\.99\.250" | sed 's/^/  /' || true
+    echo "signet gateway status, the Gateways' addresses:"
+    "$BIN/signet" gateway status --state "$WORK/state" | awk '
+        /^gateways:/ {g = 1; next}
+        /^[a-zA-Z]/ {g = 0}
+        g && /^- namespace:/ {ns = $3}
+        g && /^  name:/ {n = $2}
+        g && /^  addresses:/ {a = 1; next}
+        g && a && /^  - / {print "  " ns "/" n ": " $2; next}
+        {a = 0}' || true
 
     # The backend must outlive the leader: a pod on the other node (killing an agent cuts its
     # node's pods off the mesh: strict mTLS, nothing else delivers to them).

@@ -25,6 +25,8 @@ pub struct Vips {
     wanted: Arc<RwLock<BTreeMap<IpAddr, Vec<String>>>>,
     arp: Arc<arp::Announcer>,
     started: bool,
+    /// Signet's routes left by an earlier run have been looked for.
+    swept: bool,
 }
 
 impl Vips {
@@ -38,6 +40,7 @@ impl Vips {
             wanted: Arc::default(),
             arp: Arc::new(arp::Announcer::default()),
             started: false,
+            swept: false,
         }
     }
 
@@ -68,7 +71,7 @@ impl Vips {
     }
 
     fn route(&mut self, wanted: &BTreeSet<IpAddr>) -> std::io::Result<()> {
-        if wanted.is_empty() && self.routed.is_empty() && self.started {
+        if *wanted == self.routed && self.swept {
             return Ok(());
         }
         let mut rtnl = routes::Rtnl::open()?;
@@ -92,6 +95,7 @@ impl Vips {
             }
         }
         self.routed = wanted.clone();
+        self.swept = true;
         Ok(())
     }
 
