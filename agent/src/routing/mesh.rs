@@ -887,4 +887,53 @@ spec:
             "{route:?}"
         );
     }
+
+    #[test]
+    fn a_gateway_on_the_nodes_addresses_lists_the_nodes_its_placement_admits() {
+        let mut res = resources(
+            "\
+kind: GatewayClass
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: signet}
+spec: {controllerName: signet.dev/gateway-controller}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: all, namespace: edge}
+spec: {gatewayClassName: signet, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata:
+  name: edge-only
+  namespace: edge
+  annotations: {signet.dev/nodes: node-restriction.kubernetes.io/edge=true}
+spec: {gatewayClassName: signet, listeners: [{name: http, port: 81, protocol: HTTP}]}
+",
+        );
+        let edge = [(
+            "node-restriction.kubernetes.io/edge".to_owned(),
+            "true".to_owned(),
+        )];
+        res.node_addresses = vec![
+            (
+                std::collections::BTreeMap::new(),
+                "10.0.0.2".parse().expect("ip"),
+            ),
+            (edge.into_iter().collect(), "10.0.0.1".parse().expect("ip")),
+        ];
+        let td = signet_ca::TrustDomain::parse(TD).expect("td");
+        let status = build(&res, &td).status;
+        let addrs = |n: &str| {
+            status
+                .gateways
+                .iter()
+                .find(|g| g.name == n)
+                .expect(n)
+                .addresses
+                .clone()
+        };
+        assert_eq!(addrs("all"), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(addrs("edge-only"), ["10.0.0.1"]);
+    }
 }

@@ -47,6 +47,9 @@ pub struct Resources {
     pub addresses: super::addresses::Addresses,
     /// Which nodes announce those addresses, where.
     pub l2: Vec<signet_policy::L2AnnouncementPolicy>,
+    /// Each node's labels and InternalIP: the addresses a Gateway without one of its own is
+    /// reached at (`status.addresses`), on the nodes its placement admits.
+    pub node_addresses: Vec<(BTreeMap<String, String>, std::net::IpAddr)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,7 +532,18 @@ pub fn build(res: &Resources, td: &TrustDomain) -> GatewayConfig {
             name: gname,
             addresses: match &addresses {
                 GatewayAddresses::Assigned(ips) => ips.iter().map(ToString::to_string).collect(),
-                _ => vec![],
+                GatewayAddresses::Nodes => {
+                    let mut ips: Vec<std::net::IpAddr> = res
+                        .node_addresses
+                        .iter()
+                        .filter(|(labels, _)| placement.admits(labels))
+                        .map(|(_, ip)| *ip)
+                        .collect();
+                    ips.sort();
+                    ips.dedup();
+                    ips.iter().map(ToString::to_string).collect()
+                }
+                GatewayAddresses::Refused { .. } => vec![],
             },
             conditions: vec![
                 accepted,

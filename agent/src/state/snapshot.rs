@@ -326,6 +326,10 @@ fn extra_from(
                     Some((n.metadata.name.clone()?, labels))
                 })
                 .collect(),
+            node_addresses: nodes
+                .iter()
+                .map(|(name, ip)| (node_labels.get(name).cloned().unwrap_or_default(), *ip))
+                .collect(),
             addresses: super::lbipam::Addresses::compute(
                 &objects.gateway,
                 &objects.services,
